@@ -1,0 +1,57 @@
+"""imageprompt_widgets: an image as the prompt of Stable Diffusion, in a notebook.
+
+``display(ImagePromptWidget())`` gives the panel; :class:`ImagePromptPipeline` is the headless engine.
+Names are imported lazily so that ``import imageprompt_widgets`` stays cheap and never pulls in
+ipywidgets unless the widget is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "ImagePromptPipeline": "pipeline",
+    "ImageEmbedding": "pipeline",
+    "StepInfo": "pipeline",
+    "generate": "pipeline",
+    "GenerationResult": "trace",
+    "Trace": "trace",
+    "GenerationSettings": "settings",
+    "SettingsError": "settings",
+    "load_image": "images",
+    "load_images": "images",
+    "ImageInputError": "images",
+    "PRESETS": "presets",
+    "Preset": "presets",
+    "ModelLoadError": "models",
+    "clear_cache": "models",
+    "ImagePromptWidget": "widget",
+}
+
+__all__ = [*_LAZY, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'imageprompt_widgets' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from .images import ImageInputError, load_image, load_images
+    from .models import ModelLoadError, clear_cache
+    from .pipeline import ImageEmbedding, ImagePromptPipeline, StepInfo, generate
+    from .presets import PRESETS, Preset
+    from .settings import GenerationSettings, SettingsError
+    from .trace import GenerationResult, Trace
+    from .widget import ImagePromptWidget

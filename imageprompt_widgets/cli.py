@@ -1,0 +1,99 @@
+"""``imageprompt``: the engine from a terminal.
+
+    imageprompt generate cat.jpg -o out/ --model tiny --steps 20 --seed 1
+
+Bad input is one line on stderr naming the file, and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .presets import PRESETS, default_preset_name
+from .settings import GenerationSettings, setting_specs
+
+EXIT_BAD_INPUT = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imageprompt",
+        description="Use images as the prompt of Stable Diffusion (CLIP image embeddings instead of text).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser(
+        "generate",
+        help="generate images from one or more input images and write PNGs",
+        description="Generate images from input images; writes PNGs (recipe in their metadata) and prints their paths.",
+    )
+    gen.add_argument("images", nargs="+", metavar="IMAGE", help="input image files (PNG, JPEG, WebP, ...)")
+    gen.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="folder for the PNGs")
+    gen.add_argument(
+        "--model",
+        default=None,
+        help=f"preset ({', '.join(PRESETS)}) or a local model folder; default: {default_preset_name()} "
+        "(set IMAGEPROMPT_MODEL to change it)",
+    )
+    for spec in setting_specs():
+        flag = "--" + spec.name.replace("_", "-")
+        kwargs: dict = {"default": None, "help": f"{spec.help} (default: {spec.default})"}
+        if spec.kind == "choice":
+            kwargs["choices"] = spec.choices
+        elif spec.kind == "bool":
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif spec.kind == "float":
+            kwargs["type"] = float
+        elif spec.kind in ("int", "size"):
+            kwargs["type"] = int
+        gen.add_argument(flag, dest=spec.name, **kwargs)
+    gen.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
+    gen.add_argument("--no-safety-checker", action="store_true", help="switch the model's safety checker off")
+    gen.add_argument("--save-trace", action="store_true", help="also write every intermediate tensor (safetensors)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return _generate(args)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .images import load_images
+    from .pipeline import ImagePromptPipeline
+
+    chosen = {spec.name: getattr(args, spec.name) for spec in setting_specs() if getattr(args, spec.name) is not None}
+    try:
+        settings = GenerationSettings.from_kwargs(**chosen)
+        images = load_images(args.images)  # every file is checked before any weights load
+        pipe = ImagePromptPipeline.from_preset(
+            args.model,
+            device=args.device,
+            safety_checker=False if args.no_safety_checker else None,
+            on_status=lambda message: print(message, file=sys.stderr),
+        )
+        with tqdm(total=settings.steps, desc="denoising", unit="step", file=sys.stderr) as bar:
+
+            def on_step(info) -> None:
+                bar.total = info.total
+                bar.update(info.step - bar.n)
+
+            result = pipe.generate(images, settings, on_step=on_step)
+    except ValueError as err:  # our input errors are all ValueError subclasses with readable messages
+        print(f"imageprompt: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    paths = result.save(args.output)
+    for path in paths:
+        print(path)
+    if args.save_trace:
+        trace_path = result.trace.save(paths[0].with_suffix(".trace.safetensors"), recipe=result.recipe)
+        print(trace_path)
+    print(f"wrote {len(paths)} image(s) to {args.output}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,343 @@
+"""Loading models, choosing device and dtype, and the one process-wide cache.
+
+Loading Stable Diffusion takes seconds to minutes and gigabytes, so every widget and script in a
+kernel shares one loaded copy per (models, device, dtype, options). This module holds that cache
+(the package's only global state) and turns the many ways loading fails into one clear sentence.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import threading
+import time
+from collections.abc import Callable, Hashable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .presets import Preset, resolve_preset
+from .testing import ensure_tiny_models, tiny_model_dir
+
+StatusCallback = Callable[[str], None]
+
+
+class ModelLoadError(ValueError):
+    """A model that cannot be loaded: unknown, not downloaded while offline, not a model folder."""
+
+
+class EncoderMismatchError(ModelLoadError):
+    """The image encoder's embedding width does not fit the UNet's cross-attention width."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Device and dtype policy
+
+
+def default_device() -> torch.device:
+    """CUDA where available, then Apple's MPS, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """Half precision on accelerators (it halves memory at no visible cost), float32 on the CPU."""
+    return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+
+
+_DTYPE_NAMES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+def resolve_device_dtype(
+    device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
+) -> tuple[torch.device, torch.dtype]:
+    """Fill in the defaults and accept the usual spellings (``"cuda"``, ``"fp16"``, ...)."""
+    try:
+        dev = default_device() if device is None else torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ModelLoadError(f"Unknown device {device!r}: use 'cpu', 'cuda', 'cuda:1' or 'mps'.") from err
+    if dtype is None:
+        return dev, default_dtype(dev)
+    if isinstance(dtype, torch.dtype):
+        return dev, dtype
+    try:
+        return dev, _DTYPE_NAMES[str(dtype).lower().removeprefix("torch.")]
+    except KeyError:
+        raise ModelLoadError(
+            f"Unknown dtype {dtype!r}: use one of {', '.join(sorted(_DTYPE_NAMES))}."
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache
+
+
+@dataclass(frozen=True)
+class ModelKey:
+    """What makes two loaded pipelines interchangeable."""
+
+    sd_model: str
+    clip_model: str
+    device: str
+    dtype: str
+    safety_checker: bool | None
+    allow_pickle: bool
+
+
+class ModelCache:
+    """Process-wide cache: the same key returns the same object; concurrent requests load once."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[Hashable, Any] = {}
+        self._loading: dict[Hashable, threading.Lock] = {}
+
+    def get_or_create(self, key: Hashable, factory: Callable[[], Any]) -> Any:
+        with self._lock:
+            if key in self._entries:
+                return self._entries[key]
+            key_lock = self._loading.setdefault(key, threading.Lock())
+        with key_lock:  # a second thread with the same key waits here, then finds the entry
+            with self._lock:
+                if key in self._entries:
+                    return self._entries[key]
+            value = factory()
+            with self._lock:
+                self._entries[key] = value
+                self._loading.pop(key, None)
+            return value
+
+    def get(self, key: Hashable) -> Any | None:
+        with self._lock:
+            return self._entries.get(key)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+#: The one explicit global of the package.
+MODEL_CACHE = ModelCache()
+
+
+def clear_cache() -> None:
+    """Forget every loaded pipeline so its memory can be freed (objects still referenced elsewhere stay alive)."""
+    MODEL_CACHE.clear()
+
+
+def model_key(
+    sd_model: str,
+    clip_model: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    safety_checker: bool | None,
+    allow_pickle: bool,
+) -> ModelKey:
+    return ModelKey(
+        sd_model=_cache_name(sd_model),
+        clip_model=_cache_name(clip_model),
+        device=str(device),
+        dtype=str(dtype).removeprefix("torch."),
+        safety_checker=safety_checker,
+        allow_pickle=allow_pickle,
+    )
+
+
+def _cache_name(model: str) -> str:
+    if model == "tiny":
+        return str(tiny_model_dir())  # the folder depends on $IMAGEPROMPT_CACHE_DIR
+    return os.path.abspath(model) if os.path.isdir(model) else model
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+@dataclass
+class LoadedComponents:
+    sd: Any  # diffusers.StableDiffusionPipeline
+    image_encoder: Any  # transformers.CLIPVisionModelWithProjection
+    image_processor: Any  # transformers.CLIPImageProcessor
+    preset: Preset
+    load_seconds: float
+
+
+def load_components(
+    preset: Preset | str | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    safety_checker: bool | None = None,
+    allow_pickle: bool = False,
+    on_status: StatusCallback | None = None,
+) -> LoadedComponents:
+    """Load SD and the CLIP vision tower (with its projection only, never a second text encoder)."""
+    preset = resolve_preset(preset)
+    say = on_status or (lambda message: None)
+    start = time.perf_counter()
+    sd_path, clip_path = preset.sd_model, preset.clip_model
+    if preset.offline_builder == "tiny" or "tiny" in (sd_path, clip_path):
+        say("Building the tiny offline models (first use only)…")
+        tiny_sd, tiny_clip = ensure_tiny_models()
+        sd_path = tiny_sd if sd_path == "tiny" else sd_path
+        clip_path = tiny_clip if clip_path == "tiny" else clip_path
+
+    say(f"Loading Stable Diffusion {preset.sd_model!r} onto {device} ({_dtype_name(dtype)})…")
+    sd = _load_sd(sd_path, preset.sd_model, dtype, safety_checker=safety_checker, allow_pickle=allow_pickle)
+    say(f"Loading the image encoder {preset.clip_model!r}…")
+    image_encoder, image_processor = _load_image_encoder(clip_path, preset.clip_model, dtype, allow_pickle)
+    check_encoder_fits(image_encoder, sd.unet, preset)
+
+    sd.to(device)
+    image_encoder.to(device)
+    image_encoder.eval()
+    sd.set_progress_bar_config(disable=True)  # progress is ours to show (tqdm in the CLI, a bar in the widget)
+    seconds = time.perf_counter() - start
+    say(
+        f"Loaded {preset.name!r} in {seconds:.1f} s: {_size_text(sd.unet)} UNet, "
+        f"{_size_text(image_encoder)} image encoder on {device}."
+    )
+    return LoadedComponents(sd, image_encoder, image_processor, preset, seconds)
+
+
+def check_encoder_fits(image_encoder: Any, unet: Any, preset: Preset) -> None:
+    """Fail at load, not at the first step, when the encoder cannot condition this UNet."""
+    embed_dim = image_encoder.config.projection_dim
+    cross_dim = unet.config.cross_attention_dim
+    if embed_dim != cross_dim:
+        raise EncoderMismatchError(
+            f"The image encoder {preset.clip_model!r} gives {embed_dim}-d embeddings but the UNet of "
+            f"{preset.sd_model!r} expects {cross_dim}-d prompt embeddings: pick a matching pair "
+            "(see imageprompt_widgets.PRESETS)."
+        )
+
+
+def diffusers_dtype_kwarg() -> str:
+    """diffusers 0.40 renamed ``torch_dtype`` to ``dtype``; Colab pins 0.39."""
+    import diffusers
+
+    major, minor = (int(part) for part in diffusers.__version__.split(".")[:2])
+    return "dtype" if (major, minor) >= (0, 40) else "torch_dtype"
+
+
+def _load_sd(path: str, name: str, dtype: torch.dtype, *, safety_checker: bool | None, allow_pickle: bool):
+    from diffusers import StableDiffusionPipeline
+
+    _check_local_folder(path, name, "model_index.json", "a Stable Diffusion model (diffusers format)")
+    kwargs: dict[str, Any] = {diffusers_dtype_kwarg(): dtype, "use_safetensors": None if allow_pickle else True}
+    if safety_checker is False:
+        # The supported way to switch it off; a lambda in its place breaks the pipeline config.
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    with _translate_load_errors(name, allow_pickle), quiet_loaders():
+        return StableDiffusionPipeline.from_pretrained(path, **kwargs)
+
+
+def _load_image_encoder(path: str, name: str, dtype: torch.dtype, allow_pickle: bool):
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    _check_local_folder(path, name, "config.json", "a CLIP model (transformers format)")
+    with _translate_load_errors(name, allow_pickle), quiet_loaders():
+        encoder = CLIPVisionModelWithProjection.from_pretrained(
+            path, dtype=dtype, use_safetensors=None if allow_pickle else True
+        )
+        processor = CLIPImageProcessor.from_pretrained(path)
+    return encoder, processor
+
+
+def _check_local_folder(path: str, name: str, marker: str, what: str) -> None:
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, marker)):
+        raise ModelLoadError(f"The folder {name!r} is not {what}: it has no {marker}.")
+    looks_like_path = path.startswith((".", "/", "~")) or path.count("/") > 1
+    if looks_like_path and not os.path.isdir(path):
+        raise ModelLoadError(f"The model folder {name!r} does not exist.")
+
+
+@contextlib.contextmanager
+def _translate_load_errors(name: str, allow_pickle: bool) -> Iterator[None]:
+    """One sentence per failure instead of a page of Hub tracebacks."""
+    try:
+        yield
+    except ModelLoadError:
+        raise
+    except Exception as err:  # noqa: BLE001 - every loader failure becomes one readable sentence
+        text = f"{type(err).__name__}: {err}"
+        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+        if "safetensors" in text.lower() and not allow_pickle:
+            message = (
+                f"Model {name!r} has no safetensors weights; pickle (.bin) weights can run code when loaded, "
+                "so they are refused unless you pass allow_pickle=True for a model you trust."
+            )
+        elif offline:
+            message = (
+                f"Model {name!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids "
+                f"downloading it: run once with network access (or `hf download {name}`) and try again."
+            )
+        elif "RepositoryNotFound" in text or "is not a valid model identifier" in text or "404" in text:
+            message = f"Model {name!r} was not found on the Hugging Face Hub: check the name, or log in if it is gated."
+        elif any(word in text for word in ("Connection", "resolve", "Max retries", "Network", "offline")):
+            message = (
+                f"Model {name!r} could not be downloaded (no network?): connect once to fetch it, or use "
+                "model='tiny' to try the tool offline."
+            )
+        else:
+            message = f"Model {name!r} could not be loaded: {err}"
+        raise ModelLoadError(message) from err
+
+
+@contextlib.contextmanager
+def quiet_loaders() -> Iterator[None]:
+    """Hide the loaders' reports (the unused CLIP text tower is expected) and their progress bars.
+
+    Our own status line reports loading; the libraries' settings are restored afterwards.
+    """
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as hf_logging
+
+    saved = [(lib, lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in (hf_logging, diffusers_logging)]
+    for lib, _, _ in saved:
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, verbosity, bars in saved:
+            lib.set_verbosity(verbosity)
+            if bars:
+                lib.enable_progress_bar()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def parameter_count(module: Any) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _size_text(module: Any) -> str:
+    count = parameter_count(module)
+    nbytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    if count >= 1e9:
+        amount = f"{count / 1e9:.2f} B params"
+    elif count >= 1e6:
+        amount = f"{count / 1e6:.0f} M params"
+    else:
+        amount = f"{count / 1e3:.0f} k params"
+    return f"{amount} ({nbytes / 2**20:,.0f} MiB)"

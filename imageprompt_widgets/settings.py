@@ -1,0 +1,134 @@
+"""Generation settings: one dataclass whose field metadata holds every range and default.
+
+The engine validates against these ranges and the widget builds its sliders from them, so a range
+is written exactly once. Everything here is JSON-able: a run's recipe is these settings plus the
+model and a fingerprint of the inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+#: How image embeddings become prompt embeddings (see conditioning.py for the exact definitions).
+MODES = ("repeat",)
+#: What the unconditional branch of classifier-free guidance sees.
+NEGATIVES = ("empty_prompt",)
+
+MAX_SEED = 2**32 - 1
+
+
+class SettingsError(ValueError):
+    """A setting out of its range, of the wrong type, or unknown."""
+
+
+@dataclass(frozen=True)
+class SettingSpec:
+    """What a control needs to know about one setting: its kind, range, label and help."""
+
+    name: str
+    kind: str  # "float", "int", "choice", "bool", "text", "size"
+    default: Any
+    label: str
+    help: str = ""
+    min: float | None = None
+    max: float | None = None
+    step: float | None = None
+    choices: tuple[str, ...] = ()
+    advanced: bool = False
+
+
+def _spec(kind: str, default: Any, label: str, help: str = "", **extra: Any) -> Any:
+    return field(default=default, metadata={"spec": dict(kind=kind, label=label, help=help, **extra)})
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Everything that decides a generation besides the images themselves."""
+
+    mode: str = _spec("choice", "repeat", "mode", "how the image embedding becomes the prompt", choices=MODES)
+    scale: float = _spec("float", 1.0, "scale", "multiplies the image embedding", min=0.0, max=5.0, step=0.05)
+    steps: int = _spec("int", 30, "steps", "denoising steps", min=1, max=150, step=1)
+    guidance_scale: float = _spec(
+        "float", 7.5, "guidance", "classifier-free guidance; 1 or less turns it off", min=0.0, max=20.0, step=0.5
+    )
+    seed: int = _spec("int", 0, "seed", "same seed, same picture", min=0, max=MAX_SEED, step=1)
+    num_images: int = _spec("int", 1, "images", "how many images, batched", min=1, max=8, step=1)
+    height: int | None = _spec(
+        "size", None, "height", "pixels, a multiple of 8; empty = the model's native size",
+        min=64, max=1024, step=8, advanced=True,
+    )
+    width: int | None = _spec(
+        "size", None, "width", "pixels, a multiple of 8; empty = the model's native size",
+        min=64, max=1024, step=8, advanced=True,
+    )
+    negative: str = _spec(
+        "choice", "empty_prompt", "negative", "what guidance pushes away from", choices=NEGATIVES, advanced=True
+    )
+
+    def __post_init__(self) -> None:
+        for spec in setting_specs():
+            object.__setattr__(self, spec.name, _validated(spec, getattr(self, spec.name)))
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> GenerationSettings:
+        """Like the constructor, but an unknown name is a :class:`SettingsError` that lists the known ones."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise SettingsError(
+                f"Unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: "
+                f"the settings are {', '.join(sorted(known))}."
+            )
+        return cls(**kwargs)
+
+    def replace(self, **changes: Any) -> GenerationSettings:
+        return self.from_kwargs(**{**self.to_dict(), **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def setting_specs() -> list[SettingSpec]:
+    """The specs of every setting, in declaration order (the order of the widget's controls)."""
+    return [
+        SettingSpec(name=f.name, default=f.default, **f.metadata["spec"])
+        for f in dataclasses.fields(GenerationSettings)
+    ]
+
+
+def _validated(spec: SettingSpec, value: Any) -> Any:
+    if spec.kind == "choice":
+        if value not in spec.choices:
+            raise SettingsError(f"{spec.name}={value!r} is not one of {', '.join(spec.choices)}.")
+        return value
+    if spec.kind == "bool":
+        if not isinstance(value, bool):
+            raise SettingsError(f"{spec.name} must be True or False, not {value!r}.")
+        return value
+    if spec.kind == "text":
+        if not isinstance(value, str):
+            raise SettingsError(f"{spec.name} must be text, not {type(value).__name__}.")
+        return value
+    if spec.kind == "size" and value is None:
+        return None
+    number = _as_number(spec, value)
+    if not (spec.min <= number <= spec.max):
+        raise SettingsError(f"{spec.name}={value!r} is outside its range {spec.min:g} to {spec.max:g}.")
+    if spec.kind == "size" and number % 8:
+        raise SettingsError(f"{spec.name}={value!r} must be a multiple of 8 (the VAE downsamples by 8).")
+    return number
+
+
+def _as_number(spec: SettingSpec, value: Any) -> float | int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__index__"):
+        raise SettingsError(f"{spec.name} must be a number, not {value!r}.")
+    if spec.kind == "float":
+        number = float(value)
+        if number != number:  # NaN
+            raise SettingsError(f"{spec.name} must be a number, not NaN.")
+        return number
+    if isinstance(value, float) and not value.is_integer():
+        raise SettingsError(f"{spec.name} must be a whole number, not {value!r}.")
+    return int(value)

@@ -1,0 +1,134 @@
+"""What a generation returns: the images, every intermediate tensor, and the recipe to redo it."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+TRACE_TENSORS = (
+    "pixel_values",
+    "image_embeds",
+    "hidden_states",
+    "prompt_embeds",
+    "negative_prompt_embeds",
+    "latents",
+)
+
+
+@dataclass
+class Trace:
+    """Every tensor between the input image and the output, on the CPU.
+
+    - ``pixel_values`` ``[N, 3, H, W]``: the picture CLIP actually saw (after crop and normalisation).
+    - ``image_embeds`` ``[N, D]``: the vision tower's projected embedding of each input image.
+    - ``hidden_states`` ``[N, T, Dv]``: the vision tower's last hidden state (257 tokens for ViT-L/14).
+    - ``prompt_embeds`` ``[B, L, D]``: the conditional embeddings fed to the UNet, one row per output image.
+    - ``negative_prompt_embeds`` ``[B, L, D]`` or ``None`` (no guidance): the unconditional branch.
+    - ``latents`` ``[S, B, C, h, w]`` or ``None``: latents after the steps listed in ``latent_steps``
+      (only when asked for with ``trace_latents=True``; at most ``MAX_TRACED_STEPS`` snapshots).
+    - ``timesteps``: the scheduler timesteps that ran.
+    - ``extras``: method-specific numbers (for example norm-matching factors).
+    """
+
+    pixel_values: torch.Tensor
+    image_embeds: torch.Tensor
+    hidden_states: torch.Tensor
+    prompt_embeds: torch.Tensor
+    negative_prompt_embeds: torch.Tensor | None = None
+    latents: torch.Tensor | None = None
+    latent_steps: list[int] = field(default_factory=list)
+    timesteps: list[float] = field(default_factory=list)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every traced tensor by name (``extras`` prefixed with ``extras.``), missing ones left out."""
+        named = {name: getattr(self, name) for name in TRACE_TENSORS if getattr(self, name) is not None}
+        named.update({f"extras.{name}": value for name, value in self.extras.items()})
+        return named
+
+    def to_dict(self) -> dict[str, Any]:
+        """Tensors plus the non-tensor fields, as plain Python containers."""
+        return {**self.tensors(), "latent_steps": list(self.latent_steps), "timesteps": list(self.timesteps)}
+
+    def save(self, path: str | os.PathLike, recipe: dict[str, Any] | None = None) -> Path:
+        """Write ``path`` (safetensors, tensors) and ``path`` with ``.json`` (recipe and step lists)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {name: t.detach().cpu().contiguous() for name, t in self.tensors().items()}
+        meta = {"latent_steps": self.latent_steps, "timesteps": self.timesteps, "recipe": recipe or {}}
+        save_file(tensors, str(path), metadata={"imageprompt": json.dumps(meta)})
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> tuple[Trace, dict[str, Any]]:
+        """Read a trace written by :meth:`save`; returns ``(trace, recipe)``."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("imageprompt", "{}"))
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        extras = {name.removeprefix("extras."): t for name, t in tensors.items() if name.startswith("extras.")}
+        fields = {name: tensors.get(name) for name in TRACE_TENSORS}
+        trace = cls(
+            **fields,
+            latent_steps=list(meta.get("latent_steps", [])),
+            timesteps=list(meta.get("timesteps", [])),
+            extras=extras,
+        )
+        return trace, meta.get("recipe", {})
+
+
+@dataclass
+class GenerationResult:
+    """Images, trace and recipe of one run. ``cancelled`` runs have no images (nothing half-done is decoded)."""
+
+    images: list[Any]  # PIL images
+    trace: Trace
+    recipe: dict[str, Any]
+    cancelled: bool = False
+    nsfw_content_detected: list[bool] | None = None
+    seconds: float = 0.0
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return self.recipe.get("settings", {})
+
+    def save(self, folder: str | os.PathLike, prefix: str = "imageprompt") -> list[Path]:
+        """Write each image as PNG with the recipe in its metadata (key ``imageprompt``); returns the paths."""
+        from PIL.PngImagePlugin import PngInfo
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        seed = self.settings.get("seed", 0)
+        paths = []
+        for index, image in enumerate(self.images):
+            info = PngInfo()
+            info.add_text("imageprompt", json.dumps({**self.recipe, "index": index}))
+            path = _free_path(folder / f"{prefix}-seed{seed}-{index}.png")
+            image.save(path, pnginfo=info)
+            paths.append(path)
+        return paths
+
+
+def _free_path(path: Path) -> Path:
+    """``path``, or ``path`` with a counter, so a second run never overwrites the first run's pictures."""
+    candidate, counter = path, 1
+    while candidate.exists():
+        candidate = path.with_name(f"{path.stem}-{counter}{path.suffix}")
+        counter += 1
+    return candidate
+
+
+def recipe_from_png(path: str | os.PathLike) -> dict[str, Any]:
+    """The recipe stored in a PNG written by :meth:`GenerationResult.save`."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return json.loads(image.text["imageprompt"])
