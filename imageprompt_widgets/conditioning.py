@@ -1,16 +1,57 @@
-"""Image embeddings → prompt embeddings: pure tensor functions, one per mode.
+"""Image embeddings → prompt embeddings: pure tensor functions, one per mode and per combine.
 
 Stable Diffusion's UNet cross-attends to a ``[batch, tokens, dim]`` sequence that normally comes
-from its text encoder. Each mode here builds that sequence from CLIP image embeddings instead.
-They are pure functions of tensors so that each one can be tested against a hand computation.
+from its text encoder. Each mode here builds that sequence from CLIP image embeddings instead;
+each combine function mixes several images into one sequence. They are pure functions of tensors
+so that each one can be tested against a hand computation, and the choices offered by the
+settings (``settings.MODES``, ``settings.COMBINES``) are exactly the keys of the tables below.
+
+The order the pipeline applies them in, for ``N`` input images:
+
+1. mode: every image becomes a token sequence ``[N, L, D]`` (``repeat``: 77 copies of the
+   embedding, ``single``: one token, ``tokens``: all projected vision tokens);
+2. combine: the ``N`` sequences become one ``[1, L', D]`` (skipped for one image without weights);
+3. norm matching (optional): every token rescaled to the typical norm of SD's text tokens;
+4. ``scale`` multiplies the result;
+5. ``blend`` mixes that with the text prompt's embeddings by ``image_weight``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
 import torch
+
+from .settings import SettingsError
 
 #: Length of a Stable Diffusion 1.x text prompt in tokens.
 PROMPT_TOKENS = 77
+
+
+class ConditioningError(SettingsError):
+    """Settings and inputs a combine or mode cannot work with (wrong shapes, wrong number of images or weights)."""
+
+
+@dataclass
+class Conditioning:
+    """What one mode hands the diffusion call: embeddings, traced extras, recipe notes, extra arguments.
+
+    ``contexts`` are context managers entered around the diffusers call; each may yield a step hook
+    ``(steps_finished, total) -> None`` (the IP-Adapter's start/end window uses one).
+    """
+
+    prompt_embeds: torch.Tensor
+    negative_prompt_embeds: torch.Tensor | None
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    notes: dict[str, Any] = field(default_factory=dict)
+    sd_kwargs: dict[str, Any] = field(default_factory=dict)
+    contexts: list[Any] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# Modes: one image embedding -> a token sequence
 
 
 def repeat_tokens(image_embeds: torch.Tensor, scale: float = 1.0, num_tokens: int = PROMPT_TOKENS) -> torch.Tensor:
@@ -19,15 +60,255 @@ def repeat_tokens(image_embeds: torch.Tensor, scale: float = 1.0, num_tokens: in
     ``[N, D] -> [N, num_tokens, D]``. Cross-attention keys carry no position, so this is the same
     conditioning as one token; it only looks like a prompt.
     """
-    if image_embeds.ndim != 2:
-        raise ValueError(f"image_embeds must be [N, D], got shape {tuple(image_embeds.shape)}")
+    _check_ndim(image_embeds, 2, "image_embeds", "[N, D]")
     return scale * image_embeds[:, None, :].repeat(1, num_tokens, 1)
 
 
+def single_token(image_embeds: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """One token per image, ``[N, D] -> [N, 1, D]``: what ``repeat`` really is, without the copies."""
+    _check_ndim(image_embeds, 2, "image_embeds", "[N, D]")
+    return scale * image_embeds[:, None, :]
+
+
+def project_vision_tokens(
+    hidden_states: torch.Tensor,
+    post_layernorm: Callable[[torch.Tensor], torch.Tensor],
+    visual_projection: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """All vision tokens in the projected space: ``[N, T, Dv] -> [N, T, D]``.
+
+    CLIP computes ``image_embeds`` as ``visual_projection(post_layernorm(hidden_states[:, 0]))``;
+    applying the same two layers to every token gives token 0 equal to ``image_embeds`` and the
+    other ``T - 1`` patch tokens in the same space.
+    """
+    _check_ndim(hidden_states, 3, "hidden_states", "[N, T, Dv]")
+    return visual_projection(post_layernorm(hidden_states))
+
+
+def vision_tokens(tokens: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``tokens`` mode: every projected vision token (``[N, T, D]``, 257 for ViT-L/14), times ``scale``."""
+    _check_ndim(tokens, 3, "tokens", "[N, T, D]")
+    return scale * tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# Combine: N token sequences -> one
+
+
+def _weights(embeds: torch.Tensor, weights: torch.Tensor | list[float] | tuple[float, ...] | None,
+             default: float = 1.0) -> torch.Tensor:
+    count = embeds.shape[0]
+    if weights is None or len(weights) == 0:
+        return torch.full((count,), default, dtype=embeds.dtype, device=embeds.device)
+    weights = torch.as_tensor(weights, dtype=embeds.dtype, device=embeds.device).flatten()
+    if weights.numel() != count:
+        raise ConditioningError(f"Got {weights.numel()} weights for {count} images: give one weight per image.")
+    return weights
+
+
+def _per_image(weights: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+    return weights.reshape((-1,) + (1,) * (embeds.ndim - 1))
+
+
 def average(embeds: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Weighted mean over the first axis, keeping it: ``[N, ...] -> [1, ...]``; weights are normalised."""
-    if weights is None:
-        return embeds.mean(dim=0, keepdim=True)
-    weights = weights.to(embeds.dtype).to(embeds.device)
-    shape = (-1,) + (1,) * (embeds.ndim - 1)
-    return (embeds * weights.reshape(shape)).sum(dim=0, keepdim=True) / weights.sum()
+    """Weighted mean over images: ``[N, ...] -> [1, ...]``; weights are normalised to sum to one."""
+    w = _weights(embeds, weights)
+    if float(w.sum()) == 0:
+        raise ConditioningError("The weights of 'average' sum to zero: at least one image needs weight.")
+    return (embeds * _per_image(w, embeds)).sum(dim=0, keepdim=True) / w.sum()
+
+
+def norm_average(embeds: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Average of directions, at the average length: each token is the weighted mean of the unit
+    vectors, rescaled to the weighted mean of the norms.
+
+    Plain averaging shrinks vectors that point apart (two orthogonal unit vectors average to length
+    0.71); this keeps the length CLIP produced, which is what the UNet is sensitive to.
+    """
+    w = _weights(embeds, weights)
+    if float(w.sum()) == 0:
+        raise ConditioningError("The weights of 'norm_average' sum to zero: at least one image needs weight.")
+    norms = embeds.norm(dim=-1, keepdim=True)
+    direction = (embeds / norms.clamp_min(1e-12) * _per_image(w, embeds)).sum(dim=0, keepdim=True)
+    length = (norms * _per_image(w, embeds)).sum(dim=0, keepdim=True) / w.sum()
+    return direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-12) * length
+
+
+def concat(embeds: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Token sequences side by side, each times its weight: ``[N, L, D] -> [1, N * L, D]``."""
+    _check_ndim(embeds, 3, "embeds", "[N, L, D]")
+    w = _weights(embeds, weights)
+    weighted = embeds * _per_image(w, embeds)
+    return weighted.reshape(1, -1, embeds.shape[-1])
+
+
+def add(embeds: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Weighted sum (not normalised): ``Σ w_i e_i``."""
+    w = _weights(embeds, weights)
+    return (embeds * _per_image(w, embeds)).sum(dim=0, keepdim=True)
+
+
+def subtract(embeds: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """"Like the first image, without the others": ``w_0 e_0 − Σ_{i≥1} w_i e_i``."""
+    if embeds.shape[0] < 2:
+        raise ConditioningError("'subtract' needs at least two images: the first minus the others.")
+    weighted = embeds * _per_image(_weights(embeds, weights), embeds)
+    return weighted[:1] - weighted[1:].sum(dim=0, keepdim=True)
+
+
+def elementwise_max(embeds: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-coordinate maximum over the weighted embeddings ``w_i e_i``."""
+    weighted = embeds * _per_image(_weights(embeds, weights), embeds)
+    return weighted.amax(dim=0, keepdim=True)
+
+
+def elementwise_min(embeds: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-coordinate minimum over the weighted embeddings ``w_i e_i``."""
+    weighted = embeds * _per_image(_weights(embeds, weights), embeds)
+    return weighted.amin(dim=0, keepdim=True)
+
+
+def slerp(embeds: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Spherical interpolation between exactly two images, per token along the last axis.
+
+    ``t = w_1 / (w_0 + w_1)`` (equal weights: halfway). ``sin((1-t)θ)/sin θ · a + sin(tθ)/sin θ · b``
+    with θ the angle between ``a`` and ``b``; almost parallel vectors fall back to linear interpolation.
+    """
+    if embeds.shape[0] != 2:
+        raise ConditioningError(f"'slerp' interpolates between exactly two images, got {embeds.shape[0]}.")
+    w = _weights(embeds, weights)
+    if float(w.sum()) == 0:
+        raise ConditioningError("The weights of 'slerp' sum to zero: give t as weights=[1 - t, t].")
+    t = float(w[1] / w.sum())
+    a, b = embeds[0:1], embeds[1:2]
+    cos = (a * b).sum(-1, keepdim=True) / (a.norm(dim=-1, keepdim=True) * b.norm(dim=-1, keepdim=True)).clamp_min(
+        1e-12
+    )
+    theta = torch.arccos(cos.clamp(-1.0, 1.0))
+    sin = torch.sin(theta)
+    nearly_parallel = sin.abs() < 1e-6
+    safe_sin = torch.where(nearly_parallel, torch.ones_like(sin), sin)
+    spherical = (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / safe_sin
+    linear = (1 - t) * a + t * b
+    return torch.where(nearly_parallel, linear, spherical)
+
+
+CombineFunction = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+#: Name → combine function; ``settings.COMBINES`` is exactly these keys (a test checks it).
+COMBINE_FUNCTIONS: dict[str, CombineFunction] = {
+    "average": average,
+    "norm_average": norm_average,
+    "concat": concat,
+    "add": add,
+    "subtract": subtract,
+    "max": elementwise_max,
+    "min": elementwise_min,
+    "slerp": slerp,
+}
+
+
+def combine(name: str, embeds: torch.Tensor, weights: torch.Tensor | list[float] | None = None) -> torch.Tensor:
+    """Apply the combine function called ``name`` to ``[N, L, D]`` sequences (or ``[N, D]`` vectors)."""
+    try:
+        function = COMBINE_FUNCTIONS[name]
+    except KeyError:
+        raise ConditioningError(f"Unknown combine {name!r}: use one of {', '.join(COMBINE_FUNCTIONS)}.") from None
+    if name == "concat" and embeds.ndim == 2:
+        embeds = embeds[:, None, :]
+    return function(embeds, weights)
+
+
+# ---------------------------------------------------------------------------------------------
+# Norm matching
+
+
+def typical_token_norm(text_embeds: torch.Tensor) -> float:
+    """The median per-token L2 norm of text-encoder outputs ``[B, 77, D]``, leaving out token 0.
+
+    Token 0 (the start token) of SD's text encoder is an outlier many times longer than the rest,
+    so it is excluded; the median is robust to the few end-of-text tokens that differ.
+    """
+    _check_ndim(text_embeds, 3, "text_embeds", "[B, L, D]")
+    return float(text_embeds[:, 1:].float().norm(dim=-1).median())
+
+
+def match_norm(tokens: torch.Tensor, target_norm: float) -> torch.Tensor:
+    """Rescale every token (last axis) to length ``target_norm``; zero tokens stay zero."""
+    norms = tokens.norm(dim=-1, keepdim=True)
+    return tokens * (target_norm / norms.clamp_min(1e-12))
+
+
+# ---------------------------------------------------------------------------------------------
+# Text and image together
+
+
+def blend_interpolate(text_embeds: torch.Tensor, image_tokens: torch.Tensor, image_weight: float) -> torch.Tensor:
+    """``(1 − w) · text + w · image``, token by token; ``image_tokens`` must have the text's length.
+
+    At ``w = 0`` this is the text's embeddings bit for bit (the image term is skipped, not multiplied
+    by zero), so generation equals plain text-to-image; at ``w = 1`` it is the image alone.
+    """
+    if text_embeds.shape[1:] != image_tokens.shape[1:]:
+        raise ConditioningError(
+            f"blend 'interpolate' needs image tokens shaped like the text, [*, {text_embeds.shape[1]}, "
+            f"{text_embeds.shape[2]}], got {list(image_tokens.shape)}."
+        )
+    if image_weight == 0:
+        return text_embeds.clone()
+    if image_weight == 1:
+        return image_tokens.clone()
+    return (1 - image_weight) * text_embeds + image_weight * image_tokens
+
+
+def blend_concat(text_embeds: torch.Tensor, image_tokens: torch.Tensor, image_weight: float) -> torch.Tensor:
+    """Text tokens times ``1 − w`` followed by image tokens times ``w``, ``[1, 77 + L, D]``.
+
+    The endpoints drop the side that has no weight (``w = 0``: the text alone, exactly;
+    ``w = 1``: the image alone): a zero token is not neutral in attention, it still takes a share.
+    """
+    if image_weight == 0:
+        return text_embeds.clone()
+    if image_weight == 1:
+        return image_tokens.clone()
+    return torch.cat([(1 - image_weight) * text_embeds, image_weight * image_tokens], dim=1)
+
+
+#: Name → how ``blend`` mixes text and image; ``settings.BLENDS`` is exactly these keys.
+BLEND_FUNCTIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]] = {
+    "interpolate": blend_interpolate,
+    "concat": blend_concat,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Sequences of different lengths in one guided batch
+
+
+def pad_with_mask(
+    sequences: list[torch.Tensor],
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """Pad ``[B, L_i, D]`` sequences with zero tokens to a common length; mask marks real tokens.
+
+    Classifier-free guidance runs the negative and the positive as one UNet batch, so their
+    lengths must agree. Padding tokens are masked out of cross-attention (``encoder_attention_mask``),
+    which removes them exactly: a masked key gets a ``-10000`` bias and a softmax weight of 0.
+    Returns the sequences unchanged and ``None`` when they already agree.
+    """
+    length = max(s.shape[1] for s in sequences)
+    if all(s.shape[1] == length for s in sequences):
+        return sequences, None
+    padded, masks = [], []
+    for s in sequences:
+        missing = length - s.shape[1]
+        padded.append(torch.cat([s, s.new_zeros(s.shape[0], missing, s.shape[2])], dim=1))
+        mask = torch.zeros(s.shape[0], length, dtype=s.dtype, device=s.device)
+        mask[:, : s.shape[1]] = 1
+        masks.append(mask)
+    return padded, torch.cat(masks)
+
+
+def _check_ndim(tensor: torch.Tensor, ndim: int, name: str, shape: str) -> None:
+    if tensor.ndim != ndim:
+        raise ConditioningError(f"{name} must be {shape}, got shape {tuple(tensor.shape)}.")
+

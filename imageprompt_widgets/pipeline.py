@@ -4,6 +4,13 @@ The pipeline encodes images with the CLIP vision tower, turns the embeddings int
 embeddings (conditioning.py), and hands those to diffusers' own ``StableDiffusionPipeline``
 unchanged, so the pixels equal what bare diffusers gives for the same embeddings and seed.
 Everything in between is kept in a :class:`~imageprompt_widgets.trace.Trace`.
+
+Every method goes through :meth:`ImagePromptPipeline.generate` with one signature: ``mode`` picks
+a conditioning builder (``conditioning_builders()``), and the result is always a diffusers
+``StableDiffusionPipeline`` call with explicit ``prompt_embeds`` and ``negative_prompt_embeds``.
+When the two differ in length (``single``, ``tokens``, ``concat``), the shorter is padded with
+zero tokens that ``encoder_attention_mask`` removes from cross-attention exactly; the trace keeps
+the unpadded embeddings and the mask (``extras["encoder_attention_mask"]``).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from typing import Any
 import torch
 
 from . import conditioning
+from .conditioning import Conditioning
 from .images import load_images
 from .models import (
     MODEL_CACHE,
@@ -30,13 +38,20 @@ from .models import (
     resolve_device_dtype,
 )
 from .presets import PRESETS, Preset, resolve_preset
-from .settings import GenerationSettings
+from .settings import CROPS, GenerationSettings, SettingsError
 from .trace import GenerationResult, Trace
 
 #: At most this many latent snapshots are kept per run (a stride is used beyond it).
 MAX_TRACED_STEPS = 64
 #: How many distinct input batches keep their embeddings cached per pipeline.
 EMBEDDING_CACHE_SIZE = 16
+#: Ordinary prompts whose text-encoder outputs set the target of norm matching.
+NORM_PROBE_PROMPTS = (
+    "a photograph of a cat sitting on a windowsill",
+    "an oil painting of a lighthouse at sunset, dramatic sky",
+    "a red sports car parked in a city street at night",
+    "portrait of an old man with a beard, studio lighting",
+)
 
 
 class Cancelled(Exception):
@@ -50,6 +65,7 @@ class ImageEmbedding:
     pixel_values: torch.Tensor  # [N, 3, H, W], the picture CLIP saw, normalised
     image_embeds: torch.Tensor  # [N, D], projected: the space SD's cross-attention width matches
     hidden_states: torch.Tensor  # [N, T, Dv], the vision tower's last hidden state
+    tokens: torch.Tensor | None = None  # [N, T, D], every token through post-layernorm and projection
 
     def __len__(self) -> int:
         return self.image_embeds.shape[0]
@@ -88,14 +104,19 @@ class ImagePromptPipeline:
     other callers wait on :attr:`lock`.
     """
 
-    def __init__(self, sd: Any, image_encoder: Any, image_processor: Any, *, preset: Preset | None = None):
+    def __init__(
+        self, sd: Any, image_encoder: Any, image_processor: Any, *, preset: Preset | None = None,
+        captioner: Any = None,
+    ):
         self.sd = sd
+        self.captioner = captioner
         self.image_encoder = image_encoder
         self.image_processor = image_processor
         self.preset = preset or Preset(name="custom", sd_model="custom", clip_model="custom")
         self.lock = threading.RLock()
         self._embeddings: OrderedDict[tuple[str, ...], ImageEmbedding] = OrderedDict()
         self._empty_prompt_embeds: torch.Tensor | None = None
+        self._text_token_norm: float | None = None
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -117,13 +138,22 @@ class ImagePromptPipeline:
         """
         preset = resolve_preset(preset)
         dev, dt = resolve_device_dtype(device, dtype)
-        key = model_key(preset.sd_model, preset.clip_model, dev, dt, safety_checker, allow_pickle)
+        key: Any = model_key(preset.sd_model, preset.clip_model, dev, dt, safety_checker, allow_pickle)
+        extras = (preset.method, preset.revision, preset.clip_subfolder, preset.ip_adapter, preset.captioner)
+        if any(extras):  # the method presets share models with plain ones but are different pipelines
+            key = (key, *extras)
 
         def load() -> ImagePromptPipeline:
-            parts = load_components(
+            loader = _component_loader(preset)
+            parts = loader(
                 preset, dev, dt, safety_checker=safety_checker, allow_pickle=allow_pickle, on_status=on_status
             )
-            return cls(parts.sd, parts.image_encoder, parts.image_processor, preset=preset)
+            captioner = None
+            if preset.captioner:
+                from .caption import load_captioner
+
+                captioner = load_captioner(preset, dev, dt, allow_pickle=allow_pickle, on_status=on_status)
+            return cls(parts.sd, parts.image_encoder, parts.image_processor, preset=preset, captioner=captioner)
 
         return MODEL_CACHE.get_or_create(key, load)
 
@@ -165,22 +195,38 @@ class ImagePromptPipeline:
 
     # -- encoding -------------------------------------------------------------------------------
 
-    def encode_image(self, images: Any) -> ImageEmbedding:
+    def encode_image(self, images: Any, crop: str = "center_crop") -> ImageEmbedding:
         """Encode one image or a list in one batch; the same inputs again come from a small cache.
 
-        Equals ``image_encoder(**image_processor(images=..., return_tensors="pt"))`` exactly.
+        With the default ``crop="center_crop"`` this equals
+        ``image_encoder(**image_processor(images=..., return_tensors="pt"))`` exactly; ``"squash"``
+        resizes to the square without keeping the aspect ratio and ``"pad"`` letterboxes the whole
+        picture on CLIP's mean colour (which normalises to zero) before the same normalisation.
         """
+        if crop not in CROPS:
+            raise SettingsError(f"crop={crop!r} is not one of {', '.join(CROPS)}.")
         pil_images = load_images(images)
-        key = tuple(_fingerprint(image) for image in pil_images)
+        key = (crop, *(_fingerprint(image) for image in pil_images))
         cached = self._embeddings.get(key)
         if cached is not None:
             self._embeddings.move_to_end(key)
             return cached
         with torch.inference_mode():
-            inputs = self.image_processor(images=pil_images, return_tensors="pt")
+            if crop == "center_crop":
+                inputs = self.image_processor(images=pil_images, return_tensors="pt")
+            else:
+                squared = [_square_for_clip(image, crop, self.image_processor) for image in pil_images]
+                inputs = self.image_processor(
+                    images=squared, do_resize=False, do_center_crop=False, return_tensors="pt"
+                )
             pixel_values = inputs["pixel_values"].to(self.image_encoder.device, self.image_encoder.dtype)
             out = self.image_encoder(pixel_values=pixel_values)
-        embedding = ImageEmbedding(pixel_values, out.image_embeds, out.last_hidden_state)
+            tokens = conditioning.project_vision_tokens(
+                out.last_hidden_state,
+                self.image_encoder.vision_model.post_layernorm,
+                self.image_encoder.visual_projection,
+            )
+        embedding = ImageEmbedding(pixel_values, out.image_embeds, out.last_hidden_state, tokens)
         self._embeddings[key] = embedding
         while len(self._embeddings) > EMBEDDING_CACHE_SIZE:
             self._embeddings.popitem(last=False)
@@ -189,10 +235,44 @@ class ImagePromptPipeline:
     def empty_prompt_embeds(self) -> torch.Tensor:
         """SD's text encoder on ``""``: what diffusers uses as the negative when none is given (``[1, 77, D]``)."""
         if self._empty_prompt_embeds is None:
-            with torch.inference_mode():
-                embeds, _ = self.sd.encode_prompt("", self.device, 1, False)
-            self._empty_prompt_embeds = embeds
+            self._empty_prompt_embeds = self.encode_text("", purpose="the empty-prompt negative")
         return self._empty_prompt_embeds
+
+    def encode_text(self, prompt: str, *, purpose: str = "a text prompt") -> torch.Tensor:
+        """SD's own text encoder on ``prompt``: exactly the ``prompt_embeds`` diffusers would compute (``[1, 77, D]``)."""
+        if getattr(self.sd, "text_encoder", None) is None:
+            raise SettingsError(
+                f"The {self.preset.name!r} model has no text encoder, so it cannot use {purpose}: "
+                "use negative='zeros' and a mode without text (repeat, single, tokens)."
+            )
+        with torch.inference_mode():
+            embeds, _ = self.sd.encode_prompt(prompt, self.device, 1, False)
+        return embeds
+
+    def text_token_norm(self) -> float:
+        """The typical per-token norm of SD's text-encoder outputs, measured once per pipeline.
+
+        Norm matching rescales image tokens to this length. It is measured on a few ordinary
+        prompts (median over their tokens, start token left out), not hard-coded, so it is right
+        for whatever text encoder is loaded.
+        """
+        if self._text_token_norm is None:
+            embeds = torch.cat([self.encode_text(p, purpose="norm matching") for p in NORM_PROBE_PROMPTS])
+            self._text_token_norm = conditioning.typical_token_norm(embeds)
+        return self._text_token_norm
+
+    def default_settings(self) -> GenerationSettings:
+        """The settings a run starts from: the library defaults with the preset's own (e.g. variations) applied."""
+        return GenerationSettings.from_kwargs(**dict(self.preset.defaults))
+
+    def caption(self, images: Any) -> str:
+        """Caption the (first) image with the preset's captioner (BLIP); ``mode="caption"`` generates from it."""
+        if self.captioner is None:
+            raise SettingsError(
+                f"The {self.preset.name!r} preset has no captioner: use the 'caption' or 'tiny-caption' preset."
+            )
+        with self.lock:
+            return self.captioner.caption(load_images(images)[0])
 
     # -- generation -----------------------------------------------------------------------------
 
@@ -201,6 +281,7 @@ class ImagePromptPipeline:
         images: Any,
         settings: GenerationSettings | None = None,
         *,
+        negative_image: Any = None,
         on_step: StepCallback | None = None,
         cancel: threading.Event | None = None,
         trace_latents: bool = False,
@@ -208,30 +289,54 @@ class ImagePromptPipeline:
     ) -> GenerationResult:
         """Generate from images; keyword settings are those of :class:`GenerationSettings`.
 
-        ``on_step`` is called after every step (progress, previews); setting ``cancel`` stops the
-        run after the current step without decoding, and the result has ``cancelled=True``.
+        ``negative_image`` (one image or several) becomes the negative conditioning, so guidance
+        pushes away from it (it implies ``negative="image"``). ``on_step`` is called after every
+        step (progress, previews); setting ``cancel`` stops the run after the current step without
+        decoding, and the result has ``cancelled=True``.
         """
-        settings = settings or GenerationSettings()
+        settings = settings or self.default_settings()
+        if negative_image is not None and settings.negative == "empty_prompt" and "negative" not in changes:
+            changes["negative"] = "image"
         if changes:
             settings = settings.replace(**changes)
         pil_images = load_images(images)
+        negative_images = load_images(negative_image) if negative_image is not None else []
+        if settings.negative == "image" and not negative_images:
+            raise SettingsError("negative='image' needs negative_image=: the image(s) guidance should push away from.")
+        if negative_images and settings.negative != "image":
+            raise SettingsError(
+                f"negative_image was given but negative={settings.negative!r}: pass negative='image' to use it."
+            )
         with self.lock:
             start = time.perf_counter()
-            embedding = self.encode_image(pil_images)
-            prompt_embeds, negative_embeds = self._conditioning(embedding, settings)
+            embedding = self.encode_image(pil_images, crop=settings.crop)
+            negative_embedding = self.encode_image(negative_images, crop=settings.crop) if negative_images else None
+            cond = self._conditioning(embedding, settings, negative_embedding, pil_images)
             trace = Trace(
                 pixel_values=_cpu(embedding.pixel_values),
                 image_embeds=_cpu(embedding.image_embeds),
                 hidden_states=_cpu(embedding.hidden_states),
-                prompt_embeds=_cpu(prompt_embeds),
-                negative_prompt_embeds=_cpu(negative_embeds),
+                prompt_embeds=_cpu(cond.prompt_embeds),
+                negative_prompt_embeds=_cpu(cond.negative_prompt_embeds),
+                extras={name: _cpu(value) for name, value in cond.extras.items()},
             )
-            recipe = self._recipe(settings, pil_images)
+            recipe = self._recipe(settings, pil_images, negative_images, cond.notes)
             tracker = _StepTracker(self, settings, trace, on_step, cancel, trace_latents)
             if cancel is not None and cancel.is_set():
                 return GenerationResult([], trace, recipe, cancelled=True, seconds=time.perf_counter() - start)
+            prompt_embeds, negative_embeds = cond.prompt_embeds, cond.negative_prompt_embeds
+            mask = None
+            if negative_embeds is not None:
+                (negative_embeds, prompt_embeds), mask = conditioning.pad_with_mask([negative_embeds, prompt_embeds])
+                if mask is not None:
+                    trace.extras["encoder_attention_mask"] = _cpu(mask)
             try:
-                with tracker.tapping_noise_predictions():
+                with contextlib.ExitStack() as stack:
+                    stack.enter_context(tracker.tapping_noise_predictions())
+                    if mask is not None:
+                        stack.enter_context(_attention_mask(self.sd.unet, mask))
+                    for method_context in cond.contexts:
+                        tracker.step_hooks.append(stack.enter_context(method_context))
                     output = self.sd(
                         prompt_embeds=prompt_embeds,
                         negative_prompt_embeds=negative_embeds,
@@ -243,6 +348,7 @@ class ImagePromptPipeline:
                         output_type="pil",
                         callback_on_step_end=tracker,
                         callback_on_step_end_tensor_inputs=["latents"],
+                        **cond.sd_kwargs,
                     )
             except Cancelled:
                 tracker.finish()
@@ -257,30 +363,84 @@ class ImagePromptPipeline:
             )
 
     def _conditioning(
-        self, embedding: ImageEmbedding, settings: GenerationSettings
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self,
+        embedding: ImageEmbedding,
+        settings: GenerationSettings,
+        negative_embedding: ImageEmbedding | None = None,
+        images: Sequence[Any] = (),
+    ) -> Conditioning:
         """Prompt and negative embeddings, one row per output image, in the UNet's dtype."""
-        image_embeds = embedding.image_embeds
-        if len(embedding) > 1:
-            image_embeds = conditioning.average(image_embeds)
-        prompt = conditioning.repeat_tokens(image_embeds, settings.scale)
-        prompt = prompt.to(self.device, self.dtype).repeat(settings.num_images, 1, 1)
+        builder = conditioning_builders()[settings.mode]
+        cond = builder(self, embedding, settings, negative_embedding, images)
+        copies = settings.num_images
+        cond.prompt_embeds = cond.prompt_embeds.to(self.device, self.dtype).repeat(copies, 1, 1)
         if settings.guidance_scale <= 1:
-            return prompt, None  # no classifier-free guidance: diffusers never runs an unconditional branch
-        negative = self.empty_prompt_embeds().to(self.dtype).repeat(settings.num_images, 1, 1)
-        return prompt, negative
+            cond.negative_prompt_embeds = None  # no classifier-free guidance: no unconditional branch runs
+        elif cond.negative_prompt_embeds is not None:
+            cond.negative_prompt_embeds = cond.negative_prompt_embeds.to(self.device, self.dtype).repeat(copies, 1, 1)
+        return cond
 
-    def _recipe(self, settings: GenerationSettings, images: Sequence[Any]) -> dict[str, Any]:
+    def image_sequence(
+        self, embedding: ImageEmbedding, settings: GenerationSettings, *, form: str | None = None,
+        combine: str | None = None, weights: Sequence[float] | None = None, extras: dict | None = None,
+        prefix: str = "",
+    ) -> torch.Tensor:
+        """Images → one ``[1, L, D]`` token sequence: mode form, combine, norm matching, then ``scale``.
+
+        ``form`` is ``repeat``, ``single`` or ``tokens`` (default: the mode's own).
+        """
+        form = form or settings.mode
+        self._check_image_width(embedding, settings.mode)
+        if form == "repeat":
+            sequences = conditioning.repeat_tokens(embedding.image_embeds)
+        elif form == "single":
+            sequences = conditioning.single_token(embedding.image_embeds)
+        else:
+            sequences = conditioning.vision_tokens(embedding.tokens)
+        combine = combine or settings.combine
+        weights = settings.weights if weights is None else weights
+        if len(embedding) > 1 or weights:
+            sequence = conditioning.combine(combine, sequences, list(weights) or None)
+        else:
+            sequence = sequences
+        if settings.norm_match:
+            target = self.text_token_norm()
+            if extras is not None:
+                extras[f"{prefix}text_token_norm"] = torch.tensor(target)
+                extras[f"{prefix}image_token_norm_before"] = sequence.norm(dim=-1)[0].float()
+            sequence = conditioning.match_norm(sequence, target)
+        return settings.scale * sequence
+
+    def _check_image_width(self, embedding: ImageEmbedding, mode: str) -> None:
+        width, cross = embedding.image_embeds.shape[-1], self.sd.unet.config.cross_attention_dim
+        if width != cross:
+            raise SettingsError(
+                f"mode={mode!r} feeds image tokens to the UNet, but the image encoder gives {width}-d embeddings "
+                f"and the UNet expects {cross}-d: this preset supports mode='ip_adapter'."
+            )
+
+    def _recipe(
+        self,
+        settings: GenerationSettings,
+        images: Sequence[Any],
+        negative_images: Sequence[Any] = (),
+        notes: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         from . import __version__
 
         return {
+            "method": self.preset.method or settings.mode,
             "settings": settings.to_dict(),
             "model": {
                 "preset": self.preset.name,
                 "sd_model": self.preset.sd_model,
                 "clip_model": self.preset.clip_model,
+                **({"ip_adapter": self.preset.ip_adapter} if self.preset.ip_adapter else {}),
+                **({"captioner": self.preset.captioner} if self.preset.captioner else {}),
             },
             "inputs": [_fingerprint(image)[:16] for image in images],
+            "negative_inputs": [_fingerprint(image)[:16] for image in negative_images],
+            **(notes or {}),
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "version": __version__,
@@ -308,6 +468,8 @@ class _StepTracker:
         self.snapshots: list[torch.Tensor] = []
         self.started = time.perf_counter()
         self._unet_call: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        #: Called with (steps finished, total) after each step, before the next (e.g. the IP-Adapter window).
+        self.step_hooks: list[Callable[[int, int], None] | None] = []
 
     def __call__(self, sd: Any, index: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         latents = kwargs["latents"]
@@ -322,6 +484,9 @@ class _StepTracker:
         if self.on_step is not None:
             seconds = time.perf_counter() - self.started
             self.on_step(StepInfo(step, total, float(timestep), latents, seconds, self._predicted_x0))
+        for hook in self.step_hooks:
+            if hook is not None:
+                hook(step, total)
         if self.cancel is not None and self.cancel.is_set():
             raise Cancelled
         return kwargs
@@ -355,7 +520,7 @@ class _StepTracker:
             sample = sample.chunk(2)[1]
         scheduler = self.pipeline.sd.scheduler
         alphas = scheduler.alphas_cumprod
-        index = int(round(float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)))
+        index = round(float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep))
         alpha = alphas[min(max(index, 0), len(alphas) - 1)].to(sample.device, torch.float32)
         sample, prediction = sample.float(), prediction.float()
         if scheduler.config.get("prediction_type", "epsilon") == "v_prediction":
@@ -365,6 +530,129 @@ class _StepTracker:
     def finish(self) -> None:
         if self.snapshots:
             self.trace.latents = torch.stack(self.snapshots)
+
+
+# ---------------------------------------------------------------------------------------------
+# One conditioning builder per mode (settings.MODES is exactly the keys of conditioning_builders())
+
+
+def _image_conditioning(
+    pipe: ImagePromptPipeline,
+    embedding: ImageEmbedding,
+    settings: GenerationSettings,
+    negative_embedding: ImageEmbedding | None,
+    images: Sequence[Any],
+) -> Conditioning:
+    """``repeat``, ``single``, ``tokens``: the images' token sequence is the prompt."""
+    extras: dict[str, torch.Tensor] = {}
+    prompt = pipe.image_sequence(embedding, settings, extras=extras)
+    negative = _negative(pipe, prompt, settings, negative_embedding, extras, form=settings.mode)
+    return Conditioning(prompt, negative, extras=extras)
+
+
+def _blend_conditioning(
+    pipe: ImagePromptPipeline,
+    embedding: ImageEmbedding,
+    settings: GenerationSettings,
+    negative_embedding: ImageEmbedding | None,
+    images: Sequence[Any],
+) -> Conditioning:
+    """``blend``: the text prompt's embeddings mixed with the image's by ``image_weight``.
+
+    ``interpolate`` mixes token by token with the ``repeat`` form (77 tokens, like the text);
+    ``concat`` appends the ``single`` form (one token per image) after the 77 text tokens.
+    """
+    extras: dict[str, torch.Tensor] = {}
+    text = pipe.encode_text(settings.prompt, purpose="a text prompt (blend)")
+    form = "repeat" if settings.blend == "interpolate" else "single"
+    image = pipe.image_sequence(embedding, settings, form=form, extras=extras).to(text.dtype)
+    prompt = conditioning.BLEND_FUNCTIONS[settings.blend](text, image, settings.image_weight)
+    negative = _negative(pipe, prompt, settings, negative_embedding, extras, form=form)
+    return Conditioning(prompt, negative, extras=extras)
+
+
+def _negative(
+    pipe: ImagePromptPipeline,
+    prompt: torch.Tensor,
+    settings: GenerationSettings,
+    negative_embedding: ImageEmbedding | None,
+    extras: dict[str, torch.Tensor],
+    form: str,
+) -> torch.Tensor | None:
+    """The unconditional branch: SD's empty prompt (the guide's default), zeros, or negative images.
+
+    Negative images take the same form, norm matching and scale as the prompt's images; several
+    are averaged with equal weights.
+    """
+    if settings.guidance_scale <= 1:
+        return None
+    if settings.negative == "empty_prompt":
+        return pipe.empty_prompt_embeds()
+    if settings.negative == "zeros":
+        return torch.zeros_like(prompt)
+    assert negative_embedding is not None  # generate() checks this before encoding
+    return pipe.image_sequence(
+        negative_embedding, settings, form=form, combine="average", weights=(), extras=extras, prefix="negative_"
+    )
+
+
+def _square_for_clip(image: Any, crop: str, processor: Any) -> Any:
+    """``squash``: resize to CLIP's square; ``pad``: letterbox on CLIP's mean colour, then resize."""
+    from PIL import Image
+
+    size = processor.crop_size
+    target = (int(size["width"]), int(size["height"]))
+    if crop == "pad":
+        side = max(image.size)
+        fill = tuple(round(channel * 255) for channel in processor.image_mean)
+        canvas = Image.new("RGB", (side, side), fill)
+        canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+        image = canvas
+    return image.resize(target, Image.Resampling.BICUBIC)
+
+
+@contextlib.contextmanager
+def _attention_mask(unet: Any, mask: torch.Tensor) -> Iterator[None]:
+    """Hand ``encoder_attention_mask`` to every UNet call (diffusers' pipeline has no argument for it)."""
+
+    def add_mask(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        sample = args[0] if args else kwargs["sample"]
+        if sample.shape[0] == mask.shape[0]:
+            kwargs["encoder_attention_mask"] = mask.to(sample.device)
+        return args, kwargs
+
+    handle = unet.register_forward_pre_hook(add_mask, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _component_loader(preset: Preset) -> Callable[..., Any]:
+    """models.load_components for SD + CLIP pairs; the variations and IP-Adapter presets load their own way."""
+    if preset.method == "variations":
+        from .variations import load_components as load_variations
+
+        return load_variations
+    if preset.method == "ip_adapter":
+        from .ip_adapter import load_components as load_ip_adapter
+
+        return load_ip_adapter
+    return load_components
+
+
+def conditioning_builders() -> dict[str, Any]:
+    """Mode name → the function that builds its :class:`Conditioning` (imported lazily: optional parts)."""
+    from . import caption, ip_adapter
+
+    return {
+        "repeat": _image_conditioning,
+        "single": _image_conditioning,
+        "tokens": _image_conditioning,
+        "blend": _blend_conditioning,
+        "ip_adapter": ip_adapter.build_conditioning,
+        "caption": caption.build_conditioning,
+    }
 
 
 def generate(images: Any, *, model: str | Preset | None = None, **settings: Any) -> GenerationResult:

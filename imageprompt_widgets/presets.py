@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Any
 
 #: Environment variable that replaces the default preset (the examples run in CI with ``tiny``).
 MODEL_ENV = "IMAGEPROMPT_MODEL"
@@ -29,7 +30,21 @@ class Preset:
     note: str = ""
     download_size: str = ""
     offline_builder: str | None = None
+    #: The method the preset stands for in recipes ("variations", "ip_adapter", "caption"); None: the mode.
+    method: str | None = None
+    #: Settings this preset starts from, as (name, value) pairs (e.g. the variations model's zero negative).
+    defaults: tuple[tuple[str, Any], ...] = ()
+    #: IP-Adapter weights as "repo_or_folder:subfolder:weight_name" (loaded with diffusers' load_ip_adapter).
+    ip_adapter: str | None = None
+    #: A BLIP captioning model (Hub id or folder) for the caption route; "tiny" for the offline twin.
+    captioner: str | None = None
+    #: A Hub revision (branch or tag) of ``sd_model``, e.g. the variations model's ``v2.0``.
+    revision: str | None = None
+    #: Where in ``clip_model`` the image encoder lives (h94/IP-Adapter keeps it in ``models/image_encoder``).
+    clip_subfolder: str | None = None
 
+
+_VARIATIONS_DEFAULTS = (("mode", "single"), ("negative", "zeros"))
 
 PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
     {
@@ -52,6 +67,69 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
             clip_model="tiny",
             note="built offline with random, seeded weights: for tests, CI and demos without network",
             download_size="nothing (built locally in about a second, under 2 MB)",
+            offline_builder="tiny",
+        ),
+        "variations": Preset(
+            name="variations",
+            sd_model="lambdalabs/sd-image-variations-diffusers",
+            clip_model="lambdalabs/sd-image-variations-diffusers",
+            revision="v2.0",
+            method="variations",
+            defaults=_VARIATIONS_DEFAULTS,
+            note="SD fine-tuned on one CLIP image token (image_encoder and feature_extractor ship in the repo)",
+            download_size="about 5 GB (fp32 UNet, VAE, ViT-L/14 vision tower) + 1.2 GB safety checker unless off",
+        ),
+        "tiny-variations": Preset(
+            name="tiny-variations",
+            sd_model="tiny-variations",
+            clip_model="tiny-variations",
+            method="variations",
+            defaults=_VARIATIONS_DEFAULTS,
+            note="offline twin of 'variations': random, seeded weights",
+            download_size="nothing (built locally, about 8 MB)",
+            offline_builder="tiny-variations",
+        ),
+        "ip-adapter": Preset(
+            name="ip-adapter",
+            sd_model="stable-diffusion-v1-5/stable-diffusion-v1-5",
+            clip_model="h94/IP-Adapter",
+            clip_subfolder="models/image_encoder",
+            ip_adapter="h94/IP-Adapter:models:ip-adapter_sd15.safetensors",
+            method="ip_adapter",
+            defaults=(("mode", "ip_adapter"),),
+            note="SD 1.5 + IP-Adapter (ViT-H/14 image encoder, 4 adapter tokens); a text prompt works alongside",
+            download_size="about 5.5 GB (SD 1.5) + 2.5 GB (ViT-H/14 image encoder) + 44 MB (ip-adapter_sd15)",
+        ),
+        "tiny-ip-adapter": Preset(
+            name="tiny-ip-adapter",
+            sd_model="tiny-ip-adapter",
+            clip_model="tiny-ip-adapter",
+            ip_adapter="tiny-ip-adapter",
+            method="ip_adapter",
+            defaults=(("mode", "ip_adapter"),),
+            note="offline twin of 'ip-adapter': tiny UNet with SD's block layout, random adapter weights",
+            download_size="nothing (built locally, about 4 MB)",
+            offline_builder="tiny-ip-adapter",
+        ),
+        "caption": Preset(
+            name="caption",
+            sd_model="CompVis/stable-diffusion-v1-4",
+            clip_model="openai/clip-vit-large-patch14",
+            captioner="Salesforce/blip-image-captioning-base",
+            method="caption",
+            defaults=(("mode", "caption"),),
+            note="BLIP writes a caption you can edit; SD draws from the text (the image modes work too)",
+            download_size="about 5.5 GB (SD 1.4) + 1.7 GB (CLIP ViT-L/14) + 1 GB (BLIP base)",
+        ),
+        "tiny-caption": Preset(
+            name="tiny-caption",
+            sd_model="tiny",
+            clip_model="tiny",
+            captioner="tiny",
+            method="caption",
+            defaults=(("mode", "caption"),),
+            note="offline twin of 'caption': the tiny preset plus a tiny random BLIP",
+            download_size="nothing (built locally, under 1 MB more than tiny)",
             offline_builder="tiny",
         ),
     }

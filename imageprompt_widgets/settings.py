@@ -8,13 +8,24 @@ model and a fingerprint of the inputs.
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 #: How image embeddings become prompt embeddings (see conditioning.py for the exact definitions).
-MODES = ("repeat",)
+#: ``ip_adapter`` and ``caption`` need a preset that carries an adapter or a captioner.
+MODES = ("repeat", "single", "tokens", "blend", "ip_adapter", "caption")
+#: How several images become one conditioning (conditioning.COMBINE_FUNCTIONS).
+COMBINES = ("average", "norm_average", "concat", "add", "subtract", "max", "min", "slerp")
+#: How ``blend`` mixes the text prompt with the image (conditioning.BLEND_FUNCTIONS).
+BLENDS = ("interpolate", "concat")
 #: What the unconditional branch of classifier-free guidance sees.
-NEGATIVES = ("empty_prompt",)
+NEGATIVES = ("empty_prompt", "zeros", "image")
+#: How an image is made square for CLIP: CLIP's own center crop, a squash, or padding.
+CROPS = ("center_crop", "squash", "pad")
+#: IP-Adapter layers that receive the image (SD 1.x; "style" and "composition" after InstantStyle).
+ADAPTER_BLOCKS = ("all", "style", "composition", "style_and_composition")
 
 MAX_SEED = 2**32 - 1
 
@@ -28,7 +39,7 @@ class SettingSpec:
     """What a control needs to know about one setting: its kind, range, label and help."""
 
     name: str
-    kind: str  # "float", "int", "choice", "bool", "text", "size"
+    kind: str  # "float", "int", "choice", "bool", "text", "size", "floats" (a list of numbers)
     default: Any
     label: str
     help: str = ""
@@ -48,7 +59,25 @@ class GenerationSettings:
     """Everything that decides a generation besides the images themselves."""
 
     mode: str = _spec("choice", "repeat", "mode", "how the image embedding becomes the prompt", choices=MODES)
-    scale: float = _spec("float", 1.0, "scale", "multiplies the image embedding", min=0.0, max=5.0, step=0.05)
+    scale: float = _spec(
+        "float", 1.0, "scale", "multiplies the image conditioning (the adapter's strength for ip_adapter)",
+        min=0.0, max=5.0, step=0.05,
+    )
+    prompt: str = _spec("text", "", "prompt", "text used by the blend, ip_adapter and caption modes")
+    image_weight: float = _spec(
+        "float", 0.5, "image weight", "blend: 0 = the text alone, 1 = the image alone", min=0.0, max=1.0, step=0.05
+    )
+    blend: str = _spec(
+        "choice", "interpolate", "blend", "how blend mixes text and image tokens", choices=BLENDS, advanced=True
+    )
+    norm_match: bool = _spec(
+        "bool", False, "match text norm", "rescale image tokens to the typical length of SD's text tokens"
+    )
+    combine: str = _spec("choice", "average", "combine", "how several images become one", choices=COMBINES)
+    weights: tuple[float, ...] = _spec(
+        "floats", (), "weights", "one number per image, comma-separated; empty = equal", min=-10.0, max=10.0,
+        step=0.1,
+    )
     steps: int = _spec("int", 30, "steps", "denoising steps", min=1, max=150, step=1)
     guidance_scale: float = _spec(
         "float", 7.5, "guidance", "classifier-free guidance; 1 or less turns it off", min=0.0, max=20.0, step=0.5
@@ -66,10 +95,29 @@ class GenerationSettings:
     negative: str = _spec(
         "choice", "empty_prompt", "negative", "what guidance pushes away from", choices=NEGATIVES, advanced=True
     )
+    crop: str = _spec(
+        "choice", "center_crop", "crop", "how the image is made square for CLIP", choices=CROPS, advanced=True
+    )
+    adapter_start: float = _spec(
+        "float", 0.0, "adapter start", "ip_adapter: fraction of the steps before the image acts",
+        min=0.0, max=1.0, step=0.05, advanced=True,
+    )
+    adapter_end: float = _spec(
+        "float", 1.0, "adapter end", "ip_adapter: fraction of the steps after which the image stops acting",
+        min=0.0, max=1.0, step=0.05, advanced=True,
+    )
+    adapter_blocks: str = _spec(
+        "choice", "all", "adapter blocks", "ip_adapter: which UNet blocks see the image",
+        choices=ADAPTER_BLOCKS, advanced=True,
+    )
 
     def __post_init__(self) -> None:
         for spec in setting_specs():
             object.__setattr__(self, spec.name, _validated(spec, getattr(self, spec.name)))
+        if self.adapter_start >= self.adapter_end:
+            raise SettingsError(
+                f"adapter_start={self.adapter_start:g} must be less than adapter_end={self.adapter_end:g}."
+            )
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> GenerationSettings:
@@ -87,7 +135,8 @@ class GenerationSettings:
         return self.from_kwargs(**{**self.to_dict(), **changes})
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain JSON types (tuples become lists): a recipe equals itself after a JSON round trip."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
 def setting_specs() -> list[SettingSpec]:
@@ -113,6 +162,8 @@ def _validated(spec: SettingSpec, value: Any) -> Any:
         return value
     if spec.kind == "size" and value is None:
         return None
+    if spec.kind == "floats":
+        return _validated_floats(spec, value)
     number = _as_number(spec, value)
     if not (spec.min <= number <= spec.max):
         raise SettingsError(f"{spec.name}={value!r} is outside its range {spec.min:g} to {spec.max:g}.")
@@ -126,9 +177,31 @@ def _as_number(spec: SettingSpec, value: Any) -> float | int:
         raise SettingsError(f"{spec.name} must be a number, not {value!r}.")
     if spec.kind == "float":
         number = float(value)
-        if number != number:  # NaN
+        if math.isnan(number):
             raise SettingsError(f"{spec.name} must be a number, not NaN.")
         return number
     if isinstance(value, float) and not value.is_integer():
         raise SettingsError(f"{spec.name} must be a whole number, not {value!r}.")
     return int(value)
+
+
+def _validated_floats(spec: SettingSpec, value: Any) -> tuple[float, ...]:
+    if isinstance(value, str):
+        value = parse_floats(value, spec.name)
+    if value is None:
+        return ()
+    try:
+        items = tuple(value)
+    except TypeError:
+        raise SettingsError(f"{spec.name} must be a list of numbers, not {value!r}.") from None
+    item_spec = dataclasses.replace(spec, kind="float")
+    return tuple(_validated(item_spec, item) for item in items)
+
+
+def parse_floats(text: str, name: str = "value") -> tuple[float, ...]:
+    """``"1, 0.5"`` → ``(1.0, 0.5)``; empty text is the empty tuple. Used by the CLI for "floats" settings."""
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    try:
+        return tuple(float(part) for part in parts)
+    except ValueError:
+        raise SettingsError(f"{name} must be comma-separated numbers such as 1,0.5, not {text!r}.") from None

@@ -163,6 +163,19 @@ def build_tiny_models(folder: str | os.PathLike, seed: int = TINY_SEED) -> tuple
     return str(sd_dir), str(clip_dir)
 
 
+def sample_image(seed: int = 0, size: tuple[int, int] = (96, 80)):
+    """A deterministic, textured RGB picture (gradients plus noise) for tests and offline demos."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    width, height = size
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x / width, y / height, ((x + y) % 17) / 17], axis=-1) * 200
+    noise = rng.integers(0, 55, size=(height, width, 3))
+    return Image.fromarray((base + noise).astype(np.uint8), "RGB")
+
+
 def write_byte_level_tokenizer(folder: str | os.PathLike) -> int:
     """Write a CLIP BPE vocabulary of single bytes with no merges; returns its size.
 
@@ -196,3 +209,226 @@ def _bytes_to_unicode() -> dict[int, str]:
             codes.append(256 + extra)
             extra += 1
     return dict(zip(printable, map(chr, codes)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny twins of the stronger methods (variations, IP-Adapter, BLIP captions): seeded, built atomically
+
+TINY_METHODS_VERSION = "v1"
+#: The tiny IP-Adapter's image encoder is wider than the UNet's cross-attention, as ViT-H (1024) is
+#: wider than SD 1.5 (768): only the adapter's projection makes them fit.
+TINY_ADAPTER_ENCODER_DIM = 48
+TINY_ADAPTER_WEIGHT_NAME = "ip-adapter_tiny.safetensors"
+
+
+def _build_once(final: Path, build, marker: str) -> Path:
+    """Like the tiny preset's build: a private temp folder renamed into place, so no one sees half a model."""
+    if (final / marker).is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / marker).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _tiny_vision_config(projection_dim: int):
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=5,
+        image_size=32, patch_size=4, projection_dim=projection_dim,
+    )
+
+
+def _tiny_image_processor():
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+
+
+def ensure_tiny_variations_model() -> str:
+    """The ``tiny-variations`` twin: an image-variations pipeline folder (no text encoder), like lambdalabs'."""
+    final = cache_dir() / f"tiny-variations-{TINY_METHODS_VERSION}"
+    return str(_build_once(final, build_tiny_variations_model, "model_index.json"))
+
+
+def build_tiny_variations_model(folder: str | os.PathLike, seed: int = TINY_SEED) -> str:
+    """Write a tiny ``StableDiffusionImageVariationPipeline``: UNet conditioned on one projected image token."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        PNDMScheduler,
+        StableDiffusionImageVariationPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPVisionModelWithProjection
+
+    from .models import quiet_loaders
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)  # a different UNet from the tiny preset's: it stands for a fine-tuned one
+        unet = UNet2DConditionModel(
+            block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=TINY_CROSS_ATTENTION_DIM,
+        )
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(
+            block_out_channels=[32, 64], in_channels=3, out_channels=3,
+            down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+            up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"], latent_channels=4,
+        )
+        torch.manual_seed(seed)
+        image_encoder = CLIPVisionModelWithProjection(_tiny_vision_config(TINY_CROSS_ATTENTION_DIM))
+    scheduler = PNDMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1,
+    )
+    pipe = StableDiffusionImageVariationPipeline(
+        vae=vae, image_encoder=image_encoder, unet=unet, scheduler=scheduler, safety_checker=None,
+        feature_extractor=_tiny_image_processor(), requires_safety_checker=False,
+    )
+    with quiet_loaders():
+        pipe.save_pretrained(str(folder), safe_serialization=True)
+    return str(folder)
+
+
+def ensure_tiny_ip_adapter_models() -> tuple[str, str, str]:
+    """The ``tiny-ip-adapter`` twin: ``(sd_folder, image_encoder_folder, adapter_folder)``."""
+    final = cache_dir() / f"tiny-ip-adapter-{TINY_METHODS_VERSION}"
+    _build_once(final, build_tiny_ip_adapter_models, f"adapter/{TINY_ADAPTER_WEIGHT_NAME}")
+    return str(final / "sd"), str(final / "image_encoder"), str(final / "adapter")
+
+
+def build_tiny_ip_adapter_models(folder: str | os.PathLike, seed: int = TINY_SEED) -> None:
+    """A tiny SD 1.x with SD's block layout (so the style/composition blocks exist), a wider image
+    encoder, and a randomly initialised IP-Adapter state dict of the right shape, as diffusers' tests build one.
+    """
+    import torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionModelWithProjection
+
+    from .models import quiet_loaders
+
+    folder = Path(folder)
+    tiny_sd, _ = ensure_tiny_models()
+    with quiet_loaders():
+        base = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        # SD 1.x's layout: cross-attention in down 0-2, mid, up 1-3; far fewer channels.
+        unet = UNet2DConditionModel(
+            block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4, sample_size=32,
+            attention_head_dim=2, in_channels=4, out_channels=4, cross_attention_dim=TINY_CROSS_ATTENTION_DIM,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        )
+        torch.manual_seed(seed)
+        image_encoder = CLIPVisionModelWithProjection(_tiny_vision_config(TINY_ADAPTER_ENCODER_DIM))
+        torch.manual_seed(seed)
+        adapter = tiny_ip_adapter_state_dict(unet, TINY_ADAPTER_ENCODER_DIM)
+    pipe = StableDiffusionPipeline(
+        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=unet, scheduler=base.scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    with quiet_loaders():
+        pipe.save_pretrained(str(folder / "sd"), safe_serialization=True)
+        image_encoder.save_pretrained(str(folder / "image_encoder"), safe_serialization=True)
+    _tiny_image_processor().save_pretrained(str(folder / "image_encoder"))
+    (folder / "adapter").mkdir()
+    save_file({k: v.contiguous() for k, v in adapter.items()}, str(folder / "adapter" / TINY_ADAPTER_WEIGHT_NAME))
+
+
+def tiny_ip_adapter_state_dict(unet, image_embed_dim: int, num_tokens: int = 4) -> dict:
+    """An IP-Adapter checkpoint (flat, ``image_proj.*`` and ``ip_adapter.*`` keys) with random weights.
+
+    The shapes follow ``h94/IP-Adapter``'s ``ip-adapter_sd15``: a linear projection of the image
+    embedding to ``num_tokens`` tokens, plus ``to_k_ip``/``to_v_ip`` for every cross-attention layer,
+    numbered as diffusers numbers attention processors (odd ids: the cross-attention ones).
+    """
+    import torch
+
+    cross = unet.config.cross_attention_dim
+    state = {
+        "image_proj.proj.weight": torch.randn(num_tokens * cross, image_embed_dim) / image_embed_dim**0.5,
+        "image_proj.proj.bias": torch.zeros(num_tokens * cross),
+        "image_proj.norm.weight": torch.ones(cross),
+        "image_proj.norm.bias": torch.zeros(cross),
+    }
+    key_id = 1
+    for name in unet.attn_processors:
+        if name.endswith("attn1.processor"):
+            continue
+        if name.startswith("mid_block"):
+            hidden = unet.config.block_out_channels[-1]
+        elif name.startswith("up_blocks"):
+            hidden = list(reversed(unet.config.block_out_channels))[int(name[len("up_blocks.")])]
+        else:
+            hidden = unet.config.block_out_channels[int(name[len("down_blocks.")])]
+        state[f"ip_adapter.{key_id}.to_k_ip.weight"] = torch.randn(hidden, cross) / cross**0.5
+        state[f"ip_adapter.{key_id}.to_v_ip.weight"] = torch.randn(hidden, cross) / cross**0.5
+        key_id += 2
+    return state
+
+
+def ensure_tiny_captioner() -> str:
+    """The ``tiny-caption`` twin's BLIP: random weights, a small word vocabulary, real BLIP classes."""
+    final = cache_dir() / f"tiny-blip-{TINY_METHODS_VERSION}"
+    return str(_build_once(final, build_tiny_captioner, "config.json"))
+
+
+TINY_CAPTION_WORDS = (
+    "a", "photo", "of", "the", "cat", "dog", "red", "blue", "green", "house", "tree", "on", "in", "with", "and",
+    "sky", "sea", "car", "man", "woman", "painting", "small", "large", "old", "new", "street", "field", "light",
+)
+
+
+def build_tiny_captioner(folder: str | os.PathLike, seed: int = TINY_SEED) -> str:
+    import torch
+    from transformers import (
+        BertTokenizer,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessor,
+        BlipProcessor,
+    )
+
+    from .models import quiet_loaders
+
+    folder = Path(folder)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", *TINY_CAPTION_WORDS]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    tokenizer = BertTokenizer(str(folder / "vocab.txt"), bos_token="[DEC]")
+    config = BlipConfig(
+        text_config={
+            "vocab_size": len(vocab), "hidden_size": 32, "encoder_hidden_size": 32, "intermediate_size": 37,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 40,
+            "bos_token_id": vocab.index("[DEC]"), "eos_token_id": vocab.index("[SEP]"),
+            "pad_token_id": 0, "sep_token_id": vocab.index("[SEP]"),
+        },
+        vision_config={
+            "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "image_size": 32, "patch_size": 4,
+        },
+        projection_dim=32,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = BlipForConditionalGeneration(config)
+    processor = BlipProcessor(
+        image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer
+    )
+    with quiet_loaders():
+        model.save_pretrained(str(folder), safe_serialization=True)
+        processor.save_pretrained(str(folder))
+    return str(folder)

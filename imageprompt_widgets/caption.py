@@ -1,0 +1,85 @@
+"""The caption route: BLIP describes the image, the user may edit the words, SD draws from the text.
+
+The guide's "BLIP caption + SD text encoder" path: the image reaches SD only as words, so it lands
+exactly in the space SD was trained on, at the price of everything words cannot say. BLIP is part
+of transformers, so this route needs no extra dependency; its weights (about 1 GB for
+``Salesforce/blip-image-captioning-base``) download on first use of the ``caption`` preset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .conditioning import Conditioning
+from .models import StatusCallback, _translate_load_errors, quiet_loaders
+from .presets import Preset
+from .settings import GenerationSettings, SettingsError
+
+#: The longest caption BLIP may write, in tokens.
+MAX_CAPTION_TOKENS = 30
+
+
+@dataclass
+class Captioner:
+    """A BLIP captioning model and its processor; ``caption(image)`` is greedy, so deterministic."""
+
+    model: Any  # transformers.BlipForConditionalGeneration
+    processor: Any  # transformers.BlipProcessor
+    max_new_tokens: int = MAX_CAPTION_TOKENS
+
+    def caption(self, image: Any) -> str:
+        with torch.inference_mode():
+            inputs = self.processor(images=image, return_tensors="pt")
+            pixel_values = inputs["pixel_values"].to(self.model.device, self.model.dtype)
+            tokens = self.model.generate(
+                pixel_values=pixel_values, max_new_tokens=self.max_new_tokens, do_sample=False
+            )
+        return self.processor.decode(tokens[0], skip_special_tokens=True).strip()
+
+
+def load_captioner(
+    preset: Preset,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    allow_pickle: bool = False,
+    on_status: StatusCallback | None = None,
+) -> Captioner:
+    """Load the preset's BLIP (``"tiny"``: the offline twin built by testing.py)."""
+    from transformers import BlipForConditionalGeneration, BlipProcessor
+
+    from .testing import ensure_tiny_captioner
+
+    say = on_status or (lambda message: None)
+    name = str(preset.captioner)
+    path = ensure_tiny_captioner() if name == "tiny" else name
+    say(f"Loading the captioner {name!r}…")
+    with _translate_load_errors(name, allow_pickle), quiet_loaders():
+        model = BlipForConditionalGeneration.from_pretrained(
+            path, dtype=dtype, use_safetensors=None if allow_pickle else True
+        )
+        processor = BlipProcessor.from_pretrained(path)
+    model.to(device)
+    model.eval()
+    # The tiny twin's random words would run to the limit; a short caption keeps tests fast.
+    return Captioner(model, processor, max_new_tokens=8 if name == "tiny" else MAX_CAPTION_TOKENS)
+
+
+def build_conditioning(
+    pipe: Any, embedding: Any, settings: GenerationSettings, negative_embedding: Any, images: Sequence[Any]
+) -> Conditioning:
+    """``caption``: SD's text encoder on ``settings.prompt`` (the edited caption) or, when empty, BLIP's caption."""
+    if settings.negative == "image":
+        raise SettingsError("mode='caption' draws from text only: use negative='empty_prompt' or 'zeros'.")
+    if settings.norm_match:
+        raise SettingsError("norm_match rescales image tokens, and mode='caption' has none: switch norm_match off.")
+    text = settings.prompt.strip() or pipe.caption(images)
+    prompt = pipe.encode_text(text, purpose="a caption")
+    negative = None
+    if settings.guidance_scale > 1:
+        negative = pipe.empty_prompt_embeds() if settings.negative == "empty_prompt" else torch.zeros_like(prompt)
+    return Conditioning(prompt, negative, notes={"caption": text})

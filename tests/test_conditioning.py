@@ -1,0 +1,175 @@
+"""The pure tensor functions of conditioning.py, each against a hand computation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from imageprompt_widgets import conditioning as c
+from imageprompt_widgets.settings import BLENDS, COMBINES, GenerationSettings, SettingsError, setting_specs
+
+A = torch.tensor([[3.0, 0.0, 1.0]])
+B = torch.tensor([[0.0, 4.0, -1.0]])
+AB = torch.cat([A, B])  # two "images", D = 3
+
+
+def test_repeat_and_single_tokens_shapes_and_values():
+    embeds = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    repeated = c.repeat_tokens(embeds, scale=2.0)
+    assert repeated.shape == (2, 77, 2)
+    assert torch.equal(repeated[1, 50], torch.tensor([6.0, 8.0]))
+    assert torch.equal(c.single_token(embeds, scale=2.0), torch.tensor([[[2.0, 4.0]], [[6.0, 8.0]]]))
+
+
+def test_mode_functions_reject_wrong_shapes_with_a_settings_error():
+    with pytest.raises(SettingsError, match=r"image_embeds must be \[N, D\], got shape \(2, 3, 4\)"):
+        c.repeat_tokens(torch.zeros(2, 3, 4))
+
+
+def test_project_vision_tokens_applies_both_layers_to_every_token():
+    hidden = torch.arange(24, dtype=torch.float32).reshape(1, 4, 6)
+    tokens = c.project_vision_tokens(hidden, lambda x: x + 1, lambda x: x[..., :2] * 10)
+    assert torch.equal(tokens, (hidden[..., :2] + 1) * 10)
+
+
+def test_average_is_the_normalised_weighted_mean():
+    assert torch.allclose(c.average(AB, torch.tensor([1.0, 3.0])), torch.tensor([[0.75, 3.0, -0.5]]))
+    assert torch.allclose(c.average(AB), torch.tensor([[1.5, 2.0, 0.0]]))
+
+
+def test_norm_average_keeps_mean_length_along_mean_direction():
+    a, b = torch.tensor([[3.0, 0.0]]), torch.tensor([[0.0, 4.0]])
+    result = c.norm_average(torch.cat([a, b]))
+    # unit directions (1,0) and (0,1) average to (1,1)/sqrt(2) as a direction; mean length (3+4)/2
+    expected = torch.tensor([[3.5 / math.sqrt(2), 3.5 / math.sqrt(2)]])
+    assert torch.allclose(result, expected)
+    weighted = c.norm_average(torch.cat([a, b]), torch.tensor([3.0, 1.0]))
+    direction = torch.tensor([3.0, 1.0]) / math.sqrt(10)
+    assert torch.allclose(weighted, (direction * (3 * 3 + 4) / 4)[None])
+
+
+def test_concat_puts_weighted_sequences_side_by_side():
+    seqs = torch.stack([torch.ones(2, 3), 2 * torch.ones(2, 3)])  # [2 images, 2 tokens, 3]
+    result = c.concat(seqs, torch.tensor([2.0, 0.5]))
+    assert result.shape == (1, 4, 3)
+    assert torch.equal(result[0, :, 0], torch.tensor([2.0, 2.0, 1.0, 1.0]))
+    # vectors [N, D] become one token each through combine()
+    assert torch.equal(c.combine("concat", AB), torch.stack([A[0], B[0]])[None])
+
+
+def test_add_and_subtract():
+    assert torch.equal(c.add(AB, torch.tensor([2.0, 1.0])), torch.tensor([[6.0, 4.0, 1.0]]))
+    assert torch.equal(c.subtract(AB), torch.tensor([[3.0, -4.0, 2.0]]))
+    three = torch.cat([A, B, B])
+    assert torch.equal(c.subtract(three, torch.tensor([1.0, 0.5, 0.5])), torch.tensor([[3.0, -4.0, 2.0]]))
+    with pytest.raises(SettingsError, match="'subtract' needs at least two images"):
+        c.subtract(A)
+
+
+def test_max_and_min_are_elementwise_over_weighted_images():
+    assert torch.equal(c.elementwise_max(AB), torch.tensor([[3.0, 4.0, 1.0]]))
+    assert torch.equal(c.elementwise_min(AB), torch.tensor([[0.0, 0.0, -1.0]]))
+    assert torch.equal(c.elementwise_max(AB, torch.tensor([-1.0, 1.0])), torch.tensor([[0.0, 4.0, -1.0]]))
+
+
+def test_slerp_follows_the_great_circle():
+    ab = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert torch.allclose(c.slerp(ab), torch.tensor([[math.sqrt(0.5), math.sqrt(0.5)]]))
+    # weights [1, 3] mean t = 0.75: angle 0.75 * 90 degrees from a
+    assert torch.allclose(c.slerp(ab, torch.tensor([1.0, 3.0])),
+                          torch.tensor([[math.cos(3 * math.pi / 8), math.sin(3 * math.pi / 8)]]))
+    # parallel vectors fall back to linear interpolation instead of dividing by sin(0)
+    assert torch.allclose(c.slerp(torch.tensor([[1.0, 0.0], [2.0, 0.0]])), torch.tensor([[1.5, 0.0]]))
+
+
+def test_slerp_with_three_images_is_a_readable_settings_error():
+    with pytest.raises(SettingsError, match=r"^'slerp' interpolates between exactly two images, got 3\.$"):
+        c.combine("slerp", torch.zeros(3, 4))
+
+
+def test_wrong_number_of_weights_is_named():
+    with pytest.raises(SettingsError, match=r"^Got 3 weights for 2 images: give one weight per image\.$"):
+        c.average(AB, [1.0, 2.0, 3.0])
+
+
+def test_combine_functions_and_settings_choices_are_one_list():
+    assert tuple(c.COMBINE_FUNCTIONS) == COMBINES
+    assert tuple(c.BLEND_FUNCTIONS) == BLENDS
+
+
+def test_typical_token_norm_leaves_out_the_start_token():
+    text = torch.zeros(1, 5, 2)
+    text[0, 0] = torch.tensor([30.0, 40.0])  # norm 50: the outlier start token
+    text[0, 1:] = torch.tensor([[3.0, 4.0], [0.0, 1.0], [0.0, 2.0], [6.0, 8.0]])  # norms 5, 1, 2, 10
+    assert c.typical_token_norm(text) == pytest.approx(2.0)  # torch's median: lower of the middle two
+
+
+def test_match_norm_rescales_every_token_and_keeps_zeros():
+    tokens = torch.tensor([[[3.0, 4.0], [0.0, 0.0], [0.0, 0.5]]])
+    assert torch.allclose(c.match_norm(tokens, 10.0), torch.tensor([[[6.0, 8.0], [0.0, 0.0], [0.0, 10.0]]]))
+
+
+def test_blend_interpolate_endpoints_are_exact_and_middle_is_linear():
+    text, image = torch.randn(1, 77, 4), torch.randn(1, 77, 4)
+    assert torch.equal(c.blend_interpolate(text, image, 0.0), text)
+    assert torch.equal(c.blend_interpolate(text, image, 1.0), image)
+    assert torch.allclose(c.blend_interpolate(text, image, 0.25), 0.75 * text + 0.25 * image)
+    with pytest.raises(SettingsError, match="needs image tokens shaped like the text"):
+        c.blend_interpolate(text, torch.randn(1, 1, 4), 0.5)
+
+
+def test_blend_concat_appends_weighted_image_tokens():
+    text, image = torch.ones(1, 77, 4), 2 * torch.ones(1, 1, 4)
+    mixed = c.blend_concat(text, image, 0.25)
+    assert mixed.shape == (1, 78, 4)
+    assert torch.equal(mixed[0, :77], 0.75 * text[0]) and torch.equal(mixed[0, 77], 0.5 * torch.ones(4))
+    assert torch.equal(c.blend_concat(text, image, 0.0), text)
+
+
+def test_pad_with_mask_pads_with_zeros_and_masks_them():
+    short, long = torch.ones(2, 1, 3), torch.ones(2, 4, 3)
+    (padded_short, padded_long), mask = c.pad_with_mask([short, long])
+    assert padded_short.shape == (2, 4, 3) and torch.equal(padded_short[:, 1:], torch.zeros(2, 3, 3))
+    assert torch.equal(padded_long, long)
+    assert torch.equal(mask, torch.tensor([[1.0, 0, 0, 0]] * 2 + [[1.0, 1, 1, 1]] * 2))
+    same, none = c.pad_with_mask([long, long])
+    assert none is None and same[0] is long
+
+
+def test_weights_setting_accepts_lists_and_comma_separated_text():
+    assert GenerationSettings(weights="1, 0.5").weights == (1.0, 0.5)
+    assert GenerationSettings(weights=[2, 3]).weights == (2.0, 3.0)
+    assert GenerationSettings().weights == ()
+    with pytest.raises(SettingsError, match=r"^weights must be comma-separated numbers such as 1,0.5, not 'a,b'\.$"):
+        GenerationSettings(weights="a,b")
+    with pytest.raises(SettingsError, match="outside its range"):
+        GenerationSettings(weights=[1, 100])
+
+
+def test_adapter_window_must_be_ordered():
+    with pytest.raises(SettingsError, match=r"^adapter_start=0.5 must be less than adapter_end=0.5\.$"):
+        GenerationSettings(adapter_start=0.5, adapter_end=0.5)
+
+
+def test_every_setting_kind_is_one_the_controls_know_or_the_new_floats():
+    kinds = {spec.kind for spec in setting_specs()}
+    assert kinds <= {"float", "int", "choice", "bool", "text", "size", "floats"}
+    assert {"mode", "combine", "weights", "negative", "crop", "norm_match", "prompt", "image_weight"} <= {
+        spec.name for spec in setting_specs()
+    }
+
+
+def test_cli_accepts_comma_separated_weights_and_new_flags():
+    from imageprompt_widgets.cli import build_parser
+    from imageprompt_widgets.cli import setting_specs as cli_specs
+
+    args = build_parser().parse_args(
+        ["generate", "a.png", "b.png", "-o", "out", "--weights", "1,0.5", "--combine", "slerp", "--norm-match",
+         "--mode", "blend", "--prompt", "a cat", "--crop", "pad"]
+    )
+    chosen = {s.name: getattr(args, s.name) for s in cli_specs() if getattr(args, s.name) is not None}
+    settings = GenerationSettings.from_kwargs(**chosen)
+    assert (settings.weights, settings.combine, settings.norm_match) == ((1.0, 0.5), "slerp", True)
+    assert (settings.mode, settings.prompt, settings.crop) == ("blend", "a cat", "pad")
