@@ -31,7 +31,25 @@ _LAZY = {
     "ImagePromptWidget": "widget",
 }
 
-__all__ = [*_LAZY, "__version__"]
+__all__ = [
+    "PRESETS",
+    "GenerationResult",
+    "GenerationSettings",
+    "ImageEmbedding",
+    "ImageInputError",
+    "ImagePromptPipeline",
+    "ImagePromptWidget",
+    "ModelLoadError",
+    "Preset",
+    "SettingsError",
+    "StepInfo",
+    "Trace",
+    "__version__",
+    "clear_cache",
+    "generate",
+    "load_image",
+    "load_images",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -194,7 +194,8 @@ def load_components(
     start = time.perf_counter()
     sd_path, clip_path = preset.sd_model, preset.clip_model
     if preset.offline_builder == "tiny" or "tiny" in (sd_path, clip_path):
-        say("Building the tiny offline models (first use only)…")
+        if not (tiny_model_dir() / "sd" / "model_index.json").is_file():
+            say(f"Building the tiny offline models in {tiny_model_dir()} (first use only)…")
         tiny_sd, tiny_clip = ensure_tiny_models()
         sd_path = tiny_sd if sd_path == "tiny" else sd_path
         clip_path = tiny_clip if clip_path == "tiny" else clip_path
@@ -238,7 +239,8 @@ def diffusers_dtype_kwarg() -> str:
 
 
 def _load_sd(path: str, name: str, dtype: torch.dtype, *, safety_checker: bool | None, allow_pickle: bool):
-    from diffusers import StableDiffusionPipeline
+    with quiet_loaders():
+        from diffusers import StableDiffusionPipeline
 
     _check_local_folder(path, name, "model_index.json", "a Stable Diffusion model (diffusers format)")
     kwargs: dict[str, Any] = {diffusers_dtype_kwarg(): dtype, "use_safetensors": None if allow_pickle else True}
@@ -276,7 +278,7 @@ def _translate_load_errors(name: str, allow_pickle: bool) -> Iterator[None]:
         yield
     except ModelLoadError:
         raise
-    except Exception as err:  # noqa: BLE001 - every loader failure becomes one readable sentence
+    except Exception as err:  # every loader failure becomes one readable sentence
         text = f"{type(err).__name__}: {err}"
         offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
         if "safetensors" in text.lower() and not allow_pickle:
@@ -307,10 +309,13 @@ def quiet_loaders() -> Iterator[None]:
 
     Our own status line reports loading; the libraries' settings are restored afterwards.
     """
-    from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as hf_logging
 
-    saved = [(lib, lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in (hf_logging, diffusers_logging)]
+    hf_saved = (hf_logging, hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled())
+    hf_logging.set_verbosity_error()  # before diffusers' import, which warns about optional torchvision
+    from diffusers.utils import logging as diffusers_logging
+
+    saved = [hf_saved, (diffusers_logging, diffusers_logging.get_verbosity(), diffusers_logging.is_progress_bar_enabled())]
     for lib, _, _ in saved:
         lib.set_verbosity_error()
         lib.disable_progress_bar()

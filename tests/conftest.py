@@ -12,9 +12,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("IMAGEPROMPT_CACHE_DIR", str(Path(tempfile.gettempdir()) / "imageprompt-test-cache"))
 os.environ.pop("IMAGEPROMPT_MODEL", None)
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from PIL import Image  # noqa: E402
+import pytest
+from PIL import Image
+
+from imageprompt_widgets.testing import sample_image
 
 
 @pytest.fixture(scope="session")
@@ -25,14 +26,8 @@ def tiny_pipe():
     return ImagePromptPipeline.from_preset("tiny")
 
 
-def make_image(seed: int = 0, size: tuple[int, int] = (96, 80)) -> Image.Image:
-    """A deterministic, textured RGB test image (smooth gradients plus noise)."""
-    rng = np.random.default_rng(seed)
-    width, height = size
-    y, x = np.mgrid[0:height, 0:width]
-    base = np.stack([x / width, y / height, ((x + y) % 17) / 17], axis=-1) * 200
-    noise = rng.integers(0, 55, size=(height, width, 3))
-    return Image.fromarray((base + noise).astype(np.uint8), "RGB")
+#: A deterministic, textured RGB test image: ``make_image(seed, size=(w, h))``.
+make_image = sample_image
 
 
 @pytest.fixture

@@ -1,0 +1,68 @@
+"""The command line: PNGs written and printed, one line and exit 2 on bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from imageprompt_widgets.cli import main
+from imageprompt_widgets.trace import recipe_from_png
+
+
+@pytest.fixture
+def photo(tmp_path, image):
+    path = tmp_path / "photo.png"
+    image.save(path)
+    return path
+
+
+def test_generate_writes_pngs_and_prints_their_paths(photo, tmp_path, capsys, tiny_pipe):
+    out = tmp_path / "out"
+    code = main(["generate", str(photo), "-o", str(out), "--model", "tiny", "--steps", "3", "--seed", "4",
+                 "--num-images", "2"])
+    printed = capsys.readouterr()
+    assert code == 0
+    paths = printed.out.split()
+    assert len(paths) == 2 and all(p.endswith(".png") for p in paths)
+    assert sorted(str(p) for p in out.iterdir()) == sorted(paths)
+    recipe = recipe_from_png(paths[0])
+    assert recipe["settings"]["steps"] == 3 and recipe["settings"]["seed"] == 4
+    expected = tiny_pipe.generate(str(photo), steps=3, seed=4, num_images=2).images[0]
+    from PIL import Image
+
+    assert np.array_equal(np.asarray(Image.open(paths[0]).convert("RGB")), np.asarray(expected))
+
+
+def test_a_bad_input_is_one_line_naming_the_file_and_exit_2(tmp_path, capsys):
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not an image")
+    code = main(["generate", str(bad), "-o", str(tmp_path / "out"), "--model", "tiny"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and "notes.txt" in err and err.startswith("imageprompt: error:")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_out_of_range_setting_is_exit_2(photo, tmp_path, capsys):
+    code = main(["generate", str(photo), "-o", str(tmp_path / "out"), "--model", "tiny", "--steps", "0"])
+    assert code == 2
+    assert "steps=0 is outside its range" in capsys.readouterr().err
+
+
+def test_help_lists_every_setting():
+    help_text = subprocess.run(
+        [sys.executable, "-m", "imageprompt_widgets.cli", "generate", "--help"],
+        capture_output=True, text=True, check=True, timeout=120,
+    ).stdout
+    for flag in ("--model", "--mode", "--steps", "--seed", "--scale", "--guidance-scale", "--num-images"):
+        assert flag in help_text
+
+
+def test_the_installed_command_exists():
+    script = Path(sys.executable).with_name("imageprompt")  # the console script next to this interpreter
+    top = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120, check=False)
+    assert top.returncode == 0 and "generate" in top.stdout
