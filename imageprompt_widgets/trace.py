@@ -51,6 +51,15 @@ class Trace:
         named.update({f"extras.{name}": value for name, value in self.extras.items()})
         return named
 
+    def summary(self) -> Any:
+        """One line per traced tensor (shape, dtype, device, min/max, mean, std, norm, NaN/Inf).
+
+        Returns text that shows as plain lines as a cell's result; ``print(trace.summary())`` also works.
+        """
+        from .inspect import summarize_all
+
+        return summarize_all(self.tensors())
+
     def to_dict(self) -> dict[str, Any]:
         """Tensors plus the non-tensor fields, as plain Python containers."""
         return {**self.tensors(), "latent_steps": list(self.latent_steps), "timesteps": list(self.timesteps)}
@@ -73,7 +82,7 @@ class Trace:
 
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {}).get("imageprompt", "{}"))
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open is no dict
         extras = {name.removeprefix("extras."): t for name, t in tensors.items() if name.startswith("extras.")}
         fields = {name: tensors.get(name) for name in TRACE_TENSORS}
         trace = cls(
@@ -102,19 +111,22 @@ class GenerationResult:
 
     def save(self, folder: str | os.PathLike, prefix: str = "imageprompt") -> list[Path]:
         """Write each image as PNG with the recipe in its metadata (key ``imageprompt``); returns the paths."""
-        from PIL.PngImagePlugin import PngInfo
+        return [save_png(image, folder, self.recipe, index, prefix) for index, image in enumerate(self.images)]
 
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        seed = self.settings.get("seed", 0)
-        paths = []
-        for index, image in enumerate(self.images):
-            info = PngInfo()
-            info.add_text("imageprompt", json.dumps({**self.recipe, "index": index}))
-            path = _free_path(folder / f"{prefix}-seed{seed}-{index}.png")
-            image.save(path, pnginfo=info)
-            paths.append(path)
-        return paths
+
+def save_png(image: Any, folder: str | os.PathLike, recipe: dict[str, Any], index: int = 0,
+             prefix: str = "imageprompt") -> Path:
+    """Write one image of a run as PNG with the recipe (and its ``index`` in the batch) in its metadata."""
+    from PIL.PngImagePlugin import PngInfo
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    info = PngInfo()
+    info.add_text("imageprompt", json.dumps({**recipe, "index": index}))
+    seed = recipe.get("settings", {}).get("seed", 0)
+    path = _free_path(folder / f"{prefix}-seed{seed}-{index}.png")
+    image.save(path, pnginfo=info)
+    return path
 
 
 def _free_path(path: Path) -> Path:

@@ -1,0 +1,315 @@
+"""The headless inspector views: every number checked against an independent computation."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from imageprompt_widgets import inspect as views
+from imageprompt_widgets.testing import sample_image as make_image
+from imageprompt_widgets.trace import Trace
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+STEPS = 3  # PNDM runs one extra step: 4 traced latents
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    return [make_image(0), make_image(1)]
+
+
+@pytest.fixture(scope="module")
+def run(tiny_pipe, inputs):
+    """One small traced run shared by the views: two input images averaged, guidance on."""
+    return tiny_pipe.generate(inputs, steps=STEPS, seed=3, trace_latents=True)
+
+
+def _decoded(png: bytes) -> Image.Image:
+    assert png.startswith(PNG_MAGIC)
+    image = Image.open(io.BytesIO(png))
+    image.load()
+    return image
+
+
+# -- summarize ----------------------------------------------------------------------------------
+
+
+def test_summarize_exact_string_with_nan_and_inf():
+    t = torch.tensor([[1.0, 2.0], [3.0, float("nan")], [float("inf"), -float("inf")]])
+    # finite values 1, 2, 3: mean 2, sample std 1, norm sqrt(14) = 3.742
+    assert views.summarize(t) == (
+        "tensor[3, 2] float32 cpu min=1 max=3 mean=2 std=1 norm=3.742 nan=1 inf=2"
+    )
+
+
+def test_summarize_exact_strings_for_other_dtypes_and_edge_cases():
+    assert views.summarize(torch.arange(6, dtype=torch.int64).reshape(2, 3)) == (
+        "tensor[2, 3] int64 cpu min=0 max=5 mean=2.5 std=1.871 norm=7.416 nan=0 inf=0"
+    )
+    assert views.summarize(torch.tensor([True, False, True, True])) == (
+        "tensor[4] bool cpu min=0 max=1 mean=0.75 std=0.5 norm=1.732 nan=0 inf=0"
+    )
+    assert views.summarize(torch.tensor(-0.5, dtype=torch.float16)) == (
+        "tensor[] float16 cpu min=-0.5 max=-0.5 mean=-0.5 std=0 norm=0.5 nan=0 inf=0"
+    )
+    assert views.summarize(torch.zeros(0, 3)) == "tensor[0, 3] float32 cpu empty"
+    assert views.summarize(torch.full((2,), float("nan"))) == "tensor[2] float32 cpu no finite values nan=2 inf=0"
+
+
+def test_summarize_numbers_equal_torch_on_a_real_tensor(run):
+    t = run.trace.prompt_embeds
+    d = t.double()
+    expected = (
+        f"tensor[{', '.join(map(str, t.shape))}] float32 cpu min={float(d.min()):.4g} max={float(d.max()):.4g} "
+        f"mean={float(d.mean()):.4g} std={float(d.std()):.4g} norm={float(d.norm()):.4g} nan=0 inf=0"
+    )
+    assert views.summarize(t) == expected
+
+
+def test_summarize_rejects_what_is_not_a_tensor():
+    with pytest.raises(views.InspectError, match="summarize takes a torch.Tensor, not list"):
+        views.summarize([1, 2, 3])
+
+
+def test_trace_summary_has_one_aligned_line_per_tensor(run):
+    summary = run.trace.summary()
+    tensors = run.trace.tensors()
+    lines = summary.splitlines()
+    assert len(lines) == len(tensors)
+    width = max(map(len, tensors))
+    for line, (name, tensor) in zip(lines, tensors.items()):
+        assert line == f"{name:<{width}}  {views.summarize(tensor)}"
+    assert repr(summary) == str(summary)  # shows as lines, not a quoted string, in a notebook
+
+
+def test_saved_trace_reloads_bit_identical(run, tmp_path):
+    path = run.trace.save(tmp_path / "run.safetensors", recipe=run.recipe)
+    loaded, recipe = Trace.load(path)
+    original, reread = run.trace.tensors(), loaded.tensors()
+    assert original.keys() == reread.keys()
+    assert "latents" in reread
+    for name, tensor in original.items():
+        assert reread[name].dtype == tensor.dtype, name
+        assert torch.equal(reread[name], tensor), name
+    assert loaded.latent_steps == run.trace.latent_steps
+    assert loaded.timesteps == run.trace.timesteps
+    assert recipe == run.recipe
+    assert loaded.summary() == run.trace.summary()
+
+
+# -- what CLIP saw -------------------------------------------------------------------------------
+
+
+def test_what_clip_saw_is_the_processors_crop_before_normalisation(tiny_pipe, run, inputs):
+    view = views.what_clip_saw(run.trace.pixel_values, tiny_pipe.image_processor, inputs)
+    by_hand = tiny_pipe.image_processor(images=inputs, do_normalize=False, do_rescale=False, return_tensors="pt")
+    expected = by_hand["pixel_values"].permute(0, 2, 3, 1).numpy()
+    assert len(view.seen) == 2
+    for seen, want in zip(view.seen, expected):
+        assert seen.size == (32, 32)
+        assert np.abs(np.asarray(seen, dtype=np.float64) - want).max() <= 1.0
+    picture = _decoded(view.to_png())
+    assert picture.height >= 2 * 224  # one row per input, original beside the crop
+    assert view._repr_png_() == view.to_png()
+
+
+def test_clip_input_images_rejects_a_wrong_shape(tiny_pipe):
+    with pytest.raises(views.InspectError, match=r"pixel_values must be \[N, 3, H, W\], got shape \(3, 32, 32\)"):
+        views.clip_input_images(torch.zeros(3, 32, 32), tiny_pipe.image_processor)
+
+
+# -- the scale gap -------------------------------------------------------------------------------
+
+
+def test_scale_gap_norms_equal_hand_computed_norms(tiny_pipe, run):
+    prompts = ["a cat", "two harbours at dusk"]
+    view = views.scale_gap(run.trace, tiny_pipe, prompts)
+    assert torch.equal(view.image_norms, run.trace.prompt_embeds[0].norm(dim=-1))
+    sd = tiny_pipe.sd
+    ids = sd.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        hidden = sd.text_encoder(ids)[0]
+    for i, prompt in enumerate(prompts):
+        torch.testing.assert_close(view.text_norms[prompt], hidden[i].norm(dim=-1), rtol=1e-5, atol=1e-5)
+    # The run was not norm-matched: the other curve is every token at the engine's typical text norm.
+    assert not view.norm_matched_run
+    assert view.target_norm == tiny_pipe.text_token_norm()
+    torch.testing.assert_close(view.other_norms, torch.full((77,), view.target_norm), rtol=1e-5, atol=1e-5)
+    assert view.ratio == pytest.approx(float(hidden.norm(dim=-1).mean()) / float(view.image_norms.mean()), rel=1e-5)
+    assert "times the image's" in view.describe()
+    _decoded(view.to_png())
+
+
+def test_scale_gap_of_a_norm_matched_run_shows_the_norms_before_matching(tiny_pipe, inputs):
+    matched = tiny_pipe.generate(inputs[0], steps=1, norm_match=True, scale=2.0, guidance_scale=1.0)
+    view = views.scale_gap(matched.trace, tiny_pipe, ["a cat"], scale=2.0)
+    assert view.norm_matched_run
+    torch.testing.assert_close(view.image_norms, torch.full((77,), 2.0 * tiny_pipe.text_token_norm()))
+    before = tiny_pipe.encode_image(inputs[0]).image_embeds[0].norm()
+    torch.testing.assert_close(view.other_norms, torch.full((77,), float(before)), rtol=1e-5, atol=1e-5)
+
+
+# -- similarity ----------------------------------------------------------------------------------
+
+
+def test_similarity_equals_normalised_dot_products_with_clip_text_features(tiny_pipe, run):
+    from transformers import CLIPModel, CLIPTokenizer
+
+    from imageprompt_widgets.testing import ensure_tiny_models
+
+    texts = ["a cat", "a dog"]
+    view = views.similarity(run.trace.image_embeds, tiny_pipe, texts)
+    clip_dir = ensure_tiny_models()[1]
+    clip = CLIPModel.from_pretrained(clip_dir)
+    tokens = CLIPTokenizer.from_pretrained(clip_dir)(texts, padding="max_length", max_length=77, return_tensors="pt")
+    with torch.no_grad():
+        text = clip.get_text_features(**tokens).pooler_output
+        image = clip.get_image_features(pixel_values=run.trace.pixel_values).pooler_output
+    torch.testing.assert_close(run.trace.image_embeds, image, rtol=1e-5, atol=1e-5)  # same CLIP space
+    both = torch.cat([image, text])
+    expected = F.normalize(image, dim=-1) @ F.normalize(both, dim=-1).T
+    torch.testing.assert_close(view.matrix, expected, rtol=1e-5, atol=1e-5)
+    assert view.col_labels == ["image 1", "image 2", "'a cat'", "'a dog'"]
+    assert "with projection" in view.note
+    assert views.clip_text_tower(tiny_pipe) is views.clip_text_tower(tiny_pipe)  # cached on the pipeline
+    assert view.matrix.shape == (2, 4)
+    _decoded(view.to_png())
+
+
+def test_similarity_says_clearly_when_the_encoder_has_no_text_tower(tiny_pipe, run, tmp_path):
+    from types import SimpleNamespace
+
+    from transformers import CLIPVisionModelWithProjection
+
+    from imageprompt_widgets.presets import Preset
+
+    # An encoder checkpoint with the vision tower only, as SD image-variations and IP-Adapter ship.
+    tiny_pipe.image_encoder.save_pretrained(tmp_path / "vision-only")
+    vision_only = SimpleNamespace(
+        preset=Preset(name="vision-only", sd_model="x", clip_model=str(tmp_path / "vision-only")),
+        image_encoder=CLIPVisionModelWithProjection.from_pretrained(tmp_path / "vision-only"),
+    )
+    view = views.similarity(run.trace.image_embeds, vision_only, ["a cat"])
+    assert view.note == (
+        f"The image encoder {str(tmp_path / 'vision-only')!r} ships no CLIP text tower, so images cannot be "
+        "compared with text."
+    )
+    assert view.matrix.shape == (2, 2)
+    with pytest.raises(views.TextTowerUnavailable):
+        views.clip_text_tower(vision_only)
+
+
+def test_cosine_similarity_rejects_mismatched_widths():
+    with pytest.raises(views.InspectError, match=r"got \(2, 3\) and \(1, 4\)"):
+        views.cosine_similarity(torch.ones(2, 3), torch.ones(1, 4))
+
+
+# -- tokens --------------------------------------------------------------------------------------
+
+
+def test_token_view_of_repeat_has_one_distinct_row_and_patch_norms_on_the_grid(tiny_pipe, run):
+    view = views.token_view(run.trace, 0, tiny_pipe.image_processor)
+    assert torch.equal(view.prompt_embeds, run.trace.prompt_embeds[0])
+    assert view.distinct_tokens == 1
+    hidden = run.trace.hidden_states[0]
+    side = int(math.sqrt(hidden.shape[0] - 1))
+    assert side == 8  # 32 px / patch 4
+    assert torch.equal(view.patch_norms, hidden[1:].norm(dim=-1).reshape(side, side))
+    assert float(view.patch_norms[2, 5]) == pytest.approx(float(hidden[1 + 2 * side + 5].norm()))
+    _decoded(view.to_png())
+
+
+def test_token_view_of_the_tokens_mode_shows_cls_and_patch_tokens(tiny_pipe, inputs):
+    result = tiny_pipe.generate(inputs[0], mode="tokens", steps=1, guidance_scale=1.0)
+    view = views.token_view(result.trace)
+    assert view.prompt_embeds.shape == (65, 32)
+    assert view.distinct_tokens == 65
+    torch.testing.assert_close(view.prompt_embeds[0], result.trace.image_embeds[0])  # token 0 is CLS = image_embeds
+
+
+def test_patch_norms_rejects_a_non_square_token_count():
+    with pytest.raises(views.InspectError, match="7 patch tokens do not form a square grid"):
+        views.patch_norms(torch.ones(8, 4))
+
+
+# -- denoising filmstrip -------------------------------------------------------------------------
+
+
+def test_filmstrip_statistics_and_exact_frames(tiny_pipe, run):
+    view = views.filmstrip(run.trace, tiny_pipe)
+    latents = run.trace.latents.double()
+    assert view.steps == run.trace.latent_steps == [1, 2, 3, 4]
+    for s in range(latents.shape[0]):
+        expected = [latents[s].mean(), latents[s].std(), latents[s].min(), latents[s].max(), latents[s].norm()]
+        torch.testing.assert_close(view.statistics[s], torch.stack(expected))
+    # The last frame is the VAE decode of the final latents: exactly the output image.
+    assert np.array_equal(np.asarray(view.frames[-1]), np.asarray(run.images[0]))
+    assert view.table().splitlines()[0].split() == ["step", *views.LATENT_STAT_NAMES]
+    _decoded(view.to_png())
+
+
+def test_filmstrip_with_the_preview_decoder_uses_preview_py(tiny_pipe, run):
+    from imageprompt_widgets import preview
+
+    view = views.filmstrip(run.trace, tiny_pipe, decoder="linear")
+    expected = preview.to_pil(preview.decoder_for(tiny_pipe, "linear")(run.trace.latents[:, 0]))
+    assert [np.asarray(f).tolist() for f in view.frames] == [np.asarray(f).tolist() for f in expected]
+
+
+def test_filmstrip_x0_frames_equal_the_live_step_estimates(tiny_pipe, inputs):
+    live = {}
+    result = tiny_pipe.generate(
+        inputs, steps=STEPS, seed=3, trace_latents=True,
+        on_step=lambda info: live.__setitem__(info.step, info.x0().detach().cpu().clone()),
+    )
+    view = views.filmstrip(result.trace, tiny_pipe, x0=True, guidance_scale=7.5)
+    assert view.x0 and view.frame_steps == [1, 2, 3, 4]
+    # The latent after step k is the input of step k + 1, whose live x0 preview is the same estimate.
+    for frame, step in enumerate(view.frame_steps[:-1]):
+        torch.testing.assert_close(view.frame_latents[frame], live[step + 1][0], rtol=1e-4, atol=1e-4)
+    assert torch.equal(view.frame_latents[-1], result.trace.latents[-1, 0])  # the final latent is its own x0
+    assert not torch.allclose(view.frame_latents[0], result.trace.latents[0, 0])  # x0 is not the noisy latent
+    assert np.array_equal(np.asarray(view.frames[-1]), np.asarray(result.images[0]))
+
+
+def test_filmstrip_without_traced_latents_says_how_to_get_them(run):
+    untraced = Trace(**{k: getattr(run.trace, k) for k in ("pixel_values", "image_embeds", "hidden_states",
+                                                               "prompt_embeds")})
+    with pytest.raises(views.InspectError, match="generate with trace_latents=True"):
+        views.filmstrip(untraced, None)
+
+
+def test_frame_indices_are_evenly_spaced_and_keep_the_last():
+    assert views.frame_indices(5) == [0, 1, 2, 3, 4]
+    assert views.frame_indices(31, limit=4) == [0, 10, 20, 30]
+
+
+# -- interpolation -------------------------------------------------------------------------------
+
+
+def test_interpolation_equals_the_engines_slerp_generation(tiny_pipe, inputs):
+    a, b = inputs
+    view = views.interpolation(tiny_pipe, a, b, 3, seed=5, steps=1, guidance_scale=1.0)
+    assert view.weights == [0.0, 0.5, 1.0]
+    ends = tiny_pipe.encode_image([a, b]).image_embeds
+    torch.testing.assert_close(view.embeds[0], ends[0])
+    torch.testing.assert_close(view.embeds[2], ends[1])
+    halfway = tiny_pipe.generate([a, b], combine="slerp", weights=[0.5, 0.5], seed=5, steps=1, guidance_scale=1.0)
+    alone = tiny_pipe.generate(a, seed=5, steps=1, guidance_scale=1.0)
+    assert np.array_equal(np.asarray(view.images[1]), np.asarray(halfway.images[0]))
+    assert np.array_equal(np.asarray(view.images[0]), np.asarray(alone.images[0]))
+    assert _decoded(view.to_png()).width >= 3 * 128
+
+
+def test_interpolation_towards_text_uses_the_clip_text_tower(tiny_pipe, inputs):
+    view = views.interpolation(tiny_pipe, inputs[0], "a cat", 2, steps=1, guidance_scale=1.0)
+    torch.testing.assert_close(view.embeds[1], views.clip_text_tower(tiny_pipe).embed(["a cat"])[0])
+    assert view.labels == ("an image", "'a cat'")
+    with pytest.raises(views.InspectError, match="at least 2 images, not 1"):
+        views.interpolation(tiny_pipe, inputs[0], "a cat", 1)
