@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
         elif spec.kind in ("int", "size"):
             kwargs["type"] = int
         gen.add_argument(flag, dest=spec.name, **kwargs)
+    gen.add_argument(
+        "--negative-image", nargs="+", default=None, metavar="IMAGE",
+        help="images that guidance pushes away from (implies --negative image)",
+    )
     gen.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
     gen.add_argument("--no-safety-checker", action="store_true", help="switch the model's safety checker off")
     gen.add_argument("--save-trace", action="store_true", help="also write every intermediate tensor (safetensors)")
@@ -69,6 +73,7 @@ def _generate(args: argparse.Namespace) -> int:
     try:
         settings = GenerationSettings.from_kwargs(**chosen)
         images = load_images(args.images)  # every file is checked before any weights load
+        negative_images = load_images(args.negative_image) if args.negative_image else None
         pipe = ImagePromptPipeline.from_preset(
             args.model,
             device=args.device,
@@ -81,7 +86,7 @@ def _generate(args: argparse.Namespace) -> int:
                 bar.total = info.total
                 bar.update(info.step - bar.n)
 
-            result = pipe.generate(images, settings, on_step=on_step)
+            result = pipe.generate(images, settings, negative_image=negative_images, on_step=on_step)
     except ValueError as err:  # our input errors are all ValueError subclasses with readable messages
         print(f"imageprompt: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -53,6 +53,26 @@ def test_an_out_of_range_setting_is_exit_2(photo, tmp_path, capsys):
     assert "steps=0 is outside its range" in capsys.readouterr().err
 
 
+def test_negative_images_from_the_command_line(photo, tmp_path, capsys, tiny_pipe, other_image):
+    negative = tmp_path / "avoid.png"
+    other_image.save(negative)
+    code = main(["generate", str(photo), "-o", str(tmp_path / "out"), "--model", "tiny", "--steps", "3",
+                 "--negative-image", str(negative)])
+    path = capsys.readouterr().out.split()[0]
+    assert code == 0
+    assert recipe_from_png(path)["settings"]["negative"] == "image"
+    expected = tiny_pipe.generate(str(photo), steps=3, negative_image=str(negative)).images[0]
+    from PIL import Image
+
+    assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), np.asarray(expected))
+
+
+def test_a_bad_negative_image_is_exit_2(photo, tmp_path, capsys):
+    code = main(["generate", str(photo), "-o", str(tmp_path / "out"), "--model", "tiny",
+                 "--negative-image", str(tmp_path / "missing.png")])
+    assert code == 2 and "missing.png" in capsys.readouterr().err
+
+
 def test_help_lists_every_setting():
     help_text = subprocess.run(
         [sys.executable, "-m", "imageprompt_widgets.cli", "generate", "--help"],
