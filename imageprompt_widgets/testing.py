@@ -173,7 +173,7 @@ def sample_image(seed: int = 0, size: tuple[int, int] = (96, 80)):
     y, x = np.mgrid[0:height, 0:width]
     base = np.stack([x / width, y / height, ((x + y) % 17) / 17], axis=-1) * 200
     noise = rng.integers(0, 55, size=(height, width, 3))
-    return Image.fromarray((base + noise).astype(np.uint8), "RGB")
+    return Image.fromarray((base + noise).astype(np.uint8))
 
 
 def write_byte_level_tokenizer(folder: str | os.PathLike) -> int:

@@ -1,0 +1,129 @@
+"""The input images: FileUpload values of ipywidgets 7.7 and 8, and the strip of thumbnails with a weight
+slider and a remove button each.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import ipywidgets as widgets
+from PIL import Image
+
+from ..images import ImageInputError, load_image
+from ..preview import encode_jpeg, thumbnail
+from ..settings import setting_specs
+from .gallery import close_tree
+
+THUMB_PX = 96
+#: A browser upload travels as one comm message, which Jupyter caps at 10 MiB: a larger one never reaches
+#: the kernel, so the panel says it up front. Colab's uploads over about 1 MB arrive empty (see load_upload).
+UPLOAD_HINT = (
+    "<small>PNG, JPEG, WebP, GIF, BMP, TIFF. Files over 10 MB (about 1 MB on Colab) cannot pass through "
+    "the browser: use <code>w.set_images('path/to/file')</code> instead.</small>"
+)
+
+
+@dataclass(frozen=True)
+class UploadedFile:
+    """One file of a FileUpload value, the same for ipywidgets 7.7 and 8."""
+
+    name: str
+    size: int  # what the browser declared; 0 when it did not say
+    content: bytes
+
+
+def uploaded_files(value: Any) -> list[UploadedFile]:
+    """Normalise ``FileUpload.value``: a tuple of dicts (ipywidgets 8) or ``{name: {metadata, content}}`` (7.7)."""
+    if isinstance(value, Mapping):
+        entries = [{**(entry.get("metadata") or {}), "name": name, "content": entry.get("content")}
+                   for name, entry in value.items()]
+    else:
+        entries = [dict(entry) for entry in value or ()]
+    files = []
+    for entry in entries:
+        content = entry.get("content") or b""
+        content = content.tobytes() if isinstance(content, memoryview) else bytes(content)
+        files.append(UploadedFile(str(entry.get("name") or "upload"), int(entry.get("size") or 0), content))
+    return files
+
+
+def load_upload(file: UploadedFile) -> Image.Image:
+    """Decode one uploaded file; an empty or cut-off upload gets a sentence that says what to do instead."""
+    if not file.content or len(file.content) < file.size:
+        declared = f" ({file.size / 2**20:.1f} MB)" if file.size else ""
+        arrived = "arrived empty" if not file.content else f"arrived cut off ({len(file.content):,} of {file.size:,} bytes)"
+        raise ImageInputError(
+            f"{file.name!r}{declared} {arrived}: browser uploads are limited to about 1 MB on "
+            f"Colab and 10 MB in Jupyter, so load it from disk with w.set_images({file.name!r}) instead."
+        )
+    return load_image(file.content, name=file.name)
+
+
+def _weight_spec() -> Any:
+    return next(spec for spec in setting_specs() if spec.name == "weights")
+
+
+@dataclass(eq=False)
+class InputImage:
+    image: Image.Image
+    name: str
+    weight: widgets.FloatSlider
+    tile: widgets.Box
+
+
+class InputStrip(widgets.HBox):
+    """Thumbnails of images, each with a remove button and (``weighted``) a weight slider whose range
+    comes from the ``weights`` setting."""
+
+    def __init__(self, weighted: bool = True, empty_text: str = "No input image yet.", **kwargs: Any) -> None:
+        self.items: list[InputImage] = []
+        self.weighted = weighted
+        self.empty = widgets.HTML(f"<i>{empty_text}</i>")
+        super().__init__(children=[self.empty], layout=widgets.Layout(flex_flow="row wrap"), **kwargs)
+
+    @property
+    def images(self) -> list[Image.Image]:
+        return [item.image for item in self.items]
+
+    @property
+    def weights(self) -> list[float]:
+        return [float(item.weight.value) for item in self.items]
+
+    def add(self, images: Sequence[Image.Image], names: Sequence[str], weights: Sequence[float] | None = None) -> None:
+        spec = _weight_spec()
+        for position, (image, name) in enumerate(zip(images, names)):
+            weight = widgets.FloatSlider(
+                value=1.0 if weights is None else weights[position], min=spec.min, max=spec.max, step=spec.step,
+                description="weight", continuous_update=False,
+                style={"description_width": "44px"}, layout=widgets.Layout(width=f"{THUMB_PX + 60}px"),
+            )
+            remove = widgets.Button(description="remove", icon="times", layout=widgets.Layout(width=f"{THUMB_PX}px"))
+            thumb = widgets.Image(value=encode_jpeg(thumbnail(image, THUMB_PX), quality=80), format="jpeg",
+                                  layout=widgets.Layout(width=f"{THUMB_PX}px"))
+            label = widgets.HTML(f"<small>{_escape(name)}</small>")
+            parts = [thumb, label, weight, remove] if self.weighted else [thumb, label, remove]
+            item = InputImage(image, name, weight, widgets.VBox(parts))
+            remove.on_click(lambda _, item=item: self.remove(item))
+            self.items.append(item)
+        self._render()
+
+    def remove(self, item: InputImage) -> None:
+        self.items = [other for other in self.items if other is not item]
+        self._render()
+        close_tree(item.tile)
+
+    def clear(self) -> None:
+        removed, self.items = self.items, []
+        self._render()
+        for item in removed:
+            close_tree(item.tile)
+
+    def _render(self) -> None:
+        self.children = [item.tile for item in self.items] or [self.empty]
+
+
+def _escape(text: str) -> str:
+    return html.escape(text if len(text) <= 24 else text[:23] + "…")

@@ -1,0 +1,135 @@
+"""The widget's Inspector tab: it fills from a real tiny run, buttons act as a user's clicks."""
+
+from __future__ import annotations
+
+import html
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from imageprompt_widgets import inspect as views
+from imageprompt_widgets.testing import sample_image as make_image
+from imageprompt_widgets.widget.inspector import EMPTY_TEXT, SECTION_TITLES, InspectorTab
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    return [make_image(0), make_image(1)]
+
+
+@pytest.fixture(scope="module")
+def run(tiny_pipe, inputs):
+    return tiny_pipe.generate(inputs, steps=2, seed=1, trace_latents=True)
+
+
+def _png_size(value: bytes | memoryview) -> tuple[int, int]:
+    value = bytes(value)  # ipywidgets 8 holds bytes as a memoryview
+    assert value.startswith(PNG_MAGIC)
+    return Image.open(io.BytesIO(value)).size
+
+
+def test_tab_is_empty_until_a_run_is_shown():
+    tab = InspectorTab()
+    assert tab.placeholder.value == EMPTY_TEXT
+    assert tab.sections.layout.display == "none"
+    assert tab.interpolation_button.disabled
+    assert [tab.sections.get_title(i) for i in range(len(SECTION_TITLES))] == list(SECTION_TITLES)
+
+
+def test_every_section_fills_after_a_run(tiny_pipe, run, inputs):
+    tab = InspectorTab()
+    tab.show(run, tiny_pipe, inputs)
+    assert tab.errors == {}
+    assert tab.sections.layout.display is None
+    assert tab.placeholder.value.startswith(f"{len(run.trace.tensors())} tensors traced")
+    for line in run.trace.summary().splitlines():  # the one-liners, exactly
+        assert html.escape(line) in tab.summary.value
+    for image in (tab.clip_image, tab.scale_gap_image, tab.similarity_image, tab.token_image, tab.filmstrip_image):
+        width, height = _png_size(image.value)
+        assert width > 100 and height > 100
+    assert bytes(tab.interpolation_image.value) == b""  # generated only on request
+    # The numbers behind the pictures are the inspect.py views of this very trace.
+    assert torch.equal(tab.views["Scale gap"].image_norms, run.trace.prompt_embeds[0].norm(dim=-1))
+    assert tab.scale_gap_text.value == html.escape(tab.views["Scale gap"].describe())
+    assert tab.views["Similarity"].matrix.shape == (2, 2)
+    torch.testing.assert_close(
+        tab.views["Similarity"].matrix, views.cosine_similarity(run.trace.image_embeds), rtol=0, atol=0
+    )
+    assert tab.token_text.value == "77 prompt tokens x 32 dims, 1 distinct rows."
+    assert tab.views["Denoising"].steps == run.trace.latent_steps
+    assert "step" in tab.filmstrip_table.value and "preview decoder" in tab.filmstrip_table.value
+    assert "beside the original" in tab.clip_text.value
+    assert not tab.interpolation_button.disabled
+
+
+def test_compare_button_adds_the_typed_texts(tiny_pipe, run):
+    tab = InspectorTab()
+    tab.show(run, tiny_pipe)
+    before = _png_size(tab.similarity_image.value)
+    tab.similarity_texts.value = "a cat; a red dog"
+    tab.similarity_button.click()
+    view = tab.views["Similarity"]
+    assert view.col_labels == ["image 1", "image 2", "'a cat'", "'a red dog'"]
+    assert _png_size(tab.similarity_image.value)[0] > before[0]
+    assert "CLIP text tower with projection" in tab.similarity_note.value
+    text = views.clip_text_tower(tiny_pipe).embed(["a cat", "a red dog"])
+    torch.testing.assert_close(view.matrix[:, 2:], views.cosine_similarity(run.trace.image_embeds, text))
+
+
+def test_interpolate_button_generates_the_strip_with_the_runs_seed(tiny_pipe, run):
+    tab = InspectorTab()
+    tab.show(run, tiny_pipe)
+    tab.interpolation_count.value = 2
+    tab.interpolation_button.click()  # empty text: towards the second input image
+    view = tab.views["Interpolation"]
+    assert len(view.images) == 2
+    assert _png_size(tab.interpolation_image.value)[0] >= 2 * 128
+    assert tab.interpolation_note.value == "2 images, t = 0.00, 1.00, seed 1."
+    # t = 0 is the first input image alone, with the run's own settings.
+    alone = tiny_pipe.generate(make_image(0), steps=2, seed=1)
+    assert np.array_equal(np.asarray(view.images[0]), np.asarray(alone.images[0]))
+
+
+def test_sections_explain_what_is_missing_and_the_rest_still_fills(tiny_pipe, inputs):
+    result = tiny_pipe.generate(inputs[0], steps=1, seed=0, guidance_scale=1.0)  # no traced latents, one image
+    tab = InspectorTab()
+    tab.show(result, tiny_pipe)
+    assert set(tab.errors) == {"Denoising"}
+    assert "generate with trace_latents=True" in tab.filmstrip_table.value
+    assert bytes(tab.filmstrip_image.value) == b""
+    assert bytes(tab.token_image.value).startswith(PNG_MAGIC)
+    assert tab.clip_text.value.endswith("(normalisation undone).")
+    tab.interpolation_button.click()
+    assert tab.interpolation_note.value == "Type a text to interpolate towards (this run had one input image)."
+
+
+def test_clear_empties_every_section(tiny_pipe, run):
+    tab = InspectorTab()
+    tab.show(run, tiny_pipe)
+    tab.clear()
+    assert tab.placeholder.value == EMPTY_TEXT
+    assert tab.views == {} and tab.result is None
+    assert all(bytes(image.value) == b"" for image in (tab.clip_image, tab.scale_gap_image, tab.similarity_image,
+                                                 tab.token_image, tab.filmstrip_image))
+    assert tab.summary.value == ""
+    assert tab.interpolation_button.disabled
+    tab.similarity_button.click()  # nothing to compare: no error, nothing shown
+    assert bytes(tab.similarity_image.value) == b""
+
+
+def test_x0_checkbox_redraws_the_filmstrip_with_the_models_estimates(tiny_pipe, run):
+    tab = InspectorTab()
+    tab.show(run, tiny_pipe)
+    noisy = tab.views["Denoising"]
+    assert not noisy.x0 and "noisy latents" in tab.filmstrip_table.value
+    tab.filmstrip_x0.value = True  # as a user ticking the box
+    estimated = tab.views["Denoising"]
+    assert estimated.x0 and "clean estimate (x0)" in tab.filmstrip_table.value
+    expected = views.predicted_x0(run.trace, tiny_pipe, [0], guidance_scale=run.settings["guidance_scale"])
+    torch.testing.assert_close(estimated.frame_latents[:1], expected)
+    assert bytes(tab.filmstrip_image.value) == estimated.to_png() != noisy.to_png()

@@ -1,0 +1,516 @@
+"""The panel driven the way the browser drives it (``set_state`` with the wire format, ``Button.click()``),
+with assertions on what a user sees: tiles, previews, the status line, the history.
+
+Runs under ipywidgets 8 and, in CI's Colab-pinned environment, ipywidgets 7.7.1.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import re
+import sys
+import threading
+import time
+import types
+
+import ipywidgets
+import numpy as np
+import pytest
+from PIL import Image
+
+from imageprompt_widgets import GenerationSettings, ImagePromptWidget
+from imageprompt_widgets.images import ImageInputError
+from imageprompt_widgets.settings import setting_specs
+from imageprompt_widgets.testing import sample_image
+from imageprompt_widgets.trace import recipe_from_png
+from imageprompt_widgets.widget import InlineRunner, ThreadRunner
+from imageprompt_widgets.widget.inputs import load_upload, uploaded_files
+from imageprompt_widgets.widget.runner import default_runner
+
+IPYWIDGETS_8 = int(ipywidgets.__version__.split(".")[0]) >= 8
+FAST = {"steps": 2, "guidance_scale": 7.5}
+WAIT = 60  # seconds; generous for a loaded 2-core CI machine
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def browser_upload(widget: ImagePromptWidget, files: list[tuple[str, bytes]], declared: int | None = None) -> None:
+    browser_upload_to(widget.upload, files, declared)
+
+
+def browser_upload_to(upload: ipywidgets.FileUpload, files: list[tuple[str, bytes]], declared: int | None = None) -> None:
+    """What the front end sends when files are picked, in the installed ipywidgets' wire format."""
+    if IPYWIDGETS_8:
+        value = [
+            {"name": name, "type": "image/png", "size": declared or len(content), "content": memoryview(content),
+             "last_modified": 1_700_000_000_000}
+            for name, content in files
+        ]
+        upload.set_state({"value": value})
+    else:  # ipywidgets 7.x: metadata and data lists plus a counter that makes the kernel rebuild .value
+        metadata = [{"name": name, "type": "image/png", "size": declared or len(content), "lastModified": 1_700_000_000_000}
+                    for name, content in files]
+        upload.set_state(
+            {"metadata": metadata, "data": [memoryview(c) for _, c in files], "_counter": upload._counter + len(files)}
+        )
+
+
+def labelled(root: ipywidgets.Widget, description: str, kind: type = ipywidgets.Widget) -> ipywidgets.Widget:
+    """The one widget in the panel with this label, found by walking its children like a user scanning it."""
+    found, stack = [], [root]
+    while stack:
+        widget = stack.pop()
+        if isinstance(widget, kind) and getattr(widget, "description", None) == description:
+            found.append(widget)
+        stack.extend(getattr(widget, "children", ()))
+    assert len(found) == 1, f"expected one {kind.__name__} labelled {description!r}, found {len(found)}"
+    return found[0]
+
+
+def solo(pipe, images, **settings):
+    """The same run straight through the engine: what the panel's images must equal."""
+    return pipe.generate(images, GenerationSettings.from_kwargs(**settings))
+
+
+def assert_same_pixels(a: Image.Image, b: Image.Image) -> None:
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+class SteeredPipeline:
+    """The tiny pipeline with a test's hand on its steps: pause at one, fail at one, count overlap."""
+
+    def __init__(self, pipe, pause_at: int | None = None, fail_at: int | None = None, error: BaseException | None = None):
+        self._pipe = pipe
+        self.pause_at, self.fail_at, self.error = pause_at, fail_at, error
+        self.paused, self.resume = threading.Event(), threading.Event()
+        self.steps: list[int] = []
+        self.active = self.max_active = 0
+        self._count = threading.Lock()
+
+    def __getattr__(self, name):
+        return getattr(self._pipe, name)
+
+    def generate(self, images, settings=None, *, on_step=None, cancel=None, **changes):
+        with self._count:
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+
+        def step(info):
+            self.steps.append(info.step)
+            if on_step is not None:
+                on_step(info)
+            if info.step == self.fail_at:
+                self.fail_at = None  # fail once
+                raise self.error
+            if info.step == self.pause_at:
+                self.paused.set()
+                assert self.resume.wait(WAIT)
+
+        try:
+            return self._pipe.generate(images, settings, on_step=step, cancel=cancel, **changes)
+        finally:
+            with self._count:
+                self.active -= 1
+
+
+@pytest.fixture
+def panel(tiny_pipe, image):
+    """A panel on the tiny pipeline that runs inline (deterministic), with one input image."""
+    widget = ImagePromptWidget(pipeline=tiny_pipe, runner=InlineRunner(), preview_interval=0, **FAST)
+    widget.set_images(image)
+    yield widget
+    widget.close()
+
+
+# -- construction ---------------------------------------------------------------------------------
+
+
+def test_panel_builds_fast_with_plain_labels_and_loads_no_model():
+    from imageprompt_widgets.models import MODEL_CACHE
+
+    ImagePromptWidget(model="tiny").close()  # imports warmed up; what is timed is the construction
+    cached = len(MODEL_CACHE)
+    start = time.perf_counter()
+    widget = ImagePromptWidget(model="tiny")
+    elapsed = time.perf_counter() - start
+    assert elapsed < 0.5, f"building the panel took {elapsed:.2f} s"
+    assert widget.pipeline is None and len(MODEL_CACHE) == cached
+    assert isinstance(widget, ipywidgets.VBox)
+    labelled(widget, "Upload", ipywidgets.FileUpload)
+    labelled(widget, "Generate", ipywidgets.Button)
+    labelled(widget, "Cancel", ipywidgets.Button)
+    labelled(widget, "steps", ipywidgets.IntSlider)
+    labelled(widget, "seed")
+    assert widget.status == "Add an image, then press Generate."
+    # Worker threads may only set traits: an Output widget written from a thread renders nowhere.
+    stack = [child for child in widget.children if child is not widget.tabs] + [widget.history]
+    while stack:
+        part = stack.pop()
+        assert not isinstance(part, ipywidgets.Output)
+        stack.extend(getattr(part, "children", ()))
+    widget.close()
+
+
+def test_controls_are_generated_from_the_settings_specs():
+    widget = ImagePromptWidget(model="tiny")
+    advanced = widget.controls.advanced
+    for spec in setting_specs():
+        if spec.name == "weights":  # set per image on the input tiles
+            assert "weights" not in widget.controls.controls
+            continue
+        control = labelled(widget.controls, spec.label)
+        assert control is widget.controls[spec.name] and control.value == spec.default
+        if spec.kind in ("int", "float"):
+            assert (control.min, control.max) == (spec.min, spec.max)
+        if spec.advanced:
+            assert labelled(advanced, spec.label) is control  # folded away
+    assert widget.controls.settings() == GenerationSettings()
+    widget.close()
+
+
+def test_unknown_model_or_setting_fails_at_once():
+    with pytest.raises(ValueError, match="Unknown model 'sd99'"):
+        ImagePromptWidget(model="sd99")
+    with pytest.raises(ValueError, match="Unknown setting stepz"):
+        ImagePromptWidget(model="tiny", stepz=3)
+
+
+def test_dice_rolls_a_seed_in_range():
+    widget = ImagePromptWidget(model="tiny")
+    seen = set()
+    for _ in range(5):
+        widget.controls.dice.click()
+        seen.add(widget.controls["seed"].value)
+    assert len(seen) > 1 and all(0 <= seed <= 2**32 - 1 for seed in seen)
+    widget.close()
+
+
+def test_default_runner_is_inline_on_colab(monkeypatch):
+    assert isinstance(default_runner(), ThreadRunner)
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    assert isinstance(default_runner(), InlineRunner)
+
+
+# -- inputs ---------------------------------------------------------------------------------------
+
+
+def test_upload_values_of_both_ipywidgets_versions_read_the_same():
+    content = png_bytes(sample_image(0))
+    v8 = ({"name": "a.png", "type": "image/png", "size": len(content), "content": memoryview(content),
+           "last_modified": None},)
+    v7 = {"a.png": {"metadata": {"name": "a.png", "type": "image/png", "size": len(content)}, "content": content}}
+    assert uploaded_files(v8) == uploaded_files(v7)
+    assert uploaded_files(v8)[0].content == content
+    assert uploaded_files(()) == uploaded_files({}) == []
+
+
+def test_upload_like_the_browser_then_generate(tiny_pipe):
+    widget = ImagePromptWidget(pipeline=tiny_pipe, runner=InlineRunner(), preview_interval=0, **FAST)
+    first, second = sample_image(0), sample_image(1)
+    browser_upload(widget, [("cat.png", png_bytes(first)), ("dog.png", png_bytes(second))])
+    assert widget.status.startswith("Added 2 images")
+    assert len(widget.inputs.items) == 2 and [item.name for item in widget.inputs.items] == ["cat.png", "dog.png"]
+    assert not widget.upload.value  # the bytes are not kept twice; the same file can be uploaded again
+    widget.inputs.items[1].weight.value = 0.5
+    widget.controls["num_images"].value = 2
+    labelled(widget, "Generate", ipywidgets.Button).click()
+    assert widget.status.startswith("Done: 2 images"), widget.status
+    assert widget.grid.filled == 2 and all(tile.format == "png" for tile in widget.grid.tiles)
+    expected = solo(tiny_pipe, [first, second], weights=(1.0, 0.5), num_images=2, **FAST)
+    assert widget.result.settings["weights"] == [1.0, 0.5]
+    for got, want in zip(widget.result.images, expected.images):
+        assert_same_pixels(got, want)
+    assert len(widget.history) == 2
+    widget.close()
+
+
+def test_bad_upload_is_named_and_good_files_still_arrive(panel):
+    browser_upload(panel, [("notes.txt", b"hello, not an image"), ("ok.png", png_bytes(sample_image(2)))])
+    assert "notes.txt" in panel.status and panel.status.startswith("Added 1 image.")
+    assert [item.name for item in panel.inputs.items][-1] == "ok.png"
+    assert panel.details.layout.display != "none"  # the full reasons are one click away
+    assert panel.generate().result().images  # still usable
+
+
+def test_upload_that_arrived_empty_says_what_to_do_instead(panel):
+    before = len(panel.inputs.items)
+    browser_upload(panel, [("huge.jpg", b"")], declared=3 * 2**20)
+    assert "'huge.jpg' (3.0 MB) arrived empty" in panel.status
+    assert "w.set_images('huge.jpg')" in panel.status
+    assert len(panel.inputs.items) == before
+
+
+def test_cut_off_or_empty_upload_is_refused_with_what_to_do():
+    file = uploaded_files([{"name": "x.png", "size": 1000, "content": b"\x89PNG", "last_modified": None}])[0]
+    with pytest.raises(ImageInputError, match=r"arrived cut off \(4 of 1,000 bytes\)"):
+        load_upload(file)
+    undeclared = uploaded_files({"y.png": {"metadata": {"name": "y.png"}, "content": b""}})[0]
+    with pytest.raises(ImageInputError, match=r"^'y.png' arrived empty: .* w.set_images\('y.png'\) instead"):
+        load_upload(undeclared)
+
+
+def test_negative_images_reach_the_engine_and_rerun_keeps_them(panel, tiny_pipe, image, other_image):
+    browser_upload_to(panel.negative_upload, [("avoid.png", png_bytes(other_image))])
+    assert [item.name for item in panel.negatives.items] == ["avoid.png"]
+    assert all(getattr(part, "description", "") != "weight" for part in panel.negatives.items[0].tile.children)
+    result = panel.generate().result()
+    expected = tiny_pipe.generate(image, GenerationSettings.from_kwargs(weights=(1.0,), **FAST), negative_image=[other_image])
+    assert_same_pixels(result.images[0], expected.images[0])
+    plain = solo(tiny_pipe, image, weights=(1.0,), **FAST)
+    assert not np.array_equal(np.asarray(result.images[0]), np.asarray(plain.images[0]))  # it made a difference
+    panel.set_negative_images([])
+    panel.history.select(panel.history.items[0])
+    labelled(panel, "Re-run", ipywidgets.Button).click()
+    assert len(panel.negatives.items) == 1
+    assert_same_pixels(panel.result.images[0], expected.images[0])
+
+
+def test_set_images_takes_paths_arrays_and_pil(tiny_pipe, tmp_path):
+    path = tmp_path / "photo.png"
+    sample_image(3).save(path)
+    array = np.asarray(sample_image(4))
+    widget = ImagePromptWidget(pipeline=tiny_pipe, runner=InlineRunner())
+    widget.set_images([str(path), array, sample_image(5)], weights=[1.0, 0.25, 0.5])
+    assert widget.status == "3 input images ready; press Generate."
+    assert widget.inputs.items[0].name == "'photo.png'"
+    assert widget.inputs.weights == [1.0, 0.25, 0.5]
+    assert_same_pixels(widget.inputs.images[1], Image.fromarray(array))
+    widget.inputs.items[0].tile.children[-1].click()  # its "remove" button
+    assert len(widget.inputs.items) == 2 and widget.inputs.weights == [0.25, 0.5]
+    with pytest.raises(ImageInputError):
+        widget.set_images(str(tmp_path / "missing.png"))
+    assert "missing.png" in widget.status and len(widget.inputs.items) == 2  # a failed set keeps the inputs
+    widget.close()
+
+
+# -- running: previews, cancel, queue, two widgets ---------------------------------------------------
+
+
+def test_generate_returns_at_once_previews_arrive_and_cancel_stops_within_a_step(tiny_pipe, image):
+    steered = SteeredPipeline(tiny_pipe, pause_at=3)
+    widget = ImagePromptWidget(pipeline=steered, runner=ThreadRunner(), preview_interval=0, steps=20, num_images=2)
+    widget.set_images(image)
+    frames: list[bytes] = []
+    start = time.perf_counter()
+    future = widget.generate()
+    assert time.perf_counter() - start < 0.5 and not future.done()  # the kernel is free at once
+    assert steered.paused.wait(WAIT)
+    for tile in widget.grid.tiles:
+        frames.append(tile.value)
+    assert widget.grid.filled == 2 and all(frame[:2] == b"\xff\xd8" for frame in frames)  # JPEG previews
+    assert widget.status.startswith("Step 3/")
+    assert widget.progress.value == 3
+    labelled(widget, "Cancel", ipywidgets.Button).click()  # handled at once: the kernel is not blocked
+    steered.resume.set()
+    result = future.result(WAIT)
+    assert result.cancelled and steered.steps == [1, 2, 3]  # stopped right after the step it was in
+    assert widget.status.startswith("Cancelled after step 3 of ")
+    assert widget.result is None and len(widget.history) == 0 and not widget.busy
+    assert widget.cancel_button.disabled
+    widget.close()
+
+
+def test_previews_are_throttled(tiny_pipe, image):
+    steered = SteeredPipeline(tiny_pipe)
+    widget = ImagePromptWidget(pipeline=steered, runner=InlineRunner(), preview_interval=3600, steps=3)
+    widget.set_images(image)
+    widget.generate().result()
+    assert widget.previews_shown == 1 and len(steered.steps) >= 3  # the first step only, then the final image
+    widget.close()
+
+
+def test_second_generate_waits_and_a_third_replaces_it(tiny_pipe, image):
+    steered = SteeredPipeline(tiny_pipe, pause_at=1)
+    widget = ImagePromptWidget(pipeline=steered, runner=ThreadRunner(), **FAST)
+    widget.set_images(image)
+    widget.controls["seed"].value = 1
+    first = widget.generate()
+    assert steered.paused.wait(WAIT)
+    widget.controls["seed"].value = 2
+    second = widget.generate()
+    assert widget.status == "Queued: starts when the current run ends."
+    widget.controls["seed"].value = 3
+    third = widget.generate()
+    assert widget.status == "Queued (replacing the one that was waiting): starts when the current run ends."
+    assert second.cancelled()
+    steered.pause_at = None
+    steered.resume.set()
+    assert first.result(WAIT).settings["seed"] == 1  # each run keeps the settings of its press
+    assert third.result(WAIT).settings["seed"] == 3
+    assert steered.max_active == 1  # never two runs on the shared pipeline at once
+    assert [item.seed for item in widget.history.items] == [3, 1]
+    widget.close()
+
+
+def test_two_widgets_share_the_pipeline_and_match_solo_runs(tiny_pipe, image, other_image):
+    steered = SteeredPipeline(tiny_pipe)
+    a = ImagePromptWidget(pipeline=steered, runner=ThreadRunner(), seed=11, **FAST)
+    b = ImagePromptWidget(pipeline=steered, runner=ThreadRunner(), seed=12, **FAST)
+    a.set_images(image)
+    b.set_images(other_image)
+    futures = [a.generate(), b.generate()]
+    results = [future.result(WAIT) for future in futures]
+    assert steered.max_active == 1
+    for result, img, seed in zip(results, [image, other_image], [11, 12]):
+        assert_same_pixels(result.images[0], solo(tiny_pipe, img, seed=seed, weights=(1.0,), **FAST).images[0])
+    a.close()
+    b.close()
+
+
+def test_weights_load_on_first_generate_with_status(image):
+    from imageprompt_widgets import ImagePromptPipeline
+
+    widget = ImagePromptWidget(model="tiny", runner=InlineRunner(), **FAST)
+    said: list[str] = []  # what the status line showed, in order, as text
+    widget.status_line.observe(lambda change: said.append(html.unescape(re.sub("<[^>]+>", "", change["new"]))),
+                               names="value")
+    widget.set_images(image)
+    assert widget.pipeline is None
+    widget.generate().result()
+    assert widget.pipeline is ImagePromptPipeline.from_preset("tiny")
+    assert said[1].startswith("Loading model 'tiny'"), said
+    assert any(line.startswith("Step ") for line in said) and said[-1].startswith("Done: 1 image")
+    widget.close()
+
+
+# -- errors ---------------------------------------------------------------------------------------
+
+
+def test_generate_without_images_says_what_to_do(tiny_pipe):
+    widget = ImagePromptWidget(pipeline=tiny_pipe, runner=InlineRunner())
+    future = widget.generate()
+    assert isinstance(future.exception(), ImageInputError)
+    assert widget.status == "Add an image first: upload one, or call w.set_images('path/to/image')."
+    widget.close()
+
+
+def test_invalid_settings_are_a_status_sentence(panel):
+    panel.controls["adapter_start"].value = 0.8
+    panel.controls["adapter_end"].value = 0.2
+    assert isinstance(panel.generate().exception(), ValueError)
+    assert panel.status == "adapter_start=0.8 must be less than adapter_end=0.2."
+
+
+def test_missing_weights_offline_name_the_model_and_keep_the_panel_usable(image):
+    widget = ImagePromptWidget(model="sd14", runner=InlineRunner(), **FAST)
+    widget.set_images(image)
+    future = widget.generate()
+    if future.exception() is None:
+        pytest.skip("SD 1.4 happens to be in this machine's Hugging Face cache")
+    assert "CompVis/stable-diffusion-v1-4" in widget.status
+    assert widget.status.count(". ") <= 1 and "Traceback" not in widget.status  # one sentence; details below
+    assert "Traceback" in widget.details_text.value and widget.details.layout.display != "none"
+    assert widget.pipeline is None and not widget.busy and widget.cancel_button.disabled
+
+
+@pytest.mark.parametrize(
+    "error, sentence",
+    [
+        (RuntimeError("boom in the UNet"), "Generation failed (RuntimeError: boom in the UNet); details below"),
+        (MemoryError(), "Out of memory"),
+    ],
+)
+def test_a_failed_step_keeps_what_was_generated(tiny_pipe, image, error, sentence):
+    if isinstance(error, MemoryError):
+        error = type("OutOfMemoryError", (RuntimeError,), {})("CUDA out of memory. Tried to allocate 2.00 GiB")
+    steered = SteeredPipeline(tiny_pipe)
+    widget = ImagePromptWidget(pipeline=steered, runner=InlineRunner(), **FAST)
+    widget.set_images(image)
+    good = widget.generate().result()
+    steered.fail_at, steered.error = 2, error
+    failed = widget.generate()
+    assert failed.exception() is error
+    assert widget.status.startswith(sentence), widget.status
+    assert widget.result is good and len(widget.history) == 1  # nothing already generated is lost
+    assert not widget.busy
+    again = widget.generate().result()  # and the panel still works
+    assert_same_pixels(again.images[0], good.images[0])
+    widget.close()
+
+
+def test_kernel_stop_button_inline_leaves_the_widget_usable(tiny_pipe, image):
+    steered = SteeredPipeline(tiny_pipe, fail_at=2, error=KeyboardInterrupt())
+    widget = ImagePromptWidget(pipeline=steered, runner=InlineRunner(), **FAST)
+    widget.set_images(image)
+    assert widget.generate().result() is None
+    assert widget.status.startswith("Stopped with the kernel's stop button")
+    assert not widget.busy and not tiny_pipe.lock._is_owned()
+    result = widget.generate().result()
+    assert_same_pixels(result.images[0], solo(tiny_pipe, image, weights=(1.0,), **FAST).images[0])
+    widget.close()
+
+
+# -- history --------------------------------------------------------------------------------------
+
+
+def live_widgets() -> int:
+    """How many widgets the kernel keeps alive (each holds its value, images included, until closed)."""
+    from ipywidgets.widgets import widget
+
+    return len(getattr(widget, "_instances", None) or ipywidgets.Widget.widgets)
+
+
+def test_history_is_bounded_in_count_and_memory(tiny_pipe, image):
+    widget = ImagePromptWidget(pipeline=tiny_pipe, runner=InlineRunner(), history_size=3, steps=1, num_images=2)
+    widget.set_images(image)
+    for seed in range(3):
+        widget.controls["seed"].value = seed
+        widget.generate().result()
+        if seed == 1:
+            alive = live_widgets()  # the history is full from here on
+    assert live_widgets() == alive  # evicted tiles and old output tiles are closed, not leaked
+    assert len(widget.history) == 3 and len(widget.history.strip.children) == 3
+    assert [(item.seed, item.index) for item in widget.history.items] == [(2, 1), (2, 0), (1, 1)]
+    one_item = widget.history.items[0].nbytes
+    tight = ImagePromptWidget(pipeline=tiny_pipe, runner=InlineRunner(), history_bytes=one_item + 1, steps=1)
+    tight.set_images(image)
+    for _ in range(3):
+        tight.generate().result()
+    assert len(tight.history) == 1 and tight.history.nbytes <= one_item + 1
+    before = live_widgets()
+    widget.close()
+    assert live_widgets() < before - 50  # closing the panel closes its parts
+    tight.close()
+
+
+def test_history_open_save_use_and_rerun(panel, tiny_pipe, tmp_path):
+    panel.history.save_dir = tmp_path
+    panel.controls["seed"].value = 7
+    panel.controls["num_images"].value = 2
+    first = panel.generate().result()
+    panel.controls["seed"].value = 8
+    panel.controls["num_images"].value = 1
+    panel.generate().result()
+    item = panel.history.items[2]  # the first run's first image
+    assert (item.seed, item.index) == (7, 0)
+    panel.history.strip.children[2].children[1].click()  # its "open" button
+    assert panel.history.selected is item and panel.history.detail.layout.display != "none"
+    assert panel.history.large.value[:4] == b"\x89PNG"
+    labelled(panel, "Save PNG", ipywidgets.Button).click()
+    saved = sorted(tmp_path.glob("*.png"))
+    assert [path.name for path in saved] == ["imageprompt-seed7-0.png"]
+    assert panel.status == f"Saved {saved[0]}."
+    recipe = recipe_from_png(saved[0])
+    assert recipe["settings"]["seed"] == 7 and recipe["index"] == 0
+    assert_same_pixels(Image.open(saved[0]), first.images[0])
+    labelled(panel, "Re-run", ipywidgets.Button).click()
+    assert panel.controls["seed"].value == 7 and panel.controls["num_images"].value == 2
+    assert_same_pixels(panel.result.images[0], first.images[0])  # the recipe reproduces the picture
+    labelled(panel, "Use as input", ipywidgets.Button).click()
+    assert len(panel.inputs.items) == 1
+    assert_same_pixels(panel.inputs.images[0], first.images[0])
+
+
+def test_the_panel_starts_from_the_presets_own_defaults():
+    """The variations model was trained with a zero unconditional: its panel must not start at empty_prompt."""
+    panel = ImagePromptWidget(model="tiny-variations", runner=InlineRunner())
+    assert panel.controls.controls["negative"].value == "zeros"
+    assert panel.controls.controls["mode"].value == "single"
+    chosen = ImagePromptWidget(model="tiny-variations", runner=InlineRunner(), steps=3)
+    assert chosen.controls.controls["steps"].value == 3 and chosen.controls.controls["negative"].value == "zeros"
+    assert ImagePromptWidget(model="tiny", runner=InlineRunner()).controls.controls["negative"].value == "empty_prompt"
