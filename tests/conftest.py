@@ -11,6 +11,9 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("IMAGEPROMPT_CACHE_DIR", str(Path(tempfile.gettempdir()) / "imageprompt-test-cache"))
 os.environ.pop("IMAGEPROMPT_MODEL", None)
+# The tiny models gain nothing from a second thread, and on a busy 2-core machine two torch threads per
+# process thrash: measured 0.7-1.0 s vs 11-14 s for a 10-step tiny run. Subprocesses (kernels) inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 from PIL import Image

@@ -15,7 +15,7 @@ from ..settings import GenerationSettings, SettingSpec, setting_specs
 SIZE_CHOICE_STEP = 64
 NATIVE_SIZE = "native"
 
-_WIDE = {"description_width": "80px"}
+_WIDE = {"description_width": "100px"}  # room for "image weight", "control scale"
 
 
 def control_for(spec: SettingSpec) -> widgets.Widget:
@@ -61,7 +61,7 @@ class SettingsControls(widgets.VBox):
     def __init__(self, exclude: tuple[str, ...] = (), **kwargs: Any) -> None:
         self.specs = {spec.name: spec for spec in setting_specs() if spec.name not in exclude}
         self.controls: dict[str, widgets.Widget] = {name: control_for(spec) for name, spec in self.specs.items()}
-        self.dice = widgets.Button(description="🎲", tooltip="random seed", layout=widgets.Layout(width="44px"))
+        self.dice = widgets.Button(description="", icon="random", tooltip="random seed", layout=widgets.Layout(width="44px"))
         self.dice.on_click(lambda _: self.roll_seed())
         main, advanced = [], []
         for name, spec in self.specs.items():

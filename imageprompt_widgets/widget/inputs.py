@@ -98,7 +98,7 @@ class InputStrip(widgets.HBox):
             weight = widgets.FloatSlider(
                 value=1.0 if weights is None else weights[position], min=spec.min, max=spec.max, step=spec.step,
                 description="weight", continuous_update=False,
-                style={"description_width": "44px"}, layout=widgets.Layout(width=f"{THUMB_PX + 60}px"),
+                style={"description_width": "44px"}, layout=widgets.Layout(width=f"{THUMB_PX + 140}px"),
             )
             remove = widgets.Button(description="remove", icon="times", layout=widgets.Layout(width=f"{THUMB_PX}px"))
             thumb = widgets.Image(value=encode_jpeg(thumbnail(image, THUMB_PX), quality=80), format="jpeg",

@@ -31,6 +31,8 @@ from .runner import Runner, default_runner
 PREVIEW_INTERVAL = 0.25
 #: Seconds between progress/status updates.
 PROGRESS_INTERVAL = 1 / 20
+#: The status while a cancel is on its way (replaced by the job's own last word, or by "Cancelled").
+_CANCELLING = "Cancelling…"
 #: Settings the panel sets itself instead of through a generated control.
 _OWN_SETTINGS = ("weights",)
 
@@ -103,7 +105,8 @@ class ImagePromptWidget(widgets.VBox):
         self.result = None
         self.previews_shown = 0  # preview frames sent in the last run (for tests and the curious)
 
-        self.upload = widgets.FileUpload(accept="image/*", multiple=True, description="Upload")
+        self.upload = widgets.FileUpload(accept="image/*", multiple=True, description="Upload",
+                                         layout=widgets.Layout(width="auto", min_width="120px"))
         self.inputs = InputStrip()
         self.negative_upload = widgets.FileUpload(accept="image/*", multiple=True, description="Negative")
         self.negatives = InputStrip(weighted=False, empty_text="Optional: images that guidance pushes away from.")
@@ -166,6 +169,12 @@ class ImagePromptWidget(widgets.VBox):
         """The :class:`~imageprompt_widgets.ImagePromptPipeline` in use; ``None`` before the first load."""
         return self._pipeline
 
+    def __repr__(self) -> str:
+        """One line where a widget cannot render (a plain console, or re-displayed after ``close()``)."""
+        if self.comm is None:
+            return "ImagePromptWidget(closed: create a new one with ImagePromptWidget() to continue)"
+        return f"ImagePromptWidget(status={self.status!r})"
+
     @property
     def busy(self) -> bool:
         with self._lock:
@@ -225,10 +234,11 @@ class ImagePromptWidget(widgets.VBox):
         """Stop the running generation after its current step, and drop a waiting one."""
         with self._lock:
             jobs = list(self._pending)
+            if jobs:  # said before any job is stopped, so a job's own last word comes after it
+                self._say(_CANCELLING)
         for job in jobs:
             self._drop(job)
-        if jobs:
-            self._say("Cancelling…")
+        self._settle_cancel()
 
     def rerun(self, item: HistoryItem) -> Future:
         """Run a history item's recipe again: its inputs, weights and settings."""
@@ -299,6 +309,13 @@ class ImagePromptWidget(widgets.VBox):
                 if job in self._pending:
                     self._pending.remove(job)
                 self.cancel_button.disabled = not self._pending
+            self._settle_cancel()
+
+    def _settle_cancel(self) -> None:
+        """Once nothing is pending, "Cancelling…" must not stay (jobs dropped from the queue never report)."""
+        with self._lock:
+            if not self._pending and self._status_text == _CANCELLING:
+                self._say("Cancelled; nothing from earlier runs is lost.")
 
     def _load_pipeline(self) -> Any:
         if self._pipeline is None:
@@ -428,7 +445,7 @@ def _clear_upload(upload: widgets.FileUpload) -> None:
 def error_sentence(err: BaseException) -> str:
     """The status line for an error: our own errors are already sentences; others get one."""
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    if type(err).__name__ == "OutOfMemoryError" or "out of memory" in str(err).lower():
+    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError" or "out of memory" in str(err).lower():
         return ("Out of memory: try fewer images at once or a smaller size "
                 "(images already generated are kept).")
     if isinstance(err, ValueError):
