@@ -432,3 +432,6 @@ def build_tiny_captioner(folder: str | os.PathLike, seed: int = TINY_SEED) -> st
         model.save_pretrained(str(folder), safe_serialization=True)
         processor.save_pretrained(str(folder))
     return str(folder)
+
+
+from .realsize import ensure_realsize_models  # noqa: F401 - re-exported for benchmarks

@@ -1,0 +1,21 @@
+"""Run every CPU benchmark in turn: ``python -m benchmarks [--models tiny,real] [--quick]``.
+
+The GPU benchmark is separate (``python -m benchmarks.gpu``) because it needs a CUDA device.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from benchmarks import cache, latency, memory, overhead, scaling
+
+BENCHMARKS = (overhead, memory, cache, latency, scaling)
+
+
+def main(argv: list[str]) -> None:
+    for module in BENCHMARKS:
+        module.main(argv)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,195 @@
+"""The benchmarks cannot rot: each runs once here in its tiny, quick mode (no timed assertions).
+
+Also checks the real-size architectures against the published parameter counts of SD 1.x and
+CLIP ViT-L/14, and the real-size builder end to end on shrunken configs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _benchmarks_importable(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from more threads, and on a busy machine spinning OpenMP threads make them crawl."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _result(out: Path, name: str) -> dict:
+    document = json.loads((out / f"{name}.json").read_text())
+    assert document["benchmark"] == name
+    assert document["command"].startswith(f"python -m benchmarks.{name} ") and "--quick" in document["command"]
+    assert document["machine"]["torch"] == torch.__version__
+    return document
+
+
+# -- real-size architectures -------------------------------------------------------------------
+
+
+def test_realsize_configs_have_the_published_parameter_counts():
+    """SD 1.x UNet 859,520,964; VAE 83,653,863; CLIP text 123,060,480; ViT-L/14 vision 303,179,776 + projection."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from imageprompt_widgets import realsize
+
+    def count(module):
+        return sum(p.numel() for p in module.parameters())
+
+    with torch.device("meta"):
+        assert count(UNet2DConditionModel(**realsize.UNET_CONFIG)) == 859_520_964
+        assert count(AutoencoderKL(**realsize.VAE_CONFIG)) == 83_653_863
+        assert count(CLIPTextModel(CLIPTextConfig(**realsize.TEXT_CONFIG))) == 123_060_480
+        vision = CLIPVisionModelWithProjection(CLIPVisionConfig(**realsize.VISION_CONFIG))
+        assert count(vision) == 303_179_776 + 1024 * 768
+
+
+def test_fill_random_is_finite_deterministic_and_scaled_like_a_fresh_model():
+    from imageprompt_widgets.realsize import fill_random
+
+    def model():
+        return torch.nn.Sequential(torch.nn.Linear(300, 64), torch.nn.LayerNorm(64), torch.nn.Embedding(50, 8))
+
+    first, second = model(), model()
+    fill_random(first, seed=3, block_size=1009)
+    fill_random(second, seed=3, block_size=1009)
+    for a, b in zip(first.parameters(), second.parameters()):
+        assert torch.equal(a, b)
+    linear, norm, embedding = first
+    assert torch.isfinite(linear.weight).all()
+    assert linear.weight.std().item() == pytest.approx(300**-0.5, rel=0.1)
+    assert torch.equal(linear.bias, torch.zeros(64))
+    assert torch.equal(norm.weight, torch.ones(64)) and torch.equal(norm.bias, torch.zeros(64))
+    assert embedding.weight.std().item() == pytest.approx(0.02, rel=0.15)
+
+
+def test_realsize_builder_writes_loadable_models_atomically(tmp_path, monkeypatch):
+    """The real builder on shrunken configs: the cache folder, the tokenizer's ids, the full CLIP, loading."""
+    from transformers import CLIPModel, CLIPTokenizer
+
+    from imageprompt_widgets import ImagePromptPipeline, realsize, testing
+
+    monkeypatch.setenv(testing.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(realsize, "UNET_CONFIG", {
+        **realsize.UNET_CONFIG, "block_out_channels": (8, 16, 16, 16), "layers_per_block": 1,
+        "cross_attention_dim": 16, "attention_head_dim": 2, "norm_num_groups": 4, "sample_size": 8,
+    })
+    monkeypatch.setattr(realsize, "VAE_CONFIG", {
+        **realsize.VAE_CONFIG, "block_out_channels": (8, 8, 8, 8), "layers_per_block": 1, "norm_num_groups": 4,
+    })
+    small = {"hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2, "num_attention_heads": 2,
+             "projection_dim": 16}
+    monkeypatch.setattr(realsize, "TEXT_CONFIG", {**realsize.TEXT_CONFIG, **small, "vocab_size": 600})
+    monkeypatch.setattr(realsize, "VISION_CONFIG", {**realsize.VISION_CONFIG, **small, "image_size": 28})
+
+    sd, clip = testing.ensure_realsize_models()
+    assert Path(sd) == tmp_path / "realsize-v1" / "sd" and Path(clip) == tmp_path / "realsize-v1" / "clip"
+    assert [p.name for p in tmp_path.iterdir()] == ["realsize-v1"]  # no temporary folder left behind
+    assert testing.ensure_realsize_models() == (sd, clip)  # built once, reused
+
+    text_config = json.loads((Path(sd) / "text_encoder" / "config.json").read_text())
+    tokenizer = CLIPTokenizer.from_pretrained(str(Path(sd) / "tokenizer"))
+    assert text_config["bos_token_id"] == tokenizer.convert_tokens_to_ids("<|startoftext|>")
+    assert text_config["eos_token_id"] == text_config["pad_token_id"] == tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert text_config["hidden_act"] == "quick_gelu"
+    full = CLIPModel.from_pretrained(clip)  # the text tower is there, as in openai's checkpoint
+    assert full.text_model.config.hidden_size == 16 and full.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
+
+    pipe = ImagePromptPipeline.from_pretrained(sd, clip, device="cpu", dtype="float32")
+    assert not hasattr(pipe.image_encoder, "text_model")
+    result = pipe.generate(__import__("conftest").make_image(0), steps=2, trace_latents=True)
+    assert torch.isfinite(result.trace.latents).all() and torch.isfinite(result.trace.image_embeds).all()
+
+
+# -- every benchmark, once, tiny and quick ------------------------------------------------------
+
+
+def test_overhead_benchmark_runs_and_ours_equals_bare_diffusers(tmp_path):
+    from benchmarks import overhead
+
+    payload = overhead.main(["--quick", "--out", str(tmp_path)])
+    (row,) = payload["rows"]
+    assert row["identical_pixels"] is True
+    assert set(row["seconds"]) == {"bare", "ours", "ours+previews"}
+    assert row["ratio_previews_off"] > 0 and "| tiny |" in payload["table"]
+    assert _result(tmp_path, "overhead")["rows"][0]["steps"] == 2
+
+
+def test_memory_benchmark_counts_the_text_tower_ours_does_not_load(tmp_path):
+    from transformers import CLIPModel
+
+    from benchmarks import memory
+    from imageprompt_widgets.testing import ensure_tiny_models
+
+    payload = memory.main(["--quick", "--in-process", "--out", str(tmp_path)])
+    (row,) = payload["rows"]
+    full = CLIPModel.from_pretrained(ensure_tiny_models()[1])
+    text_tower = sum(p.numel() for p in full.text_model.parameters()) + full.text_projection.weight.numel() + 1
+    assert row["saved_parameters_mib"] == pytest.approx(4 * text_tower / 2**20)
+    assert set(row["reports"]) == {"imports", "ours", "guide"}
+    assert _result(tmp_path, "memory")["rows"][0]["kind"] == "tiny"
+
+
+def test_cache_benchmark_gets_the_same_pipeline_and_widgets_share_it(tmp_path):
+    from benchmarks import cache
+
+    (row,) = cache.main(["--quick", "--out", str(tmp_path)])["rows"]
+    assert row["same_object"] is True
+    assert row["widgets_share_pipeline"] is True
+    assert row["calls"] == 20
+    _result(tmp_path, "cache")
+
+
+def test_latency_benchmark_sees_previews_before_the_final_image(tmp_path):
+    from benchmarks import latency
+
+    (row,) = latency.main(["--quick", "--out", str(tmp_path)])["rows"]
+    engine, widget = row["engine"], row["widget"]
+    assert 0 < engine["first step"] <= engine["first preview"] <= engine["final image"]
+    assert widget["available"] is True
+    assert 0 < widget["first preview tile"] <= widget["final image"]
+    assert widget["status"].startswith("Done")
+    _result(tmp_path, "latency")
+
+
+def test_scaling_benchmark_encodes_an_image_once_for_two_seeds(tmp_path):
+    from benchmarks import scaling
+
+    (row,) = scaling.main(["--quick", "--out", str(tmp_path)])["rows"]
+    assert row["new_seed"]["encoder_calls"] == 1
+    assert set(row["seconds_by_steps"]) == {1, 2} and set(row["seconds_by_images"]) == {1, 2}
+    assert row["encoding"]["images"] == 2
+    _result(tmp_path, "scaling")
+
+
+def test_gpu_benchmark_smoke_runs_on_the_cpu(tmp_path):
+    from benchmarks import gpu
+
+    (row,) = gpu.main(["--device", "cpu", "--quick", "--out", str(tmp_path)])["rows"]
+    assert row["device"] == "cpu" and row["settings"] == {"steps": 2, "height": 64, "width": 64, "seed": 0}
+    assert set(row["steps_per_second"]) == {"bare", "ours", "ours+previews"}
+    _result(tmp_path, "gpu")
+
+
+def test_gpu_benchmark_refuses_to_run_without_cuda_when_asked_for_it(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    from benchmarks import gpu
+
+    with pytest.raises(SystemExit, match="No CUDA device here"):
+        gpu.main(["--out", str(tmp_path)])
