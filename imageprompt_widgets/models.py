@@ -286,7 +286,7 @@ def _translate_load_errors(name: str, allow_pickle: bool) -> Iterator[None]:
                 f"Model {name!r} has no safetensors weights; pickle (.bin) weights can run code when loaded, "
                 "so they are refused unless you pass allow_pickle=True for a model you trust."
             )
-        elif offline:
+        elif offline and _looks_missing(text):
             message = (
                 f"Model {name!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids "
                 f"downloading it: run once with network access (or `hf download {name}`) and try again."
@@ -299,8 +299,16 @@ def _translate_load_errors(name: str, allow_pickle: bool) -> Iterator[None]:
                 "model='tiny' to try the tool offline."
             )
         else:
-            message = f"Model {name!r} could not be loaded: {err}"
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            message = f"Model {name!r} could not be loaded: {first_line}"
         raise ModelLoadError(message) from err
+
+
+def _looks_missing(text: str) -> bool:
+    """Whether a loader error means "these files are not here" (rather than, say, a shape mismatch)."""
+    markers = ("not fully cached", "not cached", "Cannot find", "LocalEntryNotFound", "local_files_only",
+               "outgoing traffic has been disabled", "OfflineModeIsEnabled", "does not appear to have")
+    return any(marker in text for marker in markers)
 
 
 @contextlib.contextmanager

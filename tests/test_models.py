@@ -197,3 +197,21 @@ def test_safety_checker_false_is_switched_off_the_supported_way():
     pipe = ImagePromptPipeline.from_preset("tiny", safety_checker=False)
     assert pipe.sd.safety_checker is None
     assert pipe.sd.config.requires_safety_checker is False
+
+
+def test_a_broken_model_offline_is_not_reported_as_missing(tmp_path, monkeypatch):
+    """A model that is present but wrong (here: a UNet config that does not fit its weights) says so."""
+    import json
+    import shutil
+
+    sd_folder, clip_folder = ensure_tiny_models()
+    broken = tmp_path / "broken-sd"
+    shutil.copytree(sd_folder, broken)
+    config_path = broken / "unet" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["block_out_channels"] = [48, 96]
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError) as err:
+        ImagePromptPipeline.from_pretrained(sd_model=str(broken), clip_model=clip_folder)
+    text = one_sentence(err.value)
+    assert "HF_HUB_OFFLINE" not in text and "could not be loaded" in text
