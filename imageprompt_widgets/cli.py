@@ -1,6 +1,7 @@
 """``imageprompt``: the engine from a terminal.
 
     imageprompt generate cat.jpg -o out/ --model tiny --steps 20 --seed 1
+    imageprompt generate cat.jpg -o out/ --structure edges --structure-image sketch.png
 
 Bad input is one line on stderr naming the file, and exit code 2.
 """
@@ -52,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--negative-image", nargs="+", default=None, metavar="IMAGE",
         help="images that guidance pushes away from (implies --negative image)",
     )
+    gen.add_argument(
+        "--structure-image", default=None, metavar="PATH",
+        help="the picture whose layout --structure edges/img2img keeps (default: the first input image)",
+    )
     gen.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
     gen.add_argument("--no-safety-checker", action="store_true", help="switch the model's safety checker off")
     gen.add_argument("--save-trace", action="store_true", help="also write every intermediate tensor (safetensors)")
@@ -74,6 +79,7 @@ def _generate(args: argparse.Namespace) -> int:
         settings = GenerationSettings.from_kwargs(**chosen)
         images = load_images(args.images)  # every file is checked before any weights load
         negative_images = load_images(args.negative_image) if args.negative_image else None
+        structure_image = load_images(args.structure_image)[0] if args.structure_image else None
         pipe = ImagePromptPipeline.from_preset(
             args.model,
             device=args.device,
@@ -86,7 +92,9 @@ def _generate(args: argparse.Namespace) -> int:
                 bar.total = info.total
                 bar.update(info.step - bar.n)
 
-            result = pipe.generate(images, settings, negative_image=negative_images, on_step=on_step)
+            result = pipe.generate(
+                images, settings, negative_image=negative_images, structure_image=structure_image, on_step=on_step
+            )
     except ValueError as err:  # our input errors are all ValueError subclasses with readable messages
         print(f"imageprompt: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -39,6 +39,7 @@ from .models import (
 )
 from .presets import PRESETS, Preset, resolve_preset
 from .settings import CROPS, GenerationSettings, SettingsError
+from .structure import StructureRunners
 from .trace import GenerationResult, Trace
 
 #: At most this many latent snapshots are kept per run (a stride is used beyond it).
@@ -56,6 +57,10 @@ NORM_PROBE_PROMPTS = (
 
 class Cancelled(Exception):
     """Raised inside the denoising loop to stop it; ``generate`` turns it into ``cancelled=True``."""
+
+
+class NonFiniteImageError(ValueError):
+    """The VAE decoded NaN or infinite values (typically a float16 VAE overflowing): the images would be black."""
 
 
 @dataclass
@@ -106,7 +111,7 @@ class ImagePromptPipeline:
 
     def __init__(
         self, sd: Any, image_encoder: Any, image_processor: Any, *, preset: Preset | None = None,
-        captioner: Any = None,
+        captioner: Any = None, allow_pickle: bool = False,
     ):
         self.sd = sd
         self.captioner = captioner
@@ -117,6 +122,7 @@ class ImagePromptPipeline:
         self._embeddings: OrderedDict[tuple[str, ...], ImageEmbedding] = OrderedDict()
         self._empty_prompt_embeds: torch.Tensor | None = None
         self._text_token_norm: float | None = None
+        self._structure = StructureRunners(sd, self.preset.controlnet, allow_pickle=allow_pickle)
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -153,7 +159,10 @@ class ImagePromptPipeline:
                 from .caption import load_captioner
 
                 captioner = load_captioner(preset, dev, dt, allow_pickle=allow_pickle, on_status=on_status)
-            return cls(parts.sd, parts.image_encoder, parts.image_processor, preset=preset, captioner=captioner)
+            return cls(
+                parts.sd, parts.image_encoder, parts.image_processor, preset=preset, captioner=captioner,
+                allow_pickle=allow_pickle,
+            )
 
         return MODEL_CACHE.get_or_create(key, load)
 
@@ -274,6 +283,24 @@ class ImagePromptPipeline:
         with self.lock:
             return self.captioner.caption(load_images(images)[0])
 
+    # -- structure (structure.py) ------------------------------------------------------------------
+
+    def load_controlnet(self, model: str | None = None, on_status: StatusCallback | None = None) -> Any:
+        """The canny ControlNet of ``structure="edges"``, loaded once: the preset's, or ``model`` (Hub id or folder)."""
+        with self.lock:
+            return self._structure.controlnet(model, on_status)
+
+    @property
+    def native_size(self) -> int:
+        """The model's native side in pixels (512 for SD 1.x): the longer side of a structure run by default."""
+        return self._structure.native_size
+
+    def structure_pipeline(self, structure: str = "none") -> Any:
+        """The diffusers pipeline a run with ``structure`` calls: :attr:`sd` itself, or its ControlNet or
+        img2img twin built from the same components (so bare diffusers can be compared with it)."""
+        with self.lock:
+            return self._structure.pipeline(structure)
+
     # -- generation -----------------------------------------------------------------------------
 
     def generate(
@@ -282,6 +309,7 @@ class ImagePromptPipeline:
         settings: GenerationSettings | None = None,
         *,
         negative_image: Any = None,
+        structure_image: Any = None,
         on_step: StepCallback | None = None,
         cancel: threading.Event | None = None,
         trace_latents: bool = False,
@@ -292,7 +320,8 @@ class ImagePromptPipeline:
         ``negative_image`` (one image or several) becomes the negative conditioning, so guidance
         pushes away from it (it implies ``negative="image"``). ``on_step`` is called after every
         step (progress, previews); setting ``cancel`` stops the run after the current step without
-        decoding, and the result has ``cancelled=True``.
+        decoding, and the result has ``cancelled=True``. ``structure_image`` is the picture whose layout
+        ``structure="edges"`` or ``"img2img"`` keeps (default: the first input image).
         """
         settings = settings or self.default_settings()
         if negative_image is not None and settings.negative == "empty_prompt" and "negative" not in changes:
@@ -307,6 +336,13 @@ class ImagePromptPipeline:
             raise SettingsError(
                 f"negative_image was given but negative={settings.negative!r}: pass negative='image' to use it."
             )
+        structure_images = load_images(structure_image) if structure_image is not None else []
+        if structure_images and settings.structure == "none":
+            raise SettingsError(
+                "structure_image was given but structure='none': pass structure='edges' or structure='img2img'."
+            )
+        if len(structure_images) > 1:
+            raise SettingsError(f"structure_image takes one image, not {len(structure_images)}.")
         with self.lock:
             start = time.perf_counter()
             embedding = self.encode_image(pil_images, crop=settings.crop)
@@ -320,7 +356,15 @@ class ImagePromptPipeline:
                 negative_prompt_embeds=_cpu(cond.negative_prompt_embeds),
                 extras={name: _cpu(value) for name, value in cond.extras.items()},
             )
-            recipe = self._recipe(settings, pil_images, negative_images, cond.notes)
+            plan = self._structure.plan(
+                settings, (structure_images or pil_images)[0], cond.prompt_embeds.shape[0]
+            )
+            trace.extras.update(plan.extras)
+            notes = dict(cond.notes)
+            if structure_images:
+                notes["structure_input"] = _fingerprint(structure_images[0])[:16]
+            recipe = self._recipe(settings, pil_images, negative_images, notes)
+            recipe["model"].update(plan.notes)
             tracker = _StepTracker(self, settings, trace, on_step, cancel, trace_latents)
             if cancel is not None and cancel.is_set():
                 return GenerationResult([], trace, recipe, cancelled=True, seconds=time.perf_counter() - start)
@@ -333,27 +377,37 @@ class ImagePromptPipeline:
             try:
                 with contextlib.ExitStack() as stack:
                     stack.enter_context(tracker.tapping_noise_predictions())
+                    non_finite = stack.enter_context(_watching_decoded_values(self.sd.vae))
                     if mask is not None:
                         stack.enter_context(_attention_mask(self.sd.unet, mask))
                     for method_context in cond.contexts:
                         tracker.step_hooks.append(stack.enter_context(method_context))
-                    output = self.sd(
+                    for structure_context in plan.contexts(trace.extras, mask):
+                        stack.enter_context(structure_context)
+                    output = plan.runner(
                         prompt_embeds=prompt_embeds,
                         negative_prompt_embeds=negative_embeds,
                         num_inference_steps=settings.steps,
                         guidance_scale=settings.guidance_scale,
-                        height=settings.height,
-                        width=settings.width,
                         generator=torch.Generator(self.device).manual_seed(settings.seed),
                         output_type="pil",
                         callback_on_step_end=tracker,
                         callback_on_step_end_tensor_inputs=["latents"],
+                        **plan.kwargs,
                         **cond.sd_kwargs,
                     )
             except Cancelled:
                 tracker.finish()
                 return GenerationResult([], trace, recipe, cancelled=True, seconds=time.perf_counter() - start)
             tracker.finish()
+            if non_finite:
+                half = non_finite[0] in (torch.float16, torch.bfloat16)
+                advice = ("load the model with dtype='float32' (a float32 VAE does not overflow) or try a smaller size"
+                          if half else "lower scale or guidance_scale, or try a smaller size")
+                raise NonFiniteImageError(
+                    f"The VAE ({_dtype_text(non_finite[0])}) decoded NaN values, so the images would come out "
+                    f"black: {advice}."
+                )
             return GenerationResult(
                 images=list(output.images),
                 trace=trace,
@@ -609,6 +663,33 @@ def _square_for_clip(image: Any, crop: str, processor: Any) -> Any:
         canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
         image = canvas
     return image.resize(target, Image.Resampling.BICUBIC)
+
+
+@contextlib.contextmanager
+def _watching_decoded_values(vae: Any) -> Iterator[list[torch.dtype]]:
+    """Notice NaN/Inf in what the VAE's decoder returns (a float16 VAE overflows to NaN, and diffusers then
+    hands back black images without a word). One ``isfinite`` per decode; the pixels are not touched. Yields
+    a list that gets the decoder's dtype once per decode that had non-finite values."""
+    found: list[torch.dtype] = []
+    decoder = getattr(vae, "decoder", None)
+    if not isinstance(decoder, torch.nn.Module):
+        yield found
+        return
+
+    def check(module: Any, args: tuple, output: Any) -> None:
+        sample = output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)
+        if torch.is_tensor(sample) and not bool(torch.isfinite(sample).all()):
+            found.append(sample.dtype)
+
+    handle = decoder.register_forward_hook(check)
+    try:
+        yield found
+    finally:
+        handle.remove()
+
+
+def _dtype_text(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 @contextlib.contextmanager

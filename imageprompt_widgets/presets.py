@@ -42,9 +42,13 @@ class Preset:
     revision: str | None = None
     #: Where in ``clip_model`` the image encoder lives (h94/IP-Adapter keeps it in ``models/image_encoder``).
     clip_subfolder: str | None = None
+    #: The canny ControlNet for ``structure="edges"`` (Hub id or folder); "tiny" for the offline twin.
+    controlnet: str | None = None
 
 
 _VARIATIONS_DEFAULTS = (("mode", "single"), ("negative", "zeros"))
+#: lllyasviel's canny ControlNet, trained on SD 1.5 (its UNet is SD 1.4's, fine-tuned), so it fits both.
+CANNY_CONTROLNET = "lllyasviel/sd-controlnet-canny"
 
 PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
     {
@@ -54,12 +58,14 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
             clip_model="openai/clip-vit-large-patch14",
             note="the method of the original guide",
             download_size="about 5.5 GB (SD 1.4 fp32 safetensors) + 1.7 GB (CLIP ViT-L/14)",
+            controlnet=CANNY_CONTROLNET,
         ),
         "sd15": Preset(
             name="sd15",
             sd_model="stable-diffusion-v1-5/stable-diffusion-v1-5",
             clip_model="openai/clip-vit-large-patch14",
             download_size="about 5.5 GB (SD 1.5 fp32 safetensors) + 1.7 GB (CLIP ViT-L/14)",
+            controlnet=CANNY_CONTROLNET,
         ),
         "tiny": Preset(
             name="tiny",
@@ -68,6 +74,7 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
             note="built offline with random, seeded weights: for tests, CI and demos without network",
             download_size="nothing (built locally in about a second, under 2 MB)",
             offline_builder="tiny",
+            controlnet="tiny",
         ),
         "variations": Preset(
             name="variations",
@@ -78,6 +85,7 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
             defaults=_VARIATIONS_DEFAULTS,
             note="SD fine-tuned on one CLIP image token (image_encoder and feature_extractor ship in the repo)",
             download_size="about 5 GB (fp32 UNet, VAE, ViT-L/14 vision tower) + 1.2 GB safety checker unless off",
+            controlnet=CANNY_CONTROLNET,
         ),
         "tiny-variations": Preset(
             name="tiny-variations",
@@ -88,6 +96,7 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
             note="offline twin of 'variations': random, seeded weights",
             download_size="nothing (built locally, about 8 MB)",
             offline_builder="tiny-variations",
+            controlnet="tiny",
         ),
         "ip-adapter": Preset(
             name="ip-adapter",
@@ -99,6 +108,7 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
             defaults=(("mode", "ip_adapter"),),
             note="SD 1.5 + IP-Adapter (ViT-H/14 image encoder, 4 adapter tokens); a text prompt works alongside",
             download_size="about 5.5 GB (SD 1.5) + 2.5 GB (ViT-H/14 image encoder) + 44 MB (ip-adapter_sd15)",
+            controlnet=CANNY_CONTROLNET,
         ),
         "tiny-ip-adapter": Preset(
             name="tiny-ip-adapter",
@@ -120,6 +130,7 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
             defaults=(("mode", "caption"),),
             note="BLIP writes a caption you can edit; SD draws from the text (the image modes work too)",
             download_size="about 5.5 GB (SD 1.4) + 1.7 GB (CLIP ViT-L/14) + 1 GB (BLIP base)",
+            controlnet=CANNY_CONTROLNET,
         ),
         "tiny-caption": Preset(
             name="tiny-caption",
@@ -131,6 +142,7 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
             note="offline twin of 'caption': the tiny preset plus a tiny random BLIP",
             download_size="nothing (built locally, under 1 MB more than tiny)",
             offline_builder="tiny",
+            controlnet="tiny",
         ),
     }
 )

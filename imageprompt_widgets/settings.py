@@ -26,6 +26,9 @@ NEGATIVES = ("empty_prompt", "zeros", "image")
 CROPS = ("center_crop", "squash", "pad")
 #: IP-Adapter layers that receive the image (SD 1.x; "style" and "composition" after InstantStyle).
 ADAPTER_BLOCKS = ("all", "style", "composition", "style_and_composition")
+#: How much of the input's layout a run keeps (structure.py): nothing, its Canny edges through a
+#: ControlNet, or its noised latents as the starting point (img2img).
+STRUCTURES = ("none", "edges", "img2img")
 
 MAX_SEED = 2**32 - 1
 
@@ -48,6 +51,8 @@ class SettingSpec:
     step: float | None = None
     choices: tuple[str, ...] = ()
     advanced: bool = False
+    #: The group of controls it belongs to ("structure": the widget's Structure section); "" = the main list.
+    section: str = ""
 
 
 def _spec(kind: str, default: Any, label: str, help: str = "", **extra: Any) -> Any:
@@ -110,6 +115,35 @@ class GenerationSettings:
         "choice", "all", "adapter blocks", "ip_adapter: which UNet blocks see the image",
         choices=ADAPTER_BLOCKS, advanced=True,
     )
+    structure: str = _spec(
+        "choice", "none", "structure",
+        "keep the input's layout: none, edges (a ControlNet on its Canny edges) or img2img (start from it, noised)",
+        choices=STRUCTURES, section="structure",
+    )
+    canny_low: int = _spec(
+        "int", 100, "canny low", "edges: weaker gradients count as edges only where they touch strong ones",
+        min=0, max=255, step=1, section="structure",
+    )
+    canny_high: int = _spec(
+        "int", 200, "canny high", "edges: gradients above this are edges (higher = fewer, stronger edges)",
+        min=0, max=255, step=1, section="structure",
+    )
+    control_scale: float = _spec(
+        "float", 1.0, "control scale", "edges: how strongly the ControlNet steers the UNet (0 = not at all)",
+        min=0.0, max=2.0, step=0.05, section="structure",
+    )
+    control_start: float = _spec(
+        "float", 0.0, "control start", "edges: fraction of the steps before the ControlNet acts",
+        min=0.0, max=1.0, step=0.05, section="structure",
+    )
+    control_end: float = _spec(
+        "float", 1.0, "control end", "edges: fraction of the steps after which the ControlNet stops acting",
+        min=0.0, max=1.0, step=0.05, section="structure",
+    )
+    strength: float = _spec(
+        "float", 0.75, "strength", "img2img: how much of the input is replaced by noise (0 = keep it, 1 = almost all)",
+        min=0.0, max=1.0, step=0.05, section="structure",
+    )
 
     def __post_init__(self) -> None:
         for spec in setting_specs():
@@ -117,6 +151,19 @@ class GenerationSettings:
         if self.adapter_start >= self.adapter_end:
             raise SettingsError(
                 f"adapter_start={self.adapter_start:g} must be less than adapter_end={self.adapter_end:g}."
+            )
+        if self.control_start >= self.control_end:
+            raise SettingsError(
+                f"control_start={self.control_start:g} must be less than control_end={self.control_end:g}."
+            )
+        if self.canny_low > self.canny_high:
+            raise SettingsError(
+                f"canny_low={self.canny_low} must not be above canny_high={self.canny_high}."
+            )
+        if self.structure == "img2img" and int(self.steps * self.strength) < 1:
+            raise SettingsError(
+                f"strength={self.strength:g} with steps={self.steps} leaves no denoising step (img2img runs "
+                f"int(steps * strength) of them): raise strength to at least {1 / self.steps:.3g} or add steps."
             )
 
     @classmethod

@@ -434,4 +434,56 @@ def build_tiny_captioner(folder: str | os.PathLike, seed: int = TINY_SEED) -> st
     return str(folder)
 
 
+# ---------------------------------------------------------------------------------------------
+# The tiny ControlNet twin (structure="edges" on the tiny presets)
+
+TINY_CONTROLNET_VERSION = "v1"
+#: Std of the seeded weights put into the ControlNet's zero convolutions (see build_tiny_controlnet).
+TINY_CONTROLNET_ZERO_CONV_STD = 0.1
+#: Gain over He initialisation for the conditioning embedding, so sparse edge maps steer the tiny model visibly.
+TINY_CONTROLNET_EMBEDDING_GAIN = 2.0
+
+
+def ensure_tiny_controlnet() -> str:
+    """The tiny ControlNet folder (built once, atomically): a twin of ``lllyasviel/sd-controlnet-canny``."""
+    final = cache_dir() / f"tiny-controlnet-{TINY_CONTROLNET_VERSION}"
+    return str(_build_once(final, build_tiny_controlnet, "diffusion_pytorch_model.safetensors"))
+
+
+def build_tiny_controlnet(folder: str | os.PathLike, seed: int = TINY_SEED) -> str:
+    """A ControlNet made from the tiny UNet the way diffusers' training script makes one (``from_unet``).
+
+    ``from_unet`` copies the UNet's encoder and leaves the zero convolutions at zero, so a fresh
+    ControlNet changes nothing; a trained one has learned them. Here they get small seeded random
+    weights instead, and the conditioning embedding a strong seeded initialisation, so the control
+    image measurably reaches the output, as with a trained model. The embedding downsamples once,
+    matching the tiny VAE's factor of 2 (SD's is 8).
+    """
+    import math
+
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    from .models import quiet_loaders
+
+    tiny_sd, _ = ensure_tiny_models()
+    with quiet_loaders():
+        unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet", use_safetensors=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
+        with torch.no_grad():
+            for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+                conv.weight.normal_(0.0, TINY_CONTROLNET_ZERO_CONV_STD)
+                conv.bias.normal_(0.0, TINY_CONTROLNET_ZERO_CONV_STD)
+            for conv in controlnet.controlnet_cond_embedding.modules():
+                if isinstance(conv, torch.nn.Conv2d):
+                    fan_in = conv.weight[0].numel()
+                    conv.weight.normal_(0.0, TINY_CONTROLNET_EMBEDDING_GAIN * math.sqrt(2.0 / fan_in))
+                    conv.bias.zero_()
+    with quiet_loaders():
+        controlnet.save_pretrained(str(folder), safe_serialization=True)
+    return str(folder)
+
+
 from .realsize import ensure_realsize_models  # noqa: F401 - re-exported for benchmarks

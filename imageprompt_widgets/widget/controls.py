@@ -63,15 +63,19 @@ class SettingsControls(widgets.VBox):
         self.controls: dict[str, widgets.Widget] = {name: control_for(spec) for name, spec in self.specs.items()}
         self.dice = widgets.Button(description="", icon="random", tooltip="random seed", layout=widgets.Layout(width="44px"))
         self.dice.on_click(lambda _: self.roll_seed())
-        main, advanced = [], []
+        main, advanced, structure = [], [], []
         for name, spec in self.specs.items():
             row = self.controls[name]
             if name == "seed":
                 row = widgets.HBox([row, self.dice])
-            (advanced if spec.advanced else main).append(row)
+            (structure if spec.section == "structure" else advanced if spec.advanced else main).append(row)
+        # The Structure section (settings with section="structure"); the panel adds its image and preview.
+        self.structure_box = widgets.VBox(structure)
+        self.structure_section = widgets.Accordion(children=[self.structure_box], selected_index=None)
+        self.structure_section.set_title(0, "Structure")
         self.advanced = widgets.Accordion(children=[widgets.VBox(advanced)], selected_index=None)
         self.advanced.set_title(0, "advanced")
-        super().__init__(children=[*main, self.advanced], **kwargs)
+        super().__init__(children=[*main, self.structure_section, self.advanced], **kwargs)
 
     def __getitem__(self, name: str) -> widgets.Widget:
         return self.controls[name]

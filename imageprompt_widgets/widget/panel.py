@@ -45,6 +45,7 @@ class _Job:
     weights: list[float]
     negatives: list[Image.Image]
     settings: GenerationSettings
+    structure_image: Image.Image | None = None  # the Structure section's own image; None: the first input
     cancel: threading.Event = field(default_factory=threading.Event)
     future: Future | None = None
     last_step: Any = None  # the last StepInfo seen
@@ -119,6 +120,17 @@ class ImagePromptWidget(widgets.VBox):
         starting = {**dict(preset.defaults if preset else ()), **settings}  # e.g. variations: zero negative
         if starting:
             self.controls.apply(GenerationSettings.from_kwargs(**starting))
+        # Structure section: an optional structure image and the edge map an "edges" run would use.
+        self.structure_image: Image.Image | None = None
+        self.structure_upload = widgets.FileUpload(accept="image/*", multiple=False, description="Structure")
+        self.structure_upload.observe(self._on_structure_upload, names="value")
+        self.edge_note = widgets.HTML()
+        self.edge_preview = widgets.Image(format="png", layout=widgets.Layout(max_width="220px", display="none"))
+        self.controls.structure_box.children = (
+            *self.controls.structure_box.children, self.structure_upload, self.edge_note, self.edge_preview,
+        )
+        for name in ("structure", "canny_low", "canny_high", "height", "width"):
+            self.controls[name].observe(lambda _: self._update_edge_preview(), names="value")
         self.generate_button = widgets.Button(description="Generate", button_style="primary", icon="play")
         self.cancel_button = widgets.Button(description="Cancel", icon="stop", disabled=True)
         self.generate_button.on_click(lambda _: self.generate())
@@ -184,6 +196,16 @@ class ImagePromptWidget(widgets.VBox):
         """Replace the inputs: paths, bytes, PIL images, arrays, upload values (as ``load_image`` takes)."""
         self._replace(self.inputs, images, weights)
         self._say(f"{_count(len(self.inputs.items), 'input image')} ready; press Generate.")
+        self._update_edge_preview()
+
+    def set_structure_image(self, image: Any) -> None:
+        """The picture whose layout structure="edges"/"img2img" keeps (``None``: the first input image)."""
+        try:
+            self.structure_image = None if image is None else load_images(image)[0]
+        except ImageInputError as err:
+            self._report(err)
+            raise
+        self._update_edge_preview()
 
     def set_negative_images(self, images: Any) -> None:
         """Images whose embeddings become the negative conditioning (``[]`` to remove them)."""
@@ -267,7 +289,8 @@ class ImagePromptWidget(widgets.VBox):
         if not images:
             raise ImageInputError("Add an image first: upload one, or call w.set_images('path/to/image').")
         settings = self.controls.settings(weights=tuple(weights))
-        return _Job(images, weights, self.negatives.images, settings)
+        structure_image = self.structure_image if settings.structure != "none" else None
+        return _Job(images, weights, self.negatives.images, settings, structure_image)
 
     def _drop(self, job: _Job) -> None:
         job.cancel.set()  # a running job stops after its current step and removes itself
@@ -293,7 +316,7 @@ class ImagePromptWidget(widgets.VBox):
             try:
                 negative = {"negative_image": job.negatives} if job.negatives else {}
                 result = pipe.generate(job.images, job.settings, on_step=self._step_reporter(job, decoder),
-                                       cancel=job.cancel, **negative)
+                                       cancel=job.cancel, structure_image=job.structure_image, **negative)
             finally:
                 pipe.lock.release()
             self._show(job, result, pipe)
@@ -369,6 +392,8 @@ class ImagePromptWidget(widgets.VBox):
             self._say(f"Cancelled{where}; nothing from earlier runs is lost.")
             return
         self.grid.show_final(result.images)
+        if "control_image" in result.trace.extras:  # exactly what the ControlNet saw
+            self._show_edges(result.trace.extras["control_image"][0, 0], "the edge map of this run")
         self.history.add_run(result.images, result.recipe, job.images, job.weights, job.negatives)
         self.result = result
         speed = f", {step.steps_per_second:.1f} it/s" if step is not None else ""
@@ -394,6 +419,8 @@ class ImagePromptWidget(widgets.VBox):
                 problems.append(str(err))
         strip.add(images, names)
         _clear_upload(upload)
+        if strip is self.inputs:
+            self._update_edge_preview()
         added = f"Added {_count(len(images), 'image')}. " if images else ""
         if problems:
             more = f" (and {len(problems) - 1} more problem(s), below)" if len(problems) > 1 else ""
@@ -411,6 +438,48 @@ class ImagePromptWidget(widgets.VBox):
         self.inputs.clear()
         self.inputs.add([item.image], [f"seed {item.seed} #{item.index}"])
         self._say(f"Using seed {item.seed} #{item.index} as the input; press Generate.")
+
+    # -- structure -----------------------------------------------------------------------------
+
+    def _on_structure_upload(self, change: dict[str, Any]) -> None:
+        files = uploaded_files(change["new"])
+        if not files:
+            return
+        try:
+            self.set_structure_image(load_upload(files[0]))
+            self._say(f"Structure image {files[0].name!r} set; the Structure section uses it.")
+        except ImageInputError:
+            pass  # set_structure_image reported it
+        finally:
+            _clear_upload(self.structure_upload)
+
+    def _update_edge_preview(self) -> None:
+        """Show the edge map an "edges" run would use: the structure image (else the first input), the
+        thresholds, and the run's size (the model's native size is known once it has loaded; 512 before)."""
+        from .. import structure
+
+        source = self.structure_image if self.structure_image is not None else next(iter(self.inputs.images), None)
+        if self.controls["structure"].value != "edges" or source is None:
+            self.edge_preview.layout.display = "none"
+            self.edge_note.value = ""
+            return
+        native = getattr(self._pipeline, "native_size", 512)
+        size = structure.fit_size(source.size, self.controls["height"].value, self.controls["width"].value, native)
+        try:
+            edges = structure.edge_map(source, self.controls["canny_low"].value, self.controls["canny_high"].value, size)
+        except ValueError as err:  # OpenCV missing: the sentence names the extra to install
+            self._report(err)
+            return
+        self._show_edges(edges, f"edges at {size[0]}×{size[1]}")
+
+    def _show_edges(self, edges: Any, note: str) -> None:
+        from ..preview import encode_png
+
+        if not isinstance(edges, Image.Image):  # a [H, W] tensor in 0..1 from the trace
+            edges = Image.fromarray((edges.clamp(0, 1) * 255).round().byte().cpu().numpy())
+        self.edge_preview.value = encode_png(edges)
+        self.edge_preview.layout.display = None
+        self.edge_note.value = f"<small>{html.escape(note)}</small>"
 
     # -- status --------------------------------------------------------------------------------
 
