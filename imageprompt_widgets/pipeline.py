@@ -215,7 +215,11 @@ class ImagePromptPipeline:
         if crop not in CROPS:
             raise SettingsError(f"crop={crop!r} is not one of {', '.join(CROPS)}.")
         pil_images = load_images(images)
-        key = (crop, *(_fingerprint(image) for image in pil_images))
+        return self._encode_loaded(pil_images, [_fingerprint(image) for image in pil_images], crop)
+
+    def _encode_loaded(self, pil_images: list[Any], fingerprints: list[str], crop: str) -> ImageEmbedding:
+        """``encode_image`` for images already decoded and fingerprinted (``generate`` does both once)."""
+        key = (crop, *fingerprints)
         cached = self._embeddings.get(key)
         if cached is not None:
             self._embeddings.move_to_end(key)
@@ -345,8 +349,13 @@ class ImagePromptPipeline:
             raise SettingsError(f"structure_image takes one image, not {len(structure_images)}.")
         with self.lock:
             start = time.perf_counter()
-            embedding = self.encode_image(pil_images, crop=settings.crop)
-            negative_embedding = self.encode_image(negative_images, crop=settings.crop) if negative_images else None
+            # Decoding and hashing a 12-megapixel photo costs ~0.1 s each: do both once per input.
+            input_prints = [_fingerprint(image) for image in pil_images]
+            negative_prints = [_fingerprint(image) for image in negative_images]
+            embedding = self._encode_loaded(pil_images, input_prints, settings.crop)
+            negative_embedding = (
+                self._encode_loaded(negative_images, negative_prints, settings.crop) if negative_images else None
+            )
             cond = self._conditioning(embedding, settings, negative_embedding, pil_images)
             trace = Trace(
                 pixel_values=_cpu(embedding.pixel_values),
@@ -363,7 +372,7 @@ class ImagePromptPipeline:
             notes = dict(cond.notes)
             if structure_images:
                 notes["structure_input"] = _fingerprint(structure_images[0])[:16]
-            recipe = self._recipe(settings, pil_images, negative_images, notes)
+            recipe = self._recipe(settings, input_prints, negative_prints, notes)
             recipe["model"].update(plan.notes)
             tracker = _StepTracker(self, settings, trace, on_step, cancel, trace_latents)
             if cancel is not None and cancel.is_set():
@@ -476,8 +485,8 @@ class ImagePromptPipeline:
     def _recipe(
         self,
         settings: GenerationSettings,
-        images: Sequence[Any],
-        negative_images: Sequence[Any] = (),
+        input_prints: Sequence[str],
+        negative_prints: Sequence[str] = (),
         notes: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         from . import __version__
@@ -492,8 +501,8 @@ class ImagePromptPipeline:
                 **({"ip_adapter": self.preset.ip_adapter} if self.preset.ip_adapter else {}),
                 **({"captioner": self.preset.captioner} if self.preset.captioner else {}),
             },
-            "inputs": [_fingerprint(image)[:16] for image in images],
-            "negative_inputs": [_fingerprint(image)[:16] for image in negative_images],
+            "inputs": [fingerprint[:16] for fingerprint in input_prints],
+            "negative_inputs": [fingerprint[:16] for fingerprint in negative_prints],
             **(notes or {}),
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
@@ -520,6 +529,7 @@ class _StepTracker:
         self.cancel = cancel
         self.trace_latents = trace_latents
         self.snapshots: list[torch.Tensor] = []
+        self._timesteps: list[Any] = []
         self.started = time.perf_counter()
         self._unet_call: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         #: Called with (steps finished, total) after each step, before the next (e.g. the IP-Adapter window).
@@ -529,7 +539,7 @@ class _StepTracker:
         latents = kwargs["latents"]
         total = sd.num_timesteps
         step = index + 1
-        self.trace.timesteps.append(float(timestep))
+        self._timesteps.append(timestep)  # a device tensor: float() here would wait for the GPU every step
         if self.trace_latents:
             stride = max(1, math.ceil(total / MAX_TRACED_STEPS))
             if index % stride == 0 or step == total:
@@ -582,6 +592,7 @@ class _StepTracker:
         return (sample - (1 - alpha).sqrt() * prediction) / alpha.sqrt()
 
     def finish(self) -> None:
+        self.trace.timesteps = [float(timestep) for timestep in self._timesteps]
         if self.snapshots:
             self.trace.latents = torch.stack(self.snapshots)
 
