@@ -162,7 +162,7 @@ class History(widgets.VBox):
         while len(self.items) > 1 and (len(self.items) > self.max_items or self.nbytes > self.max_bytes):
             dropped = self.items.pop()
             if dropped is self.selected:
-                self.close()
+                self.close_detail()
             evicted.append(self._tiles.pop(id(dropped)))
         self.empty.layout.display = "none" if self.items else None
         self.strip.children = [self._tiles[id(item)] for item in self.items]
@@ -187,7 +187,8 @@ class History(widgets.VBox):
         )
         self.detail.layout.display = None
 
-    def close(self) -> None:
+    def close_detail(self) -> None:
+        """Hide the large view (not named ``close``: that would shadow ``Widget.close`` and leak the history)."""
         self.selected = None
         self.detail.layout.display = "none"
 
