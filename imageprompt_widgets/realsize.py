@@ -79,11 +79,9 @@ def ensure_realsize_models() -> tuple[str, str]:
 
     The first call takes a minute or two and writes about 6 GB; later calls return at once.
     """
-    from .testing import _build_atomically
+    from .testing import _build_once
 
-    final = realsize_model_dir()
-    if not (final / "sd" / "model_index.json").is_file():
-        _build_atomically(final, build_realsize_models)
+    final = _build_once(realsize_model_dir(), build_realsize_models, "sd/model_index.json")
     return str(final / "sd"), str(final / "clip")
 
 
@@ -93,7 +91,7 @@ def build_realsize_models(folder: str | os.PathLike, seed: int = REALSIZE_SEED) 
     The CLIP folder holds the text tower too, as openai's checkpoint does, so that the guide's way
     (load all of ``CLIPModel``) can be measured against the engine's (vision tower + projection).
     """
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import (
         CLIPConfig,
         CLIPImageProcessor,
@@ -105,7 +103,7 @@ def build_realsize_models(folder: str | os.PathLike, seed: int = REALSIZE_SEED) 
     )
 
     from .models import quiet_loaders
-    from .testing import write_byte_level_tokenizer
+    from .testing import save_sd_pipeline, write_byte_level_tokenizer
 
     folder = Path(folder)
     sd_dir, clip_dir, tok_dir = folder / "sd", folder / "clip", folder / "tokenizer-src"
@@ -125,28 +123,8 @@ def build_realsize_models(folder: str | os.PathLike, seed: int = REALSIZE_SEED) 
         text_encoder = CLIPTextModel(text_config)
     for offset, module in enumerate((unet, vae, text_encoder)):
         fill_random(module, seed + offset)
-    scheduler = PNDMScheduler(  # SD 1.4's scheduler config, as in the tiny preset
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        skip_prk_steps=True,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    with quiet_loaders():
-        pipe.save_pretrained(str(sd_dir), safe_serialization=True)
-    del pipe, unet, vae, text_encoder  # keep the build's peak memory to one model at a time
+    save_sd_pipeline(sd_dir, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet)
+    del unet, vae, text_encoder  # keep the build's peak memory to one model at a time
 
     with _uninitialised_modules():
         clip = CLIPModel(

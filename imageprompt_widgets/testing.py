@@ -12,7 +12,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 #: Bump when the tiny configs change, so stale caches are rebuilt rather than reused.
 TINY_VERSION = "v1"
@@ -36,14 +38,17 @@ def tiny_model_dir() -> Path:
 
 def ensure_tiny_models() -> tuple[str, str]:
     """Build the tiny preset once (atomically) and return ``(sd_folder, clip_folder)``."""
-    final = tiny_model_dir()
-    if not (final / "sd" / "model_index.json").is_file():
-        _build_atomically(final, build_tiny_models)
+    final = _build_once(tiny_model_dir(), build_tiny_models, "sd/model_index.json")
     return str(final / "sd"), str(final / "clip")
 
 
-def _build_atomically(final: Path, build) -> None:
-    """Build into a private temp folder, then rename: a concurrent builder can never see half a model."""
+def _build_once(final: Path, build: Callable[[Path], Any], marker: str) -> Path:
+    """Build into a private temp folder, then rename: a concurrent builder can never see half a model.
+
+    ``marker`` is a file the finished build has; when it exists the build is not repeated.
+    """
+    if (final / marker).is_file():
+        return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
     try:
@@ -52,16 +57,79 @@ def _build_atomically(final: Path, build) -> None:
             os.rename(tmp, final)
         except OSError:
             # Another process finished first; its copy is identical (same seed), keep it.
-            if not (final / "sd" / "model_index.json").is_file():
+            if not (final / marker).is_file():
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def sd14_scheduler() -> Any:
+    """SD 1.4's scheduler config: PNDM with skipped PRK steps, scaled-linear betas."""
+    from diffusers import PNDMScheduler
+
+    return PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        skip_prk_steps=True,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+def save_sd_pipeline(folder: str | os.PathLike, *, vae: Any, text_encoder: Any, tokenizer: Any, unet: Any) -> None:
+    """Save SD components as a diffusers folder (SD 1.4's scheduler, no safety checker): real weights' layout."""
+    from diffusers import StableDiffusionPipeline
+
+    from .models import quiet_loaders
+
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=sd14_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    with quiet_loaders():
+        pipe.save_pretrained(str(folder), safe_serialization=True)
+
+
+def _tiny_unet(cross_attention_dim: int = TINY_CROSS_ATTENTION_DIM) -> Any:
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+    )
+
+
+def _tiny_vae() -> Any:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+    )
 
 
 def build_tiny_models(folder: str | os.PathLike, seed: int = TINY_SEED) -> tuple[str, str]:
     """Write a tiny SD 1.x pipeline to ``folder/sd`` and a tiny CLIP to ``folder/clip``."""
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import (
         CLIPConfig,
         CLIPImageProcessor,
@@ -104,25 +172,9 @@ def build_tiny_models(folder: str | os.PathLike, seed: int = TINY_SEED) -> tuple
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            block_out_channels=(32, 64),
-            layers_per_block=2,
-            sample_size=32,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=width,
-        )
+        unet = _tiny_unet(width)
         torch.manual_seed(seed)
-        vae = AutoencoderKL(
-            block_out_channels=[32, 64],
-            in_channels=3,
-            out_channels=3,
-            down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-            up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-            latent_channels=4,
-        )
+        vae = _tiny_vae()
         torch.manual_seed(seed)
         text_encoder = CLIPTextModel(text_config)
         torch.manual_seed(seed)
@@ -131,28 +183,8 @@ def build_tiny_models(folder: str | os.PathLike, seed: int = TINY_SEED) -> tuple
         clip = CLIPModel(CLIPConfig(text_config=text_config.to_dict(), vision_config=vision_config.to_dict(),
                                     projection_dim=width))
 
-    # SD 1.4's scheduler config: PNDM with skipped PRK steps, scaled-linear betas.
-    scheduler = PNDMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        skip_prk_steps=True,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    save_sd_pipeline(sd_dir, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet)
     with quiet_loaders():
-        pipe.save_pretrained(str(sd_dir), safe_serialization=True)
         clip.save_pretrained(str(clip_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(clip_dir))
     size = vision_config.image_size
@@ -263,37 +295,20 @@ def ensure_tiny_variations_model() -> str:
 def build_tiny_variations_model(folder: str | os.PathLike, seed: int = TINY_SEED) -> str:
     """Write a tiny ``StableDiffusionImageVariationPipeline``: UNet conditioned on one projected image token."""
     import torch
-    from diffusers import (
-        AutoencoderKL,
-        PNDMScheduler,
-        StableDiffusionImageVariationPipeline,
-        UNet2DConditionModel,
-    )
+    from diffusers import StableDiffusionImageVariationPipeline
     from transformers import CLIPVisionModelWithProjection
 
     from .models import quiet_loaders
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)  # a different UNet from the tiny preset's: it stands for a fine-tuned one
-        unet = UNet2DConditionModel(
-            block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=TINY_CROSS_ATTENTION_DIM,
-        )
+        unet = _tiny_unet()
         torch.manual_seed(seed)
-        vae = AutoencoderKL(
-            block_out_channels=[32, 64], in_channels=3, out_channels=3,
-            down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-            up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"], latent_channels=4,
-        )
+        vae = _tiny_vae()
         torch.manual_seed(seed)
         image_encoder = CLIPVisionModelWithProjection(_tiny_vision_config(TINY_CROSS_ATTENTION_DIM))
-    scheduler = PNDMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1,
-    )
     pipe = StableDiffusionImageVariationPipeline(
-        vae=vae, image_encoder=image_encoder, unet=unet, scheduler=scheduler, safety_checker=None,
+        vae=vae, image_encoder=image_encoder, unet=unet, scheduler=sd14_scheduler(), safety_checker=None,
         feature_extractor=_tiny_image_processor(), requires_safety_checker=False,
     )
     with quiet_loaders():
