@@ -29,7 +29,9 @@ def tiny_pipe():
     return ImagePromptPipeline.from_preset("tiny")
 
 
-#: A deterministic, textured RGB test image: ``make_image(seed, size=(w, h))``.
+#: A deterministic, textured RGB test image: ``make_image(seed, size=(w, h))``. Test modules import
+#: ``imageprompt_widgets.testing.sample_image`` instead: ``from conftest import`` is ambiguous once
+#: tests/browser/ has a conftest of its own.
 make_image = sample_image
 
 

@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import make_image
 
 from imageprompt_widgets import GenerationSettings, SettingsError
 from imageprompt_widgets import conditioning as c
 from imageprompt_widgets.pipeline import NORM_PROBE_PROMPTS, conditioning_builders
 from imageprompt_widgets.settings import MODES
+from imageprompt_widgets.testing import sample_image as make_image
 
 FAST = {"steps": 2, "seed": 7}
 
