@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from imageprompt_widgets.testing import sample_image
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -112,7 +114,7 @@ def test_realsize_builder_writes_loadable_models_atomically(tmp_path, monkeypatc
 
     pipe = ImagePromptPipeline.from_pretrained(sd, clip, device="cpu", dtype="float32")
     assert not hasattr(pipe.image_encoder, "text_model")
-    result = pipe.generate(__import__("conftest").make_image(0), steps=2, trace_latents=True)
+    result = pipe.generate(sample_image(0), steps=2, trace_latents=True)
     assert torch.isfinite(result.trace.latents).all() and torch.isfinite(result.trace.image_embeds).all()
 
 
