@@ -514,3 +514,18 @@ def test_the_panel_starts_from_the_presets_own_defaults():
     chosen = ImagePromptWidget(model="tiny-variations", runner=InlineRunner(), steps=3)
     assert chosen.controls.controls["steps"].value == 3 and chosen.controls.controls["negative"].value == "zeros"
     assert ImagePromptWidget(model="tiny", runner=InlineRunner()).controls.controls["negative"].value == "empty_prompt"
+
+
+def test_a_caption_run_puts_blips_caption_in_the_prompt_field_to_edit():
+    panel = ImagePromptWidget(model="tiny-caption", runner=InlineRunner(), steps=2)
+    panel.set_images([sample_image(0)])
+    first = panel.generate().result(timeout=WAIT)
+    prompt = panel.controls.controls["prompt"]
+    assert first.recipe["caption"] and prompt.value == first.recipe["caption"]
+    assert "edit it and Generate again" in panel.status
+    again = panel.generate().result(timeout=WAIT)  # the caption, now as the typed prompt: the same picture
+    assert np.array_equal(np.asarray(again.images[0]), np.asarray(first.images[0]))
+    prompt.value = "a red square"
+    edited = panel.generate().result(timeout=WAIT)
+    assert edited.recipe["caption"] == "a red square"
+    assert not np.array_equal(np.asarray(edited.images[0]), np.asarray(first.images[0]))

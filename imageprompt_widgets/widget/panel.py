@@ -397,8 +397,13 @@ class ImagePromptWidget(widgets.VBox):
         self.history.add_run(result.images, result.recipe, job.images, job.weights, job.negatives)
         self.result = result
         speed = f", {step.steps_per_second:.1f} it/s" if step is not None else ""
-        self._say(f"Done: {_count(len(result.images), 'image')} in {result.seconds:.1f} s{speed}, "
-                  f"seed {result.settings.get('seed')}.")
+        done = f"Done: {_count(len(result.images), 'image')} in {result.seconds:.1f} s{speed}, seed {result.settings.get('seed')}."
+        prompt = self.controls.controls.get("prompt")
+        caption = result.recipe.get("caption")
+        if caption and prompt is not None and not prompt.value.strip():
+            prompt.value = caption  # the caption route: show BLIP's words where the user can edit them
+            done += " BLIP's caption is in the prompt field: edit it and Generate again."
+        self._say(done)
         try:
             self.inspector.show(result, pipe)
         except Exception as err:  # noqa: BLE001 - a broken view must not hide the images
