@@ -253,24 +253,6 @@ TINY_ADAPTER_ENCODER_DIM = 48
 TINY_ADAPTER_WEIGHT_NAME = "ip-adapter_tiny.safetensors"
 
 
-def _build_once(final: Path, build, marker: str) -> Path:
-    """Like the tiny preset's build: a private temp folder renamed into place, so no one sees half a model."""
-    if (final / marker).is_file():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-    try:
-        build(tmp)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / marker).is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
 def _tiny_vision_config(projection_dim: int):
     from transformers import CLIPVisionConfig
 
