@@ -46,6 +46,7 @@ class Preset:
     controlnet: str | None = None
 
 
+#: The settings the variations model was trained for: one image token, a zero unconditional embedding.
 _VARIATIONS_DEFAULTS = (("mode", "single"), ("negative", "zeros"))
 #: lllyasviel's canny ControlNet, trained on SD 1.5 (its UNet is SD 1.4's, fine-tuned), so it fits both.
 CANNY_CONTROLNET = "lllyasviel/sd-controlnet-canny"

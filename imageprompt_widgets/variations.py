@@ -26,9 +26,6 @@ from .models import (
 )
 from .presets import Preset
 
-#: The settings the variations model was trained for: one token, zero unconditional embedding.
-VARIATIONS_DEFAULTS = (("mode", "single"), ("negative", "zeros"))
-
 
 def load_components(
     preset: Preset,
