@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .conditioning import Conditioning
-from .models import StatusCallback, _translate_load_errors, quiet_loaders
+from .models import StatusCallback, quiet_loaders, translate_load_errors
 from .presets import Preset
 from .settings import GenerationSettings, SettingsError
 
@@ -58,7 +58,7 @@ def load_captioner(
     name = str(preset.captioner)
     path = ensure_tiny_captioner() if name == "tiny" else name
     say(f"Loading the captioner {name!r}…")
-    with _translate_load_errors(name, allow_pickle), quiet_loaders():
+    with translate_load_errors(name, allow_pickle), quiet_loaders():
         model = BlipForConditionalGeneration.from_pretrained(
             path, dtype=dtype, use_safetensors=None if allow_pickle else True
         )

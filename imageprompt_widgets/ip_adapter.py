@@ -24,8 +24,8 @@ from .models import (
     LoadedComponents,
     StatusCallback,
     _load_sd,
-    _translate_load_errors,
     quiet_loaders,
+    translate_load_errors,
 )
 from .presets import Preset
 from .settings import GenerationSettings, SettingsError
@@ -74,7 +74,7 @@ def load_components(
     sd = _load_sd(sd_path, preset.sd_model, dtype, safety_checker=safety_checker, allow_pickle=allow_pickle)
     say(f"Loading the IP-Adapter image encoder {preset.clip_model!r}…")
     use_safetensors = None if allow_pickle else True
-    with _translate_load_errors(preset.clip_model, allow_pickle), quiet_loaders():
+    with translate_load_errors(preset.clip_model, allow_pickle), quiet_loaders():
         image_encoder = CLIPVisionModelWithProjection.from_pretrained(
             encoder_path, subfolder=subfolder, dtype=dtype, use_safetensors=use_safetensors
         )
@@ -88,7 +88,7 @@ def load_components(
             size = image_encoder.config.image_size
             image_processor = CLIPImageProcessor(size=size, crop_size=size)
     say(f"Loading the IP-Adapter weights {preset.ip_adapter!r}…")
-    with _translate_load_errors(str(preset.ip_adapter), allow_pickle), quiet_loaders():
+    with translate_load_errors(str(preset.ip_adapter), allow_pickle), quiet_loaders():
         sd.load_ip_adapter(adapter_path, subfolder=adapter_subfolder, weight_name=weight_name, image_encoder_folder=None)
     check_adapter_fits(image_encoder, sd.unet, preset)
     # Registered on the diffusers pipeline too, so bare diffusers with ip_adapter_image= sees the same encoder.

@@ -242,20 +242,20 @@ def _load_sd(path: str, name: str, dtype: torch.dtype, *, safety_checker: bool |
     with quiet_loaders():
         from diffusers import StableDiffusionPipeline
 
-    _check_local_folder(path, name, "model_index.json", "a Stable Diffusion model (diffusers format)")
+    check_local_folder(path, name, "model_index.json", "a Stable Diffusion model (diffusers format)")
     kwargs: dict[str, Any] = {diffusers_dtype_kwarg(): dtype, "use_safetensors": None if allow_pickle else True}
     if safety_checker is False:
         # The supported way to switch it off; a lambda in its place breaks the pipeline config.
         kwargs.update(safety_checker=None, requires_safety_checker=False)
-    with _translate_load_errors(name, allow_pickle), quiet_loaders():
+    with translate_load_errors(name, allow_pickle), quiet_loaders():
         return StableDiffusionPipeline.from_pretrained(path, **kwargs)
 
 
 def _load_image_encoder(path: str, name: str, dtype: torch.dtype, allow_pickle: bool):
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
-    _check_local_folder(path, name, "config.json", "a CLIP model (transformers format)")
-    with _translate_load_errors(name, allow_pickle), quiet_loaders():
+    check_local_folder(path, name, "config.json", "a CLIP model (transformers format)")
+    with translate_load_errors(name, allow_pickle), quiet_loaders():
         encoder = CLIPVisionModelWithProjection.from_pretrained(
             path, dtype=dtype, use_safetensors=None if allow_pickle else True
         )
@@ -263,7 +263,7 @@ def _load_image_encoder(path: str, name: str, dtype: torch.dtype, allow_pickle: 
     return encoder, processor
 
 
-def _check_local_folder(path: str, name: str, marker: str, what: str) -> None:
+def check_local_folder(path: str, name: str, marker: str, what: str) -> None:
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, marker)):
         raise ModelLoadError(f"The folder {name!r} is not {what}: it has no {marker}.")
     looks_like_path = path.startswith((".", "/", "~")) or path.count("/") > 1
@@ -272,7 +272,7 @@ def _check_local_folder(path: str, name: str, marker: str, what: str) -> None:
 
 
 @contextlib.contextmanager
-def _translate_load_errors(name: str, allow_pickle: bool) -> Iterator[None]:
+def translate_load_errors(name: str, allow_pickle: bool) -> Iterator[None]:
     """One sentence per failure instead of a page of Hub tracebacks."""
     try:
         yield

@@ -126,7 +126,7 @@ def load_controlnet(
     """A diffusers ``ControlNetModel`` from a Hub id or folder (``"tiny"``: the offline twin), on ``device``."""
     from diffusers import ControlNetModel
 
-    from .models import _check_local_folder, _translate_load_errors
+    from .models import check_local_folder, translate_load_errors
     from .testing import ensure_tiny_controlnet
 
     say = on_status or (lambda message: None)
@@ -134,10 +134,10 @@ def load_controlnet(
     if model == "tiny":
         say("Building the tiny ControlNet (first use only)…")
         path = ensure_tiny_controlnet()
-    _check_local_folder(path, model, "config.json", "a ControlNet (diffusers format)")
+    check_local_folder(path, model, "config.json", "a ControlNet (diffusers format)")
     say(f"Loading the ControlNet {model!r} onto {device}…")
     kwargs = {diffusers_dtype_kwarg(): dtype, "use_safetensors": None if allow_pickle else True}
-    with _translate_load_errors(model, allow_pickle), quiet_loaders():
+    with translate_load_errors(model, allow_pickle), quiet_loaders():
         controlnet = ControlNetModel.from_pretrained(path, **kwargs)
     return controlnet.to(device).eval()
 

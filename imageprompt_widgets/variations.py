@@ -19,10 +19,10 @@ from .models import (
     LoadedComponents,
     ModelLoadError,
     StatusCallback,
-    _translate_load_errors,
     check_encoder_fits,
     diffusers_dtype_kwarg,
     quiet_loaders,
+    translate_load_errors,
 )
 from .presets import Preset
 
@@ -58,7 +58,7 @@ def load_components(
     if safety_checker is False:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     say(f"Loading the image-variations model {preset.sd_model!r} onto {device}…")
-    with _translate_load_errors(preset.sd_model, allow_pickle), quiet_loaders():
+    with translate_load_errors(preset.sd_model, allow_pickle), quiet_loaders():
         sd = StableDiffusionPipeline.from_pretrained(path, **kwargs)
     image_encoder, image_processor = sd.image_encoder, sd.feature_extractor
     if image_encoder is None or image_processor is None:
