@@ -79,9 +79,9 @@ def ensure_realsize_models() -> tuple[str, str]:
 
     The first call takes a minute or two and writes about 6 GB; later calls return at once.
     """
-    from .testing import _build_once
+    from .testing import build_once
 
-    final = _build_once(realsize_model_dir(), build_realsize_models, "sd/model_index.json")
+    final = build_once(realsize_model_dir(), build_realsize_models, "sd/model_index.json")
     return str(final / "sd"), str(final / "clip")
 
 

@@ -38,11 +38,11 @@ def tiny_model_dir() -> Path:
 
 def ensure_tiny_models() -> tuple[str, str]:
     """Build the tiny preset once (atomically) and return ``(sd_folder, clip_folder)``."""
-    final = _build_once(tiny_model_dir(), build_tiny_models, "sd/model_index.json")
+    final = build_once(tiny_model_dir(), build_tiny_models, "sd/model_index.json")
     return str(final / "sd"), str(final / "clip")
 
 
-def _build_once(final: Path, build: Callable[[Path], Any], marker: str) -> Path:
+def build_once(final: Path, build: Callable[[Path], Any], marker: str) -> Path:
     """Build into a private temp folder, then rename: a concurrent builder can never see half a model.
 
     ``marker`` is a file the finished build has; when it exists the build is not repeated.
@@ -271,7 +271,7 @@ def _tiny_image_processor():
 def ensure_tiny_variations_model() -> str:
     """The ``tiny-variations`` twin: an image-variations pipeline folder (no text encoder), like lambdalabs'."""
     final = cache_dir() / f"tiny-variations-{TINY_METHODS_VERSION}"
-    return str(_build_once(final, build_tiny_variations_model, "model_index.json"))
+    return str(build_once(final, build_tiny_variations_model, "model_index.json"))
 
 
 def build_tiny_variations_model(folder: str | os.PathLike, seed: int = TINY_SEED) -> str:
@@ -301,7 +301,7 @@ def build_tiny_variations_model(folder: str | os.PathLike, seed: int = TINY_SEED
 def ensure_tiny_ip_adapter_models() -> tuple[str, str, str]:
     """The ``tiny-ip-adapter`` twin: ``(sd_folder, image_encoder_folder, adapter_folder)``."""
     final = cache_dir() / f"tiny-ip-adapter-{TINY_METHODS_VERSION}"
-    _build_once(final, build_tiny_ip_adapter_models, f"adapter/{TINY_ADAPTER_WEIGHT_NAME}")
+    build_once(final, build_tiny_ip_adapter_models, f"adapter/{TINY_ADAPTER_WEIGHT_NAME}")
     return str(final / "sd"), str(final / "image_encoder"), str(final / "adapter")
 
 
@@ -380,7 +380,7 @@ def tiny_ip_adapter_state_dict(unet, image_embed_dim: int, num_tokens: int = 4) 
 def ensure_tiny_captioner() -> str:
     """The ``tiny-caption`` twin's BLIP: random weights, a small word vocabulary, real BLIP classes."""
     final = cache_dir() / f"tiny-blip-{TINY_METHODS_VERSION}"
-    return str(_build_once(final, build_tiny_captioner, "config.json"))
+    return str(build_once(final, build_tiny_captioner, "config.json"))
 
 
 TINY_CAPTION_WORDS = (
@@ -444,7 +444,7 @@ TINY_CONTROLNET_EMBEDDING_GAIN = 2.0
 def ensure_tiny_controlnet() -> str:
     """The tiny ControlNet folder (built once, atomically): a twin of ``lllyasviel/sd-controlnet-canny``."""
     final = cache_dir() / f"tiny-controlnet-{TINY_CONTROLNET_VERSION}"
-    return str(_build_once(final, build_tiny_controlnet, "diffusion_pytorch_model.safetensors"))
+    return str(build_once(final, build_tiny_controlnet, "diffusion_pytorch_model.safetensors"))
 
 
 def build_tiny_controlnet(folder: str | os.PathLike, seed: int = TINY_SEED) -> str:
