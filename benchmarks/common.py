@@ -36,11 +36,11 @@ class Models:
 def model_folders(kind: str) -> Models:
     """The tiny preset's folders, or the real-size random architectures (built on first use, ~6 GB)."""
     if kind == "tiny":
-        from imageprompt_widgets.testing import ensure_tiny_models
+        from imageprompt_widgets.offline import ensure_tiny_models
 
         return Models(kind, *ensure_tiny_models())
     if kind == "real":
-        from imageprompt_widgets.testing import ensure_realsize_models
+        from benchmarks.realsize import ensure_realsize_models
 
         return Models(kind, *ensure_realsize_models())
     raise ValueError(f"Unknown model kind {kind!r}: use one of {', '.join(MODEL_KINDS)}.")

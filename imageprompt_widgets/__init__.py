@@ -17,8 +17,8 @@ _LAZY = {
     "ImageEmbedding": "pipeline",
     "StepInfo": "pipeline",
     "generate": "pipeline",
-    "GenerationResult": "trace",
-    "Trace": "trace",
+    "GenerationResult": "results",
+    "Trace": "results",
     "GenerationSettings": "settings",
     "SettingsError": "settings",
     "load_image": "images",
@@ -70,6 +70,6 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .models import ModelLoadError, clear_cache
     from .pipeline import ImageEmbedding, ImagePromptPipeline, StepInfo, generate
     from .presets import PRESETS, Preset
+    from .results import GenerationResult, Trace
     from .settings import GenerationSettings, SettingsError
-    from .trace import GenerationResult, Trace
     from .widget import ImagePromptWidget

@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
+from .offline import ensure_tiny_models, tiny_model_dir
 from .presets import Preset, resolve_preset
-from .testing import ensure_tiny_models, tiny_model_dir
+from .quiet import quiet_loaders
 
 StatusCallback = Callable[[str], None]
 
@@ -309,31 +310,6 @@ def _looks_missing(text: str) -> bool:
     markers = ("not fully cached", "not cached", "Cannot find", "LocalEntryNotFound", "local_files_only",
                "outgoing traffic has been disabled", "OfflineModeIsEnabled", "does not appear to have")
     return any(marker in text for marker in markers)
-
-
-@contextlib.contextmanager
-def quiet_loaders() -> Iterator[None]:
-    """Hide the loaders' reports (the unused CLIP text tower is expected) and their progress bars.
-
-    Our own status line reports loading; the libraries' settings are restored afterwards.
-    """
-    from transformers.utils import logging as hf_logging
-
-    hf_saved = (hf_logging, hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled())
-    hf_logging.set_verbosity_error()  # before diffusers' import, which warns about optional torchvision
-    from diffusers.utils import logging as diffusers_logging
-
-    saved = [hf_saved, (diffusers_logging, diffusers_logging.get_verbosity(), diffusers_logging.is_progress_bar_enabled())]
-    for lib, _, _ in saved:
-        lib.set_verbosity_error()
-        lib.disable_progress_bar()
-    try:
-        yield
-    finally:
-        for lib, verbosity, bars in saved:
-            lib.set_verbosity(verbosity)
-            if bars:
-                lib.enable_progress_bar()
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

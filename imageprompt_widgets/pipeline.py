@@ -3,7 +3,7 @@
 The pipeline encodes images with the CLIP vision tower, turns the embeddings into prompt
 embeddings (conditioning.py), and hands those to diffusers' own ``StableDiffusionPipeline``
 unchanged, so the pixels equal what bare diffusers gives for the same embeddings and seed.
-Everything in between is kept in a :class:`~imageprompt_widgets.trace.Trace`.
+Everything in between is kept in a :class:`~imageprompt_widgets.results.Trace`.
 
 Every method goes through :meth:`ImagePromptPipeline.generate` with one signature: ``mode`` picks
 a conditioning builder (``conditioning_builders()``), and the result is always a diffusers
@@ -38,9 +38,9 @@ from .models import (
     resolve_device_dtype,
 )
 from .presets import PRESETS, Preset, resolve_preset
+from .results import GenerationResult, Trace
 from .settings import CROPS, GenerationSettings, SettingsError
 from .structure import StructureRunners
-from .trace import GenerationResult, Trace
 
 #: At most this many latent snapshots are kept per run (a stride is used beyond it).
 MAX_TRACED_STEPS = 64
@@ -156,7 +156,7 @@ class ImagePromptPipeline:
             )
             captioner = None
             if preset.captioner:
-                from .caption import load_captioner
+                from .methods.caption import load_captioner
 
                 captioner = load_captioner(preset, dev, dt, allow_pickle=allow_pickle, on_status=on_status)
             return cls(
@@ -723,11 +723,11 @@ def _attention_mask(unet: Any, mask: torch.Tensor) -> Iterator[None]:
 def _component_loader(preset: Preset) -> Callable[..., Any]:
     """models.load_components for SD + CLIP pairs; the variations and IP-Adapter presets load their own way."""
     if preset.method == "variations":
-        from .variations import load_components as load_variations
+        from .methods.variations import load_components as load_variations
 
         return load_variations
     if preset.method == "ip_adapter":
-        from .ip_adapter import load_components as load_ip_adapter
+        from .methods.ip_adapter import load_components as load_ip_adapter
 
         return load_ip_adapter
     return load_components
@@ -735,7 +735,7 @@ def _component_loader(preset: Preset) -> Callable[..., Any]:
 
 def conditioning_builders() -> dict[str, Any]:
     """Mode name → the function that builds its :class:`Conditioning` (imported lazily: optional parts)."""
-    from . import caption, ip_adapter
+    from .methods import caption, ip_adapter
 
     return {
         "repeat": _image_conditioning,

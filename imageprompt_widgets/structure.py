@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .models import StatusCallback, diffusers_dtype_kwarg, quiet_loaders
+from .models import StatusCallback, diffusers_dtype_kwarg
+from .quiet import quiet_loaders
 from .settings import GenerationSettings, SettingsError
 
 #: The optional dependency group that brings OpenCV (``pip install 'imageprompt_widgets[edges]'``).
@@ -127,7 +128,7 @@ def load_controlnet(
     from diffusers import ControlNetModel
 
     from .models import check_local_folder, translate_load_errors
-    from .testing import ensure_tiny_controlnet
+    from .offline import ensure_tiny_controlnet
 
     say = on_status or (lambda message: None)
     path = model

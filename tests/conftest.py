@@ -14,11 +14,26 @@ os.environ.pop("IMAGEPROMPT_MODEL", None)
 # The tiny models gain nothing from a second thread, and on a busy 2-core machine two torch threads per
 # process thrash: measured 0.7-1.0 s vs 11-14 s for a 10-step tiny run. Subprocesses (kernels) inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Tests compare with torch.Generator("cpu") and float32 pixels, so they pin the engine to the CPU instead of
+# assuming the machine has no GPU: kernels and CLI subprocesses see no CUDA device, and this process's
+# device policy is patched below (session fixture ``cpu_only``).
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 import pytest
+import torch
 from PIL import Image
 
-from imageprompt_widgets.testing import sample_image
+from imageprompt_widgets.offline import sample_image
+
+
+@pytest.fixture(autouse=True, scope="session")
+def cpu_only():
+    """The engine's device policy sees no CUDA or MPS device, on any machine (tests that need a device
+    name it: ``device="cpu"``, or patch these back)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.cuda, "is_available", lambda: False)
+        patch.setattr(torch.backends.mps, "is_available", lambda: False)
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -30,7 +45,7 @@ def tiny_pipe():
 
 
 #: A deterministic, textured RGB test image: ``make_image(seed, size=(w, h))``. Test modules import
-#: ``imageprompt_widgets.testing.sample_image`` instead: ``from conftest import`` is ambiguous once
+#: ``imageprompt_widgets.offline.sample_image`` instead: ``from conftest import`` is ambiguous once
 #: tests/browser/ has a conftest of its own.
 make_image = sample_image
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from imageprompt_widgets.testing import sample_image
+from imageprompt_widgets.offline import sample_image
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,7 +48,7 @@ def test_realsize_configs_have_the_published_parameter_counts():
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from imageprompt_widgets import realsize
+    from benchmarks import realsize
 
     def count(module):
         return sum(p.numel() for p in module.parameters())
@@ -62,7 +62,7 @@ def test_realsize_configs_have_the_published_parameter_counts():
 
 
 def test_fill_random_is_finite_deterministic_and_scaled_like_a_fresh_model():
-    from imageprompt_widgets.realsize import fill_random
+    from benchmarks.realsize import fill_random
 
     def model():
         return torch.nn.Sequential(torch.nn.Linear(300, 64), torch.nn.LayerNorm(64), torch.nn.Embedding(50, 8))
@@ -84,9 +84,10 @@ def test_realsize_builder_writes_loadable_models_atomically(tmp_path, monkeypatc
     """The real builder on shrunken configs: the cache folder, the tokenizer's ids, the full CLIP, loading."""
     from transformers import CLIPModel, CLIPTokenizer
 
-    from imageprompt_widgets import ImagePromptPipeline, realsize, testing
+    from benchmarks import realsize
+    from imageprompt_widgets import ImagePromptPipeline, offline
 
-    monkeypatch.setenv(testing.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(offline.CACHE_ENV, str(tmp_path))
     monkeypatch.setattr(realsize, "UNET_CONFIG", {
         **realsize.UNET_CONFIG, "block_out_channels": (8, 16, 16, 16), "layers_per_block": 1,
         "cross_attention_dim": 16, "attention_head_dim": 2, "norm_num_groups": 4, "sample_size": 8,
@@ -99,10 +100,10 @@ def test_realsize_builder_writes_loadable_models_atomically(tmp_path, monkeypatc
     monkeypatch.setattr(realsize, "TEXT_CONFIG", {**realsize.TEXT_CONFIG, **small, "vocab_size": 600})
     monkeypatch.setattr(realsize, "VISION_CONFIG", {**realsize.VISION_CONFIG, **small, "image_size": 28})
 
-    sd, clip = testing.ensure_realsize_models()
+    sd, clip = realsize.ensure_realsize_models()
     assert Path(sd) == tmp_path / "realsize-v1" / "sd" and Path(clip) == tmp_path / "realsize-v1" / "clip"
     assert [p.name for p in tmp_path.iterdir()] == ["realsize-v1"]  # no temporary folder left behind
-    assert testing.ensure_realsize_models() == (sd, clip)  # built once, reused
+    assert realsize.ensure_realsize_models() == (sd, clip)  # built once, reused
 
     text_config = json.loads((Path(sd) / "text_encoder" / "config.json").read_text())
     tokenizer = CLIPTokenizer.from_pretrained(str(Path(sd) / "tokenizer"))
@@ -136,7 +137,7 @@ def test_memory_benchmark_counts_the_text_tower_ours_does_not_load(tmp_path):
     from transformers import CLIPModel
 
     from benchmarks import memory
-    from imageprompt_widgets.testing import ensure_tiny_models
+    from imageprompt_widgets.offline import ensure_tiny_models
 
     payload = memory.main(["--quick", "--in-process", "--out", str(tmp_path)])
     (row,) = payload["rows"]
@@ -189,9 +190,9 @@ def test_gpu_benchmark_smoke_runs_on_the_cpu(tmp_path):
 
 
 def test_gpu_benchmark_refuses_to_run_without_cuda_when_asked_for_it(tmp_path):
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
     from benchmarks import gpu
+
+    assert not torch.cuda.is_available()  # conftest's cpu_only fixture, on any machine
 
     with pytest.raises(SystemExit, match="No CUDA device here"):
         gpu.main(["--out", str(tmp_path)])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from imageprompt_widgets.cli import main
-from imageprompt_widgets.trace import recipe_from_png
+from imageprompt_widgets.results import recipe_from_png
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from imageprompt_widgets import GenerationSettings, ImagePromptPipeline, SettingsError
 from imageprompt_widgets import pipeline as pipeline_module
-from imageprompt_widgets.testing import sample_image as make_image
-from imageprompt_widgets.trace import Trace, recipe_from_png
+from imageprompt_widgets.offline import sample_image as make_image
+from imageprompt_widgets.results import Trace, recipe_from_png
 
 FAST = {"steps": 4, "seed": 0}
 

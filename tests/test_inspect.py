@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from imageprompt_widgets import inspect as views
-from imageprompt_widgets.testing import sample_image as make_image
-from imageprompt_widgets.trace import Trace
+from imageprompt_widgets import views
+from imageprompt_widgets.offline import sample_image as make_image
+from imageprompt_widgets.results import Trace
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 STEPS = 3  # PNDM runs one extra step: 4 traced latents
@@ -161,7 +161,7 @@ def test_scale_gap_of_a_norm_matched_run_shows_the_norms_before_matching(tiny_pi
 def test_similarity_equals_normalised_dot_products_with_clip_text_features(tiny_pipe, run):
     from transformers import CLIPModel, CLIPTokenizer
 
-    from imageprompt_widgets.testing import ensure_tiny_models
+    from imageprompt_widgets.offline import ensure_tiny_models
 
     texts = ["a cat", "a dog"]
     view = views.similarity(run.trace.image_embeds, tiny_pipe, texts)

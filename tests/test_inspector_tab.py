@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from imageprompt_widgets import inspect as views
-from imageprompt_widgets.testing import sample_image as make_image
+from imageprompt_widgets import views
+from imageprompt_widgets.offline import sample_image as make_image
 from imageprompt_widgets.widget.inspector import EMPTY_TEXT, SECTION_TITLES, InspectorTab
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -53,7 +53,7 @@ def test_every_section_fills_after_a_run(tiny_pipe, run, inputs):
         width, height = _png_size(image.value)
         assert width > 100 and height > 100
     assert bytes(tab.interpolation_image.value) == b""  # generated only on request
-    # The numbers behind the pictures are the inspect.py views of this very trace.
+    # The numbers behind the pictures are the views of this very trace.
     assert torch.equal(tab.views["Scale gap"].image_norms, run.trace.prompt_embeds[0].norm(dim=-1))
     assert tab.scale_gap_text.value == html.escape(tab.views["Scale gap"].describe())
     assert tab.views["Similarity"].matrix.shape == (2, 2)

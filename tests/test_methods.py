@@ -10,9 +10,9 @@ import torch
 
 from imageprompt_widgets import GenerationSettings, SettingsError
 from imageprompt_widgets import conditioning as c
+from imageprompt_widgets.offline import sample_image as make_image
 from imageprompt_widgets.pipeline import NORM_PROBE_PROMPTS, conditioning_builders
 from imageprompt_widgets.settings import MODES
-from imageprompt_widgets.testing import sample_image as make_image
 
 FAST = {"steps": 2, "seed": 7}
 
@@ -22,7 +22,7 @@ def pixels(result) -> np.ndarray:
 
 
 def test_every_mode_has_a_builder_and_every_builder_a_mode():
-    from imageprompt_widgets.ip_adapter import BLOCK_PRESETS
+    from imageprompt_widgets.methods.ip_adapter import BLOCK_PRESETS
     from imageprompt_widgets.settings import ADAPTER_BLOCKS
 
     assert set(conditioning_builders()) == set(MODES)
@@ -264,7 +264,7 @@ def test_ip_adapter_equals_bare_diffusers_with_ip_adapter_image(adapter_pipe, im
 
 
 def _scales_per_call(pipe, **settings):
-    from imageprompt_widgets.ip_adapter import adapter_processors
+    from imageprompt_widgets.methods.ip_adapter import adapter_processors
 
     unet = pipe.sd.unet
     names = {id(p): n for n, p in unet.attn_processors.items()}
@@ -280,7 +280,7 @@ def _scales_per_call(pipe, **settings):
 
 
 def test_ip_adapter_window_switches_off_outside_and_restores_the_scale(adapter_pipe):
-    from imageprompt_widgets.ip_adapter import adapter_processors
+    from imageprompt_widgets.methods.ip_adapter import adapter_processors
 
     calls = _scales_per_call(adapter_pipe, scale=0.7, adapter_start=0.25, adapter_end=0.75, steps=4, seed=1)
     total = len(calls)  # PNDM runs one step more than asked
@@ -320,10 +320,10 @@ def test_adapter_encoder_is_not_a_unet_prompt(adapter_pipe, tiny_pipe, image):
 
 def test_a_mismatched_encoder_fails_at_load_naming_both_sizes(adapter_pipe):
     from imageprompt_widgets import ImagePromptPipeline
-    from imageprompt_widgets.ip_adapter import check_adapter_fits
+    from imageprompt_widgets.methods.ip_adapter import check_adapter_fits
     from imageprompt_widgets.models import EncoderMismatchError
+    from imageprompt_widgets.offline import ensure_tiny_ip_adapter_models
     from imageprompt_widgets.presets import Preset
-    from imageprompt_widgets.testing import ensure_tiny_ip_adapter_models
 
     wide_encoder = ensure_tiny_ip_adapter_models()[1]
     with pytest.raises(EncoderMismatchError, match=r"gives 48-d embeddings but the UNet of 'tiny' expects 32-d"):

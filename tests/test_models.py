@@ -16,21 +16,18 @@ from safetensors.torch import load_file
 from imageprompt_widgets import ImagePromptPipeline, ModelLoadError, clear_cache
 from imageprompt_widgets import pipeline as pipeline_module
 from imageprompt_widgets.models import MODEL_CACHE, resolve_device_dtype
+from imageprompt_widgets.offline import build_tiny_models, ensure_tiny_models
 from imageprompt_widgets.presets import PRESETS, UnknownPresetError, resolve_preset
-from imageprompt_widgets.testing import build_tiny_models, ensure_tiny_models
 
-ENGINE_MODULES = [
-    "imageprompt_widgets",
-    "imageprompt_widgets.images",
-    "imageprompt_widgets.presets",
-    "imageprompt_widgets.models",
-    "imageprompt_widgets.conditioning",
-    "imageprompt_widgets.pipeline",
-    "imageprompt_widgets.trace",
-    "imageprompt_widgets.settings",
-    "imageprompt_widgets.testing",
-    "imageprompt_widgets.cli",
-]
+
+def engine_modules() -> list[str]:
+    """Every module of the package outside ``widget/``, found by walking the package (not a hand-kept list)."""
+    import pkgutil
+
+    import imageprompt_widgets
+
+    names = [info.name for info in pkgutil.walk_packages(imageprompt_widgets.__path__, "imageprompt_widgets.")]
+    return ["imageprompt_widgets"] + sorted(n for n in names if not n.startswith("imageprompt_widgets.widget"))
 
 
 def test_same_arguments_give_the_same_cached_object_quickly(tiny_pipe):
@@ -78,7 +75,7 @@ def test_clear_cache_forgets_loaded_pipelines(tiny_pipe):
 
 
 def test_device_and_dtype_policy():
-    assert resolve_device_dtype(None, None) == (torch.device("cpu"), torch.float32)  # no GPU here
+    assert resolve_device_dtype(None, None) == (torch.device("cpu"), torch.float32)  # conftest: no GPU seen
     assert resolve_device_dtype("cuda", None) == (torch.device("cuda"), torch.float16)
     assert resolve_device_dtype("cpu", "fp16") == (torch.device("cpu"), torch.float16)
     assert resolve_device_dtype("cpu", torch.bfloat16)[1] == torch.bfloat16
@@ -110,7 +107,7 @@ def test_tiny_models_are_seeded_identically_on_every_build(tmp_path):
 
 def test_two_processes_building_the_tiny_models_at_once_do_not_corrupt_them(tmp_path):
     env = {**os.environ, "IMAGEPROMPT_CACHE_DIR": str(tmp_path)}
-    code = "from imageprompt_widgets.testing import ensure_tiny_models; print(ensure_tiny_models()[0])"
+    code = "from imageprompt_widgets.offline import ensure_tiny_models; print(ensure_tiny_models()[0])"
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
              for _ in range(2)]
     outputs = [proc.communicate(timeout=300)[0].strip() for proc in procs]
@@ -122,9 +119,14 @@ def test_two_processes_building_the_tiny_models_at_once_do_not_corrupt_them(tmp_
 
 
 def test_engine_never_imports_ipywidgets():
+    modules = engine_modules()
+    # The walk really finds the engine, nested packages included, and leaves the widget out.
+    assert {"imageprompt_widgets.pipeline", "imageprompt_widgets.offline", "imageprompt_widgets.methods.caption",
+            "imageprompt_widgets.views", "imageprompt_widgets.cli"} <= set(modules)
+    assert not [name for name in modules if ".widget" in name]
     code = (
         "import sys\n"
-        + "".join(f"import {name}\n" for name in ENGINE_MODULES)
+        + "".join(f"import {name}\n" for name in modules)
         + "import imageprompt_widgets as m\n"
         + "m.ImagePromptPipeline, m.load_image, m.generate, m.PRESETS\n"
         + "leaked = sorted(n for n in sys.modules if n.split('.')[0] == 'ipywidgets')\n"

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from imageprompt_widgets import preview
-from imageprompt_widgets.testing import sample_image
+from imageprompt_widgets.offline import sample_image
 
 
 class Config(dict):

@@ -345,7 +345,7 @@ def test_one_call_generate_and_cli_take_the_structure_options(tmp_path, image):
     assert code == 0
     written = list((tmp_path / "out").glob("*.png"))
     assert len(written) == 1
-    from imageprompt_widgets.trace import recipe_from_png
+    from imageprompt_widgets.results import recipe_from_png
 
     settings = recipe_from_png(written[0])["settings"]
     assert (settings["structure"], settings["canny_low"], settings["control_scale"]) == ("edges", 50, 0.5)

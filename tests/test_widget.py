@@ -21,9 +21,9 @@ from PIL import Image
 
 from imageprompt_widgets import GenerationSettings, ImagePromptWidget
 from imageprompt_widgets.images import ImageInputError
+from imageprompt_widgets.offline import sample_image
+from imageprompt_widgets.results import recipe_from_png
 from imageprompt_widgets.settings import setting_specs
-from imageprompt_widgets.testing import sample_image
-from imageprompt_widgets.trace import recipe_from_png
 from imageprompt_widgets.widget import InlineRunner, ThreadRunner
 from imageprompt_widgets.widget.inputs import load_upload, uploaded_files
 from imageprompt_widgets.widget.runner import default_runner

@@ -196,7 +196,7 @@ class History(widgets.VBox):
         item = self.selected
         if item is None:
             return None
-        from ..trace import save_png
+        from ..results import save_png
 
         path = save_png(item.image, self.save_dir, item.recipe, item.index)
         if self.on_saved is not None:

@@ -1,6 +1,6 @@
-"""Inspector tab of the widget: renders the pure views of inspect.py for the last result.
+"""Inspector tab of the widget: renders the pure views of imageprompt_widgets.views for the last result.
 
-Every section is a thin wrapper: the numbers and pictures come from :mod:`imageprompt_widgets.inspect`,
+Every section is a thin wrapper: the numbers and pictures come from :mod:`imageprompt_widgets.views`,
 so what the tab shows is exactly what a notebook cell gets from the same functions. A view that
 fails shows its error in its own section; the other sections still fill.
 """
@@ -13,7 +13,7 @@ from typing import Any
 
 import ipywidgets as widgets
 
-from .. import inspect as views
+from .. import views
 
 EMPTY_TEXT = "Generate something to inspect its tensors here."
 SECTION_TITLES = ("Tensors", "What CLIP saw", "Scale gap", "Similarity", "Tokens", "Denoising", "Interpolation")
@@ -85,7 +85,7 @@ class InspectorTab(widgets.VBox):
             self.sections.set_title(index, title)  # works on ipywidgets 7 and 8
         self.sections.layout.display = "none"
         self.errors: dict[str, str] = {}  # section title -> the error it shows
-        self.views: dict[str, Any] = {}  # section title -> the inspect.py view it shows (numbers included)
+        self.views: dict[str, Any] = {}  # section title -> the view it shows (numbers included)
         super().__init__(children=[self.placeholder, self.sections], **kwargs)
 
     # -- public interface (called by the panel) ------------------------------------------------

@@ -324,7 +324,7 @@ def what_clip_saw(
     pixel_values: torch.Tensor, image_processor: Any, originals: Sequence[Any] | None = None
 ) -> ClipInputView:
     """Beside each original, the square crop/squash/pad the vision tower really received."""
-    from .images import load_images
+    from ..images import load_images
 
     return ClipInputView(
         seen=clip_input_images(pixel_values, image_processor),
@@ -403,7 +403,7 @@ def scale_gap(
     typical text-token norm); for a run with it, the image tokens' norms before matching (traced
     by the engine, before ``scale``).
     """
-    from . import conditioning
+    from .. import conditioning
 
     image_norms = token_norms(trace.prompt_embeds[0])
     text = text_prompt_embeds(pipeline, prompts) if prompts else torch.empty(0, 0, 0)
@@ -458,7 +458,7 @@ def _clip_folder(pipeline: Any) -> str:
         return loaded_from
     clip_model = pipeline.preset.clip_model
     if clip_model == "tiny":
-        from .testing import ensure_tiny_models
+        from ..offline import ensure_tiny_models
 
         return ensure_tiny_models()[1]
     return loaded_from or clip_model
@@ -474,7 +474,7 @@ def clip_text_tower(pipeline: Any) -> ClipTextTower:
         return cached
     from transformers import AutoConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from .models import quiet_loaders
+    from ..quiet import quiet_loaders
 
     folder = _clip_folder(pipeline)
     name = pipeline.preset.clip_model
@@ -746,7 +746,7 @@ def filmstrip(
     if decoder == "vae":
         frames, name = decode_latents(picked, pipeline), "vae"
     else:
-        from . import preview
+        from .. import preview
 
         decode = preview.decoder_for(pipeline, decoder)
         frames, name = preview.to_pil(decode(picked.to(pipeline.device)).cpu()), decode.name
@@ -804,8 +804,8 @@ def interpolation(
     diffusers through ``pipe.sd`` with the empty-prompt negative: for two images this is exactly
     ``generate([a, b], combine="slerp", weights=[1 - t, t])``, and it also works for text ends.
     """
-    from . import conditioning
-    from .settings import GenerationSettings
+    from .. import conditioning
+    from ..settings import GenerationSettings
 
     if count < 2:
         raise InspectError(f"An interpolation needs at least 2 images, not {count}.")

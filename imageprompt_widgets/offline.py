@@ -83,7 +83,7 @@ def save_sd_pipeline(folder: str | os.PathLike, *, vae: Any, text_encoder: Any, 
     """Save SD components as a diffusers folder (SD 1.4's scheduler, no safety checker): real weights' layout."""
     from diffusers import StableDiffusionPipeline
 
-    from .models import quiet_loaders
+    from .quiet import quiet_loaders
 
     pipe = StableDiffusionPipeline(
         vae=vae,
@@ -140,7 +140,7 @@ def build_tiny_models(folder: str | os.PathLike, seed: int = TINY_SEED) -> tuple
         CLIPVisionConfig,
     )
 
-    from .models import quiet_loaders
+    from .quiet import quiet_loaders
 
     folder = Path(folder)
     sd_dir, clip_dir, tok_dir = folder / "sd", folder / "clip", folder / "tokenizer-src"
@@ -280,7 +280,7 @@ def build_tiny_variations_model(folder: str | os.PathLike, seed: int = TINY_SEED
     from diffusers import StableDiffusionImageVariationPipeline
     from transformers import CLIPVisionModelWithProjection
 
-    from .models import quiet_loaders
+    from .quiet import quiet_loaders
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)  # a different UNet from the tiny preset's: it stands for a fine-tuned one
@@ -314,7 +314,7 @@ def build_tiny_ip_adapter_models(folder: str | os.PathLike, seed: int = TINY_SEE
     from safetensors.torch import save_file
     from transformers import CLIPVisionModelWithProjection
 
-    from .models import quiet_loaders
+    from .quiet import quiet_loaders
 
     folder = Path(folder)
     tiny_sd, _ = ensure_tiny_models()
@@ -399,7 +399,7 @@ def build_tiny_captioner(folder: str | os.PathLike, seed: int = TINY_SEED) -> st
         BlipProcessor,
     )
 
-    from .models import quiet_loaders
+    from .quiet import quiet_loaders
 
     folder = Path(folder)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", *TINY_CAPTION_WORDS]
@@ -461,7 +461,7 @@ def build_tiny_controlnet(folder: str | os.PathLike, seed: int = TINY_SEED) -> s
     import torch
     from diffusers import ControlNetModel, UNet2DConditionModel
 
-    from .models import quiet_loaders
+    from .quiet import quiet_loaders
 
     tiny_sd, _ = ensure_tiny_models()
     with quiet_loaders():
@@ -483,4 +483,3 @@ def build_tiny_controlnet(folder: str | os.PathLike, seed: int = TINY_SEED) -> s
     return str(folder)
 
 
-from .realsize import ensure_realsize_models  # noqa: F401 - re-exported for benchmarks

@@ -2,7 +2,7 @@
 
 Speed and memory depend on shapes, not on weight values, so these models give honest timing and
 memory figures on machines that cannot download the real checkpoints. They are built once (about
-6 GB of fp32 safetensors) into ``testing.cache_dir() / "realsize-v1"`` and loaded through the same
+6 GB of fp32 safetensors) into ``imageprompt_widgets.offline.cache_dir() / "realsize-v1"`` and loaded through the same
 ``from_pretrained`` path as real weights. Their pictures are noise; never use them for anything else.
 """
 
@@ -69,7 +69,7 @@ VISION_CONFIG: dict[str, Any] = {
 
 
 def realsize_model_dir() -> Path:
-    from .testing import cache_dir
+    from imageprompt_widgets.offline import cache_dir
 
     return cache_dir() / f"realsize-{REALSIZE_VERSION}"
 
@@ -79,7 +79,7 @@ def ensure_realsize_models() -> tuple[str, str]:
 
     The first call takes a minute or two and writes about 6 GB; later calls return at once.
     """
-    from .testing import build_once
+    from imageprompt_widgets.offline import build_once
 
     final = build_once(realsize_model_dir(), build_realsize_models, "sd/model_index.json")
     return str(final / "sd"), str(final / "clip")
@@ -102,8 +102,8 @@ def build_realsize_models(folder: str | os.PathLike, seed: int = REALSIZE_SEED) 
         CLIPVisionConfig,
     )
 
-    from .models import quiet_loaders
-    from .testing import save_sd_pipeline, write_byte_level_tokenizer
+    from imageprompt_widgets.offline import save_sd_pipeline, write_byte_level_tokenizer
+    from imageprompt_widgets.quiet import quiet_loaders
 
     folder = Path(folder)
     sd_dir, clip_dir, tok_dir = folder / "sd", folder / "clip", folder / "tokenizer-src"

@@ -56,7 +56,7 @@ class Trace:
 
         Returns text that shows as plain lines as a cell's result; ``print(trace.summary())`` also works.
         """
-        from .inspect import summarize_all
+        from .views import summarize_all
 
         return summarize_all(self.tensors())
 

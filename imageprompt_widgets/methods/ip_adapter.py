@@ -17,18 +17,18 @@ from typing import Any
 
 import torch
 
-from . import conditioning
-from .conditioning import Conditioning
-from .models import (
+from .. import conditioning
+from ..conditioning import Conditioning
+from ..models import (
     EncoderMismatchError,
     LoadedComponents,
     StatusCallback,
     _load_sd,
-    quiet_loaders,
     translate_load_errors,
 )
-from .presets import Preset
-from .settings import GenerationSettings, SettingsError
+from ..presets import Preset
+from ..quiet import quiet_loaders
+from ..settings import GenerationSettings, SettingsError
 
 #: IP-Adapter layers per block preset, as ``set_ip_adapter_scale`` takes them (SD 1.x block names).
 BLOCK_PRESETS: dict[str, Callable[[float], float | dict[str, Any]]] = {
@@ -59,7 +59,7 @@ def load_components(
     """SD, the adapter's own image encoder (ViT-H for ``ip-adapter_sd15``), and the adapter weights."""
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
-    from .testing import TINY_ADAPTER_WEIGHT_NAME, ensure_tiny_ip_adapter_models
+    from ..offline import TINY_ADAPTER_WEIGHT_NAME, ensure_tiny_ip_adapter_models
 
     say = on_status or (lambda message: None)
     start = time.perf_counter()

@@ -15,16 +15,16 @@ from typing import Any
 
 import torch
 
-from .models import (
+from ..models import (
     LoadedComponents,
     ModelLoadError,
     StatusCallback,
     check_encoder_fits,
     diffusers_dtype_kwarg,
-    quiet_loaders,
     translate_load_errors,
 )
-from .presets import Preset
+from ..presets import Preset
+from ..quiet import quiet_loaders
 
 
 def load_components(
@@ -39,7 +39,7 @@ def load_components(
     """Load an image-variations pipeline folder or Hub repo into a ``StableDiffusionPipeline`` without text parts."""
     from diffusers import StableDiffusionPipeline
 
-    from .testing import ensure_tiny_variations_model
+    from ..offline import ensure_tiny_variations_model
 
     say = on_status or (lambda message: None)
     start = time.perf_counter()

@@ -14,10 +14,11 @@ from typing import Any
 
 import torch
 
-from .conditioning import Conditioning
-from .models import StatusCallback, quiet_loaders, translate_load_errors
-from .presets import Preset
-from .settings import GenerationSettings, SettingsError
+from ..conditioning import Conditioning
+from ..models import StatusCallback, translate_load_errors
+from ..presets import Preset
+from ..quiet import quiet_loaders
+from ..settings import GenerationSettings, SettingsError
 
 #: The longest caption BLIP may write, in tokens.
 MAX_CAPTION_TOKENS = 30
@@ -49,10 +50,10 @@ def load_captioner(
     allow_pickle: bool = False,
     on_status: StatusCallback | None = None,
 ) -> Captioner:
-    """Load the preset's BLIP (``"tiny"``: the offline twin built by testing.py)."""
+    """Load the preset's BLIP (``"tiny"``: the offline twin built by offline.py)."""
     from transformers import BlipForConditionalGeneration, BlipProcessor
 
-    from .testing import ensure_tiny_captioner
+    from ..offline import ensure_tiny_captioner
 
     say = on_status or (lambda message: None)
     name = str(preset.captioner)
