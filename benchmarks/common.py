@@ -67,7 +67,7 @@ def bench_image(seed: int = 0, size: tuple[int, int] = (256, 192)) -> Any:
     return Image.fromarray((base + noise).astype(np.uint8), "RGB")
 
 
-def bare_generate(pipe: Any, result: Any, settings: dict[str, Any], **extra: Any) -> Any:
+def bare_generate(pipe: Any, result: Any, **extra: Any) -> Any:
     """Bare diffusers on our pipeline's own components, fed the embeddings our run traced.
 
     This is what a user writes by hand: ``StableDiffusionPipeline(prompt_embeds=...)`` with a seeded
@@ -75,16 +75,16 @@ def bare_generate(pipe: Any, result: Any, settings: dict[str, Any], **extra: Any
     """
     import torch
 
-    trace = result.trace
+    trace, settings = result.trace, result.settings
     negative = trace.negative_prompt_embeds
     return pipe.sd(
         prompt_embeds=trace.prompt_embeds.to(pipe.device, pipe.dtype),
         negative_prompt_embeds=None if negative is None else negative.to(pipe.device, pipe.dtype),
-        num_inference_steps=settings["steps"],
-        guidance_scale=settings.get("guidance_scale", 7.5),
-        height=settings.get("height"),
-        width=settings.get("width"),
-        generator=torch.Generator(pipe.device).manual_seed(settings.get("seed", 0)),
+        num_inference_steps=settings.steps,
+        guidance_scale=settings.guidance_scale,
+        height=settings.height,
+        width=settings.width,
+        generator=torch.Generator(pipe.device).manual_seed(settings.seed),
         output_type="pil",
         **extra,
     )

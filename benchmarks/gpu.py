@@ -90,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         preview.preview_jpegs(info.x0(), decoder, max_side=128)
 
     contenders = {
-        "bare": _synchronised(args.device, lambda: common.bare_generate(pipe, reference, settings)),
+        "bare": _synchronised(args.device, lambda: common.bare_generate(pipe, reference)),
         "ours": _synchronised(args.device, lambda: pipe.generate(image, **settings)),
         "ours+previews": _synchronised(args.device, lambda: pipe.generate(image, on_step=on_step, **settings)),
     }

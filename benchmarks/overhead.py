@@ -124,7 +124,7 @@ def measure(
         outputs["ours+previews"] = pipe.generate(image, on_step=on_step, **settings).images
 
     def bare() -> None:
-        outputs["bare"] = common.bare_generate(pipe, reference, settings).images
+        outputs["bare"] = common.bare_generate(pipe, reference).images
 
     contenders = {"bare": bare, "ours": ours, "ours+previews": ours_previews}
     if direct_only:  # one run each: the direct measurement needs no alternation

@@ -38,7 +38,7 @@ from .models import (
     resolve_device_dtype,
 )
 from .presets import PRESETS, Preset, resolve_preset
-from .results import GenerationResult, Trace
+from .results import GenerationResult, Provenance, Trace
 from .settings import CROPS, GenerationSettings, SettingsError
 from .structure import StructureRunners
 
@@ -372,11 +372,12 @@ class ImagePromptPipeline:
             notes = dict(cond.notes)
             if structure_images:
                 notes["structure_input"] = _fingerprint(structure_images[0])[:16]
-            recipe = self._recipe(settings, input_prints, negative_prints, notes)
-            recipe["model"].update(plan.notes)
+            provenance = self._provenance(settings, input_prints, negative_prints, notes)
+            provenance.model.update(plan.notes)
             tracker = _StepTracker(self, settings, trace, on_step, cancel, trace_latents)
             if cancel is not None and cancel.is_set():
-                return GenerationResult([], trace, recipe, cancelled=True, seconds=time.perf_counter() - start)
+                return GenerationResult([], trace, settings, provenance, cancelled=True,
+                                        seconds=time.perf_counter() - start)
             prompt_embeds, negative_embeds = cond.prompt_embeds, cond.negative_prompt_embeds
             mask = None
             if negative_embeds is not None:
@@ -407,7 +408,8 @@ class ImagePromptPipeline:
                     )
             except Cancelled:
                 tracker.finish()
-                return GenerationResult([], trace, recipe, cancelled=True, seconds=time.perf_counter() - start)
+                return GenerationResult([], trace, settings, provenance, cancelled=True,
+                                        seconds=time.perf_counter() - start)
             tracker.finish()
             if non_finite:
                 half = non_finite[0] in (torch.float16, torch.bfloat16)
@@ -420,7 +422,8 @@ class ImagePromptPipeline:
             return GenerationResult(
                 images=list(output.images),
                 trace=trace,
-                recipe=recipe,
+                settings=settings,
+                provenance=provenance,
                 nsfw_content_detected=output.nsfw_content_detected,
                 seconds=time.perf_counter() - start,
             )
@@ -482,32 +485,31 @@ class ImagePromptPipeline:
                 f"and the UNet expects {cross}-d: this preset supports mode='ip_adapter'."
             )
 
-    def _recipe(
+    def _provenance(
         self,
         settings: GenerationSettings,
         input_prints: Sequence[str],
         negative_prints: Sequence[str] = (),
         notes: dict[str, Any] | None = None,
-    ) -> dict[str, Any]:
-        from . import __version__
+    ) -> Provenance:
+        from ._version import __version__
 
-        return {
-            "method": self.preset.method or settings.mode,
-            "settings": settings.to_dict(),
-            "model": {
+        return Provenance(
+            method=self.preset.method or settings.mode,
+            model={
                 "preset": self.preset.name,
                 "sd_model": self.preset.sd_model,
                 "clip_model": self.preset.clip_model,
                 **({"ip_adapter": self.preset.ip_adapter} if self.preset.ip_adapter else {}),
                 **({"captioner": self.preset.captioner} if self.preset.captioner else {}),
             },
-            "inputs": [fingerprint[:16] for fingerprint in input_prints],
-            "negative_inputs": [fingerprint[:16] for fingerprint in negative_prints],
-            **(notes or {}),
-            "device": str(self.device),
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "version": __version__,
-        }
+            inputs=tuple(fingerprint[:16] for fingerprint in input_prints),
+            negative_inputs=tuple(fingerprint[:16] for fingerprint in negative_prints),
+            notes=dict(notes or {}),
+            device=str(self.device),
+            dtype=_dtype_text(self.dtype),
+            version=__version__,
+        )
 
 
 class _StepTracker:

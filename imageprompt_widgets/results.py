@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from .settings import GenerationSettings
+
 TRACE_TENSORS = (
     "pixel_values",
     "image_embeds",
@@ -94,24 +96,60 @@ class Trace:
         return trace, meta.get("recipe", {})
 
 
+@dataclass(frozen=True)
+class Provenance:
+    """Where a run's images came from besides its settings: the models, the inputs' fingerprints, notes."""
+
+    method: str  # the mode, or the preset's method ("variations")
+    model: dict[str, Any]  # preset name, model ids or folders, extra parts (adapter, captioner, ControlNet)
+    inputs: tuple[str, ...] = ()  # sha256 prefixes of the decoded input images
+    negative_inputs: tuple[str, ...] = ()
+    notes: dict[str, Any] = field(default_factory=dict)  # e.g. BLIP's caption, the structure image's fingerprint
+    device: str = "cpu"
+    dtype: str = "float32"
+    version: str = ""
+
+
 @dataclass
 class GenerationResult:
-    """Images, trace and recipe of one run. ``cancelled`` runs have no images (nothing half-done is decoded)."""
+    """Images, trace and settings of one run. ``cancelled`` runs have no images (nothing half-done is decoded).
+
+    ``settings`` is the validated :class:`~imageprompt_widgets.GenerationSettings` the run used; the
+    JSON ``recipe`` (what saved PNGs carry) is derived from it and the ``provenance``.
+    """
 
     images: list[Any]  # PIL images
     trace: Trace
-    recipe: dict[str, Any]
+    settings: GenerationSettings
+    provenance: Provenance
     cancelled: bool = False
     nsfw_content_detected: list[bool] | None = None
     seconds: float = 0.0
 
     @property
-    def settings(self) -> dict[str, Any]:
-        return self.recipe.get("settings", {})
+    def recipe(self) -> dict[str, Any]:
+        """Everything needed to redo the run, as plain JSON types: settings, models, input fingerprints."""
+        return recipe_of(self.settings, self.provenance)
 
     def save(self, folder: str | os.PathLike, prefix: str = "imageprompt") -> list[Path]:
         """Write each image as PNG with the recipe in its metadata (key ``imageprompt``); returns the paths."""
-        return [save_png(image, folder, self.recipe, index, prefix) for index, image in enumerate(self.images)]
+        recipe = self.recipe
+        return [save_png(image, folder, recipe, index, prefix) for index, image in enumerate(self.images)]
+
+
+def recipe_of(settings: GenerationSettings, provenance: Provenance) -> dict[str, Any]:
+    """The recipe of a run (a JSON-able dict; ``settings`` under its own key)."""
+    return {
+        "method": provenance.method,
+        "settings": settings.to_dict(),
+        "model": dict(provenance.model),
+        "inputs": list(provenance.inputs),
+        "negative_inputs": list(provenance.negative_inputs),
+        **provenance.notes,
+        "device": provenance.device,
+        "dtype": provenance.dtype,
+        "version": provenance.version,
+    }
 
 
 def save_png(image: Any, folder: str | os.PathLike, recipe: dict[str, Any], index: int = 0,

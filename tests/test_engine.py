@@ -193,7 +193,9 @@ def test_recipe_is_json_and_rerunning_it_gives_the_same_pixels(tiny_pipe, image,
     res = tiny_pipe.generate(image, steps=4, seed=11, scale=1.5)
     paths = res.save(tmp_path)
     recipe = recipe_from_png(paths[0])
-    assert recipe["settings"] == GenerationSettings(steps=4, seed=11, scale=1.5).to_dict()
+    # The result carries the validated settings; the recipe is derived from them.
+    assert res.settings == GenerationSettings(steps=4, seed=11, scale=1.5)
+    assert recipe["settings"] == res.settings.to_dict() == res.recipe["settings"]
     assert recipe["model"]["preset"] == "tiny"
     rerun = tiny_pipe.generate(image, GenerationSettings(**recipe["settings"]))
     assert np.array_equal(pixels(rerun.images[0]), pixels(res.images[0]))

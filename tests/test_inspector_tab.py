@@ -130,6 +130,6 @@ def test_x0_checkbox_redraws_the_filmstrip_with_the_models_estimates(tiny_pipe, 
     tab.filmstrip_x0.value = True  # as a user ticking the box
     estimated = tab.views["Denoising"]
     assert estimated.x0 and "clean estimate (x0)" in tab.filmstrip_table.value
-    expected = views.predicted_x0(run.trace, tiny_pipe, [0], guidance_scale=run.settings["guidance_scale"])
+    expected = views.predicted_x0(run.trace, tiny_pipe, [0], guidance_scale=run.settings.guidance_scale)
     torch.testing.assert_close(estimated.frame_latents[:1], expected)
     assert bytes(tab.filmstrip_image.value) == estimated.to_png() != noisy.to_png()

@@ -224,7 +224,7 @@ def test_variations_equals_the_image_variations_pipeline(variations_pipe, image)
 
     sd = variations_pipe.sd
     res = variations_pipe.generate(image, **FAST)
-    assert (res.recipe["method"], res.settings["mode"], res.settings["negative"]) == ("variations", "single", "zeros")
+    assert (res.recipe["method"], res.settings.mode, res.settings.negative) == ("variations", "single", "zeros")
     reference = StableDiffusionImageVariationPipeline(
         vae=sd.vae, image_encoder=sd.image_encoder, unet=sd.unet, scheduler=sd.scheduler, safety_checker=None,
         feature_extractor=sd.feature_extractor, requires_safety_checker=False,

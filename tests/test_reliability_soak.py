@@ -49,7 +49,7 @@ def test_soak_many_generations_memory_threads_and_history_stay_bounded(tiny_pipe
     for run in range(1, RUNS + 1):
         widget.controls["seed"].value = run
         result = widget.generate().result(WAIT)
-        assert result.images and result.settings["seed"] == run
+        assert result.images and result.settings.seed == run
         if run in (WARM_UP, RUNS // 2, RUNS):
             gc.collect()
             samples[run] = (rss_bytes(), threading.active_count(), live_widgets())

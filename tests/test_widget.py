@@ -222,7 +222,7 @@ def test_upload_like_the_browser_then_generate(tiny_pipe):
     assert widget.status.startswith("Done: 2 images"), widget.status
     assert widget.grid.filled == 2 and all(tile.format == "png" for tile in widget.grid.tiles)
     expected = solo(tiny_pipe, [first, second], weights=(1.0, 0.5), num_images=2, **FAST)
-    assert widget.result.settings["weights"] == [1.0, 0.5]
+    assert widget.result.settings.weights == (1.0, 0.5)
     for got, want in zip(widget.result.images, expected.images):
         assert_same_pixels(got, want)
     assert len(widget.history) == 2
@@ -340,8 +340,8 @@ def test_second_generate_waits_and_a_third_replaces_it(tiny_pipe, image):
     assert second.cancelled()
     steered.pause_at = None
     steered.resume.set()
-    assert first.result(WAIT).settings["seed"] == 1  # each run keeps the settings of its press
-    assert third.result(WAIT).settings["seed"] == 3
+    assert first.result(WAIT).settings.seed == 1  # each run keeps the settings of its press
+    assert third.result(WAIT).settings.seed == 3
     assert steered.max_active == 1  # never two runs on the shared pipeline at once
     assert [item.seed for item in widget.history.items] == [3, 1]
     widget.close()

@@ -12,7 +12,7 @@ result = pipe.generate(images, trace_latents=True)
 print(result.trace.summary())                      # one line per tensor
 inspect.scale_gap(result.trace, pipe)              # a plot, shown inline; .image_norms etc. hold the numbers
 inspect.similarity(result.trace.image_embeds, pipe, ["a cat", "a dog"]).matrix
-inspect.filmstrip(result.trace, pipe, x0=True, guidance_scale=result.settings["guidance_scale"])
+inspect.filmstrip(result.trace, pipe, x0=True, guidance_scale=result.settings.guidance_scale)
 ```
 """
 

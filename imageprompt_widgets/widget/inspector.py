@@ -172,11 +172,11 @@ class InspectorTab(widgets.VBox):
                 trace.image_embeds[0],
                 end,
                 self.interpolation_count.value,
-                seed=settings.get("seed", 0),
-                steps=settings.get("steps", 30),
-                guidance_scale=settings.get("guidance_scale", 7.5),
-                scale=settings.get("scale", 1.0),
-                norm_match=settings.get("norm_match", False),
+                seed=settings.seed,
+                steps=settings.steps,
+                guidance_scale=settings.guidance_scale,
+                scale=settings.scale,
+                norm_match=settings.norm_match,
             )
         except Exception as err:  # noqa: BLE001
             self.interpolation_note.value = self._error("Interpolation", err)
@@ -184,13 +184,13 @@ class InspectorTab(widgets.VBox):
             self._set_image(self.interpolation_image, "Interpolation", view)
             self.interpolation_note.value = html.escape(
                 f"{len(view.images)} images, t = " + ", ".join(f"{w:.2f}" for w in view.weights)
-                + f", seed {settings.get('seed', 0)}."
+                + f", seed {settings.seed}."
             )
         finally:
             self.interpolation_button.disabled = False
 
     def _show_scale_gap(self) -> None:
-        view = views.scale_gap(self.result.trace, self.pipeline, scale=self.result.settings.get("scale", 1.0))
+        view = views.scale_gap(self.result.trace, self.pipeline, scale=self.result.settings.scale)
         self._set_image(self.scale_gap_image, "Scale gap", view)
         self.scale_gap_text.value = html.escape(view.describe())
 
@@ -214,7 +214,7 @@ class InspectorTab(widgets.VBox):
         # The cheap preview decoder: an exact VAE decode of every frame is slow on a CPU.
         view = views.filmstrip(
             self.result.trace, self.pipeline, decoder="auto", x0=self.filmstrip_x0.value,
-            guidance_scale=self.result.settings.get("guidance_scale", 7.5),
+            guidance_scale=self.result.settings.guidance_scale,
         )
         self._set_image(self.filmstrip_image, "Denoising", view)
         what = "The model's clean estimate (x0) at" if view.x0 else "The noisy latents after"

@@ -397,7 +397,7 @@ class ImagePromptWidget(widgets.VBox):
         self.history.add_run(result.images, result.recipe, job.images, job.weights, job.negatives)
         self.result = result
         speed = f", {step.steps_per_second:.1f} it/s" if step is not None else ""
-        done = f"Done: {_count(len(result.images), 'image')} in {result.seconds:.1f} s{speed}, seed {result.settings.get('seed')}."
+        done = f"Done: {_count(len(result.images), 'image')} in {result.seconds:.1f} s{speed}, seed {result.settings.seed}."
         prompt = self.controls.controls.get("prompt")
         caption = result.recipe.get("caption")
         if caption and prompt is not None and not prompt.value.strip():
