@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from . import conditioning
+from .concurrency import RunLock
 from .conditioning import Conditioning
 from .images import load_images
 from .models import (
@@ -118,7 +119,7 @@ class ImagePromptPipeline:
         self.image_encoder = image_encoder
         self.image_processor = image_processor
         self.preset = preset or Preset(name="custom", sd_model="custom", clip_model="custom")
-        self.lock = threading.RLock()
+        self.lock = RunLock()
         self._embeddings: OrderedDict[tuple[str, ...], ImageEmbedding] = OrderedDict()
         self._empty_prompt_embeds: torch.Tensor | None = None
         self._text_token_norm: float | None = None
@@ -347,7 +348,9 @@ class ImagePromptPipeline:
             )
         if len(structure_images) > 1:
             raise SettingsError(f"structure_image takes one image, not {len(structure_images)}.")
-        with self.lock:
+        if not self.lock.acquire(cancel):  # cancelled while another run held the pipeline
+            return GenerationResult([], None, settings, self._provenance(settings, ()), cancelled=True)
+        try:
             start = time.perf_counter()
             # Decoding and hashing a 12-megapixel photo costs ~0.1 s each: do both once per input.
             input_prints = [_fingerprint(image) for image in pil_images]
@@ -427,6 +430,8 @@ class ImagePromptPipeline:
                 nsfw_content_detected=output.nsfw_content_detected,
                 seconds=time.perf_counter() - start,
             )
+        finally:
+            self.lock.release()
 
     def _conditioning(
         self,

@@ -119,7 +119,7 @@ class GenerationResult:
     """
 
     images: list[Any]  # PIL images
-    trace: Trace
+    trace: Trace | None  # None only for a run cancelled before it started (while it waited for the pipeline)
     settings: GenerationSettings
     provenance: Provenance
     cancelled: bool = False

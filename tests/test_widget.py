@@ -439,7 +439,7 @@ def test_kernel_stop_button_inline_leaves_the_widget_usable(tiny_pipe, image):
     widget.set_images(image)
     assert widget.generate().result() is None
     assert widget.status.startswith("Stopped with the kernel's stop button")
-    assert not widget.busy and not tiny_pipe.lock._is_owned()
+    assert not widget.busy and not tiny_pipe.lock.locked()
     result = widget.generate().result()
     assert_same_pixels(result.images[0], solo(tiny_pipe, image, weights=(1.0,), **FAST).images[0])
     widget.close()

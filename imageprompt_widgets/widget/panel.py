@@ -18,6 +18,7 @@ from typing import Any
 import ipywidgets as widgets
 from PIL import Image
 
+from ..concurrency import CancelEvent
 from ..images import ImageInputError, describe_source, load_images
 from ..presets import Preset, resolve_preset
 from ..settings import GenerationSettings
@@ -46,7 +47,7 @@ class _Job:
     negatives: list[Image.Image]
     settings: GenerationSettings
     structure_image: Image.Image | None = None  # the Structure section's own image; None: the first input
-    cancel: threading.Event = field(default_factory=threading.Event)
+    cancel: CancelEvent = field(default_factory=CancelEvent)
     future: Future | None = None
     last_step: Any = None  # the last StepInfo seen
 
@@ -359,13 +360,9 @@ class ImagePromptWidget(widgets.VBox):
 
     def _wait_for(self, pipe: Any, job: _Job) -> bool:
         """Take the pipeline's lock (another widget may be using it); False if cancelled meanwhile."""
-        if pipe.lock.acquire(blocking=False):
-            return True
-        self._say("Waiting for another run on the same model to finish…")
-        while not pipe.lock.acquire(timeout=0.1):
-            if job.cancel.is_set():
-                return False
-        return True
+        return pipe.lock.acquire(
+            job.cancel, on_wait=lambda: self._say("Waiting for another run on the same model to finish…")
+        )
 
     def _step_reporter(self, job: _Job, decoder: Any) -> Any:
         from ..preview import preview_jpegs
