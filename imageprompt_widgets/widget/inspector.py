@@ -167,20 +167,11 @@ class InspectorTab(widgets.VBox):
         self.interpolation_button.disabled = True
         self.interpolation_note.value = "Generating…"
         try:
-            view = views.interpolation(
-                self.pipeline,
-                trace.image_embeds[0],
-                end,
-                self.interpolation_count.value,
-                seed=settings.seed,
-                steps=settings.steps,
-                guidance_scale=settings.guidance_scale,
-                scale=settings.scale,
-                norm_match=settings.norm_match,
-            )
+            walk = self.pipeline.interpolate(trace.image_embeds[0], end, self.interpolation_count.value, settings)
         except Exception as err:  # noqa: BLE001
             self.interpolation_note.value = self._error("Interpolation", err)
         else:
+            view = views.interpolation_view(walk)
             self._set_image(self.interpolation_image, "Interpolation", view)
             self.interpolation_note.value = html.escape(
                 f"{len(view.images)} images, t = " + ", ".join(f"{w:.2f}" for w in view.weights)
@@ -212,10 +203,7 @@ class InspectorTab(widgets.VBox):
 
     def _show_filmstrip(self) -> None:
         # The cheap preview decoder: an exact VAE decode of every frame is slow on a CPU.
-        view = views.filmstrip(
-            self.result.trace, self.pipeline, decoder="auto", x0=self.filmstrip_x0.value,
-            guidance_scale=self.result.settings.guidance_scale,
-        )
+        view = views.filmstrip(self.result, self.pipeline, decoder="auto", x0=self.filmstrip_x0.value)
         self._set_image(self.filmstrip_image, "Denoising", view)
         what = "The model's clean estimate (x0) at" if view.x0 else "The noisy latents after"
         self.filmstrip_table.value = (
