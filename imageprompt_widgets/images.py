@@ -68,7 +68,7 @@ DEFAULT_MAX_URL_BYTES = 64 * 2**20
 #: URLs: how many redirects are followed before giving up.
 MAX_REDIRECTS = 5
 _URL_CHUNK = 64 * 1024
-# A scheme of two letters or more followed by "://" (so "C:\\photo.png" stays a path), or "data:".
+# A scheme of two letters or more and "://" (a Windows path "C:\photo.png" stays a path), or "data:".
 _URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+)://|(data):", re.IGNORECASE)
 
 _WHITE = (255, 255, 255)
