@@ -154,6 +154,26 @@ def test_every_module_the_suite_imports_is_declared() -> None:
     assert not missing, f"imported but not declared in pyproject.toml: {missing}"
 
 
+# --------------------------------------------------------------------------- CI and README agree
+
+
+def test_ci_runs_the_readmes_test_command_and_checks_the_package() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    development = readme.split("## Development", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    commands = [line.split("#")[0].strip() for line in development.strip().splitlines()]
+    assert commands == [
+        'python -m pytest -m "not slow and not browser and not notebooks"',
+        "python -m pytest",
+        "bash .ci/run",
+    ]
+    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()]
+    assert "python -m pytest" in ci_lines  # the full suite, exactly as the README says
+    assert "pip_install -e '.[test,dev]'" in [line.split("#")[0].strip() for line in ci_lines]
+    assert "bash .ci/check_package" in ci_lines
+    assert "pip install torch --index-url https://download.pytorch.org/whl/cpu" in readme
+    assert "pip install torch==2.13.0" not in readme  # gives the CUDA build on an ordinary Linux machine
+
+
 # --------------------------------------------------------------------------- one repository location
 
 #: A repository path ("owner/name") where it follows GitHub, Colab's GitHub opener or GitHub's raw files.
