@@ -12,6 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from . import cli_batch
 from .presets import PRESETS, default_preset_name
 from .settings import GenerationSettings, SettingSpec, setting_specs
 
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
     gen.add_argument("--no-safety-checker", action="store_true", help="switch the model's safety checker off")
     gen.add_argument("--save-trace", action="store_true", help="also write every intermediate tensor (safetensors)")
+    cli_batch.add_commands(commands)  # batch, embed
     return parser
 
 
@@ -80,6 +82,8 @@ def setting_help(spec: SettingSpec) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in cli_batch.COMMANDS:
+        return cli_batch.COMMANDS[args.command](args)
     return _generate(args)
 
 
