@@ -39,10 +39,10 @@ EXIT_CODES = (
     "(run the same command again to continue)."
 )
 INPUT_HELP = (
-    "a folder of images; a .csv or .jsonl list with an 'image' column (paths relative to the list, or URLs) "
-    "and optional per-row settings in columns named like the flags (steps, mode, seed, ...); a saved "
-    "Hugging Face datasets folder; or hf://datasets/OWNER/NAME"
+    "a folder of images; a .csv or .jsonl list with an 'image' column (paths relative to the list, or URLs){rows}; "
+    "a saved Hugging Face datasets folder; or hf://datasets/OWNER/NAME"
 )
+ROW_SETTINGS_HELP = " and optional per-row settings in columns named like the flags (steps, mode, seed, ...)"
 
 
 def add_commands(commands: Any) -> None:
@@ -56,7 +56,7 @@ def add_commands(commands: Any) -> None:
         "are shared between the processes, with the same outputs.",
         epilog=EXIT_CODES,
     )
-    batch.add_argument("input", metavar="INPUT", help=INPUT_HELP)
+    batch.add_argument("input", metavar="INPUT", help=INPUT_HELP.format(rows=ROW_SETTINGS_HELP))
     batch.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="folder for the PNGs and the manifest")
     batch.add_argument(
         "--seeds", default=None, metavar="SEEDS",
@@ -77,9 +77,7 @@ def add_commands(commands: Any) -> None:
         epilog="exit codes: 0 every image embedded; 1 some images could not be read (one line each; the others "
         "were written); 2 nothing ran (bad INPUT, -o or option).",
     )
-    embed.add_argument("input", metavar="INPUT", help=INPUT_HELP.replace(" and optional per-row settings in "
-                                                                        "columns named like the flags (steps, mode, "
-                                                                        "seed, ...)", ""))
+    embed.add_argument("input", metavar="INPUT", help=INPUT_HELP.format(rows=""))
     embed.add_argument("-o", "--output", required=True, metavar="FILE",
                        help="the embeddings file: .safetensors, or .parquet (needs pyarrow)")
     embed.add_argument("--batch-size", type=int, default=None, metavar="N",
@@ -129,7 +127,9 @@ def run_batch_command(args: argparse.Namespace) -> int:
         seeds = parse_seeds(args.seeds) if args.seeds is not None else None
         preset = resolve_preset(args.model)
         chosen = chosen_settings(args)
-        GenerationSettings.from_kwargs(**{**dict(preset.defaults), **chosen})  # the flags alone must be valid
+        base = GenerationSettings.from_kwargs(**{**dict(preset.defaults), **chosen})  # the flags alone must be valid
+        if base.negative == "image":
+            raise SettingsError("batch runs take no negative images: use --negative empty_prompt or zeros.")
         from .sources import open_source  # PIL and numpy (and datasets for a dataset): still no torch
 
         source = open_source(args.input, image_column=args.image_column, split=args.split, exclude=args.output)

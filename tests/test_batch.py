@@ -385,6 +385,7 @@ def test_inputs_options_and_output_are_checked_before_torch_is_imported(tmp_path
         (["batch", photos, "-o", str(tmp_path / "file.txt")], "is an existing file, not a folder"),
         (["batch", photos, "-o", out, "--seeds", "1,x"], "--seeds takes whole numbers"),
         (["batch", photos, "-o", out, "--steps", "0"], "steps=0 is outside its range"),
+        (["batch", photos, "-o", out, "--negative", "image"], "batch runs take no negative images"),
         (["batch", str(tmp_path / "list.csv"), "-o", out], "has no 'image' column"),
         (["batch", str(tmp_path / "file.txt"), "-o", out], "is a .txt file"),
         (["batch", str(tmp_path), "-o", out, "--split", "train"], "--split applies to datasets only"),
