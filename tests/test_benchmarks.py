@@ -180,6 +180,22 @@ def test_scaling_benchmark_encodes_an_image_once_for_two_seeds(tmp_path):
     _result(tmp_path, "scaling")
 
 
+@pytest.mark.slow  # starts the command line four times (two of them under accelerate launch)
+def test_batch_benchmark_runs_and_one_and_two_processes_write_the_same_bytes(tmp_path):
+    from benchmarks import batch
+
+    payload = batch.main(["--quick", "--out", str(tmp_path)])
+    (row,) = payload["rows"]
+    embedding, generation = row["embedding"], row["generation"]
+    assert embedding["images"] == 2 and embedding["batched_images_per_second"] > 0
+    assert set(generation["ways"]) == {"generate per image", "batch, 1 process", "batch, 2 processes"}
+    assert generation["identical_outputs"] is True
+    assert generation["ways"]["generate per image"]["generating_seconds"] is None
+    assert generation["ways"]["batch, 2 processes"]["generating_seconds"] > 0
+    assert "| batch, 2 processes |" in payload["table"]
+    _result(tmp_path, "batch")
+
+
 def test_gpu_benchmark_smoke_runs_on_the_cpu(tmp_path):
     from benchmarks import gpu
 
