@@ -30,6 +30,7 @@ import torch
 from . import conditioning
 from .concurrency import RunLock
 from .conditioning import Conditioning
+from .downloads import DownloadProgress, watch_downloads
 from .images import load_images
 from .models import (
     MODEL_CACHE,
@@ -137,11 +138,14 @@ class ImagePromptPipeline:
         safety_checker: bool | None = None,
         allow_pickle: bool = False,
         on_status: StatusCallback | None = None,
+        on_progress: Callable[[DownloadProgress], None] | None = None,
     ) -> ImagePromptPipeline:
         """Load (once per process) the preset's models: ``"sd14"`` (default), ``"sd15"``, ``"tiny"`` or a folder.
 
         ``safety_checker=None`` follows the model; ``False`` switches it off. ``allow_pickle=True``
         permits ``.bin`` weights, which can run code when loaded: only for models you trust.
+        ``on_progress`` gets the Hub's download progress (:mod:`imageprompt_widgets.downloads`); raising
+        ``DownloadCancelled`` from it stops the download.
         """
         preset = resolve_preset(preset)
         dev, dt = resolve_device_dtype(device, dtype)
@@ -165,7 +169,8 @@ class ImagePromptPipeline:
                 allow_pickle=allow_pickle,
             )
 
-        return MODEL_CACHE.get_or_create(key, load)
+        with watch_downloads(on_progress):
+            return MODEL_CACHE.get_or_create(key, load)
 
     @classmethod
     def from_pretrained(
