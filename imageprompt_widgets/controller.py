@@ -18,12 +18,13 @@ that raises is reported (``SubscriberFailed`` and the log) and the job goes on.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -247,6 +248,29 @@ class TaskContext:
     def step_callback(self, offset: int = 0) -> Callable[[Any], None]:
         """An ``on_step`` for ``pipe.generate`` inside the task: its steps count from ``offset``."""
         return lambda info: self.advance(offset + info.step)
+
+    @contextlib.contextmanager
+    def unet_steps(self, total: int) -> Iterator[None]:
+        """Count the pipeline's UNet calls in this block as ``total`` steps, and stop at the next call once
+        cancelled: progress and cancel for replays that call the UNet themselves (one call per step,
+        classifier-free guidance batched into one), without threading callbacks through them."""
+        done = [0]
+
+        def before(module: Any, args: Any) -> None:
+            self.check()
+
+        def after(module: Any, args: Any, output: Any) -> None:
+            done[0] += 1
+            self.advance(min(done[0], total))
+
+        self.start(total)
+        unet = self.pipeline.sd.unet
+        handles = [unet.register_forward_pre_hook(before), unet.register_forward_hook(after)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def say(self, message: str) -> None:
         """A sentence about what the task does now (a ``Loading`` event: faces show it in their status)."""
