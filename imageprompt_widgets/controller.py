@@ -64,6 +64,7 @@ class Job:
     structure_image: Any = None
     trace_latents: bool = False
     task: Callable[[TaskContext], Any] | None = None
+    on_end: Callable[[Event], None] | None = None  # called with the job's last event, before join() returns
     cancel: CancelEvent = field(default_factory=CancelEvent)
     future: Future | None = None
     id: int = field(default_factory=itertools.count(1).__next__)
@@ -403,15 +404,20 @@ class Controller:
                   structure_image=structure_image, trace_latents=trace_latents)
         return self._enqueue(job)
 
-    def submit_task(self, task: Callable[[TaskContext], Any], *, label: str = "task") -> Job:
+    def submit_task(
+        self, task: Callable[[TaskContext], Any], *, label: str = "task",
+        on_end: Callable[[Event], None] | None = None,
+    ) -> Job:
         """Queue ``task(context)``: engine work on this controller's pipeline, runner and queue.
 
         The task runs with the pipeline loaded and its run lock held. It reports with ``context.start(total)``
-        and ``context.advance(done)`` (or ``context.step_callback()`` as a generation's ``on_step``), passes
-        ``context.cancel`` to what it calls and calls ``context.check()`` between units. Its return value is
-        the job's result (a cancelled task's future still gets what it returned).
+        and ``context.advance(done)`` (or ``context.step_callback()`` as a generation's ``on_step``, or
+        ``context.unet_steps(total)`` around code that calls the UNet), passes ``context.cancel`` to what it
+        calls and calls ``context.check()`` between units. Its return value is the job's result (a cancelled
+        task's future still gets what it returned). ``on_end`` gets the job's last event (``Finished``,
+        ``Cancelled`` or ``Failed``) right after the subscribers, on the job's thread.
         """
-        return self._enqueue(Job(label, task=task))
+        return self._enqueue(Job(label, task=task, on_end=on_end))
 
     def cancel(self) -> None:
         """Stop the running job within one step (or before its first), and drop the waiting one."""
@@ -456,7 +462,10 @@ class Controller:
         with self._lock:
             if job.future is not None and not job.began and job.future.cancel():
                 self._ended(job)
-                self._emit(Cancelled(job, 0, None, idle=not self._busy(), ran=False))
+                event = Cancelled(job, 0, None, idle=not self._busy(), ran=False)
+                self._emit(event)
+                if job.on_end is not None:
+                    self._deliver(job.on_end, event)
                 self._forget(job)
 
     def _busy(self) -> bool:
@@ -479,8 +488,11 @@ class Controller:
         with self._lock:
             self._ended(job)
             idle = not self._busy()
+        event = make_event(idle)
         try:
-            self._emit(make_event(idle))
+            self._emit(event)
+            if job.on_end is not None:
+                self._deliver(job.on_end, event)
         finally:
             self._forget(job)
 
@@ -619,10 +631,13 @@ class Controller:
         with self._lock:
             subscribers = list(self._subscribers)
         for callback in subscribers:
-            try:
-                callback(event)
-            except Exception as err:  # noqa: BLE001 - a face's bug must not kill the job
-                details = traceback.format_exc()
-                logger.error("An imageprompt subscriber failed on %s: %s", type(event).__name__, details)
-                if not isinstance(event, SubscriberFailed):
-                    self._emit(SubscriberFailed(err, event, details))
+            self._deliver(callback, event)
+
+    def _deliver(self, callback: Subscriber, event: Event) -> None:
+        try:
+            callback(event)
+        except Exception as err:  # noqa: BLE001 - a face's bug must not kill the job
+            details = traceback.format_exc()
+            logger.error("An imageprompt subscriber failed on %s: %s", type(event).__name__, details)
+            if not isinstance(event, SubscriberFailed):
+                self._emit(SubscriberFailed(err, event, details))

@@ -16,7 +16,7 @@ from typing import Any
 import ipywidgets as widgets
 
 from .. import views
-from ..controller import Controller, Job, TaskContext
+from ..controller import Controller, Event, Failed, Finished, Job, TaskContext
 from ..runners import InlineRunner
 
 EMPTY_TEXT = "Generate something to inspect its tensors here."
@@ -192,39 +192,33 @@ class InspectorTab(widgets.VBox):
 
         self.interpolation_button.disabled = True
         self.interpolation_note.value = "Generating…"
-        job = self._submit(interpolate, "Interpolation")
-        job.future.add_done_callback(lambda future: self._interpolation_done(future, settings.seed))
-        return job
+        return self._submit(interpolate, "Interpolation", lambda end: self._interpolation_done(end, settings.seed))
 
-    def _interpolation_done(self, future: Any, seed: int) -> None:
-        try:
-            view = None if future.cancelled() else future.result()
-        except Exception as err:  # noqa: BLE001 - shown in the section instead of dying in a callback
-            self.interpolation_note.value = self._error("Interpolation", err)
+    def _interpolation_done(self, end: Event, seed: int) -> None:
+        self.interpolation_button.disabled = self.result is None
+        if isinstance(end, Failed):
+            self.interpolation_note.value = self._error("Interpolation", end.error)
+        elif not isinstance(end, Finished):
+            self.interpolation_note.value = "Cancelled."
         else:
-            if view is None:
-                self.interpolation_note.value = "Cancelled."
-            else:
-                self._set_image(self.interpolation_image, "Interpolation", view)
-                self.interpolation_note.value = html.escape(
-                    f"{len(view.images)} images, t = " + ", ".join(f"{w:.2f}" for w in view.weights)
-                    + f", seed {seed}."
-                )
-        finally:
-            self.interpolation_button.disabled = self.result is None
+            view = end.result
+            self._set_image(self.interpolation_image, "Interpolation", view)
+            self.interpolation_note.value = html.escape(
+                f"{len(view.images)} images, t = " + ", ".join(f"{w:.2f}" for w in view.weights) + f", seed {seed}."
+            )
 
     @staticmethod
     def _planned_steps(pipeline: Any, settings: Any) -> int:
         return Controller.step_plan(pipeline, settings.replace(structure="none")).total
 
-    def _submit(self, task: Any, label: str) -> Job:
+    def _submit(self, task: Any, label: str, on_end: Callable[[Event], None]) -> Job:
         """Run ``task`` on the panel's controller, or inline on an own one (a tab used on its own)."""
         controller = self.controller
         if controller is None:
             if self._inline is None or self._inline.pipeline is not self.pipeline:
                 self._inline = Controller(pipeline=self.pipeline, runner=InlineRunner(), previews=False)
             controller = self._inline
-        return controller.submit_task(task, label=label)
+        return controller.submit_task(task, label=label, on_end=on_end)
 
     def _show_scale_gap(self) -> None:
         view = views.scale_gap(self.result.trace, self.pipeline, scale=self.result.settings.scale)
@@ -261,22 +255,17 @@ class InspectorTab(widgets.VBox):
                 return self._filmstrip(result, task.pipeline, True)
 
         self.filmstrip_table.value = "Computing the x0 estimates…"
-        job = self._submit(replay, "x0 filmstrip")
-        job.future.add_done_callback(lambda future: self._filmstrip_done(future, result))
-        return job
+        return self._submit(replay, "x0 filmstrip", lambda end: self._filmstrip_done(end, result))
 
-    def _filmstrip_done(self, future: Any, result: Any) -> None:
+    def _filmstrip_done(self, end: Event, result: Any) -> None:
         if result is not self.result:
             return  # a newer run replaced the one this was for
-        try:
-            view = None if future.cancelled() else future.result()
-        except Exception as err:  # noqa: BLE001
-            self.filmstrip_table.value = self._error("Denoising", err)
-            return
-        if view is None:
-            self.filmstrip_table.value = "Cancelled; tick the box again to compute the x0 estimates."
-            return
-        self._show_filmstrip(view)
+        if isinstance(end, Failed):
+            self.filmstrip_table.value = self._error("Denoising", end.error)
+        elif not isinstance(end, Finished):
+            self.filmstrip_table.value = "Cancelled; switch the box off and on to compute the x0 estimates."
+        else:
+            self._show_filmstrip(end.result)
 
     @staticmethod
     def _filmstrip(result: Any, pipeline: Any, x0: bool) -> Any:

@@ -263,10 +263,10 @@ class ImagePromptWidget(widgets.VBox):
         elif isinstance(event, Loading):
             self._say(event.message)
             download = event.download
-            if download is not None and download.total:
+            if download is not None and download.total:  # bytes (JavaScript counts exactly up to 2**53)
                 self.progress.value = 0
-                self.progress.max = max(1, download.total // 2**20)  # MiB: a bar that fits in an int everywhere
-                self.progress.value = min(download.done // 2**20, self.progress.max)
+                self.progress.max = download.total
+                self.progress.value = min(download.done, download.total)
         elif isinstance(event, Waiting):
             self._say("Waiting for another run on the same model to finish…")
         elif isinstance(event, Started):
