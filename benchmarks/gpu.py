@@ -24,7 +24,8 @@ def prepare(args: Any) -> Any:
     import torch
 
     from imageprompt_widgets import ImagePromptPipeline
-    from imageprompt_widgets.models import load_components, resolve_device_dtype
+    from imageprompt_widgets.loading import load_components
+    from imageprompt_widgets.models import resolve_device_dtype
     from imageprompt_widgets.presets import Preset
 
     if args.sd and args.clip:
@@ -35,7 +36,7 @@ def prepare(args: Any) -> Any:
     device, dtype = resolve_device_dtype(args.device, "float32" if args.device == "cpu" else args.dtype)
     # A private copy, not the process-wide cached one: the settings below must not leak to other users.
     parts = load_components(Preset(name="benchmark", sd_model=sd, clip_model=clip), device, dtype)
-    pipe = ImagePromptPipeline(parts.sd, parts.image_encoder, parts.image_processor, preset=parts.preset)
+    pipe = ImagePromptPipeline.from_components(parts)
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     pipe.sd.unet.set_attn_processor(AttnProcessor2_0())  # scaled_dot_product_attention

@@ -56,7 +56,8 @@ class RunLock:
         on_wait: Callable[[], None] | None = None,
         timeout: float | None = None,
     ) -> bool:
-        """Take the lock; ``False`` (not taken) if ``cancel`` is or becomes set first, or ``timeout`` passes.
+        """Take the lock; ``False`` (not taken) if it is held and ``cancel`` is or becomes set, or ``timeout``
+        passes, before it is free. A free lock is always taken (the caller checks its own cancel).
 
         ``on_wait`` is called once, before waiting, when another thread holds the lock.
         """
@@ -72,13 +73,17 @@ class RunLock:
             try:
                 if self._owner is not None and on_wait is not None:
                     on_wait()
-                while self._owner is not None or (cancel is not None and cancel.is_set()):
+                waited = False
+                while self._owner is not None:
                     if cancel is not None and cancel.is_set():
                         return False
                     left = None if deadline is None else deadline - time.monotonic()
                     if left is not None and left <= 0:
                         return False
                     self._condition.wait(left)
+                    waited = True
+                if waited and cancel is not None and cancel.is_set():
+                    return False  # cancelled while it waited: the turn goes to the next one
                 self._owner, self._depth = me, 1
                 return True
             finally:

@@ -18,11 +18,13 @@ The order the pipeline applies them in, for ``N`` input images:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from .settings import SettingsError
 
@@ -36,18 +38,60 @@ class ConditioningError(SettingsError):
 
 @dataclass
 class Conditioning:
-    """What one mode hands the diffusion call: embeddings, traced extras, recipe notes, extra arguments.
+    """What a method hands the diffusion call, for one output image.
 
-    ``contexts`` are context managers entered around the diffusers call; each may yield a step hook
+    ``negative`` and ``negative_adapter_embeds`` are what the unconditional branch of classifier-free
+    guidance sees, as functions: :func:`for_unet` calls them only when guidance runs. ``contexts`` are
+    context managers entered around the diffusers call; each may yield a step hook
     ``(steps_finished, total) -> None`` (the IP-Adapter's start/end window uses one).
     """
 
-    prompt_embeds: torch.Tensor
-    negative_prompt_embeds: torch.Tensor | None
+    prompt_embeds: torch.Tensor  # [1, L, D]
+    negative: Callable[[], torch.Tensor] | None = None  # -> [1, L', D]
+    adapter_embeds: torch.Tensor | None = None  # [1, n, D]: IP-Adapter image tokens
+    negative_adapter_embeds: Callable[[], torch.Tensor] | None = None
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     notes: dict[str, Any] = field(default_factory=dict)
-    sd_kwargs: dict[str, Any] = field(default_factory=dict)
     contexts: list[Any] = field(default_factory=list)
+
+
+@dataclass
+class UnetConditioning:
+    """The tensors one run feeds the UNet: a row per output image, on its device, in its dtype."""
+
+    prompt_embeds: torch.Tensor  # [B, L, D]
+    negative_prompt_embeds: torch.Tensor | None  # [B, L', D] when guided, else None
+    ip_adapter_image_embeds: torch.Tensor | None = None  # [2B or B, n, D]: diffusers' layout, negatives first
+
+    def padded(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """``(prompt, negative, mask)`` at one length for the guided batch (:func:`pad_with_mask`); the mask
+        is ``None`` when the lengths already agree."""
+        if self.negative_prompt_embeds is None:
+            return self.prompt_embeds, None, None
+        (negative, prompt), mask = pad_with_mask([self.negative_prompt_embeds, self.prompt_embeds])
+        return prompt, negative, mask
+
+
+def for_unet(
+    cond: Conditioning, guided: bool, copies: int, device: Any = None, dtype: torch.dtype | None = None
+) -> UnetConditioning:
+    """Apply the guidance rule once for every method: with guidance the negatives are computed and batched
+    as diffusers expects (IP-Adapter negatives default to zeros, as diffusers uses); without, nothing
+    negative is computed or fed."""
+
+    def rows(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(device, dtype).repeat(copies, 1, 1)
+
+    prompt = rows(cond.prompt_embeds)
+    negative = rows(cond.negative()) if guided and cond.negative is not None else None
+    adapter = None
+    if cond.adapter_embeds is not None:
+        adapter = rows(cond.adapter_embeds)
+        if guided:
+            negative_adapter = (cond.negative_adapter_embeds() if cond.negative_adapter_embeds is not None
+                                else torch.zeros_like(cond.adapter_embeds))
+            adapter = torch.cat([rows(negative_adapter), adapter])
+    return UnetConditioning(prompt, negative, adapter)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,6 +217,9 @@ def slerp(embeds: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Te
 
     ``t = w_1 / (w_0 + w_1)`` (equal weights: halfway). ``sin((1-t)θ)/sin θ · a + sin(tθ)/sin θ · b``
     with θ the angle between ``a`` and ``b``; almost parallel vectors fall back to linear interpolation.
+    Opposite vectors have no single great circle between them (linear interpolation would pass through
+    zero): they turn through a fixed perpendicular direction (the coordinate axis least aligned with ``a``,
+    so the same inputs always take the same path) while the length moves linearly from ``|a|`` to ``|b|``.
     """
     if embeds.shape[0] != 2:
         raise ConditioningError(f"'slerp' interpolates between exactly two images, got {embeds.shape[0]}.")
@@ -181,16 +228,22 @@ def slerp(embeds: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Te
         raise ConditioningError("The weights of 'slerp' sum to zero: give t as weights=[1 - t, t].")
     t = float(w[1] / w.sum())
     a, b = embeds[0:1], embeds[1:2]
-    cos = (a * b).sum(-1, keepdim=True) / (a.norm(dim=-1, keepdim=True) * b.norm(dim=-1, keepdim=True)).clamp_min(
-        1e-12
-    )
+    norm_a, norm_b = a.norm(dim=-1, keepdim=True), b.norm(dim=-1, keepdim=True)
+    cos = (a * b).sum(-1, keepdim=True) / (norm_a * norm_b).clamp_min(1e-12)
     theta = torch.arccos(cos.clamp(-1.0, 1.0))
     sin = torch.sin(theta)
-    nearly_parallel = sin.abs() < 1e-6
-    safe_sin = torch.where(nearly_parallel, torch.ones_like(sin), sin)
+    nearly_parallel = (sin.abs() < 1e-6) & (cos > 0)
+    opposite = (sin.abs() < 1e-6) & (cos <= 0)
+    safe_sin = torch.where(sin.abs() < 1e-6, torch.ones_like(sin), sin)
     spherical = (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / safe_sin
     linear = (1 - t) * a + t * b
-    return torch.where(nearly_parallel, linear, spherical)
+    unit_a = a / norm_a.clamp_min(1e-12)
+    axis = F.one_hot(unit_a.abs().argmin(dim=-1), a.shape[-1]).to(a.dtype)
+    perpendicular = axis - (axis * unit_a).sum(-1, keepdim=True) * unit_a
+    perpendicular = perpendicular / perpendicular.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    length = (1 - t) * norm_a + t * norm_b
+    turned = (math.cos(t * math.pi) * unit_a + math.sin(t * math.pi) * perpendicular) * length
+    return torch.where(opposite, turned, torch.where(nearly_parallel, linear, spherical))
 
 
 CombineFunction = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
@@ -208,6 +261,21 @@ COMBINE_FUNCTIONS: dict[str, CombineFunction] = {
 }
 
 
+#: Combines that need more than one image (the others are defined for one: they leave it as it is).
+MIN_IMAGES = {"subtract": 2, "slerp": 2}
+
+
+def require_images(name: str, count: int) -> None:
+    """A :class:`ConditioningError` when combine ``name`` cannot work with ``count`` images."""
+    needed = MIN_IMAGES.get(name, 1)
+    if count < needed:
+        what = {"subtract": "the first image minus the others", "slerp": "a path between two images"}[name]
+        raise ConditioningError(
+            f"combine={name!r} needs at least {needed} images ({what}), got {count}: add an image or use "
+            "combine='average'."
+        )
+
+
 def combine(name: str, embeds: torch.Tensor, weights: torch.Tensor | list[float] | None = None) -> torch.Tensor:
     """Apply the combine function called ``name`` to ``[N, L, D]`` sequences (or ``[N, D]`` vectors)."""
     try:
@@ -217,6 +285,15 @@ def combine(name: str, embeds: torch.Tensor, weights: torch.Tensor | list[float]
     if name == "concat" and embeds.ndim == 2:
         embeds = embeds[:, None, :]
     return function(embeds, weights)
+
+
+def combined_images(name: str, embeds: torch.Tensor, weights: tuple[float, ...] | list[float] = ()) -> torch.Tensor:
+    """``N`` images' sequences → one: the combine (skipped for one image without weights, where every
+    combine that accepts one image leaves it as it is)."""
+    require_images(name, embeds.shape[0])
+    if embeds.shape[0] == 1 and not weights:
+        return embeds
+    return combine(name, embeds, list(weights) or None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,6 +356,23 @@ BLEND_FUNCTIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, float], torch.T
     "interpolate": blend_interpolate,
     "concat": blend_concat,
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# Step windows
+
+
+def in_window(step_index: int, total: int, start: float, end: float) -> bool:
+    """Whether step ``step_index`` (0-based) of ``total`` lies in the window from ``start`` to ``end``.
+
+    diffusers' rule for ``control_guidance_start``/``_end``: the step acts when ``i / total >= start`` and
+    ``(i + 1) / total <= end``, i.e. the whole step lies inside the window. The ControlNet window
+    (``control_start``/``control_end``) is decided inside diffusers by it; the IP-Adapter window
+    (``adapter_start``/``adapter_end``) uses this function, so equal numbers give equal windows.
+    """
+    if total <= 0:
+        return False
+    return step_index / total >= start and (step_index + 1) / total <= end
 
 
 # ---------------------------------------------------------------------------------------------

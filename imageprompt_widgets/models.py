@@ -11,16 +11,14 @@ import contextlib
 import gc
 import os
 import threading
-import time
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .offline import ensure_tiny_models, tiny_model_dir
-from .presets import Preset, resolve_preset
-from .quiet import quiet_loaders
+from .offline import OFFLINE_NAMES, cache_key
+from .presets import Preset
 
 StatusCallback = Callable[[str], None]
 
@@ -162,61 +160,13 @@ def model_key(
 
 
 def _cache_name(model: str) -> str:
-    if model == "tiny":
-        return str(tiny_model_dir())  # the folder depends on $IMAGEPROMPT_CACHE_DIR
+    if model in OFFLINE_NAMES:
+        return cache_key(model)  # the folder depends on $IMAGEPROMPT_CACHE_DIR
     return os.path.abspath(model) if os.path.isdir(model) else model
 
 
 # ---------------------------------------------------------------------------------------------
 # Loading
-
-
-@dataclass
-class LoadedComponents:
-    sd: Any  # diffusers.StableDiffusionPipeline
-    image_encoder: Any  # transformers.CLIPVisionModelWithProjection
-    image_processor: Any  # transformers.CLIPImageProcessor
-    preset: Preset
-    load_seconds: float
-
-
-def load_components(
-    preset: Preset | str | None,
-    device: torch.device,
-    dtype: torch.dtype,
-    *,
-    safety_checker: bool | None = None,
-    allow_pickle: bool = False,
-    on_status: StatusCallback | None = None,
-) -> LoadedComponents:
-    """Load SD and the CLIP vision tower (with its projection only, never a second text encoder)."""
-    preset = resolve_preset(preset)
-    say = on_status or (lambda message: None)
-    start = time.perf_counter()
-    sd_path, clip_path = preset.sd_model, preset.clip_model
-    if preset.offline_builder == "tiny" or "tiny" in (sd_path, clip_path):
-        if not (tiny_model_dir() / "sd" / "model_index.json").is_file():
-            say(f"Building the tiny offline models in {tiny_model_dir()} (first use only)…")
-        tiny_sd, tiny_clip = ensure_tiny_models()
-        sd_path = tiny_sd if sd_path == "tiny" else sd_path
-        clip_path = tiny_clip if clip_path == "tiny" else clip_path
-
-    say(f"Loading Stable Diffusion {preset.sd_model!r} onto {device} ({_dtype_name(dtype)})…")
-    sd = _load_sd(sd_path, preset.sd_model, dtype, safety_checker=safety_checker, allow_pickle=allow_pickle)
-    say(f"Loading the image encoder {preset.clip_model!r}…")
-    image_encoder, image_processor = _load_image_encoder(clip_path, preset.clip_model, dtype, allow_pickle)
-    check_encoder_fits(image_encoder, sd.unet, preset)
-
-    sd.to(device)
-    image_encoder.to(device)
-    image_encoder.eval()
-    sd.set_progress_bar_config(disable=True)  # progress is ours to show (tqdm in the CLI, a bar in the widget)
-    seconds = time.perf_counter() - start
-    say(
-        f"Loaded {preset.name!r} in {seconds:.1f} s: {_size_text(sd.unet)} UNet, "
-        f"{_size_text(image_encoder)} image encoder on {device}."
-    )
-    return LoadedComponents(sd, image_encoder, image_processor, preset, seconds)
 
 
 def check_encoder_fits(image_encoder: Any, unet: Any, preset: Preset) -> None:
@@ -237,31 +187,6 @@ def diffusers_dtype_kwarg() -> str:
 
     major, minor = (int(part) for part in diffusers.__version__.split(".")[:2])
     return "dtype" if (major, minor) >= (0, 40) else "torch_dtype"
-
-
-def _load_sd(path: str, name: str, dtype: torch.dtype, *, safety_checker: bool | None, allow_pickle: bool):
-    with quiet_loaders():
-        from diffusers import StableDiffusionPipeline
-
-    check_local_folder(path, name, "model_index.json", "a Stable Diffusion model (diffusers format)")
-    kwargs: dict[str, Any] = {diffusers_dtype_kwarg(): dtype, "use_safetensors": None if allow_pickle else True}
-    if safety_checker is False:
-        # The supported way to switch it off; a lambda in its place breaks the pipeline config.
-        kwargs.update(safety_checker=None, requires_safety_checker=False)
-    with translate_load_errors(name, allow_pickle), quiet_loaders():
-        return StableDiffusionPipeline.from_pretrained(path, **kwargs)
-
-
-def _load_image_encoder(path: str, name: str, dtype: torch.dtype, allow_pickle: bool):
-    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
-
-    check_local_folder(path, name, "config.json", "a CLIP model (transformers format)")
-    with translate_load_errors(name, allow_pickle), quiet_loaders():
-        encoder = CLIPVisionModelWithProjection.from_pretrained(
-            path, dtype=dtype, use_safetensors=None if allow_pickle else True
-        )
-        processor = CLIPImageProcessor.from_pretrained(path)
-    return encoder, processor
 
 
 def check_local_folder(path: str, name: str, marker: str, what: str) -> None:

@@ -42,6 +42,43 @@ def ensure_tiny_models() -> tuple[str, str]:
     return str(final / "sd"), str(final / "clip")
 
 
+#: Model names in presets that stand for models this module builds (``Preset.sd_model`` etc.).
+OFFLINE_NAMES = ("tiny", "tiny-variations", "tiny-ip-adapter")
+
+
+def cache_key(name: str) -> str:
+    """What a model name means for the model cache: an offline name's folder depends on the cache dir."""
+    return str(cache_dir() / name) if name in OFFLINE_NAMES else name
+
+
+def materialize(preset: Any, say: Callable[[str], None] = lambda message: None) -> Any:
+    """The preset with every part this module builds replaced by its folder (built on first use).
+
+    Hub ids and local folders pass through unchanged; the ControlNet twin is built when an ``edges``
+    run first asks for it (:func:`ensure_tiny_controlnet`).
+    """
+    import dataclasses
+
+    changes: dict[str, str] = {}
+    if "tiny" in (preset.sd_model, preset.clip_model):
+        if not (tiny_model_dir() / "sd" / "model_index.json").is_file():
+            say(f"Building the tiny offline models in {tiny_model_dir()} (first use only)…")
+        sd, clip = ensure_tiny_models()
+        changes.update({key: path for key, path in (("sd_model", sd), ("clip_model", clip))
+                        if getattr(preset, key) == "tiny"})
+    if "tiny-variations" in (preset.sd_model, preset.clip_model):
+        say("Building the tiny image-variations model (first use only)…")
+        folder = ensure_tiny_variations_model()
+        changes.update({key: folder for key in ("sd_model", "clip_model") if getattr(preset, key) == "tiny-variations"})
+    if preset.sd_model == "tiny-ip-adapter":
+        say("Building the tiny IP-Adapter models (first use only)…")
+        sd, encoder, adapter = ensure_tiny_ip_adapter_models()
+        changes.update(sd_model=sd, clip_model=encoder, ip_adapter=f"{adapter}::{TINY_ADAPTER_WEIGHT_NAME}")
+    if preset.captioner == "tiny":
+        changes["captioner"] = ensure_tiny_captioner()
+    return dataclasses.replace(preset, **changes) if changes else preset
+
+
 def build_once(final: Path, build: Callable[[Path], Any], marker: str) -> Path:
     """Build into a private temp folder, then rename: a concurrent builder can never see half a model.
 

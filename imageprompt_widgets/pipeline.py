@@ -1,51 +1,57 @@
 """ImagePromptPipeline: CLIP image encoder + Stable Diffusion, with the image as the prompt.
 
-The pipeline encodes images with the CLIP vision tower, turns the embeddings into prompt
-embeddings (conditioning.py), and hands those to diffusers' own ``StableDiffusionPipeline``
-unchanged, so the pixels equal what bare diffusers gives for the same embeddings and seed.
-Everything in between is kept in a :class:`~imageprompt_widgets.results.Trace`.
+The pipeline encodes images with the CLIP vision tower (encoding.py), lets the chosen method turn the
+embeddings into conditioning (methods/), and hands that to diffusers' own ``StableDiffusionPipeline``
+unchanged, so the pixels equal what bare diffusers gives for the same embeddings and seed. Everything in
+between is kept in a :class:`~imageprompt_widgets.results.Trace`.
 
-Every method goes through :meth:`ImagePromptPipeline.generate` with one signature: ``mode`` picks
-a conditioning builder (``conditioning_builders()``), and the result is always a diffusers
-``StableDiffusionPipeline`` call with explicit ``prompt_embeds`` and ``negative_prompt_embeds``.
-When the two differ in length (``single``, ``tokens``, ``concat``), the shorter is padded with
-zero tokens that ``encoder_attention_mask`` removes from cross-attention exactly; the trace keeps
-the unpadded embeddings and the mask (``extras["encoder_attention_mask"]``).
+``generate`` reads like diffusers' ``__call__``, as a short sequence of named steps:
+check inputs → encode → condition → plan → denoise → result.
+When the prompt and its negative differ in length (``single``, ``tokens``, ``concat``), the shorter is
+padded with zero tokens that ``encoder_attention_mask`` removes from cross-attention exactly; the trace
+keeps the unpadded embeddings and the mask (``extras["encoder_attention_mask"]``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import math
+import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from . import conditioning
+from . import conditioning, schedule
 from .concurrency import RunLock
-from .conditioning import Conditioning
-from .downloads import DownloadProgress, watch_downloads
+from .downloads import ProgressCallback, watch_downloads
+from .encoding import ClipTextTower, ImageEmbedding, encode_images, fingerprint
 from .images import load_images
-from .models import (
-    MODEL_CACHE,
-    StatusCallback,
-    load_components,
-    model_key,
-    resolve_device_dtype,
-)
+from .loading import LoadedComponents, load_clip_text_tower, load_components
+from .methods import METHODS
+from .methods.inputs import ConditioningInputs, TextSide
+from .models import MODEL_CACHE, StatusCallback, model_key, resolve_device_dtype
 from .presets import PRESETS, Preset, resolve_preset
-from .results import GenerationResult, Provenance, Trace
-from .settings import CROPS, GenerationSettings, SettingsError
-from .structure import StructureRunners
+from .results import GenerationResult, Interpolation, Provenance, Trace
+from .settings import MODES, GenerationSettings, SettingsError
+from .steps import (
+    Cancelled,
+    NonFiniteImageError,
+    StepCallback,
+    StepInfo,
+    StepTracker,
+    guided_prediction,
+    masked_prompt,
+    non_finite_error,
+    predicted_x0,
+    watching_decoded_values,
+)
+from .structure import StructurePlan, StructureRunners
 
-#: At most this many latent snapshots are kept per run (a stride is used beyond it).
-MAX_TRACED_STEPS = 64
+__all__ = ["ImageEmbedding", "ImagePromptPipeline", "NonFiniteImageError", "StepInfo", "generate"]
+
 #: How many distinct input batches keep their embeddings cached per pipeline.
 EMBEDDING_CACHE_SIZE = 16
 #: Ordinary prompts whose text-encoder outputs set the target of norm matching.
@@ -57,50 +63,26 @@ NORM_PROBE_PROMPTS = (
 )
 
 
-class Cancelled(Exception):
-    """Raised inside the denoising loop to stop it; ``generate`` turns it into ``cancelled=True``."""
+@dataclass
+class RunInputs:
+    """A run's pictures, decoded and fingerprinted once (a 12-megapixel photo costs ~0.1 s for each)."""
 
-
-class NonFiniteImageError(ValueError):
-    """The VAE decoded NaN or infinite values (typically a float16 VAE overflowing): the images would be black."""
+    images: list[Any]
+    prints: list[str]
+    negatives: list[Any] = field(default_factory=list)
+    negative_prints: list[str] = field(default_factory=list)
+    structure_image: Any = None  # the picture whose layout a structure run keeps (None: the first input)
 
 
 @dataclass
-class ImageEmbedding:
-    """What the CLIP vision tower made of a batch of images (tensors on the pipeline's device)."""
+class RunPlan:
+    """Everything the denoising loop needs, decided before it starts."""
 
-    pixel_values: torch.Tensor  # [N, 3, H, W], the picture CLIP saw, normalised
-    image_embeds: torch.Tensor  # [N, D], projected: the space SD's cross-attention width matches
-    hidden_states: torch.Tensor  # [N, T, Dv], the vision tower's last hidden state
-    tokens: torch.Tensor | None = None  # [N, T, D], every token through post-layernorm and projection
-
-    def __len__(self) -> int:
-        return self.image_embeds.shape[0]
-
-
-@dataclass
-class StepInfo:
-    """Handed to ``on_step`` after every denoising step. Tensors live on the device; do not modify them."""
-
-    step: int  # steps finished so far, 1-based
-    total: int  # steps in this run (PNDM runs one more than asked)
-    timestep: float
-    latents: torch.Tensor  # [B, C, h, w] after this step
-    seconds: float  # since the first step started
-    _x0: Callable[[], torch.Tensor] | None = field(default=None, repr=False)
-
-    @property
-    def steps_per_second(self) -> float:
-        return self.step / self.seconds if self.seconds > 0 else 0.0
-
-    def x0(self) -> torch.Tensor:
-        """The model's current estimate of the clean latents (what previews should show, not the noise)."""
-        if self._x0 is None:
-            raise RuntimeError("x0 is only available to on_step callbacks during generation")
-        return self._x0()
-
-
-StepCallback = Callable[[StepInfo], None]
+    structure: StructurePlan
+    unet: conditioning.UnetConditioning
+    contexts: list[Any]  # context managers around the diffusers call (method windows, structure records)
+    trace: Trace
+    provenance: Provenance
 
 
 class ImagePromptPipeline:
@@ -113,13 +95,14 @@ class ImagePromptPipeline:
 
     def __init__(
         self, sd: Any, image_encoder: Any, image_processor: Any, *, preset: Preset | None = None,
-        captioner: Any = None, allow_pickle: bool = False,
+        parts: dict[str, Any] | None = None, allow_pickle: bool = False,
     ):
         self.sd = sd
-        self.captioner = captioner
         self.image_encoder = image_encoder
         self.image_processor = image_processor
         self.preset = preset or Preset(name="custom", sd_model="custom", clip_model="custom")
+        #: What the preset's methods loaded beside SD and the encoder ("ip_adapter", "captioner").
+        self.parts = dict(parts or {})
         self.lock = RunLock()
         self._embeddings: OrderedDict[tuple[str, ...], ImageEmbedding] = OrderedDict()
         self._empty_prompt_embeds: torch.Tensor | None = None
@@ -138,7 +121,7 @@ class ImagePromptPipeline:
         safety_checker: bool | None = None,
         allow_pickle: bool = False,
         on_status: StatusCallback | None = None,
-        on_progress: Callable[[DownloadProgress], None] | None = None,
+        on_progress: ProgressCallback | None = None,
     ) -> ImagePromptPipeline:
         """Load (once per process) the preset's models: ``"sd14"`` (default), ``"sd15"``, ``"tiny"`` or a folder.
 
@@ -155,22 +138,19 @@ class ImagePromptPipeline:
             key = (key, *extras)
 
         def load() -> ImagePromptPipeline:
-            loader = _component_loader(preset)
-            parts = loader(
+            loaded = load_components(
                 preset, dev, dt, safety_checker=safety_checker, allow_pickle=allow_pickle, on_status=on_status
             )
-            captioner = None
-            if preset.captioner:
-                from .methods.caption import load_captioner
-
-                captioner = load_captioner(preset, dev, dt, allow_pickle=allow_pickle, on_status=on_status)
-            return cls(
-                parts.sd, parts.image_encoder, parts.image_processor, preset=preset, captioner=captioner,
-                allow_pickle=allow_pickle,
-            )
+            return cls.from_components(loaded, allow_pickle=allow_pickle)
 
         with watch_downloads(on_progress):
             return MODEL_CACHE.get_or_create(key, load)
+
+    @classmethod
+    def from_components(cls, loaded: LoadedComponents, *, allow_pickle: bool = False) -> ImagePromptPipeline:
+        """A pipeline over already loaded components (not cached: e.g. a private copy for benchmarks)."""
+        return cls(loaded.sd, loaded.image_encoder, loaded.image_processor, preset=loaded.preset,
+                   parts=loaded.parts, allow_pickle=allow_pickle)
 
     @classmethod
     def from_pretrained(
@@ -218,10 +198,8 @@ class ImagePromptPipeline:
         resizes to the square without keeping the aspect ratio and ``"pad"`` letterboxes the whole
         picture on CLIP's mean colour (which normalises to zero) before the same normalisation.
         """
-        if crop not in CROPS:
-            raise SettingsError(f"crop={crop!r} is not one of {', '.join(CROPS)}.")
         pil_images = load_images(images)
-        return self._encode_loaded(pil_images, [_fingerprint(image) for image in pil_images], crop)
+        return self._encode_loaded(pil_images, [fingerprint(image) for image in pil_images], crop)
 
     def _encode_loaded(self, pil_images: list[Any], fingerprints: list[str], crop: str) -> ImageEmbedding:
         """``encode_image`` for images already decoded and fingerprinted (``generate`` does both once)."""
@@ -230,22 +208,7 @@ class ImagePromptPipeline:
         if cached is not None:
             self._embeddings.move_to_end(key)
             return cached
-        with torch.inference_mode():
-            if crop == "center_crop":
-                inputs = self.image_processor(images=pil_images, return_tensors="pt")
-            else:
-                squared = [_square_for_clip(image, crop, self.image_processor) for image in pil_images]
-                inputs = self.image_processor(
-                    images=squared, do_resize=False, do_center_crop=False, return_tensors="pt"
-                )
-            pixel_values = inputs["pixel_values"].to(self.image_encoder.device, self.image_encoder.dtype)
-            out = self.image_encoder(pixel_values=pixel_values)
-            tokens = conditioning.project_vision_tokens(
-                out.last_hidden_state,
-                self.image_encoder.vision_model.post_layernorm,
-                self.image_encoder.visual_projection,
-            )
-        embedding = ImageEmbedding(pixel_values, out.image_embeds, out.last_hidden_state, tokens)
+        embedding = encode_images(pil_images, self.image_encoder, self.image_processor, crop)
         self._embeddings[key] = embedding
         while len(self._embeddings) > EMBEDDING_CACHE_SIZE:
             self._embeddings.popitem(last=False)
@@ -284,6 +247,11 @@ class ImagePromptPipeline:
         """The settings a run starts from: the library defaults with the preset's own (e.g. variations) applied."""
         return GenerationSettings.from_kwargs(**dict(self.preset.defaults))
 
+    @property
+    def captioner(self) -> Any:
+        """The preset's BLIP captioner (``None`` for presets without one)."""
+        return self.parts.get("captioner")
+
     def caption(self, images: Any) -> str:
         """Caption the (first) image with the preset's captioner (BLIP); ``mode="caption"`` generates from it."""
         if self.captioner is None:
@@ -292,6 +260,26 @@ class ImagePromptPipeline:
             )
         with self.lock:
             return self.captioner.caption(load_images(images)[0])
+
+    def capabilities(self) -> frozenset[str]:
+        """What the loaded models can do (the method registry's terms): image tokens of the UNet's width,
+        SD's text encoder, an IP-Adapter, a captioner."""
+        found = set()
+        if self.image_encoder.config.projection_dim == self.sd.unet.config.cross_attention_dim:
+            found.add("image_tokens")
+        if getattr(self.sd, "text_encoder", None) is not None:
+            found.add("text")
+        found.update(name for name in ("ip_adapter", "captioner") if name in self.parts)
+        return frozenset(found)
+
+    def methods(self) -> list[str]:
+        """The methods (``mode`` values) this pipeline can run."""
+        capabilities = self.capabilities()
+        return [name for name in MODES if METHODS[name].available(capabilities)]
+
+    def text_side(self) -> TextSide:
+        """SD's text encoder as conditioning builders see it."""
+        return TextSide(encode=self.encode_text, empty=self.empty_prompt_embeds, typical_norm=self.text_token_norm)
 
     # -- structure (structure.py) ------------------------------------------------------------------
 
@@ -311,7 +299,112 @@ class ImagePromptPipeline:
         with self.lock:
             return self._structure.pipeline(structure)
 
-    # -- generation -----------------------------------------------------------------------------
+    # -- inspection: the engine's side of the inspector's views --------------------------------------
+
+    def clip_text_tower(self) -> ClipTextTower:
+        """The text tower with projection of the preset's CLIP checkpoint, loaded once (model cache).
+
+        Raises :class:`~imageprompt_widgets.loading.TextTowerUnavailable` where the checkpoint holds only a
+        vision tower (the IP-Adapter's encoder, the image-variations model).
+        """
+        folder = getattr(self.image_encoder.config, "name_or_path", "") or self.preset.clip_model
+        key = ("clip-text-tower", os.path.abspath(folder) if os.path.isdir(folder) else folder,
+               str(self.device), str(self.image_encoder.dtype))
+        return MODEL_CACHE.get_or_create(
+            key, lambda: load_clip_text_tower(folder, self.preset.clip_model, self.device, self.image_encoder.dtype)
+        )
+
+    def decode_latents(self, latents: torch.Tensor) -> list[Any]:
+        """Latents ``[B, C, h, w]`` through the VAE, exactly (not a preview), as PIL images."""
+        from PIL import Image
+
+        vae = self.sd.vae
+        with torch.inference_mode():
+            pixels = vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor).sample
+        pixels = ((pixels.float().cpu() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+        return [Image.fromarray(frame.permute(1, 2, 0).numpy()) for frame in pixels]
+
+    def replay_x0(self, result: GenerationResult, snapshots: list[int], index: int = 0) -> torch.Tensor:
+        """The model's clean-latent estimate at traced latent snapshots, ``[len(snapshots), C, h, w]``.
+
+        The latent after step ``k`` is the noisy input of step ``k + 1``: the UNet runs on it once more with
+        the traced prompt (and negative, with the run's guidance) and :func:`~imageprompt_widgets.steps.predicted_x0`
+        gives the estimate, the same as the live previews' ``StepInfo.x0()``. The final latent is its own x0.
+        Needs the run's latents (``trace_latents=True``), a scheduler with unscaled latents, and conditioning
+        that is all in the prompt embeddings (not IP-Adapter or masked prompts).
+        """
+        trace = result.trace
+        if trace is None or trace.latents is None:
+            raise SettingsError("This run traced no latents: generate with trace_latents=True to replay its steps.")
+        scheduler = self.sd.scheduler
+        if float(getattr(scheduler, "init_noise_sigma", 1.0)) != 1.0:
+            raise SettingsError(
+                f"x0 replays need a scheduler with unscaled latents (PNDM, DDIM), not {type(scheduler).__name__}."
+            )
+        if "encoder_attention_mask" in trace.extras or "ip_adapter_image_embeds" in trace.extras:
+            raise SettingsError("x0 replays need the whole prompt in prompt_embeds (no masked prompt, no IP-Adapter).")
+        unet = self.sd.unet
+        prompt = trace.prompt_embeds[index : index + 1].to(self.device, self.dtype)
+        negative = trace.negative_prompt_embeds
+        guidance = result.settings.guidance_scale if negative is not None else None
+        if guidance is not None:
+            prompt = torch.cat([negative[index : index + 1].to(self.device, self.dtype), prompt])
+        estimates = []
+        for snapshot in snapshots:
+            sample = trace.latents[snapshot, index : index + 1].to(self.device, torch.float32)
+            step = trace.latent_steps[snapshot] if trace.latent_steps else snapshot + 1
+            if step >= len(trace.timesteps):
+                estimates.append(sample.cpu())
+                continue
+            timestep = round(trace.timesteps[step])  # scheduler timesteps are whole numbers
+            model_input = torch.cat([sample, sample]) if guidance is not None else sample
+            with torch.inference_mode():
+                prediction = unet(model_input.to(self.dtype), timestep, encoder_hidden_states=prompt).sample
+            estimates.append(predicted_x0(sample, timestep, guided_prediction(prediction, guidance), scheduler).cpu())
+        return torch.cat(estimates)
+
+    def interpolate(
+        self, start: Any, end: Any, count: int = 5, settings: GenerationSettings | None = None, *,
+        on_step: StepCallback | None = None, cancel: threading.Event | None = None, **changes: Any,
+    ) -> Interpolation:
+        """``count`` images along a slerp from ``start`` to ``end`` with one seed: the embedding-space walk.
+
+        Each end is an image (anything ``load_image`` takes), a text (CLIP's text tower with projection) or
+        a ``[D]`` embedding. Each point is the ``slerp`` combine of the two ends with weights ``[1 - t, t]``,
+        generated as a ``repeat`` prompt through :meth:`generate` (trace, NaN check, cancel): for two
+        images it is exactly ``generate([a, b], combine="slerp", weights=[1 - t, t])``. ``settings`` (and
+        keyword changes) give seed, steps, guidance, scale and norm matching.
+        """
+        if count < 2:
+            raise SettingsError(f"An interpolation needs at least 2 images, not {count}.")
+        settings = (settings or self.default_settings()).replace(
+            mode="repeat", num_images=1, structure="none", weights=(), **changes
+        )
+        if settings.negative == "image":
+            settings = settings.replace(negative="empty_prompt")
+        (first, first_label), (last, last_label) = self._endpoint(start), self._endpoint(end)
+        if first.shape != last.shape:
+            raise SettingsError(f"The two ends have different widths: {tuple(first.shape)} and {tuple(last.shape)}.")
+        weights = [i / (count - 1) for i in range(count)]
+        ends = torch.stack([first, last])
+        embeds = torch.stack([conditioning.slerp(ends, torch.tensor([1 - w, w]))[0] for w in weights])
+        results = []
+        for embed in embeds:
+            point = ImageEmbedding.from_embeds(embed[None].to(self.device, self.image_encoder.dtype))
+            result = self.generate(point, settings, on_step=on_step, cancel=cancel)
+            if result.cancelled:
+                break
+            results.append(result)
+        return Interpolation(weights, embeds, results, (first_label, last_label))
+
+    def _endpoint(self, value: Any) -> tuple[torch.Tensor, str]:
+        if isinstance(value, str):  # a text; a picture on disk is a Path or an image
+            return self.clip_text_tower().embed([value])[0], repr(value)
+        if isinstance(value, torch.Tensor):
+            return value.detach().float().cpu().reshape(-1), "an embedding"
+        return self.encode_image(value).image_embeds[0].detach().float().cpu(), "an image"
+
+    # -- generation: check inputs → encode → condition → plan → denoise → result ------------------
 
     def generate(
         self,
@@ -327,22 +420,53 @@ class ImagePromptPipeline:
     ) -> GenerationResult:
         """Generate from images; keyword settings are those of :class:`GenerationSettings`.
 
-        ``negative_image`` (one image or several) becomes the negative conditioning, so guidance
-        pushes away from it (it implies ``negative="image"``). ``on_step`` is called after every
-        step (progress, previews); setting ``cancel`` stops the run after the current step without
-        decoding, and the result has ``cancelled=True``. ``structure_image`` is the picture whose layout
-        ``structure="edges"`` or ``"img2img"`` keeps (default: the first input image).
+        ``images`` is anything ``load_image`` takes (or a list), or an :class:`ImageEmbedding` already
+        computed. ``negative_image`` (one image or several) becomes the negative conditioning, so guidance
+        pushes away from it (it implies ``negative="image"``). ``on_step`` is called after every step
+        (progress, previews); setting ``cancel`` stops the run after the current step without decoding,
+        and the result has ``cancelled=True`` (a :class:`~imageprompt_widgets.concurrency.CancelEvent`
+        also ends a wait for another run on this pipeline at once). ``structure_image`` is the picture
+        whose layout ``structure="edges"`` or ``"img2img"`` keeps (default: the first input image).
         """
+        settings, inputs = self._check_inputs(images, settings, negative_image, structure_image, changes)
+        if not self.lock.acquire(cancel):  # cancelled while another run held the pipeline
+            return GenerationResult([], None, settings, self._provenance(settings, inputs), cancelled=True)
+        try:
+            start = time.perf_counter()
+            embedding, negative_embedding = self._encode(images, inputs, settings)
+            cond = self._condition(inputs, settings, embedding, negative_embedding)
+            plan = self._plan(inputs, settings, embedding, cond)
+            if cancel is not None and cancel.is_set():
+                return GenerationResult([], plan.trace, settings, plan.provenance, cancelled=True,
+                                        seconds=time.perf_counter() - start)
+            output = self._denoise(plan, settings, on_step, cancel, trace_latents)
+            return GenerationResult(
+                images=list(output.images) if output is not None else [],
+                trace=plan.trace,
+                settings=settings,
+                provenance=plan.provenance,
+                cancelled=output is None,
+                nsfw_content_detected=output.nsfw_content_detected if output is not None else None,
+                seconds=time.perf_counter() - start,
+            )
+        finally:
+            self.lock.release()
+
+    def _check_inputs(
+        self, images: Any, settings: GenerationSettings | None, negative_image: Any, structure_image: Any,
+        changes: dict[str, Any],
+    ) -> tuple[GenerationSettings, RunInputs]:
+        """Validate the settings against the inputs and decode every picture once, before any model work."""
         settings = settings or self.default_settings()
         if negative_image is not None and settings.negative == "empty_prompt" and "negative" not in changes:
             changes["negative"] = "image"
         if changes:
             settings = settings.replace(**changes)
-        pil_images = load_images(images)
-        negative_images = load_images(negative_image) if negative_image is not None else []
-        if settings.negative == "image" and not negative_images:
+        pil_images = [] if isinstance(images, ImageEmbedding) else load_images(images)
+        negatives = load_images(negative_image) if negative_image is not None else []
+        if settings.negative == "image" and not negatives:
             raise SettingsError("negative='image' needs negative_image=: the image(s) guidance should push away from.")
-        if negative_images and settings.negative != "image":
+        if negatives and settings.negative != "image":
             raise SettingsError(
                 f"negative_image was given but negative={settings.negative!r}: pass negative='image' to use it."
             )
@@ -353,154 +477,112 @@ class ImagePromptPipeline:
             )
         if len(structure_images) > 1:
             raise SettingsError(f"structure_image takes one image, not {len(structure_images)}.")
-        if not self.lock.acquire(cancel):  # cancelled while another run held the pipeline
-            return GenerationResult([], None, settings, self._provenance(settings, ()), cancelled=True)
+        if settings.structure != "none" and not (structure_images or pil_images):
+            raise SettingsError(f"structure={settings.structure!r} needs a picture: pass structure_image=.")
+        return settings, RunInputs(
+            pil_images, [fingerprint(image) for image in pil_images],
+            negatives, [fingerprint(image) for image in negatives],
+            structure_images[0] if structure_images else None,
+        )
+
+    def _encode(
+        self, images: Any, inputs: RunInputs, settings: GenerationSettings
+    ) -> tuple[ImageEmbedding, ImageEmbedding | None]:
+        """The inputs' and negative images' CLIP embeddings (from the small cache when seen before)."""
+        embedding = images if isinstance(images, ImageEmbedding) else self._encode_loaded(
+            inputs.images, inputs.prints, settings.crop
+        )
+        negative = (self._encode_loaded(inputs.negatives, inputs.negative_prints, settings.crop)
+                    if inputs.negatives else None)
+        return embedding, negative
+
+    def _condition(
+        self, inputs: RunInputs, settings: GenerationSettings, embedding: ImageEmbedding,
+        negative_embedding: ImageEmbedding | None,
+    ) -> conditioning.Conditioning:
+        """The method's conditioning for one output image (its registry entry builds it)."""
+        build = METHODS[settings.mode].builder()
+        return build(ConditioningInputs(
+            settings=settings, embedding=embedding, text=self.text_side(),
+            cross_attention_dim=self.sd.unet.config.cross_attention_dim, negative_embedding=negative_embedding,
+            images=inputs.images, parts=self.parts, preset_name=self.preset.name,
+        ))
+
+    def _plan(
+        self, inputs: RunInputs, settings: GenerationSettings, embedding: ImageEmbedding,
+        cond: conditioning.Conditioning,
+    ) -> RunPlan:
+        """The UNet's tensors (guidance rule applied once), the structure plan, the trace and the provenance."""
+        unet = conditioning.for_unet(cond, settings.guided, settings.num_images, self.device, self.dtype)
+        trace = Trace(
+            pixel_values=_cpu(embedding.pixel_values),
+            image_embeds=_cpu(embedding.image_embeds),
+            hidden_states=_cpu(embedding.hidden_states),
+            prompt_embeds=_cpu(unet.prompt_embeds),
+            negative_prompt_embeds=_cpu(unet.negative_prompt_embeds),
+            extras={name: _cpu(value) for name, value in cond.extras.items()},
+        )
+        if unet.ip_adapter_image_embeds is not None:
+            trace.extras["ip_adapter_image_embeds"] = _cpu(unet.ip_adapter_image_embeds)
+        structure_source = inputs.structure_image or (inputs.images[0] if inputs.images else None)
+        structure = self._structure.plan(settings, structure_source, settings.num_images)
+        trace.extras.update(structure.extras)
+        notes = dict(cond.notes)
+        if inputs.structure_image is not None:
+            notes["structure_input"] = fingerprint(inputs.structure_image)[:16]
+        provenance = self._provenance(settings, inputs, notes)
+        provenance.model.update(structure.notes)
+        return RunPlan(structure, unet, list(cond.contexts), trace, provenance)
+
+    def _denoise(
+        self, plan: RunPlan, settings: GenerationSettings, on_step: StepCallback | None,
+        cancel: threading.Event | None, trace_latents: bool,
+    ) -> Any:
+        """diffusers' own call with our conditioning and step callback; ``None`` when cancelled mid-run."""
+        runner = plan.structure.runner
+        prompt, negative, mask = plan.unet.padded()
+        if mask is not None:
+            plan.trace.extras["encoder_attention_mask"] = _cpu(mask)
+        tracker = StepTracker(runner.unet, runner.scheduler, settings.guidance_scale if negative is not None else None,
+                              on_step=on_step, cancel=cancel, trace_latents=trace_latents)
+        total = planned_steps(runner.scheduler, settings)
+        method_kwargs = ({"ip_adapter_image_embeds": [plan.unet.ip_adapter_image_embeds]}
+                         if plan.unet.ip_adapter_image_embeds is not None else {})
         try:
-            start = time.perf_counter()
-            # Decoding and hashing a 12-megapixel photo costs ~0.1 s each: do both once per input.
-            input_prints = [_fingerprint(image) for image in pil_images]
-            negative_prints = [_fingerprint(image) for image in negative_images]
-            embedding = self._encode_loaded(pil_images, input_prints, settings.crop)
-            negative_embedding = (
-                self._encode_loaded(negative_images, negative_prints, settings.crop) if negative_images else None
-            )
-            cond = self._conditioning(embedding, settings, negative_embedding, pil_images)
-            trace = Trace(
-                pixel_values=_cpu(embedding.pixel_values),
-                image_embeds=_cpu(embedding.image_embeds),
-                hidden_states=_cpu(embedding.hidden_states),
-                prompt_embeds=_cpu(cond.prompt_embeds),
-                negative_prompt_embeds=_cpu(cond.negative_prompt_embeds),
-                extras={name: _cpu(value) for name, value in cond.extras.items()},
-            )
-            plan = self._structure.plan(
-                settings, (structure_images or pil_images)[0], cond.prompt_embeds.shape[0]
-            )
-            trace.extras.update(plan.extras)
-            notes = dict(cond.notes)
-            if structure_images:
-                notes["structure_input"] = _fingerprint(structure_images[0])[:16]
-            provenance = self._provenance(settings, input_prints, negative_prints, notes)
-            provenance.model.update(plan.notes)
-            tracker = _StepTracker(self, settings, trace, on_step, cancel, trace_latents)
-            if cancel is not None and cancel.is_set():
-                return GenerationResult([], trace, settings, provenance, cancelled=True,
-                                        seconds=time.perf_counter() - start)
-            prompt_embeds, negative_embeds = cond.prompt_embeds, cond.negative_prompt_embeds
-            mask = None
-            if negative_embeds is not None:
-                (negative_embeds, prompt_embeds), mask = conditioning.pad_with_mask([negative_embeds, prompt_embeds])
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(tracker.tapping_noise_predictions())
+                non_finite = stack.enter_context(watching_decoded_values(runner.vae))
                 if mask is not None:
-                    trace.extras["encoder_attention_mask"] = _cpu(mask)
-            try:
-                with contextlib.ExitStack() as stack:
-                    stack.enter_context(tracker.tapping_noise_predictions())
-                    non_finite = stack.enter_context(_watching_decoded_values(self.sd.vae))
-                    if mask is not None:
-                        stack.enter_context(_attention_mask(self.sd.unet, mask))
-                    for method_context in cond.contexts:
-                        tracker.step_hooks.append(stack.enter_context(method_context))
-                    for structure_context in plan.contexts(trace.extras, mask):
-                        stack.enter_context(structure_context)
-                    output = plan.runner(
-                        prompt_embeds=prompt_embeds,
-                        negative_prompt_embeds=negative_embeds,
-                        num_inference_steps=settings.steps,
-                        guidance_scale=settings.guidance_scale,
-                        generator=torch.Generator(self.device).manual_seed(settings.seed),
-                        output_type="pil",
-                        callback_on_step_end=tracker,
-                        callback_on_step_end_tensor_inputs=["latents"],
-                        **plan.kwargs,
-                        **cond.sd_kwargs,
-                    )
-            except Cancelled:
-                tracker.finish()
-                return GenerationResult([], trace, settings, provenance, cancelled=True,
-                                        seconds=time.perf_counter() - start)
-            tracker.finish()
-            if non_finite:
-                half = non_finite[0] in (torch.float16, torch.bfloat16)
-                advice = ("load the model with dtype='float32' (a float32 VAE does not overflow) or try a smaller size"
-                          if half else "lower scale or guidance_scale, or try a smaller size")
-                raise NonFiniteImageError(
-                    f"The VAE ({_dtype_text(non_finite[0])}) decoded NaN values, so the images would come out "
-                    f"black: {advice}."
+                    stack.enter_context(masked_prompt(runner.unet, mask))
+                for context in plan.contexts:
+                    hook = stack.enter_context(context)
+                    if hook is not None:
+                        hook(0, total)  # the state before the first step
+                        tracker.step_hooks.append(hook)
+                for context in plan.structure.contexts(plan.trace.extras, mask):
+                    stack.enter_context(context)
+                output = runner(
+                    prompt_embeds=prompt,
+                    negative_prompt_embeds=negative,
+                    num_inference_steps=settings.steps,
+                    guidance_scale=settings.guidance_scale,
+                    generator=torch.Generator(self.device).manual_seed(settings.seed),
+                    output_type="pil",
+                    callback_on_step_end=tracker,
+                    callback_on_step_end_tensor_inputs=["latents"],
+                    **plan.structure.kwargs,
+                    **method_kwargs,
                 )
-            return GenerationResult(
-                images=list(output.images),
-                trace=trace,
-                settings=settings,
-                provenance=provenance,
-                nsfw_content_detected=output.nsfw_content_detected,
-                seconds=time.perf_counter() - start,
-            )
-        finally:
-            self.lock.release()
-
-    def _conditioning(
-        self,
-        embedding: ImageEmbedding,
-        settings: GenerationSettings,
-        negative_embedding: ImageEmbedding | None = None,
-        images: Sequence[Any] = (),
-    ) -> Conditioning:
-        """Prompt and negative embeddings, one row per output image, in the UNet's dtype."""
-        builder = conditioning_builders()[settings.mode]
-        cond = builder(self, embedding, settings, negative_embedding, images)
-        copies = settings.num_images
-        cond.prompt_embeds = cond.prompt_embeds.to(self.device, self.dtype).repeat(copies, 1, 1)
-        if settings.guidance_scale <= 1:
-            cond.negative_prompt_embeds = None  # no classifier-free guidance: no unconditional branch runs
-        elif cond.negative_prompt_embeds is not None:
-            cond.negative_prompt_embeds = cond.negative_prompt_embeds.to(self.device, self.dtype).repeat(copies, 1, 1)
-        return cond
-
-    def image_sequence(
-        self, embedding: ImageEmbedding, settings: GenerationSettings, *, form: str | None = None,
-        combine: str | None = None, weights: Sequence[float] | None = None, extras: dict | None = None,
-        prefix: str = "",
-    ) -> torch.Tensor:
-        """Images → one ``[1, L, D]`` token sequence: mode form, combine, norm matching, then ``scale``.
-
-        ``form`` is ``repeat``, ``single`` or ``tokens`` (default: the mode's own).
-        """
-        form = form or settings.mode
-        self._check_image_width(embedding, settings.mode)
-        if form == "repeat":
-            sequences = conditioning.repeat_tokens(embedding.image_embeds)
-        elif form == "single":
-            sequences = conditioning.single_token(embedding.image_embeds)
-        else:
-            sequences = conditioning.vision_tokens(embedding.tokens)
-        combine = combine or settings.combine
-        weights = settings.weights if weights is None else weights
-        if len(embedding) > 1 or weights:
-            sequence = conditioning.combine(combine, sequences, list(weights) or None)
-        else:
-            sequence = sequences
-        if settings.norm_match:
-            target = self.text_token_norm()
-            if extras is not None:
-                extras[f"{prefix}text_token_norm"] = torch.tensor(target)
-                extras[f"{prefix}image_token_norm_before"] = sequence.norm(dim=-1)[0].float()
-            sequence = conditioning.match_norm(sequence, target)
-        return settings.scale * sequence
-
-    def _check_image_width(self, embedding: ImageEmbedding, mode: str) -> None:
-        width, cross = embedding.image_embeds.shape[-1], self.sd.unet.config.cross_attention_dim
-        if width != cross:
-            raise SettingsError(
-                f"mode={mode!r} feeds image tokens to the UNet, but the image encoder gives {width}-d embeddings "
-                f"and the UNet expects {cross}-d: this preset supports mode='ip_adapter'."
-            )
+        except Cancelled:
+            output = None
+        plan.trace.timesteps, plan.trace.latents = tracker.timesteps, tracker.latents
+        plan.trace.latent_steps = list(tracker.latent_steps)
+        if output is not None and non_finite:
+            raise non_finite_error(non_finite[0])
+        return output
 
     def _provenance(
-        self,
-        settings: GenerationSettings,
-        input_prints: Sequence[str],
-        negative_prints: Sequence[str] = (),
-        notes: dict[str, Any] | None = None,
+        self, settings: GenerationSettings, inputs: RunInputs, notes: dict[str, Any] | None = None
     ) -> Provenance:
         from ._version import __version__
 
@@ -513,262 +595,29 @@ class ImagePromptPipeline:
                 **({"ip_adapter": self.preset.ip_adapter} if self.preset.ip_adapter else {}),
                 **({"captioner": self.preset.captioner} if self.preset.captioner else {}),
             },
-            inputs=tuple(fingerprint[:16] for fingerprint in input_prints),
-            negative_inputs=tuple(fingerprint[:16] for fingerprint in negative_prints),
+            inputs=tuple(print_[:16] for print_ in inputs.prints),
+            negative_inputs=tuple(print_[:16] for print_ in inputs.negative_prints),
             notes=dict(notes or {}),
             device=str(self.device),
-            dtype=_dtype_text(self.dtype),
+            dtype=str(self.dtype).removeprefix("torch."),
             version=__version__,
         )
 
 
-class _StepTracker:
-    """diffusers' ``callback_on_step_end``: records the trace, reports steps, cancels between steps."""
+def planned_steps(scheduler: Any, settings: GenerationSettings) -> int:
+    """How many UNet steps a run makes: known before it starts, so progress has a fixed total.
 
-    def __init__(
-        self,
-        pipeline: ImagePromptPipeline,
-        settings: GenerationSettings,
-        trace: Trace,
-        on_step: StepCallback | None,
-        cancel: threading.Event | None,
-        trace_latents: bool,
-    ) -> None:
-        self.pipeline = pipeline
-        self.settings = settings
-        self.trace = trace
-        self.on_step = on_step
-        self.cancel = cancel
-        self.trace_latents = trace_latents
-        self.snapshots: list[torch.Tensor] = []
-        self._timesteps: list[Any] = []
-        self.started = time.perf_counter()
-        self._unet_call: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        #: Called with (steps finished, total) after each step, before the next (e.g. the IP-Adapter window).
-        self.step_hooks: list[Callable[[int, int], None] | None] = []
-
-    def __call__(self, sd: Any, index: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-        latents = kwargs["latents"]
-        total = sd.num_timesteps
-        step = index + 1
-        self._timesteps.append(timestep)  # a device tensor: float() here would wait for the GPU every step
-        if self.trace_latents:
-            stride = max(1, math.ceil(total / MAX_TRACED_STEPS))
-            if index % stride == 0 or step == total:
-                self.snapshots.append(latents.detach().to("cpu", copy=True))
-                self.trace.latent_steps.append(step)
-        if self.on_step is not None:
-            seconds = time.perf_counter() - self.started
-            self.on_step(StepInfo(step, total, float(timestep), latents, seconds, self._predicted_x0))
-        for hook in self.step_hooks:
-            if hook is not None:
-                hook(step, total)
-        if self.cancel is not None and self.cancel.is_set():
-            raise Cancelled
-        return kwargs
-
-    @contextlib.contextmanager
-    def tapping_noise_predictions(self) -> Iterator[None]:
-        """Capture the UNet's input and output each step (references only) so ``x0`` can be computed."""
-        handle = None
-        if self.on_step is not None:
-            handle = self.pipeline.sd.unet.register_forward_hook(self._remember_unet_call, with_kwargs=True)
-        try:
-            yield
-        finally:
-            if handle is not None:
-                handle.remove()
-
-    def _remember_unet_call(self, module: Any, args: tuple, kwargs: dict, output: Any) -> None:
-        sample = args[0] if args else kwargs["sample"]
-        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
-        prediction = output[0] if isinstance(output, tuple) else output.sample
-        self._unet_call = (sample, timestep, prediction)
-
-    def _predicted_x0(self) -> torch.Tensor:
-        """x0 from the last UNet call: the input is the VP-scaled latent for every SD scheduler."""
-        if self._unet_call is None:
-            raise RuntimeError("no UNet call seen yet")
-        sample, timestep, prediction = self._unet_call
-        if self.settings.guidance_scale > 1:
-            uncond, cond = prediction.chunk(2)
-            prediction = uncond + self.settings.guidance_scale * (cond - uncond)
-            sample = sample.chunk(2)[1]
-        scheduler = self.pipeline.sd.scheduler
-        alphas = scheduler.alphas_cumprod
-        index = round(float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep))
-        alpha = alphas[min(max(index, 0), len(alphas) - 1)].to(sample.device, torch.float32)
-        sample, prediction = sample.float(), prediction.float()
-        if scheduler.config.get("prediction_type", "epsilon") == "v_prediction":
-            return alpha.sqrt() * sample - (1 - alpha).sqrt() * prediction
-        return (sample - (1 - alpha).sqrt() * prediction) / alpha.sqrt()
-
-    def finish(self) -> None:
-        self.trace.timesteps = [float(timestep) for timestep in self._timesteps]
-        if self.snapshots:
-            self.trace.latents = torch.stack(self.snapshots)
-
-
-# ---------------------------------------------------------------------------------------------
-# One conditioning builder per mode (settings.MODES is exactly the keys of conditioning_builders())
-
-
-def _image_conditioning(
-    pipe: ImagePromptPipeline,
-    embedding: ImageEmbedding,
-    settings: GenerationSettings,
-    negative_embedding: ImageEmbedding | None,
-    images: Sequence[Any],
-) -> Conditioning:
-    """``repeat``, ``single``, ``tokens``: the images' token sequence is the prompt."""
-    extras: dict[str, torch.Tensor] = {}
-    prompt = pipe.image_sequence(embedding, settings, extras=extras)
-    negative = _negative(pipe, prompt, settings, negative_embedding, extras, form=settings.mode)
-    return Conditioning(prompt, negative, extras=extras)
-
-
-def _blend_conditioning(
-    pipe: ImagePromptPipeline,
-    embedding: ImageEmbedding,
-    settings: GenerationSettings,
-    negative_embedding: ImageEmbedding | None,
-    images: Sequence[Any],
-) -> Conditioning:
-    """``blend``: the text prompt's embeddings mixed with the image's by ``image_weight``.
-
-    ``interpolate`` mixes token by token with the ``repeat`` form (77 tokens, like the text);
-    ``concat`` appends the ``single`` form (one token per image) after the 77 text tokens.
+    The scheduler's own count for ``steps`` (PNDM, SD's default, runs one more: its warm-up step), on a
+    fresh copy so the shared scheduler is untouched; img2img runs the last ``int(steps * strength)`` of them.
     """
-    extras: dict[str, torch.Tensor] = {}
-    text = pipe.encode_text(settings.prompt, purpose="a text prompt (blend)")
-    form = "repeat" if settings.blend == "interpolate" else "single"
-    image = pipe.image_sequence(embedding, settings, form=form, extras=extras).to(text.dtype)
-    prompt = conditioning.BLEND_FUNCTIONS[settings.blend](text, image, settings.image_weight)
-    negative = _negative(pipe, prompt, settings, negative_embedding, extras, form=form)
-    return Conditioning(prompt, negative, extras=extras)
-
-
-def _negative(
-    pipe: ImagePromptPipeline,
-    prompt: torch.Tensor,
-    settings: GenerationSettings,
-    negative_embedding: ImageEmbedding | None,
-    extras: dict[str, torch.Tensor],
-    form: str,
-) -> torch.Tensor | None:
-    """The unconditional branch: SD's empty prompt (the guide's default), zeros, or negative images.
-
-    Negative images take the same form, norm matching and scale as the prompt's images; several
-    are averaged with equal weights.
-    """
-    if settings.guidance_scale <= 1:
-        return None
-    if settings.negative == "empty_prompt":
-        return pipe.empty_prompt_embeds()
-    if settings.negative == "zeros":
-        return torch.zeros_like(prompt)
-    assert negative_embedding is not None  # generate() checks this before encoding
-    return pipe.image_sequence(
-        negative_embedding, settings, form=form, combine="average", weights=(), extras=extras, prefix="negative_"
-    )
-
-
-def _square_for_clip(image: Any, crop: str, processor: Any) -> Any:
-    """``squash``: resize to CLIP's square; ``pad``: letterbox on CLIP's mean colour, then resize."""
-    from PIL import Image
-
-    size = processor.crop_size
-    target = (int(size["width"]), int(size["height"]))
-    if crop == "pad":
-        side = max(image.size)
-        fill = tuple(round(channel * 255) for channel in processor.image_mean)
-        canvas = Image.new("RGB", (side, side), fill)
-        canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
-        image = canvas
-    return image.resize(target, Image.Resampling.BICUBIC)
-
-
-@contextlib.contextmanager
-def _watching_decoded_values(vae: Any) -> Iterator[list[torch.dtype]]:
-    """Notice NaN/Inf in what the VAE's decoder returns (a float16 VAE overflows to NaN, and diffusers then
-    hands back black images without a word). One ``isfinite`` per decode; the pixels are not touched. Yields
-    a list that gets the decoder's dtype once per decode that had non-finite values."""
-    found: list[torch.dtype] = []
-    decoder = getattr(vae, "decoder", None)
-    if not isinstance(decoder, torch.nn.Module):
-        yield found
-        return
-
-    def check(module: Any, args: tuple, output: Any) -> None:
-        sample = output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)
-        if torch.is_tensor(sample) and not bool(torch.isfinite(sample).all()):
-            found.append(sample.dtype)
-
-    handle = decoder.register_forward_hook(check)
-    try:
-        yield found
-    finally:
-        handle.remove()
-
-
-def _dtype_text(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-@contextlib.contextmanager
-def _attention_mask(unet: Any, mask: torch.Tensor) -> Iterator[None]:
-    """Hand ``encoder_attention_mask`` to every UNet call (diffusers' pipeline has no argument for it)."""
-
-    def add_mask(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        sample = args[0] if args else kwargs["sample"]
-        if sample.shape[0] == mask.shape[0]:
-            kwargs["encoder_attention_mask"] = mask.to(sample.device)
-        return args, kwargs
-
-    handle = unet.register_forward_pre_hook(add_mask, with_kwargs=True)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-def _component_loader(preset: Preset) -> Callable[..., Any]:
-    """models.load_components for SD + CLIP pairs; the variations and IP-Adapter presets load their own way."""
-    if preset.method == "variations":
-        from .methods.variations import load_components as load_variations
-
-        return load_variations
-    if preset.method == "ip_adapter":
-        from .methods.ip_adapter import load_components as load_ip_adapter
-
-        return load_ip_adapter
-    return load_components
-
-
-def conditioning_builders() -> dict[str, Any]:
-    """Mode name → the function that builds its :class:`Conditioning` (imported lazily: optional parts)."""
-    from .methods import caption, ip_adapter
-
-    return {
-        "repeat": _image_conditioning,
-        "single": _image_conditioning,
-        "tokens": _image_conditioning,
-        "blend": _blend_conditioning,
-        "ip_adapter": ip_adapter.build_conditioning,
-        "caption": caption.build_conditioning,
-    }
+    plan = schedule.planned_steps(scheduler, settings.steps, structure=settings.structure, strength=settings.strength)
+    return plan.total  # the one count; the controller shows its reason (PNDM's warm-up, img2img) in Started
 
 
 def generate(images: Any, *, model: str | Preset | None = None, **settings: Any) -> GenerationResult:
     """One call for scripts: the default preset (or ``model=``), the same result as ``pipe.generate``."""
     load_options = {name: settings.pop(name) for name in ("device", "dtype", "safety_checker") if name in settings}
     return ImagePromptPipeline.from_preset(model, **load_options).generate(images, **settings)
-
-
-def _fingerprint(image: Any) -> str:
-    digest = hashlib.sha256(f"{image.mode}:{image.size}".encode())
-    digest.update(image.tobytes())
-    return digest.hexdigest()
 
 
 def _cpu(tensor: torch.Tensor | None) -> torch.Tensor | None:

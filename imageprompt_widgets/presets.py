@@ -44,6 +44,11 @@ class Preset:
     clip_subfolder: str | None = None
     #: The canny ControlNet for ``structure="edges"`` (Hub id or folder); "tiny" for the offline twin.
     controlnet: str | None = None
+    #: Whether SD has its text encoder (the image-variations model was fine-tuned without one).
+    text_encoder: bool = True
+    #: Whether the image encoder's embeddings have the UNet's cross-attention width, so image tokens can
+    #: be the prompt (an IP-Adapter preset's encoder is the adapter's own, wider one).
+    image_tokens_fit: bool = True
 
 
 #: The settings the variations model was trained for: one image token, a zero unconditional embedding.
@@ -84,6 +89,7 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
             revision="v2.0",
             method="variations",
             defaults=_VARIATIONS_DEFAULTS,
+            text_encoder=False,
             note="SD fine-tuned on one CLIP image token (image_encoder and feature_extractor ship in the repo)",
             download_size="about 5 GB (fp32 UNet, VAE, ViT-L/14 vision tower) + 1.2 GB safety checker unless off",
             controlnet=CANNY_CONTROLNET,
@@ -94,6 +100,7 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
             clip_model="tiny-variations",
             method="variations",
             defaults=_VARIATIONS_DEFAULTS,
+            text_encoder=False,
             note="offline twin of 'variations': random, seeded weights",
             download_size="nothing (built locally, about 8 MB)",
             offline_builder="tiny-variations",
@@ -107,6 +114,7 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
             ip_adapter="h94/IP-Adapter:models:ip-adapter_sd15.safetensors",
             method="ip_adapter",
             defaults=(("mode", "ip_adapter"),),
+            image_tokens_fit=False,
             note="SD 1.5 + IP-Adapter (ViT-H/14 image encoder, 4 adapter tokens); a text prompt works alongside",
             download_size="about 5.5 GB (SD 1.5) + 2.5 GB (ViT-H/14 image encoder) + 44 MB (ip-adapter_sd15)",
             controlnet=CANNY_CONTROLNET,
@@ -118,6 +126,7 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
             ip_adapter="tiny-ip-adapter",
             method="ip_adapter",
             defaults=(("mode", "ip_adapter"),),
+            image_tokens_fit=False,
             note="offline twin of 'ip-adapter': tiny UNet with SD's block layout, random adapter weights",
             download_size="nothing (built locally, about 4 MB)",
             offline_builder="tiny-ip-adapter",

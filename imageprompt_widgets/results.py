@@ -137,6 +137,29 @@ class GenerationResult:
         return [save_png(image, folder, recipe, index, prefix) for index, image in enumerate(self.images)]
 
 
+@dataclass
+class Interpolation:
+    """Images generated along a slerp between two CLIP embeddings, one seed for all (``pipe.interpolate``)."""
+
+    weights: list[float]  # t of each point, 0 (start) to 1 (end)
+    embeds: torch.Tensor  # [N, D] the interpolated image embeddings used
+    results: list[GenerationResult]  # one finished run per point (fewer when cancelled)
+    labels: tuple[str, str] = ("start", "end")
+
+    @property
+    def images(self) -> list[Any]:
+        return [result.images[0] for result in self.results]
+
+    @property
+    def cancelled(self) -> bool:
+        return len(self.results) < len(self.weights)
+
+    def _repr_png_(self) -> bytes:
+        from .views import interpolation_view
+
+        return interpolation_view(self).to_png()
+
+
 def recipe_of(settings: GenerationSettings, provenance: Provenance) -> dict[str, Any]:
     """The recipe of a run (a JSON-able dict; ``settings`` under its own key)."""
     return {

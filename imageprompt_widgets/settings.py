@@ -29,6 +29,12 @@ ADAPTER_BLOCKS = ("all", "style", "composition", "style_and_composition")
 #: How much of the input's layout a run keeps (structure.py): nothing, its Canny edges through a
 #: ControlNet, or its noised latents as the starting point (img2img).
 STRUCTURES = ("none", "edges", "img2img")
+#: The settings each structure reads (the Structure section shows only these).
+STRUCTURE_SETTINGS: dict[str, tuple[str, ...]] = {
+    "none": (),
+    "edges": ("canny_low", "canny_high", "control_scale", "control_start", "control_end"),
+    "img2img": ("strength",),
+}
 
 MAX_SEED = 2**32 - 1
 
@@ -165,6 +171,13 @@ class GenerationSettings:
                 f"strength={self.strength:g} with steps={self.steps} leaves no denoising step (img2img runs "
                 f"int(steps * strength) of them): raise strength to at least {1 / self.steps:.3g} or add steps."
             )
+
+    @property
+    def guided(self) -> bool:
+        """Whether classifier-free guidance runs: above 1 it does, with an unconditional (negative) branch;
+        at 1 or below diffusers runs the prompt alone, so nothing negative is computed or fed. The one
+        place this rule is written."""
+        return self.guidance_scale > 1
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> GenerationSettings:

@@ -173,3 +173,61 @@ def test_cli_accepts_comma_separated_weights_and_new_flags():
     settings = GenerationSettings.from_kwargs(**chosen)
     assert (settings.weights, settings.combine, settings.norm_match) == ((1.0, 0.5), "slerp", True)
     assert (settings.mode, settings.prompt, settings.crop) == ("blend", "a cat", "pad")
+
+
+# -- round two: one window rule, one guidance rule, combines that need two images ------------------
+
+
+def test_one_step_window_rule_is_diffusers_controlnet_rule():
+    import inspect as python_inspect
+
+    from diffusers.pipelines.controlnet import pipeline_controlnet
+
+    # The rule diffusers applies to control_guidance_start/_end (read from its source, so a change there shows).
+    assert "1.0 - float(i / len(timesteps) < s or (i + 1) / len(timesteps) > e)" in python_inspect.getsource(
+        pipeline_controlnet.StableDiffusionControlNetPipeline.__call__
+    )
+    for total in (1, 4, 7, 31):
+        for start, end in ((0.0, 1.0), (0.25, 0.75), (0.2, 0.55), (0.5, 1.0), (0.0, 0.1)):
+            keep = [1.0 - float(i / total < start or (i + 1) / total > end) for i in range(total)]
+            assert [float(c.in_window(i, total, start, end)) for i in range(total)] == keep
+
+
+def test_guidance_rule_computes_negatives_only_when_guided():
+    def never() -> torch.Tensor:
+        raise AssertionError("the negative was computed without guidance")
+
+    prompt = torch.randn(1, 3, 4)
+    cond = c.Conditioning(prompt, negative=never, adapter_embeds=torch.ones(1, 2, 4), negative_adapter_embeds=never)
+    unguided = c.for_unet(cond, guided=False, copies=2)
+    assert unguided.negative_prompt_embeds is None and unguided.padded()[1:] == (None, None)
+    assert torch.equal(unguided.prompt_embeds, prompt.repeat(2, 1, 1))
+    assert torch.equal(unguided.ip_adapter_image_embeds, torch.ones(2, 2, 4))
+
+    short = torch.randn(1, 1, 4)
+    guided = c.for_unet(c.Conditioning(prompt, negative=lambda: short, adapter_embeds=torch.ones(1, 2, 4)),
+                        guided=True, copies=2)
+    assert torch.equal(guided.negative_prompt_embeds, short.repeat(2, 1, 1))  # unpadded: what the trace keeps
+    # diffusers' IP-Adapter layout: the negatives (zeros by default) first, then the images.
+    assert torch.equal(guided.ip_adapter_image_embeds, torch.cat([torch.zeros(2, 2, 4), torch.ones(2, 2, 4)]))
+    padded_prompt, padded_negative, mask = guided.padded()
+    assert padded_negative.shape == padded_prompt.shape == (2, 3, 4)
+    assert mask.tolist() == [[1, 0, 0]] * 2 + [[1, 1, 1]] * 2
+
+
+@pytest.mark.parametrize("name", ["subtract", "slerp"])
+def test_combines_that_need_two_images_refuse_one(name):
+    with pytest.raises(c.ConditioningError, match=f"combine='{name}' needs at least 2 images"):
+        c.combined_images(name, torch.randn(1, 77, 8))
+    assert c.combined_images("average", torch.ones(1, 77, 8)).shape == (1, 77, 8)  # one image: as it is
+
+
+def test_slerp_of_opposite_vectors_turns_through_a_perpendicular_instead_of_collapsing():
+    a = torch.tensor([[3.0, 4.0, 0.0]])
+    halfway = c.slerp(torch.cat([a, -2 * a]))  # opposite directions, lengths 5 and 10
+    assert halfway.norm().item() == pytest.approx(7.5)  # the lengths, interpolated
+    assert (halfway * a).sum().item() == pytest.approx(0.0, abs=1e-5)  # perpendicular to both ends
+    ends = c.slerp(torch.cat([a, -2 * a]), torch.tensor([1.0, 0.0])), c.slerp(torch.cat([a, -2 * a]), torch.tensor([0.0, 1.0]))
+    torch.testing.assert_close(ends[0], a)
+    torch.testing.assert_close(ends[1], -2 * a)
+    assert torch.equal(c.slerp(torch.cat([a, -2 * a])), halfway)  # the same inputs take the same path

@@ -199,14 +199,14 @@ def test_the_panel_shows_download_bytes_in_its_bar_and_status(tiny_pipe, url, hi
 
 
 def test_from_preset_reports_downloads_to_on_progress(tiny_pipe, url, hidden_bars, monkeypatch):
-    from imageprompt_widgets import models, pipeline
+    from imageprompt_widgets import loading, models, pipeline
 
-    def loader(preset, device, dtype, **options):
+    def load_components(preset, device, dtype, **options):
         download(url)
-        return models.LoadedComponents(tiny_pipe.sd, tiny_pipe.image_encoder, tiny_pipe.image_processor, preset, 0.0)
+        return loading.LoadedComponents(tiny_pipe.sd, tiny_pipe.image_encoder, tiny_pipe.image_processor, preset, 0.0)
 
     monkeypatch.setattr(pipeline, "MODEL_CACHE", models.ModelCache())  # a first load, without touching the real cache
-    monkeypatch.setattr(pipeline, "_component_loader", lambda preset: loader)
+    monkeypatch.setattr(pipeline, "load_components", load_components)
     seen: list[DownloadProgress] = []
     pipe = ImagePromptPipeline.from_preset("tiny", on_progress=seen.append)
     assert pipe.sd is tiny_pipe.sd and seen[-1].done == seen[-1].total == len(PAYLOAD)

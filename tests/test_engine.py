@@ -10,7 +10,7 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from imageprompt_widgets import GenerationSettings, ImagePromptPipeline, SettingsError
-from imageprompt_widgets import pipeline as pipeline_module
+from imageprompt_widgets import steps as steps_module
 from imageprompt_widgets.offline import sample_image as make_image
 from imageprompt_widgets.results import Trace, recipe_from_png
 
@@ -182,7 +182,7 @@ def test_traced_latents_are_the_per_step_latents_and_bounded(tiny_pipe, image, m
     for snapshot, live in zip(res.trace.latents, seen):
         assert torch.equal(snapshot, live)
 
-    monkeypatch.setattr(pipeline_module, "MAX_TRACED_STEPS", 3)
+    monkeypatch.setattr(steps_module, "MAX_TRACED_STEPS", 3)
     bounded = tiny_pipe.generate(image, trace_latents=True, steps=10, seed=0)
     assert bounded.trace.latent_steps == [1, 5, 9, 11]  # stride 4, plus the last step
     assert bounded.trace.latents.shape[0] == 4

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from PIL import Image
 from imageprompt_widgets import views
 from imageprompt_widgets.offline import sample_image as make_image
 from imageprompt_widgets.results import Trace
+from imageprompt_widgets.settings import SettingsError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 STEPS = 3  # PNDM runs one extra step: 4 traced latents
@@ -177,23 +180,23 @@ def test_similarity_equals_normalised_dot_products_with_clip_text_features(tiny_
     torch.testing.assert_close(view.matrix, expected, rtol=1e-5, atol=1e-5)
     assert view.col_labels == ["image 1", "image 2", "'a cat'", "'a dog'"]
     assert "with projection" in view.note
-    assert views.clip_text_tower(tiny_pipe) is views.clip_text_tower(tiny_pipe)  # cached on the pipeline
+    assert tiny_pipe.clip_text_tower() is tiny_pipe.clip_text_tower()  # loaded once, in the model cache
     assert view.matrix.shape == (2, 4)
     _decoded(view.to_png())
 
 
 def test_similarity_says_clearly_when_the_encoder_has_no_text_tower(tiny_pipe, run, tmp_path):
-    from types import SimpleNamespace
-
     from transformers import CLIPVisionModelWithProjection
 
+    from imageprompt_widgets import ImagePromptPipeline
     from imageprompt_widgets.presets import Preset
 
     # An encoder checkpoint with the vision tower only, as SD image-variations and IP-Adapter ship.
     tiny_pipe.image_encoder.save_pretrained(tmp_path / "vision-only")
-    vision_only = SimpleNamespace(
+    vision_only = ImagePromptPipeline(
+        tiny_pipe.sd, CLIPVisionModelWithProjection.from_pretrained(tmp_path / "vision-only"),
+        tiny_pipe.image_processor,
         preset=Preset(name="vision-only", sd_model="x", clip_model=str(tmp_path / "vision-only")),
-        image_encoder=CLIPVisionModelWithProjection.from_pretrained(tmp_path / "vision-only"),
     )
     view = views.similarity(run.trace.image_embeds, vision_only, ["a cat"])
     assert view.note == (
@@ -202,7 +205,7 @@ def test_similarity_says_clearly_when_the_encoder_has_no_text_tower(tiny_pipe, r
     )
     assert view.matrix.shape == (2, 2)
     with pytest.raises(views.TextTowerUnavailable):
-        views.clip_text_tower(vision_only)
+        vision_only.clip_text_tower()
 
 
 def test_cosine_similarity_rejects_mismatched_widths():
@@ -242,7 +245,7 @@ def test_patch_norms_rejects_a_non_square_token_count():
 
 
 def test_filmstrip_statistics_and_exact_frames(tiny_pipe, run):
-    view = views.filmstrip(run.trace, tiny_pipe)
+    view = views.filmstrip(run, tiny_pipe)
     latents = run.trace.latents.double()
     assert view.steps == run.trace.latent_steps == [1, 2, 3, 4]
     for s in range(latents.shape[0]):
@@ -257,7 +260,7 @@ def test_filmstrip_statistics_and_exact_frames(tiny_pipe, run):
 def test_filmstrip_with_the_preview_decoder_uses_preview_py(tiny_pipe, run):
     from imageprompt_widgets import preview
 
-    view = views.filmstrip(run.trace, tiny_pipe, decoder="linear")
+    view = views.filmstrip(run, tiny_pipe, decoder="linear")
     expected = preview.to_pil(preview.decoder_for(tiny_pipe, "linear")(run.trace.latents[:, 0]))
     assert [np.asarray(f).tolist() for f in view.frames] == [np.asarray(f).tolist() for f in expected]
 
@@ -268,7 +271,7 @@ def test_filmstrip_x0_frames_equal_the_live_step_estimates(tiny_pipe, inputs):
         inputs, steps=STEPS, seed=3, trace_latents=True,
         on_step=lambda info: live.__setitem__(info.step, info.x0().detach().cpu().clone()),
     )
-    view = views.filmstrip(result.trace, tiny_pipe, x0=True, guidance_scale=7.5)
+    view = views.filmstrip(result, tiny_pipe, x0=True)
     assert view.x0 and view.frame_steps == [1, 2, 3, 4]
     # The latent after step k is the input of step k + 1, whose live x0 preview is the same estimate.
     for frame, step in enumerate(view.frame_steps[:-1]):
@@ -282,7 +285,7 @@ def test_filmstrip_without_traced_latents_says_how_to_get_them(run):
     untraced = Trace(**{k: getattr(run.trace, k) for k in ("pixel_values", "image_embeds", "hidden_states",
                                                                "prompt_embeds")})
     with pytest.raises(views.InspectError, match="generate with trace_latents=True"):
-        views.filmstrip(untraced, None)
+        views.filmstrip(dataclasses.replace(run, trace=untraced), None)
 
 
 def test_frame_indices_are_evenly_spaced_and_keep_the_last():
@@ -295,8 +298,11 @@ def test_frame_indices_are_evenly_spaced_and_keep_the_last():
 
 def test_interpolation_equals_the_engines_slerp_generation(tiny_pipe, inputs):
     a, b = inputs
-    view = views.interpolation(tiny_pipe, a, b, 3, seed=5, steps=1, guidance_scale=1.0)
-    assert view.weights == [0.0, 0.5, 1.0]
+    walk = tiny_pipe.interpolate(a, b, 3, seed=5, steps=1, guidance_scale=1.0)
+    view = views.interpolation_view(walk)
+    assert view.weights == walk.weights == [0.0, 0.5, 1.0]
+    # Each point is an ordinary engine run: traced, checked, with its settings.
+    assert [r.settings.mode for r in walk.results] == ["repeat"] * 3 and not walk.cancelled
     ends = tiny_pipe.encode_image([a, b]).image_embeds
     torch.testing.assert_close(view.embeds[0], ends[0])
     torch.testing.assert_close(view.embeds[2], ends[1])
@@ -308,8 +314,15 @@ def test_interpolation_equals_the_engines_slerp_generation(tiny_pipe, inputs):
 
 
 def test_interpolation_towards_text_uses_the_clip_text_tower(tiny_pipe, inputs):
-    view = views.interpolation(tiny_pipe, inputs[0], "a cat", 2, steps=1, guidance_scale=1.0)
-    torch.testing.assert_close(view.embeds[1], views.clip_text_tower(tiny_pipe).embed(["a cat"])[0])
-    assert view.labels == ("an image", "'a cat'")
-    with pytest.raises(views.InspectError, match="at least 2 images, not 1"):
-        views.interpolation(tiny_pipe, inputs[0], "a cat", 1)
+    walk = tiny_pipe.interpolate(inputs[0], "a cat", 2, steps=1, guidance_scale=1.0)
+    torch.testing.assert_close(walk.embeds[1], tiny_pipe.clip_text_tower().embed(["a cat"])[0])
+    assert walk.labels == ("an image", "'a cat'")
+    with pytest.raises(SettingsError, match="at least 2 images, not 1"):
+        tiny_pipe.interpolate(inputs[0], "a cat", 1)
+
+
+def test_an_interpolation_stops_at_a_cancel_and_keeps_the_finished_points(tiny_pipe, inputs):
+    cancel = threading.Event()
+    walk = tiny_pipe.interpolate(inputs[0], inputs[1], 3, steps=2, guidance_scale=1.0, cancel=cancel,
+                                 on_step=lambda info: cancel.set() if info.step == 2 else None)
+    assert walk.cancelled and walk.results == []  # the first point was stopped after its last step

@@ -77,7 +77,7 @@ def test_compare_button_adds_the_typed_texts(tiny_pipe, run):
     assert view.col_labels == ["image 1", "image 2", "'a cat'", "'a red dog'"]
     assert _png_size(tab.similarity_image.value)[0] > before[0]
     assert "CLIP text tower with projection" in tab.similarity_note.value
-    text = views.clip_text_tower(tiny_pipe).embed(["a cat", "a red dog"])
+    text = tiny_pipe.clip_text_tower().embed(["a cat", "a red dog"])
     torch.testing.assert_close(view.matrix[:, 2:], views.cosine_similarity(run.trace.image_embeds, text))
 
 
@@ -130,7 +130,7 @@ def test_x0_checkbox_redraws_the_filmstrip_with_the_models_estimates(tiny_pipe, 
     tab.filmstrip_x0.value = True  # as a user ticking the box
     estimated = tab.views["Denoising"]
     assert estimated.x0 and "clean estimate (x0)" in tab.filmstrip_table.value
-    expected = views.predicted_x0(run.trace, tiny_pipe, [0], guidance_scale=run.settings.guidance_scale)
+    expected = tiny_pipe.replay_x0(run, [0])
     torch.testing.assert_close(estimated.frame_latents[:1], expected)
     assert bytes(tab.filmstrip_image.value) == estimated.to_png() != noisy.to_png()
 
@@ -171,8 +171,8 @@ def test_interpolate_runs_off_the_kernel_thread_with_progress_in_the_status_and_
         assert widget.controller.join(120)
     finally:
         handle.remove()
-    assert len(calls) == 2  # stopped before the next UNet call
-    assert widget.status == "Cancelled after step 1 of 6; nothing from earlier runs is lost."
+    assert len(calls) == 2  # the step it was in finished, the next never started
+    assert widget.status == "Cancelled after step 2 of 6; nothing from earlier runs is lost."
     assert tab.interpolation_note.value == "Cancelled." and not tab.interpolation_button.disabled
     assert "Interpolation" not in tab.views
 
@@ -207,6 +207,6 @@ def test_the_x0_filmstrip_is_a_controller_task(tiny_pipe, inputs):
     assert calls and threading.current_thread() not in calls  # the UNet ran on the worker
     assert tab.views["Denoising"].x0 and "clean estimate (x0)" in tab.filmstrip_table.value
     assert widget.status.startswith("x0 filmstrip done in ")
-    expected = views.predicted_x0(tab.result.trace, tiny_pipe, [0], guidance_scale=tab.result.settings.guidance_scale)
+    expected = tiny_pipe.replay_x0(tab.result, [0])
     torch.testing.assert_close(tab.views["Denoising"].frame_latents[:1], expected)
     widget.close()

@@ -10,8 +10,9 @@ import torch
 
 from imageprompt_widgets import GenerationSettings, SettingsError
 from imageprompt_widgets import conditioning as c
+from imageprompt_widgets.methods import METHODS
 from imageprompt_widgets.offline import sample_image as make_image
-from imageprompt_widgets.pipeline import NORM_PROBE_PROMPTS, conditioning_builders
+from imageprompt_widgets.pipeline import NORM_PROBE_PROMPTS
 from imageprompt_widgets.settings import MODES
 
 FAST = {"steps": 2, "seed": 7}
@@ -25,7 +26,8 @@ def test_every_mode_has_a_builder_and_every_builder_a_mode():
     from imageprompt_widgets.methods.ip_adapter import BLOCK_PRESETS
     from imageprompt_widgets.settings import ADAPTER_BLOCKS
 
-    assert set(conditioning_builders()) == set(MODES)
+    assert list(METHODS) == list(MODES)
+    assert all(callable(METHODS[mode].builder()) for mode in MODES)
     assert tuple(BLOCK_PRESETS) == ADAPTER_BLOCKS
 
 
@@ -282,9 +284,10 @@ def _scales_per_call(pipe, **settings):
 def test_ip_adapter_window_switches_off_outside_and_restores_the_scale(adapter_pipe):
     from imageprompt_widgets.methods.ip_adapter import adapter_processors
 
-    calls = _scales_per_call(adapter_pipe, scale=0.7, adapter_start=0.25, adapter_end=0.75, steps=4, seed=1)
+    calls = _scales_per_call(adapter_pipe, scale=0.7, adapter_start=0.25, adapter_end=0.75, steps=8, seed=1)
     total = len(calls)  # PNDM runs one step more than asked
-    expected = [0.7 if 0.25 <= i / total < 0.75 else 0.0 for i in range(total)]
+    # diffusers' ControlNet window rule: a step acts when it lies wholly inside [start, end].
+    expected = [0.7 if i / total >= 0.25 and (i + 1) / total <= 0.75 else 0.0 for i in range(total)]
     assert [set(call.values()) for call in calls] == [{s} for s in expected]
     assert expected.count(0.0) >= 2 and expected.count(0.7) >= 2
     assert all(p.scale == [1.0] for p in adapter_processors(adapter_pipe.sd.unet))  # restored
@@ -351,3 +354,34 @@ def test_caption_mode_needs_a_captioner_or_words(tiny_pipe, image):
         tiny_pipe.generate(image, mode="caption", **FAST)
     with pytest.raises(SettingsError, match="mode='caption' has none: switch norm_match off"):
         tiny_pipe.generate(image, mode="caption", prompt="a cat", norm_match=True, **FAST)
+
+
+@pytest.mark.parametrize("combine", ["subtract", "slerp"])
+def test_a_combine_that_needs_two_images_refuses_one_instead_of_ignoring_it(tiny_pipe, image, combine):
+    with pytest.raises(SettingsError, match=f"combine='{combine}' needs at least 2 images"):
+        tiny_pipe.generate(image, combine=combine, **FAST)
+
+
+def test_registry_names_what_each_method_reads_needs_and_its_twin():
+    from imageprompt_widgets.methods import methods_for, presets_providing, settings_read
+    from imageprompt_widgets.presets import PRESETS
+
+    assert "prompt" not in settings_read("repeat") and "image_weight" not in settings_read("repeat")
+    assert {"prompt", "image_weight", "blend"} <= settings_read("blend")
+    assert "adapter_start" in settings_read("ip_adapter") and "adapter_start" not in settings_read("single")
+    assert "norm_match" not in settings_read("ip_adapter")
+    assert "canny_low" not in settings_read("repeat") and "canny_low" in settings_read("repeat", "edges")
+    assert settings_read("repeat", "img2img") - settings_read("repeat") == {"strength"}
+    assert methods_for(PRESETS["tiny"]) == ["repeat", "single", "tokens", "blend"]
+    assert methods_for(PRESETS["tiny-ip-adapter"]) == ["ip_adapter"]
+    assert methods_for(PRESETS["tiny-variations"]) == ["repeat", "single", "tokens"]
+    assert "caption" in methods_for(PRESETS["tiny-caption"])
+    for name, method in METHODS.items():
+        assert method.twin in presets_providing(name), name  # every method runs offline on its twin
+        assert PRESETS[method.twin].offline_builder, name
+
+
+def test_a_loaded_pipeline_knows_which_methods_it_can_run(tiny_pipe):
+    from imageprompt_widgets.methods import methods_for
+
+    assert tiny_pipe.methods() == methods_for(tiny_pipe.preset)

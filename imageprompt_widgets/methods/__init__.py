@@ -1,0 +1,126 @@
+"""The method registry: every way of turning input images into Stable Diffusion's conditioning, in one table.
+
+Each :class:`Method` says what it is called, what a preset must have to run it (so faces offer only what the
+loaded model can do), which settings it reads (so faces show only those controls), which offline preset
+runs it without a download (its twin), and which module of this package builds it. A method's module
+holds ``build(inputs) -> Conditioning`` and, where the method needs parts beyond SD and the image
+encoder (an adapter, a captioner), ``load_parts(...)``. Builders receive narrow inputs
+(:class:`~imageprompt_widgets.methods.inputs.ConditioningInputs`), never the pipeline.
+
+Adding a method: its name in ``settings.MODES``, one entry here, one module under ``methods/``; presets
+that carry its parts in ``presets.py`` and, where it needs parts, an offline twin in ``offline.py``.
+
+This module imports nothing heavy: faces read the table before any model is loaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from importlib import import_module
+from typing import Any
+
+from ..presets import PRESETS, Preset
+from ..settings import MODES, STRUCTURE_SETTINGS
+
+#: Settings every run reads, whatever its method (the structure section adds its own, per structure).
+SHARED_SETTINGS = ("steps", "guidance_scale", "seed", "num_images", "height", "width", "structure")
+#: What the image-token methods read: how images become tokens, and what guidance pushes away from.
+_IMAGE_TOKEN_SETTINGS = ("scale", "norm_match", "combine", "weights", "negative", "crop")
+
+#: Capabilities a preset (or a loaded pipeline) can have; methods name the ones they need.
+CAPABILITIES = ("image_tokens", "text", "ip_adapter", "captioner")
+
+
+@dataclass(frozen=True)
+class Method:
+    """One conditioning method: name, what it needs and reads, its offline twin, and its module."""
+
+    name: str
+    summary: str
+    module: str  # under imageprompt_widgets.methods: defines build(inputs) and optionally load_parts(...)
+    reads: tuple[str, ...]  # settings it reads beyond SHARED_SETTINGS
+    needs: frozenset[str]  # capabilities a preset must have to offer it
+    twin: str  # an offline preset that runs it (no download)
+
+    def available(self, capabilities: Iterable[str]) -> bool:
+        """Whether a preset or pipeline with these capabilities can run the method."""
+        return self.needs <= set(capabilities)
+
+    def builder(self) -> Callable[[Any], Any]:
+        """``build(inputs) -> Conditioning`` from the method's module (imported on first use)."""
+        return import_module(f"{__name__}.{self.module}").build
+
+    def part_loader(self) -> Callable[..., dict[str, Any]] | None:
+        """``load_parts(...)`` where the method loads parts of its own (adapter weights, a captioner)."""
+        return getattr(import_module(f"{__name__}.{self.module}"), "load_parts", None)
+
+
+METHODS: dict[str, Method] = {
+    method.name: method
+    for method in (
+        Method(
+            "repeat", "the guide's method: the projected image embedding repeated to 77 prompt tokens",
+            "image_tokens", _IMAGE_TOKEN_SETTINGS, frozenset({"image_tokens"}), "tiny",
+        ),
+        Method(
+            "single", "one token per image: what repeat really is, without the copies",
+            "image_tokens", _IMAGE_TOKEN_SETTINGS, frozenset({"image_tokens"}), "tiny",
+        ),
+        Method(
+            "tokens", "every projected vision token (257 for ViT-L/14): the patches too",
+            "image_tokens", _IMAGE_TOKEN_SETTINGS, frozenset({"image_tokens"}), "tiny",
+        ),
+        Method(
+            "blend", "a text prompt mixed with the image's tokens by image_weight",
+            "blend", (*_IMAGE_TOKEN_SETTINGS, "prompt", "image_weight", "blend"),
+            frozenset({"image_tokens", "text"}), "tiny",
+        ),
+        Method(
+            "ip_adapter", "IP-Adapter: image tokens through the adapter's own cross-attention, beside the text",
+            "ip_adapter",
+            ("scale", "combine", "weights", "negative", "crop", "prompt", "adapter_start", "adapter_end",
+             "adapter_blocks"),
+            frozenset({"ip_adapter", "text"}), "tiny-ip-adapter",
+        ),
+        Method(
+            "caption", "BLIP captions the image, SD draws from the words (editable in prompt)",
+            "caption", ("prompt", "negative"), frozenset({"captioner", "text"}), "tiny-caption",
+        ),
+    )
+}
+
+
+def method(name: str) -> Method:
+    """The registry entry of ``name`` (a ``settings.MODES`` value)."""
+    return METHODS[name]
+
+
+def preset_capabilities(preset: Preset) -> frozenset[str]:
+    """What a preset can do before it is loaded, from what it declares."""
+    capabilities = set()
+    if preset.image_tokens_fit:
+        capabilities.add("image_tokens")
+    if preset.text_encoder:
+        capabilities.add("text")
+    if preset.ip_adapter:
+        capabilities.add("ip_adapter")
+    if preset.captioner:
+        capabilities.add("captioner")
+    return frozenset(capabilities)
+
+
+def methods_for(preset: Preset) -> list[str]:
+    """The methods a preset can run, in ``settings.MODES`` order."""
+    capabilities = preset_capabilities(preset)
+    return [name for name in MODES if METHODS[name].available(capabilities)]
+
+
+def presets_providing(name: str) -> list[str]:
+    """The presets that can run method ``name``."""
+    return [preset.name for preset in PRESETS.values() if METHODS[name].available(preset_capabilities(preset))]
+
+
+def settings_read(mode: str, structure: str = "none") -> frozenset[str]:
+    """Every setting a run with this method and structure reads: what a face should show."""
+    return frozenset((*SHARED_SETTINGS, *METHODS[mode].reads, *STRUCTURE_SETTINGS[structure]))

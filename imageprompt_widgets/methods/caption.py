@@ -8,17 +8,18 @@ of transformers, so this route needs no extra dependency; its weights (about 1 G
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..conditioning import Conditioning
-from ..models import StatusCallback, translate_load_errors
+from ..models import translate_load_errors
 from ..presets import Preset
 from ..quiet import quiet_loaders
-from ..settings import GenerationSettings, SettingsError
+from ..settings import SettingsError
+from .inputs import ConditioningInputs
 
 #: The longest caption BLIP may write, in tokens.
 MAX_CAPTION_TOKENS = 30
@@ -42,22 +43,21 @@ class Captioner:
         return self.processor.decode(tokens[0], skip_special_tokens=True).strip()
 
 
+def load_parts(
+    *, preset: Preset, local: Preset, device: Any, dtype: torch.dtype, allow_pickle: bool,
+    say: Callable[[str], None], **_: Any,
+) -> dict[str, Any]:
+    """Load the preset's BLIP (``local.captioner`` is its folder, or the Hub id)."""
+    return {"captioner": load_captioner(str(preset.captioner), str(local.captioner), device, dtype,
+                                        allow_pickle=allow_pickle, say=say)}
+
+
 def load_captioner(
-    preset: Preset,
-    device: torch.device,
-    dtype: torch.dtype,
-    *,
-    allow_pickle: bool = False,
-    on_status: StatusCallback | None = None,
+    name: str, path: str, device: Any, dtype: torch.dtype, *, allow_pickle: bool = False,
+    say: Callable[[str], None] = lambda message: None,
 ) -> Captioner:
-    """Load the preset's BLIP (``"tiny"``: the offline twin built by offline.py)."""
     from transformers import BlipForConditionalGeneration, BlipProcessor
 
-    from ..offline import ensure_tiny_captioner
-
-    say = on_status or (lambda message: None)
-    name = str(preset.captioner)
-    path = ensure_tiny_captioner() if name == "tiny" else name
     say(f"Loading the captioner {name!r}…")
     with translate_load_errors(name, allow_pickle), quiet_loaders():
         model = BlipForConditionalGeneration.from_pretrained(
@@ -70,17 +70,22 @@ def load_captioner(
     return Captioner(model, processor, max_new_tokens=8 if name == "tiny" else MAX_CAPTION_TOKENS)
 
 
-def build_conditioning(
-    pipe: Any, embedding: Any, settings: GenerationSettings, negative_embedding: Any, images: Sequence[Any]
-) -> Conditioning:
+def build(inputs: ConditioningInputs) -> Conditioning:
     """``caption``: SD's text encoder on ``settings.prompt`` (the edited caption) or, when empty, BLIP's caption."""
+    settings = inputs.settings
     if settings.negative == "image":
         raise SettingsError("mode='caption' draws from text only: use negative='empty_prompt' or 'zeros'.")
     if settings.norm_match:
         raise SettingsError("norm_match rescales image tokens, and mode='caption' has none: switch norm_match off.")
-    text = settings.prompt.strip() or pipe.caption(images)
-    prompt = pipe.encode_text(text, purpose="a caption")
-    negative = None
-    if settings.guidance_scale > 1:
-        negative = pipe.empty_prompt_embeds() if settings.negative == "empty_prompt" else torch.zeros_like(prompt)
-    return Conditioning(prompt, negative, notes={"caption": text})
+    text = settings.prompt.strip()
+    if not text:
+        captioner = inputs.parts.get("captioner")
+        if captioner is None:
+            raise SettingsError(
+                f"The {inputs.preset_name!r} preset has no captioner: use the 'caption' or 'tiny-caption' preset, "
+                "or type the words in prompt."
+            )
+        text = captioner.caption(inputs.images[0])
+    prompt = inputs.text.encode(text)
+    negative = inputs.text.empty if settings.negative == "empty_prompt" else lambda: torch.zeros_like(prompt)
+    return Conditioning(prompt, negative=negative, notes={"caption": text})

@@ -5,14 +5,19 @@ computations) and renders itself to PNG bytes with Pillow alone, so the core sta
 matplotlib: ``view.to_png()`` feeds the widget's ``ipywidgets.Image``, and ``_repr_png_`` shows the
 view inline when it is the last expression of a notebook cell. This module never imports ipywidgets.
 
+Views compute nothing heavy of their own and load no model: what needs the models (CLIP's text tower, an
+exact VAE decode, x0 replays, interpolation runs) is the pipeline's (``pipe.clip_text_tower()``,
+``pipe.decode_latents``, ``pipe.replay_x0``, ``pipe.interpolate``); views turn the numbers into pictures.
+
 ```python
-from imageprompt_widgets import ImagePromptPipeline, inspect
+from imageprompt_widgets import ImagePromptPipeline, views
 pipe = ImagePromptPipeline.from_preset("tiny")
 result = pipe.generate(images, trace_latents=True)
 print(result.trace.summary())                      # one line per tensor
-inspect.scale_gap(result.trace, pipe)              # a plot, shown inline; .image_norms etc. hold the numbers
-inspect.similarity(result.trace.image_embeds, pipe, ["a cat", "a dog"]).matrix
-inspect.filmstrip(result.trace, pipe, x0=True, guidance_scale=result.settings.guidance_scale)
+views.scale_gap(result.trace, pipe)                # a plot, shown inline; .image_norms etc. hold the numbers
+views.similarity(result.trace.image_embeds, pipe, ["a cat", "a dog"]).matrix
+views.filmstrip(result, pipe, x0=True)
+pipe.interpolate(image_a, image_b, count=5)        # a strip of images, shown inline
 ```
 """
 
@@ -20,13 +25,14 @@ from __future__ import annotations
 
 import io
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+from ..loading import TextTowerUnavailable
 
 #: Prompts whose SD text-encoder token norms are shown beside the image prompt's (computed live).
 DEFAULT_PROMPTS = ("a photograph of a cat", "an oil painting of a harbour at sunset", "a simple line diagram")
@@ -36,10 +42,6 @@ MAX_FILMSTRIP_FRAMES = 8
 
 class InspectError(ValueError):
     """An inspector view asked of data that cannot give it (missing tensor, wrong shape)."""
-
-
-class TextTowerUnavailable(InspectError):
-    """The preset's CLIP checkpoint has no text tower with projection, so text cannot be compared."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,9 +345,7 @@ def token_norms(embeds: torch.Tensor) -> torch.Tensor:
 
 def text_prompt_embeds(pipeline: Any, prompts: Sequence[str]) -> torch.Tensor:
     """SD's own text encoder on ``prompts`` (what the UNet was trained on): ``[P, 77, D]``, on the CPU."""
-    with torch.inference_mode():
-        embeds, _ = pipeline.sd.encode_prompt(list(prompts), pipeline.device, 1, False)
-    return embeds.detach().float().cpu()
+    return torch.cat([pipeline.encode_text(prompt) for prompt in prompts]).detach().float().cpu()
 
 
 @dataclass
@@ -435,73 +435,6 @@ def cosine_similarity(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.T
 
 
 @dataclass
-class ClipTextTower:
-    """CLIP's text tower with projection (same embedding space as ``image_embeds``) and its tokenizer."""
-
-    model: Any  # transformers.CLIPTextModelWithProjection
-    tokenizer: Any
-    source: str
-
-    def embed(self, texts: Sequence[str]) -> torch.Tensor:
-        inputs = self.tokenizer(list(texts), padding="max_length", truncation=True,
-                                max_length=self.tokenizer.model_max_length, return_tensors="pt")
-        with torch.inference_mode():
-            out = self.model(input_ids=inputs["input_ids"].to(self.model.device))
-        return out.text_embeds.detach().float().cpu()
-
-
-def _clip_folder(pipeline: Any) -> str:
-    """Where the image encoder was loaded from (its folder or Hub id); the text tower sits beside it."""
-    encoder_config = getattr(getattr(pipeline, "image_encoder", None), "config", None)
-    loaded_from = getattr(encoder_config, "name_or_path", "") or ""
-    if loaded_from and os.path.isdir(loaded_from):
-        return loaded_from
-    clip_model = pipeline.preset.clip_model
-    if clip_model == "tiny":
-        from ..offline import ensure_tiny_models
-
-        return ensure_tiny_models()[1]
-    return loaded_from or clip_model
-
-
-def clip_text_tower(pipeline: Any) -> ClipTextTower:
-    """Load (once per pipeline, cached on it) the text tower of the preset's CLIP checkpoint.
-
-    Raises :class:`TextTowerUnavailable` where the checkpoint holds only a vision tower.
-    """
-    cached = getattr(pipeline, "_inspector_text_tower", None)
-    if cached is not None:
-        return cached
-    from transformers import AutoConfig, CLIPTextModelWithProjection, CLIPTokenizer
-
-    from ..quiet import quiet_loaders
-
-    folder = _clip_folder(pipeline)
-    name = pipeline.preset.clip_model
-    try:
-        with quiet_loaders():
-            config = AutoConfig.from_pretrained(folder)
-            if getattr(config, "text_config", None) is None:
-                raise TextTowerUnavailable(
-                    f"The image encoder {name!r} ships no CLIP text tower, so images cannot be compared with text."
-                )
-            model = CLIPTextModelWithProjection.from_pretrained(folder, dtype=pipeline.image_encoder.dtype,
-                                                                 use_safetensors=True)
-            tokenizer = CLIPTokenizer.from_pretrained(folder)
-    except TextTowerUnavailable:
-        raise
-    except Exception as err:  # any loader failure means: no text tower here
-        raise TextTowerUnavailable(
-            f"The text tower of {name!r} could not be loaded ({type(err).__name__}), so images cannot be "
-            "compared with text."
-        ) from err
-    model.to(pipeline.image_encoder.device).eval()
-    tower = ClipTextTower(model, tokenizer, source=f"CLIP text tower with projection of {name!r}")
-    pipeline._inspector_text_tower = tower
-    return tower
-
-
-@dataclass
 class SimilarityView(_PngView):
     """Cosine similarities: rows are the images, columns the images then the texts."""
 
@@ -535,7 +468,7 @@ def similarity(
         if pipeline is None:
             raise InspectError("Comparing with text needs the pipeline (its preset names the CLIP text tower).")
         try:
-            tower = clip_text_tower(pipeline)
+            tower = pipeline.clip_text_tower()
         except TextTowerUnavailable as err:
             note = str(err)
         else:
@@ -620,69 +553,6 @@ def frame_indices(count: int, limit: int = MAX_FILMSTRIP_FRAMES) -> list[int]:
     return sorted({round(i * (count - 1) / (limit - 1)) for i in range(limit)})
 
 
-def decode_latents(latents: torch.Tensor, pipeline: Any) -> list[Image.Image]:
-    """Latents ``[B, C, h, w]`` through the pipeline's VAE, as PIL images (exact, not a preview)."""
-    vae = pipeline.sd.vae
-    with torch.inference_mode():
-        scaled = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor
-        pixels = vae.decode(scaled).sample
-    pixels = ((pixels.float().cpu() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
-    return [Image.fromarray(frame.permute(1, 2, 0).numpy()) for frame in pixels]
-
-
-def predicted_x0(
-    trace: Any, pipeline: Any, snapshots: Sequence[int], *, guidance_scale: float, index: int = 0
-) -> torch.Tensor:
-    """The model's clean-latent estimate (x0) for traced latent snapshots ``[len(snapshots), C, h, w]``.
-
-    The latent after step ``k`` is the noisy sample at ``trace.timesteps[k]``, the input of step
-    ``k + 1``; the UNet is run on it once more with the traced prompt (and negative, with
-    ``guidance_scale``) and ``x0 = (x - sqrt(1 - a) eps) / sqrt(a)``: the same estimate the live
-    previews show (``StepInfo.x0()`` of step ``k + 1``). The final latent is its own x0.
-    Needs a scheduler whose latents are not sigma-scaled (PNDM, DDIM, DPM-Solver; not Euler), and
-    conditioning that is all in the prompt embeddings (not IP-Adapter or masked blends).
-    """
-    sd = pipeline.sd
-    scheduler = sd.scheduler
-    if float(getattr(scheduler, "init_noise_sigma", 1.0)) != 1.0:
-        raise InspectError(
-            f"x0 frames need a scheduler with unscaled latents (PNDM, DDIM), not {type(scheduler).__name__}: "
-            "use x0=False."
-        )
-    if trace.extras.get("encoder_attention_mask") is not None:
-        raise InspectError("x0 frames cannot replay a run with a masked prompt: use x0=False.")
-    unet = sd.unet
-    param = next(unet.parameters())
-    prompt = trace.prompt_embeds[index : index + 1].to(param.device, param.dtype)
-    negative = trace.negative_prompt_embeds
-    guided = negative is not None and guidance_scale > 1
-    if guided:
-        prompt = torch.cat([negative[index : index + 1].to(param.device, param.dtype), prompt])
-    alphas = scheduler.alphas_cumprod
-    prediction_type = scheduler.config.get("prediction_type", "epsilon")
-    estimates = []
-    for snapshot in snapshots:
-        sample = trace.latents[snapshot, index : index + 1].to(param.device, torch.float32)
-        step = trace.latent_steps[snapshot] if trace.latent_steps else snapshot + 1
-        if step >= len(trace.timesteps):
-            estimates.append(sample.cpu())
-            continue
-        timestep = round(trace.timesteps[step])  # scheduler timesteps are whole numbers
-        model_input = torch.cat([sample, sample]) if guided else sample
-        with torch.inference_mode():
-            prediction = unet(model_input.to(param.dtype), timestep, encoder_hidden_states=prompt).sample.float()
-        if guided:
-            uncond, cond = prediction.chunk(2)
-            prediction = uncond + guidance_scale * (cond - uncond)
-        alpha = alphas[min(max(timestep, 0), len(alphas) - 1)].to(sample.device, torch.float32)
-        if prediction_type == "v_prediction":
-            x0 = alpha.sqrt() * sample - (1 - alpha).sqrt() * prediction
-        else:
-            x0 = (sample - (1 - alpha).sqrt() * prediction) / alpha.sqrt()
-        estimates.append(x0.cpu())
-    return torch.cat(estimates)
-
-
 @dataclass
 class FilmstripView(_PngView):
     """Decoded frames of a run (x0 estimates or the noisy latents) and latent statistics per step."""
@@ -716,22 +586,15 @@ class FilmstripView(_PngView):
         return _stacked([_side_by_side(tiles), plot])
 
 
-def filmstrip(
-    trace: Any,
-    pipeline: Any,
-    index: int = 0,
-    decoder: str = "vae",
-    *,
-    x0: bool = False,
-    guidance_scale: float = 7.5,
-) -> FilmstripView:
-    """Frames and statistics of ``trace.latents`` (run ``generate(..., trace_latents=True)`` to get them).
+def filmstrip(result: Any, pipeline: Any, index: int = 0, decoder: str = "vae", *, x0: bool = False) -> FilmstripView:
+    """Frames and statistics of a run's traced latents (run ``generate(..., trace_latents=True)`` to get them).
 
-    ``x0=True`` shows the model's clean estimate at each frame (one extra UNet call per frame; pass
-    the run's ``guidance_scale``), ``x0=False`` the noisy latents themselves. ``decoder="vae"``
-    decodes exactly (the last frame is the output image); ``"auto"``, ``"linear"`` or ``"taesd"``
-    use the cheap preview decoders of :mod:`imageprompt_widgets.preview`.
+    ``x0=True`` shows the model's clean estimate at each frame (``pipeline.replay_x0``: one extra UNet call
+    per frame), ``x0=False`` the noisy latents themselves. ``decoder="vae"`` decodes exactly (the last frame
+    is the output image); ``"auto"``, ``"linear"`` or ``"taesd"`` use the cheap preview decoders of
+    :mod:`imageprompt_widgets.preview`.
     """
+    trace = result.trace
     if trace.latents is None:
         raise InspectError("This run traced no latents: generate with trace_latents=True to see the filmstrip.")
     latents = trace.latents
@@ -740,11 +603,11 @@ def filmstrip(
     chosen = frame_indices(latents.shape[0])
     steps = list(trace.latent_steps) or list(range(1, latents.shape[0] + 1))
     if x0:
-        picked = predicted_x0(trace, pipeline, chosen, guidance_scale=guidance_scale, index=index)
+        picked = pipeline.replay_x0(result, chosen, index=index)
     else:
         picked = latents[chosen, index]
     if decoder == "vae":
-        frames, name = decode_latents(picked, pipeline), "vae"
+        frames, name = pipeline.decode_latents(picked), "vae"
     else:
         from .. import preview
 
@@ -776,62 +639,6 @@ class InterpolationView(_PngView):
         return _titled(_side_by_side(tiles), f"slerp from {self.labels[0]} to {self.labels[1]}")
 
 
-def _endpoint(pipeline: Any, value: Any) -> tuple[torch.Tensor, str]:
-    if isinstance(value, str):
-        return clip_text_tower(pipeline).embed([value])[0], repr(value)
-    if isinstance(value, torch.Tensor):
-        return value.detach().float().cpu().reshape(-1), "an embedding"
-    return pipeline.encode_image(value).image_embeds[0].detach().float().cpu(), "an image"
-
-
-def interpolation(
-    pipeline: Any,
-    start: Any,
-    end: Any,
-    count: int = 5,
-    *,
-    seed: int = 0,
-    steps: int = 30,
-    guidance_scale: float = 7.5,
-    scale: float = 1.0,
-    norm_match: bool = False,
-) -> InterpolationView:
-    """``count`` images along a slerp from ``start`` to ``end`` with one seed: the embedding-space walk.
-
-    Each end is an image (anything ``load_image`` takes), a text (CLIP's text tower with projection)
-    or a ``[D]`` embedding. Each point is the engine's ``slerp`` combine of the two ends with weights
-    ``[1 - t, t]``, as a ``repeat`` prompt (norm-matched if asked, then times ``scale``), handed to
-    diffusers through ``pipe.sd`` with the empty-prompt negative: for two images this is exactly
-    ``generate([a, b], combine="slerp", weights=[1 - t, t])``, and it also works for text ends.
-    """
-    from .. import conditioning
-    from ..settings import GenerationSettings
-
-    if count < 2:
-        raise InspectError(f"An interpolation needs at least 2 images, not {count}.")
-    settings = GenerationSettings(steps=steps, guidance_scale=guidance_scale, seed=seed, scale=scale)
-    first, first_label = _endpoint(pipeline, start)
-    last, last_label = _endpoint(pipeline, end)
-    if first.shape != last.shape:
-        raise InspectError(f"The two ends have different widths: {tuple(first.shape)} and {tuple(last.shape)}.")
-    weights = [i / (count - 1) for i in range(count)]
-    ends = torch.stack([first, last])
-    embeds = torch.stack([conditioning.slerp(ends, torch.tensor([1 - w, w]))[0] for w in weights])
-    images = []
-    with pipeline.lock:
-        for embed in embeds:
-            sequence = conditioning.repeat_tokens(embed[None].to(pipeline.image_encoder.dtype))
-            if norm_match:
-                sequence = conditioning.match_norm(sequence, pipeline.text_token_norm())
-            prompt = (settings.scale * sequence).to(pipeline.device, pipeline.dtype)
-            negative = pipeline.empty_prompt_embeds().to(pipeline.dtype) if settings.guidance_scale > 1 else None
-            output = pipeline.sd(
-                prompt_embeds=prompt,
-                negative_prompt_embeds=negative,
-                num_inference_steps=settings.steps,
-                guidance_scale=settings.guidance_scale,
-                generator=torch.Generator(pipeline.device).manual_seed(settings.seed),
-                output_type="pil",
-            )
-            images.append(output.images[0])
-    return InterpolationView(weights, embeds, images, (first_label, last_label))
+def interpolation_view(walk: Any) -> InterpolationView:
+    """The strip of an :class:`~imageprompt_widgets.results.Interpolation` (``pipe.interpolate(...)``)."""
+    return InterpolationView(list(walk.weights[: len(walk.images)]), walk.embeds, walk.images, walk.labels)

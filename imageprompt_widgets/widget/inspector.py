@@ -184,11 +184,17 @@ class InspectorTab(widgets.VBox):
         start, count = trace.image_embeds[0], self.interpolation_count.value
 
         def interpolate(task: TaskContext) -> Any:
-            with task.unet_steps(count * self._planned_steps(task.pipeline, settings)):
-                return views.interpolation(
-                    task.pipeline, start, end, count, seed=settings.seed, steps=settings.steps,
-                    guidance_scale=settings.guidance_scale, scale=settings.scale, norm_match=settings.norm_match,
-                )
+            per_image = Controller.step_plan(task.pipeline, settings.replace(structure="none")).total
+            task.start(count * per_image)
+            finished = [0]  # images done: each restarts its own step count
+
+            def on_step(info: Any) -> None:
+                task.advance(finished[0] * per_image + info.step)
+                if info.step == info.total:
+                    finished[0] += 1
+
+            walk = task.pipeline.interpolate(start, end, count, settings, on_step=on_step, cancel=task.cancel)
+            return views.interpolation_view(walk)
 
         self.interpolation_button.disabled = True
         self.interpolation_note.value = "Generating…"
@@ -206,10 +212,6 @@ class InspectorTab(widgets.VBox):
             self.interpolation_note.value = html.escape(
                 f"{len(view.images)} images, t = " + ", ".join(f"{w:.2f}" for w in view.weights) + f", seed {seed}."
             )
-
-    @staticmethod
-    def _planned_steps(pipeline: Any, settings: Any) -> int:
-        return Controller.step_plan(pipeline, settings.replace(structure="none")).total
 
     def _submit(self, task: Any, label: str, on_end: Callable[[Event], None]) -> Job:
         """Run ``task`` on the panel's controller, or inline on an own one (a tab used on its own)."""
@@ -270,8 +272,7 @@ class InspectorTab(widgets.VBox):
     @staticmethod
     def _filmstrip(result: Any, pipeline: Any, x0: bool) -> Any:
         # The cheap preview decoder: an exact VAE decode of every frame is slow on a CPU.
-        return views.filmstrip(result.trace, pipeline, decoder="auto", x0=x0,
-                               guidance_scale=result.settings.guidance_scale)
+        return views.filmstrip(result, pipeline, decoder="auto", x0=x0)
 
     def _show_filmstrip(self, view: Any) -> None:
         self._set_image(self.filmstrip_image, "Denoising", view)

@@ -1,0 +1,171 @@
+"""The one way every preset is loaded: SD, its image encoder, then the parts its methods need.
+
+1. offline names (``tiny``, ``tiny-ip-adapter``, ...) become folders this package builds (offline.py);
+2. SD through ``StableDiffusionPipeline.from_pretrained`` (without the text encoder for the image-variations
+   model, which has none), safetensors only unless ``allow_pickle``;
+3. the CLIP vision tower with its projection (never a second text encoder): from SD's own folder where the
+   model ships it (image variations), else from the preset's encoder (a subfolder for h94/IP-Adapter);
+4. each method the preset offers loads its own parts (the IP-Adapter's weights, BLIP) through the
+   method registry;
+5. the fit is checked (image tokens must have the UNet's cross-attention width), everything moves to
+   the device, and the libraries' progress bars stay off (ours report).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import offline
+from .encoding import ClipTextTower
+from .methods import METHODS, preset_capabilities
+from .models import (
+    ModelLoadError,
+    StatusCallback,
+    _dtype_name,
+    _size_text,
+    check_encoder_fits,
+    check_local_folder,
+    diffusers_dtype_kwarg,
+    translate_load_errors,
+)
+from .presets import Preset, resolve_preset
+from .quiet import quiet_loaders
+
+
+@dataclass
+class LoadedComponents:
+    sd: Any  # diffusers.StableDiffusionPipeline
+    image_encoder: Any  # transformers.CLIPVisionModelWithProjection
+    image_processor: Any  # transformers.CLIPImageProcessor
+    preset: Preset
+    load_seconds: float
+    parts: dict[str, Any] = field(default_factory=dict)  # what methods loaded: "ip_adapter", "captioner"
+
+
+def load_components(
+    preset: Preset | str | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    safety_checker: bool | None = None,
+    allow_pickle: bool = False,
+    on_status: StatusCallback | None = None,
+) -> LoadedComponents:
+    """Load a preset's models onto ``device`` in ``dtype`` (see the module docstring for the steps)."""
+    preset = resolve_preset(preset)
+    say = on_status or (lambda message: None)
+    start = time.perf_counter()
+    local = offline.materialize(preset, say)
+
+    say(f"Loading Stable Diffusion {preset.sd_model!r} onto {device} ({_dtype_name(dtype)})…")
+    sd = load_sd(local.sd_model, preset, dtype, safety_checker=safety_checker, allow_pickle=allow_pickle)
+    if local.clip_model == local.sd_model:  # the image-variations model ships its encoder in its own folder
+        image_encoder, image_processor = sd.image_encoder, sd.feature_extractor
+        if image_encoder is None or image_processor is None:
+            raise ModelLoadError(f"Model {preset.sd_model!r} has no image_encoder or feature_extractor: it is not "
+                                 "an image-variations model.")
+    else:
+        say(f"Loading the image encoder {preset.clip_model!r}…")
+        image_encoder, image_processor = load_image_encoder(local.clip_model, preset, dtype, allow_pickle,
+                                                            fallback_processor=sd.feature_extractor)
+    if preset.image_tokens_fit:
+        check_encoder_fits(image_encoder, sd.unet, preset)
+
+    parts: dict[str, Any] = {}
+    capabilities = preset_capabilities(preset)
+    modules = {method.module for method in METHODS.values() if method.available(capabilities)}
+    for module in sorted(modules):  # a module serving several methods loads its parts once
+        load_parts = next(m for m in METHODS.values() if m.module == module).part_loader()
+        if load_parts is not None:
+            parts.update(load_parts(sd=sd, image_encoder=image_encoder, image_processor=image_processor,
+                                    preset=preset, local=local, device=device, dtype=dtype,
+                                    allow_pickle=allow_pickle, say=say))
+
+    sd.to(device)
+    image_encoder.to(device)
+    image_encoder.eval()
+    sd.set_progress_bar_config(disable=True)  # progress is ours to show (tqdm in the CLI, a bar in the widget)
+    seconds = time.perf_counter() - start
+    say(
+        f"Loaded {preset.name!r} in {seconds:.1f} s: {_size_text(sd.unet)} UNet, "
+        f"{_size_text(image_encoder)} image encoder on {device}."
+    )
+    return LoadedComponents(sd, image_encoder, image_processor, preset, seconds, parts)
+
+
+def load_sd(path: str, preset: Preset, dtype: torch.dtype, *, safety_checker: bool | None, allow_pickle: bool) -> Any:
+    """``StableDiffusionPipeline.from_pretrained`` with our safety defaults (safetensors, no remote code)."""
+    with quiet_loaders():
+        from diffusers import StableDiffusionPipeline
+
+    name = preset.sd_model
+    check_local_folder(path, name, "model_index.json", "a Stable Diffusion model (diffusers format)")
+    kwargs: dict[str, Any] = {diffusers_dtype_kwarg(): dtype, "use_safetensors": None if allow_pickle else True}
+    if not preset.text_encoder:
+        kwargs.update(text_encoder=None, tokenizer=None)
+    if preset.revision and not os.path.isdir(path):
+        kwargs["revision"] = preset.revision
+    if safety_checker is False:
+        # The supported way to switch it off; a lambda in its place breaks the pipeline config.
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    with translate_load_errors(name, allow_pickle), quiet_loaders():
+        return StableDiffusionPipeline.from_pretrained(path, **kwargs)
+
+
+def load_image_encoder(
+    path: str, preset: Preset, dtype: torch.dtype, allow_pickle: bool, *, fallback_processor: Any = None
+) -> tuple[Any, Any]:
+    """CLIP's vision tower with its projection, and the processor that prepares its pictures.
+
+    The processor is the encoder's own where its folder has one; else (h94/IP-Adapter ships none) the one
+    diffusers itself would use, SD's ``feature_extractor``; else CLIP's default sized to the encoder.
+    """
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    name, subfolder = preset.clip_model, preset.clip_subfolder or ""
+    check_local_folder(os.path.join(path, subfolder), name, "config.json", "a CLIP model (transformers format)")
+    with translate_load_errors(name, allow_pickle), quiet_loaders():
+        encoder = CLIPVisionModelWithProjection.from_pretrained(
+            path, subfolder=subfolder, dtype=dtype, use_safetensors=None if allow_pickle else True
+        )
+    try:
+        with quiet_loaders():
+            processor = CLIPImageProcessor.from_pretrained(path, subfolder=subfolder)
+    except OSError:
+        size = encoder.config.image_size
+        processor = fallback_processor or CLIPImageProcessor(size=size, crop_size=size)
+    return encoder, processor
+
+
+class TextTowerUnavailable(ModelLoadError):
+    """The preset's CLIP checkpoint has no text tower with projection, so text cannot be compared with images."""
+
+
+def load_clip_text_tower(folder: str, name: str, device: torch.device, dtype: torch.dtype) -> ClipTextTower:
+    """The text tower with projection that sits beside a CLIP vision tower in its checkpoint (openai's
+    ViT-L/14 ships both); :class:`TextTowerUnavailable` where the checkpoint holds only a vision tower."""
+    from transformers import AutoConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    try:
+        with quiet_loaders():
+            config = AutoConfig.from_pretrained(folder)
+            if getattr(config, "text_config", None) is None:
+                raise TextTowerUnavailable(
+                    f"The image encoder {name!r} ships no CLIP text tower, so images cannot be compared with text."
+                )
+            model = CLIPTextModelWithProjection.from_pretrained(folder, dtype=dtype, use_safetensors=True)
+            tokenizer = CLIPTokenizer.from_pretrained(folder)
+    except TextTowerUnavailable:
+        raise
+    except Exception as err:  # any loader failure means: no text tower here
+        raise TextTowerUnavailable(
+            f"The text tower of {name!r} could not be loaded ({type(err).__name__}), so images cannot be "
+            "compared with text."
+        ) from err
+    model.to(device).eval()
+    return ClipTextTower(model, tokenizer, source=f"CLIP text tower with projection of {name!r}")

@@ -1,0 +1,92 @@
+"""``repeat``, ``single``, ``tokens``: the images' own tokens are the prompt.
+
+``repeat`` is the original guide's method (CLIP's projected image embedding copied into the 77 slots of a
+text prompt), ``single`` the same embedding as one token, ``tokens`` every projected vision token. Several
+images are combined (``combine``, ``weights``), optionally rescaled to the length of SD's text tokens
+(``norm_match``), then multiplied by ``scale``. The negative is SD's empty prompt (the guide's default),
+zeros, or the negative images through the same steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .. import conditioning
+from ..conditioning import Conditioning, ConditioningError
+from ..encoding import ImageEmbedding
+from .inputs import ConditioningInputs, TextSide
+
+#: How each form turns ``[N, D]`` embeddings (or ``[N, T, D]`` tokens) into ``[N, L, D]`` sequences.
+FORMS = ("repeat", "single", "tokens")
+
+
+def build(inputs: ConditioningInputs) -> Conditioning:
+    settings = inputs.settings
+    extras: dict[str, torch.Tensor] = {}
+    prompt = image_sequence(inputs, inputs.embedding, settings.mode, extras=extras)
+    return Conditioning(prompt, negative=negative_for(inputs, prompt, settings.mode, extras), extras=extras)
+
+
+def image_sequence(
+    inputs: ConditioningInputs, embedding: ImageEmbedding, form: str, *, combine: str | None = None,
+    weights: Sequence[float] | None = None, extras: dict[str, torch.Tensor] | None = None, prefix: str = "",
+) -> torch.Tensor:
+    """Images → one ``[1, L, D]`` token sequence: form, combine, norm matching, then ``scale``."""
+    settings = inputs.settings
+    check_width(embedding, inputs.cross_attention_dim, settings.mode)
+    if form == "repeat":
+        sequences = conditioning.repeat_tokens(embedding.image_embeds)
+    elif form == "single":
+        sequences = conditioning.single_token(embedding.image_embeds)
+    else:
+        if embedding.tokens is None:
+            raise ConditioningError("mode='tokens' needs the images' vision tokens; this embedding has only "
+                                    "image_embeds: use mode='repeat' or 'single'.")
+        sequences = conditioning.vision_tokens(embedding.tokens)
+    sequence = conditioning.combined_images(
+        combine or settings.combine, sequences, settings.weights if weights is None else weights
+    )
+    if settings.norm_match:
+        sequence = norm_matched(sequence, inputs.text, extras, prefix)
+    return settings.scale * sequence
+
+
+def norm_matched(
+    sequence: torch.Tensor, text: TextSide, extras: dict[str, torch.Tensor] | None, prefix: str = ""
+) -> torch.Tensor:
+    """Every token rescaled to the typical length of SD's text tokens; both norms kept in ``extras``."""
+    target = text.typical_norm()
+    if extras is not None:
+        extras[f"{prefix}text_token_norm"] = torch.tensor(target)
+        extras[f"{prefix}image_token_norm_before"] = sequence.norm(dim=-1)[0].float()
+    return conditioning.match_norm(sequence, target)
+
+
+def negative_for(
+    inputs: ConditioningInputs, prompt: torch.Tensor, form: str, extras: dict[str, torch.Tensor]
+) -> Callable[[], torch.Tensor]:
+    """The unconditional branch, as a function (called only when guidance runs): SD's empty prompt,
+    zeros shaped like the prompt, or the negative images in the prompt's form (averaged with equal
+    weights, norm-matched and scaled like the prompt)."""
+    settings = inputs.settings
+    if settings.negative == "empty_prompt":
+        return inputs.text.empty
+    if settings.negative == "zeros":
+        return lambda: torch.zeros_like(prompt)
+    negative_embedding = inputs.negative_embedding
+    assert negative_embedding is not None  # generate() checks the inputs against negative="image" first
+    return lambda: image_sequence(
+        inputs, negative_embedding, form, combine="average", weights=(), extras=extras, prefix="negative_"
+    )
+
+
+def check_width(embedding: ImageEmbedding, cross_attention_dim: int, mode: str) -> None:
+    width = embedding.image_embeds.shape[-1]
+    if width != cross_attention_dim:
+        raise ConditioningError(
+            f"mode={mode!r} feeds image tokens to the UNet, but the image encoder gives {width}-d embeddings "
+            f"and the UNet expects {cross_attention_dim}-d: this preset supports mode='ip_adapter'."
+        )
+

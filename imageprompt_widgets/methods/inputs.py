@@ -1,0 +1,37 @@
+"""What a method's builder receives: narrow inputs, never the pipeline.
+
+A builder sees the images' embeddings, the settings, SD's text side (three functions) and the parts its
+method loaded; it cannot reach into the pipeline's state, so it can be read and tested on its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..encoding import ImageEmbedding
+from ..settings import GenerationSettings
+
+
+@dataclass(frozen=True)
+class TextSide:
+    """SD's own text encoder, as builders may use it (each raises a ``SettingsError`` on a model without one)."""
+
+    encode: Callable[[str], torch.Tensor]  # prompt -> [1, 77, D], exactly diffusers' prompt_embeds
+    empty: Callable[[], torch.Tensor]  # encode(""): diffusers' negative when none is given
+    typical_norm: Callable[[], float]  # per-token norm of ordinary prompts: the target of norm matching
+
+
+@dataclass
+class ConditioningInputs:
+    settings: GenerationSettings
+    embedding: ImageEmbedding
+    text: TextSide
+    cross_attention_dim: int  # the UNet's: image tokens fed to it must have this width
+    negative_embedding: ImageEmbedding | None = None  # the negative images' embeddings (negative="image")
+    images: Sequence[Any] = ()  # the decoded input pictures (the caption method reads them)
+    parts: Mapping[str, Any] = field(default_factory=dict)  # what methods loaded: "ip_adapter", "captioner"
+    preset_name: str = "custom"  # for messages
