@@ -549,7 +549,7 @@ def test_the_bar_total_is_set_before_the_first_step_and_never_changes(tiny_pipe,
     assert bar[first_step - 1] == (0, 4)  # the total is in place before the first step …
     assert {total for _, total in bar[first_step - 1:]} == {4}  # … and stays for the whole run
     assert bar[-1] == (4, 4)
-    why = "(4 steps: the PNDM scheduler adds 1 warm-up step to the 3 asked for.)"
+    why = "(the PNDM scheduler adds 1 warm-up step to the 3 asked for.)"
     assert said[0] == f"Starting: 4 steps {why}"
     assert any(line.startswith("Step 4/4") and line.endswith(why) for line in said)
     said.clear()

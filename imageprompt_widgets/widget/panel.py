@@ -294,7 +294,7 @@ class ImagePromptWidget(widgets.VBox):
         self._step_note = ""
         if event.reason and event.reason not in self._explained:
             self._explained.add(event.reason)
-            self._step_note = f" ({event.total_steps} steps: {event.reason})"
+            self._step_note = f" ({event.reason})"
         if job.kind == "generate":
             self.grid.begin(job.settings.num_images)
             self.previews_shown = 0
