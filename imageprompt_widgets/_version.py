@@ -1,3 +1,3 @@
-"""The one place the package version is written (pyproject.toml reads it too)."""
+"""The package's one version number: pyproject.toml reads it (hatch), ``imageprompt_widgets.__version__`` re-exports it."""
 
 __version__ = "0.1.0"

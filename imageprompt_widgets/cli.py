@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .presets import PRESETS, default_preset_name, resolve_preset
-from .settings import GenerationSettings, setting_specs
+from .settings import GenerationSettings, SettingSpec, setting_specs
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # what a shell reports for Ctrl-C
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for spec in setting_specs():
         flag = "--" + spec.name.replace("_", "-")
-        kwargs: dict = {"default": None, "help": f"{spec.help} (default: {spec.default})"}
+        kwargs: dict = {"default": None, "help": setting_help(spec)}
         if spec.kind == "choice":
             kwargs["choices"] = spec.choices
         elif spec.kind == "bool":
@@ -73,6 +73,21 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-safety-checker", action="store_true", help="switch the model's safety checker off")
     gen.add_argument("--save-trace", action="store_true", help="also write every intermediate tensor (safetensors)")
     return parser
+
+
+def setting_help(spec: SettingSpec) -> str:
+    """``denoising steps; 1 to 150 (default: 30)``: what a setting does, its range and default (settings.py)."""
+
+    def number(value: float) -> str:
+        return str(int(value)) if spec.kind in ("int", "size") else f"{value:g}"
+
+    text = spec.help
+    if spec.min is not None and spec.max is not None:
+        each = "each " if spec.kind == "floats" else ""
+        text += f"; {each}{number(spec.min)} to {number(spec.max)}"
+    default = spec.default
+    shown = "none" if default is None or default == () else '""' if default == "" else default
+    return f"{text} (default: {shown})".replace("%", "%%")  # argparse %-formats help strings
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,8 +4,10 @@ This is the only module in the package that decodes images. Uploads are
 untrusted and files from phones, scanners and screenshots are awkward, so every
 input goes through one gate that:
 
-* accepts paths, bytes, binary file objects, PIL images, numpy arrays and
-  ipywidgets ``FileUpload`` entries (ipywidgets 7.7 and 8);
+* accepts paths, ``http(s)://`` URLs, bytes, binary file objects, PIL images,
+  numpy arrays and ipywidgets ``FileUpload`` entries (ipywidgets 7.7 and 8);
+* downloads URLs with the standard library only, within a time limit and a
+  byte cap enforced while streaming, and then checks the bytes like a file's;
 * only lets Pillow try the formats in :data:`ALLOWED_FORMATS`;
 * refuses images larger than ``max_pixels`` from the header, before any pixel
   memory is allocated;
@@ -19,7 +21,10 @@ input goes through one gate that:
 from __future__ import annotations
 
 import io
+import math
 import os
+import re
+import time
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -30,6 +35,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 __all__ = [
     "ALLOWED_FORMATS",
     "DEFAULT_MAX_PIXELS",
+    "DEFAULT_MAX_URL_BYTES",
+    "DEFAULT_URL_TIMEOUT",
+    "MAX_REDIRECTS",
     "ImageInputError",
     "describe_source",
     "load_image",
@@ -51,6 +59,17 @@ ALLOWED_FORMATS: frozenset[str] = frozenset({"PNG", "JPEG", "MPO", "WEBP", "GIF"
 _OPEN_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 _ALLOWED_TEXT = "PNG, JPEG, WebP, GIF, BMP, TIFF"
 _CONVERT_HINT = "convert it to PNG or JPEG"
+
+#: URLs: seconds a download may take in all (and the longest silence while connecting or reading).
+DEFAULT_URL_TIMEOUT = 30.0
+#: URLs: the most bytes read from a server (a 100-megapixel JPEG is rarely over 40 MB). Checked while
+#: streaming, so a server that sends more costs this much memory at most.
+DEFAULT_MAX_URL_BYTES = 64 * 2**20
+#: URLs: how many redirects are followed before giving up.
+MAX_REDIRECTS = 5
+_URL_CHUNK = 64 * 1024
+# A scheme of two letters or more and "://" (a Windows path "C:\photo.png" stays a path), or "data:".
+_URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+)://|(data):", re.IGNORECASE)
 
 _WHITE = (255, 255, 255)
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
@@ -87,12 +106,41 @@ def _entry_name(entry: Mapping[Any, Any]) -> str | None:
     return name if isinstance(name, str) and name else None
 
 
+def _url_scheme(text: str) -> str | None:
+    """The lower-case scheme if ``text`` is written as a URL (``https://…``, ``data:…``), else None."""
+    match = _URL_SCHEME.match(text)
+    if match is None:
+        return None
+    return (match.group(1) or match.group(2)).lower()
+
+
+def _url_label(url: str) -> str:
+    """A URL as errors show it: without user name, password or query string, long paths shortened."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. an unbalanced "[" in the host
+        return repr(_short(url, 80))
+    if parts.scheme.lower() == "data":
+        return repr(_short(url, 40))
+    host = parts.netloc.rpartition("@")[2]  # never repeat credentials written into the URL
+    text = f"{parts.scheme}://{host}{parts.path}" + ("?…" if parts.query or parts.fragment else "")
+    if len(text) > 80:  # keep the host and the file name, which say the most
+        tail = text[-35:]
+        text = text[:44] + "…" + (tail[tail.index("/") :] if "/" in tail else tail)
+    return repr(text)
+
+
 def describe_source(src: object) -> str:
     """Name an image source in a few words for error messages.
 
-    Returns the quoted file name where the source has one (``'cat.heic'``),
-    otherwise a short description (``bytes (12 bytes)``).
+    Returns the quoted file name where the source has one (``'cat.heic'``), the URL
+    for a URL (``'https://example.com/cat.png'``), otherwise a short description
+    (``bytes (12 bytes)``).
     """
+    if isinstance(src, str) and _url_scheme(src) is not None:
+        return _url_label(src)
     if isinstance(src, (str, os.PathLike)):
         try:
             return _path_label(os.fsdecode(src))
@@ -133,16 +181,30 @@ def describe_source(src: object) -> str:
 # --------------------------------------------------------------------------- public API
 
 
-def load_image(src: object, *, max_pixels: int | None = None, name: str | None = None) -> Image.Image:
+def load_image(
+    src: object,
+    *,
+    max_pixels: int | None = None,
+    name: str | None = None,
+    timeout: float = DEFAULT_URL_TIMEOUT,
+    max_bytes: int = DEFAULT_MAX_URL_BYTES,
+) -> Image.Image:
     """Load one image from any supported source as a fully loaded RGB ``PIL.Image``.
 
     ``max_pixels`` (default :data:`DEFAULT_MAX_PIXELS`) bounds width*height and
     is checked before pixels are decoded. ``name`` replaces the source's own
     name in error messages. Pillow's own ``Image.MAX_IMAGE_PIXELS`` safety net
     still applies at twice its value, whatever ``max_pixels`` says.
+
+    An ``http://`` or ``https://`` string is downloaded (at most ``max_bytes``
+    bytes, within ``timeout`` seconds, :data:`MAX_REDIRECTS` redirects) and
+    its bytes are then checked exactly like a file's; other URL schemes are refused.
     """
     limit = _check_limit(max_pixels)
     label = repr(_short(name)) if name else describe_source(src)
+
+    if isinstance(src, str) and _url_scheme(src) is not None:
+        return _from_url(src, label, limit, _check_timeout(timeout), _check_max_bytes(max_bytes))
 
     if isinstance(src, Image.Image):
         return _from_pil(src, label, limit)
@@ -156,7 +218,7 @@ def load_image(src: object, *, max_pixels: int | None = None, name: str | None =
         return _from_mapping(src, label, limit, name)
     if isinstance(src, (list, tuple)):
         if len(src) == 1:  # ipywidgets 8 FileUpload(multiple=False).value is a 1-tuple.
-            return load_image(src[0], max_pixels=limit, name=name)
+            return load_image(src[0], max_pixels=limit, name=name, timeout=timeout, max_bytes=max_bytes)
         if not src:
             raise ImageInputError(
                 f"no image given (empty {type(src).__name__}); upload or choose a file first"
@@ -168,8 +230,8 @@ def load_image(src: object, *, max_pixels: int | None = None, name: str | None =
     if hasattr(src, "read"):
         return _from_file_object(src, label, limit)
     raise ImageInputError(
-        f"cannot load an image from {describe_source(src)}: expected a file path, bytes, a binary file "
-        "object, a PIL image, a numpy array or an ipywidgets FileUpload entry"
+        f"cannot load an image from {describe_source(src)}: expected a file path, an http(s) URL, bytes, "
+        "a binary file object, a PIL image, a numpy array or an ipywidgets FileUpload entry"
     )
 
 
@@ -208,6 +270,18 @@ def _check_limit(max_pixels: int | None) -> int:
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
         raise ValueError(f"max_pixels must be a positive integer or None, got {max_pixels!r}")
     return max_pixels
+
+
+def _check_timeout(timeout: float) -> float:
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (0 < timeout < math.inf):
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    return float(timeout)
+
+
+def _check_max_bytes(max_bytes: int) -> int:
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
+        raise ValueError(f"max_bytes must be a positive integer, got {max_bytes!r}")
+    return max_bytes
 
 
 def _is_entry(obj: Mapping[Any, Any]) -> bool:
@@ -265,12 +339,7 @@ def _from_path(src: str | os.PathLike[Any], label: str, limit: int) -> Image.Ima
     if "\x00" in path:
         raise ImageInputError(f"{label} is not a valid file path (it contains a NUL character)")
     if not os.path.exists(path):
-        hint = "check the path"
-        if path.startswith(("http://", "https://")):
-            hint = "URLs are not downloaded; download the image and pass the file or its bytes"
-        elif path.startswith("data:"):
-            hint = "data URLs are not accepted; decode the base64 payload and pass the bytes"
-        raise ImageInputError(f"{label} does not exist (no file at {_short(path, 200)}); {hint}")
+        raise ImageInputError(f"{label} does not exist (no file at {_short(path, 200)}); check the path")
     if os.path.isdir(path):
         raise ImageInputError(f"{label} is a directory, not an image file; pass the path of an image file")
     try:
@@ -298,6 +367,137 @@ def _from_file_object(fp: Any, label: str, limit: int) -> Image.Image:
     except Exception as e:
         raise ImageInputError(f"{label} could not be read ({type(e).__name__}: {e})") from e
     return _decode(fp, label, limit)
+
+
+# --------------------------------------------------------------------------- URLs
+
+
+def _from_url(url: str, label: str, limit: int, timeout: float, max_bytes: int) -> Image.Image:
+    """Download ``url`` (http or https only), then decode its bytes exactly as a file's."""
+    scheme = _url_scheme(url)
+    if scheme == "file":
+        raise ImageInputError(
+            f"{label} is a file:// URL, which is not opened; pass the file's path instead"
+        )
+    if scheme == "data":
+        raise ImageInputError(
+            f"{label} is a data: URL, which is not accepted; decode its base64 payload and pass the bytes"
+        )
+    if scheme not in ("http", "https"):
+        raise ImageInputError(
+            f"{label} uses {scheme}://, but only http:// and https:// URLs are downloaded; "
+            "download it yourself and pass the file"
+        )
+    if "@" in url.split("://", 1)[1].split("/", 1)[0]:
+        raise ImageInputError(
+            f"{label} carries a user name or password, which are never sent; "
+            "download the image yourself and pass the file"
+        )
+    data = _download(url, label, timeout, max_bytes)
+    if not data:
+        raise ImageInputError(f"{label} sent no data (an empty response); check the address")
+    return _decode(io.BytesIO(data), label, limit)
+
+
+class _RedirectRefused(Exception):
+    """A redirect to something other than http(s), raised out of urllib's redirect handler."""
+
+
+def _opener() -> Any:
+    """An opener that follows at most MAX_REDIRECTS redirects, and only to http(s) URLs."""
+    import urllib.request
+    from urllib.parse import urljoin
+
+    class LimitedRedirects(urllib.request.HTTPRedirectHandler):
+        max_redirections = MAX_REDIRECTS
+        max_repeats = 2
+
+        def http_error_302(self, req, fp, code, msg, headers):
+            # urllib itself would follow a redirect to ftp:// and refuse file:// with a misleading message.
+            target = urljoin(req.full_url, headers.get("location") or headers.get("uri") or "")
+            if _url_scheme(target) not in ("http", "https"):
+                fp.close()  # the redirect response's socket: nothing more is read from it
+                raise _RedirectRefused(target)
+            return super().http_error_302(req, fp, code, msg, headers)
+
+        http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+
+    return urllib.request.build_opener(LimitedRedirects)
+
+
+def _download(url: str, label: str, timeout: float, max_bytes: int) -> bytes:
+    """The body of ``url``; refused once it passes ``max_bytes`` (checked while reading) or ``timeout``."""
+    import http.client
+    import urllib.error
+    import urllib.request
+
+    from ._version import __version__
+
+    too_large = (
+        f"{label} is larger than the download limit of {max_bytes:,} bytes; "
+        "download it yourself and pass the file, or pass a larger max_bytes"
+    )
+    too_slow = (
+        f"{label} did not answer within {timeout:g} seconds; check the address or try again later "
+        "(or pass a larger timeout)"
+    )
+    deadline = time.monotonic() + timeout
+    try:
+        request = urllib.request.Request(
+            url, headers={"User-Agent": f"imageprompt_widgets/{__version__}", "Accept": "image/*"}
+        )
+        with _opener().open(request, timeout=timeout) as response:
+            declared = response.headers.get("Content-Length", "")
+            if declared.strip().isdigit() and int(declared) > max_bytes:
+                raise ImageInputError(
+                    f"{label} is {int(declared):,} bytes, more than the download limit of {max_bytes:,} bytes; "
+                    "download it yourself and pass the file, or pass a larger max_bytes"
+                )
+            body = bytearray()
+            while True:
+                # read1: at most one read from the socket, so the deadline is checked between small pieces
+                # and nothing beyond max_bytes + 1 is ever read.
+                chunk = response.read1(min(_URL_CHUNK, max_bytes + 1 - len(body)))
+                if not chunk:
+                    return bytes(body)
+                body += chunk
+                if len(body) > max_bytes:
+                    raise ImageInputError(too_large)
+                if time.monotonic() > deadline:
+                    raise ImageInputError(
+                        f"{label} did not finish downloading within {timeout:g} seconds (too slow); "
+                        "try again later, download it yourself, or pass a larger timeout"
+                    )
+    except ImageInputError:
+        raise
+    except _RedirectRefused as e:
+        raise ImageInputError(
+            f"{label} redirects to {_url_label(str(e))}, which is not an http(s) URL; "
+            "download the image yourself and pass the file"
+        ) from e
+    except urllib.error.HTTPError as e:
+        e.close()  # an HTTPError holds the open response; nothing more is read from it
+        if 300 <= e.code < 400 and "infinite loop" in str(e.msg):  # urllib's words for too many redirects
+            raise ImageInputError(
+                f"{label} redirects too often (more than {MAX_REDIRECTS} times, or in a loop); "
+                "open it in a browser and copy the final address"
+            ) from e
+        reason = f" {' '.join(e.reason.split())[:80]}" if isinstance(e.reason, str) and e.reason else ""
+        raise ImageInputError(
+            f"{label} could not be downloaded: the server answered {e.code}{reason}; check the address"
+        ) from e
+    except urllib.error.URLError as e:
+        if isinstance(e.reason, TimeoutError):
+            raise ImageInputError(too_slow) from e
+        raise ImageInputError(
+            f"{label} could not be reached ({e.reason}); check the address and the network connection"
+        ) from e
+    except TimeoutError as e:
+        raise ImageInputError(too_slow) from e
+    except (OSError, http.client.HTTPException, ValueError) as e:
+        raise ImageInputError(
+            f"{label} could not be downloaded ({type(e).__name__}: {e}); check the address and try again"
+        ) from e
 
 
 # --------------------------------------------------------------------------- decoding

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +14,7 @@ import pytest
 
 from imageprompt_widgets.cli import main
 from imageprompt_widgets.results import recipe_from_png
+from imageprompt_widgets.settings import setting_specs
 
 
 @pytest.fixture
@@ -166,3 +170,47 @@ def test_the_step_bar_knows_its_total_from_the_start_and_says_why_it_is_one_more
     frames = [frame for frame in err.replace("\r", "\n").splitlines() if frame.startswith("denoising")]
     assert frames and all("/4 " in frame for frame in frames)  # never a guessed /3 corrected later
     assert "4/4" in frames[-1]
+
+
+def _generate_help() -> dict[str, str]:
+    """The help text of every option of ``imageprompt generate``, by destination, as argparse holds it."""
+    from imageprompt_widgets.cli import build_parser
+
+    (commands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return {action.dest: action.help for action in commands.choices["generate"]._actions}
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("steps", "denoising steps; 1 to 150 (default: 30)"),
+        ("guidance_scale", "classifier-free guidance; 1 or less turns it off; 0 to 20 (default: 7.5)"),
+        ("seed", "same seed, same picture; 0 to 4294967295 (default: 0)"),
+        ("num_images", "how many images, batched; 1 to 8 (default: 1)"),
+        ("height", "pixels, a multiple of 8; empty = the model's native size; 64 to 1024 (default: none)"),
+        ("weights", "one number per image, comma-separated; empty = equal; each -10 to 10 (default: none)"),
+        ("mode", "how the image embedding becomes the prompt (default: repeat)"),
+        ("prompt", 'text used by the blend, ip_adapter and caption modes (default: "")'),
+    ],
+)
+def test_help_shows_each_settings_range_and_default(name: str, expected: str) -> None:
+    assert _generate_help()[name] == expected
+
+
+def test_help_ranges_come_from_the_settings_table() -> None:
+    help_by_name = _generate_help()
+    ranged = [spec for spec in setting_specs() if spec.min is not None]
+    assert len(ranged) >= 15
+    for spec in ranged:
+        match = re.search(r"; (?:each )?(-?[\d.]+) to (-?[\d.]+) \(default: ", help_by_name[spec.name])
+        assert match, (spec.name, help_by_name[spec.name])
+        assert (float(match[1]), float(match[2])) == (spec.min, spec.max), spec.name
+
+
+def test_help_on_the_terminal_shows_the_ranges() -> None:
+    help_text = subprocess.run(
+        [sys.executable, "-m", "imageprompt_widgets.cli", "generate", "--help"],
+        capture_output=True, text=True, check=True, timeout=120, env={**os.environ, "COLUMNS": "250"},
+    ).stdout
+    assert "--steps STEPS         denoising steps; 1 to 150 (default: 30)\n" in help_text
+    assert "0 to 4294967295" in help_text

@@ -814,7 +814,10 @@ BAD = [
     pytest.param(lambda tmp: (Image.new("RGB", (0, 0)), {}), ["no pixels"], id="pil-zero-size"),
     pytest.param(_directory, ["'photos'", "directory"], id="directory"),
     pytest.param(_missing, ["'cat.png'", "does not exist"], id="missing-path"),
-    pytest.param(lambda tmp: ("https://example.com/cat.png", {}), ["URL"], id="url-string"),
+    pytest.param(
+        lambda tmp: ("ftp://example.com/cat.png", {}), ["'ftp://example.com/cat.png'", "http://"], id="ftp-url"
+    ),
+    pytest.param(lambda tmp: ("data:image/png;base64,AAAA", {}), ["data: URL"], id="data-url"),
     pytest.param(lambda tmp: ("", {}), ["empty string"], id="empty-string"),
     pytest.param(
         lambda tmp: (write(tmp, "scan.pdf", b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<<>>\nendobj\n"), {}),
