@@ -311,8 +311,8 @@ class ImagePromptWidget(widgets.VBox):
     def _on_cancelled(self, event: Cancelled) -> None:
         if event.interrupted:
             self._say(f"Stopped with the kernel's stop button; {_LOST_NOTHING}")
-        elif not event.ran and not event.idle:
-            return  # a waiting run dropped while another goes on: that one reports
+        elif not event.step and not event.idle:
+            return  # stopped before its first step while another run is pending: that one reports
         elif event.step and event.total:
             self._say(f"Cancelled after step {event.step} of {event.total}; {_LOST_NOTHING}")
         elif event.ran:
