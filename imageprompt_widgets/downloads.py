@@ -10,6 +10,11 @@ its context (or anywhere, when it is the only watch) report to it, and its callb
 
 The hook is a wrapper around that class's ``__init__`` and ``update``, installed only while at least one
 watch is active, so nothing of the Hub is changed outside a load that asked for progress.
+
+Xet downloads (most large files on the Hub today) report from a thread of their own, started by the Rust
+library, where an exception would stop nothing; there a cancel aborts the process's Xet session instead,
+as the Hub itself does on Ctrl-C. Whatever error the interrupted download then ends with, the watch turns
+it into :class:`DownloadCancelled`.
 """
 
 from __future__ import annotations
@@ -83,6 +88,7 @@ class _Watch:
         self._bars: dict[int, list[Any]] = {}  # id(bar) -> [bar, bytes done]
         self._resumed = 0
         self._start: float | None = None
+        self.cancelled = False  # the callback asked to stop
 
     def add(self, bar: Any, initial: int) -> None:
         with self._guard:
@@ -108,7 +114,13 @@ class _Watch:
             total = sum(known) if known else None
             seconds = self.clock() - (self._start or 0.0)
             resumed = self._resumed
-        self.on_progress(DownloadProgress(done, total, seconds, resumed))
+        try:
+            self.on_progress(DownloadProgress(done, total, seconds, resumed))
+        except DownloadCancelled:
+            self.cancelled = True
+            if not _on_a_foreign_thread():
+                raise  # an HTTP download: it stops at this chunk
+            _abort_xet_downloads()  # Xet's own progress thread: raising there would stop nothing
 
 
 _current: contextvars.ContextVar[_Watch | None] = contextvars.ContextVar("imageprompt_download_watch", default=None)
@@ -133,6 +145,12 @@ def watch_downloads(on_progress: ProgressCallback | None, *, clock: Callable[[],
     _activate(watch)
     try:
         yield
+    except DownloadCancelled:
+        raise
+    except BaseException as err:
+        if watch.cancelled:  # how an aborted download fails is the library's business: it was a cancel
+            raise DownloadCancelled from err
+        raise
     finally:
         _deactivate(watch)
         _current.reset(token)
@@ -204,6 +222,20 @@ def _uninstall() -> None:
     cls = _originals["cls"]
     cls.__init__, cls.update = _originals["__init__"], _originals["update"]
     _originals.clear()
+
+
+def _on_a_foreign_thread() -> bool:
+    """A thread Python did not start (the Rust library's progress thread): threading sees a dummy."""
+    return isinstance(threading.current_thread(), getattr(threading, "_DummyThread", ()))
+
+
+def _abort_xet_downloads() -> None:
+    """Stop in-flight Xet transfers the way huggingface_hub does on KeyboardInterrupt."""
+    try:
+        from huggingface_hub.utils._xet import abort_xet_session
+    except ImportError:  # pragma: no cover - an older huggingface_hub without Xet
+        return
+    abort_xet_session()
 
 
 def _bytes_text(count: float) -> str:

@@ -210,3 +210,35 @@ def test_from_preset_reports_downloads_to_on_progress(tiny_pipe, url, hidden_bar
     seen: list[DownloadProgress] = []
     pipe = ImagePromptPipeline.from_preset("tiny", on_progress=seen.append)
     assert pipe.sd is tiny_pipe.sd and seen[-1].done == seen[-1].total == len(PAYLOAD)
+
+
+def test_a_cancel_reported_on_xets_own_thread_aborts_its_session_and_ends_as_download_cancelled(monkeypatch):
+    """Xet calls back from a thread its Rust library started, where raising stops nothing: the watch aborts
+    the Xet session (what the Hub does on Ctrl-C) and turns the failure that follows into a cancel."""
+    import _thread
+
+    from huggingface_hub.utils import _xet
+
+    aborted = threading.Event()
+    monkeypatch.setattr(_xet, "abort_xet_session", aborted.set)
+    reported = threading.Event()
+    escaped: list[BaseException] = []
+
+    def stop(progress: DownloadProgress) -> None:
+        if progress.done:
+            raise DownloadCancelled
+
+    def xet_progress_thread(bar) -> None:  # like hf_xet's background progress thread
+        try:
+            bar.update(CHUNK)
+        except BaseException as err:  # noqa: BLE001 - recorded: nothing may escape on this thread
+            escaped.append(err)
+        finally:
+            reported.set()
+
+    with pytest.raises(DownloadCancelled), watch_downloads(stop):
+        bar = hub_tqdm(name="huggingface_hub.xet_get", unit="B", total=len(PAYLOAD), disable=True)
+        _thread.start_new_thread(xet_progress_thread, (bar,))
+        assert reported.wait(WAIT)
+        raise RuntimeError("the Xet session was aborted")  # how the waiting download then fails
+    assert aborted.is_set() and escaped == []
