@@ -157,7 +157,7 @@ def watch_downloads(on_progress: ProgressCallback | None, *, clock: Callable[[],
 
 
 def _hub_tqdm() -> Any:
-    try:  # the module (``huggingface_hub.utils.tqdm`` the name is the class, re-exported)
+    try:  # the module: ``from huggingface_hub.utils import tqdm`` would give the class it re-exports
         module = importlib.import_module("huggingface_hub.utils.tqdm")
     except ImportError:  # pragma: no cover - huggingface_hub is a dependency of diffusers
         return None
