@@ -57,7 +57,9 @@ class SettingSpec:
     step: float | None = None
     choices: tuple[str, ...] = ()
     advanced: bool = False
-    #: The group of controls it belongs to ("structure": the widget's Structure section); "" = the main list.
+    #: The group of controls it belongs to in the panel ("method", "generation", "structure", or a new
+    #: name for a new group). "" lets the panel decide: "advanced" when ``advanced``, else "generation" for
+    #: settings every method reads (methods.SHARED_SETTINGS) and "method" for the others.
     section: str = ""
 
 
@@ -69,7 +71,9 @@ def _spec(kind: str, default: Any, label: str, help: str = "", **extra: Any) -> 
 class GenerationSettings:
     """Everything that decides a generation besides the images themselves."""
 
-    mode: str = _spec("choice", "repeat", "mode", "how the image embedding becomes the prompt", choices=MODES)
+    mode: str = _spec(
+        "choice", "repeat", "mode", "how the image embedding becomes the prompt", choices=MODES, section="method"
+    )
     scale: float = _spec(
         "float", 1.0, "scale", "multiplies the image conditioning (the adapter's strength for ip_adapter)",
         min=0.0, max=5.0, step=0.05,

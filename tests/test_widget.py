@@ -25,6 +25,7 @@ from imageprompt_widgets.offline import sample_image
 from imageprompt_widgets.results import recipe_from_png
 from imageprompt_widgets.settings import setting_specs
 from imageprompt_widgets.widget import InlineRunner, ThreadRunner
+from imageprompt_widgets.widget.controls import group_of, help_of
 from imageprompt_widgets.widget.inputs import load_upload, uploaded_files
 from imageprompt_widgets.widget.runner import default_runner
 
@@ -58,6 +59,11 @@ def browser_upload_to(upload: ipywidgets.FileUpload, files: list[tuple[str, byte
         upload.set_state(
             {"metadata": metadata, "data": [memoryview(c) for _, c in files], "_counter": upload._counter + len(files)}
         )
+
+
+def upload_count(upload: ipywidgets.FileUpload) -> int:
+    """The number the browser shows on the upload button: ``len(value)`` in ipywidgets 8, ``_counter`` in 7.x."""
+    return upload._counter if not IPYWIDGETS_8 else len(upload.value)
 
 
 def labelled(root: ipywidgets.Widget, description: str, kind: type = ipywidgets.Widget) -> ipywidgets.Widget:
@@ -158,18 +164,20 @@ def test_panel_builds_fast_with_plain_labels_and_loads_no_model():
 
 def test_controls_are_generated_from_the_settings_specs():
     widget = ImagePromptWidget(model="tiny")
-    advanced = widget.controls.advanced
     for spec in setting_specs():
         if spec.name == "weights":  # set per image on the input tiles
             assert "weights" not in widget.controls.controls
             continue
-        control = labelled(widget.controls, spec.label)
+        group = widget.controls.groups[group_of(spec)]
+        control = labelled(group, spec.label)  # in the group its spec (or the registry) names
         assert control is widget.controls[spec.name] and control.value == spec.default
         if spec.kind in ("int", "float"):
             assert (control.min, control.max) == (spec.min, spec.max)
-        if spec.advanced:
-            assert labelled(advanced, spec.label) is control  # folded away
+        assert help_of(control) == spec.help and spec.help  # on the synced trait of 7.7 and of 8
     assert widget.controls.settings() == GenerationSettings()
+    assert labelled(widget.controls.groups["advanced"], "crop") is widget.controls["crop"]  # folded away
+    assert labelled(widget.controls.groups["method"], "mode") is widget.controls["mode"]
+    assert labelled(widget.controls.groups["generation"], "steps") is widget.controls["steps"]
     widget.close()
 
 
@@ -215,7 +223,8 @@ def test_upload_like_the_browser_then_generate(tiny_pipe):
     browser_upload(widget, [("cat.png", png_bytes(first)), ("dog.png", png_bytes(second))])
     assert widget.status.startswith("Added 2 images")
     assert len(widget.inputs.items) == 2 and [item.name for item in widget.inputs.items] == ["cat.png", "dog.png"]
-    assert not widget.upload.value  # the bytes are not kept twice; the same file can be uploaded again
+    assert upload_count(widget.upload) == 2  # "Upload (2)": the images that are in
+    assert all(not file.content for file in uploaded_files(widget.upload.value))  # the bytes are not kept twice
     widget.inputs.items[1].weight.value = 0.5
     widget.controls["num_images"].value = 2
     labelled(widget, "Generate", ipywidgets.Button).click()
@@ -277,7 +286,7 @@ def test_set_images_takes_paths_arrays_and_pil(tiny_pipe, tmp_path):
     widget = ImagePromptWidget(pipeline=tiny_pipe, runner=InlineRunner())
     widget.set_images([str(path), array, sample_image(5)], weights=[1.0, 0.25, 0.5])
     assert widget.status == "3 input images ready; press Generate."
-    assert widget.inputs.items[0].name == "'photo.png'"
+    assert widget.inputs.names == ["photo.png", "numpy array of shape (80, 96, 3)", "PIL image (RGB, 96x80)"]
     assert widget.inputs.weights == [1.0, 0.25, 0.5]
     assert_same_pixels(widget.inputs.images[1], Image.fromarray(array))
     widget.inputs.items[0].tile.children[-1].click()  # its "remove" button
@@ -465,7 +474,8 @@ def test_history_is_bounded_in_count_and_memory(tiny_pipe, image):
             alive = live_widgets()  # the history is full from here on
     assert live_widgets() == alive  # evicted tiles and old output tiles are closed, not leaked
     assert len(widget.history) == 3 and len(widget.history.strip.children) == 3
-    assert [(item.seed, item.index) for item in widget.history.items] == [(2, 1), (2, 0), (1, 1)]
+    # Newest run first, each run in batch order.
+    assert [(item.seed, item.index) for item in widget.history.items] == [(2, 0), (2, 1), (1, 0)]
     one_item = widget.history.items[0].nbytes
     tight = ImagePromptWidget(pipeline=tiny_pipe, runner=InlineRunner(), history_bytes=one_item + 1, steps=1)
     tight.set_images(image)
@@ -486,9 +496,10 @@ def test_history_open_save_use_and_rerun(panel, tiny_pipe, tmp_path):
     panel.controls["seed"].value = 8
     panel.controls["num_images"].value = 1
     panel.generate().result()
-    item = panel.history.items[2]  # the first run's first image
+    item = panel.history.items[1]  # the first run's first image: newest run first, then batch order
     assert (item.seed, item.index) == (7, 0)
-    panel.history.strip.children[2].children[1].click()  # its "open" button
+    assert [(item.seed, item.index) for item in panel.history.items] == [(8, 0), (7, 0), (7, 1)]
+    panel.history.strip.children[1].children[1].click()  # its "open" button
     assert panel.history.selected is item and panel.history.detail.layout.display != "none"
     assert panel.history.large.value[:4] == b"\x89PNG"
     labelled(panel, "Save PNG", ipywidgets.Button).click()
