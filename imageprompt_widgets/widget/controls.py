@@ -98,7 +98,7 @@ def _choice(spec: SettingSpec) -> widgets.Widget:
 
 @control_factory("bool")
 def _bool(spec: SettingSpec) -> widgets.Widget:
-    return widgets.Checkbox(value=spec.default, indent=False)
+    return widgets.Checkbox(value=spec.default, indent=True)  # lined up with the other controls
 
 
 @control_factory("text")

@@ -25,7 +25,7 @@ THUMB_PX = 96
 #: A browser upload travels as one comm message, which Jupyter caps at 10 MiB: a larger one never reaches
 #: the kernel, so the panel says it up front. Colab's uploads over about 1 MB arrive empty (see load_upload).
 UPLOAD_HINT = (
-    "<small>PNG, JPEG, WebP, GIF, BMP, TIFF. Files over 10 MB (about 1 MB on Colab) cannot pass through "
+    "<small style='line-height:1.3;display:block'>PNG, JPEG, WebP, GIF, BMP, TIFF. Files over 10 MB (about 1 MB on Colab) cannot pass through "
     "the browser: use <code>w.set_images('path/to/file')</code> instead.</small>"
 )
 

@@ -58,37 +58,39 @@ class InspectorTab(widgets.VBox):
         self.placeholder = widgets.HTML(EMPTY_TEXT)
 
         self.summary = widgets.HTML()
-        self.clip_image = picture(format="png")
+        self.clip_image = picture(format="png", layout=widgets.Layout(max_width="100%"))
         self.clip_text = widgets.HTML()
-        self.scale_gap_image = picture(format="png")
+        self.scale_gap_image = picture(format="png", layout=widgets.Layout(max_width="100%"))
         self.scale_gap_text = widgets.HTML()
         self.similarity_texts = widgets.Text(
             description="texts", placeholder="a cat; a dog (separated by ;)", continuous_update=False
         )
         self.similarity_button = widgets.Button(description="Compare")
-        self.similarity_image = picture(format="png")
+        self.similarity_image = picture(format="png", layout=widgets.Layout(max_width="100%"))
         self.similarity_note = widgets.HTML()
-        self.token_image = picture(format="png")
+        self.token_image = picture(format="png", layout=widgets.Layout(max_width="100%"))
         self.token_text = widgets.HTML()
         self.filmstrip_x0 = widgets.Checkbox(
             description="x0 estimates (one extra UNet call per frame)", value=False, indent=False,
             layout=widgets.Layout(width="auto"),
         )
-        self.filmstrip_image = picture(format="png")
+        self.filmstrip_image = picture(format="png", layout=widgets.Layout(max_width="100%"))
         self.filmstrip_table = widgets.HTML()
         self.interpolation_text = widgets.Text(
             description="towards", placeholder="a text (empty: the second input image)"
         )
         self.interpolation_count = widgets.IntSlider(description="images", value=5, min=2, max=8)
         self.interpolation_button = widgets.Button(description="Interpolate", disabled=True)
-        self.interpolation_image = picture(format="png")
+        self.interpolation_image = picture(format="png", layout=widgets.Layout(max_width="100%"))
         self.interpolation_note = widgets.HTML()
 
         self.similarity_button.on_click(lambda _: self.update_similarity())
         self.interpolation_button.on_click(lambda _: self.run_interpolation())
         self.filmstrip_x0.observe(lambda _: self.update_filmstrip(), names="value")
 
-        self.sections = widgets.Tab(
+        # An Accordion, not a Tab: beside the controls the panel's column is narrow, and seven tab titles
+        # would be cut to a few letters each.
+        self.sections = widgets.Accordion(
             children=[
                 widgets.VBox([self.summary]),
                 widgets.VBox([self.clip_text, self.clip_image]),
@@ -104,6 +106,7 @@ class InspectorTab(widgets.VBox):
         )
         for index, title in enumerate(SECTION_TITLES):
             self.sections.set_title(index, title)  # works on ipywidgets 7 and 8
+        self.sections.selected_index = 0
         self.sections.layout.display = "none"
         self.errors: dict[str, str] = {}  # section title -> the error it shows
         self.views: dict[str, Any] = {}  # section title -> the view it shows (numbers included)

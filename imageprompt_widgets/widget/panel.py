@@ -131,7 +131,7 @@ class ImagePromptWidget(widgets.VBox):
                          layout=widgets.Layout(flex_flow="row wrap")),
             widgets.HTML(UPLOAD_HINT), self.inputs, self.negatives,
         )
-        self.model_picker = ModelPicker(self.controller.preset, layout=widgets.Layout(width="100%"))
+        self.model_picker = ModelPicker(self.controller.preset, layout=widgets.Layout(width="96%"))
         self.controls.add_to("method", self.model_picker, first=True)
         self.model_picker.observe(self._on_model_picked, names="value")
         self.controls["mode"].observe(self._on_mode_chosen, names="value")
@@ -143,7 +143,8 @@ class ImagePromptWidget(widgets.VBox):
                 self.controls.apply(GenerationSettings.from_kwargs(**starting), ignore=_OWN_SETTINGS)
         self._relabel_modes()
         # Generation: keep the latents for the inspector's Denoising filmstrip.
-        self.keep_latents = widgets.Checkbox(value=False, description=LATENTS_LABEL, indent=False)
+        self.keep_latents = widgets.Checkbox(value=False, description=LATENTS_LABEL, indent=True,
+                                            style={"description_width": "100px"})
         set_help(self.keep_latents, "trace the latents of every step so the Inspector's Denoising tab can "
                                     "show the filmstrip (a little more memory per run)")
         self.controls.add_to("generation", self.keep_latents)
@@ -430,7 +431,7 @@ class ImagePromptWidget(widgets.VBox):
         are undone where the user left them as they were; a method the new model lacks becomes its first."""
         library = GenerationSettings()
         changes = {name: getattr(library, name) for name, value in (old.defaults if old else ())
-                   if self.controls[name].value == value}
+                   if name in self.controls.controls and self.controls[name].value == value}
         changes.update(dict(new.defaults))
         offered = methods_for(new)
         if changes.get("mode", self.controls["mode"].value) not in offered and offered:

@@ -38,9 +38,12 @@ class ModelPicker(widgets.Dropdown):
 
     def refresh(self) -> None:
         """Look at the disk again ("downloaded" after a first load); the chosen model stays chosen."""
+        options = self._options()
+        if tuple(options) == tuple(self.options):
+            return
         with self.relabel():
             value = self.value
-            self.options = self._options()
+            self.options = options
             self.value = value
 
     @contextlib.contextmanager
