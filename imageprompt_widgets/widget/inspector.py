@@ -95,12 +95,13 @@ class InspectorTab(widgets.VBox):
                 widgets.VBox([self.summary]),
                 widgets.VBox([self.clip_text, self.clip_image]),
                 widgets.VBox([self.scale_gap_text, self.scale_gap_image]),
-                widgets.VBox([widgets.HBox([self.similarity_texts, self.similarity_button]),
+                widgets.VBox([widgets.HBox([self.similarity_texts, self.similarity_button],
+                                           layout=widgets.Layout(flex_flow="row wrap")),
                               self.similarity_note, self.similarity_image]),
                 widgets.VBox([self.token_text, self.token_image]),
                 widgets.VBox([self.filmstrip_x0, self.filmstrip_image, self.filmstrip_table]),
                 widgets.VBox([widgets.HBox([self.interpolation_text, self.interpolation_count,
-                                            self.interpolation_button]),
+                                            self.interpolation_button], layout=widgets.Layout(flex_flow="row wrap")),
                               self.interpolation_note, self.interpolation_image]),
             ]
         )

@@ -144,7 +144,8 @@ class ImagePromptWidget(widgets.VBox):
         self._relabel_modes()
         # Generation: keep the latents for the inspector's Denoising filmstrip.
         self.keep_latents = widgets.Checkbox(value=False, description=LATENTS_LABEL, indent=True,
-                                            style={"description_width": "100px"})
+                                            style={"description_width": "100px"},
+                                            layout=widgets.Layout(width="auto"))
         set_help(self.keep_latents, "trace the latents of every step so the Inspector's Denoising tab can "
                                     "show the filmstrip (a little more memory per run)")
         self.controls.add_to("generation", self.keep_latents)
