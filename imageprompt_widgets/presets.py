@@ -34,8 +34,9 @@ class Preset:
     method: str | None = None
     #: Settings this preset starts from, as (name, value) pairs (e.g. the variations model's zero negative).
     defaults: tuple[tuple[str, Any], ...] = ()
-    #: IP-Adapter weights as "repo_or_folder:subfolder:weight_name" (loaded with diffusers' load_ip_adapter).
-    ip_adapter: str | None = None
+    #: IP-Adapter weights as "repo_or_folder:subfolder:weight_name" (loaded with diffusers' load_ip_adapter);
+    #: a tuple of such specs loads several adapters at once (they share the one image encoder).
+    ip_adapter: str | tuple[str, ...] | None = None
     #: A BLIP captioning model (Hub id or folder) for the caption route; "tiny" for the offline twin.
     captioner: str | None = None
     #: A Hub revision (branch or tag) of ``sd_model``, e.g. the variations model's ``v2.0``.
@@ -50,11 +51,21 @@ class Preset:
     #: be the prompt (an IP-Adapter preset's encoder is the adapter's own, wider one).
     image_tokens_fit: bool = True
 
+    @property
+    def ip_adapters(self) -> tuple[str, ...]:
+        """The IP-Adapter specs of this preset, one per adapter (empty without one)."""
+        if not self.ip_adapter:
+            return ()
+        return (self.ip_adapter,) if isinstance(self.ip_adapter, str) else tuple(self.ip_adapter)
+
 
 #: The settings the variations model was trained for: one image token, a zero unconditional embedding.
 _VARIATIONS_DEFAULTS = (("mode", "single"), ("negative", "zeros"))
 #: lllyasviel's canny ControlNet, trained on SD 1.5 (its UNet is SD 1.4's, fine-tuned), so it fits both.
 CANNY_CONTROLNET = "lllyasviel/sd-controlnet-canny"
+#: h94's Plus adapters for SD 1.5 (they read the ViT-H encoder's penultimate hidden states).
+IP_ADAPTER_PLUS = "h94/IP-Adapter:models:ip-adapter-plus_sd15.safetensors"
+IP_ADAPTER_PLUS_FACE = "h94/IP-Adapter:models:ip-adapter-plus-face_sd15.safetensors"
 
 PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
     {
@@ -129,6 +140,84 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
             image_tokens_fit=False,
             note="offline twin of 'ip-adapter': tiny UNet with SD's block layout, random adapter weights",
             download_size="nothing (built locally, about 4 MB)",
+            offline_builder="tiny-ip-adapter",
+        ),
+        "ip-adapter-plus": Preset(
+            name="ip-adapter-plus",
+            sd_model="stable-diffusion-v1-5/stable-diffusion-v1-5",
+            clip_model="h94/IP-Adapter",
+            clip_subfolder="models/image_encoder",
+            ip_adapter=IP_ADAPTER_PLUS,
+            method="ip_adapter",
+            defaults=(("mode", "ip_adapter"),),
+            image_tokens_fit=False,
+            note="SD 1.5 + IP-Adapter Plus: a resampler turns ViT-H's patch features into 16 tokens (closer to the "
+                 "image than ip-adapter's 4)",
+            download_size="about 5.5 GB (SD 1.5) + 2.5 GB (ViT-H/14 image encoder) + 98 MB (ip-adapter-plus_sd15)",
+            controlnet=CANNY_CONTROLNET,
+        ),
+        "ip-adapter-plus-face": Preset(
+            name="ip-adapter-plus-face",
+            sd_model="stable-diffusion-v1-5/stable-diffusion-v1-5",
+            clip_model="h94/IP-Adapter",
+            clip_subfolder="models/image_encoder",
+            ip_adapter=IP_ADAPTER_PLUS_FACE,
+            method="ip_adapter",
+            defaults=(("mode", "ip_adapter"),),
+            image_tokens_fit=False,
+            note="SD 1.5 + IP-Adapter Plus-Face: the Plus resampler trained on cropped faces; give it a face crop",
+            download_size="about 5.5 GB (SD 1.5) + 2.5 GB (ViT-H/14 image encoder) + 98 MB "
+                          "(ip-adapter-plus-face_sd15)",
+            controlnet=CANNY_CONTROLNET,
+        ),
+        "ip-adapter-plus-and-face": Preset(
+            name="ip-adapter-plus-and-face",
+            sd_model="stable-diffusion-v1-5/stable-diffusion-v1-5",
+            clip_model="h94/IP-Adapter",
+            clip_subfolder="models/image_encoder",
+            ip_adapter=(IP_ADAPTER_PLUS, IP_ADAPTER_PLUS_FACE),
+            method="ip_adapter",
+            defaults=(("mode", "ip_adapter"),),
+            image_tokens_fit=False,
+            note="two IP-Adapters at once: Plus for a scene or style image, Plus-Face for a face "
+                 "(adapter_images=[[scene], [face]], adapter_scales=[...])",
+            download_size="about 5.5 GB (SD 1.5) + 2.5 GB (ViT-H/14 image encoder) + 2 × 98 MB",
+            controlnet=CANNY_CONTROLNET,
+        ),
+        "tiny-ip-adapter-plus": Preset(
+            name="tiny-ip-adapter-plus",
+            sd_model="tiny-ip-adapter",
+            clip_model="tiny-ip-adapter",
+            ip_adapter="tiny-ip-adapter-plus",
+            method="ip_adapter",
+            defaults=(("mode", "ip_adapter"),),
+            image_tokens_fit=False,
+            note="offline twin of 'ip-adapter-plus': a tiny resampler (16 queries) with random weights",
+            download_size="nothing (built locally, about 4 MB + 0.3 MB)",
+            offline_builder="tiny-ip-adapter",
+        ),
+        "tiny-ip-adapter-plus-face": Preset(
+            name="tiny-ip-adapter-plus-face",
+            sd_model="tiny-ip-adapter",
+            clip_model="tiny-ip-adapter",
+            ip_adapter="tiny-ip-adapter-plus-face",
+            method="ip_adapter",
+            defaults=(("mode", "ip_adapter"),),
+            image_tokens_fit=False,
+            note="offline twin of 'ip-adapter-plus-face': the tiny Plus architecture with other random weights",
+            download_size="nothing (built locally, about 4 MB + 0.3 MB)",
+            offline_builder="tiny-ip-adapter",
+        ),
+        "tiny-ip-adapter-plus-and-face": Preset(
+            name="tiny-ip-adapter-plus-and-face",
+            sd_model="tiny-ip-adapter",
+            clip_model="tiny-ip-adapter",
+            ip_adapter=("tiny-ip-adapter-plus", "tiny-ip-adapter-plus-face"),
+            method="ip_adapter",
+            defaults=(("mode", "ip_adapter"),),
+            image_tokens_fit=False,
+            note="offline twin of 'ip-adapter-plus-and-face': both tiny Plus adapters at once",
+            download_size="nothing (built locally, about 4 MB + 0.6 MB)",
             offline_builder="tiny-ip-adapter",
         ),
         "caption": Preset(

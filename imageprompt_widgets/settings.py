@@ -24,8 +24,11 @@ BLENDS = ("interpolate", "concat")
 NEGATIVES = ("empty_prompt", "zeros", "image")
 #: How an image is made square for CLIP: CLIP's own center crop, a squash, or padding.
 CROPS = ("center_crop", "squash", "pad")
-#: IP-Adapter layers that receive the image (SD 1.x; "style" and "composition" after InstantStyle).
-ADAPTER_BLOCKS = ("all", "style", "composition", "style_and_composition")
+#: IP-Adapter layers that receive the image (SD 1.x; "style" and "composition" after InstantStyle's SD 1.5
+#: script, methods/ip_adapter.py BLOCK_PRESETS); "custom": the per-block scales of ``adapter_block_scales``.
+ADAPTER_BLOCKS = ("all", "style", "composition", "style_and_composition", "custom")
+#: The UNet parts diffusers' ``set_ip_adapter_scale`` dictionaries name.
+ADAPTER_BLOCK_PARTS = ("down", "mid", "up")
 #: How much of the input's layout a run keeps (structure.py): nothing, its Canny edges through a
 #: ControlNet, or its noised latents as the starting point (img2img).
 STRUCTURES = ("none", "edges", "img2img")
@@ -121,6 +124,18 @@ class GenerationSettings:
         "choice", "all", "adapter blocks", "ip_adapter: which UNet blocks see the image",
         choices=ADAPTER_BLOCKS, advanced=True,
     )
+    adapter_scales: tuple[float, ...] = _spec(
+        "floats", (), "adapter scales",
+        "ip_adapter with several adapters: one strength per adapter, comma-separated; empty = scale for each",
+        min=0.0, max=5.0, step=0.05, advanced=True,
+    )
+    adapter_block_scales: str = _spec(
+        "text", "", "adapter block scales",
+        'ip_adapter: per-block scales in diffusers\' set_ip_adapter_scale format, as JSON, e.g. '
+        '{"up": {"block_1": [0, 1, 0]}}; each number is multiplied by the adapter\'s scale; '
+        "a list gives one per adapter; sets adapter blocks to custom",
+        advanced=True,
+    )
     structure: str = _spec(
         "choice", "none", "structure",
         "keep the input's layout: none, edges (a ControlNet on its Canny edges) or img2img (start from it, noised)",
@@ -152,8 +167,24 @@ class GenerationSettings:
     )
 
     def __post_init__(self) -> None:
+        if not isinstance(self.adapter_block_scales, str):  # a dict or list as diffusers takes it: kept as JSON
+            object.__setattr__(self, "adapter_block_scales", block_scales_text(self.adapter_block_scales))
         for spec in setting_specs():
             object.__setattr__(self, spec.name, _validated(spec, getattr(self, spec.name)))
+        if self.adapter_block_scales.strip():
+            parse_block_scales(self.adapter_block_scales)  # a SettingsError naming the bad part
+            if self.adapter_blocks == "all":  # the explicit dictionary wins over the default, as negative_image does
+                object.__setattr__(self, "adapter_blocks", "custom")
+            elif self.adapter_blocks != "custom":
+                raise SettingsError(
+                    f"adapter_block_scales replaces adapter_blocks={self.adapter_blocks!r}: use adapter_blocks='custom' "
+                    "with it, or clear adapter_block_scales."
+                )
+        elif self.adapter_blocks == "custom":
+            raise SettingsError(
+                "adapter_blocks='custom' needs adapter_block_scales, e.g. '{\"up\": {\"block_1\": 1.0}}' "
+                "(diffusers' set_ip_adapter_scale format)."
+            )
         if self.adapter_start >= self.adapter_end:
             raise SettingsError(
                 f"adapter_start={self.adapter_start:g} must be less than adapter_end={self.adapter_end:g}."
@@ -171,6 +202,10 @@ class GenerationSettings:
                 f"strength={self.strength:g} with steps={self.steps} leaves no denoising step (img2img runs "
                 f"int(steps * strength) of them): raise strength to at least {1 / self.steps:.3g} or add steps."
             )
+
+    def block_scales(self) -> Any:
+        """``adapter_block_scales`` parsed (a dict, or a list with one entry per adapter); ``None`` when empty."""
+        return parse_block_scales(self.adapter_block_scales) if self.adapter_block_scales.strip() else None
 
     @property
     def guided(self) -> bool:
@@ -265,3 +300,81 @@ def parse_floats(text: str, name: str = "value") -> tuple[float, ...]:
         return tuple(float(part) for part in parts)
     except ValueError:
         raise SettingsError(f"{name} must be comma-separated numbers such as 1,0.5, not {text!r}.") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-block IP-Adapter scales (diffusers' set_ip_adapter_scale format)
+
+
+def block_scales_text(value: Any) -> str:
+    """A block-scale dictionary (or a list of them) as the JSON text the setting keeps; ``None`` → ``""``."""
+    if value is None:
+        return ""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        raise SettingsError(
+            f"adapter_block_scales must be a dictionary such as {{'up': {{'block_1': 1.0}}}} or its JSON text, "
+            f"not {value!r}."
+        ) from None
+
+
+def parse_block_scales(text: str) -> Any:
+    """Parse and check ``adapter_block_scales``: a dict (or a list of dicts and numbers, one per adapter) whose
+    keys are ``down``/``mid``/``up``, with ``block_N`` entries holding a number or a list of numbers.
+
+    Only the shape is checked here; whether the UNet has those blocks (and that many layers) is checked
+    against the loaded UNet at run time.
+    """
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise SettingsError(
+            f"adapter_block_scales is not JSON ({err.msg} at character {err.pos}): write it like "
+            '{"up": {"block_1": [0.0, 1.0, 0.0]}}.'
+        ) from None
+    if isinstance(value, list):
+        if not value:
+            raise SettingsError("adapter_block_scales is an empty list: give one entry per adapter, or a dictionary.")
+        for index, entry in enumerate(value):
+            if not _is_number(entry):
+                _check_block_dict(entry, f"adapter_block_scales[{index}]")
+    else:
+        _check_block_dict(value, "adapter_block_scales")
+    return value
+
+
+def _check_block_dict(value: Any, where: str) -> None:
+    if not isinstance(value, dict):
+        raise SettingsError(f"{where} must be a dictionary such as {{\"up\": {{\"block_1\": 1.0}}}}, not {value!r}.")
+    for part, entry in value.items():
+        if part not in ADAPTER_BLOCK_PARTS:
+            raise SettingsError(
+                f"{where} has the key {part!r}: use {', '.join(map(repr, ADAPTER_BLOCK_PARTS))} "
+                "(diffusers' set_ip_adapter_scale format)."
+            )
+        here = f"{where}[{part!r}]"
+        if part == "mid":  # one attention layer: a number, or a list of one
+            if not (_is_number(entry) or isinstance(entry, list) and len(entry) == 1 and _is_number(entry[0])):
+                raise SettingsError(f"{here} must be a number (the mid block has one attention layer), not {entry!r}.")
+            continue
+        if not isinstance(entry, dict):
+            _check_layer_scales(entry, here, allow_list=False)
+            continue
+        for block, scales in entry.items():
+            if not (isinstance(block, str) and block.startswith("block_") and block[6:].isdigit()):
+                raise SettingsError(f"{here} has the key {block!r}: name blocks 'block_0', 'block_1', ….")
+            _check_layer_scales(scales, f"{here}[{block!r}]", allow_list=True)
+
+
+def _check_layer_scales(value: Any, where: str, allow_list: bool) -> None:
+    if _is_number(value):
+        return
+    if allow_list and isinstance(value, list) and value and all(_is_number(item) for item in value):
+        return
+    wanted = "a number or a list of numbers (one per attention layer)" if allow_list else "a number"
+    raise SettingsError(f"{where} must be {wanted}, not {value!r}.")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
