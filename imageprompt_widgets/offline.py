@@ -590,10 +590,18 @@ TINY_CONTROLNET_ZERO_CONV_STD = 0.1
 TINY_CONTROLNET_EMBEDDING_GAIN = 2.0
 
 
-def ensure_tiny_controlnet() -> str:
-    """The tiny ControlNet folder (built once, atomically): a twin of ``lllyasviel/sd-controlnet-canny``."""
-    final = cache_dir() / f"tiny-controlnet-{TINY_CONTROLNET_VERSION}"
-    return str(build_once(final, build_tiny_controlnet, "diffusion_pytorch_model.safetensors"))
+#: The ControlNet twins (controlnets.py names them per kind): folder prefix and seed. Same architecture,
+#: different seeds: two ControlNets that steer differently, as a canny and a depth one do.
+TINY_CONTROLNETS = {"tiny": ("tiny-controlnet", TINY_SEED), "tiny-depth": ("tiny-controlnet-depth", TINY_SEED + 1)}
+
+
+def ensure_tiny_controlnet(name: str = "tiny") -> str:
+    """A tiny ControlNet folder (built once, atomically): ``"tiny"`` twins ``lllyasviel/sd-controlnet-canny``,
+    ``"tiny-depth"`` twins ``lllyasviel/control_v11f1p_sd15_depth``."""
+    prefix, seed = TINY_CONTROLNETS[name]
+    final = cache_dir() / f"{prefix}-{TINY_CONTROLNET_VERSION}"
+    return str(build_once(final, lambda folder: build_tiny_controlnet(folder, seed),
+                          "diffusion_pytorch_model.safetensors"))
 
 
 def build_tiny_controlnet(folder: str | os.PathLike, seed: int = TINY_SEED) -> str:
@@ -632,3 +640,53 @@ def build_tiny_controlnet(folder: str | os.PathLike, seed: int = TINY_SEED) -> s
     return str(folder)
 
 
+
+
+# ---------------------------------------------------------------------------------------------
+# The tiny depth estimator twin (structure="depth" on the tiny presets)
+
+TINY_DEPTH_VERSION = "v1"
+#: Depth Anything's patch size; the twin sees 28 x 28 pictures (2 x 2 patches), the real one 518 x 518.
+TINY_DEPTH_PATCH = 14
+
+
+def ensure_tiny_depth_estimator() -> str:
+    """The tiny depth estimator folder (built once, atomically): a twin of ``Depth-Anything-V2-Small-hf``."""
+    final = cache_dir() / f"tiny-depth-anything-{TINY_DEPTH_VERSION}"
+    return str(build_once(final, build_tiny_depth_estimator, "preprocessor_config.json"))
+
+
+def build_tiny_depth_estimator(folder: str | os.PathLike, seed: int = TINY_SEED) -> str:
+    """Depth Anything (a DINOv2 backbone, DPT neck and head) with tiny random weights and the real model's
+    preprocessing (keep the aspect ratio, sides a multiple of 14, bicubic, ImageNet mean and std), saved as
+    transformers saves it so ``AutoModelForDepthEstimation.from_pretrained`` loads it."""
+    import torch
+    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config
+
+    from .quiet import quiet_loaders
+
+    with quiet_loaders():  # without torchvision, transformers names its PIL fallback once, on import
+        from transformers import DPTImageProcessor
+
+    backbone = Dinov2Config(
+        hidden_size=16, num_hidden_layers=4, num_attention_heads=2, intermediate_size=32,
+        image_size=2 * TINY_DEPTH_PATCH, patch_size=TINY_DEPTH_PATCH,
+        out_features=["stage1", "stage2", "stage3", "stage4"], reshape_hidden_states=False,
+    )
+    config = DepthAnythingConfig(
+        backbone_config=backbone, reassemble_hidden_size=16, patch_size=TINY_DEPTH_PATCH,
+        neck_hidden_sizes=[8, 8, 16, 16], fusion_hidden_size=8, head_hidden_size=8, depth_estimation_type="relative",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = DepthAnythingForDepthEstimation(config)
+    side = 2 * TINY_DEPTH_PATCH
+    with quiet_loaders():
+        processor = DPTImageProcessor(
+            do_resize=True, size={"height": side, "width": side}, keep_aspect_ratio=True,
+            ensure_multiple_of=TINY_DEPTH_PATCH, resample=3, do_pad=False,
+            image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
+        )
+        model.save_pretrained(str(folder), safe_serialization=True)
+        processor.save_pretrained(str(folder))
+    return str(folder)

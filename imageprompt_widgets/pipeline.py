@@ -47,7 +47,7 @@ from .steps import (
     predicted_x0,
     watching_decoded_values,
 )
-from .structure import StructurePlan, StructureRunners
+from .structure import ControlMap, StructurePlan, StructureRunners, unit_pictures
 
 __all__ = ["ImageEmbedding", "ImagePromptPipeline", "NonFiniteImageError", "StepInfo", "generate"]
 
@@ -70,7 +70,8 @@ class RunInputs:
     prints: list[str]
     negatives: list[Any] = field(default_factory=list)
     negative_prints: list[str] = field(default_factory=list)
-    structure_image: Any = None  # the picture whose layout a structure run keeps (None: the first input)
+    #: The pictures whose layout a structure run keeps: one, or one per ControlNet unit (empty: the first input).
+    structure_images: list[Any] = field(default_factory=list)
     adapter_images: list[list[Any]] = field(default_factory=list)  # per IP-Adapter (empty: the inputs for all)
     adapter_prints: list[list[str]] = field(default_factory=list)
 
@@ -284,20 +285,47 @@ class ImagePromptPipeline:
 
     # -- structure (structure.py) ------------------------------------------------------------------
 
-    def load_controlnet(self, model: str | None = None, on_status: StatusCallback | None = None) -> Any:
-        """The canny ControlNet of ``structure="edges"``, loaded once: the preset's, or ``model`` (Hub id or folder)."""
+    def load_controlnet(
+        self, model: str | None = None, on_status: StatusCallback | None = None, *, kind: str | None = None
+    ) -> Any:
+        """The ControlNet of a structure kind, loaded once: the preset's, or ``model`` (Hub id or folder).
+
+        Each ControlNet reads one kind of map (controlnets.py): ``kind="edges"`` (Canny edges, the default) or
+        ``"depth"``. A ``model`` whose name says which (``...-canny``, ``..._depth``) needs no ``kind``; it then
+        replaces the preset's ControlNet of that kind, so runs feed it the map it was trained on.
+        """
         with self.lock:
-            return self._structure.controlnet(model, on_status)
+            return self._structure.controlnet(model, on_status, kind=kind)
+
+    def structure_maps(
+        self, images: Any = None, settings: GenerationSettings | None = None, *, structure_image: Any = None,
+        on_status: StatusCallback | None = None, **changes: Any,
+    ) -> list[ControlMap]:
+        """Each ControlNet unit's map exactly as a run with these settings would feed it (what the panel's
+        Structure section previews): ``.image`` (grayscale, at the run's size), ``.unit``, ``.controlnet``.
+
+        The pictures are ``structure_image`` (one for all units, or one each), else the first of ``images``.
+        Loads the depth estimator on first use, but never waits for a running generation.
+        """
+        settings = (settings or self.default_settings()).replace(**changes) if changes else (
+            settings or self.default_settings())
+        pictures = load_images(structure_image) if structure_image is not None else load_images(images)[:1]
+        if not pictures:
+            raise SettingsError("structure_maps needs a picture: pass images or structure_image.")
+        return self._structure.maps(settings, pictures, on_status)
 
     @property
     def native_size(self) -> int:
         """The model's native side in pixels (512 for SD 1.x): the longer side of a structure run by default."""
         return self._structure.native_size
 
-    def structure_pipeline(self, structure: str = "none") -> Any:
+    def structure_pipeline(self, structure: str | GenerationSettings = "none") -> Any:
         """The diffusers pipeline a run with ``structure`` calls: :attr:`sd` itself, or its ControlNet or
-        img2img twin built from the same components (so bare diffusers can be compared with it)."""
+        img2img twin built from the same components (so bare diffusers can be compared with it). With settings,
+        the ControlNet pipeline of all their units (``control_units`` too)."""
         with self.lock:
+            if isinstance(structure, GenerationSettings):
+                return self._structure.pipeline(structure.structure, kinds=[u.kind for u in structure.units()])
             return self._structure.pipeline(structure)
 
     # -- inspection: the engine's side of the inspector's views --------------------------------------
@@ -428,7 +456,8 @@ class ImagePromptPipeline:
         (progress, previews); setting ``cancel`` stops the run after the current step without decoding,
         and the result has ``cancelled=True`` (a :class:`~imageprompt_widgets.concurrency.CancelEvent`
         also ends a wait for another run on this pipeline at once). ``structure_image`` is the picture
-        whose layout ``structure="edges"`` or ``"img2img"`` keeps (default: the first input image).
+        whose layout ``structure="edges"``, ``"depth"`` or ``"img2img"`` keeps (default: the first input image);
+        with ``control_units``, one picture for all ControlNet units or a list with one per unit.
         ``adapter_images`` (``mode="ip_adapter"``) gives each loaded IP-Adapter its own images, one list per
         adapter (e.g. ``[[scene], [face]]``); without it every adapter sees ``images``.
         """
@@ -478,17 +507,19 @@ class ImagePromptPipeline:
         structure_images = load_images(structure_image) if structure_image is not None else []
         if structure_images and settings.structure == "none":
             raise SettingsError(
-                "structure_image was given but structure='none': pass structure='edges' or structure='img2img'."
+                "structure_image was given but structure='none': pass structure='edges', 'depth' or 'img2img'."
             )
+        if len(structure_images) > 1 and settings.structure == "img2img":
+            raise SettingsError(f"structure='img2img' takes one structure_image, not {len(structure_images)}.")
         if len(structure_images) > 1:
-            raise SettingsError(f"structure_image takes one image, not {len(structure_images)}.")
+            unit_pictures(structure_images, len(settings.units()))  # one for all units, or one each
         if settings.structure != "none" and not (structure_images or pil_images):
             raise SettingsError(f"structure={settings.structure!r} needs a picture: pass structure_image=.")
         per_adapter = self._adapter_images(adapter_images, settings)
         return settings, RunInputs(
             pil_images, [fingerprint(image) for image in pil_images],
             negatives, [fingerprint(image) for image in negatives],
-            structure_images[0] if structure_images else None,
+            structure_images,
             per_adapter, [[fingerprint(image) for image in group] for group in per_adapter],
         )
 
@@ -555,12 +586,13 @@ class ImagePromptPipeline:
         )
         for index, adapter_embeds in enumerate(unet.ip_adapter_image_embeds or []):
             trace.extras[adapter_trace_name(index)] = _cpu(adapter_embeds)
-        structure_source = inputs.structure_image or (inputs.images[0] if inputs.images else None)
+        structure_source = inputs.structure_images or inputs.images[:1]
         structure = self._structure.plan(settings, structure_source, settings.num_images)
         trace.extras.update(structure.extras)
         notes = dict(cond.notes)
-        if inputs.structure_image is not None:
-            notes["structure_input"] = fingerprint(inputs.structure_image)[:16]
+        if inputs.structure_images:
+            prints = [fingerprint(image)[:16] for image in inputs.structure_images]
+            notes["structure_input"] = prints[0] if len(prints) == 1 else prints
         if inputs.adapter_prints:
             notes["adapter_inputs"] = [[print_[:16] for print_ in group] for group in inputs.adapter_prints]
         provenance = self._provenance(settings, inputs, notes)
