@@ -343,6 +343,18 @@ class ImagePromptPipeline:
             key, lambda: load_clip_text_tower(folder, self.preset.clip_model, self.device, self.image_encoder.dtype)
         )
 
+    def adapter_tokens(self, result: GenerationResult, adapter: int = 0, index: int = 0) -> Any:
+        """What IP-Adapter ``adapter`` made of output ``index``'s pictures in ``result``: its tokens (and, for a Plus
+        adapter, where each of the resampler's query tokens looked), recomputed from the traced input
+        (:class:`~imageprompt_widgets.methods.ip_adapter.AdapterTokens`; ``views.adapter_tokens`` draws it)."""
+        handle = self.parts.get("ip_adapter")
+        traced = result.trace.extras.get(adapter_trace_name(adapter)) if result.trace is not None else None
+        if handle is None or traced is None:
+            raise SettingsError("This run fed no IP-Adapter: generate with mode='ip_adapter' on an IP-Adapter preset.")
+        guided = result.trace.negative_prompt_embeds is not None
+        row = traced.shape[0] // 2 + index if guided else index  # diffusers' layout: the negatives first
+        return handle.tokens(adapter, traced[row])
+
     def decode_latents(self, latents: torch.Tensor) -> list[Any]:
         """Latents ``[B, C, h, w]`` through the VAE, exactly (not a preview), as PIL images."""
         from PIL import Image

@@ -43,6 +43,11 @@ def plus_pipe():
 
 
 @pytest.fixture(scope="module")
+def adapter_image_pipe():
+    return ImagePromptPipeline.from_preset("tiny-ip-adapter")
+
+
+@pytest.fixture(scope="module")
 def mixed_pipe():
     return ImagePromptPipeline.from_preset(MIXED)
 
@@ -261,3 +266,55 @@ def test_custom_blocks_and_named_blocks_do_not_mix():
         GenerationSettings(adapter_blocks="style", adapter_block_scales={"mid": 1.0})
     settings = GenerationSettings(adapter_block_scales='{"mid": 1.0}')
     assert GenerationSettings.from_kwargs(**settings.to_dict()) == settings  # the recipe round trip
+
+
+# ---------------------------------------------------------------------------------------------
+# The inspector's view of the adapter's tokens
+
+
+def test_adapter_tokens_are_what_the_unet_reads_and_where_each_query_looked(plus_pipe, image):
+    res = plus_pipe.generate(image, prompt="a cat", **FAST)
+    traced = res.trace.extras["ip_adapter_image_embeds"]
+    tokens = plus_pipe.adapter_tokens(res)
+    assert tokens.tokens.shape == (16, 32) and tokens.queries == 16
+    with torch.no_grad():  # diffusers' own route from the traced input to the adapter's tokens
+        (expected,) = plus_pipe.sd.unet.encoder_hid_proj([traced[1:2]])
+    torch.testing.assert_close(tokens.tokens, expected[0, 0], rtol=0, atol=0)
+
+    last = plus_pipe.parts["ip_adapter"].projections[0].layers[-1].attn
+    seen = []
+    handle = last.register_forward_pre_hook(lambda module, args: seen.append(args))
+    try:
+        with torch.no_grad():
+            plus_pipe.sd.unet.encoder_hid_proj([traced[1:2]])
+            queries, keys = seen[0]
+            heads, width = last.heads, last.inner_dim // last.heads
+            q = last.to_q(queries).reshape(1, 16, heads, width).transpose(1, 2)
+            k = last.to_k(keys).reshape(1, keys.shape[1], heads, width).transpose(1, 2)
+            by_hand = torch.softmax(q @ k.transpose(-1, -2) / width**0.5, dim=-1).mean(dim=1)[0]
+    finally:
+        handle.remove()
+    assert tokens.attention.shape == (16, 65)  # each query over CLS + 8x8 patches
+    torch.testing.assert_close(tokens.attention, by_hand[:, :65], atol=1e-6, rtol=1e-5)
+    assert bool((tokens.attention.sum(dim=1) < 1).all())  # the rest went to the queries themselves
+
+
+def test_the_adapter_tokens_view_draws_the_tokens_and_each_querys_map(plus_pipe, adapter_image_pipe, image):
+    from imageprompt_widgets.views.adapter_tokens import adapter_tokens_view, attention_grids
+
+    res = plus_pipe.generate(image, prompt="a cat", **FAST)
+    tokens = plus_pipe.adapter_tokens(res)
+    view = adapter_tokens_view(tokens, seen=image)
+    assert view.attention_maps.shape == (16, 8, 8)
+    torch.testing.assert_close(view.attention_maps, attention_grids(tokens.attention))
+    expected = tokens.attention[:, 1:].reshape(16, 8, 8)
+    torch.testing.assert_close(view.attention_maps, expected / expected.flatten(1).amax(1)[:, None, None])
+    assert view.describe() == ("tiny-ip-adapter-plus: 16 tokens x 32 dims, 16 distinct; 16 resampler queries over "
+                               "a 8x8 patch grid")
+    picture = view.render()
+    assert picture.width > 300 and picture.height > 160 and view.to_png().startswith(b"\x89PNG")
+    plain = adapter_tokens_view(adapter_image_pipe.adapter_tokens(adapter_image_pipe.generate(image, **FAST)))
+    assert plain.tokens.shape == (4, 32) and plain.attention_maps is None
+    assert plain.describe() == "tiny-ip-adapter: 4 tokens x 32 dims, 4 distinct"
+    with pytest.raises(SettingsError, match="This run fed no IP-Adapter"):
+        plus_pipe.adapter_tokens(res, adapter=1)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -94,6 +95,19 @@ def check_adapter_fits(image_encoder: Any, unet: Any, preset: Preset) -> None:
             )
 
 
+@dataclass
+class AdapterTokens:
+    """What one adapter made of one output image's pictures: the tokens its cross-attention reads, and for a Plus
+    adapter where each resampler query looked (the inspector's view of the 16 query tokens)."""
+
+    name: str  # the adapter's preset name
+    tokens: torch.Tensor  # [n * Q, D]: Q tokens per picture (4 for ip-adapter, 16 for Plus), float32 on the CPU
+    #: [n * Q, T]: the last resampler layer's attention from each query to the picture's tokens (CLS first, then
+    #: the patch grid), averaged over heads; the rest of each row went to the queries themselves. None (plain).
+    attention: torch.Tensor | None = None
+    queries: int = 0  # Q, tokens per picture
+
+
 def adapter_processors(unet: Any) -> list[Any]:
     """The UNet's IP-Adapter attention processors (empty when no adapter is loaded)."""
     return [p for p in unet.attn_processors.values() if hasattr(p, "scale") and hasattr(p, "to_k_ip")]
@@ -124,6 +138,31 @@ class AdapterHandle:
     def projections(self) -> list[Any]:
         """The adapters' image projections (``ImageProjection``, or the Plus resampler)."""
         return list(self._sd.unet.encoder_hid_proj.image_projection_layers)
+
+    def tokens(self, index: int, adapter_input: torch.Tensor) -> AdapterTokens:
+        """Adapter ``index``'s tokens for one output image's input (a row of diffusers' ``ip_adapter_image_embeds``:
+        ``[n, D]`` or, for Plus, ``[n, T, Dv]``), computed by the loaded projection; with the resampler's last
+        attention for a Plus adapter."""
+        projection = self.projections[index]
+        seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+        handle = None
+        if self.reads_hidden_states[index]:
+            last = projection.layers[-1].attn
+            handle = last.register_forward_pre_hook(lambda module, args: seen.append((args[0], args[1])))
+        try:
+            with torch.inference_mode():
+                parameter = next(projection.parameters())
+                tokens = projection(adapter_input.to(parameter.device, parameter.dtype))
+                attention = resampler_attention(last, *seen[0]) if seen else None
+        finally:
+            if handle is not None:
+                handle.remove()
+        queries = tokens.shape[1]
+        features = adapter_input.shape[1] if attention is not None else 0
+        return AdapterTokens(
+            self.names[index], tokens.reshape(-1, tokens.shape[-1]).float().cpu(),
+            None if attention is None else attention[:, :, :features].reshape(-1, features).float().cpu(), queries,
+        )
 
     def zero_image_hidden_states(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The encoder's penultimate hidden states of a black picture ``[1, T, Dv]``: diffusers' negative for Plus."""
@@ -169,6 +208,15 @@ class AdapterHandle:
         finally:
             for processor, scale in zip(processors, saved):
                 processor.scale = scale
+
+
+def resampler_attention(attn: Any, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """A resampler layer's attention probabilities ``[B, Q, K]`` (heads averaged), as its ``Attention`` module
+    computes them: ``softmax(to_q(queries) · to_k(keys)ᵀ · scale)`` per head."""
+    query = attn.head_to_batch_dim(attn.to_q(queries))
+    key = attn.head_to_batch_dim(attn.to_k(keys))
+    probabilities = attn.get_attention_scores(query, key, None)
+    return probabilities.reshape(queries.shape[0], attn.heads, *probabilities.shape[1:]).mean(dim=1)
 
 
 def adapter_scales(settings: GenerationSettings, count: int, names: Sequence[str] = ()) -> list[float]:
