@@ -307,8 +307,9 @@ class ImagePromptPipeline:
         The pictures are ``structure_image`` (one for all units, or one each), else the first of ``images``.
         Loads the depth estimator on first use, but never waits for a running generation.
         """
-        settings = (settings or self.default_settings()).replace(**changes) if changes else (
-            settings or self.default_settings())
+        settings = settings or self.default_settings()
+        if changes:
+            settings = settings.replace(**changes)
         pictures = load_images(structure_image) if structure_image is not None else load_images(images)[:1]
         if not pictures:
             raise SettingsError("structure_maps needs a picture: pass images or structure_image.")

@@ -290,3 +290,12 @@ def test_a_model_without_a_depth_controlnet_says_how_to_get_one():
         "structure='depth' needs a ControlNet trained on depth and this model has none: use a preset that has one "
         "(sd14, sd15, tiny) or call pipe.load_controlnet('lllyasviel/control_v11f1p_sd15_depth')."
     )
+
+
+def test_faces_show_each_structures_own_controls():
+    from imageprompt_widgets.methods import settings_read
+
+    depth, edges = settings_read("repeat", "depth"), settings_read("repeat", "edges")
+    assert {"control_scale", "control_start", "control_end", "control_units"} <= depth & edges
+    assert "canny_low" in edges and "canny_low" not in depth and "strength" not in depth
+    assert not {"control_units", "control_scale"} & settings_read("repeat", "img2img")
