@@ -640,8 +640,6 @@ def build_tiny_controlnet(folder: str | os.PathLike, seed: int = TINY_SEED) -> s
     return str(folder)
 
 
-
-
 # ---------------------------------------------------------------------------------------------
 # The tiny depth estimator twin (structure="depth" on the tiny presets)
 

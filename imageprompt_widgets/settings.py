@@ -404,7 +404,7 @@ def block_scales_text(value: Any) -> str:
     if value is None:
         return ""
     try:
-        return json.dumps(value)
+        return json.dumps(value, default=_plain_scalar)
     except (TypeError, ValueError):
         raise SettingsError(
             f"adapter_block_scales must be a dictionary such as {{'up': {{'block_1': 1.0}}}} or its JSON text, "
@@ -485,7 +485,7 @@ def units_text(value: Any) -> str:
         value = [value]
     try:
         items = [item.to_dict() if isinstance(item, ControlUnit) else item for item in value]
-        return json.dumps(items) if items else ""
+        return json.dumps(items, default=_plain_scalar) if items else ""
     except TypeError:
         raise SettingsError(
             f'control_units must be a list of units such as [{{"kind": "depth", "scale": 0.5}}], not {value!r}.'
@@ -514,3 +514,10 @@ def parse_units(text: str) -> tuple[ControlUnit, ...]:
         except SettingsError as err:
             raise SettingsError(f"control_units[{index}]: {err}") from None
     return tuple(units)
+
+
+def _plain_scalar(value: Any) -> Any:
+    """numpy scalars in a dictionary setting, as the plain numbers JSON keeps."""
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not a number")

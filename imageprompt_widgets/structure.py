@@ -336,8 +336,9 @@ class StructureRunners:
         size = fit_size(pictures[0].size, settings.height, settings.width, self.native_size)
         maps = []
         for index, (unit, picture) in enumerate(zip(units, pictures)):
+            controlnet = self.model_for(unit.kind)  # no ControlNet for this kind: say so before loading anything
             estimator = self.estimator(unit.kind, on_status)
-            maps.append(ControlMap(index, unit, control_map(unit, picture, size, estimator), self.model_for(unit.kind),
+            maps.append(ControlMap(index, unit, control_map(unit, picture, size, estimator), controlnet,
                                    getattr(estimator, "source", None)))
         return maps
 

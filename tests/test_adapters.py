@@ -266,6 +266,8 @@ def test_custom_blocks_and_named_blocks_do_not_mix():
         GenerationSettings(adapter_blocks="style", adapter_block_scales={"mid": 1.0})
     settings = GenerationSettings(adapter_block_scales='{"mid": 1.0}')
     assert GenerationSettings.from_kwargs(**settings.to_dict()) == settings  # the recipe round trip
+    numpy_numbers = GenerationSettings(adapter_block_scales={"mid": np.float32(0.5), "up": {"block_1": [np.int64(1)]}})
+    assert numpy_numbers.block_scales() == {"mid": 0.5, "up": {"block_1": [1]}}
 
 
 # ---------------------------------------------------------------------------------------------

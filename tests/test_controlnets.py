@@ -115,6 +115,8 @@ def test_units_are_the_structures_own_then_control_units_and_round_trip():
     assert first == ControlUnit(kind="depth", scale=0.7)
     assert second == ControlUnit(kind="edges", scale=0.5, canny_low=40) and third == ControlUnit(kind="depth", end=0.5)
     assert GenerationSettings.from_kwargs(**settings.to_dict()) == settings
+    numpy_unit = GenerationSettings(structure="edges", control_units=[{"kind": "depth", "scale": np.float64(0.5)}])
+    assert numpy_unit.units()[1] == ControlUnit(kind="depth", scale=0.5)
     assert GenerationSettings(structure="img2img").units() == () == GenerationSettings().units()
 
 

@@ -295,7 +295,7 @@ def build(inputs: ConditioningInputs) -> Conditioning:
             f"adapter_images gives images for {len(embeddings)} adapter{'s' if len(embeddings) > 1 else ''} but "
             f"{inputs.preset_name!r} has {len(adapter)}: give one list of images per adapter."
         )
-    adapter_scales(settings, len(adapter), adapter.names)  # a readable error before any work
+    adapter.scale_configs(settings)  # scales and block dictionaries that do not fit: a sentence before any work
     text = inputs.text.encode(settings.prompt)
     images = [
         adapter_input(embedding, hidden, settings.combine, settings.weights, inputs.preset_name)
