@@ -263,6 +263,13 @@ class ImagePromptPipeline:
         with self.lock:
             return self.captioner.caption(load_images(images)[0])
 
+    @property
+    def ip_adapters(self) -> tuple[str, ...]:
+        """The loaded IP-Adapters' names, in the order ``adapter_images`` and ``adapter_scales`` follow (empty
+        without one)."""
+        handle = self.parts.get("ip_adapter")
+        return handle.names if handle is not None else ()
+
     def capabilities(self) -> frozenset[str]:
         """What the loaded models can do (the method registry's terms): image tokens of the UNet's width,
         SD's text encoder, an IP-Adapter, a captioner."""

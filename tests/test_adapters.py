@@ -167,7 +167,7 @@ def test_without_adapter_images_every_adapter_sees_the_inputs(mixed_pipe, image)
 def test_the_paired_preset_loads_plus_and_plus_face():
     pipe = ImagePromptPipeline.from_preset("tiny-ip-adapter-plus-and-face")
     handle = pipe.parts["ip_adapter"]
-    assert handle.names == ("tiny-ip-adapter-plus", "tiny-ip-adapter-plus-face")
+    assert pipe.ip_adapters == handle.names == ("tiny-ip-adapter-plus", "tiny-ip-adapter-plus-face")
     assert handle.reads_hidden_states == (True, True)
     first, second = handle.projections
     assert not torch.equal(first.latents, second.latents)  # two different adapters
