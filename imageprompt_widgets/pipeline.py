@@ -309,6 +309,14 @@ class ImagePromptPipeline:
         with self.lock:
             return self._structure.controlnet(model, on_status, kind=kind)
 
+    def load_structure(self, settings: GenerationSettings, on_status: StatusCallback | None = None) -> None:
+        """Load every ControlNet and map estimator a run with ``settings`` needs (each once), so that a face can
+        report the loading before the run's first step instead of inside it."""
+        with self.lock:
+            for unit in settings.units():
+                self._structure.controlnet(on_status=on_status, kind=unit.kind)
+                self._structure.estimator(unit.kind, on_status)
+
     def structure_maps(
         self, images: Any = None, settings: GenerationSettings | None = None, *, structure_image: Any = None,
         on_status: StatusCallback | None = None, **changes: Any,

@@ -274,6 +274,21 @@ def test_structure_maps_are_the_maps_a_run_feeds(tiny_pipe, image):
     assert tiny_pipe.structure_maps(image, structure="img2img") == []
 
 
+def test_load_structure_loads_each_units_controlnet_and_estimator_before_a_run(tiny_pipe):
+    from imageprompt_widgets import ImagePromptPipeline
+
+    # a second pipeline over the same components: its ControlNets and estimator are not loaded yet
+    pipe = ImagePromptPipeline(tiny_pipe.sd, tiny_pipe.image_encoder, tiny_pipe.image_processor, preset=tiny_pipe.preset)
+    said: list[str] = []
+    pipe.load_structure(GenerationSettings(structure="depth", control_units=[{"kind": "edges"}]), said.append)
+    assert [message for message in said if message.startswith("Loading")] == [
+        "Loading the ControlNet 'tiny-depth' onto cpu…", "Loading the depth estimator 'tiny' onto cpu…",
+        "Loading the ControlNet 'tiny' onto cpu…"]
+    said.clear()
+    pipe.load_structure(GenerationSettings(structure="edges", control_units=[{"kind": "depth"}]), said.append)
+    assert said == []  # each loads once
+
+
 def test_load_controlnet_tells_the_kind_from_the_name_or_asks(tiny_pipe):
     assert tiny_pipe.load_controlnet("tiny-depth") is tiny_pipe.load_controlnet(kind="depth")
     with pytest.raises(SettingsError) as caught:
