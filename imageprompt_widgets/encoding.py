@@ -90,9 +90,9 @@ def encode_images(
 
 
 def zero_image_hidden_states(image_encoder: Any, pixel_values: torch.Tensor) -> torch.Tensor:
-    """The penultimate hidden states of an all-zero picture shaped like ``pixel_values`` ``[N, 3, H, W]``:
-    diffusers' unconditional input for IP-Adapter Plus (``encode_image`` runs the encoder on
-    ``torch.zeros_like(image)``)."""
+    """The penultimate hidden states of an all-zero input shaped like ``pixel_values`` ``[N, 3, H, W]`` (zero after
+    normalisation: CLIP's mean colour): diffusers' unconditional input for IP-Adapter Plus (``encode_image`` runs
+    the encoder on ``torch.zeros_like(image)``)."""
     with torch.inference_mode():
         zeros = torch.zeros_like(pixel_values)
         return image_encoder(zeros, output_hidden_states=True).hidden_states[-2]

@@ -87,17 +87,17 @@ def test_plus_adapters_equal_bare_diffusers(preset, image):
     assert np.abs(pixels(without.images) - pixels(res.images)).mean() > 2  # the adapter reaches the UNet
 
 
-def test_plus_reads_the_penultimate_hidden_states_and_a_black_picture_as_negative(plus_pipe, image):
+def test_plus_reads_the_penultimate_hidden_states_and_an_all_zero_input_as_negative(plus_pipe, image):
     encoder, processor = plus_pipe.image_encoder, plus_pipe.image_processor
     pixel_values = processor(images=image, return_tensors="pt")["pixel_values"]
     with torch.no_grad():
         states = encoder(pixel_values, output_hidden_states=True).hidden_states
-        black = encoder(torch.zeros_like(pixel_values), output_hidden_states=True).hidden_states[-2]
+        zeros = encoder(torch.zeros_like(pixel_values), output_hidden_states=True).hidden_states[-2]
     res = plus_pipe.generate(image, prompt="a cat", **FAST)
     fed = res.trace.extras["ip_adapter_image_embeds"]
     assert fed.shape == (2, 1, 65, 32)  # [negative + positive, images, CLS + 8x8 patches, width]
     assert torch.equal(fed[1, 0], states[-2][0]) and not torch.equal(fed[1, 0], states[-1][0])
-    assert torch.equal(fed[0, 0], black[0])
+    assert torch.equal(fed[0, 0], zeros[0])  # diffusers: encode_image on zeros_like(pixel_values)
     assert torch.equal(plus_pipe.encode_image(image).hidden_states, states[-1])  # encode_image is unchanged
 
 
@@ -109,7 +109,7 @@ def test_plus_concat_keeps_each_pictures_tokens_and_needs_pictures(plus_pipe, im
     states = plus_pipe._encode_loaded([image, other_image], ["a", "b"], "center_crop", hidden=True)
     assert fed.shape == (2, 2, 65, 32)
     torch.testing.assert_close(fed[1], states.penultimate_hidden_states * torch.tensor([1.0, 0.5])[:, None, None])
-    assert torch.equal(fed[0, 0], fed[0, 1])  # the black picture's states for each
+    assert torch.equal(fed[0, 0], fed[0, 1])  # the all-zero input's states for each
     embeds = ImageEmbedding.from_embeds(torch.randn(1, 48))
     with pytest.raises(SettingsError, match="IP-Adapter Plus of 'tiny-ip-adapter-plus' reads the image encoder's "
                                             "hidden states: pass pictures"):

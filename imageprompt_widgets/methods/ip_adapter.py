@@ -165,7 +165,8 @@ class AdapterHandle:
         )
 
     def zero_image_hidden_states(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The encoder's penultimate hidden states of a black picture ``[1, T, Dv]``: diffusers' negative for Plus."""
+        """The encoder's penultimate hidden states of an all-zero input ``[1, T, Dv]`` (zero after normalisation:
+        CLIP's mean colour): diffusers' negative for Plus."""
         key = (tuple(pixel_values.shape[1:]), str(pixel_values.device), pixel_values.dtype)
         if key not in self._zero_states:
             self._zero_states[key] = zero_image_hidden_states(self._sd.image_encoder, pixel_values[:1])
@@ -276,7 +277,7 @@ def build(inputs: ConditioningInputs) -> Conditioning:
     Each adapter gets its own images (``inputs.adapter_embeddings``; by default every adapter sees the input
     images), combined with ``combine``/``weights`` (``concat`` keeps them side by side: the adapter's tokens for
     each). A plain adapter reads the projected embedding, a Plus adapter the penultimate hidden states.
-    The adapters' negative is what diffusers uses (zeros for a plain adapter, a black picture's hidden states
+    The adapters' negative is what diffusers uses (zeros for a plain adapter, an all-zero input's hidden states
     for Plus) or the negative images'.
     """
     settings = inputs.settings
