@@ -196,7 +196,7 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
             defaults=(("mode", "ip_adapter"),),
             image_tokens_fit=False,
             note="offline twin of 'ip-adapter-plus': a tiny resampler (16 queries) with random weights",
-            download_size="nothing (built locally, about 4 MB + 0.3 MB)",
+            download_size="nothing (built locally, about 4 MB + 0.8 MB)",
             offline_builder="tiny-ip-adapter",
         ),
         "tiny-ip-adapter-plus-face": Preset(
@@ -208,7 +208,7 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
             defaults=(("mode", "ip_adapter"),),
             image_tokens_fit=False,
             note="offline twin of 'ip-adapter-plus-face': the tiny Plus architecture with other random weights",
-            download_size="nothing (built locally, about 4 MB + 0.3 MB)",
+            download_size="nothing (built locally, about 4 MB + 0.8 MB)",
             offline_builder="tiny-ip-adapter",
         ),
         "tiny-ip-adapter-plus-and-face": Preset(
@@ -220,7 +220,7 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
             defaults=(("mode", "ip_adapter"),),
             image_tokens_fit=False,
             note="offline twin of 'ip-adapter-plus-and-face': both tiny Plus adapters at once",
-            download_size="nothing (built locally, about 4 MB + 0.6 MB)",
+            download_size="nothing (built locally, about 4 MB + 1.7 MB)",
             offline_builder="tiny-ip-adapter",
         ),
         "caption": Preset(
