@@ -170,7 +170,8 @@ def test_controls_are_generated_from_the_settings_specs():
             continue
         group = widget.controls.groups[group_of(spec)]
         control = labelled(group, spec.label)  # in the group its spec (or the registry) names
-        assert control is widget.controls[spec.name] and control.value == spec.default
+        shown = ", ".join(f"{value:g}" for value in spec.default) if spec.kind == "floats" else spec.default
+        assert control is widget.controls[spec.name] and control.value == shown
         if spec.kind in ("int", "float"):
             assert (control.min, control.max) == (spec.min, spec.max)
         assert help_of(control) == spec.help and spec.help  # on the synced trait of 7.7 and of 8
