@@ -63,9 +63,11 @@ def availability(preset: Preset, cache_dir: str | os.PathLike | None = None) -> 
     subfolder = f"{preset.clip_subfolder}/" if preset.clip_subfolder else ""
     if not os.path.isdir(preset.clip_model):
         parts.append((preset.clip_model, None, subfolder, _ENCODER_FILES))
-    if preset.ip_adapter and not os.path.isdir(preset.ip_adapter.split(":")[0]):
-        repo, folder, weight = (preset.ip_adapter.split(":") + ["", ""])[:3]
-        parts.append((repo, None, f"{folder}/" if folder else "", (weight,)))
+    adapters = (preset.ip_adapter,) if isinstance(preset.ip_adapter, str) else tuple(preset.ip_adapter or ())
+    for adapter in adapters:  # "repo:subfolder:weight_name", one per adapter
+        repo, folder, weight = (adapter.split(":") + ["", ""])[:3]
+        if not os.path.isdir(repo):
+            parts.append((repo, None, f"{folder}/" if folder else "", (weight,)))
     if preset.captioner and not os.path.isdir(preset.captioner):
         parts.append((preset.captioner, None, "", ("config.json",)))
     found = [hub_file_cached(repo, prefix + name, revision, cache_dir)
