@@ -118,7 +118,7 @@ class ImagePromptWidget(widgets.VBox):
             upload.observe(lambda change, upload=upload, strip=strip: self._on_upload(change, upload, strip),
                            names="value")
             upload.observe(self._on_upload_error, names="error")
-            strip.on_change = lambda upload=upload, strip=strip: self._count(upload, strip.names)
+            strip.on_change = lambda upload=upload, strip=strip: self._show_upload_count(upload, strip.names)
             strip.on_refused = lambda sentence: self._say(sentence, error=True)
         self.recipe_upload.observe(self._on_recipe_upload, names="value")
         self._mirroring = False
@@ -187,8 +187,8 @@ class ImagePromptWidget(widgets.VBox):
         self.tabs.set_title(1, "Inspector")
         self._follow_structure()
         self._follow_weights()
-        self._count(self.upload, [])
-        self._count(self.negative_upload, [])
+        self._show_upload_count(self.upload, [])
+        self._show_upload_count(self.negative_upload, [])
 
         # Controls on the left; run, status, grid and history on the right, side by side where the notebook
         # is wide enough (both columns may shrink to their minimum, then the right one wraps below).
@@ -253,7 +253,7 @@ class ImagePromptWidget(widgets.VBox):
         except ImageInputError as err:
             self._report(err)
             raise
-        self._count(self.structure_upload, [] if image is None else [caption_of(image)])
+        self._show_upload_count(self.structure_upload, [] if image is None else [caption_of(image)])
         self._update_edge_preview()
 
     def set_negative_images(self, images: Any) -> None:
@@ -612,7 +612,7 @@ class ImagePromptWidget(widgets.VBox):
 
     # -- inputs --------------------------------------------------------------------------------
 
-    def _count(self, upload: widgets.FileUpload, names: list[str]) -> None:
+    def _show_upload_count(self, upload: widgets.FileUpload, names: list[str]) -> None:
         """The upload button's counter shows how many images are in (not how many the last pick had)."""
         self._mirroring = True
         try:
@@ -634,7 +634,7 @@ class ImagePromptWidget(widgets.VBox):
             except ImageInputError as err:
                 problems.append(str(err))
         strip.add(images, names)
-        self._count(upload, strip.names)
+        self._show_upload_count(upload, strip.names)
         if strip is self.inputs:
             self._update_edge_preview()
         added = f"Added {_count(len(images), 'image')}. " if images else ""
@@ -660,9 +660,9 @@ class ImagePromptWidget(widgets.VBox):
         try:
             self.load_recipe(file.content, name=file.name)
         except ValueError:
-            self._count(self.recipe_upload, [])  # load_recipe said why
+            self._show_upload_count(self.recipe_upload, [])  # load_recipe said why
         else:
-            self._count(self.recipe_upload, [file.name])
+            self._show_upload_count(self.recipe_upload, [file.name])
 
     def _use_as_input(self, item: HistoryItem) -> None:
         self.inputs.clear()
@@ -679,10 +679,10 @@ class ImagePromptWidget(widgets.VBox):
             return
         try:
             self.set_structure_image(load_upload(files[0]))
-            self._count(self.structure_upload, [files[0].name])
+            self._show_upload_count(self.structure_upload, [files[0].name])
             self._say(f"Structure image {files[0].name} set; the Structure section uses it.")
         except ImageInputError:
-            self._count(self.structure_upload, [])  # set_structure_image said why
+            self._show_upload_count(self.structure_upload, [])  # set_structure_image said why
 
     def _update_edge_preview(self) -> None:
         """Show the edge map an "edges" run would use: the structure image (else the first input), the
