@@ -31,10 +31,11 @@ from .models import (
     check_encoder_fits,
     check_local_folder,
     diffusers_dtype_kwarg,
+    import_error_sentence,
     translate_load_errors,
 )
 from .presets import Preset, resolve_preset
-from .quiet import quiet_loaders
+from .quiet import one_loader_at_a_time, quiet_loaders
 
 
 @dataclass
@@ -56,8 +57,23 @@ def load_components(
     allow_pickle: bool = False,
     on_status: StatusCallback | None = None,
 ) -> LoadedComponents:
-    """Load a preset's models onto ``device`` in ``dtype`` (see the module docstring for the steps)."""
+    """Load a preset's models onto ``device`` in ``dtype`` (see the module docstring for the steps).
+
+    One load or build runs at a time per process (the libraries' loaders are not thread-safe: quiet.py).
+    """
     preset = resolve_preset(preset)
+    try:
+        with one_loader_at_a_time():
+            return _load_components(preset, device, dtype, safety_checker=safety_checker,
+                                    allow_pickle=allow_pickle, on_status=on_status)
+    except ImportError as err:
+        raise ModelLoadError(import_error_sentence(preset.name, err)) from err
+
+
+def _load_components(
+    preset: Preset, device: torch.device, dtype: torch.dtype, *, safety_checker: bool | None,
+    allow_pickle: bool, on_status: StatusCallback | None,
+) -> LoadedComponents:
     say = on_status or (lambda message: None)
     start = time.perf_counter()
     local = offline.materialize(preset, say)

@@ -204,6 +204,8 @@ def translate_load_errors(name: str, allow_pickle: bool) -> Iterator[None]:
         yield
     except ModelLoadError:
         raise
+    except ImportError as err:  # an optional library the model needs, or a broken install
+        raise ModelLoadError(import_error_sentence(name, err)) from err
     except Exception as err:  # every loader failure becomes one readable sentence
         text = f"{type(err).__name__}: {err}"
         offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
@@ -228,6 +230,13 @@ def translate_load_errors(name: str, allow_pickle: bool) -> Iterator[None]:
             first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             message = f"Model {name!r} could not be loaded: {first_line}"
         raise ModelLoadError(message) from err
+
+
+def import_error_sentence(name: str, err: ImportError) -> str:
+    """A library (or a part of one) that cannot be imported: a broken or too old install, said in one sentence."""
+    first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return (f"Model {name!r} could not be loaded because a library it needs could not be imported ({first_line}): "
+            "install or upgrade it (pip install -U diffusers transformers) and restart the kernel.")
 
 
 def _looks_missing(text: str) -> bool:

@@ -86,6 +86,15 @@ def build_once(final: Path, build: Callable[[Path], Any], marker: str) -> Path:
     """
     if (final / marker).is_file():
         return final
+    from .quiet import quiet_loaders
+
+    with quiet_loaders():  # one builder or loader at a time in this process (see quiet.py)
+        if (final / marker).is_file():  # another thread built it while this one waited
+            return final
+        return _build_atomically(final, build, marker)
+
+
+def _build_atomically(final: Path, build: Callable[[Path], Any], marker: str) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
     try:
