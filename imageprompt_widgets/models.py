@@ -17,14 +17,11 @@ from typing import Any
 
 import torch
 
+from .faults import DamagedModelError, ModelLoadError, damaged_weights, hub_error_sentence  # noqa: F401 - re-exported
 from .offline import OFFLINE_NAMES, cache_key
 from .presets import Preset
 
 StatusCallback = Callable[[str], None]
-
-
-class ModelLoadError(ValueError):
-    """A model that cannot be loaded: unknown, not downloaded while offline, not a model folder."""
 
 
 class EncoderMismatchError(ModelLoadError):
@@ -198,8 +195,14 @@ def check_local_folder(path: str, name: str, marker: str, what: str) -> None:
 
 
 @contextlib.contextmanager
-def translate_load_errors(name: str, allow_pickle: bool) -> Iterator[None]:
-    """One sentence per failure instead of a page of Hub tracebacks."""
+def translate_load_errors(name: str, allow_pickle: bool, folder: str | None = None) -> Iterator[None]:
+    """One sentence per failure instead of a page of Hub tracebacks.
+
+    In order: a damaged or missing weights file (:class:`DamagedModelError`, naming the file; ``folder``, the
+    local folder being loaded, is searched where the library does not say which file), the Hub's typed errors
+    found in the exception chain (gated, private, not found, offline, HTTP status, no network), and only then
+    the message text.
+    """
     try:
         yield
     except ModelLoadError:
@@ -207,29 +210,36 @@ def translate_load_errors(name: str, allow_pickle: bool) -> Iterator[None]:
     except ImportError as err:  # an optional library the model needs, or a broken install
         raise ModelLoadError(import_error_sentence(name, err)) from err
     except Exception as err:  # every loader failure becomes one readable sentence
-        text = f"{type(err).__name__}: {err}"
-        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-        if "safetensors" in text.lower() and not allow_pickle:
-            message = (
-                f"Model {name!r} has no safetensors weights; pickle (.bin) weights can run code when loaded, "
-                "so they are refused unless you pass allow_pickle=True for a model you trust."
-            )
-        elif offline and _looks_missing(text):
-            message = (
-                f"Model {name!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids "
-                f"downloading it: run once with network access (or `hf download {name}`) and try again."
-            )
-        elif "RepositoryNotFound" in text or "is not a valid model identifier" in text or "404" in text:
-            message = f"Model {name!r} was not found on the Hugging Face Hub: check the name, or log in if it is gated."
-        elif any(word in text for word in ("Connection", "resolve", "Max retries", "Network", "offline")):
-            message = (
-                f"Model {name!r} could not be downloaded (no network?): connect once to fetch it, or use "
-                "model='tiny' to try the tool offline."
-            )
-        else:
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            message = f"Model {name!r} could not be loaded: {first_line}"
+        damaged = damaged_weights(err, name, allow_pickle, folder)
+        if damaged is not None:
+            raise damaged from err
+        message = hub_error_sentence(err, name, allow_pickle) or _sentence_from_text(err, name, allow_pickle)
         raise ModelLoadError(message) from err
+
+
+def _sentence_from_text(err: Exception, name: str, allow_pickle: bool) -> str:
+    """The last resort: classify by the message text (libraries that raise no typed error)."""
+    text = f"{type(err).__name__}: {err}"
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    if "safetensors" in text.lower() and not allow_pickle:
+        return (
+            f"Model {name!r} has no safetensors weights; pickle (.bin) weights can run code when loaded, "
+            "so they are refused unless you pass allow_pickle=True for a model you trust."
+        )
+    if offline and _looks_missing(text):
+        return (
+            f"Model {name!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids "
+            f"downloading it: run once with network access (or `hf download {name}`) and try again."
+        )
+    if "RepositoryNotFound" in text or "is not a valid model identifier" in text or "404" in text:
+        return f"Model {name!r} was not found on the Hugging Face Hub: check the name, or log in if it is gated."
+    if any(word in text for word in ("Connection", "resolve", "Max retries", "Network", "offline")):
+        return (
+            f"Model {name!r} could not be downloaded (no network?): connect once to fetch it, or use "
+            "model='tiny' to try the tool offline."
+        )
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return f"Model {name!r} could not be loaded: {first_line}"
 
 
 def import_error_sentence(name: str, err: ImportError) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -102,12 +103,48 @@ def _build_atomically(final: Path, build: Callable[[Path], Any], marker: str) ->
         try:
             os.rename(tmp, final)
         except OSError:
-            # Another process finished first; its copy is identical (same seed), keep it.
-            if not (final / marker).is_file():
+            if (final / marker).is_file():
+                pass  # another process finished first; its copy is identical (same seed), keep it
+            elif final.exists():  # a damaged build that lost its marker: replace it
+                discard_build(final)
+                os.rename(tmp, final)
+            else:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def discard_build(folder: Path) -> None:
+    """Move a damaged build aside (one rename, so no reader meets it half-deleted) and delete it: the next
+    use builds it again."""
+    aside = folder.with_name(f".{folder.name}-damaged-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        os.rename(folder, aside)
+    except FileNotFoundError:
+        return  # another thread or process discarded it first
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def builds_of(local: Any, damaged_path: str | None = None) -> list[Path]:
+    """The build folders (directly under :func:`cache_dir`) that a materialized preset's models lie in; only
+    the one holding ``damaged_path`` where that is given and lies in the cache. Hub ids and folders elsewhere
+    are not ours to rebuild."""
+    import dataclasses
+
+    root = cache_dir().resolve()
+    values = [damaged_path] if damaged_path else [v for v in dataclasses.asdict(local).values() if isinstance(v, str)]
+    folders = set()
+    for value in values:
+        try:
+            relative = Path(value.split("::")[0]).resolve().relative_to(root)  # ip_adapter is "folder::weights"
+        except (ValueError, OSError):
+            continue
+        if relative.parts:
+            folders.add(root / relative.parts[0])
+    if damaged_path and not folders:
+        return builds_of(local)  # the file named lies outside the cache (a temp copy?): rebuild them all
+    return sorted(folders)
 
 
 def sd14_scheduler() -> Any:
