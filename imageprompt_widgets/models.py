@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .faults import DamagedModelError, ModelLoadError, damaged_weights, hub_error_sentence  # noqa: F401 - re-exported
+from .model_configs import check_folder_configs
 from .offline import OFFLINE_NAMES, cache_key
 from .presets import Preset
 
@@ -187,8 +188,12 @@ def diffusers_dtype_kwarg() -> str:
 
 
 def check_local_folder(path: str, name: str, marker: str, what: str) -> None:
+    """A local folder must be a model of the kind asked for, and its configs must not ask for absurd sizes
+    (model_configs.py) before any loader builds what they say."""
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, marker)):
         raise ModelLoadError(f"The folder {name!r} is not {what}: it has no {marker}.")
+    if os.path.isdir(path):
+        check_folder_configs(path, name)
     looks_like_path = path.startswith((".", "/", "~")) or path.count("/") > 1
     if looks_like_path and not os.path.isdir(path):
         raise ModelLoadError(f"The model folder {name!r} does not exist.")

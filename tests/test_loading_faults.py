@@ -164,3 +164,190 @@ def test_a_damaged_offline_cache_is_rebuilt_once_and_loads(private_cache, preset
     assert rebuilt.keys() == good.keys() and all(torch.equal(rebuilt[k], good[k]) for k in good)
     assert all(torch.equal(old, new) for old, new in zip(before, again.sd.unet.parameters()))
     assert not [p.name for p in private_cache.iterdir() if p.name.startswith(".")]  # no leftovers
+
+
+# -- 3. what a local model folder's configs may ask for ------------------------------------------------
+
+HOSTILE_CONFIGS = {
+    # (file under the copy, keys to change, what the sentence must name)
+    "scheduler-timesteps": ("sd/scheduler/scheduler_config.json", {"num_train_timesteps": 1_000_000_000},
+                            "num_train_timesteps=1000000000"),
+    "vision-tokens": ("clip/config.json", {"vision_config": {"image_size": 2048, "patch_size": 1}},
+                      "image_size=2048 with patch_size=1"),
+    "unet-channels": ("sd/unet/config.json", {"block_out_channels": [32, 1_000_000]}, "block_out_channels=1000000"),
+    "unet-sample-size": ("sd/unet/config.json", {"sample_size": 100_000}, "sample_size=100000"),
+    "vae-layers": ("sd/vae/config.json", {"layers_per_block": 100_000}, "layers_per_block=100000"),
+    "text-vocab": ("sd/text_encoder/config.json", {"vocab_size": 10**12}, "vocab_size=1000000000000"),
+    "text-positions": ("sd/text_encoder/config.json", {"max_position_embeddings": 10**9},
+                       "max_position_embeddings=1000000000"),
+    "text-layers": ("clip/config.json", {"text_config": {"num_hidden_layers": 100_000}}, "num_hidden_layers=100000"),
+    "tokenizer-length": ("sd/tokenizer/tokenizer_config.json", {"model_max_length": 10**9},
+                         "model_max_length=1000000000"),
+    "processor-size": ("clip/preprocessor_config.json", {"crop_size": {"height": 10**6, "width": 10**6}},
+                       "crop_size=1000000"),
+    "infinite-width": ("sd/unet/config.json", {"cross_attention_dim": float("inf")}, "cross_attention_dim=inf"),
+}
+
+
+def _hostile_copy(root, case: str):
+    import json
+
+    sd_folder, clip_folder = ensure_tiny_models()
+    for source, part in ((sd_folder, "sd"), (clip_folder, "clip")):
+        if not (root / part).exists():
+            shutil.copytree(source, root / part)
+    relative, changes, _ = HOSTILE_CONFIGS[case]
+    path = root / relative
+    config = json.loads(path.read_text())
+    for key, value in changes.items():
+        if isinstance(value, dict):
+            config[key] = {**config.get(key, {}), **value}
+        else:
+            config[key] = value
+    path.write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_CONFIGS))
+def test_a_hostile_config_in_a_local_folder_is_refused_naming_the_file_and_the_value(tmp_path, case):
+    path = _hostile_copy(tmp_path, case)
+    with pytest.raises(ModelLoadError) as err:
+        ImagePromptPipeline.from_pretrained(sd_model=str(tmp_path / "sd"), clip_model=str(tmp_path / "clip"))
+    text = one_sentence(err.value)
+    assert str(path) in text and HOSTILE_CONFIGS[case][2] in text, text
+
+
+def test_hostile_configs_are_refused_before_anything_big_is_allocated(tmp_path):
+    """Before, ``num_train_timesteps: 1e8`` took 48 s and 2.8 GB (1e9: over 8 GB), and a 2048 px vision tower with
+    1 px patches 17 s and 750 MB, before any check. A fresh process measures its own peak memory around the loads."""
+    cases = ["scheduler-timesteps", "vision-tokens", "unet-channels", "text-vocab"]
+    folders = []
+    for case in cases:
+        _hostile_copy(tmp_path / case, case)
+        folders.append(str(tmp_path / case))
+    code = f"""
+        import resource, time
+        from imageprompt_widgets import ImagePromptPipeline, ModelLoadError
+        ImagePromptPipeline.from_preset("tiny")  # imports and allocator warmed up, as in a session
+        for folder in {folders!r}:
+            before, start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter()
+            try:
+                ImagePromptPipeline.from_pretrained(sd_model=folder + "/sd", clip_model=folder + "/clip")
+            except ModelLoadError:
+                pass
+            grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+            print(f"{{grown // 1024}} {{time.perf_counter() - start:.3f}}")
+    """
+    done = run_python(code, dict(os.environ))
+    assert done.returncode == 0, done.stderr[-3000:]
+    for case, line in zip(cases, done.stdout.split("\n")):
+        grown_mib, seconds = line.split()
+        assert int(grown_mib) < 64, f"{case}: the peak RSS grew {grown_mib} MiB"  # measured: 0-7 MiB
+        assert float(seconds) < 5, f"{case}: {seconds} s to refuse"  # generous: the loads took 17-48 s before
+
+
+BROKEN_CONFIG_FILES = {
+    "deeply-nested": (lambda: "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    "huge": (lambda: '{"pad": "' + "x" * (5 * 2**20) + '"}', "far larger than any real one"),
+    "not-json": (lambda: "{'this': is not json", "is not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_CONFIG_FILES))
+def test_a_config_file_that_cannot_be_read_safely_is_refused_naming_it(tmp_path, case):
+    _hostile_copy(tmp_path, "unet-channels")  # any copy; its UNet config is replaced below
+    path = tmp_path / "sd" / "unet" / "config.json"
+    make, says = BROKEN_CONFIG_FILES[case]
+    path.write_text(make())
+    with pytest.raises(ModelLoadError) as err:
+        ImagePromptPipeline.from_pretrained(sd_model=str(tmp_path / "sd"), clip_model=str(tmp_path / "clip"))
+    text = one_sentence(err.value)
+    assert str(path) in text and says in text, text
+
+
+REAL_CONFIGS = {
+    # The real files' values (SD 1.x comes from benchmarks/realsize.py below): SDXL base, SD 2.1, OpenCLIP ViT-H and
+    # ViT-bigG (SDXL's second text encoder, IP-Adapter's encoders), BLIP large.
+    "sdxl-unet": ("unet/config.json", {
+        "_class_name": "UNet2DConditionModel", "sample_size": 128, "in_channels": 4, "out_channels": 4,
+        "block_out_channels": [320, 640, 1280], "layers_per_block": 2, "cross_attention_dim": 2048,
+        "attention_head_dim": [5, 10, 20], "transformer_layers_per_block": [1, 2, 10], "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2816, "norm_num_groups": 32}),
+    "sdxl-vae": ("vae/config.json", {
+        "_class_name": "AutoencoderKL", "sample_size": 1024, "block_out_channels": [128, 256, 512, 512],
+        "layers_per_block": 2, "latent_channels": 4, "in_channels": 3, "out_channels": 3, "norm_num_groups": 32}),
+    "sdxl-scheduler": ("scheduler/scheduler_config.json", {
+        "_class_name": "EulerDiscreteScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085}),
+    "sd21-unet": ("unet/config.json", {
+        "_class_name": "UNet2DConditionModel", "sample_size": 96, "block_out_channels": [320, 640, 1280, 1280],
+        "cross_attention_dim": 1024, "attention_head_dim": [5, 10, 20, 20], "use_linear_projection": True}),
+    "vit-h": ("config.json", {
+        "architectures": ["CLIPModel"], "projection_dim": 1024,
+        "text_config": {"hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16,
+                        "num_hidden_layers": 24, "vocab_size": 49408, "max_position_embeddings": 77},
+        "vision_config": {"hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 16,
+                          "num_hidden_layers": 32, "image_size": 224, "patch_size": 14}}),
+    "vit-bigg": ("config.json", {
+        "architectures": ["CLIPModel"], "projection_dim": 1280,
+        "text_config": {"hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 20,
+                        "num_hidden_layers": 32, "vocab_size": 49408, "max_position_embeddings": 77},
+        "vision_config": {"hidden_size": 1664, "intermediate_size": 8192, "num_attention_heads": 16,
+                          "num_hidden_layers": 48, "image_size": 224, "patch_size": 14}}),
+    "vit-l-336": ("config.json", {"vision_config": {"hidden_size": 1024, "num_hidden_layers": 24, "image_size": 336,
+                                                    "patch_size": 14, "intermediate_size": 4096}}),
+    "blip-large": ("config.json", {
+        "text_config": {"vocab_size": 30524, "hidden_size": 768, "max_position_embeddings": 512, "num_hidden_layers": 12},
+        "vision_config": {"hidden_size": 1024, "num_hidden_layers": 24, "image_size": 384, "patch_size": 16}}),
+    "sd-tokenizer": ("tokenizer/tokenizer_config.json", {"model_max_length": 77}),
+    "clip-processor": ("preprocessor_config.json", {"crop_size": {"height": 224, "width": 224},
+                                                    "size": {"shortest_edge": 224}}),
+}
+
+
+@pytest.mark.parametrize("model", sorted(REAL_CONFIGS))
+def test_real_model_configs_pass_the_bounds(tmp_path, model):
+    import json
+
+    from imageprompt_widgets.model_configs import check_folder_configs
+
+    relative, config = REAL_CONFIGS[model]
+    (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / relative).write_text(json.dumps(config))
+    check_folder_configs(str(tmp_path), model)
+
+
+def test_the_real_size_benchmark_architectures_pass_the_bounds(tmp_path):
+    """benchmarks/realsize.py's SD 1.4 and CLIP ViT-L/14, their configs written as from_pretrained would read them
+    (models built on the meta device: no weights)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    try:
+        from benchmarks import realsize
+    finally:
+        sys.path.pop(0)
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    from imageprompt_widgets.model_configs import check_folder_configs
+    from imageprompt_widgets.offline import sd14_scheduler
+
+    with init_empty_weights():
+        UNet2DConditionModel(**realsize.UNET_CONFIG).save_config(tmp_path / "sd" / "unet")
+        AutoencoderKL(**realsize.VAE_CONFIG).save_config(tmp_path / "sd" / "vae")
+    sd14_scheduler().save_config(tmp_path / "sd" / "scheduler")
+    CLIPConfig(text_config=realsize.TEXT_CONFIG, vision_config=realsize.VISION_CONFIG,
+               projection_dim=768).save_pretrained(tmp_path / "clip")
+    CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(
+        tmp_path / "clip")
+    check_folder_configs(str(tmp_path / "sd"), "realsize sd")
+    check_folder_configs(str(tmp_path / "clip"), "realsize clip")
+    assert json_values(tmp_path / "sd" / "unet" / "config.json")["block_out_channels"] == [320, 640, 1280, 1280]
+
+
+def json_values(path) -> dict:
+    import json
+
+    return json.loads(path.read_text())
