@@ -13,6 +13,7 @@ import errno
 import os
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 #: Weights in pickle formats (they can run code when loaded, so they are refused unless allowed).
@@ -220,21 +221,36 @@ def safetensors_file_is_whole(path: str | os.PathLike) -> bool:
 # -- filesystem faults -------------------------------------------------------------------------------
 
 
-def filesystem_fault(err: BaseException, path: str | os.PathLike) -> str | None:
-    """What went wrong writing under ``path``, as a clause ("the disk is full", "... is a file, not a folder"),
-    for the faults a user can fix; ``None`` for anything else."""
+@dataclass(frozen=True)
+class FilesystemFault:
+    """A filesystem fault a user can fix: what went wrong, and the first thing to try (may be empty)."""
+
+    what: str  # "the disk holding /x is full", "/x/notes.txt is a file, not a folder"
+    remedy: str  # "free some space", "remove it", ""
+    disk_full: bool = False
+
+    def sentence(self, doing: str, alternative: str) -> str:
+        """``"{doing}: {what}; {remedy}, or {alternative}."`` (the remedy left out where there is none)."""
+        first = f"{self.remedy}, or " if self.remedy else ""
+        return f"{doing}: {self.what}; {first}{alternative}."
+
+
+def filesystem_fault(err: BaseException, path: str | os.PathLike) -> FilesystemFault | None:
+    """The fault behind ``err`` while writing under ``path``, for the ones a user can fix (a full disk, no
+    permission, a read-only file system, a file where a folder should be); ``None`` for anything else."""
     code = _errno(err)
     if code in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-        return f"the disk holding {path} is full"
+        return FilesystemFault(f"the disk holding {path} is full", "free some space", disk_full=True)
     if code in (errno.EACCES, errno.EPERM):
-        return f"{path} cannot be written (permission denied)"
+        return FilesystemFault(f"{path} cannot be written (permission denied)", "")
     if code == errno.EROFS:
-        return f"{path} is on a read-only file system"
+        return FilesystemFault(f"{path} is on a read-only file system", "")
     if code in (errno.EEXIST, errno.ENOTDIR) or isinstance(err, (FileExistsError, NotADirectoryError)):
         blocker = _file_in_the_way(Path(path))
-        return f"{blocker} is a file, not a folder" if blocker else f"{path} cannot be created ({_first_line(err)})"
+        if blocker is not None:
+            return FilesystemFault(f"{blocker} is a file, not a folder", "remove it")
     if code == errno.ENAMETOOLONG:
-        return f"a file name under {path} is too long"
+        return FilesystemFault(f"a file name under {path} is too long", "")
     return None
 
 
@@ -242,9 +258,9 @@ def _errno(err: BaseException) -> int | None:
     for cause in exception_chain(err):
         if isinstance(cause, OSError) and cause.errno is not None:
             return cause.errno
-        found = re.search(r"\(os error (\d+)\)", str(cause))  # safetensors' Rust I/O errors
+        found = re.search(r"os error (\d+)|Os \{ code: (\d+)", str(cause))  # safetensors' Rust I/O errors
         if found:
-            return int(found.group(1))
+            return int(found.group(1) or found.group(2))
     return None
 
 

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .faults import ModelLoadError, filesystem_fault
+
 #: Bump when the tiny configs change, so stale caches are rebuilt rather than reused.
 TINY_VERSION = "v1"
 TINY_SEED = 0
@@ -92,7 +94,15 @@ def build_once(final: Path, build: Callable[[Path], Any], marker: str) -> Path:
     with quiet_loaders():  # one builder or loader at a time in this process (see quiet.py)
         if (final / marker).is_file():  # another thread built it while this one waited
             return final
-        return _build_atomically(final, build, marker)
+        try:
+            return _build_atomically(final, build, marker)
+        except Exception as err:  # a full disk, a read-only folder, a file in the way: say which, and what to do
+            fault = filesystem_fault(err, final.parent)
+            if fault is None:
+                raise
+            room = "a folder on a disk with room" if fault.disk_full else "a folder you can write to"
+            raise ModelLoadError(fault.sentence(f"The offline models could not be built in {final.parent}",
+                                                f"set {CACHE_ENV} to {room}")) from err
 
 
 def _build_atomically(final: Path, build: Callable[[Path], Any], marker: str) -> Path:

@@ -4,6 +4,7 @@ and the Hub's typed errors. Each fault ends in one sentence (a ``ModelLoadError`
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import subprocess
@@ -351,3 +352,74 @@ def json_values(path) -> dict:
     import json
 
     return json.loads(path.read_text())
+
+
+# -- 4. filesystem faults while building the offline models ------------------------------------------------
+
+IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+ENOSPC_SAFETENSORS = 'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+
+
+def _disk_full(kind: str):
+    def write(*args, **kwargs):
+        if kind == "safetensors":
+            from safetensors import SafetensorError
+
+            raise SafetensorError(ENOSPC_SAFETENSORS)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    return write
+
+
+@pytest.mark.parametrize("kind", ["oserror", "safetensors"])
+def test_a_full_disk_while_building_offline_models_is_one_sentence(private_cache, monkeypatch, kind):
+    from imageprompt_widgets import offline
+
+    monkeypatch.setattr(offline, "save_sd_pipeline", _disk_full(kind))  # the build's first big write
+    with pytest.raises(ModelLoadError) as err:
+        load_components("tiny", torch.device("cpu"), torch.float32)
+    text = one_sentence(err.value)
+    assert text == (f"The offline models could not be built in {private_cache}: the disk holding {private_cache} is "
+                    "full; free some space, or set IMAGEPROMPT_CACHE_DIR to a folder on a disk with room.")
+    assert not list(private_cache.iterdir())  # the half-built temp folder is gone
+
+
+def test_a_read_only_cache_folder_is_one_sentence_simulated(private_cache, monkeypatch):
+    """As root (CI containers) permissions are not enforced, so the refusal is simulated where it happens."""
+    import tempfile
+
+    def refused(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(private_cache))
+
+    private_cache.mkdir()
+    monkeypatch.setattr(tempfile, "mkdtemp", refused)
+    with pytest.raises(ModelLoadError) as err:
+        load_components("tiny", torch.device("cpu"), torch.float32)
+    assert one_sentence(err.value) == (
+        f"The offline models could not be built in {private_cache}: {private_cache} cannot be written (permission "
+        "denied); set IMAGEPROMPT_CACHE_DIR to a folder you can write to.")
+
+
+@pytest.mark.skipif(IS_ROOT, reason="root ignores file permissions")
+def test_a_read_only_cache_folder_is_one_sentence(private_cache):
+    private_cache.mkdir()
+    private_cache.chmod(0o555)
+    try:
+        with pytest.raises(ModelLoadError) as err:
+            load_components("tiny", torch.device("cpu"), torch.float32)
+    finally:
+        private_cache.chmod(0o755)
+    assert f"{private_cache} cannot be written (permission denied)" in one_sentence(err.value)
+
+
+@pytest.mark.parametrize("where", ["the-cache-folder", "a-parent-folder"])
+def test_a_cache_path_that_is_a_file_is_one_sentence(tmp_path, monkeypatch, where):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("not a folder")
+    cache = blocker if where == "the-cache-folder" else blocker / "cache"
+    monkeypatch.setenv("IMAGEPROMPT_CACHE_DIR", str(cache))
+    with pytest.raises(ModelLoadError) as err:
+        load_components("tiny", torch.device("cpu"), torch.float32)
+    assert one_sentence(err.value) == (
+        f"The offline models could not be built in {cache}: {blocker} is a file, not a folder; remove it, or set "
+        "IMAGEPROMPT_CACHE_DIR to a folder you can write to.")
