@@ -8,6 +8,7 @@ weights take. Random weights produce noise; that is expected and honest.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -88,6 +89,7 @@ def build_once(final: Path, build: Callable[[Path], Any], marker: str) -> Path:
     ``marker`` is a file the finished build has; when it exists the build is not repeated.
     """
     if (final / marker).is_file():
+        _open_up_private_build(final)
         return final
     from .quiet import quiet_loaders
 
@@ -110,6 +112,7 @@ def _build_atomically(final: Path, build: Callable[[Path], Any], marker: str) ->
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
     try:
         build(tmp)
+        share_as_umask_allows(tmp)  # mkdtemp made it 0700: a class's shared cache must be readable by the class
         try:
             os.rename(tmp, final)
         except OSError:
@@ -123,6 +126,40 @@ def _build_atomically(final: Path, build: Callable[[Path], Any], marker: str) ->
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system says it (Linux), else by setting and
+    restoring it."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def share_as_umask_allows(folder: Path) -> None:
+    """Give a build the modes a plain ``mkdir``/``open`` would have given it (0755 folders and 0644 files under
+    the usual umask 022; private under umask 077)."""
+    umask = current_umask()
+    for path in [folder, *folder.rglob("*")]:
+        with contextlib.suppress(OSError):  # not ours (a shared cache): leave it
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def _open_up_private_build(final: Path) -> None:
+    """A build from before :func:`share_as_umask_allows` is 0700 at its top: open it up (one stat when it is not)."""
+    if not hasattr(os, "geteuid"):  # Windows: no POSIX modes to open up
+        return
+    with contextlib.suppress(OSError):
+        info = final.stat()
+        if info.st_mode & 0o777 == 0o700 and info.st_uid == os.geteuid():
+            final.chmod(0o777 & ~current_umask())
 
 
 def discard_build(folder: Path) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import threading
 from collections.abc import Iterator
 
@@ -104,3 +105,48 @@ def import_library_classes() -> None:
                 except (AttributeError, RuntimeError) as err:  # lazy modules wrap import failures in these
                     raise ImportError(f"cannot import name {name!r} from {library!r} ({err})") from err
         _imported.append(True)
+
+
+# -- a prompt longer than the text encoder reads ------------------------------------------------------------
+
+#: Where diffusers and transformers say that a prompt was cut (with the whole cut-off tail: 100 KB for a
+#: 100,000-character prompt), and how those messages start.
+_TRUNCATION_LOGGERS = ("diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion",
+                       "transformers.tokenization_utils_base")
+_TRUNCATION_MESSAGES = ("The following part of your input was truncated",
+                        "Token indices sequence length is longer than the specified maximum")
+_noting = threading.local()
+
+
+class _PromptTruncationFilter(logging.Filter):
+    """Drops the libraries' truncation warnings inside :func:`noting_prompt_truncation` (in that thread only)
+    and records that they happened; every other record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        notes = getattr(_noting, "notes", None)
+        if notes is None or not str(record.msg).startswith(_TRUNCATION_MESSAGES):
+            return True
+        notes.append(record.name)
+        return False
+
+
+_TRUNCATION_FILTER = _PromptTruncationFilter()
+
+
+@contextlib.contextmanager
+def noting_prompt_truncation() -> Iterator[list[str]]:
+    """Yield a list that fills when a prompt encoded inside is cut to the text encoder's length, instead of the
+    libraries printing the cut-off text (the caller says it once, short). Nested uses share the outer list."""
+    for name in _TRUNCATION_LOGGERS:
+        logger = logging.getLogger(name)
+        if _TRUNCATION_FILTER not in logger.filters:
+            logger.addFilter(_TRUNCATION_FILTER)
+    outer = getattr(_noting, "notes", None)
+    if outer is not None:
+        yield outer
+        return
+    _noting.notes = []
+    try:
+        yield _noting.notes
+    finally:
+        _noting.notes = None

@@ -281,3 +281,105 @@ def test_reading_a_recipe_never_decodes_the_pixels(tmp_path, monkeypatch):
 def test_a_saved_result_reads_back(result, tmp_path):
     path = result.save(tmp_path)[0]
     assert recipe_from_png(path) == {**result.recipe, "index": 0}
+
+
+# -- 5. hostile values: upload sizes, numpy settings, too many images, a flood of prompt text -----------------
+
+
+@pytest.mark.parametrize("size", ["big", None, [1, 2], {"n": 1}, float("nan"), -5, 10**30, "12"])
+def test_an_upload_whose_size_is_not_a_number_is_read_as_unknown(size):
+    from imageprompt_widgets.widget.inputs import uploaded_files
+
+    files = uploaded_files([{"name": "a.png", "size": size, "content": b"abc"}])
+    assert [(f.name, f.content) for f in files] == [("a.png", b"abc")]
+    assert files[0].size == (12 if size == "12" else 0)
+
+
+def test_an_upload_with_a_hostile_size_keeps_the_panel_usable(tiny_pipe, image):
+    """The entry's size raised out of the FileUpload observer (ValueError from int("big")): the upload was lost
+    silently and the panel's state was left half-updated."""
+    import io
+
+    import ipywidgets
+
+    from imageprompt_widgets import ImagePromptWidget
+    from imageprompt_widgets.widget import InlineRunner
+
+    widget = ImagePromptWidget(pipeline=tiny_pipe, runner=InlineRunner(), steps=1)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    content = buffer.getvalue()
+    if int(ipywidgets.__version__.split(".")[0]) >= 8:
+        widget.upload.set_state({"value": [{"name": "cat.png", "type": "image/png", "size": "big",
+                                            "content": memoryview(content), "last_modified": 0}]})
+    else:
+        widget.upload.set_state({"metadata": [{"name": "cat.png", "type": "image/png", "size": "big"}],
+                                 "data": [memoryview(content)], "_counter": widget.upload._counter + 1})
+    assert len(widget.inputs.images) == 1  # the picture arrived
+    assert widget.generate().result(120).images  # and the panel generates from it
+    widget.close()
+
+
+@pytest.mark.parametrize("name, value, expected", [
+    ("scale", np.float32(0.5), 0.5), ("guidance_scale", np.float64(3.0), 3.0), ("steps", np.int64(12), 12),
+    ("seed", np.uint32(7), 7), ("steps", np.float32(4.0), 4), ("num_images", np.int8(2), 2),
+    ("weights", np.array([0.25, 0.75], dtype=np.float32), (0.25, 0.75)), ("norm_match", np.bool_(True), True),
+])
+def test_numpy_scalars_are_accepted_as_settings(name, value, expected):
+    from imageprompt_widgets import GenerationSettings
+
+    settings = GenerationSettings.from_kwargs(**{name: value})
+    stored = getattr(settings, name)
+    assert stored == expected and type(stored) is type(expected)  # plain Python numbers: the recipe is JSON
+    assert json.loads(json.dumps(settings.to_dict()))[name] == (list(expected) if isinstance(expected, tuple)
+                                                                   else expected)
+
+
+@pytest.mark.parametrize("name, value, says", [
+    ("scale", np.bool_(True), "must be a number"), ("steps", np.float32(2.5), "whole number"),
+    ("scale", np.array([0.5]), "must be a number"), ("scale", np.array(0.5), "must be a number"),
+    ("steps", np.float64("nan"), "whole number"), ("scale", np.float32("nan"), "NaN"),
+    ("steps", np.int64(10**6), "outside its range"),
+])
+def test_numpy_values_that_are_not_plain_numbers_are_still_refused(name, value, says):
+    from imageprompt_widgets import GenerationSettings
+    from imageprompt_widgets.settings import SettingsError
+
+    with pytest.raises(SettingsError, match=says):
+        GenerationSettings.from_kwargs(**{name: value})
+
+
+def test_too_many_input_images_are_refused_before_any_is_decoded(tiny_pipe, monkeypatch):
+    from imageprompt_widgets import images as images_module
+    from imageprompt_widgets import pipeline as pipeline_module
+    from imageprompt_widgets.images import ImageInputError
+    from imageprompt_widgets.offline import sample_image
+
+    decoded = []
+    monkeypatch.setattr(images_module, "load_image", lambda *a, **k: decoded.append(a) or sample_image(0))
+    limit = pipeline_module.MAX_INPUT_IMAGES
+    with pytest.raises(ImageInputError) as err:
+        tiny_pipe.generate([sample_image(0)] * (limit + 1), steps=1)
+    assert one_sentence(err.value) == (f"{limit + 1} input images are more than the {limit} one run takes: pass "
+                                       f"at most {limit} (each is decoded and encoded at once).")
+    with pytest.raises(ImageInputError, match="negative images"):
+        tiny_pipe.generate(sample_image(0), negative_image=[sample_image(0)] * (limit + 1), steps=1)
+    assert not decoded
+
+
+def test_a_flood_of_prompt_text_is_one_short_note(tiny_pipe, image, capsys, caplog):
+    """A 100,000-character prompt printed diffusers' truncation warning with the whole cut-off tail."""
+    import logging
+
+    caplog.set_level(logging.WARNING)
+    flood = "a red cat " * 10_000
+    result = tiny_pipe.generate(image, mode="blend", prompt=flood, steps=1)
+    out, err = capsys.readouterr()
+    shown = out + err + caplog.text
+    assert len(shown) < 300, shown[:500]
+    assert result.provenance.notes["prompt_truncated"] == (
+        "the prompt is longer than the text encoder's 77 tokens; only its start was used")
+    assert result.recipe["prompt_truncated"] == result.provenance.notes["prompt_truncated"]
+    short = tiny_pipe.generate(image, mode="blend", prompt="a red cat", steps=1)
+    assert "prompt_truncated" not in short.provenance.notes
+    assert torch.equal(tiny_pipe.encode_text(flood), tiny_pipe.encode_text(flood[:1000]))  # the start was used

@@ -423,3 +423,33 @@ def test_a_cache_path_that_is_a_file_is_one_sentence(tmp_path, monkeypatch, wher
     assert one_sentence(err.value) == (
         f"The offline models could not be built in {cache}: {blocker} is a file, not a folder; remove it, or set "
         "IMAGEPROMPT_CACHE_DIR to a folder you can write to.")
+
+
+# -- 5. a class's shared cache is readable by the class ------------------------------------------------------
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_built_offline_models_are_readable_as_the_umask_allows(private_cache, umask):
+    """tempfile.mkdtemp made every build folder 0700, so a teacher's shared cache was unreadable to the class."""
+    saved = os.umask(umask)
+    try:
+        ensure_tiny_models()
+    finally:
+        os.umask(saved)
+    build = private_cache / "tiny-v1"
+    modes = {path.relative_to(private_cache): path.stat().st_mode & 0o777 for path in [build, *build.rglob("*")]}
+    folders = {path for path in modes if (private_cache / path).is_dir()}
+    assert {modes[path] for path in folders} == {0o777 & ~umask}, modes
+    assert {modes[path] for path in modes if path not in folders} == {0o666 & ~umask}, modes
+
+
+def test_a_build_left_private_by_an_older_version_is_opened_up_on_use(private_cache):
+    ensure_tiny_models()
+    build = private_cache / "tiny-v1"
+    build.chmod(0o700)  # what tempfile.mkdtemp left before
+    saved = os.umask(0o022)
+    try:
+        ensure_tiny_models()
+    finally:
+        os.umask(saved)
+    assert build.stat().st_mode & 0o777 == 0o755
