@@ -37,6 +37,7 @@ def run_python(code: str, env: dict[str, str], timeout: float = WAIT) -> subproc
 # -- 1. different presets loading for the first time at once ------------------------------------------
 
 
+@pytest.mark.slow  # a fresh process building four offline presets: about 25 s on a loaded 2-core machine
 def test_four_presets_first_loaded_from_four_threads_in_a_fresh_process_all_load(tmp_path):
     """The libraries' lazy imports and their global meta-device patches raced: two loads in three failed with
     "cannot import name 'StableDiffusionPipeline' from 'diffusers'" or "Cannot copy out of meta tensor"."""
@@ -218,6 +219,7 @@ def test_a_hostile_config_in_a_local_folder_is_refused_naming_the_file_and_the_v
     assert str(path) in text and HOSTILE_CONFIGS[case][2] in text, text
 
 
+@pytest.mark.slow  # a fresh process, so that its peak memory measures these loads alone
 def test_hostile_configs_are_refused_before_anything_big_is_allocated(tmp_path):
     """Before, ``num_train_timesteps: 1e8`` took 48 s and 2.8 GB (1e9: over 8 GB), and a 2048 px vision tower with
     1 px patches 17 s and 750 MB, before any check. A fresh process measures its own peak memory around the loads."""
@@ -453,3 +455,128 @@ def test_a_build_left_private_by_an_older_version_is_opened_up_on_use(private_ca
     finally:
         os.umask(saved)
     assert build.stat().st_mode & 0o777 == 0o755
+
+
+# -- 7. the Hub's typed errors, found in the chain the libraries wrap them in -----------------------------
+
+
+def _http(status: int):
+    """What huggingface_hub's HTTP errors read from a response (no network library needed)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(status_code=status, headers={}, request=None)
+
+
+def _hub_error(kind: str) -> BaseException:
+    from huggingface_hub import errors
+
+    url = "https://huggingface.co/org/model/resolve/main/unet/diffusion_pytorch_model.safetensors"
+    made = {
+        "gated": lambda: errors.GatedRepoError("401 Client Error. Cannot access gated repo", response=_http(401)),
+        "not-found": lambda: errors.RepositoryNotFoundError("404 Client Error. Repository Not Found",
+                                                            response=_http(404)),
+        "private": lambda: errors.RepositoryNotFoundError("401 Client Error. Repository Not Found",
+                                                          response=_http(401)),
+        "disabled": lambda: errors.DisabledRepoError("403 Client Error. This repository is disabled",
+                                                     response=_http(403)),
+        "revision": lambda: errors.RevisionNotFoundError("404 Client Error. Revision Not Found", response=_http(404)),
+        "remote-entry": lambda: errors.RemoteEntryNotFoundError(
+            f"404 Client Error. Entry Not Found for url: {url.replace('.safetensors', '.json')}", response=_http(404)),
+        "remote-safetensors": lambda: errors.RemoteEntryNotFoundError(
+            f"404 Client Error. Entry Not Found for url: {url}", response=_http(404)),
+        "local-entry": lambda: errors.LocalEntryNotFoundError("Cannot find the requested files in the disk cache"),
+        "offline-mode": lambda: errors.OfflineModeIsEnabled("Cannot reach the Hub: offline mode is enabled"),
+        "unauthorized": lambda: errors.HfHubHTTPError("401 Client Error: Unauthorized", response=_http(401)),
+        "rate-limited": lambda: errors.HfHubHTTPError("429 Client Error: Too Many Requests", response=_http(429)),
+        "server-error": lambda: errors.HfHubHTTPError("503 Server Error: Service Unavailable", response=_http(503)),
+        "teapot": lambda: errors.HfHubHTTPError("418 Client Error: I'm a teapot", response=_http(418)),
+        "connection": lambda: ConnectionError("[Errno -3] Temporary failure in name resolution"),
+        "timeout": lambda: TimeoutError("timed out"),
+        "transport": lambda: type("TransportError", (Exception,), {})("the network is unreachable"),
+    }
+    return made[kind]()
+
+
+LOGIN = "log in with `hf auth login` (or set HF_TOKEN)"
+HUB_SENTENCES = {
+    "gated": f"Model 'org/model' is gated: accept its licence on https://huggingface.co/org/model while logged in to "
+             f"the Hub, then {LOGIN} here and try again.",
+    "not-found": f"Model 'org/model' was not found on the Hugging Face Hub: check the name; if it is private, {LOGIN} "
+                 "with an account that can see it.",
+    "disabled": "Model 'org/model' has been disabled on the Hugging Face Hub: pick another model.",
+    "revision": "Model 'org/model' has no such revision (branch, tag or commit) on the Hub: check the revision.",
+    "remote-entry": "Model 'org/model' on the Hub has no file unet/diffusion_pytorch_model.json: check that it is a "
+                    "diffusers (Stable Diffusion) or transformers (CLIP) model.",
+    "remote-safetensors": "Model 'org/model' has no safetensors weights; pickle (.bin) weights can run code when "
+                          "loaded, so they are refused unless you pass allow_pickle=True for a model you trust.",
+    "offline": "Model 'org/model' is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading it: "
+               "run once with network access (or `hf download org/model`) and try again.",
+    "no-network": "Model 'org/model' could not be downloaded (no network?): connect once to fetch it, or use "
+                  "model='tiny' to try the tool offline.",
+    "unauthorized": f"The Hugging Face Hub refused access to model 'org/model' (HTTP 401): {LOGIN}, and accept the "
+                    "model's licence on https://huggingface.co/org/model if it has one.",
+    "rate-limited": "The Hugging Face Hub is limiting downloads of model 'org/model' (HTTP 429, too many requests): "
+                    f"wait a few minutes, or {LOGIN} for a higher limit, and try again.",
+    "server-error": "The Hugging Face Hub failed while serving model 'org/model' (HTTP 503): try again in a few "
+                    "minutes.",
+    "teapot": "Model 'org/model' could not be downloaded from the Hugging Face Hub (HTTP 418): check the name and try "
+              "again.",
+}
+HUB_CASES = {  # error kind -> (HF_HUB_OFFLINE, expected sentence)
+    "gated": ("1", "gated"), "not-found": ("1", "not-found"), "private": ("1", "not-found"),
+    "disabled": ("1", "disabled"), "revision": ("1", "revision"), "remote-entry": ("1", "remote-entry"),
+    "remote-safetensors": ("1", "remote-safetensors"), "local-entry": ("1", "offline"),
+    "offline-mode": ("1", "offline"), "unauthorized": ("1", "unauthorized"), "rate-limited": ("1", "rate-limited"),
+    "server-error": ("1", "server-error"), "teapot": ("1", "teapot"), "connection": ("0", "no-network"),
+    "timeout": ("0", "no-network"), "transport": ("0", "no-network"),
+}
+
+
+@pytest.mark.parametrize("wrapping", ["raise-from", "raised-while-handling", "bare"])
+@pytest.mark.parametrize("kind", sorted(HUB_CASES))
+def test_the_hubs_typed_errors_become_their_sentence(monkeypatch, kind, wrapping):
+    """Loaders wrap the Hub's errors in their own OSError (``raise ... from`` or inside ``except``): the chain
+    is searched, so the sentence no longer depends on message words such as "404" or "Connection"."""
+    from diffusers import StableDiffusionPipeline
+
+    from imageprompt_widgets.loading import load_sd
+    from imageprompt_widgets.presets import Preset
+
+    offline, expected = HUB_CASES[kind]
+    monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+
+    def failing_from_pretrained(*args, **kwargs):
+        cause = _hub_error(kind)
+        if wrapping == "bare":
+            raise cause
+        try:
+            raise cause
+        except type(cause):
+            wrapper = OSError("We couldn't load this model; see the error above.")  # no telling words
+            if wrapping == "raise-from":
+                raise wrapper from cause
+            raise wrapper  # as loaders do inside ``except``: the Hub's error is the __context__
+
+    monkeypatch.setattr(StableDiffusionPipeline, "from_pretrained", failing_from_pretrained)
+    preset = Preset(name="org/model", sd_model="org/model", clip_model="org/encoder")
+    with pytest.raises(ModelLoadError) as err:
+        load_sd("org/model", preset, torch.float32, safety_checker=None, allow_pickle=False)
+    assert one_sentence(err.value) == HUB_SENTENCES[expected]
+
+
+def test_message_words_are_still_read_as_the_last_resort(monkeypatch):
+    from diffusers import StableDiffusionPipeline
+
+    from imageprompt_widgets.loading import load_sd
+    from imageprompt_widgets.presets import Preset
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+
+    def failing_from_pretrained(*args, **kwargs):
+        raise OSError("Max retries exceeded with url: /api/models/org/model")
+
+    monkeypatch.setattr(StableDiffusionPipeline, "from_pretrained", failing_from_pretrained)
+    preset = Preset(name="org/model", sd_model="org/model", clip_model="org/encoder")
+    with pytest.raises(ModelLoadError) as err:
+        load_sd("org/model", preset, torch.float32, safety_checker=None, allow_pickle=False)
+    assert one_sentence(err.value) == HUB_SENTENCES["no-network"]
