@@ -580,3 +580,33 @@ def test_message_words_are_still_read_as_the_last_resort(monkeypatch):
     with pytest.raises(ModelLoadError) as err:
         load_sd("org/model", preset, torch.float32, safety_checker=None, allow_pickle=False)
     assert one_sentence(err.value) == HUB_SENTENCES["no-network"]
+
+
+# -- 8. no noise users cannot act on --------------------------------------------------------------------------
+
+NOISE = ("torchvision", "image processor", "ImageProcessorPil", "Siglip", "truncated")
+
+
+@pytest.mark.slow  # a fresh process building two offline presets: the quickstart's first run
+def test_a_first_generation_prints_no_library_noise_but_keeps_warnings_users_can_act_on(tmp_path):
+    """The quickstart printed transformers' red "requires torchvision (not installed); falling back to ..." lines
+    (three of them) on every first load. They are said once, quietly, while the libraries are imported under the
+    loading lock; the libraries' own warnings stay on outside loading."""
+    code = """
+        from transformers.utils import logging as hf_logging
+        from imageprompt_widgets import generate
+        from imageprompt_widgets.offline import sample_image
+
+        generate(sample_image(0), model="tiny", steps=1)
+        generate(sample_image(0), model="tiny-caption", mode="caption", steps=1)
+        generate(sample_image(0), model="tiny", mode="blend", prompt="a cat " * 200, steps=1)
+        hf_logging.get_logger("transformers.user").warning("a warning the user can act on")
+        print("done")
+    """
+    env = {**os.environ, "IMAGEPROMPT_CACHE_DIR": str(tmp_path / "fresh-cache")}
+    done = run_python(code, env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "done"
+    lines = done.stderr.strip().splitlines()
+    assert lines == ["[transformers] a warning the user can act on"], done.stderr[-3000:]
+    assert not [word for word in NOISE if word in done.stderr]
