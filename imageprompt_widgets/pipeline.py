@@ -25,8 +25,9 @@ from typing import Any
 
 import torch
 
-from . import conditioning
+from . import conditioning, schedule
 from .concurrency import RunLock
+from .downloads import ProgressCallback, watch_downloads
 from .encoding import ClipTextTower, ImageEmbedding, encode_images, fingerprint
 from .images import ImageInputError, load_images
 from .loading import LoadedComponents, load_clip_text_tower, load_components
@@ -125,11 +126,14 @@ class ImagePromptPipeline:
         safety_checker: bool | None = None,
         allow_pickle: bool = False,
         on_status: StatusCallback | None = None,
+        on_progress: ProgressCallback | None = None,
     ) -> ImagePromptPipeline:
         """Load (once per process) the preset's models: ``"sd14"`` (default), ``"sd15"``, ``"tiny"`` or a folder.
 
         ``safety_checker=None`` follows the model; ``False`` switches it off. ``allow_pickle=True``
         permits ``.bin`` weights, which can run code when loaded: only for models you trust.
+        ``on_progress`` gets the Hub's download progress (:mod:`imageprompt_widgets.downloads`); raising
+        ``DownloadCancelled`` from it stops the download.
         """
         preset = resolve_preset(preset)
         dev, dt = resolve_device_dtype(device, dtype)
@@ -144,7 +148,8 @@ class ImagePromptPipeline:
             )
             return cls.from_components(loaded, allow_pickle=allow_pickle)
 
-        return MODEL_CACHE.get_or_create(key, load)
+        with watch_downloads(on_progress):
+            return MODEL_CACHE.get_or_create(key, load)
 
     @classmethod
     def from_components(cls, loaded: LoadedComponents, *, allow_pickle: bool = False) -> ImagePromptPipeline:
@@ -618,13 +623,8 @@ def planned_steps(scheduler: Any, settings: GenerationSettings) -> int:
     The scheduler's own count for ``steps`` (PNDM, SD's default, runs one more: its warm-up step), on a
     fresh copy so the shared scheduler is untouched; img2img runs the last ``int(steps * strength)`` of them.
     """
-    fresh = type(scheduler).from_config(scheduler.config)
-    fresh.set_timesteps(settings.steps)
-    total = len(fresh.timesteps)
-    if settings.structure == "img2img":
-        skipped = settings.steps - min(int(settings.steps * settings.strength), settings.steps)
-        total -= skipped * getattr(fresh, "order", 1)
-    return total
+    plan = schedule.planned_steps(scheduler, settings.steps, structure=settings.structure, strength=settings.strength)
+    return plan.total  # the one count; the controller shows its reason (PNDM's warm-up, img2img) in Started
 
 
 def generate(images: Any, *, model: str | Preset | None = None, **settings: Any) -> GenerationResult:
