@@ -59,6 +59,47 @@ def _offline_mode() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def load_error(err: Exception, name: str, allow_pickle: bool, folder: str | None = None) -> ModelLoadError:
+    """The one-sentence :class:`ModelLoadError` for a loader's failure, in order: a library that cannot be
+    imported, a damaged or missing file (:class:`DamagedModelError`, naming it; ``folder`` is searched where the
+    library does not say which file), the Hub's typed errors in the chain, and only then the message text."""
+    if isinstance(err, ImportError):
+        return ModelLoadError(import_error_sentence(name, err))
+    damaged = damaged_weights(err, name, allow_pickle, folder)
+    if damaged is not None:
+        return damaged
+    return ModelLoadError(hub_error_sentence(err, name, allow_pickle) or _sentence_from_text(err, name, allow_pickle))
+
+
+def import_error_sentence(name: str, err: ImportError) -> str:
+    """A library (or a part of one) that cannot be imported: a broken or too old install, said in one sentence."""
+    return (f"Model {name!r} could not be loaded because a library it needs could not be imported "
+            f"({_first_line(err)}): install or upgrade it (pip install -U diffusers transformers) and restart "
+            "the kernel.")
+
+
+def _sentence_from_text(err: Exception, name: str, allow_pickle: bool) -> str:
+    """The last resort: classify by the message text (for failures that carry no typed error)."""
+    text = f"{type(err).__name__}: {err}"
+    if "safetensors" in text.lower() and not allow_pickle:
+        return _pickle_only_sentence(name)
+    if _offline_mode() and _looks_missing(text):
+        return _missing_locally_sentence(name)
+    if "RepositoryNotFound" in text or "is not a valid model identifier" in text or "404" in text:
+        return (f"Model {name!r} was not found on the Hugging Face Hub: check the name; if it is private or gated, "
+                f"{LOGIN_HINT}.")
+    if any(word in text for word in ("Connection", "resolve", "Max retries", "Network", "offline")):
+        return _no_network_sentence(name)
+    return f"Model {name!r} could not be loaded: {_first_line(err)}"
+
+
+def _looks_missing(text: str) -> bool:
+    """Whether a loader error means "these files are not here" (rather than, say, a shape mismatch)."""
+    markers = ("not fully cached", "not cached", "Cannot find", "LocalEntryNotFound", "local_files_only",
+               "outgoing traffic has been disabled", "OfflineModeIsEnabled", "does not appear to have")
+    return any(marker in text for marker in markers)
+
+
 # -- the Hub's typed errors -------------------------------------------------------------------------
 
 

@@ -22,6 +22,7 @@ import torch
 
 from . import offline
 from .encoding import ClipTextTower
+from .faults import import_error_sentence
 from .methods import METHODS, preset_capabilities
 from .models import (
     DamagedModelError,
@@ -32,7 +33,6 @@ from .models import (
     check_encoder_fits,
     check_local_folder,
     diffusers_dtype_kwarg,
-    import_error_sentence,
     translate_load_errors,
 )
 from .presets import Preset, resolve_preset

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .faults import DamagedModelError, ModelLoadError, damaged_weights, hub_error_sentence  # noqa: F401 - re-exported
+from .faults import DamagedModelError, ModelLoadError, load_error  # noqa: F401 - the error types are re-exported
 from .model_configs import check_folder_configs
 from .offline import OFFLINE_NAMES, cache_key
 from .presets import Preset
@@ -201,64 +201,15 @@ def check_local_folder(path: str, name: str, marker: str, what: str) -> None:
 
 @contextlib.contextmanager
 def translate_load_errors(name: str, allow_pickle: bool, folder: str | None = None) -> Iterator[None]:
-    """One sentence per failure instead of a page of Hub tracebacks.
-
-    In order: a damaged or missing weights file (:class:`DamagedModelError`, naming the file; ``folder``, the
-    local folder being loaded, is searched where the library does not say which file), the Hub's typed errors
-    found in the exception chain (gated, private, not found, offline, HTTP status, no network), and only then
-    the message text.
-    """
+    """One sentence per failure instead of a page of Hub tracebacks (faults.py says which: a damaged or missing
+    file, the Hub's typed errors, a missing library, and only then the message text). ``folder``, the local
+    folder being loaded, is searched for the damaged file where the library does not name it."""
     try:
         yield
     except ModelLoadError:
         raise
-    except ImportError as err:  # an optional library the model needs, or a broken install
-        raise ModelLoadError(import_error_sentence(name, err)) from err
     except Exception as err:  # every loader failure becomes one readable sentence
-        damaged = damaged_weights(err, name, allow_pickle, folder)
-        if damaged is not None:
-            raise damaged from err
-        message = hub_error_sentence(err, name, allow_pickle) or _sentence_from_text(err, name, allow_pickle)
-        raise ModelLoadError(message) from err
-
-
-def _sentence_from_text(err: Exception, name: str, allow_pickle: bool) -> str:
-    """The last resort: classify by the message text (libraries that raise no typed error)."""
-    text = f"{type(err).__name__}: {err}"
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-    if "safetensors" in text.lower() and not allow_pickle:
-        return (
-            f"Model {name!r} has no safetensors weights; pickle (.bin) weights can run code when loaded, "
-            "so they are refused unless you pass allow_pickle=True for a model you trust."
-        )
-    if offline and _looks_missing(text):
-        return (
-            f"Model {name!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids "
-            f"downloading it: run once with network access (or `hf download {name}`) and try again."
-        )
-    if "RepositoryNotFound" in text or "is not a valid model identifier" in text or "404" in text:
-        return f"Model {name!r} was not found on the Hugging Face Hub: check the name, or log in if it is gated."
-    if any(word in text for word in ("Connection", "resolve", "Max retries", "Network", "offline")):
-        return (
-            f"Model {name!r} could not be downloaded (no network?): connect once to fetch it, or use "
-            "model='tiny' to try the tool offline."
-        )
-    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return f"Model {name!r} could not be loaded: {first_line}"
-
-
-def import_error_sentence(name: str, err: ImportError) -> str:
-    """A library (or a part of one) that cannot be imported: a broken or too old install, said in one sentence."""
-    first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-    return (f"Model {name!r} could not be loaded because a library it needs could not be imported ({first_line}): "
-            "install or upgrade it (pip install -U diffusers transformers) and restart the kernel.")
-
-
-def _looks_missing(text: str) -> bool:
-    """Whether a loader error means "these files are not here" (rather than, say, a shape mismatch)."""
-    markers = ("not fully cached", "not cached", "Cannot find", "LocalEntryNotFound", "local_files_only",
-               "outgoing traffic has been disabled", "OfflineModeIsEnabled", "does not appear to have")
-    return any(marker in text for marker in markers)
+        raise load_error(err, name, allow_pickle, folder) from err
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

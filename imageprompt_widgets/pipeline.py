@@ -57,7 +57,7 @@ __all__ = ["ImageEmbedding", "ImagePromptPipeline", "NonFiniteImageError", "Step
 #: How many distinct input batches keep their embeddings cached per pipeline.
 EMBEDDING_CACHE_SIZE = 16
 #: The most input (or negative) images one run takes: each is decoded and encoded at once, so a folder of
-#: thousands would exhaust memory before the first step; combining more says nothing a sample does not.
+#: thousands would exhaust memory before the first step.
 MAX_INPUT_IMAGES = 64
 #: Ordinary prompts whose text-encoder outputs set the target of norm matching.
 NORM_PROBE_PROMPTS = (

@@ -295,6 +295,17 @@ def test_an_upload_whose_size_is_not_a_number_is_read_as_unknown(size):
     assert files[0].size == (12 if size == "12" else 0)
 
 
+@pytest.mark.parametrize("content", ["abc", 12, [1, 2], {"a": 1}])
+def test_an_upload_whose_content_is_not_bytes_arrives_empty(content):
+    from imageprompt_widgets.images import ImageInputError
+    from imageprompt_widgets.widget.inputs import load_upload, uploaded_files
+
+    files = uploaded_files([{"name": "a.png", "size": 3, "content": content}])
+    assert files[0].content == b""
+    with pytest.raises(ImageInputError, match="'a.png' .* arrived empty"):
+        load_upload(files[0])
+
+
 def test_an_upload_with_a_hostile_size_keeps_the_panel_usable(tiny_pipe, image):
     """The entry's size raised out of the FileUpload observer (ValueError from int("big")): the upload was lost
     silently and the panel's state was left half-updated."""

@@ -45,6 +45,8 @@ def uploaded_files(value: Any) -> list[UploadedFile]:
     files = []
     for entry in entries:
         content = entry.get("content") or b""
+        if not isinstance(content, (bytes, bytearray, memoryview)):
+            content = b""  # not bytes (a page script's text or number): it arrived empty, and says so
         content = content.tobytes() if isinstance(content, memoryview) else bytes(content)
         files.append(UploadedFile(str(entry.get("name") or "upload"), _declared_size(entry.get("size")), content))
     return files
