@@ -174,9 +174,9 @@ def discard_build(folder: Path) -> None:
 
 
 def builds_of(local: Any, damaged_path: str | None = None) -> list[Path]:
-    """The build folders (directly under :func:`cache_dir`) that a materialized preset's models lie in; only
-    the one holding ``damaged_path`` where that is given and lies in the cache. Hub ids and folders elsewhere
-    are not ours to rebuild."""
+    """The build folders (directly under :func:`cache_dir`) that a materialized preset's models lie in; where
+    ``damaged_path`` is known, only the one holding it (none when it lies outside the cache: Hub ids and
+    folders elsewhere are not ours to rebuild)."""
     import dataclasses
 
     root = cache_dir().resolve()
@@ -189,8 +189,6 @@ def builds_of(local: Any, damaged_path: str | None = None) -> list[Path]:
             continue
         if relative.parts:
             folders.add(root / relative.parts[0])
-    if damaged_path and not folders:
-        return builds_of(local)  # the file named lies outside the cache (a temp copy?): rebuild them all
     return sorted(folders)
 
 

@@ -168,6 +168,21 @@ def test_a_damaged_offline_cache_is_rebuilt_once_and_loads(private_cache, preset
     assert not [p.name for p in private_cache.iterdir() if p.name.startswith(".")]  # no leftovers
 
 
+def test_a_damaged_folder_of_the_users_is_reported_and_the_offline_builds_are_left_alone(private_cache, tmp_path):
+    from imageprompt_widgets.presets import Preset
+
+    ensure_tiny_models()
+    built = (private_cache / "tiny-v1").stat().st_ino
+    sd_folder, _ = ensure_tiny_models()
+    shutil.copytree(sd_folder, tmp_path / "mine")
+    weights = tmp_path / "mine" / "unet" / "diffusion_pytorch_model.safetensors"
+    DAMAGE["cut-in-half"](weights)
+    mixed = Preset(name="mine", sd_model=str(tmp_path / "mine"), clip_model="tiny")
+    with pytest.raises(DamagedModelError, match="is corrupt"):
+        load_components(mixed, torch.device("cpu"), torch.float32)
+    assert (private_cache / "tiny-v1").stat().st_ino == built  # not rebuilt: the damage is not in its cache
+
+
 # -- 3. what a local model folder's configs may ask for ------------------------------------------------
 
 HOSTILE_CONFIGS = {
