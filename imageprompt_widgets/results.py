@@ -90,7 +90,8 @@ class Trace:
         """Write one safetensors file at ``path``: the tensors, and in its header's metadata (key ``imageprompt``)
         the recipe and the step lists, so that file alone gives back everything :meth:`load` returns.
 
-        A full disk or a folder that cannot be written is a :class:`SaveError` (no partial file is left).
+        A full disk or a folder that cannot be written is a :class:`SaveError`; no partial file is left, and a
+        file already at ``path`` stays as it was.
         """
         import safetensors.torch
 
@@ -99,7 +100,12 @@ class Trace:
         meta = {"latent_steps": self.latent_steps, "timesteps": self.timesteps, "recipe": recipe or {}}
         with _saving("the trace", path, path.parent):
             path.parent.mkdir(parents=True, exist_ok=True)
-            safetensors.torch.save_file(tensors, str(path), metadata={"imageprompt": json.dumps(meta)})
+            partial = path.with_name(f".{path.name}.{os.getpid()}.partial")  # renamed into place when whole
+            try:
+                safetensors.torch.save_file(tensors, str(partial), metadata={"imageprompt": json.dumps(meta)})
+                os.replace(partial, path)
+            finally:
+                partial.unlink(missing_ok=True)
         return path
 
     @classmethod

@@ -121,12 +121,23 @@ def test_saving_a_trace_on_a_full_disk_is_one_sentence(result, tmp_path, monkeyp
                                   'space left on device" })')
         _enospc()
 
-    monkeypatch.setattr(safetensors.torch, "save_file", full)
     path = tmp_path / "run.trace.safetensors"
+    result.trace.save(path)  # an earlier trace at the same path
+    earlier = path.read_bytes()
+    real_save_file = safetensors.torch.save_file
+
+    def half_then_full(tensors, filename, metadata=None):
+        real_save_file(tensors, filename, metadata=metadata)
+        with open(filename, "r+b") as file:
+            file.truncate(100)  # as a disk filling up mid-write leaves it
+        full()
+
+    monkeypatch.setattr(safetensors.torch, "save_file", half_then_full)
     with pytest.raises(SaveError) as err:
         result.trace.save(path)
     assert one_sentence(err.value) == (f"Could not save the trace to {path}: the disk holding {tmp_path} is full; "
                                        "free some space, or save to another folder.")
+    assert [p.name for p in tmp_path.iterdir()] == [path.name] and path.read_bytes() == earlier
 
 
 # -- 6. Trace.save writes what its docstring says ----------------------------------------------------------
