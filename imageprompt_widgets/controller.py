@@ -62,6 +62,7 @@ class Job:
     images: list[Any] = field(default_factory=list)
     negatives: list[Any] = field(default_factory=list)
     structure_image: Any = None
+    adapter_images: Any = None  # per IP-Adapter image lists (None: the inputs for every adapter)
     trace_latents: bool = False
     task: Callable[[TaskContext], Any] | None = None
     on_end: Callable[[Event], None] | None = None  # called with the job's last event, before join() returns
@@ -387,6 +388,7 @@ class Controller:
         *,
         negative_image: Any = None,
         structure_image: Any = None,
+        adapter_images: Any = None,
         trace_latents: bool = False,
         **changes: Any,
     ) -> Job:
@@ -401,7 +403,7 @@ class Controller:
         negatives = [] if negative_image is None else list(negative_image) if isinstance(negative_image, (list, tuple)) \
             else [negative_image]
         job = Job("generate", settings=settings, images=images, negatives=negatives,
-                  structure_image=structure_image, trace_latents=trace_latents)
+                  structure_image=structure_image, adapter_images=adapter_images, trace_latents=trace_latents)
         return self._enqueue(job)
 
     def submit_task(
@@ -566,8 +568,8 @@ class Controller:
         return report
 
     def _generate(self, job: Job, pipe: Any) -> Any:
-        if job.settings.structure == "edges":  # a first edges run loads its ControlNet: before Started, not in it
-            pipe.load_controlnet(on_status=lambda message: self._emit(Loading(job, message)))
+        # A first structure run loads its ControlNets and estimators: before Started, not in it.
+        pipe.load_structure(job.settings, on_status=lambda message: self._emit(Loading(job, message)))
         plan = self.step_plan(pipe, job.settings)
         job.total = plan.total
         self._emit(Started(job, plan.total, plan.requested, plan.reason))
@@ -576,6 +578,7 @@ class Controller:
             job.settings,
             negative_image=job.negatives or None,
             structure_image=job.structure_image,
+            adapter_images=job.adapter_images,
             on_step=self._step_reporter(job, pipe),
             cancel=job.cancel,
             trace_latents=job.trace_latents,

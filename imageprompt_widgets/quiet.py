@@ -37,6 +37,8 @@ LIBRARY_CLASSES: dict[str, tuple[str, ...]] = {
         "AutoConfig", "CLIPConfig", "CLIPTextConfig", "CLIPVisionConfig", "CLIPModel", "CLIPTextModel",
         "CLIPTextModelWithProjection", "CLIPVisionModelWithProjection", "CLIPTokenizer", "CLIPImageProcessor",
         "BertTokenizer", "BlipConfig", "BlipForConditionalGeneration", "BlipImageProcessor", "BlipProcessor",
+        "AutoImageProcessor", "AutoModelForDepthEstimation", "DPTImageProcessor", "DepthAnythingConfig",
+        "DepthAnythingForDepthEstimation", "Dinov2Config",
     ),
 }
 

@@ -453,3 +453,33 @@ def test_job_cancelled_is_what_check_raises(tiny_pipe):
             raise
 
     assert controller.submit_task(task).future.result() is None and seen == ["raised"]
+
+
+def test_a_structure_run_loads_its_controlnets_before_started_and_adapter_images_reach_the_engine(
+    tiny_pipe, image, monkeypatch
+):
+    loads, seen = [], {}
+    real_load = tiny_pipe.load_structure
+
+    def load_structure(settings, on_status=None):
+        loads.append(settings.structure)
+        on_status("Loading the ControlNet…")
+        real_load(settings, on_status)
+
+    monkeypatch.setattr(tiny_pipe, "load_structure", load_structure)
+    controller = Controller(pipeline=tiny_pipe, runner=InlineRunner())
+    events = Recorder()
+    controller.subscribe(events)
+    job = controller.submit(image, steps=1, structure="edges")
+    assert job.future.result().images
+    names = events.names(job)
+    assert loads == ["edges"] and names.index("Loading") < names.index("Started")
+
+    class Recording(Held):
+        def generate(self, images, settings=None, **kwargs):
+            seen.update(kwargs)
+            return super().generate(images, settings, **{**kwargs, "adapter_images": None})
+
+    controller = Controller(pipeline=Recording(tiny_pipe), runner=InlineRunner())
+    controller.submit(image, steps=1, adapter_images=[[image]]).future.result()
+    assert seen["adapter_images"] == [[image]]  # handed to the engine as given; generate() checks it

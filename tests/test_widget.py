@@ -164,7 +164,8 @@ def test_controls_are_generated_from_the_settings_specs():
             assert "weights" not in widget.controls.controls
             continue
         control = labelled(widget.controls, spec.label)
-        assert control is widget.controls[spec.name] and control.value == spec.default
+        shown = ", ".join(f"{value:g}" for value in spec.default) if spec.kind == "floats" else spec.default
+        assert control is widget.controls[spec.name] and control.value == shown
         if spec.kind in ("int", "float"):
             assert (control.min, control.max) == (spec.min, spec.max)
         if spec.advanced:
