@@ -49,8 +49,10 @@ def uploaded_files(value: Any) -> list[UploadedFile]:
     files = []
     for entry in entries:
         content = entry.get("content") or b""
+        if not isinstance(content, (bytes, bytearray, memoryview)):
+            content = b""  # not bytes (a page script's text or number): it arrived empty, and says so
         content = content.tobytes() if isinstance(content, memoryview) else bytes(content)
-        files.append(UploadedFile(str(entry.get("name") or "upload"), int(entry.get("size") or 0), content))
+        files.append(UploadedFile(str(entry.get("name") or "upload"), _declared_size(entry.get("size")), content))
     return files
 
 
@@ -96,6 +98,22 @@ def show_count(upload: widgets.FileUpload, names: Sequence[str]) -> None:
         now = datetime.datetime.now(datetime.timezone.utc)
         upload.value = tuple({"name": name, "type": "", "size": 0, "content": memoryview(b""), "last_modified": now}
                              for name in names)
+
+
+#: A declared size beyond this is not a file a browser could send (1 TiB): treated as unknown.
+_LARGEST_DECLARED_SIZE = 2**40
+
+
+def _declared_size(value: Any) -> int:
+    """The size the browser declared, in bytes; 0 (unknown) for anything that is not a sane whole number: the
+    entry comes from the front end, which any page script can fill with text, lists or NaN."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return 0
+    if not (0 <= value <= _LARGEST_DECLARED_SIZE) or value != int(value):  # also NaN
+        return 0
+    return int(value)
 
 
 def load_upload(file: UploadedFile) -> Image.Image:
