@@ -41,7 +41,7 @@ from .manifest import (
 )
 from .models import ModelLoadError
 from .presets import Preset, resolve_preset
-from .results import save_png
+from .results import SaveError, save_png
 from .settings import GenerationSettings, SettingsError
 from .sharding import Processes, current_processes
 from .sources import Source, SourceItem, open_source
@@ -156,6 +156,7 @@ def run_batch(
     manifest_format: str = "jsonl",
     progress: bool = True,
     log: Log | None = None,
+    on_event: Callable[[Any], None] | None = None,
     processes: Processes | None = None,
 ) -> BatchReport:
     """Generate every (image, seed) of ``source`` into ``out`` with a manifest; skip what is already there.
@@ -163,7 +164,9 @@ def run_batch(
     ``source`` is a folder, a ``.csv``/``.jsonl`` list, a saved dataset folder or ``hf://datasets/NAME``
     (see sources.py), or an already opened :class:`~imageprompt_widgets.sources.Source`. ``settings`` are
     the batch's settings (rows override them), ``seeds`` the grid (default: the settings' seed). Bad items
-    are logged (``log``, default: stderr) and listed in the report; they never stop the batch.
+    are logged (``log``, default: stderr) and listed in the report; they never stop the batch. Each job is
+    submitted to a :class:`~imageprompt_widgets.controller.Controller` (inline), which loads the model on first
+    use; ``on_event`` gets its events (``Loading`` with download bytes, ``Started``, ...).
     """
     out = Path(out)
     manifest_path(out, manifest_format)  # an unknown format fails here, before any work
@@ -184,7 +187,8 @@ def run_batch(
             clear_parts(out)
     known = read_manifest(out)
 
-    runner = _Runner(out, preset, processes, known, device or processes.device, dtype, safety_checker, log)
+    loading = {"device": device or processes.device, "dtype": dtype, "safety_checker": safety_checker}
+    runner = _Runner(out, preset, processes, known, log, loading, on_event)
     mine = processes.split(jobs)
     try:
         runner.run(mine, progress=progress and processes.is_main)
@@ -222,11 +226,11 @@ class _Runner:
     """One process's share of a batch: decode, key, skip or generate, write PNGs and part rows."""
 
     def __init__(
-        self, out: Path, preset: Preset, processes: Processes, known: list[Row], device: str | None,
-        dtype: str | None, safety_checker: bool | None, log: Log | None,
+        self, out: Path, preset: Preset, processes: Processes, known: list[Row], log: Log | None,
+        loading: dict[str, Any], on_event: Callable[[Any], None] | None,
     ) -> None:
         self.out, self.preset, self.processes = out, preset, processes
-        self.device, self.dtype, self.safety_checker = device, dtype, safety_checker
+        self.loading, self.on_event = loading, on_event
         self.model = model_identity(preset)
         self.log = log or _stderr
         self.rows: list[Row] = []
@@ -240,7 +244,7 @@ class _Runner:
             if (out / row["file"]).is_file():
                 self.done.setdefault(row["key"], {})[int(row["index"])] = row["file"]
                 self.listed.add((row["input"], row["key"], int(row["index"])))
-        self._pipe: Any = None
+        self._controller: Any = None
         self._current: tuple[SourceItem | None, Any] = (None, None)
         self._part: PartWriter | None = None
         self._scratch = out / f".imageprompt-tmp-{processes.index}"
@@ -253,8 +257,8 @@ class _Runner:
             for job in jobs:
                 try:
                     self._one(job)
-                except ModelLoadError:
-                    raise  # no item can run: the whole batch stops with the loader's sentence
+                except (ModelLoadError, SaveError):
+                    raise  # no item can run (no model, a full disk): the batch stops with that sentence
                 except (ValueError, MemoryError) as err:
                     self._fail(job, err)
                 except Exception as err:
@@ -296,9 +300,8 @@ class _Runner:
             self._record([self._row(job, key, print_, index, files[index]) for index in range(settings.num_images)
                           if (job.item.label, key, index) not in self.listed])
             return
-        pipe = self._pipeline()
         start = time.perf_counter()
-        result = pipe.generate(image, settings)
+        result = self._generate(image, settings)
         written = {}
         for index, picture in enumerate(result.images):
             temporary = save_png(picture, self._scratch, result.recipe, index, f"{job.item.stem}-{key[:KEY_IN_NAME]}")
@@ -335,14 +338,19 @@ class _Runner:
         self.failures.append({"input": job.item.label, "seed": job.seed, "error": _sentence(err),
                               "position": job.position})
 
-    def _pipeline(self) -> Any:
-        if self._pipe is None:
-            from .pipeline import ImagePromptPipeline
+    def _generate(self, image: Any, settings: GenerationSettings) -> Any:
+        """One run through the controller (loaded on first use); its errors raise here, a stop is Ctrl-C."""
+        if self._controller is None:
+            from .controller import Controller
+            from .runners import InlineRunner
 
-            self._pipe = ImagePromptPipeline.from_preset(
-                self.preset, device=self.device, dtype=self.dtype, safety_checker=self.safety_checker
-            )
-        return self._pipe
+            self._controller = Controller(self.preset, runner=InlineRunner(), previews=False, **self.loading)
+            if self.on_event is not None:
+                self._controller.subscribe(self.on_event)
+        result = self._controller.submit(image, settings).future.result()
+        if result is None or result.cancelled:  # the controller turns Ctrl-C inside a run into a cancelled job
+            raise KeyboardInterrupt
+        return result
 
     def stats(self) -> dict[str, Any]:
         return {"rows": self.rows, "failures": self.failures, "generated": self.generated, "images": self.images,

@@ -18,6 +18,7 @@ from typing import Any
 
 from .cli_common import (
     EXIT_INTERRUPTED,
+    TerminalProgress,
     add_setting_flags,
     bad_input,
     check_output_file,
@@ -139,16 +140,21 @@ def run_batch_command(args: argparse.Namespace) -> int:
 
     from .batch import run_batch  # torch and the engine from here on
 
+    loading = TerminalProgress(steps=False) if is_main_process() else None  # messages and download bytes
     try:
         report = run_batch(
             source, args.output, settings=chosen, seeds=seeds, model=preset, device=args.device,
             safety_checker=False if args.no_safety_checker else None, manifest_format=args.manifest,
+            on_event=loading,
         )
-    except ValueError as err:  # the model cannot load: nothing can run
+    except ValueError as err:  # the model cannot load, the disk is full: nothing more can run
         return bad_input(err)
     except KeyboardInterrupt:
         print("imageprompt: stopped; run the same command again to continue where it stopped.", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        if loading is not None:
+            loading.close()
     if is_main_process():
         print(f"imageprompt: {report.summary()}", file=sys.stderr)
         print(report.manifest)
@@ -173,14 +179,18 @@ def run_embed_command(args: argparse.Namespace) -> int:
 
     from .embed import export_embeddings
 
+    loading = TerminalProgress(steps=False) if is_main_process() else None
     try:
         report = export_embeddings(source, args.output, model=preset, device=args.device, batch_size=batch_size,
-                                   hidden_states=args.hidden_states, crop=crop)
+                                   hidden_states=args.hidden_states, crop=crop, on_event=loading)
     except ValueError as err:
         return bad_input(err)
     except KeyboardInterrupt:
         print("imageprompt: stopped; nothing was written.", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        if loading is not None:
+            loading.close()
     if is_main_process():
         print(f"imageprompt: {report.summary()}", file=sys.stderr)
         print(report.path)

@@ -1,5 +1,5 @@
 """What the command line's subcommands share: setting flags built from settings.py, checks of -o made
-before torch is imported, and the one-line error.
+before torch is imported, the one-line error, and the terminal's view of a controller's events.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ EXIT_INTERRUPTED = 130  # what a shell reports for Ctrl-C
 
 
 class OutputPathError(ValueError):
-    """``-o`` names something that cannot become the output folder or file."""
+    """``-o`` names something that cannot become the output folder (or file)."""
 
 
 def setting_help(spec: SettingSpec) -> str:
@@ -66,7 +66,7 @@ def check_output_folder(output: str | os.PathLike[str]) -> None:
     """``-o`` must be a folder, or a path where one can be created: checked before minutes of work."""
     path = Path(output)
     if path.exists() and not path.is_dir():
-        raise OutputPathError(f"-o {str(output)!r} is an existing file, not a folder: name a folder for the outputs.")
+        raise OutputPathError(f"-o {str(output)!r} is an existing file, not a folder: name a folder for the PNGs.")
     _check_creatable(path, output)
 
 
@@ -84,7 +84,7 @@ def _check_creatable(path: Path, output: str | os.PathLike[str]) -> None:
         raise OutputPathError(f"-o {str(output)!r} cannot be created: {str(existing)!r} is a file, not a folder.")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise OutputPathError(
-            f"-o {str(output)!r} is not writable: {str(existing)!r} does not let you create files; choose another place."
+            f"-o {str(output)!r} is not writable: {str(existing)!r} does not let you create files; choose another folder."
         )
 
 
@@ -97,3 +97,52 @@ def bad_input(err: BaseException) -> int:
 def is_main_process() -> bool:
     """Whether this is the first (or only) process a launcher started: the one that talks to the terminal."""
     return os.environ.get("RANK", "0") in ("", "0")
+
+
+class TerminalProgress:
+    """A controller subscriber for a terminal: loading messages on stderr, tqdm bars for bytes and (unless
+    ``steps=False``, as in a batch that shows a bar of items) denoising steps."""
+
+    def __init__(self, file: Any = None, *, steps: bool = True) -> None:
+        self.file = file or sys.stderr
+        self.show_steps = steps
+        self.download: Any = None
+        self.steps: Any = None
+
+    def __call__(self, event: Any) -> None:
+        from tqdm.auto import tqdm
+
+        from .controller import Loading, Started, Step, Waiting
+
+        if isinstance(event, Loading) and event.download is not None:
+            progress = event.download
+            if self.download is None:
+                self.download = tqdm(total=progress.total, desc="downloading", unit="B", unit_scale=True,
+                                     file=self.file)
+            self.download.total = progress.total  # snapshots announce their files' sizes as they start
+            self.download.update(progress.done - self.download.n)
+        elif isinstance(event, Loading):
+            self._close_download()
+            tqdm.write(event.message, file=self.file)  # above a batch's bar of items, when there is one
+        elif isinstance(event, Waiting):
+            tqdm.write("Waiting for another run on the same model to finish…", file=self.file)
+        elif isinstance(event, Started):
+            self._close_download()
+            if not self.show_steps:
+                return
+            if event.reason:
+                tqdm.write(f"{event.total_steps} denoising steps: {event.reason}", file=self.file)
+            self.steps = tqdm(total=event.total_steps, desc="denoising", unit="step", file=self.file)
+        elif isinstance(event, Step) and self.steps is not None:
+            self.steps.update(event.step - self.steps.n)
+
+    def _close_download(self) -> None:
+        if self.download is not None:
+            self.download.close()
+            self.download = None
+
+    def close(self) -> None:
+        self._close_download()
+        if self.steps is not None:
+            self.steps.close()
+            self.steps = None

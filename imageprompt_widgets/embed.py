@@ -170,15 +170,15 @@ def export_embeddings(
     crop: str = "center_crop",
     progress: bool = True,
     log: Log | None = None,
+    on_event: Callable[[Any], None] | None = None,
     processes: Processes | None = None,
 ) -> EmbedReport:
     """Embed every image of ``source`` (as ``run_batch`` lists it) into ``path``; unreadable images are logged
-    and left out (the report lists them)."""
-    import torch
-    from tqdm.auto import tqdm
+    and left out (the report lists them).
 
-    from .encoding import fingerprint
-
+    The work runs as a task of a :class:`~imageprompt_widgets.controller.Controller` (inline): it loads the
+    model (``on_event`` gets its ``Loading`` events, download bytes included) and holds the pipeline's lock.
+    """
     path = Path(path)
     check_embedding_path(path)
     _check_batch_size(batch_size)
@@ -187,52 +187,27 @@ def export_embeddings(
     preset = resolve_preset(model)
     if not isinstance(source, Source):
         source = open_source(source)
-    log = log or _stderr
     processes = processes or current_processes(device)
     chunks = [source.items[start:start + batch_size] for start in range(0, len(source.items), batch_size)]
     mine = processes.split(chunks)
-    pipe = None
-    inputs: list[str] = []
-    prints: list[str] = []
-    embeds: list[torch.Tensor] = []
-    hidden: list[torch.Tensor] = []
-    failures: list[dict[str, Any]] = []
-    seconds = 0.0
-    show = progress and processes.is_main
-    with tqdm(total=sum(len(chunk) for chunk in mine), desc="embed", unit="image", file=sys.stderr,
-              disable=not show) as bar:
-        for chunk in mine:
-            images = []
-            for item in chunk:
-                try:
-                    images.append((item.label, item.load()))
-                except ValueError as err:
-                    text = " ".join(str(err).split())
-                    log(f"imageprompt: skipped {item.label}: {text}")
-                    failures.append({"input": item.label, "error": text})
-            if images:
-                if pipe is None:
-                    from .pipeline import ImagePromptPipeline
+    share = _Share(crop, hidden_states, log or _stderr, progress and processes.is_main)
+    if mine:
+        from .controller import Controller
+        from .runners import InlineRunner
 
-                    pipe = ImagePromptPipeline.from_preset(preset, device=device or processes.device, dtype=dtype)
-                start = time.perf_counter()
-                rows, states = _encode(pipe, [image for _, image in images], crop, hidden_states)
-                seconds += time.perf_counter() - start
-                inputs += [label for label, _ in images]
-                prints += [fingerprint(image) for _, image in images]
-                embeds.append(rows)
-                hidden.extend([states] if hidden_states else [])
-            bar.update(len(chunk))
-    mine_table = EmbeddingTable(inputs, prints, torch.cat(embeds) if embeds else torch.empty(0),
-                                torch.cat(hidden) if hidden else None, _model_of(preset), crop, source.location)
-    reports = processes.gather({"failures": failures, "seconds": seconds, "rows": len(inputs)})
-    if processes.count == 1:
-        table = mine_table
-    else:
-        part = path.with_name(f".{path.name}.part-{processes.index}.safetensors")
-        _save_part(mine_table, part)
+        controller = Controller(preset, runner=InlineRunner(), previews=False, device=device or processes.device,
+                                dtype=dtype)
+        if on_event is not None:
+            controller.subscribe(on_event)
+        if controller.submit_task(lambda context: share.run(context, mine), label="embed").future.result() is None:
+            raise KeyboardInterrupt  # the controller reports a stop as a cancelled task without a result
+    table = share.table(_model_of(preset), source.location)
+    reports = processes.gather({"failures": share.failures, "seconds": share.seconds, "rows": len(table)})
+    if processes.count > 1:
+        _save_part(table, _part_path(path, processes.index))
         processes.wait()
-        table = _merge_parts(path, processes.count, mine_table) if processes.is_main else mine_table
+        if processes.is_main:
+            table = _merge_parts(path, processes.count, table)
     if processes.is_main:
         if not len(table):
             raise EmbeddingFileError(f"No image of {source.description} could be read: nothing to write to {str(path)!r}.")
@@ -241,6 +216,57 @@ def export_embeddings(
     return EmbedReport(path, sum(report["rows"] for report in reports),
                        [failure for report in reports for failure in report["failures"]],
                        max(report["seconds"] for report in reports), processes.count)
+
+
+class _Share:
+    """One process's chunks of images: decoded (failures logged), encoded batch by batch, kept in order."""
+
+    def __init__(self, crop: str, hidden_states: bool, log: Log, progress: bool) -> None:
+        self.crop, self.hidden_states, self.log, self.progress = crop, hidden_states, log, progress
+        self.inputs: list[str] = []
+        self.prints: list[str] = []
+        self.embeds: list[Any] = []
+        self.hidden: list[Any] = []
+        self.failures: list[dict[str, Any]] = []
+        self.seconds = 0.0
+
+    def run(self, context: Any, chunks: Sequence[Sequence[Any]]) -> _Share:
+        """The controller task: ``context.pipeline`` is loaded and locked; ``context.check()`` stops it."""
+        from tqdm.auto import tqdm
+
+        from .encoding import fingerprint
+
+        total = sum(len(chunk) for chunk in chunks)
+        context.start(total)
+        with tqdm(total=total, desc="embed", unit="image", file=sys.stderr, disable=not self.progress) as bar:
+            for chunk in chunks:
+                context.check()
+                images = []
+                for item in chunk:
+                    try:
+                        images.append((item.label, item.load()))
+                    except ValueError as err:
+                        text = " ".join(str(err).split())
+                        self.log(f"imageprompt: skipped {item.label}: {text}")
+                        self.failures.append({"input": item.label, "error": text})
+                if images:
+                    start = time.perf_counter()
+                    rows, states = _encode(context.pipeline, [image for _, image in images], self.crop,
+                                           self.hidden_states)
+                    self.seconds += time.perf_counter() - start
+                    self.inputs += [label for label, _ in images]
+                    self.prints += [fingerprint(image) for _, image in images]
+                    self.embeds.append(rows)
+                    self.hidden.extend([states] if self.hidden_states else [])
+                bar.update(len(chunk))
+                context.advance(bar.n)
+        return self
+
+    def table(self, model: dict[str, str], source: str) -> EmbeddingTable:
+        import torch
+
+        return EmbeddingTable(self.inputs, self.prints, torch.cat(self.embeds) if self.embeds else torch.empty(0),
+                              torch.cat(self.hidden) if self.hidden else None, model, self.crop, source)
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -270,6 +296,10 @@ def _check_batch_size(batch_size: int) -> None:
         raise SettingsError(f"batch_size must be a whole number of at least 1, not {batch_size!r}.")
 
 
+def _part_path(path: Path, index: int) -> Path:
+    return path.with_name(f".{path.name}.part-{index}.safetensors")
+
+
 def _save_part(table: EmbeddingTable, part: Path) -> None:
     from safetensors.torch import save_file
 
@@ -288,7 +318,7 @@ def _merge_parts(path: Path, count: int, mine: EmbeddingTable) -> EmbeddingTable
 
     inputs, prints, embeds, hidden = [], [], [], []
     for index in range(count):
-        part = path.with_name(f".{path.name}.part-{index}.safetensors")
+        part = _part_path(path, index)
         with safe_open(str(part), framework="pt") as handle:
             meta = json.loads(handle.metadata()[_METADATA_KEY])
             if meta["inputs"]:

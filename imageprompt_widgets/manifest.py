@@ -86,11 +86,13 @@ class PartWriter:
 
 
 def merged(rows: Iterable[Row], order: Callable[[Row], Any]) -> list[Row]:
-    """One row per ``(input, key, index)`` (a later row replaces an earlier one), sorted by ``order``."""
+    """One row per ``(input, key, index)`` (a later row replaces an earlier one), sorted by ``order``, then by
+    input, seed and index (rows of inputs no longer listed share one ``order``)."""
     unique: dict[tuple[str, str, int], Row] = {}
     for row in rows:
         unique[row_identity(row)] = {name: row.get(name) for name in ROW_FIELDS}
-    return sorted(unique.values(), key=lambda row: (order(row), row_identity(row)))
+    return sorted(unique.values(),
+                  key=lambda row: (order(row), str(row["input"]), int(row["seed"]), int(row["index"]), str(row["key"])))
 
 
 def write_manifest(out: str | os.PathLike[str], rows: list[Row], fmt: str = "jsonl") -> Path:

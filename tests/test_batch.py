@@ -91,6 +91,7 @@ def test_batch_writes_a_png_per_image_and_seed_equal_to_generate(folder, tmp_pat
         assert recipe_from_png(out / row["file"])["settings"] == settings.to_dict()
     assert not (out / "failed.jsonl").exists() and not (out / PARTS_FOLDER).exists()
     assert "6 generated (6 PNGs), 0 already done, 0 failed" in printed.err
+    assert "Loading model 'tiny'" in printed.err  # the controller's loading messages, above the bar of items
 
 
 def test_num_images_gives_a_row_per_png(folder, tmp_path, tiny_pipe):
@@ -132,6 +133,7 @@ def test_a_rerun_skips_finished_items_by_content_not_by_name(folder, tmp_path, t
     assert main(["batch", str(folder), "-o", str(out), "--seeds", "0,1", *STEPS]) == 0
     first = {row["file"]: (out / row["file"]).read_bytes() for row in manifest_rows(out)}
     counter = CountingGenerate(tiny_pipe, monkeypatch)
+    capsys.readouterr()
 
     (folder / "b.png").rename(folder / "renamed.png")  # same pixels, new name: nothing to redo
     assert main(["batch", str(folder), "-o", str(out), "--seeds", "0,1", *STEPS]) == 0
@@ -139,7 +141,8 @@ def test_a_rerun_skips_finished_items_by_content_not_by_name(folder, tmp_path, t
     rows = manifest_rows(out)
     renamed = [row for row in rows if row["input"] == "renamed.png"]
     assert [row["file"] for row in renamed] == [row["file"] for row in rows if row["input"] == "b.png"]
-    assert "0 generated (0 PNGs), 6 already done" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "0 generated (0 PNGs), 6 already done" in err and "Loading model" not in err  # nothing to run, no model
 
     image = sample_image(0)
     image.putpixel((0, 0), (0, 0, 0))  # one pixel changed: that image runs again, for both seeds
@@ -214,6 +217,20 @@ def test_bad_items_are_one_line_each_and_the_batch_goes_on(folder, tmp_path, cap
     (folder / "broken.png").unlink()  # fixed: the rerun has no failures, and says so
     assert main(["batch", str(folder), "-o", str(out), "--seeds", "0,1", *STEPS]) == 0
     assert not (out / "failed.jsonl").exists()
+
+
+def test_a_full_disk_stops_the_batch_in_one_line(folder, tmp_path, capsys, monkeypatch):
+    from imageprompt_widgets import batch
+    from imageprompt_widgets.results import SaveError
+
+    def full(*args, **kwargs):
+        raise SaveError("Could not save the images to out: the disk is full; free some space.")
+
+    monkeypatch.setattr(batch, "save_png", full)
+    assert main(["batch", str(folder), "-o", str(tmp_path / "out"), *STEPS]) == 2
+    err = capsys.readouterr().err
+    assert "imageprompt: error: Could not save the images to out: the disk is full" in err
+    assert "skipped" not in err
 
 
 def test_a_method_the_model_lacks_fails_per_item_with_the_engines_sentence(folder, tmp_path, capsys):
