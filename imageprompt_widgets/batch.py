@@ -93,17 +93,22 @@ class BatchReport:
         )
 
 
-def model_identity(preset: Preset) -> dict[str, str]:
-    """The model part of an item key: the preset's weight-deciding fields (local folders made absolute)."""
-    identity = {}
+def model_identity(preset: Preset) -> dict[str, Any]:
+    """The model part of an item key: the preset's weight-deciding fields (local folders made absolute;
+    several IP-Adapters a list)."""
+
+    def plain(value: str) -> str:
+        return os.path.abspath(value) if os.path.isdir(value) else value
+
+    identity: dict[str, Any] = {}
     for name in MODEL_FIELDS:
         value = getattr(preset, name)
         if value:
-            identity[name] = os.path.abspath(value) if os.path.isdir(str(value)) else str(value)
+            identity[name] = plain(value) if isinstance(value, str) else [plain(str(part)) for part in value]
     return identity
 
 
-def item_key(image_fingerprint: str, settings: GenerationSettings, model: Mapping[str, str]) -> str:
+def item_key(image_fingerprint: str, settings: GenerationSettings, model: Mapping[str, Any]) -> str:
     """sha256 of the image's fingerprint, the settings (seed included) and the model: the job's identity."""
     payload = json.dumps({"input": image_fingerprint, "settings": settings.to_dict(), "model": dict(model)},
                          sort_keys=True)
