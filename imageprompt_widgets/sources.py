@@ -344,7 +344,8 @@ def _constant(value: Any) -> Callable[[], Any]:
 
 
 def _stem(text: str) -> str:
-    return _UNSAFE.sub("_", text).strip("._")[:40] or "image"
+    """A file-name-safe short name: letters, digits, ``._-`` (no ``..``, which save_png refuses in a prefix)."""
+    return re.sub(r"\.{2,}", ".", _UNSAFE.sub("_", text)).strip("._")[:40] or "image"
 
 
 def _refuse_split(split: str | None, where: str) -> None:

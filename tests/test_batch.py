@@ -105,6 +105,18 @@ def test_num_images_gives_a_row_per_png(folder, tmp_path, tiny_pipe):
     assert np.array_equal(pixels(out / rows[1]["file"]), np.asarray(expected[1]))
 
 
+def test_odd_file_names_make_safe_output_names(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("a..b.png", "naïve photo (1).png", "__.png"):
+        sample_image(0).save(photos / name)
+    stems = [item.stem for item in open_source(photos).items]
+    assert stems == ["image", "a.b", "na_ve_photo_1"]
+    report = run_batch(photos, tmp_path / "out", settings={"steps": 1}, model="tiny", progress=False)
+    assert report.ok and report.generated == 1 and report.skipped == 2  # one picture under three names
+    assert [row["input"] for row in manifest_rows(tmp_path / "out")] == ["__.png", "a..b.png", "naïve photo (1).png"]
+
+
 def test_the_output_folder_inside_the_input_is_not_listed(folder):
     sample_image(5).save(folder / "out.png")
     (folder / "results").mkdir()
