@@ -115,11 +115,9 @@ def parse_seeds(text: str) -> list[int]:
             raise SettingsError(f"--seeds range {part!r} runs backwards: write it as {high}-{low}.")
         if high - low >= 100_000:
             raise SettingsError(f"--seeds range {part!r} has {high - low + 1} seeds: at most 100000 at once.")
-        for seed in range(low, high + 1):
-            GenerationSettings(seed=seed)  # the seed setting's own range check and sentence
-            if seed not in seeds:
-                seeds.append(seed)
-    return seeds
+        GenerationSettings(seed=low), GenerationSettings(seed=high)  # the seed setting's own range and sentence
+        seeds.extend(range(low, high + 1))
+    return list(dict.fromkeys(seeds))
 
 
 def run_batch_command(args: argparse.Namespace) -> int:
