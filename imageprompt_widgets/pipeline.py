@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from . import conditioning
+from .attention import AttentionMaps, recording_attention
 from .concurrency import RunLock
 from .encoding import ClipTextTower, ImageEmbedding, encode_images, fingerprint
 from .images import load_images
@@ -411,6 +412,7 @@ class ImagePromptPipeline:
         on_step: StepCallback | None = None,
         cancel: threading.Event | None = None,
         trace_latents: bool = False,
+        trace_attention: bool = False,
         **changes: Any,
     ) -> GenerationResult:
         """Generate from images; keyword settings are those of :class:`GenerationSettings`.
@@ -422,6 +424,8 @@ class ImagePromptPipeline:
         and the result has ``cancelled=True`` (a :class:`~imageprompt_widgets.concurrency.CancelEvent`
         also ends a wait for another run on this pipeline at once). ``structure_image`` is the picture
         whose layout ``structure="edges"`` or ``"img2img"`` keeps (default: the first input image).
+        ``trace_latents=True`` keeps the latents after each step (``trace.latents``); ``trace_attention=True``
+        records where each prompt token acts (``trace.attention_maps``, see :mod:`imageprompt_widgets.attention`).
         """
         settings, inputs = self._check_inputs(images, settings, negative_image, structure_image, changes)
         if not self.lock.acquire(cancel):  # cancelled while another run held the pipeline
@@ -434,7 +438,7 @@ class ImagePromptPipeline:
             if cancel is not None and cancel.is_set():
                 return GenerationResult([], plan.trace, settings, plan.provenance, cancelled=True,
                                         seconds=time.perf_counter() - start)
-            output = self._denoise(plan, settings, on_step, cancel, trace_latents)
+            output = self._denoise(plan, settings, on_step, cancel, trace_latents, trace_attention)
             return GenerationResult(
                 images=list(output.images) if output is not None else [],
                 trace=plan.trace,
@@ -531,7 +535,7 @@ class ImagePromptPipeline:
 
     def _denoise(
         self, plan: RunPlan, settings: GenerationSettings, on_step: StepCallback | None,
-        cancel: threading.Event | None, trace_latents: bool,
+        cancel: threading.Event | None, trace_latents: bool, trace_attention: bool = False,
     ) -> Any:
         """diffusers' own call with our conditioning and step callback; ``None`` when cancelled mid-run."""
         runner = plan.structure.runner
@@ -543,6 +547,7 @@ class ImagePromptPipeline:
         total = planned_steps(runner.scheduler, settings)
         method_kwargs = ({"ip_adapter_image_embeds": [plan.unet.ip_adapter_image_embeds]}
                          if plan.unet.ip_adapter_image_embeds is not None else {})
+        recorder = None
         try:
             with contextlib.ExitStack() as stack:
                 stack.enter_context(tracker.tapping_noise_predictions())
@@ -556,6 +561,8 @@ class ImagePromptPipeline:
                         tracker.step_hooks.append(hook)
                 for context in plan.structure.contexts(plan.trace.extras, mask):
                     stack.enter_context(context)
+                if trace_attention:
+                    recorder = stack.enter_context(recording_attention(runner.unet, settings.num_images))
                 output = runner(
                     prompt_embeds=prompt,
                     negative_prompt_embeds=negative,
@@ -572,6 +579,8 @@ class ImagePromptPipeline:
             output = None
         plan.trace.timesteps, plan.trace.latents = tracker.timesteps, tracker.latents
         plan.trace.latent_steps = list(tracker.latent_steps)
+        if recorder is not None:
+            _keep_attention_maps(plan.trace, recorder.maps())
         if output is not None and non_finite:
             raise non_finite_error(non_finite[0])
         return output
@@ -618,6 +627,16 @@ def generate(images: Any, *, model: str | Preset | None = None, **settings: Any)
     """One call for scripts: the default preset (or ``model=``), the same result as ``pipe.generate``."""
     load_options = {name: settings.pop(name) for name in ("device", "dtype", "safety_checker") if name in settings}
     return ImagePromptPipeline.from_preset(model, **load_options).generate(images, **settings)
+
+
+def _keep_attention_maps(trace: Trace, maps: AttentionMaps | None) -> None:
+    """The prompt's maps cut to the prompt's own tokens (padding the UNet saw has weight 0 there), and the
+    IP-Adapter's, into the trace."""
+    if maps is None:
+        return
+    trace.attention_maps = maps.prompt[:, : trace.prompt_embeds.shape[1]].contiguous()
+    if maps.adapter is not None:
+        trace.extras["adapter_attention_maps"] = maps.adapter
 
 
 def _cpu(tensor: torch.Tensor | None) -> torch.Tensor | None:

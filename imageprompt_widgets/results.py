@@ -19,6 +19,7 @@ TRACE_TENSORS = (
     "prompt_embeds",
     "negative_prompt_embeds",
     "latents",
+    "attention_maps",
 )
 
 
@@ -33,6 +34,10 @@ class Trace:
     - ``negative_prompt_embeds`` ``[B, L, D]`` or ``None`` (no guidance): the unconditional branch.
     - ``latents`` ``[S, B, C, h, w]`` or ``None``: latents after the steps listed in ``latent_steps``
       (only when asked for with ``trace_latents=True``; at most ``MAX_TRACED_STEPS`` snapshots).
+    - ``attention_maps`` ``[B, L, h, w]`` or ``None``: how much each latent position attends to each of the
+      ``L`` prompt tokens (conditional branch; averaged over heads, cross-attention layers and steps; sums
+      to 1 over the tokens), only when asked for with ``trace_attention=True``. With an IP-Adapter, its image
+      tokens have maps of their own in ``extras["adapter_attention_maps"]``.
     - ``timesteps``: the scheduler timesteps that ran.
     - ``extras``: method-specific numbers (for example norm-matching factors).
     """
@@ -43,6 +48,7 @@ class Trace:
     prompt_embeds: torch.Tensor
     negative_prompt_embeds: torch.Tensor | None = None
     latents: torch.Tensor | None = None
+    attention_maps: torch.Tensor | None = None
     latent_steps: list[int] = field(default_factory=list)
     timesteps: list[float] = field(default_factory=list)
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
