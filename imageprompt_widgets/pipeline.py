@@ -28,7 +28,7 @@ from . import conditioning
 from .attention import AttentionMaps, recording_attention
 from .concurrency import RunLock
 from .encoding import ClipTextTower, ImageEmbedding, encode_images, fingerprint
-from .images import load_images
+from .images import describe_source, load_images
 from .loading import LoadedComponents, load_clip_text_tower, load_components
 from .methods import METHODS
 from .methods.inputs import ConditioningInputs, TextSide
@@ -398,7 +398,8 @@ class ImagePromptPipeline:
             return self.clip_text_tower().embed([value])[0], repr(value)
         if isinstance(value, torch.Tensor):
             return value.detach().float().cpu().reshape(-1), "an embedding"
-        return self.encode_image(value).image_embeds[0].detach().float().cpu(), "an image"
+        name = describe_source(value)  # a file's quoted name where it has one
+        return self.encode_image(value).image_embeds[0].detach().float().cpu(), name if name[:1] == "'" else "an image"
 
     # -- generation: check inputs → encode → condition → plan → denoise → result ------------------
 

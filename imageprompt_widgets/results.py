@@ -160,10 +160,10 @@ class Interpolation:
     def cancelled(self) -> bool:
         return len(self.results) < len(self.weights)
 
-    def _repr_png_(self) -> bytes:
+    def _repr_png_(self) -> bytes | None:
         from .views import interpolation_view
 
-        return interpolation_view(self).to_png()
+        return interpolation_view(self)._repr_png_()
 
 
 def recipe_of(settings: GenerationSettings, provenance: Provenance) -> dict[str, Any]:
