@@ -516,3 +516,14 @@ def test_without_matplotlib_the_numbers_work_and_the_picture_says_what_to_instal
     printer = Printer()
     view._repr_pretty_(printer, False)
     assert printer.written == [f"{view.describe()}\n{views.PLOT_MISSING}"]
+
+
+def test_image_grid_captions_every_picture_and_marks_gaps(inputs):
+    view = views.image_grid([inputs[0], None, inputs[1]], ["input", "caption\n(needs another preset)", "b"], columns=2)
+    figure = view.figure()
+    shown = [ax for ax in figure.axes if ax.get_xlabel()]
+    assert [ax.get_xlabel() for ax in shown] == ["input", "caption\n(needs another preset)", "b"]
+    assert len(_figure_images(figure)) == 2 and shown[1].texts[0].get_text() == "no image"
+    assert view.describe() == "input; caption (needs another preset); b"
+    with pytest.raises(views.InspectError, match="2 images but 1 captions"):
+        views.image_grid(inputs, ["one"])

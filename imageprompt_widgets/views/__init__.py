@@ -14,7 +14,8 @@ exact VAE decode, x0 replays, interpolation runs, the attention maps) is the pip
 
 One module per concept: :mod:`.tensors` (one-line summaries), :mod:`.clip` (what CLIP saw, similarity),
 :mod:`.norms` (the scale gap and the direction gap), :mod:`.tokens` (the prompt token by token),
-:mod:`.denoising` (the filmstrip), :mod:`.interpolation`, :mod:`.attention` (where each token acts).
+:mod:`.denoising` (the filmstrip), :mod:`.interpolation`, :mod:`.attention` (where each token acts),
+:mod:`.gallery` (captioned pictures side by side).
 
 ```python
 from imageprompt_widgets import ImagePromptPipeline, views
@@ -55,6 +56,7 @@ from .denoising import (
     frame_indices,
     latent_statistics,
 )
+from .gallery import ImageGridView, image_grid
 from .interpolation import InterpolationView, interpolation_view
 from .norms import (
     DEFAULT_PROMPTS,
@@ -79,6 +81,7 @@ __all__ = [
     "DirectionGapView",
     "FigureView",
     "FilmstripView",
+    "ImageGridView",
     "InspectError",
     "InterpolationView",
     "PlotUnavailableError",
@@ -95,6 +98,7 @@ __all__ = [
     "direction_gap",
     "filmstrip",
     "frame_indices",
+    "image_grid",
     "interpolation_view",
     "latent_statistics",
     "patch_norms",

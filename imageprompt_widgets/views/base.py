@@ -69,7 +69,8 @@ def show_image(ax: Any, image: Any, title: str | None = None, *, fontsize: float
     """An RGB image on ``ax`` without axes; small images with visible pixels rather than blurred."""
     array = np.asarray(image)
     small = max(array.shape[:2]) <= SMALL_IMAGE
-    shown = ax.imshow(array, interpolation="nearest" if small else "antialiased")
+    grey = {"cmap": "gray", "vmin": 0, "vmax": 255} if array.ndim == 2 else {}  # an "L" image: grey, not viridis
+    shown = ax.imshow(array, interpolation="nearest" if small else "antialiased", **grey)
     ax.set_xticks([])
     ax.set_yticks([])
     if title:

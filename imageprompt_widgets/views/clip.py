@@ -133,9 +133,10 @@ class CropComparisonView(FigureView):
     def figure(self) -> Any:
         from matplotlib.patches import Rectangle
 
-        figure = new_figure(2.6 * (1 + len(self.seen)), 3.0)
-        axes = figure.subplots(1, 1 + len(self.seen), squeeze=False)[0]
         width, height = self.original.width, self.original.height
+        aspect = min(max(width / height, 0.5), 4.0)  # the original at its own shape, the crops square
+        figure = new_figure(2.6 * (aspect + len(self.seen)), 3.0)
+        axes = figure.subplots(1, 1 + len(self.seen), squeeze=False, width_ratios=[aspect] + [1] * len(self.seen))[0]
         show_image(axes[0], self.original, f"original {width}x{height}")
         left, top, side, _ = center_crop_box(width, height)
         axes[0].add_patch(Rectangle((left - 0.5, top - 0.5), side, side, fill=False, edgecolor="#ffdd00",
