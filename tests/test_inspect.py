@@ -475,9 +475,15 @@ def test_attention_view_of_repeat_says_every_token_has_the_same_share(tiny_pipe,
         views.attention_view(result, groups={"beyond": [80]})
 
 
-def test_attention_view_without_recorded_maps_says_how_to_get_them(run):
+def test_attention_view_without_recorded_maps_says_how_to_get_them(run, tiny_pipe, inputs):
     with pytest.raises(views.InspectError, match="generate with trace_attention=True"):
         views.attention_view(run)
+    cancel = threading.Event()
+    stopped = tiny_pipe.generate(inputs[0], steps=3, trace_attention=True, cancel=cancel,
+                                 on_step=lambda info: cancel.set())
+    assert stopped.cancelled and stopped.trace.attention_maps.shape == (1, 77, 32, 32)  # the step that ran
+    with pytest.raises(views.InspectError, match="cancelled before its images were decoded"):
+        views.attention_view(stopped)
 
 
 def test_rendering_every_view_registers_no_figure_anywhere(tiny_pipe, run, inputs):

@@ -116,6 +116,9 @@ def attention_view(
         raise InspectError("This run recorded no attention: generate with trace_attention=True to see where "
                            "each token acts.")
     maps = trace.attention_maps
+    if not result.images:
+        raise InspectError("This run was cancelled before its images were decoded: there is no picture to lay "
+                           "the attention maps over (trace.attention_maps holds the steps that ran).")
     if not 0 <= index < maps.shape[0]:
         raise InspectError(f"This run made {maps.shape[0]} images; there is no image {index}.")
     maps = maps[index].float()
@@ -141,7 +144,7 @@ def attention_view(
         adapter = adapter[index].float()
         notes.append("The IP-Adapter's tokens have their own softmax beside the text's: their shares sum to 1 "
                      "among themselves, weighted by the adapter's scale in each layer and step.")
-    return AttentionView(result.images[index] if result.images else None, maps,
+    return AttentionView(result.images[index], maps,
                          {label: list(indices) for label, indices in chosen.items()}, labels, adapter,
                          patch_shares, seen, settings.mode, notes)
 
