@@ -20,6 +20,7 @@ _LAZY = {
     "GenerationResult": "results",
     "Trace": "results",
     "GenerationSettings": "settings",
+    "ControlUnit": "settings",
     "SettingsError": "settings",
     "load_image": "images",
     "load_images": "images",
@@ -33,6 +34,7 @@ _LAZY = {
 
 __all__ = [
     "PRESETS",
+    "ControlUnit",
     "GenerationResult",
     "GenerationSettings",
     "ImageEmbedding",
@@ -71,5 +73,5 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .pipeline import ImageEmbedding, ImagePromptPipeline, StepInfo, generate
     from .presets import PRESETS, Preset
     from .results import GenerationResult, Trace
-    from .settings import GenerationSettings, SettingsError
+    from .settings import ControlUnit, GenerationSettings, SettingsError
     from .widget import ImagePromptWidget

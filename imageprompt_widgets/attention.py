@@ -14,9 +14,10 @@ are bit-identical with and without recording, and the IP-Adapter's scale switchi
 processors. With recording off, nothing is installed.
 
 IP-Adapter: the adapter's image tokens have a softmax of their own beside the text's (the decoupled
-cross-attention), so they get maps of their own, ``[B, n, h, w]`` summing to 1 over the adapter's tokens.
-Each layer's contribution is weighted by the adapter's scale in that layer at that step, so layers and steps
-where the adapter is switched off (``adapter_blocks``, the step window) count for nothing.
+cross-attention), so they get maps of their own, ``[B, n, h, w]`` summing to 1 over the adapter's tokens
+(several adapters: their tokens one after the other, in ``pipe.ip_adapters`` order, each adapter's summing
+to 1, or 0 for an adapter switched off throughout). Each layer's contribution is weighted by the adapter's scale in that layer at that step, so layers and
+steps where the adapter is switched off (``adapter_blocks``, the step window) count for nothing.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class AttentionMaps:
     """What one run's recording gives: the prompt's maps and, with an IP-Adapter, the adapter's."""
 
     prompt: torch.Tensor  # [B, L, h, w] float32 on the CPU; L the length the UNet saw (padding included)
-    adapter: torch.Tensor | None  # [B, n, h, w] or None (no IP-Adapter tokens seen, or the adapter never on)
+    adapter: torch.Tensor | None  # [B, n, h, w], or None when the UNet was given no IP-Adapter tokens
     calls: int  # layer calls averaged (cross-attention layers x UNet calls)
 
 
@@ -117,8 +118,9 @@ class AttentionRecorder:
         self.latent_size: tuple[int, int] | None = None
         self.calls = 0
         self._prompt_sum: torch.Tensor | None = None
-        self._adapter_sum: torch.Tensor | None = None
-        self._adapter_weight = 0.0
+        self._adapter_sums: dict[int, torch.Tensor] = {}  # adapter index -> its weighted sum
+        self._adapter_weights: dict[int, float] = {}
+        self._adapter_tokens: dict[int, int] = {}  # adapter index -> how many tokens it has
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[AttentionRecorder]:
@@ -136,7 +138,14 @@ class AttentionRecorder:
         """The averages so far (``None`` before the first recorded call), on the CPU in float32."""
         if self._prompt_sum is None:
             return None
-        adapter = None if self._adapter_sum is None else (self._adapter_sum / self._adapter_weight).cpu()
+        adapter = None
+        if self._adapter_tokens:  # the UNet was given IP-Adapter tokens
+            batch, _, height, width = self._prompt_sum.shape
+            adapter = torch.cat([
+                (self._adapter_sums[i] / self._adapter_weights[i]).cpu() if i in self._adapter_sums
+                else torch.zeros(batch, count, height, width)  # switched off throughout: no attention
+                for i, count in sorted(self._adapter_tokens.items())
+            ], dim=1)
         return AttentionMaps((self._prompt_sum / self.calls).cpu(), adapter, self.calls)
 
     # -- hooks ------------------------------------------------------------------------------------
@@ -176,16 +185,16 @@ class AttentionRecorder:
                 self._record_adapter(attn, query, processor, [tokens[rows] for tokens in adapter_tokens])
 
     def _record_adapter(self, attn: Any, query: torch.Tensor, processor: Any, tokens: list[torch.Tensor]) -> None:
-        parts, weights = [], []
-        for adapter_tokens, to_k_ip, scale in zip(tokens, processor.to_k_ip, processor.scale):
-            parts.append(adapter_probabilities(attn, query, to_k_ip, adapter_tokens))
-            weights.append(float(sum(scale) / len(scale)) if isinstance(scale, (list, tuple)) else float(scale))
-        # One weight per layer call: several adapters share a layer's call (each sums to 1 over its tokens).
-        weight = sum(weights) / len(weights)
-        if weight <= 0:
-            return
-        self._adapter_sum = self._add(self._adapter_sum, torch.cat(parts, dim=-1), weight)
-        self._adapter_weight += weight
+        """Each adapter's softmax, weighted by its scale in this layer now (an adapter that is off adds nothing)."""
+        for index, (adapter_tokens, to_k_ip, scale) in enumerate(zip(tokens, processor.to_k_ip, processor.scale)):
+            self._adapter_tokens[index] = adapter_tokens.reshape(adapter_tokens.shape[0], -1,
+                                                                 adapter_tokens.shape[-1]).shape[1]
+            weight = float(sum(scale) / len(scale)) if isinstance(scale, (list, tuple)) else float(scale)
+            if weight <= 0:
+                continue
+            probabilities = adapter_probabilities(attn, query, to_k_ip, adapter_tokens)
+            self._adapter_sums[index] = self._add(self._adapter_sums.get(index), probabilities, weight)
+            self._adapter_weights[index] = self._adapter_weights.get(index, 0.0) + weight
 
     def _add(self, total: torch.Tensor | None, probabilities: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
         """Head average ``[B, heads, hw, L] -> [B, L, h, w]`` at latent resolution, added to ``total``."""

@@ -19,6 +19,11 @@ def image():
     return make_image(0)
 
 
+@pytest.fixture(scope="module")
+def other_image():
+    return make_image(1)
+
+
 def _capture_layer_inputs(unet, names):
     """Test hooks that keep what each named cross-attention layer receives, per call."""
     calls: dict[str, list[tuple]] = {name: [] for name in names}
@@ -186,3 +191,24 @@ def test_layer_grid_follows_the_downsamplers_rounding():
 def test_an_unknown_layer_name_is_refused(tiny_pipe):
     with pytest.raises(attention.AttentionRecordError, match="no cross-attention layer named 'nope'"):
         attention.AttentionRecorder(tiny_pipe.sd.unet, 1, layers=["nope"])
+
+
+def test_several_adapters_each_get_maps_summing_to_one_and_an_adapter_that_is_off_gets_none(image, other_image):
+    from imageprompt_widgets import ImagePromptPipeline
+    from imageprompt_widgets.presets import Preset
+
+    mixed = ImagePromptPipeline.from_preset(Preset(  # a plain adapter (4 tokens) and a Plus adapter (16) at once
+        name="tiny-mixed-adapters", sd_model="tiny-ip-adapter", clip_model="tiny-ip-adapter",
+        ip_adapter=("tiny-ip-adapter", "tiny-ip-adapter-plus"), method="ip_adapter",
+        defaults=(("mode", "ip_adapter"),), image_tokens_fit=False,
+    ))
+    both = mixed.generate(image, adapter_images=[[image], [other_image]], prompt="a cat", steps=2, seed=0,
+                          trace_attention=True)
+    maps = both.trace.extras["adapter_attention_maps"]
+    assert maps.shape == (1, 4 + 16, 32, 32)
+    torch.testing.assert_close(maps[:, :4].sum(1), torch.ones(1, 32, 32), rtol=0, atol=1e-3)
+    torch.testing.assert_close(maps[:, 4:].sum(1), torch.ones(1, 32, 32), rtol=0, atol=1e-3)
+    half = mixed.generate(image, adapter_scales=[0.8, 0.0], prompt="a cat", steps=2, seed=0, trace_attention=True)
+    maps = half.trace.extras["adapter_attention_maps"]
+    torch.testing.assert_close(maps[:, :4].sum(1), torch.ones(1, 32, 32), rtol=0, atol=1e-3)
+    assert torch.equal(maps[:, 4:], torch.zeros(1, 16, 32, 32))  # scale 0: the Plus adapter read nothing

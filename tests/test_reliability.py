@@ -136,11 +136,14 @@ class CountingPipeline:
 
 
 def wait_until_idle(widget: ImagePromptWidget) -> None:
-    """Wait on the futures of every run the panel still has (button clicks hand no future back)."""
-    while widget.busy:
-        with widget._lock:
-            futures = [job.future for job in widget._pending if job.future is not None]
-        wait(futures, timeout=WAIT)
+    """Wait until the panel's controller has no run left and has said its last word (button clicks hand no
+    future back)."""
+    assert widget.controller.join(WAIT), "a run never ended"
+
+
+def cancel_event_of(widget: ImagePromptWidget, future: Future) -> threading.Event | None:
+    """The cancel event of the run behind ``future`` (None once it has ended)."""
+    return next((job.cancel for job in widget.controller.jobs if job.future is future), None)
 
 
 def assert_idle(widget: ImagePromptWidget, pipe) -> None:
@@ -172,7 +175,9 @@ def test_generate_cancel_storm_resolves_every_future_and_the_next_run_is_exact(t
             wait_until_idle(widget)
         futures.append(widget.generate())
         if pattern == 0:  # Cancel once the run is really denoising
-            counting.wait_for_a_step(futures[-1], widget._pending[-1].cancel)
+            cancel = cancel_event_of(widget, futures[-1])
+            if cancel is not None:
+                counting.wait_for_a_step(futures[-1], cancel)
         elif pattern == 2:  # a double press, then Cancel
             futures.append(widget.generate())
         widget.cancel()
@@ -204,17 +209,19 @@ def test_generate_cancel_storm_resolves_every_future_and_the_next_run_is_exact(t
 
 
 def test_cancel_ends_on_cancelled_even_when_the_run_stops_before_the_click_returns(tiny_pipe, image, thread_errors):
-    """The worker can finish its last words before the Cancel handler gets to say "Cancelling…"; the
-    status must still end truthful. Forced here by letting each dropped job end inside ``cancel()``."""
+    """The worker can finish its last words before the Cancel handler returns; the status must still end
+    truthful. Forced here by letting each cancelled job end inside ``cancel()``."""
     widget = ImagePromptWidget(pipeline=tiny_pipe, runner=ThreadRunner(), **FAST)
     widget.set_images(image)
-    drop = widget._drop
+    controller = widget.controller
+    cancel = controller.cancel
 
-    def drop_and_let_it_end(job):
-        drop(job)
-        wait([job.future], timeout=WAIT)
+    def cancel_and_let_them_end():
+        jobs = controller.jobs
+        cancel()
+        wait([job.future for job in jobs], timeout=WAIT)
 
-    widget._drop = drop_and_let_it_end
+    controller.cancel = cancel_and_let_them_end
     future = widget.generate()
     widget.cancel()
     assert future.cancelled() or future.result(WAIT) is None or future.result(WAIT).cancelled
@@ -357,7 +364,7 @@ def test_close_mid_run_stops_the_worker_and_frees_the_panel(tiny_pipe, image, th
     widget.set_images(image)
     future = widget.generate()
     assert counting.held.wait(WAIT)
-    job = weakref.ref(widget._pending[0])
+    job = weakref.ref(widget.controller.jobs[0])
     panel = weakref.ref(widget)
     worker = counting.worker
     widget.close()

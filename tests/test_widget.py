@@ -164,7 +164,8 @@ def test_controls_are_generated_from_the_settings_specs():
             assert "weights" not in widget.controls.controls
             continue
         control = labelled(widget.controls, spec.label)
-        assert control is widget.controls[spec.name] and control.value == spec.default
+        shown = ", ".join(f"{value:g}" for value in spec.default) if spec.kind == "floats" else spec.default
+        assert control is widget.controls[spec.name] and control.value == shown
         if spec.kind in ("int", "float"):
             assert (control.min, control.max) == (spec.min, spec.max)
         if spec.advanced:
@@ -529,3 +530,30 @@ def test_a_caption_run_puts_blips_caption_in_the_prompt_field_to_edit():
     edited = panel.generate().result(timeout=WAIT)
     assert edited.recipe["caption"] == "a red square"
     assert not np.array_equal(np.asarray(edited.images[0]), np.asarray(first.images[0]))
+
+
+# -- honest progress ------------------------------------------------------------------------------
+
+
+def test_the_bar_total_is_set_before_the_first_step_and_never_changes(tiny_pipe, image):
+    steered = SteeredPipeline(tiny_pipe)
+    widget = ImagePromptWidget(pipeline=steered, runner=InlineRunner(), steps=3, guidance_scale=1.0)
+    widget.set_images(image)
+    bar: list[tuple[int, int]] = []  # (value, max) after every change the browser would see
+    widget.progress.observe(lambda change: bar.append((widget.progress.value, widget.progress.max)),
+                            names=["value", "max"])
+    said: list[str] = []
+    widget.status_line.observe(lambda change: said.append(widget.status), names="value")
+    widget.generate().result()
+    assert steered.steps == [1, 2, 3, 4]  # PNDM: one warm-up step more than the 3 asked
+    first_step = bar.index((1, 4))
+    assert bar[first_step - 1] == (0, 4)  # the total is in place before the first step …
+    assert {total for _, total in bar[first_step - 1:]} == {4}  # … and stays for the whole run
+    assert bar[-1] == (4, 4)
+    why = "(the PNDM scheduler adds 1 warm-up step to the 3 asked for.)"
+    assert said[0] == f"Starting: 4 steps {why}"
+    assert any(line.startswith("Step 4/4") and line.endswith(why) for line in said)
+    said.clear()
+    widget.generate().result()  # said once: the next run just counts
+    assert said[0] == "Starting: 4 steps" and not any(why in line for line in said)
+    widget.close()

@@ -80,7 +80,7 @@ METHODS: dict[str, Method] = {
             "ip_adapter", "IP-Adapter: image tokens through the adapter's own cross-attention, beside the text",
             "ip_adapter",
             ("scale", "combine", "weights", "negative", "crop", "prompt", "adapter_start", "adapter_end",
-             "adapter_blocks"),
+             "adapter_blocks", "adapter_scales", "adapter_block_scales"),
             frozenset({"ip_adapter", "text"}), "tiny-ip-adapter",
         ),
         Method(

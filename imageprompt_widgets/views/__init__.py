@@ -34,6 +34,7 @@ pipe.interpolate(image_a, image_b, count=5)        # a strip of images, shown in
 from __future__ import annotations
 
 from ..loading import TextTowerUnavailable
+from . import adapter_tokens  # the IP-Adapter's tokens (views.adapter_tokens.adapter_tokens_view)
 from .attention import AttentionView, attention_summary, attention_view
 from .base import PLOT_MISSING, FigureView, InspectError, PlotUnavailableError, plot_available
 from .clip import (
@@ -90,6 +91,7 @@ __all__ = [
     "Summary",
     "TextTowerUnavailable",
     "TokenView",
+    "adapter_tokens",
     "attention_summary",
     "attention_view",
     "clip_input_images",

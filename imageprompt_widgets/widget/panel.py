@@ -1,70 +1,51 @@
-"""ImagePromptWidget: the panel users ``display()``. A view over the engine: it reads its controls into
-settings, runs the pipeline on a runner, and shows progress, previews, results and errors.
+"""ImagePromptWidget: the panel users ``display()``. A face over the engine's
+:class:`~imageprompt_widgets.controller.Controller`: it reads its controls into settings, hands them to
+the controller, and renders what the controller reports (status, progress, previews, results, errors).
 
-Only traits are set while a run is in progress (``Image.value``, ``IntProgress.value``, ``Label.value``),
+Only traits are set while a run is in progress (``Image.value``, ``IntProgress.value``, ``HTML.value``),
 never ``with output:``, so updates from the worker thread render in JupyterLab, Notebook 7 and VS Code.
 """
 
 from __future__ import annotations
 
 import html
-import threading
-import time
 import traceback
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Any
 
 import ipywidgets as widgets
 from PIL import Image
 
-from ..concurrency import CancelEvent
+from ..controller import (
+    PREVIEW_INTERVAL,
+    BusyChanged,
+    Cancelled,
+    Cancelling,
+    Controller,
+    Event,
+    Failed,
+    Finished,
+    Job,
+    Loading,
+    Preview,
+    Queued,
+    Started,
+    Step,
+    SubscriberFailed,
+    Waiting,
+)
 from ..images import ImageInputError, describe_source, load_images
-from ..presets import Preset, resolve_preset
+from ..presets import Preset
+from ..runners import Runner
 from ..settings import GenerationSettings
 from .controls import SettingsControls
 from .gallery import History, HistoryItem, OutputGrid, close_tree
 from .inputs import UPLOAD_HINT, InputStrip, load_upload, uploaded_files
 from .inspector import InspectorTab
-from .runner import Runner, default_runner
 
-#: Seconds between preview images (a few per second: the server drops output above ~1000 messages/s).
-PREVIEW_INTERVAL = 0.25
-#: Seconds between progress/status updates.
-PROGRESS_INTERVAL = 1 / 20
-#: The status while a cancel is on its way (replaced by the job's own last word, or by "Cancelled").
-_CANCELLING = "Cancelling…"
 #: Settings the panel sets itself instead of through a generated control.
 _OWN_SETTINGS = ("weights",)
-
-
-@dataclass(eq=False)
-class _Job:
-    """One press of Generate: what to run, frozen at the moment of the press."""
-
-    images: list[Image.Image]
-    weights: list[float]
-    negatives: list[Image.Image]
-    settings: GenerationSettings
-    structure_image: Image.Image | None = None  # the Structure section's own image; None: the first input
-    cancel: CancelEvent = field(default_factory=CancelEvent)
-    future: Future | None = None
-    last_step: Any = None  # the last StepInfo seen
-
-
-class _Throttle:
-    """``ready()`` is True at most once per ``interval`` seconds (the first call always)."""
-
-    def __init__(self, interval: float) -> None:
-        self.interval = interval
-        self._next = 0.0
-
-    def ready(self) -> bool:
-        now = time.monotonic()
-        if now < self._next:
-            return False
-        self._next = now + self.interval
-        return True
+_LOST_NOTHING = "nothing from earlier runs is lost."
 
 
 class ImagePromptWidget(widgets.VBox):
@@ -92,20 +73,13 @@ class ImagePromptWidget(widgets.VBox):
         save_dir: str = "imageprompt-outputs",
         **settings: Any,
     ) -> None:
-        from ..preview import PREVIEW_KINDS
-
-        if preview not in PREVIEW_KINDS:
-            raise ValueError(f"preview={preview!r} is not one of {', '.join(PREVIEW_KINDS)}.")
-        self._preset = None if pipeline is not None else resolve_preset(model)  # unknown names fail here, at once
-        self._pipeline = pipeline
-        self._runner = runner or default_runner()
-        self._preview_kind, self._taesd = preview, taesd
-        self._preview_interval = preview_interval
-        self._decoder: tuple[Any, Any] | None = None  # (pipeline, decoder)
-        self._lock = threading.RLock()
-        self._pending: list[_Job] = []  # the running job first, then at most one waiting
+        # Unknown model names and preview kinds fail here, at once; no weights load before the first Generate.
+        self.controller = Controller(model, pipeline=pipeline, runner=runner, preview=preview, taesd=taesd,
+                                     preview_interval=preview_interval)
         self.result = None
-        self.previews_shown = 0  # preview frames sent in the last run (for tests and the curious)
+        self.previews_shown = 0  # preview frames shown in the last run (for tests and the curious)
+        self._explained: set[str] = set()  # why a run's step total differs from steps: said once per panel
+        self._step_note = ""
 
         self.upload = widgets.FileUpload(accept="image/*", multiple=True, description="Upload",
                                          layout=widgets.Layout(width="auto", min_width="120px"))
@@ -117,7 +91,7 @@ class ImagePromptWidget(widgets.VBox):
                            names="value")
             upload.observe(self._on_upload_error, names="error")
         self.controls = SettingsControls(exclude=_OWN_SETTINGS)
-        preset = self._preset or getattr(pipeline, "preset", None)
+        preset = self.controller.preset
         starting = {**dict(preset.defaults if preset else ()), **settings}  # e.g. variations: zero negative
         if starting:
             self.controls.apply(GenerationSettings.from_kwargs(**starting))
@@ -149,7 +123,7 @@ class ImagePromptWidget(widgets.VBox):
             max_items=history_size, max_bytes=history_bytes, save_dir=save_dir,
             on_use=self._use_as_input, on_rerun=self.rerun, on_saved=lambda path: self._say(f"Saved {path}."),
         )
-        self.inspector = InspectorTab()
+        self.inspector = InspectorTab(controller=self.controller)
         self.tabs = widgets.Tab(children=[self.history, self.inspector])
         self.tabs.set_title(0, "History")
         self.tabs.set_title(1, "Inspector")
@@ -169,6 +143,7 @@ class ImagePromptWidget(widgets.VBox):
         )
         right = widgets.VBox([self.grid], layout=widgets.Layout(flex="1 1 auto", margin="0 0 0 12px"))
         super().__init__(children=[widgets.HBox([left, right]), self.tabs])
+        self._unsubscribe = self.controller.subscribe(self._on_event)
 
     # -- public API ----------------------------------------------------------------------------
 
@@ -180,7 +155,7 @@ class ImagePromptWidget(widgets.VBox):
     @property
     def pipeline(self) -> Any:
         """The :class:`~imageprompt_widgets.ImagePromptPipeline` in use; ``None`` before the first load."""
-        return self._pipeline
+        return self.controller.pipeline
 
     def __repr__(self) -> str:
         """One line where a widget cannot render (a plain console, or re-displayed after ``close()``)."""
@@ -190,8 +165,8 @@ class ImagePromptWidget(widgets.VBox):
 
     @property
     def busy(self) -> bool:
-        with self._lock:
-            return bool(self._pending)
+        """Whether a run is in progress or waiting."""
+        return self.controller.busy
 
     def set_images(self, images: Any, weights: list[float] | None = None) -> None:
         """Replace the inputs: paths, bytes, PIL images, arrays, upload values (as ``load_image`` takes)."""
@@ -234,34 +209,23 @@ class ImagePromptWidget(widgets.VBox):
         raised by ``future.result()``.
         """
         try:
-            job = self._new_job()
+            images = self.inputs.images
+            if not images:
+                raise ImageInputError("Add an image first: upload one, or call w.set_images('path/to/image').")
+            settings = self.controls.settings(weights=tuple(self.inputs.weights))
+            structure_image = self.structure_image if settings.structure != "none" else None
+            job = self.controller.submit(images, settings, negative_image=self.negatives.images or None,
+                                         structure_image=structure_image)
         except ValueError as err:
             self._report(err)
             future: Future = Future()
             future.set_exception(err)
             return future
-        with self._lock:
-            waiting = self._pending[1:]
-            for old in waiting:
-                self._drop(old)
-            queued = bool(self._pending)
-            self._pending.append(job)
-            self.cancel_button.disabled = False
-        if queued:
-            replaced = " (replacing the one that was waiting)" if waiting else ""
-            self._say(f"Queued{replaced}: starts when the current run ends.")
-        job.future = self._runner.submit(lambda: self._run(job))
         return job.future
 
     def cancel(self) -> None:
         """Stop the running generation after its current step, and drop a waiting one."""
-        with self._lock:
-            jobs = list(self._pending)
-            if jobs:  # said before any job is stopped, so a job's own last word comes after it
-                self._say(_CANCELLING)
-        for job in jobs:
-            self._drop(job)
-        self._settle_cancel()
+        self.controller.cancel()
 
     def rerun(self, item: HistoryItem) -> Future:
         """Run a history item's recipe again: its inputs, weights and settings."""
@@ -274,126 +238,95 @@ class ImagePromptWidget(widgets.VBox):
 
     def close(self) -> None:
         """Stop work and close every part (the kernel keeps widgets alive until they are closed)."""
-        if hasattr(self, "_runner"):  # ipywidgets also closes half-built widgets whose __init__ raised
-            self.cancel()
-            self._runner.shutdown()
+        if hasattr(self, "_unsubscribe"):  # ipywidgets also closes half-built widgets whose __init__ raised
+            self.controller.close()
+            self._unsubscribe()
         for child in self.children:
             close_tree(child)
         if isinstance(self.layout, widgets.Widget):
             self.layout.close()
         super().close()
 
-    # -- running -------------------------------------------------------------------------------
+    # -- what the controller reports -------------------------------------------------------------
 
-    def _new_job(self) -> _Job:
-        images, weights = self.inputs.images, self.inputs.weights
-        if not images:
-            raise ImageInputError("Add an image first: upload one, or call w.set_images('path/to/image').")
-        settings = self.controls.settings(weights=tuple(weights))
-        structure_image = self.structure_image if settings.structure != "none" else None
-        return _Job(images, weights, self.negatives.images, settings, structure_image)
+    def _on_event(self, event: Event) -> None:
+        """Render one controller event (on the thread the job runs on: only traits are set)."""
+        if isinstance(event, BusyChanged):
+            self.cancel_button.disabled = not event.busy
+        elif isinstance(event, Cancelling):
+            self._say("Cancelling…")
+        elif isinstance(event, SubscriberFailed):
+            self._details(f"Showing {type(event.event).__name__} failed: {event.error}", event.details)
+        elif isinstance(event, Queued):
+            replaced = " (replacing the one that was waiting)" if event.replaced is not None else ""
+            self._say(f"Queued{replaced}: starts when the current run ends.")
+        elif isinstance(event, Loading):
+            self._say(event.message)
+            download = event.download
+            if download is not None and download.total:  # bytes (JavaScript counts exactly up to 2**53)
+                self.progress.value = 0
+                self.progress.max = download.total
+                self.progress.value = min(download.done, download.total)
+        elif isinstance(event, Waiting):
+            self._say("Waiting for another run on the same model to finish…")
+        elif isinstance(event, Started):
+            self._on_started(event)
+        elif isinstance(event, Step):
+            self.progress.value = event.step
+            self._say(self._step_text(event))
+        elif isinstance(event, Preview):
+            self.grid.show_previews(list(event.jpegs))
+            self.previews_shown += 1
+        elif isinstance(event, Finished):
+            if event.job.kind == "generate":
+                self._show(event.job, event.result)
+            else:
+                self._say(f"{event.job.kind} done in {event.job.seconds:.1f} s.")
+        elif isinstance(event, Cancelled):
+            self._on_cancelled(event)
+        elif isinstance(event, Failed):
+            self._report(event.error)
 
-    def _drop(self, job: _Job) -> None:
-        job.cancel.set()  # a running job stops after its current step and removes itself
-        never_runs = job.future is not None and job.future.cancel()  # True only for a job still waiting
-        with self._lock:
-            if never_runs and job in self._pending:
-                self._pending.remove(job)
-            self.cancel_button.disabled = not self._pending
-
-    def _run(self, job: _Job) -> Any:
-        try:
-            if job.cancel.is_set():
-                self._say("Cancelled before it started.")
-                return None
+    def _on_started(self, event: Started) -> None:
+        job = event.job
+        self.progress.value = 0  # first, so the new max never clamps an old value
+        self.progress.max = max(event.total_steps, 1)  # fixed for the whole run: it is what runs
+        self._step_note = ""
+        if event.reason and event.reason not in self._explained:
+            self._explained.add(event.reason)
+            self._step_note = f" ({event.reason})"
+        if job.kind == "generate":
             self.grid.begin(job.settings.num_images)
-            self.progress.value, self.progress.max = 0, job.settings.steps
             self.previews_shown = 0
-            pipe = self._load_pipeline()
-            decoder = self._preview_decoder(pipe)
-            if not self._wait_for(pipe, job):
-                self._say("Cancelled before it started.")
-                return None
-            try:
-                negative = {"negative_image": job.negatives} if job.negatives else {}
-                result = pipe.generate(job.images, job.settings, on_step=self._step_reporter(job, decoder),
-                                       cancel=job.cancel, structure_image=job.structure_image, **negative)
-            finally:
-                pipe.lock.release()
-            self._show(job, result, pipe)
-            return result
-        except KeyboardInterrupt:  # the kernel's stop button, when running inline (Colab)
-            self._say("Stopped with the kernel's stop button; nothing from earlier runs is lost.")
-            return None
-        except Exception as err:
-            self._report(err)
-            raise
-        finally:
-            with self._lock:
-                if job in self._pending:
-                    self._pending.remove(job)
-                self.cancel_button.disabled = not self._pending
-            self._settle_cancel()
+            self._say(f"Starting: {event.total_steps} steps{self._step_note}")
+        else:
+            self._say(f"{job.kind}: starting ({event.total_steps} steps)")
 
-    def _settle_cancel(self) -> None:
-        """Once nothing is pending, "Cancelling…" must not stay (jobs dropped from the queue never report)."""
-        with self._lock:
-            if not self._pending and self._status_text == _CANCELLING:
-                self._say("Cancelled; nothing from earlier runs is lost.")
+    def _step_text(self, event: Step) -> str:
+        if event.job.kind != "generate":
+            return f"{event.job.kind}: step {event.step}/{event.total}"
+        hint = "" if self.controller.background else " — stop with the kernel's stop button"
+        return f"Step {event.step}/{event.total} · {event.steps_per_second:.1f} it/s{hint}{self._step_note}"
 
-    def _load_pipeline(self) -> Any:
-        if self._pipeline is None:
-            from ..pipeline import ImagePromptPipeline
+    def _on_cancelled(self, event: Cancelled) -> None:
+        if event.interrupted:
+            self._say(f"Stopped with the kernel's stop button; {_LOST_NOTHING}")
+        elif not event.step and not event.idle:
+            return  # stopped before its first step while another run is pending: that one reports
+        elif event.step and event.total:
+            self._say(f"Cancelled after step {event.step} of {event.total}; {_LOST_NOTHING}")
+        elif event.ran:
+            self._say("Cancelled before it started.")
+        else:
+            self._say(f"Cancelled; {_LOST_NOTHING}")
 
-            preset = self._preset
-            size = f" ({preset.download_size})" if preset.download_size else ""
-            self._say(f"Loading model {preset.name!r}{size}; the first time takes a while…")
-            self._pipeline = ImagePromptPipeline.from_preset(preset, on_status=self._say)
-        return self._pipeline
-
-    def _preview_decoder(self, pipe: Any) -> Any:
-        if self._decoder is None or self._decoder[0] is not pipe:
-            from ..preview import decoder_for
-
-            self._decoder = (pipe, decoder_for(pipe, self._preview_kind, self._taesd))
-        return self._decoder[1]
-
-    def _wait_for(self, pipe: Any, job: _Job) -> bool:
-        """Take the pipeline's lock (another widget may be using it); False if cancelled meanwhile."""
-        return pipe.lock.acquire(
-            job.cancel, on_wait=lambda: self._say("Waiting for another run on the same model to finish…")
-        )
-
-    def _step_reporter(self, job: _Job, decoder: Any) -> Any:
-        from ..preview import preview_jpegs
-
-        progress, previews = _Throttle(PROGRESS_INTERVAL), _Throttle(self._preview_interval)
-        hint = "" if self._runner.background else " — stop with the kernel's stop button"
-
-        def on_step(info: Any) -> None:
-            job.last_step = info
-            if progress.ready() or info.step == info.total:
-                self.progress.max = info.total
-                self.progress.value = info.step
-                self._say(f"Step {info.step}/{info.total} · {info.steps_per_second:.1f} it/s{hint}")
-            if previews.ready() and not job.cancel.is_set():
-                self.grid.show_previews(preview_jpegs(info.x0(), decoder))
-                self.previews_shown += 1
-
-        return on_step
-
-    def _show(self, job: _Job, result: Any, pipe: Any) -> None:
-        step = job.last_step
-        if result.cancelled:
-            where = f" after step {step.step} of {step.total}" if step is not None else ""
-            self._say(f"Cancelled{where}; nothing from earlier runs is lost.")
-            return
+    def _show(self, job: Job, result: Any) -> None:
         self.grid.show_final(result.images)
         if "control_image" in result.trace.extras:  # exactly what the ControlNet saw
             self._show_edges(result.trace.extras["control_image"][0, 0], "the edge map of this run")
-        self.history.add_run(result.images, result.recipe, job.images, job.weights, job.negatives)
+        self.history.add_run(result.images, result.recipe, job.images, list(job.settings.weights), job.negatives)
         self.result = result
-        speed = f", {step.steps_per_second:.1f} it/s" if step is not None else ""
+        speed = f", {job.steps_per_second:.1f} it/s" if job.step else ""
         done = f"Done: {_count(len(result.images), 'image')} in {result.seconds:.1f} s{speed}, seed {result.settings.seed}."
         prompt = self.controls.controls.get("prompt")
         caption = result.recipe.get("caption")
@@ -402,7 +335,7 @@ class ImagePromptWidget(widgets.VBox):
             done += " BLIP's caption is in the prompt field: edit it and Generate again."
         self._say(done)
         try:
-            self.inspector.show(result, pipe)
+            self.inspector.show(result, self.controller.pipeline)
         except Exception as err:  # noqa: BLE001 - a broken view must not hide the images
             self._details(f"The inspector failed: {type(err).__name__}: {err}", traceback.format_exc())
 
@@ -465,7 +398,7 @@ class ImagePromptWidget(widgets.VBox):
             self.edge_preview.layout.display = "none"
             self.edge_note.value = ""
             return
-        native = getattr(self._pipeline, "native_size", 512)
+        native = getattr(self.controller.pipeline, "native_size", 512)
         size = structure.fit_size(source.size, self.controls["height"].value, self.controls["width"].value, native)
         try:
             edges = structure.edge_map(source, self.controls["canny_low"].value, self.controls["canny_high"].value, size)
