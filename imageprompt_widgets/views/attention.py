@@ -126,7 +126,7 @@ def attention_view(
     words = _prompt_words(result, pipeline)
     labels = _token_labels(maps.shape[0], settings, words)
     notes: list[str] = []
-    chosen = dict(groups) if groups is not None else _default_groups(maps, settings, words, labels, trace, notes)
+    chosen = dict(groups) if groups is not None else _default_groups(maps, settings, words, labels, notes)
     for label, indices in chosen.items():
         bad = [i for i in indices if not 0 <= i < maps.shape[0]]
         if bad:
@@ -152,14 +152,12 @@ def attention_view(
 def _prompt_words(result: Any, pipeline: Any) -> list[str] | None:
     """The text's tokens as SD's tokenizer splits them (without start and end), where the run had a text."""
     settings = result.settings
-    text = ""
-    if settings.mode == "caption":
-        text = str(result.provenance.notes.get("caption") or settings.prompt)
-    elif settings.mode in ("blend", "ip_adapter"):
-        text = settings.prompt
     tokenizer = getattr(getattr(pipeline, "sd", None), "tokenizer", None)
     if tokenizer is None or settings.mode not in ("blend", "ip_adapter", "caption"):
         return None
+    text = settings.prompt
+    if settings.mode == "caption":
+        text = str(result.provenance.notes.get("caption") or settings.prompt)
     ids = tokenizer(text, truncation=True, max_length=tokenizer.model_max_length).input_ids
     return [token.replace("</w>", "") for token in tokenizer.convert_ids_to_tokens(ids[1:-1])]
 
@@ -181,7 +179,7 @@ def _token_labels(count: int, settings: Any, words: list[str] | None) -> list[st
     return labels
 
 
-def _default_groups(maps: torch.Tensor, settings: Any, words: list[str] | None, labels: list[str], trace: Any,
+def _default_groups(maps: torch.Tensor, settings: Any, words: list[str] | None, labels: list[str],
                     notes: list[str]) -> dict[str, list[int]]:
     count = maps.shape[0]
     mode = settings.mode
@@ -206,7 +204,7 @@ def _default_groups(maps: torch.Tensor, settings: Any, words: list[str] | None, 
                      "image, so the groups are the text's positions, each a mix.")
     if words:
         top = sorted(range(1, 1 + len(words)), key=lambda i: -float(shares[i]))[:TOP_TOKENS]
-        text_groups.update({f"word {labels[i]}": [i] for i in top})
+        text_groups.update({f"token {i}: {labels[i]}": [i] for i in top})  # the same word may come twice
     return text_groups
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..loading import TextTowerUnavailable
-from .base import FigureView, new_figure, number
+from .base import FigureView, InspectError, new_figure, number
 from .clip import cosine_similarity
 
 #: Prompts whose SD text-encoder token norms are shown beside the image prompt's (computed live).
@@ -257,8 +257,6 @@ def direction_gap(trace: Any, pipeline: Any, prompts: Sequence[str] = DEFAULT_PR
     from .. import conditioning
 
     if len(prompts) < 2:
-        from .base import InspectError
-
         raise InspectError(f"The direction gap compares prompts with each other: give at least 2, not {len(prompts)}.")
     image = trace.image_embeds[index].detach().float().cpu()
     sd_tokens = text_prompt_embeds(pipeline, prompts)  # [P, 77, D]
