@@ -19,6 +19,7 @@ _LAZY = {
     "generate": "pipeline",
     "GenerationResult": "results",
     "Trace": "results",
+    "SaveError": "results",
     "GenerationSettings": "settings",
     "ControlUnit": "settings",
     "SettingsError": "settings",
@@ -43,6 +44,7 @@ __all__ = [
     "ImagePromptWidget",
     "ModelLoadError",
     "Preset",
+    "SaveError",
     "SettingsError",
     "StepInfo",
     "Trace",
@@ -72,6 +74,6 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .models import ModelLoadError, clear_cache
     from .pipeline import ImageEmbedding, ImagePromptPipeline, StepInfo, generate
     from .presets import PRESETS, Preset
-    from .results import GenerationResult, Trace
+    from .results import GenerationResult, SaveError, Trace
     from .settings import ControlUnit, GenerationSettings, SettingsError
     from .widget import ImagePromptWidget

@@ -129,12 +129,14 @@ def _generate(args: argparse.Namespace) -> int:
     if result is None or result.cancelled:
         print("imageprompt: stopped; nothing was written.", file=sys.stderr)
         return EXIT_INTERRUPTED
-    paths = result.save(args.output)
-    for path in paths:
-        print(path)
-    if args.save_trace:
-        trace_path = result.trace.save(paths[0].with_suffix(".trace.safetensors"), recipe=result.recipe)
-        print(trace_path)
+    try:  # a full disk or a folder gone read-only meanwhile: one line, not a traceback (SaveError)
+        paths = result.save(args.output)
+        for path in paths:
+            print(path)
+        if args.save_trace:
+            print(result.trace.save(paths[0].with_suffix(".trace.safetensors"), recipe=result.recipe))
+    except ValueError as err:
+        return _bad_input(err)
     print(f"wrote {len(paths)} image(s) to {args.output}", file=sys.stderr)
     return 0
 

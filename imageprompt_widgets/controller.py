@@ -542,11 +542,11 @@ class Controller:
             pipe = self._pipeline
         if pipe is not None:
             return pipe
+        from .availability import loading_message
         from .pipeline import ImagePromptPipeline
 
         preset = self._preset
-        size = f" ({preset.download_size})" if preset.download_size else ""
-        self._emit(Loading(job, f"Loading model {preset.name!r}{size}; the first time takes a while…"))
+        self._emit(Loading(job, loading_message(preset)))
         pipe = ImagePromptPipeline.from_preset(
             preset, **self._load_options, on_status=lambda message: self._emit(Loading(job, message)),
             on_progress=self._download_reporter(job),

@@ -8,13 +8,17 @@ weights take. Random weights produce noise; that is expected and honest.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from .faults import ModelLoadError, filesystem_fault
 
 #: Bump when the tiny configs change, so stale caches are rebuilt rather than reused.
 TINY_VERSION = "v1"
@@ -90,20 +94,107 @@ def build_once(final: Path, build: Callable[[Path], Any], marker: str) -> Path:
     ``marker`` is a file the finished build has; when it exists the build is not repeated.
     """
     if (final / marker).is_file():
+        _open_up_private_build(final)
         return final
+    from .quiet import quiet_loaders
+
+    with quiet_loaders():  # one builder or loader at a time in this process (see quiet.py)
+        if (final / marker).is_file():  # another thread built it while this one waited
+            return final
+        try:
+            return _build_atomically(final, build, marker)
+        except Exception as err:  # a full disk, a read-only folder, a file in the way: say which, and what to do
+            fault = filesystem_fault(err, final.parent)
+            if fault is None:
+                raise
+            room = "a folder on a disk with room" if fault.disk_full else "a folder you can write to"
+            raise ModelLoadError(fault.sentence(f"The offline models could not be built in {final.parent}",
+                                                f"set {CACHE_ENV} to {room}")) from err
+
+
+def _build_atomically(final: Path, build: Callable[[Path], Any], marker: str) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
     try:
         build(tmp)
+        share_as_umask_allows(tmp)  # mkdtemp made it 0700: a class's shared cache must be readable by the class
         try:
             os.rename(tmp, final)
         except OSError:
-            # Another process finished first; its copy is identical (same seed), keep it.
-            if not (final / marker).is_file():
+            if (final / marker).is_file():
+                pass  # another process finished first; its copy is identical (same seed), keep it
+            elif final.exists():  # a damaged build that lost its marker: replace it
+                discard_build(final)
+                os.rename(tmp, final)
+            else:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system says it (Linux), else by setting and
+    restoring it."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def share_as_umask_allows(folder: Path) -> None:
+    """Give a build the modes a plain ``mkdir``/``open`` would have given it (0755 folders and 0644 files under
+    the usual umask 022; private under umask 077)."""
+    umask = current_umask()
+    for path in [folder, *folder.rglob("*")]:
+        with contextlib.suppress(OSError):  # not ours (a shared cache): leave it
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def _open_up_private_build(final: Path) -> None:
+    """A build from before :func:`share_as_umask_allows` is 0700 at its top: open it up (one stat when it is not)."""
+    if not hasattr(os, "geteuid"):  # Windows: no POSIX modes to open up
+        return
+    with contextlib.suppress(OSError):
+        info = final.stat()
+        if info.st_mode & 0o777 == 0o700 and info.st_uid == os.geteuid():
+            final.chmod(0o777 & ~current_umask())
+
+
+def discard_build(folder: Path) -> None:
+    """Move a damaged build aside (one rename, so no reader meets it half-deleted) and delete it: the next
+    use builds it again."""
+    aside = folder.with_name(f".{folder.name}-damaged-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        os.rename(folder, aside)
+    except FileNotFoundError:
+        return  # another thread or process discarded it first
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def builds_of(local: Any, damaged_path: str | None = None) -> list[Path]:
+    """The build folders (directly under :func:`cache_dir`) that a materialized preset's models lie in; where
+    ``damaged_path`` is known, only the one holding it (none when it lies outside the cache: Hub ids and
+    folders elsewhere are not ours to rebuild)."""
+    import dataclasses
+
+    root = cache_dir().resolve()
+    values = [damaged_path] if damaged_path else [v for v in dataclasses.asdict(local).values() if isinstance(v, str)]
+    folders = set()
+    for value in values:
+        try:
+            relative = Path(value.split("::")[0]).resolve().relative_to(root)  # ip_adapter is "folder::weights"
+        except (ValueError, OSError):
+            continue
+        if relative.parts:
+            folders.add(root / relative.parts[0])
+    return sorted(folders)
 
 
 def sd14_scheduler() -> Any:

@@ -19,6 +19,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,12 +30,13 @@ from .attention import AttentionMaps, recording_attention
 from .concurrency import RunLock
 from .downloads import ProgressCallback, watch_downloads
 from .encoding import ClipTextTower, ImageEmbedding, encode_images, fingerprint
-from .images import describe_source, load_images
+from .images import ImageInputError, describe_source, load_images
 from .loading import LoadedComponents, load_clip_text_tower, load_components
 from .methods import METHODS
 from .methods.inputs import ConditioningInputs, TextSide
 from .models import MODEL_CACHE, StatusCallback, model_key, resolve_device_dtype
 from .presets import PRESETS, Preset, resolve_preset
+from .quiet import noting_prompt_truncation
 from .results import GenerationResult, Interpolation, Provenance, Trace
 from .settings import MODES, GenerationSettings, SettingsError
 from .steps import (
@@ -55,6 +57,9 @@ __all__ = ["ImageEmbedding", "ImagePromptPipeline", "NonFiniteImageError", "Step
 
 #: How many distinct input batches keep their embeddings cached per pipeline.
 EMBEDDING_CACHE_SIZE = 16
+#: The most input (or negative) images one run takes: each is decoded and encoded at once, so a folder of
+#: thousands would exhaust memory before the first step.
+MAX_INPUT_IMAGES = 64
 #: Ordinary prompts whose text-encoder outputs set the target of norm matching.
 NORM_PROBE_PROMPTS = (
     "a photograph of a cat sitting on a windowsill",
@@ -235,7 +240,7 @@ class ImagePromptPipeline:
                 f"The {self.preset.name!r} model has no text encoder, so it cannot use {purpose}: "
                 "use negative='zeros' and a mode without text (repeat, single, tokens)."
             )
-        with torch.inference_mode():
+        with noting_prompt_truncation(), torch.inference_mode():  # a cut prompt is noted, not printed in full
             embeds, _ = self.sd.encode_prompt(prompt, self.device, 1, False)
         return embeds
 
@@ -534,6 +539,8 @@ class ImagePromptPipeline:
             changes["negative"] = "image"
         if changes:
             settings = settings.replace(**changes)
+        _check_image_count(images, "input")
+        _check_image_count(negative_image, "negative")
         pil_images = [] if isinstance(images, ImageEmbedding) else load_images(images)
         negatives = load_images(negative_image) if negative_image is not None else []
         if settings.negative == "image" and not negatives:
@@ -577,6 +584,8 @@ class ImagePromptPipeline:
                 f"{self.preset.name!r} has {count} IP-Adapter{'s' if count != 1 else ''}: give one list of images "
                 "per adapter."
             )
+        for group in adapter_images:
+            _check_image_count(group, "adapter")
         return [load_images(group) for group in adapter_images]
 
     def _encode(
@@ -601,12 +610,18 @@ class ImagePromptPipeline:
     ) -> conditioning.Conditioning:
         """The method's conditioning for one output image (its registry entry builds it)."""
         build = METHODS[settings.mode].builder()
-        return build(ConditioningInputs(
-            settings=settings, embedding=embedding, text=self.text_side(),
-            cross_attention_dim=self.sd.unet.config.cross_attention_dim, negative_embedding=negative_embedding,
-            images=inputs.images, parts=self.parts, preset_name=self.preset.name,
-            adapter_embeddings=adapter_embeddings or [],
-        ))
+        with noting_prompt_truncation() as truncated:
+            cond = build(ConditioningInputs(
+                settings=settings, embedding=embedding, text=self.text_side(),
+                cross_attention_dim=self.sd.unet.config.cross_attention_dim, negative_embedding=negative_embedding,
+                images=inputs.images, parts=self.parts, preset_name=self.preset.name,
+                adapter_embeddings=adapter_embeddings or [],
+            ))
+        if truncated:
+            length = getattr(getattr(self.sd, "tokenizer", None), "model_max_length", 77)
+            cond.notes["prompt_truncated"] = (
+                f"the prompt is longer than the text encoder's {length} tokens; only its start was used")
+        return cond
 
     def _plan(
         self, inputs: RunInputs, settings: GenerationSettings, embedding: ImageEmbedding,
@@ -742,6 +757,21 @@ def _keep_attention_maps(trace: Trace, maps: AttentionMaps | None) -> None:
     trace.attention_maps = maps.prompt[:, : trace.prompt_embeds.shape[1]].contiguous()
     if maps.adapter is not None:
         trace.extras["adapter_attention_maps"] = maps.adapter
+
+
+def _check_image_count(sources: Any, what: str) -> None:
+    """Refuse more than :data:`MAX_INPUT_IMAGES` pictures before any is decoded."""
+    if isinstance(sources, (list, tuple)):
+        count = len(sources)
+    elif isinstance(sources, Mapping) and all(isinstance(value, Mapping) for value in sources.values()):
+        count = len(sources)  # an ipywidgets 7 FileUpload value: {name: {metadata, content}}
+    else:
+        return
+    if count > MAX_INPUT_IMAGES:
+        raise ImageInputError(
+            f"{count} {what} images are more than the {MAX_INPUT_IMAGES} one run takes: pass at most "
+            f"{MAX_INPUT_IMAGES} (each is decoded and encoded at once)."
+        )
 
 
 def _json_spec(spec: str | tuple[str, ...]) -> str | list[str]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,7 +73,9 @@ class SettingSpec:
     step: float | None = None
     choices: tuple[str, ...] = ()
     advanced: bool = False
-    #: The group of controls it belongs to ("structure": the widget's Structure section); "" = the main list.
+    #: The group of controls it belongs to in the panel ("method", "generation", "structure", or a new
+    #: name for a new group). "" lets the panel decide: "advanced" when ``advanced``, else "generation" for
+    #: settings every method reads (methods.SHARED_SETTINGS) and "method" for the others.
     section: str = ""
 
 
@@ -138,7 +142,9 @@ def _unit_spec(name: str, label: str, help: str) -> Any:
 class GenerationSettings:
     """Everything that decides a generation besides the images themselves."""
 
-    mode: str = _spec("choice", "repeat", "mode", "how the image embedding becomes the prompt", choices=MODES)
+    mode: str = _spec(
+        "choice", "repeat", "mode", "how the image embedding becomes the prompt", choices=MODES, section="method"
+    )
     scale: float = _spec(
         "float", 1.0, "scale", "multiplies the image conditioning (the adapter's strength for ip_adapter)",
         min=0.0, max=5.0, step=0.05,
@@ -341,6 +347,8 @@ def _validated(spec: SettingSpec, value: Any) -> Any:
             raise SettingsError(f"{spec.name}={value!r} is not one of {', '.join(spec.choices)}.")
         return value
     if spec.kind == "bool":
+        if _is_numpy_bool(value):
+            value = bool(value)
         if not isinstance(value, bool):
             raise SettingsError(f"{spec.name} must be True or False, not {value!r}.")
         return value
@@ -361,16 +369,27 @@ def _validated(spec: SettingSpec, value: Any) -> Any:
 
 
 def _as_number(spec: SettingSpec, value: Any) -> float | int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__index__"):
+    """A plain Python number from an int, a float, a numpy scalar (``np.float32(0.5)``, ``np.int64(3)``) or an
+    integer scalar tensor; booleans (numpy's too) and arrays are not numbers here."""
+    if isinstance(value, bool) or _is_numpy_bool(value):
         raise SettingsError(f"{spec.name} must be a number, not {value!r}.")
+    if not isinstance(value, numbers.Real):
+        try:
+            value = operator.index(value)  # integer scalars of other libraries (a torch.tensor(3))
+        except TypeError:
+            raise SettingsError(f"{spec.name} must be a number, not {value!r}.") from None
     if spec.kind == "float":
         number = float(value)
         if math.isnan(number):
             raise SettingsError(f"{spec.name} must be a number, not NaN.")
         return number
-    if isinstance(value, float) and not value.is_integer():
+    if not isinstance(value, numbers.Integral) and not float(value).is_integer():
         raise SettingsError(f"{spec.name} must be a whole number, not {value!r}.")
     return int(value)
+
+
+def _is_numpy_bool(value: Any) -> bool:
+    return type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
 
 
 def _validated_floats(spec: SettingSpec, value: Any) -> tuple[float, ...]:

@@ -179,6 +179,13 @@ def test_maps_are_saved_and_loaded_with_the_trace(tiny_pipe, image, tmp_path):
     loaded, _ = Trace.load(result.trace.save(tmp_path / "run.safetensors"))
     assert torch.equal(loaded.attention_maps, result.trace.attention_maps)
     assert "attention_maps" in result.trace.summary()
+    import dataclasses
+
+    from imageprompt_widgets.results import ResultFileError
+
+    flat = dataclasses.replace(result.trace, attention_maps=result.trace.attention_maps[0])  # [L, h, w]
+    with pytest.raises(ResultFileError, match="attention_maps has 3 dimensions, not 4"):
+        Trace.load(flat.save(tmp_path / "flat.safetensors"))
 
 
 def test_layer_grid_follows_the_downsamplers_rounding():

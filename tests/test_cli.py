@@ -214,3 +214,18 @@ def test_help_on_the_terminal_shows_the_ranges() -> None:
     ).stdout
     assert "--steps STEPS         denoising steps; 1 to 150 (default: 30)\n" in help_text
     assert "0 to 4294967295" in help_text
+
+
+def test_a_full_disk_while_saving_is_one_line_and_exit_2(photo, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from PIL import Image
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    code = main(["generate", str(photo), "-o", str(tmp_path / "out"), "--model", "tiny", "--steps", "1"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and err.startswith("imageprompt: error: ") and "Traceback" not in err
+    assert not list((tmp_path / "out").glob("*.png"))

@@ -12,7 +12,7 @@ from PIL import Image
 
 from imageprompt_widgets import views
 from imageprompt_widgets.offline import sample_image as make_image
-from imageprompt_widgets.widget.inspector import EMPTY_TEXT, SECTION_TITLES, InspectorTab
+from imageprompt_widgets.widget.inspector import EMPTY_TEXT, NO_LATENTS_TEXT, SECTION_TITLES, InspectorTab
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -99,9 +99,11 @@ def test_sections_explain_what_is_missing_and_the_rest_still_fills(tiny_pipe, in
     result = tiny_pipe.generate(inputs[0], steps=1, seed=0, guidance_scale=1.0)  # no traced latents, one image
     tab = InspectorTab()
     tab.show(result, tiny_pipe)
-    assert set(tab.errors) == {"Denoising"}
-    assert "generate with trace_latents=True" in tab.filmstrip_table.value
-    assert bytes(tab.filmstrip_image.value) == b""
+    assert tab.errors == {}  # no latents is no error: the tab says how to get them, from the panel
+    assert tab.filmstrip_table.value == html.escape(NO_LATENTS_TEXT)
+    assert "trace_latents" not in tab.filmstrip_table.value
+    assert bytes(tab.filmstrip_image.value) == b"" and tab.filmstrip_image.layout.display == "none"
+    assert tab.filmstrip_x0.layout.display == "none"
     assert bytes(tab.token_image.value).startswith(PNG_MAGIC)
     assert tab.clip_text.value.endswith("(normalisation undone).")
     tab.interpolation_button.click()

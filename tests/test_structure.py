@@ -363,12 +363,11 @@ def test_widget_structure_section_previews_the_edge_map_and_runs_with_it(tiny_pi
 
     widget = ImagePromptWidget(pipeline=tiny_pipe, runner=InlineRunner(), steps=2)
     try:
-        section = widget.controls.structure_section
-        assert section.get_title(0) == "Structure"
-        labels = [getattr(child, "description", None) for child in widget.controls.structure_box.children]
+        box = widget.controls.groups["structure"]  # the panel's Structure group
+        labels = [getattr(child, "description", None) for child in box.children]
         assert labels[:7] == ["structure", "canny low", "canny high", "control scale", "control start",
                               "control end", "strength"]
-        assert widget.structure_upload in widget.controls.structure_box.children
+        assert widget.structure_upload in widget.structure_extras.children and widget.structure_extras in box.children
         widget.set_images([image])
         assert widget.edge_preview.layout.display == "none"  # structure="none": nothing to preview
 

@@ -24,7 +24,7 @@ from ..presets import PRESETS, Preset
 from ..settings import MODES, STRUCTURE_SETTINGS
 
 #: Settings every run reads, whatever its method (the structure section adds its own, per structure).
-SHARED_SETTINGS = ("steps", "guidance_scale", "seed", "num_images", "height", "width", "structure")
+SHARED_SETTINGS = ("mode", "steps", "guidance_scale", "seed", "num_images", "height", "width", "structure")
 #: What the image-token methods read: how images become tokens, and what guidance pushes away from.
 _IMAGE_TOKEN_SETTINGS = ("scale", "norm_match", "combine", "weights", "negative", "crop")
 

@@ -18,8 +18,12 @@ import ipywidgets as widgets
 from .. import views
 from ..controller import Controller, Event, Failed, Finished, Job, TaskContext
 from ..runners import InlineRunner
+from .gallery import picture
 
 EMPTY_TEXT = "Generate something to inspect its tensors here."
+#: What the Denoising tab says about a run that kept no latents (the panel's checkbox keeps them).
+NO_LATENTS_TEXT = ("This run kept no latents, so there is no filmstrip: tick “keep latents (Denoising view)” "
+                   "under Generation and press Generate again.")
 SECTION_TITLES = ("Tensors", "What CLIP saw", "Scale gap", "Similarity", "Tokens", "Denoising", "Interpolation")
 
 
@@ -54,52 +58,56 @@ class InspectorTab(widgets.VBox):
         self.placeholder = widgets.HTML(EMPTY_TEXT)
 
         self.summary = widgets.HTML()
-        self.clip_image = widgets.Image(format="png")
+        self.clip_image = picture(format="png", layout=widgets.Layout(max_width="100%"))
         self.clip_text = widgets.HTML()
-        self.scale_gap_image = widgets.Image(format="png")
+        self.scale_gap_image = picture(format="png", layout=widgets.Layout(max_width="100%"))
         self.scale_gap_text = widgets.HTML()
         self.similarity_texts = widgets.Text(
             description="texts", placeholder="a cat; a dog (separated by ;)", continuous_update=False
         )
         self.similarity_button = widgets.Button(description="Compare")
-        self.similarity_image = widgets.Image(format="png")
+        self.similarity_image = picture(format="png", layout=widgets.Layout(max_width="100%"))
         self.similarity_note = widgets.HTML()
-        self.token_image = widgets.Image(format="png")
+        self.token_image = picture(format="png", layout=widgets.Layout(max_width="100%"))
         self.token_text = widgets.HTML()
         self.filmstrip_x0 = widgets.Checkbox(
             description="x0 estimates (one extra UNet call per frame)", value=False, indent=False,
             layout=widgets.Layout(width="auto"),
         )
-        self.filmstrip_image = widgets.Image(format="png")
+        self.filmstrip_image = picture(format="png", layout=widgets.Layout(max_width="100%"))
         self.filmstrip_table = widgets.HTML()
         self.interpolation_text = widgets.Text(
             description="towards", placeholder="a text (empty: the second input image)"
         )
         self.interpolation_count = widgets.IntSlider(description="images", value=5, min=2, max=8)
         self.interpolation_button = widgets.Button(description="Interpolate", disabled=True)
-        self.interpolation_image = widgets.Image(format="png")
+        self.interpolation_image = picture(format="png", layout=widgets.Layout(max_width="100%"))
         self.interpolation_note = widgets.HTML()
 
         self.similarity_button.on_click(lambda _: self.update_similarity())
         self.interpolation_button.on_click(lambda _: self.run_interpolation())
         self.filmstrip_x0.observe(lambda _: self.update_filmstrip(), names="value")
 
-        self.sections = widgets.Tab(
+        # An Accordion, not a Tab: beside the controls the panel's column is narrow, and seven tab titles
+        # would be cut to a few letters each.
+        self.sections = widgets.Accordion(
             children=[
                 widgets.VBox([self.summary]),
                 widgets.VBox([self.clip_text, self.clip_image]),
                 widgets.VBox([self.scale_gap_text, self.scale_gap_image]),
-                widgets.VBox([widgets.HBox([self.similarity_texts, self.similarity_button]),
+                widgets.VBox([widgets.HBox([self.similarity_texts, self.similarity_button],
+                                           layout=widgets.Layout(flex_flow="row wrap")),
                               self.similarity_note, self.similarity_image]),
                 widgets.VBox([self.token_text, self.token_image]),
                 widgets.VBox([self.filmstrip_x0, self.filmstrip_image, self.filmstrip_table]),
                 widgets.VBox([widgets.HBox([self.interpolation_text, self.interpolation_count,
-                                            self.interpolation_button]),
+                                            self.interpolation_button], layout=widgets.Layout(flex_flow="row wrap")),
                               self.interpolation_note, self.interpolation_image]),
             ]
         )
         for index, title in enumerate(SECTION_TITLES):
             self.sections.set_title(index, title)  # works on ipywidgets 7 and 8
+        self.sections.selected_index = 0
         self.sections.layout.display = "none"
         self.errors: dict[str, str] = {}  # section title -> the error it shows
         self.labels: list[str] | None = None  # the inputs' names, where the panel gave the inputs
@@ -135,7 +143,8 @@ class InspectorTab(widgets.VBox):
         self.interpolation_note.value = (
             "Generates images along a slerp from the first input image's embedding to the text typed here"
             + (" (or to the second input image)" if has_two else "")
-            + ", as repeat prompts with this run's seed, steps, guidance, scale and norm matching."
+            + ", as repeat prompts with this run's seed, steps, guidance, scale and norm matching. "
+            "Press Interpolate to make the strip."
         )
         self.interpolation_button.disabled = False
         self.placeholder.value = (
@@ -204,6 +213,7 @@ class InspectorTab(widgets.VBox):
             return views.interpolation_view(walk)
 
         self.interpolation_button.disabled = True
+        self.interpolation_image.value = b""
         self.interpolation_note.value = "Generating…"
         return self._submit(interpolate, "Interpolation", lambda end: self._interpolation_done(end, settings.seed))
 
@@ -253,6 +263,11 @@ class InspectorTab(widgets.VBox):
         self.errors.pop("Denoising", None)
         self.filmstrip_image.value = b""
         result, x0 = self.result, self.filmstrip_x0.value
+        has_latents = result.trace.latents is not None
+        self.filmstrip_x0.layout.display = None if has_latents else "none"
+        if not has_latents:
+            self.filmstrip_table.value = html.escape(NO_LATENTS_TEXT)
+            return None
         if not x0:
             self._fill("Denoising", lambda: self._show_filmstrip(self._filmstrip(result, self.pipeline, False)),
                        self.filmstrip_table)
