@@ -101,11 +101,12 @@ def test_the_view_of_embeddings_labels_and_picture(tiny_pipe):
     assert torch.allclose(view.points, pca_2d(normalised).points)
     assert view.labels == table.inputs and len(view.thumbnails) == 5
     assert max(view.thumbnails[0].size) == view_module.THUMBNAIL_SIZE
-    plain = Image.open(io.BytesIO(view.to_png()))
-    picked = view.select(3).render()
+    plain = Image.open(io.BytesIO(view.to_png())).convert("RGB")
+    picked = Image.open(io.BytesIO(view.select(3).to_png())).convert("RGB")
     assert plain.size == picked.size == (640, 600)
     red = np.all(np.asarray(picked) == (214, 39, 40), axis=-1).sum()  # the picked point's frame
-    assert red > 100 and np.all(np.asarray(plain.convert("RGB")) == (214, 39, 40), axis=-1).sum() == 0
+    assert red > 100 and np.all(np.asarray(plain) == (214, 39, 40), axis=-1).sum() == 0
+    assert view.select(3).describe() == "5 images placed by a PCA of their CLIP image embeddings; picked 3: img3."
     with pytest.raises(SettingsError, match="2 labels for 5 embeddings"):
         dataset_map(table, labels=["a", "b"])
 

@@ -1,6 +1,6 @@
 """The dataset view: a folder's CLIP image embeddings projected to 2-D, as a scatter of thumbnails.
 
-Pure like every view: it takes embeddings already computed (``embed.embed_images``, or a file written by
+Pure like every view (views/base.py: numbers, then a matplotlib figure): it takes embeddings already computed (``embed.embed_images``, or a file written by
 ``imageprompt embed`` read with ``embed.load_embeddings``) and returns numbers and a picture; it loads no
 model. The projection is PCA (torch's SVD, signs fixed so the picture is the same on every machine) or,
 when ``umap-learn`` is installed, UMAP. :meth:`DatasetMap.pick` maps a click in the plot's data
@@ -18,7 +18,6 @@ view.pick(x=0.3, y=-1.2)                       # the index of the nearest image
 from __future__ import annotations
 
 import dataclasses
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +27,7 @@ import torch
 from ..extras import available, require
 from ..images import load_images
 from ..settings import SettingsError
+from .base import FigureView, new_figure
 
 #: The projections: "auto" is UMAP when installed and there are enough points for it, else PCA.
 PROJECTIONS = ("auto", "pca", "umap")
@@ -107,8 +107,8 @@ def nearest_point(points: torch.Tensor, x: float, y: float) -> int:
 
 
 @dataclass(frozen=True)
-class DatasetMap:
-    """A dataset's images placed by their embeddings: numbers (``points``) and a picture (``render``)."""
+class DatasetMap(FigureView):
+    """A dataset's images placed by their embeddings: numbers (``points``) and a picture (``figure``)."""
 
     labels: list[str]
     projection: Projection
@@ -137,19 +137,16 @@ class DatasetMap:
         """The same map with ``index`` highlighted (``None``: nothing)."""
         return dataclasses.replace(self, selected=None if index is None else self.pick(index=index))
 
-    def render(self) -> Any:
-        """The scatter as an RGB PIL image: thumbnails (or dots) at their points, each numbered, the selected
-        one framed in red."""
-        from PIL import Image
+    def describe(self) -> str:
+        picked = f"; picked {self.selected}: {self.labels[self.selected]}" if self.selected is not None else ""
+        return f"{len(self)} images placed by a {self.projection.method.upper()} of their CLIP image embeddings{picked}."
 
-        require("matplotlib", "plot", "Drawing the dataset view")
+    def figure(self) -> Any:
+        """The scatter: thumbnails (or dots) at their points, each numbered, the selected one framed in red."""
         import numpy as np
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
         from matplotlib.offsetbox import AnnotationBbox, OffsetImage
 
-        figure = Figure(figsize=(6.4, 6.0), dpi=100)
-        FigureCanvasAgg(figure)
+        figure = new_figure(6.4, 6.0)
         axes = figure.add_subplot()
         xs, ys = self.points[:, 0].tolist(), self.points[:, 1].tolist()
         axes.scatter(xs, ys, s=12, color="#777777", zorder=1)
@@ -176,19 +173,7 @@ class DatasetMap:
         if self.selected is not None:
             title += f"\npicked {self.selected}: {self.labels[self.selected]}"
         axes.set_title(title, fontsize=10)
-        figure.tight_layout()
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png")
-        return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
-
-    def to_png(self) -> bytes:
-        """The picture as PNG bytes (for ``ipywidgets.Image(value=...)`` or a file)."""
-        buffer = io.BytesIO()
-        self.render().save(buffer, format="PNG")
-        return buffer.getvalue()
-
-    def _repr_png_(self) -> bytes:
-        return self.to_png()
+        return figure
 
 
 def thumbnails(images: Sequence[Any], size: int = THUMBNAIL_SIZE) -> list[Any]:
