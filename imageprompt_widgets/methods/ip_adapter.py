@@ -23,7 +23,7 @@ from ..models import EncoderMismatchError, translate_load_errors
 from ..presets import Preset
 from ..quiet import quiet_loaders
 from ..settings import GenerationSettings, SettingsError
-from .inputs import ConditioningInputs
+from .inputs import ConditioningInputs, negative_text
 
 #: IP-Adapter layers per block preset, as ``set_ip_adapter_scale`` takes them (SD 1.x block names).
 BLOCK_PRESETS: dict[str, Callable[[float], float | dict[str, Any]]] = {
@@ -106,8 +106,11 @@ def build(inputs: ConditioningInputs) -> Conditioning:
     """``ip_adapter``: the text prompt as ``prompt_embeds``; the images through the adapter.
 
     Several images are combined with ``combine``/``weights`` on their embeddings (``concat`` keeps
-    them side by side: the adapter's tokens for each). The adapter's negative is zeros, as diffusers
-    uses, or the negative images' embeddings.
+    them side by side: the adapter's tokens for each). The text branch's negative is ``negative_prompt``
+    (the empty prompt when none is typed; zeros with ``negative="zeros"``), exactly as diffusers encodes a
+    ``negative_prompt`` beside ``ip_adapter_image``; the adapter's negative is zeros, as diffusers uses, or
+    the negative images' embeddings. So negative text and negative images act side by side: the text on
+    SD's own cross-attention, the images on the adapter's.
     """
     settings = inputs.settings
     adapter = inputs.parts.get("ip_adapter")
@@ -122,7 +125,7 @@ def build(inputs: ConditioningInputs) -> Conditioning:
     text = inputs.text.encode(settings.prompt)
     image = _as_adapter_tokens(conditioning.combined_images(settings.combine, inputs.embedding.image_embeds,
                                                             settings.weights))
-    negative_text = (lambda: torch.zeros_like(text)) if settings.negative == "zeros" else inputs.text.empty
+    negative = (lambda: torch.zeros_like(text)) if settings.negative == "zeros" else negative_text(inputs)
     negative_image = None
     if settings.negative == "image":
         negative_embedding = inputs.negative_embedding
@@ -132,7 +135,7 @@ def build(inputs: ConditioningInputs) -> Conditioning:
             combined = _as_adapter_tokens(conditioning.combined_images("average", negative_embedding.image_embeds))
             return combined if combined.shape == image.shape else combined[:, :1].expand_as(image)
 
-    return Conditioning(text, negative=negative_text, adapter_embeds=image, negative_adapter_embeds=negative_image,
+    return Conditioning(text, negative=negative, adapter_embeds=image, negative_adapter_embeds=negative_image,
                         contexts=[adapter.window(settings)])
 
 
