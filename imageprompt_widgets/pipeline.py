@@ -36,7 +36,7 @@ from .methods.inputs import ConditioningInputs, TextSide
 from .models import MODEL_CACHE, StatusCallback, model_key, resolve_device_dtype
 from .presets import PRESETS, Preset, resolve_preset
 from .results import GenerationResult, Interpolation, Provenance, Trace
-from .samplers import scheduler_for
+from .samplers import scheduler_for, uses_sigmas
 from .settings import MODES, GenerationSettings, SettingsError
 from .steps import (
     Cancelled,
@@ -402,19 +402,20 @@ class ImagePromptPipeline:
         The latent after step ``k`` is the noisy input of step ``k + 1``: the UNet runs on it once more with
         the traced prompt (and negative, with the run's guidance) and :func:`~imageprompt_widgets.steps.predicted_x0`
         gives the estimate, the same as the live previews' ``StepInfo.x0()``. The final latent is its own x0.
-        Needs the run's latents (``trace_latents=True``), a scheduler with unscaled latents, and conditioning
-        that is all in the prompt embeddings (not IP-Adapter or masked prompts).
+        Needs the run's latents (``trace_latents=True``) and conditioning that is all in the prompt embeddings
+        (not IP-Adapter or masked prompts). The run's scheduler is rebuilt from its settings: sigma-space
+        schedulers give their step's sigma, and Euler-type latents are scaled to the UNet's input as they do.
         """
         trace = result.trace
         if trace is None or trace.latents is None:
             raise SettingsError("This run traced no latents: generate with trace_latents=True to replay its steps.")
-        scheduler = self.sd.scheduler
-        if float(getattr(scheduler, "init_noise_sigma", 1.0)) != 1.0:
-            raise SettingsError(
-                f"x0 replays need a scheduler with unscaled latents (PNDM, DDIM), not {type(scheduler).__name__}."
-            )
         if "encoder_attention_mask" in trace.extras or "ip_adapter_image_embeds" in trace.extras:
             raise SettingsError("x0 replays need the whole prompt in prompt_embeds (no masked prompt, no IP-Adapter).")
+        scheduler = scheduler_for(result.settings.scheduler, self.sd.scheduler)
+        scheduler.set_timesteps(result.settings.steps)
+        skipped = len(scheduler.timesteps) - len(trace.timesteps)  # img2img starts part-way into the schedule
+        sigma_space = uses_sigmas(scheduler)
+        scaled_input = float(scheduler.init_noise_sigma) != 1.0  # Euler-type: latents carry sqrt(sigma^2 + 1)
         unet = self.sd.unet
         prompt = trace.prompt_embeds[index : index + 1].to(self.device, self.dtype)
         negative = trace.negative_prompt_embeds
@@ -428,11 +429,17 @@ class ImagePromptPipeline:
             if step >= len(trace.timesteps):
                 estimates.append(sample.cpu())
                 continue
-            timestep = round(trace.timesteps[step])  # scheduler timesteps are whole numbers
+            timestep = torch.tensor(trace.timesteps[step])
+            sigma = float(scheduler.sigmas[skipped + step]) if sigma_space else None
+            if scaled_input and sigma is not None:
+                sample = sample / (sigma**2 + 1) ** 0.5
             model_input = torch.cat([sample, sample]) if guidance is not None else sample
             with torch.inference_mode():
-                prediction = unet(model_input.to(self.dtype), timestep, encoder_hidden_states=prompt).sample
-            estimates.append(predicted_x0(sample, timestep, guided_prediction(prediction, guidance), scheduler).cpu())
+                prediction = unet(model_input.to(self.dtype), timestep.to(self.device),
+                                  encoder_hidden_states=prompt).sample
+            estimates.append(
+                predicted_x0(sample, timestep, guided_prediction(prediction, guidance), scheduler, sigma).cpu()
+            )
         return torch.cat(estimates)
 
     def interpolate(

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .memory import execution_device
 from .models import StatusCallback, diffusers_dtype_kwarg
 from .quiet import quiet_loaders
 from .settings import GenerationSettings, SettingsError
@@ -206,7 +207,7 @@ class StructureRunners:
                     "has one (sd14, sd15, tiny) or call pipe.load_controlnet('lllyasviel/sd-controlnet-canny')."
                 )
             self._controlnet = load_controlnet(
-                self.controlnet_model, self.sd.device, self.sd.unet.dtype,
+                self.controlnet_model, execution_device(self.sd), self.sd.unet.dtype,
                 allow_pickle=self.allow_pickle, on_status=on_status,
             )
         return self._controlnet

@@ -147,3 +147,16 @@ def test_recipe_with_a_scheduler_reruns_to_the_same_pixels(tiny_pipe, image):
     rerun = tiny_pipe.generate(image, GenerationSettings(**res.recipe["settings"]))
     assert rerun.settings.scheduler == "euler_a"
     assert np.array_equal(pixels(res.images[0]), pixels(rerun.images[0]))
+
+
+@pytest.mark.parametrize("name", ["pndm", "euler", "dpmpp_2m_karras"])
+def test_x0_replays_equal_the_live_previews_for_every_kind_of_scheduler(tiny_pipe, image, name):
+    """The inspector's replay of a traced latent gives what the live preview showed one step later (Euler's
+    latents carry its sigma scaling, Karras sigmas are not those of the rounded timesteps)."""
+    live = []
+    res = tiny_pipe.generate(image, scheduler=name, steps=6, seed=1, trace_latents=True,
+                             on_step=lambda info: live.append(info.x0().cpu()))
+    snapshots = list(range(len(live) - 1))
+    replayed = tiny_pipe.replay_x0(res, snapshots)
+    for snapshot in snapshots:
+        assert torch.allclose(replayed[snapshot], live[snapshot + 1][0], atol=1e-4, rtol=1e-4), snapshot
