@@ -136,3 +136,8 @@ def activate(sd: Any, loras: list[LoraInfo]) -> None:
 def unload_all(sd: Any) -> None:
     """Remove every LoRA layer: the UNet and text encoder hold their base weights again, bit for bit."""
     sd.unload_lora_weights()
+
+
+def describe(loras: tuple[LoraInfo, ...] | list[LoraInfo]) -> str:
+    """One line for a face's read-only label: ``"LoRA: style 0.8, lcm 1"`` (``"LoRA: none"``)."""
+    return "LoRA: " + (", ".join(f"{info.name} {info.weight:g}" for info in loras) or "none")

@@ -25,12 +25,13 @@ from typing import Any
 
 import torch
 
-from . import conditioning, lora, memory
+from . import conditioning, lora
 from .concurrency import RunLock
 from .encoding import ClipTextTower, ImageEmbedding, encode_images, fingerprint
 from .images import load_images
 from .loading import LoadedComponents, load_clip_text_tower, load_components
 from .lora import LoraInfo
+from .memory import DEFAULT_MEMORY, check_level, execution_device
 from .methods import METHODS
 from .methods.inputs import ConditioningInputs, TextSide
 from .models import MODEL_CACHE, StatusCallback, model_key, resolve_device_dtype
@@ -98,7 +99,7 @@ class ImagePromptPipeline:
     def __init__(
         self, sd: Any, image_encoder: Any, image_processor: Any, *, preset: Preset | None = None,
         parts: dict[str, Any] | None = None, allow_pickle: bool = False, loras: list[LoraInfo] | None = None,
-        memory_level: str = memory.DEFAULT_MEMORY, memory_measures: tuple[str, ...] = (),
+        memory_level: str = DEFAULT_MEMORY, memory_measures: tuple[str, ...] = (),
     ):
         self.sd = sd
         self.image_encoder = image_encoder
@@ -107,7 +108,7 @@ class ImagePromptPipeline:
         #: What the preset's methods loaded beside SD and the encoder ("ip_adapter", "captioner").
         self.parts = dict(parts or {})
         #: The memory level the models were placed with (memory.py) and what it did on this device.
-        self.memory_level = memory.check_level(memory_level)
+        self.memory_level = check_level(memory_level)
         self.memory_measures = tuple(memory_measures)
         self._loras: list[LoraInfo] = list(loras or [])
         self.lock = RunLock()
@@ -128,7 +129,7 @@ class ImagePromptPipeline:
         safety_checker: bool | None = None,
         allow_pickle: bool = False,
         on_status: StatusCallback | None = None,
-        memory: str = memory.DEFAULT_MEMORY,
+        memory: str = DEFAULT_MEMORY,
     ) -> ImagePromptPipeline:
         """Load (once per process) the preset's models: ``"sd14"`` (default), ``"sd15"``, ``"tiny"`` or a folder.
 
@@ -138,17 +139,15 @@ class ImagePromptPipeline:
         offloading, attention slicing and VAE tiling (memory.py); it is part of the cache key, so panels
         asking for different levels get different pipelines.
         """
-        from . import memory as memory_levels  # the parameter shadows the module here
-
         preset = resolve_preset(preset)
         dev, dt = resolve_device_dtype(device, dtype)
-        memory_levels.check_level(memory)
+        check_level(memory)
         key: Any = model_key(preset.sd_model, preset.clip_model, dev, dt, safety_checker, allow_pickle)
         extras = (preset.method, preset.revision, preset.clip_subfolder, preset.ip_adapter, preset.captioner,
                   preset.loras)
         if any(extras):  # the method presets share models with plain ones but are different pipelines
             key = (key, *extras)
-        if memory != memory_levels.DEFAULT_MEMORY:
+        if memory != DEFAULT_MEMORY:
             key = (key, "memory", memory)
 
         def load() -> ImagePromptPipeline:
@@ -178,7 +177,7 @@ class ImagePromptPipeline:
         safety_checker: bool | None = None,
         allow_pickle: bool = False,
         on_status: StatusCallback | None = None,
-        memory: str = memory.DEFAULT_MEMORY,
+        memory: str = DEFAULT_MEMORY,
     ) -> ImagePromptPipeline:
         """Pair any SD 1.x model (Hub id or folder) with any CLIP image encoder; defaults from the default preset."""
         default = resolve_preset(None)
@@ -196,7 +195,7 @@ class ImagePromptPipeline:
     @property
     def device(self) -> torch.device:
         """Where the models compute (with offloading their weights wait on the CPU, but they run here)."""
-        return memory.execution_device(self.sd)
+        return execution_device(self.sd)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -186,6 +186,10 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
 )
 
 
+#: The live preset of a preset, for a face's "live" switch: the same SD with LCM-LoRA and the live defaults.
+LIVE_TWINS: MappingProxyType[str, str] = MappingProxyType({"sd15": "sd15-live", "tiny": "tiny-live"})
+
+
 class UnknownPresetError(ValueError):
     """A model name that is neither a preset, a local folder nor a plausible Hub id."""
 

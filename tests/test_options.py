@@ -16,6 +16,7 @@ from diffusers import LCMScheduler, StableDiffusionPipeline
 from imageprompt_widgets import GenerationSettings, ImagePromptPipeline, SettingsError
 from imageprompt_widgets.concurrency import CancelEvent
 from imageprompt_widgets.loading import load_components
+from imageprompt_widgets.lora import describe
 from imageprompt_widgets.methods import settings_read
 from imageprompt_widgets.offline import ensure_tiny_lora, ensure_tiny_models
 from imageprompt_widgets.settings import MODES
@@ -205,6 +206,7 @@ def test_loras_load_with_a_weight_each_and_equal_bare_diffusers_with_them(lora_p
                         generator=torch.Generator("cpu").manual_seed(4)).images[0]
         assert np.array_equal(pixels(res.images[0]), pixels(expected))
 
+        assert describe(lora_pipe.loras) == "LoRA: tiny-lora 0.8, lcm 0.5" and describe(()) == "LoRA: none"
         lora_pipe.set_lora_weight("lcm", 0.0)
         assert lora_pipe.loras[1].weight == 0.0 and lora_pipe.generate(image, **FAST).recipe["model"]["loras"][1][
             "weight"] == 0.0
@@ -314,7 +316,10 @@ def test_a_new_run_starts_right_after_cancelling_the_previous_one(live_pipe, ima
 
 def test_the_live_presets_are_listed_with_their_download():
     from imageprompt_widgets import PRESETS
+    from imageprompt_widgets.presets import LIVE_TWINS
 
+    assert {name: PRESETS[live].sd_model for name, live in LIVE_TWINS.items()} == {
+        name: PRESETS[name].sd_model for name in LIVE_TWINS}
     assert PRESETS["sd15-live"].loras == (("latent-consistency/lcm-lora-sdv1-5", 1.0),)
     assert PRESETS["sd15-live"].defaults == PRESETS["tiny-live"].defaults
     assert "LCM-LoRA" in PRESETS["sd15-live"].download_size
