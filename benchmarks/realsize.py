@@ -202,8 +202,7 @@ def ensure_realsize_lcm_lora() -> str:
 
     Its values are noise like the models'; what it measures is the cost of running LoRA layers of that size.
     """
-    from imageprompt_widgets.lora import LORA_WEIGHT_NAME
-    from imageprompt_widgets.offline import build_once, cache_dir
+    from imageprompt_widgets.offline import LORA_WEIGHT_NAME, build_once, cache_dir
 
     final = cache_dir() / f"realsize-lcm-lora-{REALSIZE_VERSION}"
     return str(build_once(final, build_realsize_lcm_lora, LORA_WEIGHT_NAME))

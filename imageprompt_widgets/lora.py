@@ -20,12 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from .models import ModelLoadError, translate_load_errors
+from .offline import LORA_WEIGHT_NAME
 from .quiet import quiet_loaders
 
 #: The optional dependency group that brings peft, which diffusers' LoRA loader needs.
 LORA_EXTRA = "lora"
-#: The file diffusers writes and looks for in a LoRA folder or Hub repository.
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 #: Weights a LoRA may have (negative weights invert it; beyond a few it only breaks the model).
 MIN_LORA_WEIGHT, MAX_LORA_WEIGHT = -4.0, 4.0
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")

@@ -530,6 +530,8 @@ def build_tiny_controlnet(folder: str | os.PathLike, seed: int = TINY_SEED) -> s
 # Tiny LoRA twins: a LoRA on UNet and text encoder, and one shaped like LCM-LoRA (UNet only)
 
 TINY_LORA_VERSION = "v1"
+#: The file diffusers writes (``save_lora_weights``) and looks for in a LoRA folder or Hub repository.
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 TINY_LORA_RANK = 4
 #: Std of the seeded LoRA up-projections (trained LoRAs have learned them; a fresh one starts at zero and
 #: would change nothing).
@@ -549,8 +551,6 @@ TINY_LORAS = {"tiny-lora": (1, True), "tiny-lcm-lora": (2, False)}
 
 def ensure_tiny_lora(name: str = "tiny-lora") -> str:
     """The folder of an offline LoRA twin (built once, atomically): ``tiny-lora`` or ``tiny-lcm-lora``."""
-    from .lora import LORA_WEIGHT_NAME
-
     seed_offset, text_encoder = TINY_LORAS[name]
     final = cache_dir() / f"{name}-{TINY_LORA_VERSION}"
 
