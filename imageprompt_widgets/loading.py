@@ -107,14 +107,14 @@ def load_components(
 
 
 def load_preset_loras(sd: Any, preset: Preset, local: Preset, say: StatusCallback) -> list[LoraInfo]:
-    """The preset's LoRAs (``local.loras``: the same with offline names as folders), loaded and active."""
+    """The preset's LoRAs (``local.loras``: the same with offline names as folders), loaded and fused into
+    this copy of the model (lora.py says why)."""
     loaded: list[LoraInfo] = []
     for (source, weight), (path, _) in zip(preset.loras, local.loras):
         say(f"Loading the LoRA {source!r}…")
         name = lora.default_name(source, {info.name for info in loaded})
         loaded.append(lora.load_lora(sd, source, path, name, lora.check_weight(weight, name)))
-    lora.activate(sd, loaded)
-    return loaded
+    return lora.fuse_into_model(sd, loaded)
 
 
 def load_sd(path: str, preset: Preset, dtype: torch.dtype, *, safety_checker: bool | None, allow_pickle: bool) -> Any:

@@ -3,8 +3,11 @@
 A LoRA is part of the model a run uses, like the checkpoint: it is loaded once into the pipeline's UNet
 (and text encoder, where it has weights for it) and acts on every run of that pipeline until it is
 unloaded. Each has a name and a weight (diffusers' ``set_adapters``); the recipe lists them in its model
-section. Unloading removes the adapter layers and leaves the base weights exactly as they were (LoRAs are
-never fused here, so the base tensors are never written).
+section. A LoRA loaded with ``pipe.load_lora`` stays a separate adapter: unloading removes its layers and
+leaves the base weights exactly as they were (the base tensors are never written). A preset's LoRAs (the
+live presets' LCM-LoRA) are fused into that preset's own copy of the model when it loads, because
+unfused adapter layers cost time on every step (on the CPU LCM-LoRA's doubled the UNet's time); they are
+part of that model from then on and cannot be unloaded or re-weighted.
 
 Only safetensors files are accepted: pickled LoRA files (``.bin``, ``.pt``, ``.ckpt``) can run code.
 diffusers needs ``peft`` for this, in the ``lora`` extra: ``pip install 'imageprompt_widgets[lora]'``.
@@ -41,9 +44,10 @@ class LoraInfo:
     name: str
     source: str
     weight: float
+    fused: bool = False  # merged into the model's weights (a preset's LoRA), no longer a separate adapter
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "source": self.source, "weight": self.weight}
+        return {"name": self.name, "source": self.source, "weight": self.weight, "fused": self.fused}
 
 
 def require_peft() -> None:
@@ -127,9 +131,23 @@ def load_lora(sd: Any, source: str, local: str, name: str, weight: float) -> Lor
 
 
 def activate(sd: Any, loras: list[LoraInfo]) -> None:
-    """Make exactly ``loras`` act, each with its weight (``set_adapters``)."""
-    if loras:
-        sd.set_adapters([lora.name for lora in loras], adapter_weights=[lora.weight for lora in loras])
+    """Make exactly the adapters among ``loras`` act, each with its weight (``set_adapters``); fused ones are
+    part of the weights already."""
+    adapters = [lora for lora in loras if not lora.fused]
+    if adapters:
+        sd.set_adapters([lora.name for lora in adapters], adapter_weights=[lora.weight for lora in adapters])
+
+
+def fuse_into_model(sd: Any, loras: list[LoraInfo]) -> list[LoraInfo]:
+    """Merge ``loras`` (just loaded, nothing else loaded) into the weights at their weights and drop their
+    adapter layers (diffusers' ``fuse_lora`` then ``unload_lora_weights``): no cost per step from here on."""
+    if not loras:
+        return []
+    activate(sd, loras)
+    with quiet_loaders():
+        sd.fuse_lora(adapter_names=[lora.name for lora in loras], lora_scale=1.0)
+        sd.unload_lora_weights()
+    return [LoraInfo(lora.name, lora.source, lora.weight, fused=True) for lora in loras]
 
 
 def unload_all(sd: Any) -> None:
@@ -139,4 +157,5 @@ def unload_all(sd: Any) -> None:
 
 def describe(loras: tuple[LoraInfo, ...] | list[LoraInfo]) -> str:
     """One line for a face's read-only label: ``"LoRA: style 0.8, lcm 1"`` (``"LoRA: none"``)."""
-    return "LoRA: " + (", ".join(f"{info.name} {info.weight:g}" for info in loras) or "none")
+    return "LoRA: " + (", ".join(f"{info.name} {info.weight:g}{' (fused)' if info.fused else ''}" for info in loras)
+                       or "none")

@@ -333,6 +333,11 @@ class ImagePromptPipeline:
             if index is None:
                 loaded = ", ".join(info.name for info in self._loras) or "none"
                 raise lora.LoraError(f"No LoRA named {name!r} is loaded (loaded: {loaded}).")
+            if self._loras[index].fused:
+                raise lora.LoraError(
+                    f"The LoRA {name!r} is fused into the {self.preset.name!r} model: its weight is part of the "
+                    "model (load it with pipe.load_lora on the base preset to change it)."
+                )
             info = LoraInfo(name, self._loras[index].source, lora.check_weight(weight, name))
             self._loras[index] = info
             lora.activate(self.sd, self._loras)
@@ -340,11 +345,12 @@ class ImagePromptPipeline:
             return info
 
     def unload_loras(self) -> None:
-        """Remove every LoRA: the UNet and text encoder have their base weights again, bit for bit."""
+        """Remove every LoRA loaded with :meth:`load_lora`: the UNet and text encoder have the weights they had
+        before, bit for bit. (A preset's fused LoRAs are part of its model and stay.)"""
         with self.lock:
-            if self._loras:
+            if any(not info.fused for info in self._loras):
                 lora.unload_all(self.sd)
-                self._loras.clear()
+                self._loras = [info for info in self._loras if info.fused]
                 self._text_changed()
 
     def _text_changed(self) -> None:

@@ -191,8 +191,8 @@ def test_loras_load_with_a_weight_each_and_equal_bare_diffusers_with_them(lora_p
         assert [(info.name, info.weight) for info in lora_pipe.loras] == [("tiny-lora", 0.8), ("lcm", 0.5)]
         res = lora_pipe.generate(image, **FAST)
         assert res.recipe["model"]["loras"] == [
-            {"name": "tiny-lora", "source": "tiny-lora", "weight": 0.8},
-            {"name": "lcm", "source": "tiny-lcm-lora", "weight": 0.5},
+            {"name": "tiny-lora", "source": "tiny-lora", "weight": 0.8, "fused": False},
+            {"name": "lcm", "source": "tiny-lcm-lora", "weight": 0.5, "fused": False},
         ]
         assert not np.array_equal(pixels(res.images[0]), pixels(base.images[0]))
         # The text encoder's LoRA acts on the negative text too: measured again, not taken from before.
@@ -268,10 +268,18 @@ def live_pipe():
 
 @pytest.mark.filterwarnings("ignore:Already found a `peft_config`")
 def test_live_preset_is_lcm_lora_with_four_steps_and_no_unconditional_pass(live_pipe, image):
+    """The preset's LCM-LoRA is fused into its own copy of the model: no adapter layers run per step."""
+    from imageprompt_widgets.lora import LoraError
+
     settings = live_pipe.default_settings()
     assert (settings.scheduler, settings.steps, settings.guidance_scale) == ("lcm", 4, 1.0)
-    assert [(info.name, info.source, info.weight) for info in live_pipe.loras] == [
-        ("tiny-lcm-lora", "tiny-lcm-lora", 1.0)]
+    assert [(info.name, info.source, info.weight, info.fused) for info in live_pipe.loras] == [
+        ("tiny-lcm-lora", "tiny-lcm-lora", 1.0, True)]
+    assert not any("lora_" in name for name, _ in live_pipe.sd.unet.named_parameters())
+    with pytest.raises(LoraError, match=r"^The LoRA 'tiny-lcm-lora' is fused into the 'tiny-live' model"):
+        live_pipe.set_lora_weight("tiny-lcm-lora", 0.5)
+    live_pipe.unload_loras()  # only what load_lora added goes; the fused one is the model
+    assert len(live_pipe.loras) == 1
     batches = []
     hook = live_pipe.sd.unet.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
     try:
@@ -284,6 +292,8 @@ def test_live_preset_is_lcm_lora_with_four_steps_and_no_unconditional_pass(live_
 
     bare = bare_sd()
     bare.load_lora_weights(ensure_tiny_lora("tiny-lcm-lora"))
+    bare.fuse_lora()
+    bare.unload_lora_weights()
     bare.scheduler = LCMScheduler.from_config(bare.scheduler.config, clip_sample=False)
     expected = bare(prompt_embeds=res.trace.prompt_embeds, num_inference_steps=4, guidance_scale=1.0,
                     generator=torch.Generator("cpu").manual_seed(2)).images[0]
