@@ -19,7 +19,9 @@ _LAZY = {
     "generate": "pipeline",
     "GenerationResult": "results",
     "Trace": "results",
+    "SaveError": "results",
     "GenerationSettings": "settings",
+    "ControlUnit": "settings",
     "SettingsError": "settings",
     "load_image": "images",
     "load_images": "images",
@@ -33,6 +35,7 @@ _LAZY = {
 
 __all__ = [
     "PRESETS",
+    "ControlUnit",
     "GenerationResult",
     "GenerationSettings",
     "ImageEmbedding",
@@ -41,6 +44,7 @@ __all__ = [
     "ImagePromptWidget",
     "ModelLoadError",
     "Preset",
+    "SaveError",
     "SettingsError",
     "StepInfo",
     "Trace",
@@ -70,6 +74,6 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .models import ModelLoadError, clear_cache
     from .pipeline import ImageEmbedding, ImagePromptPipeline, StepInfo, generate
     from .presets import PRESETS, Preset
-    from .results import GenerationResult, Trace
-    from .settings import GenerationSettings, SettingsError
+    from .results import GenerationResult, SaveError, Trace
+    from .settings import ControlUnit, GenerationSettings, SettingsError
     from .widget import ImagePromptWidget

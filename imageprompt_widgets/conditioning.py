@@ -48,8 +48,10 @@ class Conditioning:
 
     prompt_embeds: torch.Tensor  # [1, L, D]
     negative: Callable[[], torch.Tensor] | None = None  # -> [1, L', D]
-    adapter_embeds: torch.Tensor | None = None  # [1, n, D]: IP-Adapter image tokens
-    negative_adapter_embeds: Callable[[], torch.Tensor] | None = None
+    #: IP-Adapter inputs: one tensor per adapter, ``[1, n, D]`` (embeddings) or ``[1, n, T, Dv]`` (Plus: hidden
+    #: states); a single tensor is taken as one adapter's.
+    adapter_embeds: torch.Tensor | list[torch.Tensor] | None = None
+    negative_adapter_embeds: Callable[[], torch.Tensor | list[torch.Tensor]] | None = None
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     notes: dict[str, Any] = field(default_factory=dict)
     contexts: list[Any] = field(default_factory=list)
@@ -61,7 +63,8 @@ class UnetConditioning:
 
     prompt_embeds: torch.Tensor  # [B, L, D]
     negative_prompt_embeds: torch.Tensor | None  # [B, L', D] when guided, else None
-    ip_adapter_image_embeds: torch.Tensor | None = None  # [2B or B, n, D]: diffusers' layout, negatives first
+    #: diffusers' ``ip_adapter_image_embeds``: one tensor per adapter, ``[2B or B, n, ...]``, negatives first.
+    ip_adapter_image_embeds: list[torch.Tensor] | None = None
 
     def padded(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """``(prompt, negative, mask)`` at one length for the guided batch (:func:`pad_with_mask`); the mask
@@ -80,18 +83,23 @@ def for_unet(
     negative is computed or fed."""
 
     def rows(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.to(device, dtype).repeat(copies, 1, 1)
+        return tensor.to(device, dtype).repeat(copies, *([1] * (tensor.ndim - 1)))
 
     prompt = rows(cond.prompt_embeds)
     negative = rows(cond.negative()) if guided and cond.negative is not None else None
-    adapter = None
+    adapters = None
     if cond.adapter_embeds is not None:
-        adapter = rows(cond.adapter_embeds)
+        positives = _as_list(cond.adapter_embeds)
+        adapters = [rows(positive) for positive in positives]
         if guided:
-            negative_adapter = (cond.negative_adapter_embeds() if cond.negative_adapter_embeds is not None
-                                else torch.zeros_like(cond.adapter_embeds))
-            adapter = torch.cat([rows(negative_adapter), adapter])
-    return UnetConditioning(prompt, negative, adapter)
+            negatives = (_as_list(cond.negative_adapter_embeds()) if cond.negative_adapter_embeds is not None
+                         else [torch.zeros_like(positive) for positive in positives])
+            adapters = [torch.cat([rows(neg), pos]) for neg, pos in zip(negatives, adapters)]
+    return UnetConditioning(prompt, negative, adapters)
+
+
+def _as_list(tensors: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
+    return list(tensors) if isinstance(tensors, (list, tuple)) else [tensors]
 
 
 # ---------------------------------------------------------------------------------------------

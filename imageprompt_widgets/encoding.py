@@ -2,7 +2,9 @@
 
 ``encode_images`` is exactly ``image_encoder(**image_processor(images=..., return_tensors="pt"))`` for
 CLIP's own center crop; ``squash`` and ``pad`` show CLIP the whole picture instead. Every projected
-vision token is kept too (``tokens``): the ``tokens`` method feeds them to the UNet.
+vision token is kept too (``tokens``): the ``tokens`` method feeds them to the UNet. On request it keeps the
+penultimate layer's hidden states as well: what IP-Adapter Plus reads (diffusers' ``encode_image`` with
+``output_hidden_states=True`` takes ``hidden_states[-2]``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ class ImageEmbedding:
     image_embeds: torch.Tensor  # [N, D], projected: the space SD's cross-attention width matches
     hidden_states: torch.Tensor | None  # [N, T, Dv], the vision tower's last hidden state
     tokens: torch.Tensor | None = None  # [N, T, D], every token through post-layernorm and projection
+    #: [N, T, Dv], the vision tower's penultimate layer (IP-Adapter Plus reads it); None unless asked for.
+    penultimate_hidden_states: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.image_embeds.shape[0]
@@ -60,8 +64,14 @@ class ClipTextTower:
         return out.text_embeds.detach().float().cpu()
 
 
-def encode_images(images: list[Any], image_encoder: Any, image_processor: Any, crop: str = "center_crop") -> ImageEmbedding:
-    """Decoded RGB images → their :class:`ImageEmbedding`, in one batch, without gradients."""
+def encode_images(
+    images: list[Any], image_encoder: Any, image_processor: Any, crop: str = "center_crop", *, penultimate: bool = False
+) -> ImageEmbedding:
+    """Decoded RGB images → their :class:`ImageEmbedding`, in one batch, without gradients.
+
+    ``penultimate=True`` also keeps the penultimate layer's hidden states (IP-Adapter Plus); the other
+    outputs are the same numbers either way.
+    """
     if crop not in CROPS:
         raise SettingsError(f"crop={crop!r} is not one of {', '.join(CROPS)}.")
     with torch.inference_mode():
@@ -71,11 +81,21 @@ def encode_images(images: list[Any], image_encoder: Any, image_processor: Any, c
             squared = [square_for_clip(image, crop, image_processor) for image in images]
             inputs = image_processor(images=squared, do_resize=False, do_center_crop=False, return_tensors="pt")
         pixel_values = inputs["pixel_values"].to(image_encoder.device, image_encoder.dtype)
-        out = image_encoder(pixel_values=pixel_values)
+        out = image_encoder(pixel_values=pixel_values, output_hidden_states=penultimate)
         tokens = conditioning.project_vision_tokens(
             out.last_hidden_state, image_encoder.vision_model.post_layernorm, image_encoder.visual_projection
         )
-    return ImageEmbedding(pixel_values, out.image_embeds, out.last_hidden_state, tokens)
+    return ImageEmbedding(pixel_values, out.image_embeds, out.last_hidden_state, tokens,
+                          out.hidden_states[-2] if penultimate else None)
+
+
+def zero_image_hidden_states(image_encoder: Any, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The penultimate hidden states of an all-zero input shaped like ``pixel_values`` ``[N, 3, H, W]`` (zero after
+    normalisation: CLIP's mean colour): diffusers' unconditional input for IP-Adapter Plus (``encode_image`` runs
+    the encoder on ``torch.zeros_like(image)``)."""
+    with torch.inference_mode():
+        zeros = torch.zeros_like(pixel_values)
+        return image_encoder(zeros, output_hidden_states=True).hidden_states[-2]
 
 
 def square_for_clip(image: Any, crop: str, processor: Any) -> Any:

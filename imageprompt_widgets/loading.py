@@ -23,9 +23,11 @@ import torch
 
 from . import lora, memory, offline
 from .encoding import ClipTextTower
+from .faults import import_error_sentence
 from .lora import LoraInfo
 from .methods import METHODS, preset_capabilities
 from .models import (
+    DamagedModelError,
     ModelLoadError,
     StatusCallback,
     _dtype_name,
@@ -36,7 +38,7 @@ from .models import (
     translate_load_errors,
 )
 from .presets import Preset, resolve_preset
-from .quiet import quiet_loaders
+from .quiet import one_loader_at_a_time, quiet_loaders
 
 
 @dataclass
@@ -63,9 +65,35 @@ def load_components(
     memory_level: str = memory.DEFAULT_MEMORY,
 ) -> LoadedComponents:
     """Load a preset's models onto ``device`` in ``dtype`` (see the module docstring for the steps);
-    ``memory_level`` decides where the weights live (memory.py)."""
+    ``memory_level`` decides where the weights live (memory.py).
+
+    One load or build runs at a time per process (the libraries' loaders are not thread-safe: quiet.py).
+    """
     preset = resolve_preset(preset)
     say = on_status or (lambda message: None)
+    try:
+        with one_loader_at_a_time():
+            try:
+                return _load_components(preset, device, dtype, safety_checker=safety_checker,
+                                        allow_pickle=allow_pickle, say=say, memory_level=memory_level)
+            except DamagedModelError as err:
+                damaged = offline.builds_of(offline.materialize(preset), err.path)
+                if not damaged:  # not a model this package built: the user's to replace
+                    raise
+                # A build whose files were cut short or deleted keeps its marker, so it never healed by itself.
+                say(f"The offline models in {', '.join(map(str, damaged))} are damaged ({err}); rebuilding them…")
+                for folder in damaged:
+                    offline.discard_build(folder)
+                return _load_components(preset, device, dtype, safety_checker=safety_checker,
+                                        allow_pickle=allow_pickle, say=say, memory_level=memory_level)
+    except ImportError as err:
+        raise ModelLoadError(import_error_sentence(preset.name, err)) from err
+
+
+def _load_components(
+    preset: Preset, device: torch.device, dtype: torch.dtype, *, safety_checker: bool | None,
+    allow_pickle: bool, say: StatusCallback, memory_level: str = memory.DEFAULT_MEMORY,
+) -> LoadedComponents:
     start = time.perf_counter()
     local = offline.materialize(preset, say)
 
@@ -132,7 +160,7 @@ def load_sd(path: str, preset: Preset, dtype: torch.dtype, *, safety_checker: bo
     if safety_checker is False:
         # The supported way to switch it off; a lambda in its place breaks the pipeline config.
         kwargs.update(safety_checker=None, requires_safety_checker=False)
-    with translate_load_errors(name, allow_pickle), quiet_loaders():
+    with translate_load_errors(name, allow_pickle, folder=path), quiet_loaders():
         return StableDiffusionPipeline.from_pretrained(path, **kwargs)
 
 
@@ -147,8 +175,9 @@ def load_image_encoder(
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
     name, subfolder = preset.clip_model, preset.clip_subfolder or ""
-    check_local_folder(os.path.join(path, subfolder), name, "config.json", "a CLIP model (transformers format)")
-    with translate_load_errors(name, allow_pickle), quiet_loaders():
+    folder = os.path.join(path, subfolder)
+    check_local_folder(folder, name, "config.json", "a CLIP model (transformers format)")
+    with translate_load_errors(name, allow_pickle, folder=folder), quiet_loaders():
         encoder = CLIPVisionModelWithProjection.from_pretrained(
             path, subfolder=subfolder, dtype=dtype, use_safetensors=None if allow_pickle else True
         )

@@ -17,14 +17,12 @@ from typing import Any
 
 import torch
 
+from .faults import DamagedModelError, ModelLoadError, load_error  # noqa: F401 - the error types are re-exported
+from .model_configs import check_folder_configs
 from .offline import OFFLINE_NAMES, cache_key
 from .presets import Preset
 
 StatusCallback = Callable[[str], None]
-
-
-class ModelLoadError(ValueError):
-    """A model that cannot be loaded: unknown, not downloaded while offline, not a model folder."""
 
 
 class EncoderMismatchError(ModelLoadError):
@@ -190,51 +188,28 @@ def diffusers_dtype_kwarg() -> str:
 
 
 def check_local_folder(path: str, name: str, marker: str, what: str) -> None:
+    """A local folder must be a model of the kind asked for, and its configs must not ask for absurd sizes
+    (model_configs.py) before any loader builds what they say."""
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, marker)):
         raise ModelLoadError(f"The folder {name!r} is not {what}: it has no {marker}.")
+    if os.path.isdir(path):
+        check_folder_configs(path, name)
     looks_like_path = path.startswith((".", "/", "~")) or path.count("/") > 1
     if looks_like_path and not os.path.isdir(path):
         raise ModelLoadError(f"The model folder {name!r} does not exist.")
 
 
 @contextlib.contextmanager
-def translate_load_errors(name: str, allow_pickle: bool) -> Iterator[None]:
-    """One sentence per failure instead of a page of Hub tracebacks."""
+def translate_load_errors(name: str, allow_pickle: bool, folder: str | None = None) -> Iterator[None]:
+    """One sentence per failure instead of a page of Hub tracebacks (faults.py says which: a damaged or missing
+    file, the Hub's typed errors, a missing library, and only then the message text). ``folder``, the local
+    folder being loaded, is searched for the damaged file where the library does not name it."""
     try:
         yield
     except ModelLoadError:
         raise
     except Exception as err:  # every loader failure becomes one readable sentence
-        text = f"{type(err).__name__}: {err}"
-        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-        if "safetensors" in text.lower() and not allow_pickle:
-            message = (
-                f"Model {name!r} has no safetensors weights; pickle (.bin) weights can run code when loaded, "
-                "so they are refused unless you pass allow_pickle=True for a model you trust."
-            )
-        elif offline and _looks_missing(text):
-            message = (
-                f"Model {name!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids "
-                f"downloading it: run once with network access (or `hf download {name}`) and try again."
-            )
-        elif "RepositoryNotFound" in text or "is not a valid model identifier" in text or "404" in text:
-            message = f"Model {name!r} was not found on the Hugging Face Hub: check the name, or log in if it is gated."
-        elif any(word in text for word in ("Connection", "resolve", "Max retries", "Network", "offline")):
-            message = (
-                f"Model {name!r} could not be downloaded (no network?): connect once to fetch it, or use "
-                "model='tiny' to try the tool offline."
-            )
-        else:
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            message = f"Model {name!r} could not be loaded: {first_line}"
-        raise ModelLoadError(message) from err
-
-
-def _looks_missing(text: str) -> bool:
-    """Whether a loader error means "these files are not here" (rather than, say, a shape mismatch)."""
-    markers = ("not fully cached", "not cached", "Cannot find", "LocalEntryNotFound", "local_files_only",
-               "outgoing traffic has been disabled", "OfflineModeIsEnabled", "does not appear to have")
-    return any(marker in text for marker in markers)
+        raise load_error(err, name, allow_pickle, folder) from err
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -8,13 +8,17 @@ weights take. Random weights produce noise; that is expected and honest.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from .faults import ModelLoadError, filesystem_fault
 
 #: Bump when the tiny configs change, so stale caches are rebuilt rather than reused.
 TINY_VERSION = "v1"
@@ -44,6 +48,8 @@ def ensure_tiny_models() -> tuple[str, str]:
 
 #: Model names in presets that stand for models this module builds (``Preset.sd_model`` etc.).
 OFFLINE_NAMES = ("tiny", "tiny-variations", "tiny-ip-adapter")
+#: IP-Adapter names (``Preset.ip_adapter``) that stand for the offline twins' weights.
+TINY_ADAPTER_NAMES = ("tiny-ip-adapter", "tiny-ip-adapter-plus", "tiny-ip-adapter-plus-face")
 
 
 def cache_key(name: str) -> str:
@@ -72,8 +78,11 @@ def materialize(preset: Any, say: Callable[[str], None] = lambda message: None) 
         changes.update({key: folder for key in ("sd_model", "clip_model") if getattr(preset, key) == "tiny-variations"})
     if preset.sd_model == "tiny-ip-adapter":
         say("Building the tiny IP-Adapter models (first use only)…")
-        sd, encoder, adapter = ensure_tiny_ip_adapter_models()
-        changes.update(sd_model=sd, clip_model=encoder, ip_adapter=f"{adapter}::{TINY_ADAPTER_WEIGHT_NAME}")
+        sd, encoder, _ = ensure_tiny_ip_adapter_models()
+        changes.update(sd_model=sd, clip_model=encoder)
+    if any(spec in TINY_ADAPTER_NAMES for spec in preset.ip_adapters):
+        specs = tuple(tiny_adapter_spec(spec) if spec in TINY_ADAPTER_NAMES else spec for spec in preset.ip_adapters)
+        changes["ip_adapter"] = specs[0] if isinstance(preset.ip_adapter, str) else specs
     if preset.captioner == "tiny":
         changes["captioner"] = ensure_tiny_captioner()
     if any(source in TINY_LORAS for source, _ in preset.loras):
@@ -89,20 +98,107 @@ def build_once(final: Path, build: Callable[[Path], Any], marker: str) -> Path:
     ``marker`` is a file the finished build has; when it exists the build is not repeated.
     """
     if (final / marker).is_file():
+        _open_up_private_build(final)
         return final
+    from .quiet import quiet_loaders
+
+    with quiet_loaders():  # one builder or loader at a time in this process (see quiet.py)
+        if (final / marker).is_file():  # another thread built it while this one waited
+            return final
+        try:
+            return _build_atomically(final, build, marker)
+        except Exception as err:  # a full disk, a read-only folder, a file in the way: say which, and what to do
+            fault = filesystem_fault(err, final.parent)
+            if fault is None:
+                raise
+            room = "a folder on a disk with room" if fault.disk_full else "a folder you can write to"
+            raise ModelLoadError(fault.sentence(f"The offline models could not be built in {final.parent}",
+                                                f"set {CACHE_ENV} to {room}")) from err
+
+
+def _build_atomically(final: Path, build: Callable[[Path], Any], marker: str) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
     try:
         build(tmp)
+        share_as_umask_allows(tmp)  # mkdtemp made it 0700: a class's shared cache must be readable by the class
         try:
             os.rename(tmp, final)
         except OSError:
-            # Another process finished first; its copy is identical (same seed), keep it.
-            if not (final / marker).is_file():
+            if (final / marker).is_file():
+                pass  # another process finished first; its copy is identical (same seed), keep it
+            elif final.exists():  # a damaged build that lost its marker: replace it
+                discard_build(final)
+                os.rename(tmp, final)
+            else:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system says it (Linux), else by setting and
+    restoring it."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def share_as_umask_allows(folder: Path) -> None:
+    """Give a build the modes a plain ``mkdir``/``open`` would have given it (0755 folders and 0644 files under
+    the usual umask 022; private under umask 077)."""
+    umask = current_umask()
+    for path in [folder, *folder.rglob("*")]:
+        with contextlib.suppress(OSError):  # not ours (a shared cache): leave it
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def _open_up_private_build(final: Path) -> None:
+    """A build from before :func:`share_as_umask_allows` is 0700 at its top: open it up (one stat when it is not)."""
+    if not hasattr(os, "geteuid"):  # Windows: no POSIX modes to open up
+        return
+    with contextlib.suppress(OSError):
+        info = final.stat()
+        if info.st_mode & 0o777 == 0o700 and info.st_uid == os.geteuid():
+            final.chmod(0o777 & ~current_umask())
+
+
+def discard_build(folder: Path) -> None:
+    """Move a damaged build aside (one rename, so no reader meets it half-deleted) and delete it: the next
+    use builds it again."""
+    aside = folder.with_name(f".{folder.name}-damaged-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        os.rename(folder, aside)
+    except FileNotFoundError:
+        return  # another thread or process discarded it first
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def builds_of(local: Any, damaged_path: str | None = None) -> list[Path]:
+    """The build folders (directly under :func:`cache_dir`) that a materialized preset's models lie in; where
+    ``damaged_path`` is known, only the one holding it (none when it lies outside the cache: Hub ids and
+    folders elsewhere are not ours to rebuild)."""
+    import dataclasses
+
+    root = cache_dir().resolve()
+    values = [damaged_path] if damaged_path else [v for v in dataclasses.asdict(local).values() if isinstance(v, str)]
+    folders = set()
+    for value in values:
+        try:
+            relative = Path(value.split("::")[0]).resolve().relative_to(root)  # ip_adapter is "folder::weights"
+        except (ValueError, OSError):
+            continue
+        if relative.parts:
+            folders.add(root / relative.parts[0])
+    return sorted(folders)
 
 
 def sd14_scheduler() -> Any:
@@ -386,6 +482,13 @@ def build_tiny_ip_adapter_models(folder: str | os.PathLike, seed: int = TINY_SEE
     save_file({k: v.contiguous() for k, v in adapter.items()}, str(folder / "adapter" / TINY_ADAPTER_WEIGHT_NAME))
 
 
+def tiny_adapter_spec(name: str) -> str:
+    """An offline adapter name → its ``"folder::weight_name"`` spec (built on first use)."""
+    if name == "tiny-ip-adapter":
+        return f"{ensure_tiny_ip_adapter_models()[2]}::{TINY_ADAPTER_WEIGHT_NAME}"
+    return f"{ensure_tiny_ip_adapter_plus()}::{TINY_PLUS_WEIGHT_NAMES[name]}"
+
+
 def tiny_ip_adapter_state_dict(unet, image_embed_dim: int, num_tokens: int = 4) -> dict:
     """An IP-Adapter checkpoint (flat, ``image_proj.*`` and ``ip_adapter.*`` keys) with random weights.
 
@@ -402,6 +505,16 @@ def tiny_ip_adapter_state_dict(unet, image_embed_dim: int, num_tokens: int = 4) 
         "image_proj.norm.weight": torch.ones(cross),
         "image_proj.norm.bias": torch.zeros(cross),
     }
+    state.update(_tiny_adapter_attention_weights(unet))
+    return state
+
+
+def _tiny_adapter_attention_weights(unet) -> dict:
+    """``ip_adapter.{id}.to_k_ip/to_v_ip`` for every cross-attention processor, random, as IP-Adapter numbers them."""
+    import torch
+
+    cross = unet.config.cross_attention_dim
+    state = {}
     key_id = 1
     for name in unet.attn_processors:
         if name.endswith("attn1.processor"):
@@ -416,6 +529,96 @@ def tiny_ip_adapter_state_dict(unet, image_embed_dim: int, num_tokens: int = 4) 
         state[f"ip_adapter.{key_id}.to_v_ip.weight"] = torch.randn(hidden, cross) / cross**0.5
         key_id += 2
     return state
+
+
+#: IP-Adapter Plus twins: a resampler (16 learned queries attending over the encoder's penultimate hidden
+#: states, depth 4 as diffusers' converter expects, 64-d heads), like ``ip-adapter-plus_sd15`` and
+#: ``ip-adapter-plus-face_sd15`` (hidden 768, 12 heads, over ViT-H's 1280-d states), far narrower.
+TINY_PLUS_VERSION = "v1"
+TINY_PLUS_WEIGHT_NAMES = {
+    "tiny-ip-adapter-plus": "ip-adapter-plus_tiny.safetensors",
+    "tiny-ip-adapter-plus-face": "ip-adapter-plus-face_tiny.safetensors",
+}
+TINY_PLUS_QUERIES = 16
+TINY_PLUS_HIDDEN = 64  # one 64-d head: diffusers reads heads = to_q rows // 64
+
+
+def ensure_tiny_ip_adapter_plus() -> str:
+    """The folder holding the Plus and Plus-Face twins' weights (for the ``tiny-ip-adapter`` SD and encoder)."""
+    final = cache_dir() / f"tiny-ip-adapter-plus-{TINY_PLUS_VERSION}"
+    marker = TINY_PLUS_WEIGHT_NAMES["tiny-ip-adapter-plus-face"]
+    return str(build_once(final, build_tiny_ip_adapter_plus, marker))
+
+
+def build_tiny_ip_adapter_plus(folder: str | os.PathLike, seed: int = TINY_SEED) -> None:
+    """Random Plus and Plus-Face checkpoints in IP-Adapter's own key layout, so diffusers' converter loads them
+    exactly as it loads h94's files (each with its own seed: two different adapters of one architecture)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    from .quiet import quiet_loaders
+
+    folder = Path(folder)
+    sd, _, _ = ensure_tiny_ip_adapter_models()
+    with quiet_loaders():
+        unet = UNet2DConditionModel.from_pretrained(sd, subfolder="unet", use_safetensors=True)
+    encoder_width = _tiny_vision_config(TINY_ADAPTER_ENCODER_DIM).hidden_size
+    folder.mkdir(parents=True, exist_ok=True)
+    for offset, (name, weight_name) in enumerate(TINY_PLUS_WEIGHT_NAMES.items()):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 10 + offset)
+            state = tiny_ip_adapter_plus_state_dict(unet, encoder_width)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(folder / weight_name))
+
+
+def tiny_ip_adapter_plus_state_dict(unet, encoder_width: int) -> dict:
+    """An IP-Adapter Plus checkpoint (flat ``image_proj.*``/``ip_adapter.*`` keys) with random weights.
+
+    The resampler is diffusers' ``IPAdapterPlusImageProjection`` with seeded weights, written back in the
+    original Resampler's key names (``layers.i.0.to_kv`` = keys and values stacked, ``layers.i.1.*`` = the
+    feed-forward), which ``load_ip_adapter`` converts on load.
+    """
+    from diffusers.models.embeddings import IPAdapterPlusImageProjection
+
+    resampler = IPAdapterPlusImageProjection(
+        embed_dims=encoder_width, output_dims=unet.config.cross_attention_dim, hidden_dims=TINY_PLUS_HIDDEN,
+        heads=TINY_PLUS_HIDDEN // 64, num_queries=TINY_PLUS_QUERIES,
+    )
+    state = {f"image_proj.{k}": v for k, v in resampler_to_original_keys(resampler.state_dict()).items()}
+    state.update(_tiny_adapter_attention_weights(unet))
+    return state
+
+
+def resampler_to_original_keys(state: dict) -> dict:
+    """diffusers' ``IPAdapterPlusImageProjection`` state dict → IP-Adapter's Resampler key names (the inverse
+    of diffusers' ``_convert_ip_adapter_image_proj_to_diffusers`` for Plus checkpoints)."""
+    import torch
+
+    renamed = {}
+    for key, value in state.items():
+        if not key.startswith("layers."):
+            renamed[key] = value
+            continue
+        _, index, rest = key.split(".", 2)
+        attention, feed_forward = f"layers.{index}.0", f"layers.{index}.1"
+        if rest.startswith(("ln0.", "ln1.")):
+            renamed[f"{attention}.norm{int(rest[2]) + 1}.{rest[4:]}"] = value
+        elif rest == "attn.to_q.weight":
+            renamed[f"{attention}.to_q.weight"] = value
+        elif rest == "attn.to_k.weight":
+            renamed[f"{attention}.to_kv.weight"] = torch.cat([value, state[key.replace("to_k", "to_v")]])
+        elif rest == "attn.to_out.0.weight":
+            renamed[f"{attention}.to_out.weight"] = value
+        elif rest.startswith("ff.0."):
+            renamed[f"{feed_forward}.0.{rest[5:]}"] = value
+        elif rest == "ff.1.net.0.proj.weight":
+            renamed[f"{feed_forward}.1.weight"] = value
+        elif rest == "ff.1.net.2.weight":
+            renamed[f"{feed_forward}.3.weight"] = value
+        elif rest != "attn.to_v.weight":  # to_v went into to_kv
+            raise ValueError(f"unexpected resampler weight {key!r}")
+    return renamed
 
 
 def ensure_tiny_captioner() -> str:
@@ -482,10 +685,18 @@ TINY_CONTROLNET_ZERO_CONV_STD = 0.1
 TINY_CONTROLNET_EMBEDDING_GAIN = 2.0
 
 
-def ensure_tiny_controlnet() -> str:
-    """The tiny ControlNet folder (built once, atomically): a twin of ``lllyasviel/sd-controlnet-canny``."""
-    final = cache_dir() / f"tiny-controlnet-{TINY_CONTROLNET_VERSION}"
-    return str(build_once(final, build_tiny_controlnet, "diffusion_pytorch_model.safetensors"))
+#: The ControlNet twins (controlnets.py names them per kind): folder prefix and seed. Same architecture,
+#: different seeds: two ControlNets that steer differently, as a canny and a depth one do.
+TINY_CONTROLNETS = {"tiny": ("tiny-controlnet", TINY_SEED), "tiny-depth": ("tiny-controlnet-depth", TINY_SEED + 1)}
+
+
+def ensure_tiny_controlnet(name: str = "tiny") -> str:
+    """A tiny ControlNet folder (built once, atomically): ``"tiny"`` twins ``lllyasviel/sd-controlnet-canny``,
+    ``"tiny-depth"`` twins ``lllyasviel/control_v11f1p_sd15_depth``."""
+    prefix, seed = TINY_CONTROLNETS[name]
+    final = cache_dir() / f"{prefix}-{TINY_CONTROLNET_VERSION}"
+    return str(build_once(final, lambda folder: build_tiny_controlnet(folder, seed),
+                          "diffusion_pytorch_model.safetensors"))
 
 
 def build_tiny_controlnet(folder: str | os.PathLike, seed: int = TINY_SEED) -> str:
@@ -524,6 +735,54 @@ def build_tiny_controlnet(folder: str | os.PathLike, seed: int = TINY_SEED) -> s
     return str(folder)
 
 
+# ---------------------------------------------------------------------------------------------
+# The tiny depth estimator twin (structure="depth" on the tiny presets)
+
+TINY_DEPTH_VERSION = "v1"
+#: Depth Anything's patch size; the twin sees 28 x 28 pictures (2 x 2 patches), the real one 518 x 518.
+TINY_DEPTH_PATCH = 14
+
+
+def ensure_tiny_depth_estimator() -> str:
+    """The tiny depth estimator folder (built once, atomically): a twin of ``Depth-Anything-V2-Small-hf``."""
+    final = cache_dir() / f"tiny-depth-anything-{TINY_DEPTH_VERSION}"
+    return str(build_once(final, build_tiny_depth_estimator, "preprocessor_config.json"))
+
+
+def build_tiny_depth_estimator(folder: str | os.PathLike, seed: int = TINY_SEED) -> str:
+    """Depth Anything (a DINOv2 backbone, DPT neck and head) with tiny random weights and the real model's
+    preprocessing (keep the aspect ratio, sides a multiple of 14, bicubic, ImageNet mean and std), saved as
+    transformers saves it so ``AutoModelForDepthEstimation.from_pretrained`` loads it."""
+    import torch
+    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config
+
+    from .quiet import quiet_loaders
+
+    with quiet_loaders():  # without torchvision, transformers names its PIL fallback once, on import
+        from transformers import DPTImageProcessor
+
+    backbone = Dinov2Config(
+        hidden_size=16, num_hidden_layers=4, num_attention_heads=2, intermediate_size=32,
+        image_size=2 * TINY_DEPTH_PATCH, patch_size=TINY_DEPTH_PATCH,
+        out_features=["stage1", "stage2", "stage3", "stage4"], reshape_hidden_states=False,
+    )
+    config = DepthAnythingConfig(
+        backbone_config=backbone, reassemble_hidden_size=16, patch_size=TINY_DEPTH_PATCH,
+        neck_hidden_sizes=[8, 8, 16, 16], fusion_hidden_size=8, head_hidden_size=8, depth_estimation_type="relative",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = DepthAnythingForDepthEstimation(config)
+    side = 2 * TINY_DEPTH_PATCH
+    with quiet_loaders():
+        processor = DPTImageProcessor(
+            do_resize=True, size={"height": side, "width": side}, keep_aspect_ratio=True,
+            ensure_multiple_of=TINY_DEPTH_PATCH, resample=3, do_pad=False,
+            image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
+        )
+        model.save_pretrained(str(folder), safe_serialization=True)
+        processor.save_pretrained(str(folder))
+    return str(folder)
 
 
 # ---------------------------------------------------------------------------------------------

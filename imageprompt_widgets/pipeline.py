@@ -20,15 +20,17 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from . import conditioning, lora
+from . import conditioning, lora, schedule
 from .concurrency import RunLock
+from .downloads import ProgressCallback, watch_downloads
 from .encoding import ClipTextTower, ImageEmbedding, encode_images, fingerprint
-from .images import load_images
+from .images import ImageInputError, load_images
 from .loading import LoadedComponents, load_clip_text_tower, load_components
 from .lora import LoraInfo
 from .memory import DEFAULT_MEMORY, check_level, execution_device
@@ -36,6 +38,7 @@ from .methods import METHODS
 from .methods.inputs import ConditioningInputs, TextSide
 from .models import MODEL_CACHE, StatusCallback, model_key, resolve_device_dtype
 from .presets import PRESETS, Preset, resolve_preset
+from .quiet import noting_prompt_truncation
 from .results import GenerationResult, Interpolation, Provenance, Trace
 from .samplers import scheduler_for, uses_sigmas
 from .settings import MODES, GenerationSettings, SettingsError
@@ -51,12 +54,15 @@ from .steps import (
     predicted_x0,
     watching_decoded_values,
 )
-from .structure import StructurePlan, StructureRunners
+from .structure import ControlMap, StructurePlan, StructureRunners, unit_pictures
 
 __all__ = ["ImageEmbedding", "ImagePromptPipeline", "NonFiniteImageError", "StepInfo", "generate"]
 
 #: How many distinct input batches keep their embeddings cached per pipeline.
 EMBEDDING_CACHE_SIZE = 16
+#: The most input (or negative) images one run takes: each is decoded and encoded at once, so a folder of
+#: thousands would exhaust memory before the first step.
+MAX_INPUT_IMAGES = 64
 #: Ordinary prompts whose text-encoder outputs set the target of norm matching.
 NORM_PROBE_PROMPTS = (
     "a photograph of a cat sitting on a windowsill",
@@ -74,7 +80,10 @@ class RunInputs:
     prints: list[str]
     negatives: list[Any] = field(default_factory=list)
     negative_prints: list[str] = field(default_factory=list)
-    structure_image: Any = None  # the picture whose layout a structure run keeps (None: the first input)
+    #: The pictures whose layout a structure run keeps: one, or one per ControlNet unit (empty: the first input).
+    structure_images: list[Any] = field(default_factory=list)
+    adapter_images: list[list[Any]] = field(default_factory=list)  # per IP-Adapter (empty: the inputs for all)
+    adapter_prints: list[list[str]] = field(default_factory=list)
 
 
 @dataclass
@@ -129,12 +138,15 @@ class ImagePromptPipeline:
         safety_checker: bool | None = None,
         allow_pickle: bool = False,
         on_status: StatusCallback | None = None,
+        on_progress: ProgressCallback | None = None,
         memory: str = DEFAULT_MEMORY,
     ) -> ImagePromptPipeline:
         """Load (once per process) the preset's models: ``"sd14"`` (default), ``"sd15"``, ``"tiny"`` or a folder.
 
         ``safety_checker=None`` follows the model; ``False`` switches it off. ``allow_pickle=True``
         permits ``.bin`` weights, which can run code when loaded: only for models you trust.
+        ``on_progress`` gets the Hub's download progress (:mod:`imageprompt_widgets.downloads`); raising
+        ``DownloadCancelled`` from it stops the download.
         ``memory`` (``"default"``, ``"balanced"``, ``"low"``, ``"lowest"``) saves GPU memory with diffusers'
         offloading, attention slicing and VAE tiling (memory.py); it is part of the cache key, so panels
         asking for different levels get different pipelines.
@@ -157,7 +169,8 @@ class ImagePromptPipeline:
             )
             return cls.from_components(loaded, allow_pickle=allow_pickle)
 
-        return MODEL_CACHE.get_or_create(key, load)
+        with watch_downloads(on_progress):
+            return MODEL_CACHE.get_or_create(key, load)
 
     @classmethod
     def from_components(cls, loaded: LoadedComponents, *, allow_pickle: bool = False) -> ImagePromptPipeline:
@@ -217,15 +230,19 @@ class ImagePromptPipeline:
         pil_images = load_images(images)
         return self._encode_loaded(pil_images, [fingerprint(image) for image in pil_images], crop)
 
-    def _encode_loaded(self, pil_images: list[Any], fingerprints: list[str], crop: str) -> ImageEmbedding:
-        """``encode_image`` for images already decoded and fingerprinted (``generate`` does both once)."""
-        key = (crop, *fingerprints)
-        cached = self._embeddings.get(key)
-        if cached is not None:
-            self._embeddings.move_to_end(key)
-            return cached
-        embedding = encode_images(pil_images, self.image_encoder, self.image_processor, crop)
-        self._embeddings[key] = embedding
+    def _encode_loaded(
+        self, pil_images: list[Any], fingerprints: list[str], crop: str, hidden: bool = False
+    ) -> ImageEmbedding:
+        """``encode_image`` for images already decoded and fingerprinted (``generate`` does both once);
+        ``hidden`` also keeps the penultimate hidden states (IP-Adapter Plus). An entry that has them serves
+        a request without them too."""
+        for key in [(crop, True, *fingerprints)] + ([] if hidden else [(crop, False, *fingerprints)]):
+            cached = self._embeddings.get(key)
+            if cached is not None:
+                self._embeddings.move_to_end(key)
+                return cached
+        embedding = encode_images(pil_images, self.image_encoder, self.image_processor, crop, penultimate=hidden)
+        self._embeddings[(crop, hidden, *fingerprints)] = embedding
         while len(self._embeddings) > EMBEDDING_CACHE_SIZE:
             self._embeddings.popitem(last=False)
         return embedding
@@ -243,7 +260,7 @@ class ImagePromptPipeline:
                 f"The {self.preset.name!r} model has no text encoder, so it cannot use {purpose}: "
                 "use negative='zeros' and a mode without text (repeat, single, tokens)."
             )
-        with torch.inference_mode():
+        with noting_prompt_truncation(), torch.inference_mode():  # a cut prompt is noted, not printed in full
             embeds, _ = self.sd.encode_prompt(prompt, self.device, 1, False)
         return embeds
 
@@ -276,6 +293,13 @@ class ImagePromptPipeline:
             )
         with self.lock:
             return self.captioner.caption(load_images(images)[0])
+
+    @property
+    def ip_adapters(self) -> tuple[str, ...]:
+        """The loaded IP-Adapters' names, in the order ``adapter_images`` and ``adapter_scales`` follow (empty
+        without one)."""
+        handle = self.parts.get("ip_adapter")
+        return handle.names if handle is not None else ()
 
     def capabilities(self) -> frozenset[str]:
         """What the loaded models can do (the method registry's terms): image tokens of the UNet's width,
@@ -360,20 +384,56 @@ class ImagePromptPipeline:
 
     # -- structure (structure.py) ------------------------------------------------------------------
 
-    def load_controlnet(self, model: str | None = None, on_status: StatusCallback | None = None) -> Any:
-        """The canny ControlNet of ``structure="edges"``, loaded once: the preset's, or ``model`` (Hub id or folder)."""
+    def load_controlnet(
+        self, model: str | None = None, on_status: StatusCallback | None = None, *, kind: str | None = None
+    ) -> Any:
+        """The ControlNet of a structure kind, loaded once: the preset's, or ``model`` (Hub id or folder).
+
+        Each ControlNet reads one kind of map (controlnets.py): ``kind="edges"`` (Canny edges, the default) or
+        ``"depth"``. A ``model`` whose name says which (``...-canny``, ``..._depth``) needs no ``kind``; it then
+        replaces the preset's ControlNet of that kind, so runs feed it the map it was trained on.
+        """
         with self.lock:
-            return self._structure.controlnet(model, on_status)
+            return self._structure.controlnet(model, on_status, kind=kind)
+
+    def load_structure(self, settings: GenerationSettings, on_status: StatusCallback | None = None) -> None:
+        """Load every ControlNet and map estimator a run with ``settings`` needs (each once), so that a face can
+        report the loading before the run's first step instead of inside it."""
+        with self.lock:
+            for unit in settings.units():
+                self._structure.controlnet(on_status=on_status, kind=unit.kind)
+                self._structure.estimator(unit.kind, on_status)
+
+    def structure_maps(
+        self, images: Any = None, settings: GenerationSettings | None = None, *, structure_image: Any = None,
+        on_status: StatusCallback | None = None, **changes: Any,
+    ) -> list[ControlMap]:
+        """Each ControlNet unit's map exactly as a run with these settings would feed it (what the panel's
+        Structure section previews): ``.image`` (grayscale, at the run's size), ``.unit``, ``.controlnet``.
+
+        The pictures are ``structure_image`` (one for all units, or one each), else the first of ``images``.
+        Loads the depth estimator on first use, but never waits for a running generation.
+        """
+        settings = settings or self.default_settings()
+        if changes:
+            settings = settings.replace(**changes)
+        pictures = load_images(structure_image) if structure_image is not None else load_images(images)[:1]
+        if not pictures:
+            raise SettingsError("structure_maps needs a picture: pass images or structure_image.")
+        return self._structure.maps(settings, pictures, on_status)
 
     @property
     def native_size(self) -> int:
         """The model's native side in pixels (512 for SD 1.x): the longer side of a structure run by default."""
         return self._structure.native_size
 
-    def structure_pipeline(self, structure: str = "none") -> Any:
+    def structure_pipeline(self, structure: str | GenerationSettings = "none") -> Any:
         """The diffusers pipeline a run with ``structure`` calls: :attr:`sd` itself, or its ControlNet or
-        img2img twin built from the same components (so bare diffusers can be compared with it)."""
+        img2img twin built from the same components (so bare diffusers can be compared with it). With settings,
+        the ControlNet pipeline of all their units (``control_units`` too)."""
         with self.lock:
+            if isinstance(structure, GenerationSettings):
+                return self._structure.pipeline(structure.structure, kinds=[u.kind for u in structure.units()])
             return self._structure.pipeline(structure)
 
     # -- inspection: the engine's side of the inspector's views --------------------------------------
@@ -390,6 +450,18 @@ class ImagePromptPipeline:
         return MODEL_CACHE.get_or_create(
             key, lambda: load_clip_text_tower(folder, self.preset.clip_model, self.device, self.image_encoder.dtype)
         )
+
+    def adapter_tokens(self, result: GenerationResult, adapter: int = 0, index: int = 0) -> Any:
+        """What IP-Adapter ``adapter`` made of output ``index``'s pictures in ``result``: its tokens (and, for a Plus
+        adapter, where each of the resampler's query tokens looked), recomputed from the traced input
+        (:class:`~imageprompt_widgets.methods.ip_adapter.AdapterTokens`; ``views.adapter_tokens`` draws it)."""
+        handle = self.parts.get("ip_adapter")
+        traced = result.trace.extras.get(adapter_trace_name(adapter)) if result.trace is not None else None
+        if handle is None or traced is None:
+            raise SettingsError("This run fed no IP-Adapter: generate with mode='ip_adapter' on an IP-Adapter preset.")
+        guided = result.trace.negative_prompt_embeds is not None
+        row = traced.shape[0] // 2 + index if guided else index  # diffusers' layout: the negatives first
+        return handle.tokens(adapter, traced[row])
 
     def decode_latents(self, latents: torch.Tensor) -> list[Any]:
         """Latents ``[B, C, h, w]`` through the VAE, exactly (not a preview), as PIL images."""
@@ -497,6 +569,7 @@ class ImagePromptPipeline:
         *,
         negative_image: Any = None,
         structure_image: Any = None,
+        adapter_images: Any = None,
         on_step: StepCallback | None = None,
         cancel: threading.Event | None = None,
         trace_latents: bool = False,
@@ -510,15 +583,19 @@ class ImagePromptPipeline:
         (progress, previews); setting ``cancel`` stops the run after the current step without decoding,
         and the result has ``cancelled=True`` (a :class:`~imageprompt_widgets.concurrency.CancelEvent`
         also ends a wait for another run on this pipeline at once). ``structure_image`` is the picture
-        whose layout ``structure="edges"`` or ``"img2img"`` keeps (default: the first input image).
+        whose layout ``structure="edges"``, ``"depth"`` or ``"img2img"`` keeps (default: the first input image);
+        with ``control_units``, one picture for all ControlNet units or a list with one per unit.
+        ``adapter_images`` (``mode="ip_adapter"``) gives each loaded IP-Adapter its own images, one list per
+        adapter (e.g. ``[[scene], [face]]``); without it every adapter sees ``images``.
         """
-        settings, inputs = self._check_inputs(images, settings, negative_image, structure_image, changes)
+        settings, inputs = self._check_inputs(images, settings, negative_image, structure_image, changes,
+                                              adapter_images)
         if not self.lock.acquire(cancel):  # cancelled while another run held the pipeline
             return GenerationResult([], None, settings, self._provenance(settings, inputs), cancelled=True)
         try:
             start = time.perf_counter()
-            embedding, negative_embedding = self._encode(images, inputs, settings)
-            cond = self._condition(inputs, settings, embedding, negative_embedding)
+            embedding, negative_embedding, adapter_embeddings = self._encode(images, inputs, settings)
+            cond = self._condition(inputs, settings, embedding, negative_embedding, adapter_embeddings)
             plan = self._plan(inputs, settings, embedding, cond)
             if cancel is not None and cancel.is_set():
                 return GenerationResult([], plan.trace, settings, plan.provenance, cancelled=True,
@@ -538,7 +615,7 @@ class ImagePromptPipeline:
 
     def _check_inputs(
         self, images: Any, settings: GenerationSettings | None, negative_image: Any, structure_image: Any,
-        changes: dict[str, Any],
+        changes: dict[str, Any], adapter_images: Any = None,
     ) -> tuple[GenerationSettings, RunInputs]:
         """Validate the settings against the inputs and decode every picture once, before any model work."""
         settings = settings or self.default_settings()
@@ -546,6 +623,8 @@ class ImagePromptPipeline:
             changes["negative"] = "image"
         if changes:
             settings = settings.replace(**changes)
+        _check_image_count(images, "input")
+        _check_image_count(negative_image, "negative")
         pil_images = [] if isinstance(images, ImageEmbedding) else load_images(images)
         negatives = load_images(negative_image) if negative_image is not None else []
         if settings.negative == "image" and not negatives:
@@ -557,40 +636,76 @@ class ImagePromptPipeline:
         structure_images = load_images(structure_image) if structure_image is not None else []
         if structure_images and settings.structure == "none":
             raise SettingsError(
-                "structure_image was given but structure='none': pass structure='edges' or structure='img2img'."
+                "structure_image was given but structure='none': pass structure='edges', 'depth' or 'img2img'."
             )
+        if len(structure_images) > 1 and settings.structure == "img2img":
+            raise SettingsError(f"structure='img2img' takes one structure_image, not {len(structure_images)}.")
         if len(structure_images) > 1:
-            raise SettingsError(f"structure_image takes one image, not {len(structure_images)}.")
+            unit_pictures(structure_images, len(settings.units()))  # one for all units, or one each
         if settings.structure != "none" and not (structure_images or pil_images):
             raise SettingsError(f"structure={settings.structure!r} needs a picture: pass structure_image=.")
+        per_adapter = self._adapter_images(adapter_images, settings)
         return settings, RunInputs(
             pil_images, [fingerprint(image) for image in pil_images],
             negatives, [fingerprint(image) for image in negatives],
-            structure_images[0] if structure_images else None,
+            structure_images,
+            per_adapter, [[fingerprint(image) for image in group] for group in per_adapter],
         )
+
+    def _adapter_images(self, adapter_images: Any, settings: GenerationSettings) -> list[list[Any]]:
+        """``adapter_images`` decoded: one list of pictures per loaded IP-Adapter."""
+        if adapter_images is None:
+            return []
+        if settings.mode != "ip_adapter":
+            raise SettingsError(f"adapter_images are the IP-Adapters' images: use them with mode='ip_adapter', "
+                                f"not {settings.mode!r}.")
+        if not isinstance(adapter_images, (list, tuple)) or not adapter_images:
+            raise SettingsError("adapter_images takes one list of images per IP-Adapter, e.g. [[scene], [face]].")
+        count = len(self.parts["ip_adapter"]) if "ip_adapter" in self.parts else 0
+        if len(adapter_images) != count:
+            raise SettingsError(
+                f"adapter_images has {len(adapter_images)} entr{'ies' if len(adapter_images) > 1 else 'y'} but "
+                f"{self.preset.name!r} has {count} IP-Adapter{'s' if count != 1 else ''}: give one list of images "
+                "per adapter."
+            )
+        for group in adapter_images:
+            _check_image_count(group, "adapter")
+        return [load_images(group) for group in adapter_images]
 
     def _encode(
         self, images: Any, inputs: RunInputs, settings: GenerationSettings
-    ) -> tuple[ImageEmbedding, ImageEmbedding | None]:
-        """The inputs' and negative images' CLIP embeddings (from the small cache when seen before)."""
+    ) -> tuple[ImageEmbedding, ImageEmbedding | None, list[ImageEmbedding]]:
+        """The inputs', negative images' and each IP-Adapter's own images' CLIP embeddings (from the small cache
+        when seen before); with the penultimate hidden states where an IP-Adapter Plus reads them."""
+        adapter = self.parts.get("ip_adapter")
+        hidden = settings.mode == "ip_adapter" and adapter is not None and adapter.needs_hidden_states
         embedding = images if isinstance(images, ImageEmbedding) else self._encode_loaded(
-            inputs.images, inputs.prints, settings.crop
+            inputs.images, inputs.prints, settings.crop, hidden
         )
-        negative = (self._encode_loaded(inputs.negatives, inputs.negative_prints, settings.crop)
+        negative = (self._encode_loaded(inputs.negatives, inputs.negative_prints, settings.crop, hidden)
                     if inputs.negatives else None)
-        return embedding, negative
+        per_adapter = [self._encode_loaded(group, prints, settings.crop, hidden)
+                       for group, prints in zip(inputs.adapter_images, inputs.adapter_prints)]
+        return embedding, negative, per_adapter
 
     def _condition(
         self, inputs: RunInputs, settings: GenerationSettings, embedding: ImageEmbedding,
-        negative_embedding: ImageEmbedding | None,
+        negative_embedding: ImageEmbedding | None, adapter_embeddings: list[ImageEmbedding] | None = None,
     ) -> conditioning.Conditioning:
         """The method's conditioning for one output image (its registry entry builds it)."""
         build = METHODS[settings.mode].builder()
-        return build(ConditioningInputs(
-            settings=settings, embedding=embedding, text=self.text_side(),
-            cross_attention_dim=self.sd.unet.config.cross_attention_dim, negative_embedding=negative_embedding,
-            images=inputs.images, parts=self.parts, preset_name=self.preset.name,
-        ))
+        with noting_prompt_truncation() as truncated:
+            cond = build(ConditioningInputs(
+                settings=settings, embedding=embedding, text=self.text_side(),
+                cross_attention_dim=self.sd.unet.config.cross_attention_dim, negative_embedding=negative_embedding,
+                images=inputs.images, parts=self.parts, preset_name=self.preset.name,
+                adapter_embeddings=adapter_embeddings or [],
+            ))
+        if truncated:
+            length = getattr(getattr(self.sd, "tokenizer", None), "model_max_length", 77)
+            cond.notes["prompt_truncated"] = (
+                f"the prompt is longer than the text encoder's {length} tokens; only its start was used")
+        return cond
 
     def _plan(
         self, inputs: RunInputs, settings: GenerationSettings, embedding: ImageEmbedding,
@@ -606,14 +721,17 @@ class ImagePromptPipeline:
             negative_prompt_embeds=_cpu(unet.negative_prompt_embeds),
             extras={name: _cpu(value) for name, value in cond.extras.items()},
         )
-        if unet.ip_adapter_image_embeds is not None:
-            trace.extras["ip_adapter_image_embeds"] = _cpu(unet.ip_adapter_image_embeds)
-        structure_source = inputs.structure_image or (inputs.images[0] if inputs.images else None)
+        for index, adapter_embeds in enumerate(unet.ip_adapter_image_embeds or []):
+            trace.extras[adapter_trace_name(index)] = _cpu(adapter_embeds)
+        structure_source = inputs.structure_images or inputs.images[:1]
         structure = self._structure.plan(settings, structure_source, settings.num_images)
         trace.extras.update(structure.extras)
         notes = dict(cond.notes)
-        if inputs.structure_image is not None:
-            notes["structure_input"] = fingerprint(inputs.structure_image)[:16]
+        if inputs.structure_images:
+            prints = [fingerprint(image)[:16] for image in inputs.structure_images]
+            notes["structure_input"] = prints[0] if len(prints) == 1 else prints
+        if inputs.adapter_prints:
+            notes["adapter_inputs"] = [[print_[:16] for print_ in group] for group in inputs.adapter_prints]
         provenance = self._provenance(settings, inputs, notes)
         provenance.model.update(structure.notes)
         return RunPlan(structure, unet, list(cond.contexts), trace, provenance)
@@ -638,7 +756,7 @@ class ImagePromptPipeline:
         tracker = StepTracker(runner.unet, runner.scheduler, settings.guidance_scale if negative is not None else None,
                               on_step=on_step, cancel=cancel, trace_latents=trace_latents)
         total = planned_steps(shared.scheduler, settings)
-        method_kwargs = ({"ip_adapter_image_embeds": [plan.unet.ip_adapter_image_embeds]}
+        method_kwargs = ({"ip_adapter_image_embeds": plan.unet.ip_adapter_image_embeds}
                          if plan.unet.ip_adapter_image_embeds is not None else {})
         try:
             with contextlib.ExitStack() as stack:
@@ -705,7 +823,7 @@ class ImagePromptPipeline:
                 "preset": self.preset.name,
                 "sd_model": self.preset.sd_model,
                 "clip_model": self.preset.clip_model,
-                **({"ip_adapter": self.preset.ip_adapter} if self.preset.ip_adapter else {}),
+                **({"ip_adapter": _json_spec(self.preset.ip_adapter)} if self.preset.ip_adapter else {}),
                 **({"captioner": self.preset.captioner} if self.preset.captioner else {}),
                 **({"loras": [info.to_dict() for info in self._loras]} if self._loras else {}),
                 "memory": {"level": self.memory_level, "measures": list(self.memory_measures)},
@@ -719,6 +837,12 @@ class ImagePromptPipeline:
         )
 
 
+def adapter_trace_name(index: int) -> str:
+    """The trace name of IP-Adapter ``index``'s input (diffusers' layout): ``ip_adapter_image_embeds`` for the
+    first, ``ip_adapter_image_embeds_1``, ... for the others."""
+    return "ip_adapter_image_embeds" if index == 0 else f"ip_adapter_image_embeds_{index}"
+
+
 def planned_steps(scheduler: Any, settings: GenerationSettings) -> int:
     """How many UNet steps a run makes: known before it starts, so progress has a fixed total.
 
@@ -726,13 +850,9 @@ def planned_steps(scheduler: Any, settings: GenerationSettings) -> int:
     run builds it (PNDM, SD's default, runs one more: its warm-up step), on a fresh object so the shared
     scheduler is untouched; img2img runs the last ``int(steps * strength)`` of them.
     """
-    fresh = scheduler_for(settings.scheduler, scheduler)
-    fresh.set_timesteps(settings.steps)
-    total = len(fresh.timesteps)
-    if settings.structure == "img2img":
-        skipped = settings.steps - min(int(settings.steps * settings.strength), settings.steps)
-        total -= skipped * getattr(fresh, "order", 1)
-    return total
+    plan = schedule.planned_steps(scheduler_for(settings.scheduler, scheduler), settings.steps,
+                                  structure=settings.structure, strength=settings.strength)
+    return plan.total  # the one count; the controller shows its reason (PNDM's warm-up, img2img) in Started
 
 
 def generate(images: Any, *, model: str | Preset | None = None, **settings: Any) -> GenerationResult:
@@ -740,6 +860,26 @@ def generate(images: Any, *, model: str | Preset | None = None, **settings: Any)
     load_options = {name: settings.pop(name) for name in ("device", "dtype", "safety_checker", "memory")
                     if name in settings}
     return ImagePromptPipeline.from_preset(model, **load_options).generate(images, **settings)
+
+
+def _check_image_count(sources: Any, what: str) -> None:
+    """Refuse more than :data:`MAX_INPUT_IMAGES` pictures before any is decoded."""
+    if isinstance(sources, (list, tuple)):
+        count = len(sources)
+    elif isinstance(sources, Mapping) and all(isinstance(value, Mapping) for value in sources.values()):
+        count = len(sources)  # an ipywidgets 7 FileUpload value: {name: {metadata, content}}
+    else:
+        return
+    if count > MAX_INPUT_IMAGES:
+        raise ImageInputError(
+            f"{count} {what} images are more than the {MAX_INPUT_IMAGES} one run takes: pass at most "
+            f"{MAX_INPUT_IMAGES} (each is decoded and encoded at once)."
+        )
+
+
+def _json_spec(spec: str | tuple[str, ...]) -> str | list[str]:
+    """One adapter's spec as it is; several as a JSON list."""
+    return spec if isinstance(spec, str) else list(spec)
 
 
 def _cpu(tensor: torch.Tensor | None) -> torch.Tensor | None:

@@ -34,15 +34,18 @@ class Preset:
     method: str | None = None
     #: Settings this preset starts from, as (name, value) pairs (e.g. the variations model's zero negative).
     defaults: tuple[tuple[str, Any], ...] = ()
-    #: IP-Adapter weights as "repo_or_folder:subfolder:weight_name" (loaded with diffusers' load_ip_adapter).
-    ip_adapter: str | None = None
+    #: IP-Adapter weights as "repo_or_folder:subfolder:weight_name" (loaded with diffusers' load_ip_adapter);
+    #: a tuple of such specs loads several adapters at once (they share the one image encoder).
+    ip_adapter: str | tuple[str, ...] | None = None
     #: A BLIP captioning model (Hub id or folder) for the caption route; "tiny" for the offline twin.
     captioner: str | None = None
     #: A Hub revision (branch or tag) of ``sd_model``, e.g. the variations model's ``v2.0``.
     revision: str | None = None
     #: Where in ``clip_model`` the image encoder lives (h94/IP-Adapter keeps it in ``models/image_encoder``).
     clip_subfolder: str | None = None
-    #: The canny ControlNet for ``structure="edges"`` (Hub id or folder); "tiny" for the offline twin.
+    #: The ControlNets that fit this SD (controlnets.py): "sd15" for lllyasviel's SD 1.x ones (canny for
+    #: ``structure="edges"``, depth for ``"depth"``), "tiny" for the offline twins; a Hub id or folder is taken
+    #: as the canny ControlNet alone. None: no ControlNet.
     controlnet: str | None = None
     #: Whether SD has its text encoder (the image-variations model was fine-tuned without one).
     text_encoder: bool = True
@@ -53,6 +56,13 @@ class Preset:
     #: the offline twin of the LCM-LoRA).
     loras: tuple[tuple[str, float], ...] = ()
 
+    @property
+    def ip_adapters(self) -> tuple[str, ...]:
+        """The IP-Adapter specs of this preset, one per adapter (empty without one)."""
+        if not self.ip_adapter:
+            return ()
+        return (self.ip_adapter,) if isinstance(self.ip_adapter, str) else tuple(self.ip_adapter)
+
 
 #: The settings the variations model was trained for: one image token, a zero unconditional embedding.
 _VARIATIONS_DEFAULTS = (("mode", "single"), ("negative", "zeros"))
@@ -60,8 +70,12 @@ _VARIATIONS_DEFAULTS = (("mode", "single"), ("negative", "zeros"))
 LIVE_DEFAULTS = (("scheduler", "lcm"), ("steps", 4), ("guidance_scale", 1.0))
 #: Latent Consistency distilled into a LoRA for SD 1.5 (about 135 MB): 2-8 steps instead of 30.
 LCM_LORA_SD15 = "latent-consistency/lcm-lora-sdv1-5"
-#: lllyasviel's canny ControlNet, trained on SD 1.5 (its UNet is SD 1.4's, fine-tuned), so it fits both.
-CANNY_CONTROLNET = "lllyasviel/sd-controlnet-canny"
+#: lllyasviel's ControlNets (canny, depth; controlnets.py), trained on SD 1.5 (its UNet is SD 1.4's,
+#: fine-tuned), so they fit both.
+SD15_CONTROLNETS = "sd15"
+#: h94's Plus adapters for SD 1.5 (they read the ViT-H encoder's penultimate hidden states).
+IP_ADAPTER_PLUS = "h94/IP-Adapter:models:ip-adapter-plus_sd15.safetensors"
+IP_ADAPTER_PLUS_FACE = "h94/IP-Adapter:models:ip-adapter-plus-face_sd15.safetensors"
 
 PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
     {
@@ -71,14 +85,14 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
             clip_model="openai/clip-vit-large-patch14",
             note="the method of the original guide",
             download_size="about 5.5 GB (SD 1.4 fp32 safetensors) + 1.7 GB (CLIP ViT-L/14)",
-            controlnet=CANNY_CONTROLNET,
+            controlnet=SD15_CONTROLNETS,
         ),
         "sd15": Preset(
             name="sd15",
             sd_model="stable-diffusion-v1-5/stable-diffusion-v1-5",
             clip_model="openai/clip-vit-large-patch14",
             download_size="about 5.5 GB (SD 1.5 fp32 safetensors) + 1.7 GB (CLIP ViT-L/14)",
-            controlnet=CANNY_CONTROLNET,
+            controlnet=SD15_CONTROLNETS,
         ),
         "tiny": Preset(
             name="tiny",
@@ -97,7 +111,7 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
             defaults=LIVE_DEFAULTS,
             note="live mode for teaching: SD 1.5 + LCM-LoRA, 4 steps with the lcm scheduler, guidance 1",
             download_size="about 5.5 GB (SD 1.5) + 1.7 GB (CLIP ViT-L/14) + 135 MB (LCM-LoRA)",
-            controlnet=CANNY_CONTROLNET,
+            controlnet=SD15_CONTROLNETS,
         ),
         "tiny-live": Preset(
             name="tiny-live",
@@ -120,7 +134,7 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
             text_encoder=False,
             note="SD fine-tuned on one CLIP image token (image_encoder and feature_extractor ship in the repo)",
             download_size="about 5 GB (fp32 UNet, VAE, ViT-L/14 vision tower) + 1.2 GB safety checker unless off",
-            controlnet=CANNY_CONTROLNET,
+            controlnet=SD15_CONTROLNETS,
         ),
         "tiny-variations": Preset(
             name="tiny-variations",
@@ -145,7 +159,7 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
             image_tokens_fit=False,
             note="SD 1.5 + IP-Adapter (ViT-H/14 image encoder, 4 adapter tokens); a text prompt works alongside",
             download_size="about 5.5 GB (SD 1.5) + 2.5 GB (ViT-H/14 image encoder) + 44 MB (ip-adapter_sd15)",
-            controlnet=CANNY_CONTROLNET,
+            controlnet=SD15_CONTROLNETS,
         ),
         "tiny-ip-adapter": Preset(
             name="tiny-ip-adapter",
@@ -159,6 +173,84 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
             download_size="nothing (built locally, about 4 MB)",
             offline_builder="tiny-ip-adapter",
         ),
+        "ip-adapter-plus": Preset(
+            name="ip-adapter-plus",
+            sd_model="stable-diffusion-v1-5/stable-diffusion-v1-5",
+            clip_model="h94/IP-Adapter",
+            clip_subfolder="models/image_encoder",
+            ip_adapter=IP_ADAPTER_PLUS,
+            method="ip_adapter",
+            defaults=(("mode", "ip_adapter"),),
+            image_tokens_fit=False,
+            note="SD 1.5 + IP-Adapter Plus: a resampler turns ViT-H's patch features into 16 tokens (closer to the "
+                 "image than ip-adapter's 4)",
+            download_size="about 5.5 GB (SD 1.5) + 2.5 GB (ViT-H/14 image encoder) + 98 MB (ip-adapter-plus_sd15)",
+            controlnet=SD15_CONTROLNETS,
+        ),
+        "ip-adapter-plus-face": Preset(
+            name="ip-adapter-plus-face",
+            sd_model="stable-diffusion-v1-5/stable-diffusion-v1-5",
+            clip_model="h94/IP-Adapter",
+            clip_subfolder="models/image_encoder",
+            ip_adapter=IP_ADAPTER_PLUS_FACE,
+            method="ip_adapter",
+            defaults=(("mode", "ip_adapter"),),
+            image_tokens_fit=False,
+            note="SD 1.5 + IP-Adapter Plus-Face: the Plus resampler trained on cropped faces; give it a face crop",
+            download_size="about 5.5 GB (SD 1.5) + 2.5 GB (ViT-H/14 image encoder) + 98 MB "
+                          "(ip-adapter-plus-face_sd15)",
+            controlnet=SD15_CONTROLNETS,
+        ),
+        "ip-adapter-plus-and-face": Preset(
+            name="ip-adapter-plus-and-face",
+            sd_model="stable-diffusion-v1-5/stable-diffusion-v1-5",
+            clip_model="h94/IP-Adapter",
+            clip_subfolder="models/image_encoder",
+            ip_adapter=(IP_ADAPTER_PLUS, IP_ADAPTER_PLUS_FACE),
+            method="ip_adapter",
+            defaults=(("mode", "ip_adapter"),),
+            image_tokens_fit=False,
+            note="two IP-Adapters at once: Plus for a scene or style image, Plus-Face for a face "
+                 "(adapter_images=[[scene], [face]], adapter_scales=[...])",
+            download_size="about 5.5 GB (SD 1.5) + 2.5 GB (ViT-H/14 image encoder) + 2 × 98 MB",
+            controlnet=SD15_CONTROLNETS,
+        ),
+        "tiny-ip-adapter-plus": Preset(
+            name="tiny-ip-adapter-plus",
+            sd_model="tiny-ip-adapter",
+            clip_model="tiny-ip-adapter",
+            ip_adapter="tiny-ip-adapter-plus",
+            method="ip_adapter",
+            defaults=(("mode", "ip_adapter"),),
+            image_tokens_fit=False,
+            note="offline twin of 'ip-adapter-plus': a tiny resampler (16 queries) with random weights",
+            download_size="nothing (built locally, about 4 MB + 0.8 MB)",
+            offline_builder="tiny-ip-adapter",
+        ),
+        "tiny-ip-adapter-plus-face": Preset(
+            name="tiny-ip-adapter-plus-face",
+            sd_model="tiny-ip-adapter",
+            clip_model="tiny-ip-adapter",
+            ip_adapter="tiny-ip-adapter-plus-face",
+            method="ip_adapter",
+            defaults=(("mode", "ip_adapter"),),
+            image_tokens_fit=False,
+            note="offline twin of 'ip-adapter-plus-face': the tiny Plus architecture with other random weights",
+            download_size="nothing (built locally, about 4 MB + 0.8 MB)",
+            offline_builder="tiny-ip-adapter",
+        ),
+        "tiny-ip-adapter-plus-and-face": Preset(
+            name="tiny-ip-adapter-plus-and-face",
+            sd_model="tiny-ip-adapter",
+            clip_model="tiny-ip-adapter",
+            ip_adapter=("tiny-ip-adapter-plus", "tiny-ip-adapter-plus-face"),
+            method="ip_adapter",
+            defaults=(("mode", "ip_adapter"),),
+            image_tokens_fit=False,
+            note="offline twin of 'ip-adapter-plus-and-face': both tiny Plus adapters at once",
+            download_size="nothing (built locally, about 4 MB + 1.7 MB)",
+            offline_builder="tiny-ip-adapter",
+        ),
         "caption": Preset(
             name="caption",
             sd_model="CompVis/stable-diffusion-v1-4",
@@ -168,7 +260,7 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
             defaults=(("mode", "caption"),),
             note="BLIP writes a caption you can edit; SD draws from the text (the image modes work too)",
             download_size="about 5.5 GB (SD 1.4) + 1.7 GB (CLIP ViT-L/14) + 1 GB (BLIP base)",
-            controlnet=CANNY_CONTROLNET,
+            controlnet=SD15_CONTROLNETS,
         ),
         "tiny-caption": Preset(
             name="tiny-caption",

@@ -121,7 +121,10 @@ class TaesdDecoder:
         """From a local folder, or a Hub id that is already in the local cache (never downloads)."""
         from diffusers import AutoencoderTiny
 
-        model = AutoencoderTiny.from_pretrained(str(source), local_files_only=True, use_safetensors=True)
+        from .quiet import quiet_loaders
+
+        with quiet_loaders():  # also the process's loading lock: no from_pretrained runs beside another
+            model = AutoencoderTiny.from_pretrained(str(source), local_files_only=True, use_safetensors=True)
         return cls(model.to(device=device, dtype=dtype).eval())
 
     def __call__(self, latents: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,17 +37,31 @@ NOISE_SOURCES = ("device", "cpu")
 LCM_MAX_STEPS = 50
 #: How an image is made square for CLIP: CLIP's own center crop, a squash, or padding.
 CROPS = ("center_crop", "squash", "pad")
-#: IP-Adapter layers that receive the image (SD 1.x; "style" and "composition" after InstantStyle).
-ADAPTER_BLOCKS = ("all", "style", "composition", "style_and_composition")
-#: How much of the input's layout a run keeps (structure.py): nothing, its Canny edges through a
-#: ControlNet, or its noised latents as the starting point (img2img).
-STRUCTURES = ("none", "edges", "img2img")
+#: IP-Adapter layers that receive the image (SD 1.x; "style" and "composition" after InstantStyle's SD 1.5
+#: script, methods/ip_adapter.py BLOCK_PRESETS); "custom": the per-block scales of ``adapter_block_scales``.
+ADAPTER_BLOCKS = ("all", "style", "composition", "style_and_composition", "custom")
+#: The UNet parts diffusers' ``set_ip_adapter_scale`` dictionaries name.
+ADAPTER_BLOCK_PARTS = ("down", "mid", "up")
+#: How much of the input's layout a run keeps (structure.py): nothing, a map of it through a ControlNet (its
+#: Canny edges or its depth; controlnets.py names each kind), or its noised latents as the start (img2img).
+STRUCTURES = ("none", "edges", "depth", "img2img")
+#: The structures that steer through a ControlNet (controlnets.CONTROL_KINDS); ``control_units`` kinds.
+CONTROLNET_STRUCTURES = ("edges", "depth")
+_CONTROL = ("control_scale", "control_start", "control_end", "control_units")
 #: The settings each structure reads (the Structure section shows only these).
 STRUCTURE_SETTINGS: dict[str, tuple[str, ...]] = {
     "none": (),
-    "edges": ("canny_low", "canny_high", "control_scale", "control_start", "control_end"),
+    "edges": ("canny_low", "canny_high", *_CONTROL),
+    "depth": _CONTROL,
     "img2img": ("strength",),
 }
+#: The :class:`ControlUnit` fields each ControlNet kind reads (a panel shows these per unit).
+UNIT_SETTINGS: dict[str, tuple[str, ...]] = {
+    "edges": ("kind", "scale", "start", "end", "canny_low", "canny_high"),
+    "depth": ("kind", "scale", "start", "end"),
+}
+#: Most ControlNets one run uses (each SD 1.x ControlNet is about 1.4 GB in float32).
+MAX_CONTROL_UNITS = 4
 
 MAX_SEED = 2**32 - 1
 
@@ -68,7 +84,9 @@ class SettingSpec:
     step: float | None = None
     choices: tuple[str, ...] = ()
     advanced: bool = False
-    #: The group of controls it belongs to ("structure": the widget's Structure section); "" = the main list.
+    #: The group of controls it belongs to in the panel ("method", "generation", "structure", or a new
+    #: name for a new group). "" lets the panel decide: "advanced" when ``advanced``, else "generation" for
+    #: settings every method reads (methods.SHARED_SETTINGS) and "method" for the others.
     section: str = ""
 
 
@@ -77,10 +95,67 @@ def _spec(kind: str, default: Any, label: str, help: str = "", **extra: Any) -> 
 
 
 @dataclass(frozen=True)
+class ControlUnit:
+    """One ControlNet of a run: the map it reads, how strongly and when it steers, and its map's settings.
+
+    A run with ``structure="edges"`` or ``"depth"`` has one unit made of the flat settings
+    (``control_scale``, ``canny_low``, ...); ``control_units`` adds more. Ranges and defaults live here once;
+    the flat settings copy them.
+    """
+
+    kind: str = _spec("choice", "edges", "kind", "the map the ControlNet reads: Canny edges or depth",
+                      choices=CONTROLNET_STRUCTURES)
+    scale: float = _spec("float", 1.0, "control scale", "how strongly the ControlNet steers the UNet (0 = not at all)",
+                         min=0.0, max=2.0, step=0.05)
+    start: float = _spec("float", 0.0, "control start", "fraction of the steps before the ControlNet acts",
+                         min=0.0, max=1.0, step=0.05)
+    end: float = _spec("float", 1.0, "control end", "fraction of the steps after which the ControlNet stops acting",
+                       min=0.0, max=1.0, step=0.05)
+    canny_low: int = _spec("int", 100, "canny low", "edges: weaker gradients count as edges only where they touch "
+                           "strong ones", min=0, max=255, step=1)
+    canny_high: int = _spec("int", 200, "canny high", "edges: gradients above this are edges (higher = fewer, "
+                            "stronger edges)", min=0, max=255, step=1)
+
+    def __post_init__(self) -> None:
+        for spec in unit_specs():
+            object.__setattr__(self, spec.name, _validated(spec, getattr(self, spec.name)))
+        if self.start >= self.end:
+            raise SettingsError(f"start={self.start:g} must be less than end={self.end:g}.")
+        if self.canny_low > self.canny_high:
+            raise SettingsError(f"canny_low={self.canny_low} must not be above canny_high={self.canny_high}.")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> ControlUnit:
+        """Like the constructor, but an unknown name is a :class:`SettingsError` that lists the known ones."""
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(kwargs) - set(known))
+        if unknown:
+            raise SettingsError(f"Unknown unit setting {', '.join(unknown)}: a unit has {', '.join(known)}.")
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def unit_specs() -> list[SettingSpec]:
+    """The specs of a :class:`ControlUnit`'s fields: what a panel builds each unit's controls from."""
+    return [SettingSpec(name=f.name, default=f.default, **f.metadata["spec"]) for f in dataclasses.fields(ControlUnit)]
+
+
+def _unit_spec(name: str, label: str, help: str) -> Any:
+    """A flat setting that is a field of the run's first ControlNet unit: the unit field's kind, range and default."""
+    (unit_field,) = [f for f in dataclasses.fields(ControlUnit) if f.name == name]
+    spec = {**unit_field.metadata["spec"], "label": label, "help": help, "section": "structure"}
+    return field(default=unit_field.default, metadata={"spec": spec})
+
+
+@dataclass(frozen=True)
 class GenerationSettings:
     """Everything that decides a generation besides the images themselves."""
 
-    mode: str = _spec("choice", "repeat", "mode", "how the image embedding becomes the prompt", choices=MODES)
+    mode: str = _spec(
+        "choice", "repeat", "mode", "how the image embedding becomes the prompt", choices=MODES, section="method"
+    )
     scale: float = _spec(
         "float", 1.0, "scale", "multiplies the image conditioning (the adapter's strength for ip_adapter)",
         min=0.0, max=5.0, step=0.05,
@@ -146,39 +221,85 @@ class GenerationSettings:
         "choice", "all", "adapter blocks", "ip_adapter: which UNet blocks see the image",
         choices=ADAPTER_BLOCKS, advanced=True,
     )
+    adapter_scales: tuple[float, ...] = _spec(
+        "floats", (), "adapter scales",
+        "ip_adapter with several adapters: one strength per adapter, comma-separated; empty = scale for each",
+        min=0.0, max=5.0, step=0.05, advanced=True,
+    )
+    adapter_block_scales: str = _spec(
+        "text", "", "adapter block scales",
+        'ip_adapter: per-block scales in diffusers\' set_ip_adapter_scale format, as JSON, e.g. '
+        '{"up": {"block_1": [0, 1, 0]}}; each number is multiplied by the adapter\'s scale; '
+        "a list gives one per adapter; sets adapter blocks to custom",
+        advanced=True,
+    )
     structure: str = _spec(
         "choice", "none", "structure",
-        "keep the input's layout: none, edges (a ControlNet on its Canny edges) or img2img (start from it, noised)",
+        "keep the input's layout: none, edges or depth (a ControlNet on its Canny edges or its depth map) or "
+        "img2img (start from it, noised)",
         choices=STRUCTURES, section="structure",
     )
-    canny_low: int = _spec(
-        "int", 100, "canny low", "edges: weaker gradients count as edges only where they touch strong ones",
-        min=0, max=255, step=1, section="structure",
+    canny_low: int = _unit_spec(
+        "canny_low", "canny low", "edges: weaker gradients count as edges only where they touch strong ones"
     )
-    canny_high: int = _spec(
-        "int", 200, "canny high", "edges: gradients above this are edges (higher = fewer, stronger edges)",
-        min=0, max=255, step=1, section="structure",
+    canny_high: int = _unit_spec(
+        "canny_high", "canny high", "edges: gradients above this are edges (higher = fewer, stronger edges)"
     )
-    control_scale: float = _spec(
-        "float", 1.0, "control scale", "edges: how strongly the ControlNet steers the UNet (0 = not at all)",
-        min=0.0, max=2.0, step=0.05, section="structure",
+    control_scale: float = _unit_spec(
+        "scale", "control scale", "edges, depth: how strongly the ControlNet steers the UNet (0 = not at all)"
     )
-    control_start: float = _spec(
-        "float", 0.0, "control start", "edges: fraction of the steps before the ControlNet acts",
-        min=0.0, max=1.0, step=0.05, section="structure",
+    control_start: float = _unit_spec(
+        "start", "control start", "edges, depth: fraction of the steps before the ControlNet acts"
     )
-    control_end: float = _spec(
-        "float", 1.0, "control end", "edges: fraction of the steps after which the ControlNet stops acting",
-        min=0.0, max=1.0, step=0.05, section="structure",
+    control_end: float = _unit_spec(
+        "end", "control end", "edges, depth: fraction of the steps after which the ControlNet stops acting"
     )
     strength: float = _spec(
         "float", 0.75, "strength", "img2img: how much of the input is replaced by noise (0 = keep it, 1 = almost all)",
         min=0.0, max=1.0, step=0.05, section="structure",
     )
+    control_units: str = _spec(
+        "text", "", "more ControlNets",
+        'edges, depth: more ControlNet units beside the structure\'s own, as JSON, e.g. [{"kind": "depth", '
+        '"scale": 0.5, "end": 0.6}] (fields: kind, scale, start, end, canny_low, canny_high); one structure image '
+        "per unit, or one for all",
+        section="structure",
+    )
 
     def __post_init__(self) -> None:
+        if not isinstance(self.adapter_block_scales, str):  # a dict or list as diffusers takes it: kept as JSON
+            object.__setattr__(self, "adapter_block_scales", block_scales_text(self.adapter_block_scales))
+        if not isinstance(self.control_units, str):  # ControlUnits or dicts: kept as JSON
+            object.__setattr__(self, "control_units", units_text(self.control_units))
         for spec in setting_specs():
             object.__setattr__(self, spec.name, _validated(spec, getattr(self, spec.name)))
+        if self.control_units.strip():
+            extra = parse_units(self.control_units)
+            object.__setattr__(self, "control_units", units_text(extra))  # one spelling: every field, in order
+            if self.structure not in CONTROLNET_STRUCTURES:
+                raise SettingsError(
+                    f"control_units add ControlNets beside the structure's own: set structure='edges' or 'depth' "
+                    f"(the first unit), not {self.structure!r}."
+                )
+            if len(extra) + 1 > MAX_CONTROL_UNITS:
+                raise SettingsError(
+                    f"A run takes at most {MAX_CONTROL_UNITS} ControlNets; control_units adds {len(extra)} to the "
+                    "structure's own."
+                )
+        if self.adapter_block_scales.strip():
+            parse_block_scales(self.adapter_block_scales)  # a SettingsError naming the bad part
+            if self.adapter_blocks == "all":  # the explicit dictionary wins over the default, as negative_image does
+                object.__setattr__(self, "adapter_blocks", "custom")
+            elif self.adapter_blocks != "custom":
+                raise SettingsError(
+                    f"adapter_block_scales replaces adapter_blocks={self.adapter_blocks!r}: use adapter_blocks='custom' "
+                    "with it, or clear adapter_block_scales."
+                )
+        elif self.adapter_blocks == "custom":
+            raise SettingsError(
+                "adapter_blocks='custom' needs adapter_block_scales, e.g. '{\"up\": {\"block_1\": 1.0}}' "
+                "(diffusers' set_ip_adapter_scale format)."
+            )
         if self.adapter_start >= self.adapter_end:
             raise SettingsError(
                 f"adapter_start={self.adapter_start:g} must be less than adapter_end={self.adapter_end:g}."
@@ -206,6 +327,19 @@ class GenerationSettings:
                 f"strength={self.strength:g} with steps={self.steps} leaves no denoising step (img2img runs "
                 f"int(steps * strength) of them): raise strength to at least {1 / self.steps:.3g} or add steps."
             )
+
+    def units(self) -> tuple[ControlUnit, ...]:
+        """The run's ControlNet units: the structure's own (from the flat settings) then ``control_units``;
+        empty when the structure is not a ControlNet."""
+        if self.structure not in CONTROLNET_STRUCTURES:
+            return ()
+        first = ControlUnit(kind=self.structure, scale=self.control_scale, start=self.control_start,
+                            end=self.control_end, canny_low=self.canny_low, canny_high=self.canny_high)
+        return (first, *(parse_units(self.control_units) if self.control_units.strip() else ()))
+
+    def block_scales(self) -> Any:
+        """``adapter_block_scales`` parsed (a dict, or a list with one entry per adapter); ``None`` when empty."""
+        return parse_block_scales(self.adapter_block_scales) if self.adapter_block_scales.strip() else None
 
     @property
     def guided(self) -> bool:
@@ -248,6 +382,8 @@ def _validated(spec: SettingSpec, value: Any) -> Any:
             raise SettingsError(f"{spec.name}={value!r} is not one of {', '.join(spec.choices)}.")
         return value
     if spec.kind == "bool":
+        if _is_numpy_bool(value):
+            value = bool(value)
         if not isinstance(value, bool):
             raise SettingsError(f"{spec.name} must be True or False, not {value!r}.")
         return value
@@ -268,16 +404,27 @@ def _validated(spec: SettingSpec, value: Any) -> Any:
 
 
 def _as_number(spec: SettingSpec, value: Any) -> float | int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__index__"):
+    """A plain Python number from an int, a float, a numpy scalar (``np.float32(0.5)``, ``np.int64(3)``) or an
+    integer scalar tensor; booleans (numpy's too) and arrays are not numbers here."""
+    if isinstance(value, bool) or _is_numpy_bool(value):
         raise SettingsError(f"{spec.name} must be a number, not {value!r}.")
+    if not isinstance(value, numbers.Real):
+        try:
+            value = operator.index(value)  # integer scalars of other libraries (a torch.tensor(3))
+        except TypeError:
+            raise SettingsError(f"{spec.name} must be a number, not {value!r}.") from None
     if spec.kind == "float":
         number = float(value)
         if math.isnan(number):
             raise SettingsError(f"{spec.name} must be a number, not NaN.")
         return number
-    if isinstance(value, float) and not value.is_integer():
+    if not isinstance(value, numbers.Integral) and not float(value).is_integer():
         raise SettingsError(f"{spec.name} must be a whole number, not {value!r}.")
     return int(value)
+
+
+def _is_numpy_bool(value: Any) -> bool:
+    return type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
 
 
 def _validated_floats(spec: SettingSpec, value: Any) -> tuple[float, ...]:
@@ -300,3 +447,131 @@ def parse_floats(text: str, name: str = "value") -> tuple[float, ...]:
         return tuple(float(part) for part in parts)
     except ValueError:
         raise SettingsError(f"{name} must be comma-separated numbers such as 1,0.5, not {text!r}.") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-block IP-Adapter scales (diffusers' set_ip_adapter_scale format)
+
+
+def block_scales_text(value: Any) -> str:
+    """A block-scale dictionary (or a list of them) as the JSON text the setting keeps; ``None`` → ``""``."""
+    if value is None:
+        return ""
+    try:
+        return json.dumps(value, default=_plain_scalar)
+    except (TypeError, ValueError):
+        raise SettingsError(
+            f"adapter_block_scales must be a dictionary such as {{'up': {{'block_1': 1.0}}}} or its JSON text, "
+            f"not {value!r}."
+        ) from None
+
+
+def parse_block_scales(text: str) -> Any:
+    """Parse and check ``adapter_block_scales``: a dict (or a list of dicts and numbers, one per adapter) whose
+    keys are ``down``/``mid``/``up``, with ``block_N`` entries holding a number or a list of numbers.
+
+    Only the shape is checked here; whether the UNet has those blocks (and that many layers) is checked
+    against the loaded UNet at run time.
+    """
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise SettingsError(
+            f"adapter_block_scales is not JSON ({err.msg} at character {err.pos}): write it like "
+            '{"up": {"block_1": [0.0, 1.0, 0.0]}}.'
+        ) from None
+    if isinstance(value, list):
+        if not value:
+            raise SettingsError("adapter_block_scales is an empty list: give one entry per adapter, or a dictionary.")
+        for index, entry in enumerate(value):
+            if not _is_number(entry):
+                _check_block_dict(entry, f"adapter_block_scales[{index}]")
+    else:
+        _check_block_dict(value, "adapter_block_scales")
+    return value
+
+
+def _check_block_dict(value: Any, where: str) -> None:
+    if not isinstance(value, dict):
+        raise SettingsError(f"{where} must be a dictionary such as {{\"up\": {{\"block_1\": 1.0}}}}, not {value!r}.")
+    for part, entry in value.items():
+        if part not in ADAPTER_BLOCK_PARTS:
+            raise SettingsError(
+                f"{where} has the key {part!r}: use {', '.join(map(repr, ADAPTER_BLOCK_PARTS))} "
+                "(diffusers' set_ip_adapter_scale format)."
+            )
+        here = f"{where}[{part!r}]"
+        if part == "mid":  # one attention layer: a number, or a list of one
+            if not (_is_number(entry) or isinstance(entry, list) and len(entry) == 1 and _is_number(entry[0])):
+                raise SettingsError(f"{here} must be a number (the mid block has one attention layer), not {entry!r}.")
+            continue
+        if not isinstance(entry, dict):
+            _check_layer_scales(entry, here, allow_list=False)
+            continue
+        for block, scales in entry.items():
+            if not (isinstance(block, str) and block.startswith("block_") and block[6:].isdigit()):
+                raise SettingsError(f"{here} has the key {block!r}: name blocks 'block_0', 'block_1', ….")
+            _check_layer_scales(scales, f"{here}[{block!r}]", allow_list=True)
+
+
+def _check_layer_scales(value: Any, where: str, allow_list: bool) -> None:
+    if _is_number(value):
+        return
+    if allow_list and isinstance(value, list) and value and all(_is_number(item) for item in value):
+        return
+    wanted = "a number or a list of numbers (one per attention layer)" if allow_list else "a number"
+    raise SettingsError(f"{where} must be {wanted}, not {value!r}.")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# More ControlNet units (control_units)
+
+
+def units_text(value: Any) -> str:
+    """ControlNet units (:class:`ControlUnit` objects or dicts) as the JSON text the setting keeps."""
+    if value is None:
+        return ""
+    if isinstance(value, (ControlUnit, dict)):
+        value = [value]
+    try:
+        items = [item.to_dict() if isinstance(item, ControlUnit) else item for item in value]
+        return json.dumps(items, default=_plain_scalar) if items else ""
+    except TypeError:
+        raise SettingsError(
+            f'control_units must be a list of units such as [{{"kind": "depth", "scale": 0.5}}], not {value!r}.'
+        ) from None
+
+
+def parse_units(text: str) -> tuple[ControlUnit, ...]:
+    """``control_units`` JSON → validated :class:`ControlUnit` objects; a sentence naming the bad unit otherwise."""
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise SettingsError(
+            f'control_units is not JSON ({err.msg} at character {err.pos}): write it like [{{"kind": "depth", '
+            '"scale": 0.5}].'
+        ) from None
+    if isinstance(items, dict):
+        items = [items]
+    if not isinstance(items, list):
+        raise SettingsError(f'control_units must be a list of units such as [{{"kind": "depth"}}], not {items!r}.')
+    units = []
+    for index, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise SettingsError(f'control_units[{index}] must be a dictionary such as {{"kind": "depth"}}, not {item!r}.')
+        try:
+            units.append(ControlUnit.from_kwargs(**item))
+        except SettingsError as err:
+            raise SettingsError(f"control_units[{index}]: {err}") from None
+    return tuple(units)
+
+
+def _plain_scalar(value: Any) -> Any:
+    """numpy scalars in a dictionary setting, as the plain numbers JSON keeps."""
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not a number")

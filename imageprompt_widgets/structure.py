@@ -1,35 +1,41 @@
-"""Keep the input's structure: Canny edges through a ControlNet, or img2img from the noised input.
+"""Keep the input's structure: a map of it through ControlNets, or img2img from the noised input.
 
 An image prompt carries what a picture shows and how it looks, not where things are. Two classic
 ways put the layout back, and both work with every image-prompt method, because the method's
 conditioning is still handed to diffusers as ``prompt_embeds``/``negative_prompt_embeds``:
 
-- ``structure="edges"``: OpenCV's Canny edge map of the structure image goes to a ControlNet
-  (``lllyasviel/sd-controlnet-canny`` for SD 1.x) through diffusers' ``StableDiffusionControlNetPipeline``;
+- ``structure="edges"`` / ``"depth"``: a map of the structure image (OpenCV's Canny edges, or a transformers
+  depth estimator's depth map) goes to the ControlNet trained on that map (``lllyasviel/sd-controlnet-canny``,
+  ``lllyasviel/control_v11f1p_sd15_depth`` for SD 1.x) through diffusers' ``StableDiffusionControlNetPipeline``;
+  ``control_units`` adds more ControlNets (diffusers' multi-ControlNet), each with its own map, scale and
+  window. Each kind and its preprocessor are named once in :mod:`~imageprompt_widgets.controlnets`, so a
+  depth ControlNet never receives edges;
 - ``structure="img2img"``: diffusers' ``StableDiffusionImg2ImgPipeline`` starts from the structure
   image's latents noised to ``strength`` instead of pure noise.
 
-Both diffusers pipelines are built once per :class:`~imageprompt_widgets.pipeline.ImagePromptPipeline`
-from the components it already holds (one copy of SD in memory); the ControlNet loads once, on the
-first ``edges`` run. The structure image is the first input image unless one is given separately;
-without an explicit ``height``/``width`` it keeps its aspect ratio, its longer side at the model's
-native size.
+The diffusers pipelines are built once per :class:`~imageprompt_widgets.pipeline.ImagePromptPipeline` (and
+set of ControlNets) from the components it already holds (one copy of SD in memory); each ControlNet and
+the depth estimator load once, on first use. The structure image is the first input image unless one is
+given separately (one for every unit, or one per unit); without an explicit ``height``/``width`` it keeps
+its aspect ratio, its longer side at the model's native size.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
+from .controlnets import control_kind, controlnet_for, estimator_for, kind_of_controlnet
 from .memory import execution_device
 from .models import StatusCallback, diffusers_dtype_kwarg
 from .quiet import quiet_loaders
-from .settings import GenerationSettings, SettingsError
+from .settings import CONTROLNET_STRUCTURES, ControlUnit, GenerationSettings, SettingsError
 
 #: The optional dependency group that brings OpenCV (``pip install 'imageprompt_widgets[edges]'``).
 EDGES_EXTRA = "edges"
@@ -93,9 +99,48 @@ def fit_size(
 
 
 def control_tensor(edges: Any) -> torch.Tensor:
-    """An edge map as the ControlNet receives it: ``[1, 3, H, W]`` float32 in 0..1 (three equal channels)."""
+    """A map (edges, depth) as the ControlNet receives it: ``[1, 3, H, W]`` float32 in 0..1 (three equal channels)."""
     gray = torch.from_numpy(np.asarray(edges.convert("L"), dtype=np.float32) / 255.0)
     return gray[None, None].expand(1, 3, *gray.shape).contiguous()
+
+
+def control_map(unit: ControlUnit, image: Any, size: tuple[int, int] | None = None, depth: Any = None) -> Any:
+    """The map a ControlNet unit of ``unit.kind`` reads, of ``image`` resized to ``size`` (width, height) first:
+    Canny edges (:func:`edge_map`) or the depth estimator's map (``depth``: a
+    :class:`~imageprompt_widgets.depth.DepthEstimator`). A grayscale PIL image; the kind decides, never the caller.
+    """
+    from PIL import Image
+
+    picture = resized(image, size)
+    if unit.kind == "edges":
+        return Image.fromarray(canny_edges(picture, unit.canny_low, unit.canny_high))
+    if depth is None:
+        raise SettingsError(f"A {control_kind(unit.kind).map_name} map needs its estimator: pass depth=.")
+    return depth.depth_map(picture)
+
+
+@dataclass
+class ControlMap:
+    """One unit's map as a run uses it (and the panel previews it): the unit, its picture and its ControlNet."""
+
+    index: int  # the unit's place: 0 = the structure's own, 1... = control_units
+    unit: ControlUnit
+    image: Any  # grayscale PIL image at the run's size
+    controlnet: str  # the ControlNet that reads it (Hub id, folder or offline name)
+    estimator: str | None = None  # the model that made it (depth), None for Canny
+
+    @property
+    def kind(self) -> str:
+        return self.unit.kind
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.image.size
+
+
+def control_trace_name(index: int) -> str:
+    """The trace name of unit ``index``'s map: ``control_image`` for the first, ``control_image_1``, ... after."""
+    return "control_image" if index == 0 else f"control_image_{index}"
 
 
 def _round_side(value: float) -> int:
@@ -125,17 +170,18 @@ def load_controlnet(
     allow_pickle: bool = False,
     on_status: StatusCallback | None = None,
 ) -> Any:
-    """A diffusers ``ControlNetModel`` from a Hub id or folder (``"tiny"``: the offline twin), on ``device``."""
+    """A diffusers ``ControlNetModel`` from a Hub id or folder (``"tiny"``, ``"tiny-depth"``: the offline twins),
+    on ``device``."""
     from diffusers import ControlNetModel
 
     from .models import check_local_folder, translate_load_errors
-    from .offline import ensure_tiny_controlnet
+    from .offline import TINY_CONTROLNETS, ensure_tiny_controlnet
 
     say = on_status or (lambda message: None)
     path = model
-    if model == "tiny":
+    if model in TINY_CONTROLNETS:
         say("Building the tiny ControlNet (first use only)…")
-        path = ensure_tiny_controlnet()
+        path = ensure_tiny_controlnet(model)
     check_local_folder(path, model, "config.json", "a ControlNet (diffusers format)")
     say(f"Loading the ControlNet {model!r} onto {device}…")
     kwargs = {diffusers_dtype_kwarg(): dtype, "use_safetensors": None if allow_pickle else True}
@@ -153,8 +199,8 @@ class StructurePlan:
     """The diffusers pipeline a run calls, its structure arguments, and what goes into the trace.
 
     ``kwargs`` replace ``height``/``width`` in the call (img2img takes its size from the image).
-    ``extras`` are traced tensors (``control_image`` ``[1, 3, H, W]`` in 0..1); ``edge_map`` is
-    the picture shown to the user.
+    ``extras`` are traced tensors (``control_image`` ``[1, 3, H, W]`` in 0..1, ``control_image_1``... for more
+    units); ``maps`` are the units' maps, ``edge_map`` the first, the picture shown to the user.
     """
 
     runner: Any
@@ -163,6 +209,7 @@ class StructurePlan:
     notes: dict[str, Any] = field(default_factory=dict)
     edge_map: Any = None
     structure_image: Any = None
+    maps: list[ControlMap] = field(default_factory=list)
 
     def contexts(self, extras: dict[str, torch.Tensor], mask: torch.Tensor | None) -> list[Any]:
         """Context managers for the diffusers call: record the start latents into ``extras``; give the
@@ -177,94 +224,182 @@ class StructurePlan:
 
 
 class StructureRunners:
-    """The ControlNet and the two structure pipelines of one SD pipeline, built on first use and kept.
+    """The ControlNets, the depth estimator and the structure pipelines of one SD pipeline, built on first
+    use and kept.
 
-    They share every component with ``sd`` (the same UNet, VAE, scheduler objects), so they cost no
-    memory beyond the ControlNet itself.
+    The pipelines share every component with ``sd`` (the same UNet, VAE, scheduler objects), so they cost no
+    memory beyond the ControlNets and the estimator. ``controlnet_family`` is the preset's
+    :attr:`~imageprompt_widgets.presets.Preset.controlnet`: which ControlNet each kind loads by default.
     """
 
-    def __init__(self, sd: Any, controlnet_model: str | None, *, allow_pickle: bool = False) -> None:
+    def __init__(self, sd: Any, controlnet_family: str | None, *, allow_pickle: bool = False) -> None:
         self.sd = sd
-        self.controlnet_model = controlnet_model
+        self.family = controlnet_family
         self.allow_pickle = allow_pickle
-        self._controlnet: Any = None
-        self._pipelines: dict[str, Any] = {}
+        self._chosen: dict[str, str] = {}  # kind -> ControlNet named with load_controlnet
+        self._controlnets: dict[str, Any] = {}  # model -> ControlNetModel
+        self._estimators: dict[str, Any] = {}  # model -> DepthEstimator
+        self._pipelines: dict[Any, Any] = {}
+        self._loading = threading.Lock()  # previews may load the estimator while a run holds the pipeline
 
     @property
     def native_size(self) -> int:
         """The model's native side in pixels (512 for SD 1.x)."""
         return int(self.sd.unet.config.sample_size * self.sd.vae_scale_factor)
 
-    def controlnet(self, model: str | None = None, on_status: StatusCallback | None = None) -> Any:
-        """The ControlNet (loaded once); ``model`` replaces the preset's, e.g. for a custom model pair."""
-        if model is not None and model != self.controlnet_model:
-            self.controlnet_model, self._controlnet = model, None
-            self._pipelines.pop("edges", None)
-        if self._controlnet is None:
-            if not self.controlnet_model:
-                raise SettingsError(
-                    "structure='edges' needs a canny ControlNet and this model has none: use a preset that "
-                    "has one (sd14, sd15, tiny) or call pipe.load_controlnet('lllyasviel/sd-controlnet-canny')."
-                )
-            self._controlnet = load_controlnet(
-                self.controlnet_model, execution_device(self.sd), self.sd.unet.dtype,
-                allow_pickle=self.allow_pickle, on_status=on_status,
+    def model_for(self, kind: str) -> str:
+        """The ControlNet a unit of ``kind`` uses: the one named with :meth:`controlnet`, else the family's."""
+        entry = control_kind(kind)
+        model = self._chosen.get(kind) or controlnet_for(kind, self.family)
+        if not model:
+            raise SettingsError(
+                f"structure={kind!r} needs a ControlNet trained on {entry.map_name} and this model has none: use a "
+                f"preset that has one (sd14, sd15, tiny) or call pipe.load_controlnet({entry.controlnet!r})."
             )
-        return self._controlnet
+        return model
 
-    def pipeline(self, structure: str, on_status: StatusCallback | None = None) -> Any:
-        """The diffusers pipeline for ``structure``: ``sd`` itself, its ControlNet twin or its img2img twin."""
+    def controlnet(
+        self, model: str | None = None, on_status: StatusCallback | None = None, *, kind: str | None = None
+    ) -> Any:
+        """The ControlNet of ``kind`` (default ``edges``), loaded once; ``model`` replaces the preset's for the kind
+        it reads, which its name tells (``canny``, ``depth``) or ``kind`` says."""
+        if model is not None:
+            kind = kind or kind_of_controlnet(model)
+            if kind is None:
+                raise SettingsError(
+                    f"Which map does the ControlNet {model!r} read? Its name does not say: pass kind="
+                    f"{' or '.join(repr(name) for name in CONTROLNET_STRUCTURES)}."
+                )
+            control_kind(kind)
+            if self._chosen.get(kind, controlnet_for(kind, self.family)) != model:
+                self._chosen[kind] = model
+                self._pipelines = {key: runner for key, runner in self._pipelines.items() if key == "img2img"}
+        kind = kind or "edges"
+        name = self.model_for(kind)
+        with self._loading:
+            if name not in self._controlnets:
+                self._controlnets[name] = load_controlnet(
+                    name, execution_device(self.sd), self.sd.unet.dtype, allow_pickle=self.allow_pickle,
+                    on_status=on_status,
+                )
+        return self._controlnets[name]
+
+    def estimator(self, kind: str, on_status: StatusCallback | None = None) -> Any:
+        """The model that makes ``kind``'s map (the depth estimator), loaded once; ``None`` for Canny edges."""
+        name = estimator_for(kind, self.family)
+        if name is None:
+            return None
+        from .depth import load_depth_estimator
+
+        with self._loading:
+            if name not in self._estimators:
+                self._estimators[name] = load_depth_estimator(
+                    name, execution_device(self.sd), self.sd.unet.dtype, allow_pickle=self.allow_pickle,
+                    on_status=on_status,
+                )
+        return self._estimators[name]
+
+    def pipeline(
+        self, structure: str, on_status: StatusCallback | None = None, kinds: Sequence[str] | None = None
+    ) -> Any:
+        """The diffusers pipeline for ``structure``: ``sd`` itself, its img2img twin, or its ControlNet twin with
+        the ControlNets of ``kinds`` (the run's units, in order; default: the structure's own alone)."""
         if structure == "none":
             return self.sd
-        if structure not in self._pipelines:
+        kinds = tuple(kinds or (structure,)) if structure != "img2img" else ()
+        key: Any = "img2img" if structure == "img2img" else ("controlnet", tuple(self.model_for(k) for k in kinds))
+        if key not in self._pipelines:
             from diffusers import StableDiffusionControlNetPipeline, StableDiffusionImg2ImgPipeline
 
             components = dict(self.sd.components)
             requires_checker = bool(self.sd.config.get("requires_safety_checker", False))
             requires_checker = requires_checker and components.get("safety_checker") is not None
-            if structure == "edges":
-                controlnet = self.controlnet(on_status=on_status)
-                runner = StableDiffusionControlNetPipeline(
-                    **components, controlnet=controlnet, requires_safety_checker=requires_checker
-                )
-            else:
+            if structure == "img2img":
                 runner = StableDiffusionImg2ImgPipeline(**components, requires_safety_checker=requires_checker)
+            else:
+                nets = [self.controlnet(on_status=on_status, kind=kind) for kind in kinds]
+                # One ControlNet as itself (the single-unit call stays diffusers' plain one); several as a list,
+                # which diffusers wraps in its MultiControlNetModel.
+                runner = StableDiffusionControlNetPipeline(
+                    **components, controlnet=nets[0] if len(nets) == 1 else nets,
+                    requires_safety_checker=requires_checker,
+                )
             runner.set_progress_bar_config(disable=True)
-            self._pipelines[structure] = runner
-        return self._pipelines[structure]
+            self._pipelines[key] = runner
+        return self._pipelines[key]
+
+    def maps(
+        self, settings: GenerationSettings, structure_images: Sequence[Any], on_status: StatusCallback | None = None,
+    ) -> list[ControlMap]:
+        """Each ControlNet unit's map at the run's size: one structure image for every unit, or one per unit."""
+        units = settings.units()
+        if not units:
+            return []
+        pictures = unit_pictures(structure_images, len(units))
+        size = fit_size(pictures[0].size, settings.height, settings.width, self.native_size)
+        maps = []
+        for index, (unit, picture) in enumerate(zip(units, pictures)):
+            controlnet = self.model_for(unit.kind)  # no ControlNet for this kind: say so before loading anything
+            estimator = self.estimator(unit.kind, on_status)
+            maps.append(ControlMap(index, unit, control_map(unit, picture, size, estimator), controlnet,
+                                   getattr(estimator, "source", None)))
+        return maps
 
     def plan(
         self,
         settings: GenerationSettings,
-        structure_image: Any,
+        structure_images: Any,
         batch: int,
         on_status: StatusCallback | None = None,
     ) -> StructurePlan:
-        """What to call for these settings; ``structure_image`` is an RGB PIL image (ignored for ``none``)."""
+        """What to call for these settings; ``structure_images`` is an RGB PIL image or one per ControlNet unit
+        (ignored for ``none``)."""
         if settings.structure == "none":
             return StructurePlan(self.sd, {"height": settings.height, "width": settings.width})
-        size = fit_size(structure_image.size, settings.height, settings.width, self.native_size)
-        width, height = size
-        if settings.structure == "edges":
-            edges = edge_map(structure_image, settings.canny_low, settings.canny_high, size)
-            runner = self.pipeline("edges", on_status)
-            kwargs = {
-                "image": edges.convert("RGB"),
-                "height": height,
-                "width": width,
-                "controlnet_conditioning_scale": settings.control_scale,
-                "control_guidance_start": settings.control_start,
-                "control_guidance_end": settings.control_end,
-            }
-            return StructurePlan(
-                runner, kwargs, extras={"control_image": control_tensor(edges)},
-                notes={"controlnet": self.controlnet_model}, edge_map=edges, structure_image=structure_image,
-            )
-        runner = self.pipeline("img2img", on_status)
-        init = resized(structure_image, size)
-        # One copy per output image: diffusers deprecates repeating a single image to the batch itself.
-        kwargs = {"image": [init] * batch, "strength": settings.strength}
-        return StructurePlan(runner, kwargs, structure_image=structure_image)
+        pictures = list(structure_images) if isinstance(structure_images, (list, tuple)) else [structure_images]
+        if settings.structure == "img2img":
+            size = fit_size(pictures[0].size, settings.height, settings.width, self.native_size)
+            runner = self.pipeline("img2img", on_status)
+            init = resized(pictures[0], size)
+            # One copy per output image: diffusers deprecates repeating a single image to the batch itself.
+            kwargs = {"image": [init] * batch, "strength": settings.strength}
+            return StructurePlan(runner, kwargs, structure_image=pictures[0])
+        maps = self.maps(settings, pictures, on_status)
+        runner = self.pipeline(settings.structure, on_status, [m.kind for m in maps])
+        width, height = maps[0].size
+
+        def per_unit(values: list[Any]) -> Any:  # diffusers takes a value for one ControlNet, a list for several
+            return values[0] if len(values) == 1 else values
+
+        kwargs = {
+            "image": per_unit([m.image.convert("RGB") for m in maps]),
+            "height": height,
+            "width": width,
+            "controlnet_conditioning_scale": per_unit([m.unit.scale for m in maps]),
+            "control_guidance_start": per_unit([m.unit.start for m in maps]),
+            "control_guidance_end": per_unit([m.unit.end for m in maps]),
+        }
+        notes: dict[str, Any] = {"controlnet": per_unit([m.controlnet for m in maps])}
+        estimators = [m.estimator for m in maps if m.estimator]
+        if estimators:
+            notes["depth_estimator"] = estimators[0]
+        return StructurePlan(
+            runner, kwargs, extras={control_trace_name(m.index): control_tensor(m.image) for m in maps},
+            notes=notes, edge_map=maps[0].image, structure_image=pictures[0], maps=maps,
+        )
+
+
+def unit_pictures(structure_images: Sequence[Any], units: int) -> list[Any]:
+    """The structure image of each of ``units`` ControlNet units: one picture for all, or one each."""
+    pictures = list(structure_images)
+    if len(pictures) == 1:
+        return pictures * units
+    if len(pictures) != units:
+        raise SettingsError(
+            f"{len(pictures)} structure images for {units} ControlNet unit{'s' if units != 1 else ''}: give one "
+            "for all, or one per unit (the structure's own first, then control_units)."
+        )
+    return pictures
 
 
 @contextlib.contextmanager

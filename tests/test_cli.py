@@ -92,6 +92,86 @@ def test_the_installed_command_exists():
     assert top.returncode == 0 and "generate" in top.stdout
 
 
+# -- checked before torch, and the preset's own defaults ---------------------------------------------------
+
+CHECK_WITHOUT_TORCH = """
+import sys
+from imageprompt_widgets.cli import main
+code = main(sys.argv[1:])
+print("torch imported" if "torch" in sys.modules else "torch not imported", code)
+"""
+
+
+@pytest.mark.parametrize(
+    "case, says",
+    [
+        ("missing-input", "'missing.png' does not exist"),
+        ("output-is-a-file", "-o 'taken.png' is an existing file, not a folder"),
+        ("output-under-a-file", "is a file, not a folder"),
+        ("missing-negative", "'gone.png' does not exist"),
+        ("missing-structure", "'sketch.png' does not exist"),
+        ("unknown-model", "Unknown model 'sd99'"),
+        ("bad-setting", "steps=0 is outside its range"),
+    ],
+)
+def test_bad_paths_and_settings_exit_2_before_torch_is_imported(photo, tmp_path, case, says):
+    (tmp_path / "taken.png").write_bytes(b"an earlier result")
+    args = {
+        "missing-input": [str(photo), str(tmp_path / "missing.png"), "-o", "out"],
+        "output-is-a-file": [str(photo), "-o", "taken.png"],
+        "output-under-a-file": [str(photo), "-o", str(tmp_path / "taken.png" / "out")],
+        "missing-negative": [str(photo), "-o", "out", "--negative-image", "gone.png"],
+        "missing-structure": [str(photo), "-o", "out", "--structure", "img2img", "--structure-image", "sketch.png"],
+        "unknown-model": [str(photo), "-o", "out", "--model", "sd99"],
+        "bad-setting": [str(photo), "-o", "out", "--steps", "0"],
+    }[case]
+    run = subprocess.run([sys.executable, "-c", CHECK_WITHOUT_TORCH, "generate", *args], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert run.stdout.split() == ["torch", "not", "imported", "2"], run.stderr
+    (line,) = run.stderr.strip().splitlines()
+    assert line.startswith("imageprompt: error: ") and says in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_first(photo, tmp_path, capsys, monkeypatch):
+    import os
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path) == str(locked) else real_access(path, mode))
+    code = main(["generate", str(photo), "-o", str(locked / "out"), "--model", "tiny"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"imageprompt: error: -o '{locked / 'out'}' is not writable: '{locked}' does not let you create files; "
+        "choose another folder."
+    )
+
+
+def test_a_presets_own_settings_apply_like_in_the_api_and_the_panel(photo, tmp_path, capsys):
+    from imageprompt_widgets import ImagePromptPipeline
+
+    code = main(["generate", str(photo), "-o", str(tmp_path / "out"), "--model", "tiny-variations", "--steps", "2"])
+    path = capsys.readouterr().out.split()[0]
+    assert code == 0
+    settings = recipe_from_png(path)["settings"]
+    assert (settings["mode"], settings["negative"]) == ("single", "zeros")
+    expected = ImagePromptPipeline.from_preset("tiny-variations").generate(str(photo), steps=2).images[0]
+    from PIL import Image
+
+    assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), np.asarray(expected))
+
+
+def test_the_step_bar_knows_its_total_from_the_start_and_says_why_it_is_one_more(photo, tmp_path, capsys, tiny_pipe):
+    code = main(["generate", str(photo), "-o", str(tmp_path / "out"), "--model", "tiny", "--steps", "3"])
+    err = capsys.readouterr().err
+    assert code == 0
+    assert "4 denoising steps: the PNDM scheduler adds 1 warm-up step to the 3 asked for." in err
+    frames = [frame for frame in err.replace("\r", "\n").splitlines() if frame.startswith("denoising")]
+    assert frames and all("/4 " in frame for frame in frames)  # never a guessed /3 corrected later
+    assert "4/4" in frames[-1]
+
+
 def _generate_help() -> dict[str, str]:
     """The help text of every option of ``imageprompt generate``, by destination, as argparse holds it."""
     from imageprompt_widgets.cli import build_parser
@@ -134,3 +214,18 @@ def test_help_on_the_terminal_shows_the_ranges() -> None:
     ).stdout
     assert "--steps STEPS         denoising steps; 1 to 150 (default: 30)\n" in help_text
     assert "0 to 4294967295" in help_text
+
+
+def test_a_full_disk_while_saving_is_one_line_and_exit_2(photo, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from PIL import Image
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    code = main(["generate", str(photo), "-o", str(tmp_path / "out"), "--model", "tiny", "--steps", "1"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and err.startswith("imageprompt: error: ") and "Traceback" not in err
+    assert not list((tmp_path / "out").glob("*.png"))

@@ -202,14 +202,16 @@ def test_guidance_rule_computes_negatives_only_when_guided():
     unguided = c.for_unet(cond, guided=False, copies=2)
     assert unguided.negative_prompt_embeds is None and unguided.padded()[1:] == (None, None)
     assert torch.equal(unguided.prompt_embeds, prompt.repeat(2, 1, 1))
-    assert torch.equal(unguided.ip_adapter_image_embeds, torch.ones(2, 2, 4))
+    assert [t.tolist() for t in unguided.ip_adapter_image_embeds] == [torch.ones(2, 2, 4).tolist()]
 
     short = torch.randn(1, 1, 4)
     guided = c.for_unet(c.Conditioning(prompt, negative=lambda: short, adapter_embeds=torch.ones(1, 2, 4)),
                         guided=True, copies=2)
     assert torch.equal(guided.negative_prompt_embeds, short.repeat(2, 1, 1))  # unpadded: what the trace keeps
     # diffusers' IP-Adapter layout: the negatives (zeros by default) first, then the images.
-    assert torch.equal(guided.ip_adapter_image_embeds, torch.cat([torch.zeros(2, 2, 4), torch.ones(2, 2, 4)]))
+    # one tensor per adapter (diffusers takes a list)
+    (adapter,) = guided.ip_adapter_image_embeds
+    assert torch.equal(adapter, torch.cat([torch.zeros(2, 2, 4), torch.ones(2, 2, 4)]))
     padded_prompt, padded_negative, mask = guided.padded()
     assert padded_negative.shape == padded_prompt.shape == (2, 3, 4)
     assert mask.tolist() == [[1, 0, 0]] * 2 + [[1, 1, 1]] * 2

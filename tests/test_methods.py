@@ -28,7 +28,7 @@ def test_every_mode_has_a_builder_and_every_builder_a_mode():
 
     assert list(METHODS) == list(MODES)
     assert all(callable(METHODS[mode].builder()) for mode in MODES)
-    assert tuple(BLOCK_PRESETS) == ADAPTER_BLOCKS
+    assert (*BLOCK_PRESETS, "custom") == ADAPTER_BLOCKS  # custom: the adapter_block_scales dictionary
 
 
 def test_default_crop_is_exactly_the_processor_and_encoder(tiny_pipe, image):

@@ -189,8 +189,15 @@ def _documents(root: Path) -> list[Path]:
     return [root / "README.md", *sorted((root / "docs").glob("*.md")), *sorted((root / "examples").glob("*.ipynb"))]
 
 
+#: Other GitHub projects the documents cite (sources, not this repository): left out of the checks.
+CITED_PROJECTS = {"InstantStyle/InstantStyle"}  # the IP-Adapter block presets' source (README, IP-Adapters)
+
+
 def _references(root: Path) -> dict[str, list[str]]:
-    return {path.name: REFERENCE.findall(path.read_text(encoding="utf-8")) for path in _documents(root)}
+    return {
+        path.name: [ref for ref in REFERENCE.findall(path.read_text(encoding="utf-8")) if ref not in CITED_PROJECTS]
+        for path in _documents(root)
+    }
 
 
 def _cell_sources(notebook: Path) -> list[str]:

@@ -34,6 +34,7 @@ from imageprompt_widgets.offline import sample_image
 from imageprompt_widgets.pipeline import NonFiniteImageError
 from imageprompt_widgets.results import recipe_from_png
 from imageprompt_widgets.widget import InlineRunner, ThreadRunner
+from imageprompt_widgets.widget.inputs import uploaded_files
 
 IPYWIDGETS_8 = int(ipywidgets.__version__.split(".")[0]) >= 8
 WAIT = 120  # seconds any one future may take on a loaded 2-core CI machine; a deadlock takes forever
@@ -136,11 +137,14 @@ class CountingPipeline:
 
 
 def wait_until_idle(widget: ImagePromptWidget) -> None:
-    """Wait on the futures of every run the panel still has (button clicks hand no future back)."""
-    while widget.busy:
-        with widget._lock:
-            futures = [job.future for job in widget._pending if job.future is not None]
-        wait(futures, timeout=WAIT)
+    """Wait until the panel's controller has no run left and has said its last word (button clicks hand no
+    future back)."""
+    assert widget.controller.join(WAIT), "a run never ended"
+
+
+def cancel_event_of(widget: ImagePromptWidget, future: Future) -> threading.Event | None:
+    """The cancel event of the run behind ``future`` (None once it has ended)."""
+    return next((job.cancel for job in widget.controller.jobs if job.future is future), None)
 
 
 def assert_idle(widget: ImagePromptWidget, pipe) -> None:
@@ -172,7 +176,9 @@ def test_generate_cancel_storm_resolves_every_future_and_the_next_run_is_exact(t
             wait_until_idle(widget)
         futures.append(widget.generate())
         if pattern == 0:  # Cancel once the run is really denoising
-            counting.wait_for_a_step(futures[-1], widget._pending[-1].cancel)
+            cancel = cancel_event_of(widget, futures[-1])
+            if cancel is not None:
+                counting.wait_for_a_step(futures[-1], cancel)
         elif pattern == 2:  # a double press, then Cancel
             futures.append(widget.generate())
         widget.cancel()
@@ -204,17 +210,19 @@ def test_generate_cancel_storm_resolves_every_future_and_the_next_run_is_exact(t
 
 
 def test_cancel_ends_on_cancelled_even_when_the_run_stops_before_the_click_returns(tiny_pipe, image, thread_errors):
-    """The worker can finish its last words before the Cancel handler gets to say "Cancelling…"; the
-    status must still end truthful. Forced here by letting each dropped job end inside ``cancel()``."""
+    """The worker can finish its last words before the Cancel handler returns; the status must still end
+    truthful. Forced here by letting each cancelled job end inside ``cancel()``."""
     widget = ImagePromptWidget(pipeline=tiny_pipe, runner=ThreadRunner(), **FAST)
     widget.set_images(image)
-    drop = widget._drop
+    controller = widget.controller
+    cancel = controller.cancel
 
-    def drop_and_let_it_end(job):
-        drop(job)
-        wait([job.future], timeout=WAIT)
+    def cancel_and_let_them_end():
+        jobs = controller.jobs
+        cancel()
+        wait([job.future for job in jobs], timeout=WAIT)
 
-    widget._drop = drop_and_let_it_end
+    controller.cancel = cancel_and_let_them_end
     future = widget.generate()
     widget.cancel()
     assert future.cancelled() or future.result(WAIT) is None or future.result(WAIT).cancelled
@@ -357,7 +365,7 @@ def test_close_mid_run_stops_the_worker_and_frees_the_panel(tiny_pipe, image, th
     widget.set_images(image)
     future = widget.generate()
     assert counting.held.wait(WAIT)
-    job = weakref.ref(widget._pending[0])
+    job = weakref.ref(widget.controller.jobs[0])
     panel = weakref.ref(widget)
     worker = counting.worker
     widget.close()
@@ -586,7 +594,7 @@ def test_a_hostile_upload_is_a_status_sentence_and_nothing_changes(panel_with_re
     assert says in widget.status, widget.status
     assert widget.status_line.value.count("#b00020") == 1  # shown as an error
     assert widget.inputs.images == inputs_before and len(widget.history) == history_before
-    assert not widget.upload.value  # the bytes are dropped: the same file can be tried again
+    assert not any(file.content for file in uploaded_files(widget.upload.value))  # the bytes are dropped
     assert elapsed < 5, f"{elapsed:.1f} s to refuse {case}"
     # Nothing was decoded beyond the pixel limit: the 100 MP bomb would take 100+ MB of RSS to decode.
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 64 * 2**10

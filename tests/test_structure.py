@@ -93,7 +93,7 @@ def test_missing_opencv_names_the_extra(monkeypatch):
           "raise strength to at least 0.1 or add steps.")),
         ({"canny_low": 150, "canny_high": 100}, "canny_low=150 must not be above canny_high=100."),
         ({"control_start": 0.6, "control_end": 0.6}, "control_start=0.6 must be less than control_end=0.6."),
-        ({"structure": "sketch"}, "structure='sketch' is not one of none, edges, img2img."),
+        ({"structure": "sketch"}, "structure='sketch' is not one of none, edges, depth, img2img."),
     ],
 )
 def test_bad_structure_settings_say_what_to_change(changes, message):
@@ -107,7 +107,7 @@ def test_structure_settings_have_specs_in_the_structure_section():
 
     names = [spec.name for spec in setting_specs() if spec.section == "structure"]
     assert names == ["structure", "canny_low", "canny_high", "control_scale", "control_start", "control_end",
-                     "strength"]
+                     "strength", "control_units"]
 
 
 def test_a_structure_image_without_a_structure_is_refused(tiny_pipe, image):
@@ -116,7 +116,7 @@ def test_a_structure_image_without_a_structure_is_refused(tiny_pipe, image):
 
 
 def test_a_model_without_controlnet_says_how_to_get_one():
-    runners = structure.StructureRunners(sd=None, controlnet_model=None)
+    runners = structure.StructureRunners(sd=None, controlnet_family=None)
     with pytest.raises(SettingsError, match=r"pipe.load_controlnet\('lllyasviel/sd-controlnet-canny'\)"):
         runners.controlnet()
 
@@ -363,12 +363,11 @@ def test_widget_structure_section_previews_the_edge_map_and_runs_with_it(tiny_pi
 
     widget = ImagePromptWidget(pipeline=tiny_pipe, runner=InlineRunner(), steps=2)
     try:
-        section = widget.controls.structure_section
-        assert section.get_title(0) == "Structure"
-        labels = [getattr(child, "description", None) for child in widget.controls.structure_box.children]
+        box = widget.controls.groups["structure"]  # the panel's Structure group
+        labels = [getattr(child, "description", None) for child in box.children]
         assert labels[:7] == ["structure", "canny low", "canny high", "control scale", "control start",
                               "control end", "strength"]
-        assert widget.structure_upload in widget.controls.structure_box.children
+        assert widget.structure_upload in widget.structure_extras.children and widget.structure_extras in box.children
         widget.set_images([image])
         assert widget.edge_preview.layout.display == "none"  # structure="none": nothing to preview
 

@@ -24,8 +24,8 @@ from ..presets import PRESETS, Preset
 from ..settings import MODES, STRUCTURE_SETTINGS
 
 #: Settings every run reads, whatever its method (the structure section adds its own, per structure).
-SHARED_SETTINGS = ("steps", "scheduler", "guidance_scale", "seed", "noise", "num_images", "height", "width",
-                   "structure")
+SHARED_SETTINGS = ("mode", "steps", "scheduler", "guidance_scale", "seed", "noise", "num_images", "height",
+                   "width", "structure")
 #: What the image-token methods read: how images become tokens, and what guidance pushes away from.
 _IMAGE_TOKEN_SETTINGS = ("scale", "norm_match", "combine", "weights", "negative", "negative_prompt", "crop")
 #: Settings that only act through SD's text encoder (hidden for a model without one, e.g. image variations).
@@ -83,7 +83,7 @@ METHODS: dict[str, Method] = {
             "ip_adapter", "IP-Adapter: image tokens through the adapter's own cross-attention, beside the text",
             "ip_adapter",
             ("scale", "combine", "weights", "negative", "negative_prompt", "crop", "prompt", "adapter_start",
-             "adapter_end", "adapter_blocks"),
+             "adapter_end", "adapter_blocks", "adapter_scales", "adapter_block_scales"),
             frozenset({"ip_adapter", "text"}), "tiny-ip-adapter",
         ),
         Method(

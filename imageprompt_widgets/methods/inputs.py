@@ -34,6 +34,8 @@ class ConditioningInputs:
     negative_embedding: ImageEmbedding | None = None  # the negative images' embeddings (negative="image")
     images: Sequence[Any] = ()  # the decoded input pictures (the caption method reads them)
     parts: Mapping[str, Any] = field(default_factory=dict)  # what methods loaded: "ip_adapter", "captioner"
+    #: One embedding per IP-Adapter when each has its own images (``adapter_images``); empty: ``embedding`` for all.
+    adapter_embeddings: Sequence[ImageEmbedding] = ()
     preset_name: str = "custom"  # for messages
 
 

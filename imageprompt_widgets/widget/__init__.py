@@ -1,6 +1,6 @@
 """The notebook panel: ``display(ImagePromptWidget())``. The only part of the package that imports ipywidgets."""
 
+from ..runners import InlineRunner, ThreadRunner
 from .panel import ImagePromptWidget
-from .runner import InlineRunner, ThreadRunner
 
 __all__ = ["ImagePromptWidget", "InlineRunner", "ThreadRunner"]

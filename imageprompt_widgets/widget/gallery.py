@@ -34,46 +34,115 @@ def close_tree(widget: widgets.Widget) -> None:
     widget.close()
 
 
+def picture(**kwargs: Any) -> widgets.Image:
+    """An ``Image`` widget that is hidden while it has no picture: an empty one shows the browser's
+    broken-image icon."""
+    image = widgets.Image(**kwargs)
+
+    def follow(change: Any = None) -> None:
+        image.layout.display = None if image.value else "none"
+
+    image.observe(follow, names="value")
+    follow()
+    return image
+
+
+def _box_text(text: str, size: int) -> str:
+    return (f"<div style='width:{size}px;height:{size}px;display:flex;align-items:center;justify-content:center;"
+            f"text-align:center;background:#f2f2f2;color:#666;font-size:12px;line-height:1.3;"
+            f"border:1px dashed #ccc;box-sizing:border-box;padding:8px'>{html.escape(text)}</div>")
+
+
+class Tile(widgets.VBox):
+    """One output image: a grey box with a short text until a picture arrives, and a caption below it that
+    marks what the picture is when it is not a finished image (a cancelled run's last preview)."""
+
+    def __init__(self, size: int, **kwargs: Any) -> None:
+        self.size = size
+        self.image = picture(format="jpeg", layout=widgets.Layout(width=f"{size}px", height=f"{size}px",
+                                                                  object_fit="contain"))
+        self.placeholder = widgets.HTML()
+        self.caption = widgets.HTML(layout=widgets.Layout(display="none", width=f"{size}px"))
+        super().__init__(children=[self.placeholder, self.image, self.caption],
+                         layout=widgets.Layout(margin="2px"), **kwargs)
+
+    def wait(self, text: str) -> None:
+        """No picture: the grey box says ``text``."""
+        self.image.value = b""
+        self.placeholder.value = _box_text(text, self.size)
+        self.placeholder.layout.display = None
+        self.mark("")
+
+    def show(self, data: bytes, format: str) -> None:
+        self.image.format = format
+        self.image.value = data
+        self.placeholder.layout.display = "none"
+
+    def mark(self, text: str) -> None:
+        """A caption under the picture (``""`` removes it)."""
+        self.caption.value = f"<small style='color:#b00020'>{html.escape(text)}</small>" if text else ""
+        self.caption.layout.display = None if text else "none"
+
+    @property
+    def filled(self) -> bool:
+        return bool(self.image.value)
+
+
 class OutputGrid(widgets.HBox):
-    """One tile per image of the current run: x0 previews while denoising, then the final images."""
+    """One tile per image of the current run: x0 previews while denoising, then the final images.
+    Until a tile has a picture it shows a grey box saying what it waits for."""
 
     def __init__(self, tile_px: int = TILE_PX, **kwargs: Any) -> None:
         self.tile_px = tile_px
-        self.tiles: list[widgets.Image] = []
-        self.placeholder = widgets.HTML("<i>Your images appear here.</i>")
+        self.cells: list[Tile] = []
+        self.placeholder = widgets.HTML(_box_text("Your images appear here.", tile_px))
         super().__init__(
             children=[self.placeholder],
             layout=widgets.Layout(flex_flow="row wrap", min_height=f"{tile_px}px"),
             **kwargs,
         )
 
-    def begin(self, count: int) -> None:
-        """Empty tiles for a run of ``count`` images (the previous run's tiles are reused or closed)."""
-        size = f"{self.tile_px}px"
-        for tile in self.tiles[count:]:
-            close_tree(tile)
-        self.tiles = self.tiles[:count] + [
-            widgets.Image(format="jpeg", layout=widgets.Layout(width=size, height=size, margin="2px", object_fit="contain"))
-            for _ in range(count - len(self.tiles))
-        ]
-        for tile in self.tiles:
-            tile.value = b""
-        self.children = list(self.tiles)
+    @property
+    def tiles(self) -> list[widgets.Image]:
+        """The tiles' ``Image`` widgets (empty ones are hidden)."""
+        return [cell.image for cell in self.cells]
+
+    def begin(self, count: int, text: str = "Waiting for the first step…") -> None:
+        """Empty tiles saying ``text`` for a run of ``count`` images (the previous run's are reused or closed)."""
+        for cell in self.cells[count:]:
+            close_tree(cell)
+        self.cells = self.cells[:count] + [Tile(self.tile_px) for _ in range(count - len(self.cells))]
+        for cell in self.cells:
+            cell.wait(text)
+        self.children = list(self.cells)
+
+    def say(self, text: str) -> None:
+        """Change what the empty tiles wait for (``Loading the model…`` → ``Waiting for the first step…``)."""
+        for cell in self.cells:
+            if not cell.filled:
+                cell.wait(text)
 
     def show_previews(self, jpegs: Sequence[bytes]) -> None:
-        for tile, data in zip(self.tiles, jpegs):
-            tile.format = "jpeg"
-            tile.value = data
+        for cell, data in zip(self.cells, jpegs):
+            cell.show(data, "jpeg")
 
     def show_final(self, images: Sequence[Image.Image]) -> None:
-        for tile, image in zip(self.tiles, images):
-            tile.format = "png"
-            tile.value = encode_png(thumbnail(image, LARGE_PX))
+        for cell, image in zip(self.cells, images):
+            cell.show(encode_png(thumbnail(image, LARGE_PX)), "png")
+            cell.mark("")
+
+    def stop(self, mark: str, empty: str) -> None:
+        """The run ended without images: previews shown stay, captioned ``mark``; empty tiles say ``empty``."""
+        for cell in self.cells:
+            if cell.filled:
+                cell.mark(mark)
+            else:
+                cell.wait(empty)
 
     @property
     def filled(self) -> int:
         """How many tiles show something (a preview or a final image)."""
-        return sum(1 for tile in self.tiles if tile.value)
+        return sum(1 for cell in self.cells if cell.filled)
 
 
 @dataclass(eq=False)
@@ -86,13 +155,16 @@ class HistoryItem:
     inputs: list[Image.Image]
     weights: list[float]
     negatives: list[Image.Image]
+    trace: Any = field(repr=False, default=None)  # the run's Trace (shared by its items), for export
     thumb: bytes = field(repr=False, default=b"")
 
     @property
     def nbytes(self) -> int:
-        """Memory it keeps alive, inputs included (a run's items share them: counted per item, pessimistic)."""
+        """Memory it keeps alive, inputs and trace included (a run's items share them: counted per item,
+        pessimistic)."""
         pixels = sum(im.width * im.height for im in [self.image, *self.inputs, *self.negatives])
-        return 3 * pixels + len(self.thumb)
+        tensors = self.trace.tensors().values() if self.trace is not None else ()
+        return 3 * pixels + len(self.thumb) + sum(t.numel() * t.element_size() for t in tensors)
 
     @property
     def seed(self) -> int:
@@ -102,8 +174,9 @@ class HistoryItem:
 class History(widgets.VBox):
     """A scrollable strip of every run's images (newest first), bounded in count and in memory.
 
-    Clicking a tile's button shows it large with its recipe and three actions: save (PNG with the
-    recipe in its metadata), use as input, re-run. The actions call back into the panel.
+    Clicking a tile's button shows it large with its recipe and four actions: save (PNG with the recipe in
+    its metadata), export the run's trace (safetensors), use as input, re-run. The actions call back into
+    the panel.
     """
 
     def __init__(
@@ -115,6 +188,7 @@ class History(widgets.VBox):
         on_use: Callable[[HistoryItem], None] | None = None,
         on_rerun: Callable[[HistoryItem], None] | None = None,
         on_saved: Callable[[Path], None] | None = None,
+        on_exported: Callable[[Path], None] | None = None,
         **kwargs: Any,
     ) -> None:
         if max_items < 1 or max_bytes < 1:
@@ -122,22 +196,27 @@ class History(widgets.VBox):
         self.max_items = max_items
         self.max_bytes = max_bytes
         self.save_dir = Path(save_dir)
-        self.on_use, self.on_rerun, self.on_saved = on_use, on_rerun, on_saved
+        self.on_use, self.on_rerun, self.on_saved, self.on_exported = on_use, on_rerun, on_saved, on_exported
         self.items: deque[HistoryItem] = deque()
         self._tiles: dict[int, widgets.Widget] = {}
         self.selected: HistoryItem | None = None
         self.strip = widgets.HBox(layout=widgets.Layout(overflow="auto", flex_flow="row", width="100%"))
         self.empty = widgets.HTML("<i>Every run's images stay here; click one to open it.</i>")
-        self.large = widgets.Image(format="png", layout=widgets.Layout(max_width=f"{LARGE_PX}px"))
+        self.large = picture(format="png", layout=widgets.Layout(max_width=f"{LARGE_PX}px"))
         self.recipe_text = widgets.HTML()
         self.save_button = widgets.Button(description="Save PNG", icon="download")
+        self.export_button = widgets.Button(description="Export trace", icon="file")
         self.use_button = widgets.Button(description="Use as input", icon="arrow-up")
         self.rerun_button = widgets.Button(description="Re-run", icon="repeat")
         self.save_button.on_click(lambda _: self.save_selected())
+        self.export_button.on_click(lambda _: self.export_selected())
         self.use_button.on_click(lambda _: self._act(self.on_use))
         self.rerun_button.on_click(lambda _: self._act(self.on_rerun))
         self.detail = widgets.VBox(
-            [self.large, self.recipe_text, widgets.HBox([self.save_button, self.use_button, self.rerun_button])],
+            [self.large,
+             widgets.HBox([self.save_button, self.export_button, self.use_button, self.rerun_button],
+                          layout=widgets.Layout(flex_flow="row wrap")),
+             self.recipe_text],
             layout=widgets.Layout(display="none"),
         )
         super().__init__(children=[self.empty, self.strip, self.detail], **kwargs)
@@ -150,15 +229,16 @@ class History(widgets.VBox):
         return sum(item.nbytes for item in self.items)
 
     def add_run(self, images: Sequence[Image.Image], recipe: dict[str, Any], inputs: list[Image.Image],
-                weights: list[float], negatives: list[Image.Image]) -> list[HistoryItem]:
-        """Add a finished run's images (newest first), then drop the oldest beyond the bounds."""
+                weights: list[float], negatives: list[Image.Image], trace: Any = None) -> list[HistoryItem]:
+        """Add a finished run's images before the older runs' (in batch order: #0, #1, …), then drop the
+        oldest beyond the bounds."""
         added, evicted = [], []
         for index, image in enumerate(images):
-            item = HistoryItem(image, recipe, index, inputs, list(weights), negatives)
+            item = HistoryItem(image, recipe, index, inputs, list(weights), negatives, trace)
             item.thumb = encode_jpeg(thumbnail(image, THUMB_PX), quality=80)
-            self.items.appendleft(item)
             self._tiles[id(item)] = self._tile(item)
             added.append(item)
+        self.items.extendleft(reversed(added))
         while len(self.items) > 1 and (len(self.items) > self.max_items or self.nbytes > self.max_bytes):
             dropped = self.items.pop()
             if dropped is self.selected:
@@ -181,6 +261,7 @@ class History(widgets.VBox):
     def select(self, item: HistoryItem) -> None:
         """Show one image large, with its recipe."""
         self.selected = item
+        self.export_button.disabled = item.trace is None
         self.large.value = encode_png(thumbnail(item.image, LARGE_PX))
         self.recipe_text.value = "<pre style='white-space:pre-wrap;font-size:11px'>{}</pre>".format(
             html.escape(json.dumps({**item.recipe, "index": item.index}, indent=1))
@@ -201,6 +282,21 @@ class History(widgets.VBox):
         path = save_png(item.image, self.save_dir, item.recipe, item.index)
         if self.on_saved is not None:
             self.on_saved(path)
+        return path
+
+    def export_selected(self) -> Path | None:
+        """Write the selected image's run trace (every tensor, the recipe) as safetensors beside the PNGs."""
+        item = self.selected
+        if item is None or item.trace is None:
+            return None
+        path = self.save_dir / f"imageprompt-seed{item.seed}-{item.index}.safetensors"
+        counter = 1
+        while path.exists():
+            path = self.save_dir / f"imageprompt-seed{item.seed}-{item.index}-{counter}.safetensors"
+            counter += 1
+        item.trace.save(path, {**item.recipe, "index": item.index})
+        if self.on_exported is not None:
+            self.on_exported(path)
         return path
 
     def _act(self, callback: Callable[[HistoryItem], None] | None) -> None:

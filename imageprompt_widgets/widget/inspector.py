@@ -2,7 +2,9 @@
 
 Every section is a thin wrapper: the numbers and pictures come from :mod:`imageprompt_widgets.views`,
 so what the tab shows is exactly what a notebook cell gets from the same functions. A view that
-fails shows its error in its own section; the other sections still fill.
+fails shows its error in its own section; the other sections still fill. Replays that run the UNet
+again (the interpolation strip, the x0 filmstrip) go through the controller's ``submit_task``: off the
+kernel thread, with progress in the panel's status and its Cancel button working.
 """
 
 from __future__ import annotations
@@ -14,13 +16,27 @@ from typing import Any
 import ipywidgets as widgets
 
 from .. import views
+from ..controller import Controller, Event, Failed, Finished, Job, TaskContext
+from ..runners import InlineRunner
+from .gallery import picture
 
 EMPTY_TEXT = "Generate something to inspect its tensors here."
+#: What the Denoising tab says about a run that kept no latents (the panel's checkbox keeps them).
+NO_LATENTS_TEXT = ("This run kept no latents, so there is no filmstrip: tick “keep latents (Denoising view)” "
+                   "under Generation and press Generate again.")
 SECTION_TITLES = ("Tensors", "What CLIP saw", "Scale gap", "Similarity", "Tokens", "Denoising", "Interpolation")
 
 
 def _pre(text: str) -> str:
     return f"<pre style='font-size: 11px; line-height: 1.3; margin: 0'>{html.escape(text)}</pre>"
+
+
+def _x0_unet_calls(trace: Any) -> int:
+    """How many UNet calls the x0 filmstrip makes: one per shown frame, except the final latent (its own x0)."""
+    if trace.latents is None:
+        return 0
+    steps = [trace.latent_steps[i] if trace.latent_steps else i + 1 for i in views.frame_indices(trace.latents.shape[0])]
+    return sum(1 for step in steps if step < len(trace.timesteps))
 
 
 def _split_texts(value: str) -> list[str]:
@@ -29,60 +45,69 @@ def _split_texts(value: str) -> list[str]:
 
 
 class InspectorTab(widgets.VBox):
-    """The "Inspector" tab: ``show(result, pipeline)`` after each finished run, ``clear()`` to empty it."""
+    """The "Inspector" tab: ``show(result, pipeline)`` after each finished run, ``clear()`` to empty it.
 
-    def __init__(self, **kwargs: Any) -> None:
+    ``controller`` runs its replays (the panel's own); without one they run inline on an own controller.
+    """
+
+    def __init__(self, controller: Controller | None = None, **kwargs: Any) -> None:
+        self.controller = controller
+        self._inline: Controller | None = None
         self.result: Any = None
         self.pipeline: Any = None
         self.placeholder = widgets.HTML(EMPTY_TEXT)
 
         self.summary = widgets.HTML()
-        self.clip_image = widgets.Image(format="png")
+        self.clip_image = picture(format="png", layout=widgets.Layout(max_width="100%"))
         self.clip_text = widgets.HTML()
-        self.scale_gap_image = widgets.Image(format="png")
+        self.scale_gap_image = picture(format="png", layout=widgets.Layout(max_width="100%"))
         self.scale_gap_text = widgets.HTML()
         self.similarity_texts = widgets.Text(
             description="texts", placeholder="a cat; a dog (separated by ;)", continuous_update=False
         )
         self.similarity_button = widgets.Button(description="Compare")
-        self.similarity_image = widgets.Image(format="png")
+        self.similarity_image = picture(format="png", layout=widgets.Layout(max_width="100%"))
         self.similarity_note = widgets.HTML()
-        self.token_image = widgets.Image(format="png")
+        self.token_image = picture(format="png", layout=widgets.Layout(max_width="100%"))
         self.token_text = widgets.HTML()
         self.filmstrip_x0 = widgets.Checkbox(
             description="x0 estimates (one extra UNet call per frame)", value=False, indent=False,
             layout=widgets.Layout(width="auto"),
         )
-        self.filmstrip_image = widgets.Image(format="png")
+        self.filmstrip_image = picture(format="png", layout=widgets.Layout(max_width="100%"))
         self.filmstrip_table = widgets.HTML()
         self.interpolation_text = widgets.Text(
             description="towards", placeholder="a text (empty: the second input image)"
         )
         self.interpolation_count = widgets.IntSlider(description="images", value=5, min=2, max=8)
         self.interpolation_button = widgets.Button(description="Interpolate", disabled=True)
-        self.interpolation_image = widgets.Image(format="png")
+        self.interpolation_image = picture(format="png", layout=widgets.Layout(max_width="100%"))
         self.interpolation_note = widgets.HTML()
 
         self.similarity_button.on_click(lambda _: self.update_similarity())
         self.interpolation_button.on_click(lambda _: self.run_interpolation())
         self.filmstrip_x0.observe(lambda _: self.update_filmstrip(), names="value")
 
-        self.sections = widgets.Tab(
+        # An Accordion, not a Tab: beside the controls the panel's column is narrow, and seven tab titles
+        # would be cut to a few letters each.
+        self.sections = widgets.Accordion(
             children=[
                 widgets.VBox([self.summary]),
                 widgets.VBox([self.clip_text, self.clip_image]),
                 widgets.VBox([self.scale_gap_text, self.scale_gap_image]),
-                widgets.VBox([widgets.HBox([self.similarity_texts, self.similarity_button]),
+                widgets.VBox([widgets.HBox([self.similarity_texts, self.similarity_button],
+                                           layout=widgets.Layout(flex_flow="row wrap")),
                               self.similarity_note, self.similarity_image]),
                 widgets.VBox([self.token_text, self.token_image]),
                 widgets.VBox([self.filmstrip_x0, self.filmstrip_image, self.filmstrip_table]),
                 widgets.VBox([widgets.HBox([self.interpolation_text, self.interpolation_count,
-                                            self.interpolation_button]),
+                                            self.interpolation_button], layout=widgets.Layout(flex_flow="row wrap")),
                               self.interpolation_note, self.interpolation_image]),
             ]
         )
         for index, title in enumerate(SECTION_TITLES):
             self.sections.set_title(index, title)  # works on ipywidgets 7 and 8
+        self.sections.selected_index = 0
         self.sections.layout.display = "none"
         self.errors: dict[str, str] = {}  # section title -> the error it shows
         self.views: dict[str, Any] = {}  # section title -> the view it shows (numbers included)
@@ -113,7 +138,8 @@ class InspectorTab(widgets.VBox):
         self.interpolation_note.value = (
             "Generates images along a slerp from the first input image's embedding to the text typed here"
             + (" (or to the second input image)" if has_two else "")
-            + ", as repeat prompts with this run's seed, steps, guidance, scale and norm matching."
+            + ", as repeat prompts with this run's seed, steps, guidance, scale and norm matching. "
+            "Press Interpolate to make the strip."
         )
         self.interpolation_button.disabled = False
         self.placeholder.value = (
@@ -151,34 +177,60 @@ class InspectorTab(widgets.VBox):
         self._set_image(self.similarity_image, "Similarity", view)
         self.similarity_note.value = html.escape(view.note)
 
-    def run_interpolation(self) -> None:
-        """Generate the interpolation strip (the "Interpolate" button; blocks while it runs)."""
+    def run_interpolation(self) -> Job | None:
+        """Generate the interpolation strip (the "Interpolate" button) as a controller task."""
         if self.result is None:
-            return
+            return None
         trace, settings = self.result.trace, self.result.settings
         target = self.interpolation_text.value.strip()
         if not target:
             if trace.image_embeds.shape[0] < 2:
                 self.interpolation_note.value = "Type a text to interpolate towards (this run had one input image)."
-                return
+                return None
             end: Any = trace.image_embeds[1]
         else:
             end = target
+        start, count = trace.image_embeds[0], self.interpolation_count.value
+
+        def interpolate(task: TaskContext) -> Any:
+            per_image = Controller.step_plan(task.pipeline, settings.replace(structure="none")).total
+            task.start(count * per_image)
+            finished = [0]  # images done: each restarts its own step count
+
+            def on_step(info: Any) -> None:
+                task.advance(finished[0] * per_image + info.step)
+                if info.step == info.total:
+                    finished[0] += 1
+
+            walk = task.pipeline.interpolate(start, end, count, settings, on_step=on_step, cancel=task.cancel)
+            return views.interpolation_view(walk)
+
         self.interpolation_button.disabled = True
+        self.interpolation_image.value = b""
         self.interpolation_note.value = "Generating…"
-        try:
-            walk = self.pipeline.interpolate(trace.image_embeds[0], end, self.interpolation_count.value, settings)
-        except Exception as err:  # noqa: BLE001
-            self.interpolation_note.value = self._error("Interpolation", err)
+        return self._submit(interpolate, "Interpolation", lambda end: self._interpolation_done(end, settings.seed))
+
+    def _interpolation_done(self, end: Event, seed: int) -> None:
+        self.interpolation_button.disabled = self.result is None
+        if isinstance(end, Failed):
+            self.interpolation_note.value = self._error("Interpolation", end.error)
+        elif not isinstance(end, Finished):
+            self.interpolation_note.value = "Cancelled."
         else:
-            view = views.interpolation_view(walk)
+            view = end.result
             self._set_image(self.interpolation_image, "Interpolation", view)
             self.interpolation_note.value = html.escape(
-                f"{len(view.images)} images, t = " + ", ".join(f"{w:.2f}" for w in view.weights)
-                + f", seed {settings.seed}."
+                f"{len(view.images)} images, t = " + ", ".join(f"{w:.2f}" for w in view.weights) + f", seed {seed}."
             )
-        finally:
-            self.interpolation_button.disabled = False
+
+    def _submit(self, task: Any, label: str, on_end: Callable[[Event], None]) -> Job:
+        """Run ``task`` on the panel's controller, or inline on an own one (a tab used on its own)."""
+        controller = self.controller
+        if controller is None:
+            if self._inline is None or self._inline.pipeline is not self.pipeline:
+                self._inline = Controller(pipeline=self.pipeline, runner=InlineRunner(), previews=False)
+            controller = self._inline
+        return controller.submit_task(task, label=label, on_end=on_end)
 
     def _show_scale_gap(self) -> None:
         view = views.scale_gap(self.result.trace, self.pipeline, scale=self.result.settings.scale)
@@ -193,17 +245,51 @@ class InspectorTab(widgets.VBox):
             f"{tokens} prompt tokens x {dims} dims, {view.distinct_tokens} distinct rows."
         )
 
-    def update_filmstrip(self) -> None:
-        """Redraw the filmstrip (after a run, or when "x0 estimates" is switched)."""
+    def update_filmstrip(self) -> Job | None:
+        """Redraw the filmstrip (after a run, or when "x0 estimates" is switched).
+
+        The noisy latents are only decoded (cheap, here); x0 estimates run the UNet once per frame, so
+        they are a controller task.
+        """
         if self.result is None:
-            return
+            return None
         self.errors.pop("Denoising", None)
         self.filmstrip_image.value = b""
-        self._fill("Denoising", self._show_filmstrip, self.filmstrip_table)
+        result, x0 = self.result, self.filmstrip_x0.value
+        has_latents = result.trace.latents is not None
+        self.filmstrip_x0.layout.display = None if has_latents else "none"
+        if not has_latents:
+            self.filmstrip_table.value = html.escape(NO_LATENTS_TEXT)
+            return None
+        if not x0:
+            self._fill("Denoising", lambda: self._show_filmstrip(self._filmstrip(result, self.pipeline, False)),
+                       self.filmstrip_table)
+            return None
+        frames = _x0_unet_calls(result.trace)
 
-    def _show_filmstrip(self) -> None:
+        def replay(task: TaskContext) -> Any:
+            with task.unet_steps(frames):
+                return self._filmstrip(result, task.pipeline, True)
+
+        self.filmstrip_table.value = "Computing the x0 estimates…"
+        return self._submit(replay, "x0 filmstrip", lambda end: self._filmstrip_done(end, result))
+
+    def _filmstrip_done(self, end: Event, result: Any) -> None:
+        if result is not self.result:
+            return  # a newer run replaced the one this was for
+        if isinstance(end, Failed):
+            self.filmstrip_table.value = self._error("Denoising", end.error)
+        elif not isinstance(end, Finished):
+            self.filmstrip_table.value = "Cancelled; switch the box off and on to compute the x0 estimates."
+        else:
+            self._show_filmstrip(end.result)
+
+    @staticmethod
+    def _filmstrip(result: Any, pipeline: Any, x0: bool) -> Any:
         # The cheap preview decoder: an exact VAE decode of every frame is slow on a CPU.
-        view = views.filmstrip(self.result, self.pipeline, decoder="auto", x0=self.filmstrip_x0.value)
+        return views.filmstrip(result, pipeline, decoder="auto", x0=x0)
+
+    def _show_filmstrip(self, view: Any) -> None:
         self._set_image(self.filmstrip_image, "Denoising", view)
         what = "The model's clean estimate (x0) at" if view.x0 else "The noisy latents after"
         self.filmstrip_table.value = (

@@ -1,70 +1,66 @@
-"""ImagePromptWidget: the panel users ``display()``. A view over the engine: it reads its controls into
-settings, runs the pipeline on a runner, and shows progress, previews, results and errors.
+"""ImagePromptWidget: the panel users ``display()``. A face over the engine's
+:class:`~imageprompt_widgets.controller.Controller`: it reads its controls into settings, hands them to
+the controller, and renders what the controller reports (status, progress, previews, results, errors).
 
-Only traits are set while a run is in progress (``Image.value``, ``IntProgress.value``, ``Label.value``),
+Only traits are set while a run is in progress (``Image.value``, ``IntProgress.value``, ``HTML.value``),
 never ``with output:``, so updates from the worker thread render in JupyterLab, Notebook 7 and VS Code.
 """
 
 from __future__ import annotations
 
+import contextlib
 import html
-import threading
-import time
+import os
 import traceback
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Any
 
 import ipywidgets as widgets
 from PIL import Image
 
-from ..concurrency import CancelEvent
-from ..images import ImageInputError, describe_source, load_images
-from ..presets import Preset, resolve_preset
-from ..settings import GenerationSettings
-from .controls import SettingsControls
+from ..availability import availability
+from ..controller import (
+    PREVIEW_INTERVAL,
+    BusyChanged,
+    Cancelled,
+    Cancelling,
+    Controller,
+    Event,
+    Failed,
+    Finished,
+    Job,
+    Loading,
+    Preview,
+    Queued,
+    Started,
+    Step,
+    SubscriberFailed,
+    Waiting,
+)
+from ..images import ImageInputError, load_images
+from ..methods import METHODS, methods_for, preset_capabilities, presets_providing
+from ..presets import DEFAULT_PRESET, Preset
+from ..runners import Runner
+from ..settings import MODES, GenerationSettings
+from .controls import SettingsControls, set_help
 from .gallery import History, HistoryItem, OutputGrid, close_tree
-from .inputs import UPLOAD_HINT, InputStrip, load_upload, uploaded_files
+from .inputs import UPLOAD_HINT, InputStrip, caption_of, load_upload, show_count, uploaded_files
 from .inspector import InspectorTab
-from .runner import Runner, default_runner
+from .picker import ModelPicker
+from .recipe import read_recipe
 
-#: Seconds between preview images (a few per second: the server drops output above ~1000 messages/s).
-PREVIEW_INTERVAL = 0.25
-#: Seconds between progress/status updates.
-PROGRESS_INTERVAL = 1 / 20
-#: The status while a cancel is on its way (replaced by the job's own last word, or by "Cancelled").
-_CANCELLING = "Cancelling…"
 #: Settings the panel sets itself instead of through a generated control.
 _OWN_SETTINGS = ("weights",)
-
-
-@dataclass(eq=False)
-class _Job:
-    """One press of Generate: what to run, frozen at the moment of the press."""
-
-    images: list[Image.Image]
-    weights: list[float]
-    negatives: list[Image.Image]
-    settings: GenerationSettings
-    structure_image: Image.Image | None = None  # the Structure section's own image; None: the first input
-    cancel: CancelEvent = field(default_factory=CancelEvent)
-    future: Future | None = None
-    last_step: Any = None  # the last StepInfo seen
-
-
-class _Throttle:
-    """``ready()`` is True at most once per ``interval`` seconds (the first call always)."""
-
-    def __init__(self, interval: float) -> None:
-        self.interval = interval
-        self._next = 0.0
-
-    def ready(self) -> bool:
-        now = time.monotonic()
-        if now < self._next:
-            return False
-        self._next = now + self.interval
-        return True
+_LOST_NOTHING = "nothing from earlier runs is lost."
+#: What a preset must have for a method, in words (methods.CAPABILITIES).
+_CAPABILITY_WORDS = {
+    "image_tokens": "an image encoder that fits its UNet",
+    "text": "a text encoder",
+    "ip_adapter": "an IP-Adapter",
+    "captioner": "a captioner (BLIP)",
+}
+LATENTS_LABEL = "keep latents (Denoising view)"
 
 
 class ImagePromptWidget(widgets.VBox):
@@ -76,6 +72,11 @@ class ImagePromptWidget(widgets.VBox):
 
     ``runner`` decides where generation runs (a worker thread; inline on Colab); ``preview`` is
     ``"auto"``, ``"linear"`` or ``"taesd"`` (with ``taesd=`` a local AutoencoderTiny folder).
+
+    The model picker re-targets the panel: a new controller for the chosen preset (weights load on the next
+    Generate). A run still going on the old model is cancelled; its previews stay, marked. Choosing a
+    method the model cannot run switches to a preset that can (its offline twin for an offline model) and
+    says so in the status line.
     """
 
     def __init__(
@@ -92,46 +93,75 @@ class ImagePromptWidget(widgets.VBox):
         save_dir: str = "imageprompt-outputs",
         **settings: Any,
     ) -> None:
-        from ..preview import PREVIEW_KINDS
-
-        if preview not in PREVIEW_KINDS:
-            raise ValueError(f"preview={preview!r} is not one of {', '.join(PREVIEW_KINDS)}.")
-        self._preset = None if pipeline is not None else resolve_preset(model)  # unknown names fail here, at once
-        self._pipeline = pipeline
-        self._runner = runner or default_runner()
-        self._preview_kind, self._taesd = preview, taesd
-        self._preview_interval = preview_interval
-        self._decoder: tuple[Any, Any] | None = None  # (pipeline, decoder)
-        self._lock = threading.RLock()
-        self._pending: list[_Job] = []  # the running job first, then at most one waiting
+        # Unknown model names and preview kinds fail here, at once; no weights load before the first Generate.
+        self._controller_options = {"preview": preview, "taesd": taesd, "preview_interval": preview_interval}
+        self.controller = Controller(model, pipeline=pipeline, runner=runner, **self._controller_options)
+        GenerationSettings.from_kwargs(**settings)  # an unknown setting fails before anything is built
         self.result = None
-        self.previews_shown = 0  # preview frames sent in the last run (for tests and the curious)
+        self.previews_shown = 0  # preview frames shown in the last run (for tests and the curious)
+        self._explained: set[str] = set()  # why a run's step total differs from steps: said once per panel
+        self._step_note = ""
+        self._grid_job: Job | None = None  # the job whose tiles the grid shows
+        self._switching = False  # the panel itself is changing model or mode: observers stand still
+        self._retired: list[Callable[[], None]] = []  # unsubscribers of replaced controllers still finishing
 
-        self.upload = widgets.FileUpload(accept="image/*", multiple=True, description="Upload",
-                                         layout=widgets.Layout(width="auto", min_width="120px"))
-        self.inputs = InputStrip()
+        # Images: inputs, negatives, a recipe to load.
+        self.upload = widgets.FileUpload(accept="image/*", multiple=True, description="Upload")
         self.negative_upload = widgets.FileUpload(accept="image/*", multiple=True, description="Negative")
-        self.negatives = InputStrip(weighted=False, empty_text="Optional: images that guidance pushes away from.")
+        self.recipe_upload = widgets.FileUpload(accept=".png,image/png", multiple=False, description="Load recipe")
+        set_help(self.upload, "the images that become the prompt (several are combined)")
+        set_help(self.negative_upload, "optional: images that guidance pushes away from")
+        set_help(self.recipe_upload, "a PNG saved by this panel: its settings go into the controls")
+        self.inputs = InputStrip()
+        self.negatives = InputStrip(weighted=False, empty_text="No negative image (optional).")
         for upload, strip in ((self.upload, self.inputs), (self.negative_upload, self.negatives)):
             upload.observe(lambda change, upload=upload, strip=strip: self._on_upload(change, upload, strip),
                            names="value")
             upload.observe(self._on_upload_error, names="error")
+            strip.on_change = lambda upload=upload, strip=strip: self._show_upload_count(upload, strip.names)
+            strip.on_refused = lambda sentence: self._say(sentence, error=True)
+        self.recipe_upload.observe(self._on_recipe_upload, names="value")
+        self._mirroring = False
+
         self.controls = SettingsControls(exclude=_OWN_SETTINGS)
-        preset = self._preset or getattr(pipeline, "preset", None)
+        self.controls.on_refused = lambda sentence: self._say(sentence, error=True)
+        self.controls.add_to(
+            "images",
+            widgets.HBox([self.upload, self.negative_upload, self.recipe_upload],
+                         layout=widgets.Layout(flex_flow="row wrap")),
+            widgets.HTML(UPLOAD_HINT), self.inputs, self.negatives,
+        )
+        self.model_picker = ModelPicker(self.controller.preset, layout=widgets.Layout(width="96%"))
+        self.controls.add_to("method", self.model_picker, first=True)
+        self.model_picker.observe(self._on_model_picked, names="value")
+        self.controls["mode"].observe(self._on_mode_chosen, names="value")
+        self.controls["mode"].observe(lambda _: self._follow_weights(), names="value")
+        preset = self.controller.preset
         starting = {**dict(preset.defaults if preset else ()), **settings}  # e.g. variations: zero negative
         if starting:
-            self.controls.apply(GenerationSettings.from_kwargs(**starting))
-        # Structure section: an optional structure image and the edge map an "edges" run would use.
+            with self._quietly():
+                self.controls.apply(GenerationSettings.from_kwargs(**starting), ignore=_OWN_SETTINGS)
+        self._relabel_modes()
+        # Generation: keep the latents for the inspector's Denoising filmstrip.
+        self.keep_latents = widgets.Checkbox(value=False, description=LATENTS_LABEL, indent=True,
+                                            style={"description_width": "100px"},
+                                            layout=widgets.Layout(width="auto"))
+        set_help(self.keep_latents, "trace the latents of every step so the Inspector's Denoising tab can "
+                                    "show the filmstrip (a little more memory per run)")
+        self.controls.add_to("generation", self.keep_latents)
+        # Structure: an optional structure image and the edge map an "edges" run would use.
         self.structure_image: Image.Image | None = None
         self.structure_upload = widgets.FileUpload(accept="image/*", multiple=False, description="Structure")
+        set_help(self.structure_upload, "the picture whose layout is kept (default: the first input image)")
         self.structure_upload.observe(self._on_structure_upload, names="value")
         self.edge_note = widgets.HTML()
         self.edge_preview = widgets.Image(format="png", layout=widgets.Layout(max_width="220px", display="none"))
-        self.controls.structure_box.children = (
-            *self.controls.structure_box.children, self.structure_upload, self.edge_note, self.edge_preview,
-        )
+        self.structure_extras = widgets.VBox([self.structure_upload, self.edge_note, self.edge_preview])
+        self.controls.add_to("structure", self.structure_extras)
         for name in ("structure", "canny_low", "canny_high", "height", "width"):
             self.controls[name].observe(lambda _: self._update_edge_preview(), names="value")
+        self.controls["structure"].observe(lambda _: self._follow_structure(), names="value")
+
         self.generate_button = widgets.Button(description="Generate", button_style="primary", icon="play")
         self.cancel_button = widgets.Button(description="Cancel", icon="stop", disabled=True)
         self.generate_button.on_click(lambda _: self.generate())
@@ -148,27 +178,30 @@ class ImagePromptWidget(widgets.VBox):
         self.history = History(
             max_items=history_size, max_bytes=history_bytes, save_dir=save_dir,
             on_use=self._use_as_input, on_rerun=self.rerun, on_saved=lambda path: self._say(f"Saved {path}."),
+            on_exported=lambda path: self._say(f"Exported the run's trace to {path} (safetensors; "
+                                               "Trace.load reads it back)."),
         )
-        self.inspector = InspectorTab()
+        self.inspector = InspectorTab(controller=self.controller)
         self.tabs = widgets.Tab(children=[self.history, self.inspector])
         self.tabs.set_title(0, "History")
         self.tabs.set_title(1, "Inspector")
+        self._follow_structure()
+        self._follow_weights()
+        self._show_upload_count(self.upload, [])
+        self._show_upload_count(self.negative_upload, [])
 
-        left = widgets.VBox(
-            [
-                widgets.HBox([self.upload, widgets.HTML(UPLOAD_HINT)]),
-                self.inputs,
-                widgets.HBox([self.negative_upload, self.negatives]),
-                self.controls,
-                widgets.HBox([self.generate_button, self.cancel_button]),
-                self.progress,
-                self.status_line,
-                self.details,
-            ],
-            layout=widgets.Layout(width="460px", min_width="360px"),
+        # Controls on the left; run, status, grid and history on the right, side by side where the notebook
+        # is wide enough (both columns may shrink to their minimum, then the right one wraps below).
+        left = widgets.VBox([self.controls], layout=widgets.Layout(flex="1 1 360px", min_width="340px",
+                                                                   max_width="470px", margin="0 16px 0 0"))
+        right = widgets.VBox(
+            [widgets.HBox([self.generate_button, self.cancel_button]), self.progress, self.status_line,
+             self.details, self.grid, self.tabs],
+            layout=widgets.Layout(flex="1 1 420px", min_width="320px"),
         )
-        right = widgets.VBox([self.grid], layout=widgets.Layout(flex="1 1 auto", margin="0 0 0 12px"))
-        super().__init__(children=[widgets.HBox([left, right]), self.tabs])
+        self.columns = widgets.HBox([left, right], layout=widgets.Layout(flex_flow="row wrap", width="100%"))
+        super().__init__(children=[self.columns])
+        self._unsubscribe = self.controller.subscribe(self._on_event)
 
     # -- public API ----------------------------------------------------------------------------
 
@@ -180,7 +213,21 @@ class ImagePromptWidget(widgets.VBox):
     @property
     def pipeline(self) -> Any:
         """The :class:`~imageprompt_widgets.ImagePromptPipeline` in use; ``None`` before the first load."""
-        return self._pipeline
+        return self.controller.pipeline
+
+    @property
+    def model(self) -> str | None:
+        """The name of the chosen preset (or model folder)."""
+        preset = self.controller.preset
+        return preset.name if preset is not None else None
+
+    def set_model(self, model: str) -> None:
+        """Choose a preset, as the model picker does (weights load on the next Generate)."""
+        if model not in self.model_picker.presets:
+            error = ValueError(f"Unknown model {model!r}: pick one of {', '.join(self.model_picker.presets)}.")
+            self._report(error)
+            raise error
+        self.model_picker.value = model
 
     def __repr__(self) -> str:
         """One line where a widget cannot render (a plain console, or re-displayed after ``close()``)."""
@@ -190,8 +237,8 @@ class ImagePromptWidget(widgets.VBox):
 
     @property
     def busy(self) -> bool:
-        with self._lock:
-            return bool(self._pending)
+        """Whether a run is in progress or waiting."""
+        return self.controller.busy
 
     def set_images(self, images: Any, weights: list[float] | None = None) -> None:
         """Replace the inputs: paths, bytes, PIL images, arrays, upload values (as ``load_image`` takes)."""
@@ -206,6 +253,7 @@ class ImagePromptWidget(widgets.VBox):
         except ImageInputError as err:
             self._report(err)
             raise
+        self._show_upload_count(self.structure_upload, [] if image is None else [caption_of(image)])
         self._update_edge_preview()
 
     def set_negative_images(self, images: Any) -> None:
@@ -222,7 +270,7 @@ class ImagePromptWidget(widgets.VBox):
             raise
         sources = images if isinstance(images, (list, tuple)) and len(images) == len(loaded) else [images] * len(loaded)
         strip.clear()
-        strip.add(loaded, [describe_source(source) for source in sources], weights)
+        strip.add(loaded, [caption_of(source) for source in sources], weights)
 
     def generate(self) -> Future:
         """Start a run with the current inputs and controls and return at once with its future.
@@ -234,166 +282,322 @@ class ImagePromptWidget(widgets.VBox):
         raised by ``future.result()``.
         """
         try:
-            job = self._new_job()
+            images = self.inputs.images
+            if not images:
+                raise ImageInputError("Add an image first: upload one, or call w.set_images('path/to/image').")
+            settings = self.controls.settings(weights=tuple(self.inputs.weights))
+            structure_image = self.structure_image if settings.structure != "none" else None
+            job = self.controller.submit(images, settings, negative_image=self.negatives.images or None,
+                                         structure_image=structure_image, trace_latents=self.keep_latents.value)
         except ValueError as err:
             self._report(err)
             future: Future = Future()
             future.set_exception(err)
             return future
-        with self._lock:
-            waiting = self._pending[1:]
-            for old in waiting:
-                self._drop(old)
-            queued = bool(self._pending)
-            self._pending.append(job)
-            self.cancel_button.disabled = False
-        if queued:
-            replaced = " (replacing the one that was waiting)" if waiting else ""
-            self._say(f"Queued{replaced}: starts when the current run ends.")
-        job.future = self._runner.submit(lambda: self._run(job))
         return job.future
 
     def cancel(self) -> None:
         """Stop the running generation after its current step, and drop a waiting one."""
-        with self._lock:
-            jobs = list(self._pending)
-            if jobs:  # said before any job is stopped, so a job's own last word comes after it
-                self._say(_CANCELLING)
-        for job in jobs:
-            self._drop(job)
-        self._settle_cancel()
+        self.controller.cancel()
 
     def rerun(self, item: HistoryItem) -> Future:
-        """Run a history item's recipe again: its inputs, weights and settings."""
-        self.controls.apply(item.recipe.get("settings", {}))
+        """Run a history item's recipe again: its model, inputs, weights and settings."""
+        self._apply_recipe(item.recipe)
         self.inputs.clear()
         self.inputs.add(item.inputs, [f"input {i + 1}" for i in range(len(item.inputs))], item.weights)
         self.negatives.clear()
         self.negatives.add(item.negatives, [f"negative {i + 1}" for i in range(len(item.negatives))])
         return self.generate()
 
+    def load_recipe(self, source: Any, name: str | None = None) -> dict[str, Any]:
+        """Put the recipe of a PNG this package saved (a path, bytes or file object) into the controls, like
+        "PNG info" elsewhere: its model, method and every setting. The input images are not in the PNG.
+
+        Anything wrong — no recipe, a value outside a control's range, an unknown setting or choice —
+        raises a ``ValueError`` subclass (``RecipeError``, ``SettingsError``), says it in the status line and
+        leaves every control as it was. Returns the recipe.
+        """
+        try:
+            recipe = read_recipe(source, name)
+            self._check_recipe(recipe)
+        except ValueError as err:
+            self._report(err)
+            raise
+        self._apply_recipe(recipe)
+        settings = recipe["settings"]
+        label = name or (caption_of(source) if isinstance(source, (str, os.PathLike)) else "the PNG")
+        count = len(recipe.get("inputs") or ())
+        inputs = f"add the same {_count(count, 'input image')} and " if count else ""
+        self._say(f"Loaded the recipe of {label}: {settings.get('mode', 'repeat')}, seed {settings.get('seed', 0)}, "
+                  f"model {self.model!r}. To make it again, {inputs}press Generate.")
+        return recipe
+
+    def _check_recipe(self, recipe: dict[str, Any]) -> None:
+        """Raise if the recipe cannot be put into the controls (nothing is changed)."""
+        self.controls.check(recipe["settings"], ignore=_OWN_SETTINGS)
+        weights = recipe["settings"].get("weights") or ()
+        GenerationSettings.from_kwargs(weights=weights)  # the per-image weights' own range
+
+    def _apply_recipe(self, recipe: dict[str, Any]) -> None:
+        """Switch to the recipe's model where it names a preset of the picker, then set every control."""
+        settings = recipe.get("settings", {})
+        model = (recipe.get("model") or {}).get("preset")
+        if model in self.model_picker.presets and model != self.model:
+            self.model_picker.value = model
+        with self._quietly():
+            self.controls.apply(settings, ignore=_OWN_SETTINGS)
+        self._on_mode_chosen()  # a recipe from a model that is no preset here: a method this one lacks switches
+        weights = list(settings.get("weights") or ())
+        if weights and len(weights) == len(self.inputs.items):
+            for item, weight in zip(self.inputs.items, weights):
+                item.weight.value = weight
+
     def close(self) -> None:
         """Stop work and close every part (the kernel keeps widgets alive until they are closed)."""
-        if hasattr(self, "_runner"):  # ipywidgets also closes half-built widgets whose __init__ raised
-            self.cancel()
-            self._runner.shutdown()
+        if hasattr(self, "_unsubscribe"):  # ipywidgets also closes half-built widgets whose __init__ raised
+            self.controller.close()
+            self._unsubscribe()
+            for unsubscribe in self._retired:
+                unsubscribe()
         for child in self.children:
             close_tree(child)
         if isinstance(self.layout, widgets.Widget):
             self.layout.close()
         super().close()
 
-    # -- running -------------------------------------------------------------------------------
+    # -- model and method ----------------------------------------------------------------------
 
-    def _new_job(self) -> _Job:
-        images, weights = self.inputs.images, self.inputs.weights
-        if not images:
-            raise ImageInputError("Add an image first: upload one, or call w.set_images('path/to/image').")
-        settings = self.controls.settings(weights=tuple(weights))
-        structure_image = self.structure_image if settings.structure != "none" else None
-        return _Job(images, weights, self.negatives.images, settings, structure_image)
-
-    def _drop(self, job: _Job) -> None:
-        job.cancel.set()  # a running job stops after its current step and removes itself
-        never_runs = job.future is not None and job.future.cancel()  # True only for a job still waiting
-        with self._lock:
-            if never_runs and job in self._pending:
-                self._pending.remove(job)
-            self.cancel_button.disabled = not self._pending
-
-    def _run(self, job: _Job) -> Any:
+    @contextlib.contextmanager
+    def _quietly(self) -> Iterator[None]:
+        """The panel sets the model or the mode itself: the observers that react to a user's choice wait."""
+        before, self._switching = self._switching, True
         try:
-            if job.cancel.is_set():
-                self._say("Cancelled before it started.")
-                return None
-            self.grid.begin(job.settings.num_images)
-            self.progress.value, self.progress.max = 0, job.settings.steps
-            self.previews_shown = 0
-            pipe = self._load_pipeline()
-            decoder = self._preview_decoder(pipe)
-            if not self._wait_for(pipe, job):
-                self._say("Cancelled before it started.")
-                return None
-            try:
-                negative = {"negative_image": job.negatives} if job.negatives else {}
-                result = pipe.generate(job.images, job.settings, on_step=self._step_reporter(job, decoder),
-                                       cancel=job.cancel, structure_image=job.structure_image, **negative)
-            finally:
-                pipe.lock.release()
-            self._show(job, result, pipe)
-            return result
-        except KeyboardInterrupt:  # the kernel's stop button, when running inline (Colab)
-            self._say("Stopped with the kernel's stop button; nothing from earlier runs is lost.")
-            return None
-        except Exception as err:
-            self._report(err)
-            raise
+            yield
         finally:
-            with self._lock:
-                if job in self._pending:
-                    self._pending.remove(job)
-                self.cancel_button.disabled = not self._pending
-            self._settle_cancel()
+            self._switching = before
 
-    def _settle_cancel(self) -> None:
-        """Once nothing is pending, "Cancelling…" must not stay (jobs dropped from the queue never report)."""
-        with self._lock:
-            if not self._pending and self._status_text == _CANCELLING:
-                self._say("Cancelled; nothing from earlier runs is lost.")
-
-    def _load_pipeline(self) -> Any:
-        if self._pipeline is None:
-            from ..pipeline import ImagePromptPipeline
-
-            preset = self._preset
-            size = f" ({preset.download_size})" if preset.download_size else ""
-            self._say(f"Loading model {preset.name!r}{size}; the first time takes a while…")
-            self._pipeline = ImagePromptPipeline.from_preset(preset, on_status=self._say)
-        return self._pipeline
-
-    def _preview_decoder(self, pipe: Any) -> Any:
-        if self._decoder is None or self._decoder[0] is not pipe:
-            from ..preview import decoder_for
-
-            self._decoder = (pipe, decoder_for(pipe, self._preview_kind, self._taesd))
-        return self._decoder[1]
-
-    def _wait_for(self, pipe: Any, job: _Job) -> bool:
-        """Take the pipeline's lock (another widget may be using it); False if cancelled meanwhile."""
-        return pipe.lock.acquire(
-            job.cancel, on_wait=lambda: self._say("Waiting for another run on the same model to finish…")
-        )
-
-    def _step_reporter(self, job: _Job, decoder: Any) -> Any:
-        from ..preview import preview_jpegs
-
-        progress, previews = _Throttle(PROGRESS_INTERVAL), _Throttle(self._preview_interval)
-        hint = "" if self._runner.background else " — stop with the kernel's stop button"
-
-        def on_step(info: Any) -> None:
-            job.last_step = info
-            if progress.ready() or info.step == info.total:
-                self.progress.max = info.total
-                self.progress.value = info.step
-                self._say(f"Step {info.step}/{info.total} · {info.steps_per_second:.1f} it/s{hint}")
-            if previews.ready() and not job.cancel.is_set():
-                self.grid.show_previews(preview_jpegs(info.x0(), decoder))
-                self.previews_shown += 1
-
-        return on_step
-
-    def _show(self, job: _Job, result: Any, pipe: Any) -> None:
-        step = job.last_step
-        if result.cancelled:
-            where = f" after step {step.step} of {step.total}" if step is not None else ""
-            self._say(f"Cancelled{where}; nothing from earlier runs is lost.")
+    def _on_model_picked(self, change: Any) -> None:
+        if self.model_picker.relabelling or self._switching or change["new"] == self.model:
             return
-        self.grid.show_final(result.images)
+        self._switch_model(self.model_picker.preset(change["new"]))
+
+    def _switch_model(self, preset: Preset, why: str = "") -> None:
+        """Re-target the panel: a new controller for ``preset`` on the same runner. A run of the old one is
+        cancelled; the old controller is listened to until its last job has ended (its tiles get marked)."""
+        old = self.controller
+        running = old.busy
+        if running:
+            old.cancel()
+            self._retire(old)
+        self._unsubscribe()
+        self.controller = Controller(preset, runner=old.runner, **self._controller_options)
+        self._unsubscribe = self.controller.subscribe(self._on_event)
+        self.inspector.controller = self.controller
+        self.inspector.clear()  # its replays would run on the new model
+        self.cancel_button.disabled = not running
+        with self._quietly():
+            if self.model_picker.value != preset.name:
+                self.model_picker.value = preset.name
+            self._apply_preset_defaults(old.preset, preset)
+        self._relabel_modes()
+        self._update_edge_preview()
+        found = availability(preset)
+        where = ", ".join(part for part in ("offline" if preset.offline_builder else found.download, found.status) if part)
+        cost = " The next Generate downloads it, with progress here." if not found.ready else ""
+        stopped = " The running generation was cancelled; its previews stay, marked." if running else ""
+        chosen = f"switched to model {preset.name!r}" if why else f"Model {preset.name!r} chosen"
+        self._say(f"{why}{chosen} ({where}).{cost}{stopped}")
+
+    def _retire(self, old: Controller) -> None:
+        """Keep rendering the end of ``old``'s jobs (marks on the tiles, a result that still arrives)."""
+        holder: list[Callable[[], None]] = []
+
+        def on_event(event: Event) -> None:
+            if isinstance(event, (Cancelled, Failed)):
+                self._stop_grid(event)
+            elif isinstance(event, Finished) and event.job.kind == "generate":
+                self._show(event.job, event.result)
+            if isinstance(event, (Finished, Cancelled, Failed)) and event.idle and holder:
+                unsubscribe = holder.pop()
+                unsubscribe()
+                if unsubscribe in self._retired:
+                    self._retired.remove(unsubscribe)
+                self.cancel_button.disabled = not self.controller.busy
+
+        holder.append(old.subscribe(on_event))
+        self._retired.append(holder[0])
+
+    def _apply_preset_defaults(self, old: Preset | None, new: Preset) -> None:
+        """The new preset's own starting settings (variations: one token, zero negative); the old one's
+        are undone where the user left them as they were; a method the new model lacks becomes its first."""
+        library = GenerationSettings()
+        changes = {name: getattr(library, name) for name, value in (old.defaults if old else ())
+                   if name in self.controls.controls and self.controls[name].value == value}
+        changes.update(dict(new.defaults))
+        offered = methods_for(new)
+        if changes.get("mode", self.controls["mode"].value) not in offered and offered:
+            changes["mode"] = offered[0]
+        self.controls.apply(changes, ignore=_OWN_SETTINGS)
+
+    def _on_mode_chosen(self, change: Any = None) -> None:
+        """A method the model cannot run: switch to a preset that can, and say so."""
+        preset = self.controller.preset
+        mode = self.controls["mode"].value
+        if self._switching or preset is None or mode in methods_for(preset):
+            return
+        target = self._preset_for(mode, preset)
+        if target is None:
+            return
+        lacking = sorted(METHODS[mode].needs - preset_capabilities(preset))
+        words = " and ".join(_CAPABILITY_WORDS.get(need, need) for need in lacking)
+        self._switch_model(self.model_picker.presets[target],
+                           why=f"{mode} needs {words}, which {preset.name!r} lacks: ")
+
+    def _preset_for(self, mode: str, current: Preset) -> str | None:
+        """The preset to move to for ``mode``: the method's offline twin when the current model is offline,
+        else a downloadable preset with the same Stable Diffusion model, the default, or the first."""
+        if current.offline_builder:
+            return METHODS[mode].twin
+        hub = [name for name in presets_providing(mode) if not self.model_picker.presets[name].offline_builder]
+        same = [name for name in hub if self.model_picker.presets[name].sd_model == current.sd_model]
+        if same:
+            return same[0]
+        return DEFAULT_PRESET if DEFAULT_PRESET in hub else next(iter(hub), METHODS[mode].twin)
+
+    def _relabel_modes(self) -> None:
+        """Every method in the mode dropdown; one this model cannot run names the model it switches to."""
+        preset = self.controller.preset
+        offered = methods_for(preset) if preset is not None else list(MODES)
+        control = self.controls["mode"]
+        options = [(mode, mode) if mode in offered else (f"{mode} (model {self._preset_for(mode, preset)})", mode)
+                   for mode in MODES]
+        with self._quietly():
+            value = control.value
+            control.options = options
+            control.value = value
+
+    def _follow_structure(self) -> None:
+        self.structure_extras.layout.display = "none" if self.controls["structure"].value == "none" else None
+
+    def _follow_weights(self) -> None:
+        self.inputs.show_weights("weights" in self.controls.settings_read())
+
+    # -- what the controller reports -------------------------------------------------------------
+
+    def _on_event(self, event: Event) -> None:
+        """Render one controller event (on the thread the job runs on: only traits are set)."""
+        if isinstance(event, BusyChanged):
+            self.cancel_button.disabled = not event.busy
+        elif isinstance(event, Cancelling):
+            self._say("Cancelling…")
+        elif isinstance(event, SubscriberFailed):
+            self._details(f"Showing {type(event.event).__name__} failed: {event.error}", event.details)
+        elif isinstance(event, Queued):
+            replaced = " (replacing the one that was waiting)" if event.replaced is not None else ""
+            self._say(f"Queued{replaced}: starts when the current run ends.")
+        elif isinstance(event, Loading):
+            self._on_loading(event)
+        elif isinstance(event, Waiting):
+            self._say("Waiting for another run on the same model to finish…")
+        elif isinstance(event, Started):
+            self._on_started(event)
+        elif isinstance(event, Step):
+            self.progress.value = event.step
+            self._say(self._step_text(event))
+        elif isinstance(event, Preview):
+            if event.job is self._grid_job:
+                self.grid.show_previews(list(event.jpegs))
+                self.previews_shown += 1
+        elif isinstance(event, Finished):
+            if event.job.kind == "generate":
+                self.progress.bar_style = "success"
+                self._show(event.job, event.result)
+            else:
+                self._say(f"{event.job.kind} done in {event.job.seconds:.1f} s.")
+        elif isinstance(event, Cancelled):
+            self._on_cancelled(event)
+        elif isinstance(event, Failed):
+            self.progress.bar_style = "danger"
+            self._stop_grid(event)
+            self._report(event.error)
+
+    def _begin_grid(self, job: Job, text: str) -> None:
+        if job.kind != "generate":
+            return
+        if job is not self._grid_job:
+            self._grid_job = job
+            self.grid.begin(job.settings.num_images, text)
+            self.previews_shown = 0
+        else:
+            self.grid.say(text)
+
+    def _on_loading(self, event: Loading) -> None:
+        self._say(event.message)
+        download = event.download
+        self._begin_grid(event.job, "Downloading the model…" if download is not None else "Loading the model…")
+        if download is not None and download.total:  # bytes (JavaScript counts exactly up to 2**53)
+            self.progress.bar_style = "info"
+            self.progress.value = 0
+            self.progress.max = download.total
+            self.progress.value = min(download.done, download.total)
+
+    def _on_started(self, event: Started) -> None:
+        job = event.job
+        self.progress.bar_style = ""
+        self.progress.value = 0  # first, so the new max never clamps an old value
+        self.progress.max = max(event.total_steps, 1)  # fixed for the whole run: it is what runs
+        self._step_note = ""
+        if event.reason and event.reason not in self._explained:
+            self._explained.add(event.reason)
+            self._step_note = f" ({event.reason})"
+        if job.kind == "generate":
+            self._begin_grid(job, "Waiting for the first step…")
+            self._say(f"Starting: {event.total_steps} steps{self._step_note}")
+            self.model_picker.refresh()  # the model is on this machine now
+        else:
+            self._say(f"{job.kind}: starting ({event.total_steps} steps)")
+
+    def _step_text(self, event: Step) -> str:
+        if event.job.kind != "generate":
+            return f"{event.job.kind}: step {event.step}/{event.total}"
+        hint = "" if self.controller.background else " — stop with the kernel's stop button"
+        return f"Step {event.step}/{event.total} · {event.steps_per_second:.1f} it/s{hint}{self._step_note}"
+
+    def _on_cancelled(self, event: Cancelled) -> None:
+        self._stop_grid(event)
+        if event.interrupted:
+            self._say(f"Stopped with the kernel's stop button; {_LOST_NOTHING}")
+        elif not event.step and not event.idle:
+            return  # stopped before its first step while another run is pending: that one reports
+        elif event.step and event.total:
+            self._say(f"Cancelled after step {event.step} of {event.total}; {_LOST_NOTHING}")
+        elif event.ran:
+            self._say("Cancelled before it started.")
+        else:
+            self._say(f"Cancelled; {_LOST_NOTHING}")
+        self.progress.bar_style = "warning"
+
+    def _stop_grid(self, event: Cancelled | Failed) -> None:
+        """The grid's run ended without images: its previews stay, marked; empty tiles say why."""
+        if event.job is not self._grid_job:
+            return
+        job = event.job
+        where = f" at step {job.step}/{job.total}" if job.step and job.total else ""
+        if isinstance(event, Failed):
+            self.grid.stop(f"failed{where}: a preview, not a finished image", "No image: the run failed.")
+        else:
+            self.grid.stop(f"cancelled{where}: a preview, not a finished image",
+                           "Cancelled before the first step.")
+
+    def _show(self, job: Job, result: Any) -> None:
+        if job is self._grid_job:
+            self.grid.show_final(result.images)
         if "control_image" in result.trace.extras:  # exactly what the ControlNet saw
             self._show_edges(result.trace.extras["control_image"][0, 0], "the edge map of this run")
-        self.history.add_run(result.images, result.recipe, job.images, job.weights, job.negatives)
+        self.history.add_run(result.images, result.recipe, job.images, list(job.settings.weights), job.negatives,
+                             result.trace)
         self.result = result
-        speed = f", {step.steps_per_second:.1f} it/s" if step is not None else ""
+        speed = f", {job.steps_per_second:.1f} it/s" if job.step else ""
         done = f"Done: {_count(len(result.images), 'image')} in {result.seconds:.1f} s{speed}, seed {result.settings.seed}."
         prompt = self.controls.controls.get("prompt")
         caption = result.recipe.get("caption")
@@ -402,13 +606,23 @@ class ImagePromptWidget(widgets.VBox):
             done += " BLIP's caption is in the prompt field: edit it and Generate again."
         self._say(done)
         try:
-            self.inspector.show(result, pipe)
+            self.inspector.show(result, self.controller.pipeline)
         except Exception as err:  # noqa: BLE001 - a broken view must not hide the images
             self._details(f"The inspector failed: {type(err).__name__}: {err}", traceback.format_exc())
 
     # -- inputs --------------------------------------------------------------------------------
 
+    def _show_upload_count(self, upload: widgets.FileUpload, names: list[str]) -> None:
+        """The upload button's counter shows how many images are in (not how many the last pick had)."""
+        self._mirroring = True
+        try:
+            show_count(upload, names)
+        finally:
+            self._mirroring = False
+
     def _on_upload(self, change: dict[str, Any], upload: widgets.FileUpload, strip: InputStrip) -> None:
+        if self._mirroring:
+            return
         files = uploaded_files(change["new"])
         if not files:
             return
@@ -420,7 +634,7 @@ class ImagePromptWidget(widgets.VBox):
             except ImageInputError as err:
                 problems.append(str(err))
         strip.add(images, names)
-        _clear_upload(upload)
+        self._show_upload_count(upload, strip.names)
         if strip is self.inputs:
             self._update_edge_preview()
         added = f"Added {_count(len(images), 'image')}. " if images else ""
@@ -436,6 +650,20 @@ class ImagePromptWidget(widgets.VBox):
             self._say(f"The upload failed in the browser ({change['new']}); try w.set_images('path/to/file').",
                       error=True)
 
+    def _on_recipe_upload(self, change: dict[str, Any]) -> None:
+        if self._mirroring:
+            return
+        files = uploaded_files(change["new"])
+        if not files:
+            return
+        file = files[-1]
+        try:
+            self.load_recipe(file.content, name=file.name)
+        except ValueError:
+            self._show_upload_count(self.recipe_upload, [])  # load_recipe said why
+        else:
+            self._show_upload_count(self.recipe_upload, [file.name])
+
     def _use_as_input(self, item: HistoryItem) -> None:
         self.inputs.clear()
         self.inputs.add([item.image], [f"seed {item.seed} #{item.index}"])
@@ -444,16 +672,17 @@ class ImagePromptWidget(widgets.VBox):
     # -- structure -----------------------------------------------------------------------------
 
     def _on_structure_upload(self, change: dict[str, Any]) -> None:
+        if self._mirroring:
+            return
         files = uploaded_files(change["new"])
         if not files:
             return
         try:
             self.set_structure_image(load_upload(files[0]))
-            self._say(f"Structure image {files[0].name!r} set; the Structure section uses it.")
+            self._show_upload_count(self.structure_upload, [files[0].name])
+            self._say(f"Structure image {files[0].name} set; the Structure section uses it.")
         except ImageInputError:
-            pass  # set_structure_image reported it
-        finally:
-            _clear_upload(self.structure_upload)
+            self._show_upload_count(self.structure_upload, [])  # set_structure_image said why
 
     def _update_edge_preview(self) -> None:
         """Show the edge map an "edges" run would use: the structure image (else the first input), the
@@ -465,7 +694,7 @@ class ImagePromptWidget(widgets.VBox):
             self.edge_preview.layout.display = "none"
             self.edge_note.value = ""
             return
-        native = getattr(self._pipeline, "native_size", 512)
+        native = getattr(self.controller.pipeline, "native_size", 512)
         size = structure.fit_size(source.size, self.controls["height"].value, self.controls["width"].value, native)
         try:
             edges = structure.edge_map(source, self.controls["canny_low"].value, self.controls["canny_high"].value, size)
@@ -501,16 +730,6 @@ class ImagePromptWidget(widgets.VBox):
         """One readable sentence in the status line; the traceback folded below it."""
         self._say(error_sentence(err), error=True)
         self._details("".join(traceback.format_exception(err)))
-
-
-def _clear_upload(upload: widgets.FileUpload) -> None:
-    """Forget the uploaded bytes (the images are decoded) so the same file can be uploaded again."""
-    if hasattr(upload, "data"):  # ipywidgets 7.x: value is derived from data and metadata
-        with upload.hold_trait_notifications():
-            upload.metadata, upload.data = [], []
-            upload.set_trait("value", {})
-    else:
-        upload.value = ()
 
 
 def error_sentence(err: BaseException) -> str:

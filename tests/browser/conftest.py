@@ -245,6 +245,12 @@ def page(request: pytest.FixtureRequest, browser: Any, console: ConsoleLog) -> I
     page.on("console", lambda message: message.type == "error"
             and console.record(f"{message.text} ({message.location.get('url', '')})"))
     page.on("pageerror", lambda error: console.record(f"uncaught: {error}\n{error.stack}"))
+    # A busy server sometimes answers a notebook's first run with the "Select Kernel" dialog over the page
+    # (its own kernel preselected): accept it whenever it stands in the way of a click, as a user would.
+    page.add_locator_handler(
+        page.locator(".jp-Dialog").filter(has_text=re.compile("Select Kernel")),
+        lambda dialog: dialog.locator(".jp-mod-accept").click(),
+    )
     yield page
     if request.node.stash.get(FAILED, False):
         FAILURE_DIR.mkdir(exist_ok=True)

@@ -9,6 +9,7 @@ import io
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,30 @@ from imageprompt_widgets import ImagePromptWidget
 
 w = ImagePromptWidget(model="tiny", steps=12, preview_interval=0.02)
 w.grid.add_class("{GRID_CLASS}")  # so the test can tell the output tiles from the other thumbnails
+w.status_line.add_class("ipw-e2e-status")
+w.history.add_class("ipw-e2e-history")
 w"""
+#: A second cell: the next run fails at its second step (to see the panel after a failure).
+FAIL_NEXT_CELL = """\
+import imageprompt_widgets.pipeline as _pipeline
+
+_generate = _pipeline.ImagePromptPipeline.generate
+
+def _failing(self, *args, on_step=None, **kwargs):
+    def step(info):
+        on_step(info)
+        if info.step == 2:
+            _pipeline.ImagePromptPipeline.generate = _generate  # once
+            raise RuntimeError("a simulated failure at step 2")
+    return _generate(self, *args, on_step=step, **kwargs)
+
+_pipeline.ImagePromptPipeline.generate = _failing"""
+#: Shown images with no picture: an <img> without a src, or one whose src did not decode (the browser's
+#: broken-image icon). Hidden ones (display: none, a folded section) are not looked at.
+BROKEN_IMAGES = """() => Array.from(document.querySelectorAll(".jp-OutputArea-output img"))
+    .filter((img) => img.getClientRects().length > 0)
+    .filter((img) => !img.getAttribute("src") || (img.complete && img.naturalWidth === 0))
+    .map((img) => img.outerHTML.slice(0, 120))"""
 
 #: Records, in the page, every image the output tiles show: the blob's MIME type, size and first bytes.
 #: The blob URL is resolved when fetch() is called, so a later revoke by the next update does not race.
@@ -80,10 +104,32 @@ def wait_for_status(page: Any, pattern: str, timeout: float = 30_000) -> str:
     return page.wait_for_function(STATUS_LINE, arg=pattern, timeout=timeout, polling=50).json_value()
 
 
+def accept_kernel_dialog(page: Any) -> bool:
+    """Accept a "Select Kernel" dialog (the notebook's own kernel is preselected), as a user would; a busy
+    server sometimes shows it instead of starting the kernel, and it covers the page."""
+    dialog = page.locator(".jp-Dialog .jp-mod-accept")
+    if dialog.count() and dialog.first.is_visible():
+        dialog.first.click()
+        return True
+    return False
+
+
 def wait_for_kernel(page: Any) -> None:
-    """Wait until the notebook's kernel is connected and idle (code sent earlier would be lost)."""
-    page.locator(".jp-CodeCell .jp-InputArea-editor").first.wait_for()
-    page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").first.wait_for(timeout=RUN_TIMEOUT)
+    """Wait until the notebook's kernel is connected and idle (code sent earlier would be lost), accepting
+    the "Select Kernel" dialog whenever it comes up instead."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    page.locator(".jp-CodeCell .jp-InputArea-editor").first.wait_for(timeout=RUN_TIMEOUT)
+    idle = page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").first
+    deadline = time.monotonic() + RUN_TIMEOUT / 1000
+    while True:
+        accept_kernel_dialog(page)
+        try:
+            idle.wait_for(timeout=2_000)
+            return
+        except PlaywrightTimeout:
+            if time.monotonic() > deadline:
+                raise
 
 
 def run_cells(page: Any, run_all: bool = False) -> None:
@@ -127,11 +173,31 @@ def set_slider(page: Any, label: str, value: int) -> None:
     page.wait_for_function("([el, v]) => el.textContent.trim() === v", arg=[readout.element_handle(), str(value)])
 
 
-def choose_file(page: Any, path: Path) -> None:
-    """Click the panel's Upload button and pick ``path`` in the file chooser it opens."""
+def choose_file(page: Any, path: Path, button: str = "Upload") -> None:
+    """Click one of the panel's upload buttons and pick ``path`` in the file chooser it opens."""
     with page.expect_file_chooser() as chooser:
-        page.locator(".widget-upload", has_text=re.compile("^Upload")).first.click()
+        page.locator(".widget-upload", has_text=re.compile(f"^{button}")).first.click()
     chooser.value.set_files(str(path))
+
+
+def choose_option(page: Any, label: str, value: str) -> None:
+    """Pick ``value`` in the dropdown labelled ``label`` (the option whose text starts with it)."""
+    select = page.locator(".widget-dropdown", has=page.locator("label", has_text=re.compile(f"^{label}$")))
+    options = select.locator("option").all_inner_texts()
+    # ipywidgets writes the labels' spaces as no-break spaces
+    select.locator("select").select_option(label=next(text for text in options if text.split("\xa0")[0].split(" ")[0] == value))
+
+
+def assert_no_broken_image(page: Any) -> None:
+    assert page.evaluate(BROKEN_IMAGES) == []
+
+
+def shoot(page: Any, name: str) -> None:
+    """Where ``IMAGEPROMPT_STATE_SHOTS`` names a folder, a screenshot of the page in this state (to look at)."""
+    folder = os.environ.get("IMAGEPROMPT_STATE_SHOTS")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(folder) / f"{name}.png"))
 
 
 def not_an_image(tmp_path: Path) -> Path:
@@ -146,24 +212,51 @@ def an_image(tmp_path: Path) -> Path:
     return path
 
 
+def within_view(page: Any, selectors: list[str]) -> list[str]:
+    """Which of ``selectors`` lie entirely inside the browser window as it is scrolled now."""
+    return page.evaluate("""(selectors) => selectors.filter((sel) => {
+        const box = document.querySelector(sel).getBoundingClientRect();
+        return box.height > 0 && box.top >= 0 && box.bottom <= window.innerHeight
+            && box.left >= 0 && box.right <= window.innerWidth;
+    })""", selectors)
+
+
 def test_panel_in_jupyterlab(lab_server: Any, page: Any, console: Any, tmp_path: Path) -> None:
-    """Upload through the file chooser, Generate (previews, then final PNGs in the tiles), Cancel a long
-    run, upload a non-image: each shows up in the DOM, and no error reaches the browser console."""
-    write_notebook(lab_server.root / "panel.ipynb", WIDGET_CELL)
+    """Upload through the file chooser, switch method and model, Generate (previews, then final PNGs in the
+    tiles), look at the inspector, Cancel a long run, a failing run, a non-image upload: each shows up in the
+    DOM, no broken image is ever shown, and no error reaches the browser console."""
+    write_notebook(lab_server.root / "panel.ipynb", WIDGET_CELL, FAIL_NEXT_CELL)
     page.goto(lab_server.url("lab/tree/panel.ipynb"))
     run_cells(page)
     generate = page.get_by_role("button", name="Generate")
     generate.wait_for(timeout=RUN_TIMEOUT)
     page.locator(f".{GRID_CLASS}").wait_for()
+    upload = page.locator(".widget-upload", has_text=re.compile("^Upload")).first
+    assert upload.inner_text().strip() == "Upload (0)"
+    assert_no_broken_image(page)
+    shoot(page, "fresh")
 
     # Upload through the browser's file chooser, which the FileUpload button opens.
     choose_file(page, an_image(tmp_path))
     wait_for_status(page, r"^Added 1 image")
     page.locator(".widget-image[src]").first.wait_for()  # the input thumbnail
+    page.wait_for_function("(el) => el.innerText.trim() === 'Upload (1)'", arg=upload.element_handle())
+    assert page.get_by_text("sunset.png", exact=True).count() == 1  # its caption, unquoted
+
+    # Switch method: one the tiny model lacks moves to its offline twin; then the model back.
+    prompt = page.locator(".widget-text", has=page.locator("label", has_text=re.compile("^prompt$")))
+    assert not prompt.is_visible()  # repeat reads no prompt
+    choose_option(page, "mode", "caption")
+    wait_for_status(page, r"^caption needs a captioner \(BLIP\), which 'tiny' lacks: switched to model 'tiny-caption'")
+    prompt.wait_for(state="visible")
+    choose_option(page, "model", "tiny")
+    wait_for_status(page, r"^Model 'tiny' chosen \(offline, built\)\.$")
+    prompt.wait_for(state="hidden")
 
     # Generate: previews (JPEG) first, then the final image (PNG) in the tile.
     page.evaluate(WATCH_TILES, f".{GRID_CLASS}")
     generate.click()
+    shoot(page, "loading")
     wait_for_status(page, r"^Done: 1 image", RUN_TIMEOUT)
     page.wait_for_function("() => window.__tiles.length > 0 && window.__tiles.every((t) => 'magic' in t || 'error' in t)")
     shown = page.evaluate("() => window.__tiles.filter((t) => t.size > 0)")
@@ -178,23 +271,60 @@ def test_panel_in_jupyterlab(lab_server: Any, page: Any, console: Any, tmp_path:
         const b = await (await fetch(document.querySelector(sel).src)).blob();
         return Array.from(new Uint8Array(await b.arrayBuffer())); }""", f".{GRID_CLASS} img")
     assert Image.open(io.BytesIO(bytes(final))).size == (64, 64)  # the tiny preset's native size
+    assert_no_broken_image(page)
     screenshot = os.environ.get("IMAGEPROMPT_SCREENSHOT")
     if screenshot:  # scripts/screenshot.py: the whole panel, in a window tall enough to hold it
         page.set_viewport_size({"width": 1400, "height": 2400})
         panel = page.locator(".jp-OutputArea-output").first
         panel.scroll_into_view_if_needed()
         panel.screenshot(path=screenshot)
-        page.set_viewport_size({"width": 1400, "height": 1000})
+
+    # In a 1280×800 window, the grid, the status line and the history are in view together.
+    page.set_viewport_size({"width": 1280, "height": 800})
+    page.evaluate("(sel) => document.querySelector(sel).scrollIntoView({block: 'start'})", ".ipw-e2e-status")
+    page.evaluate("() => document.querySelector('.jp-WindowedPanel-outer').scrollBy(0, -60)")
+    parts = [".ipw-e2e-status", f".{GRID_CLASS}", ".ipw-e2e-history"]
+    shoot(page, "done-1280x800")
+    assert within_view(page, parts) == parts
+
+    # The inspector's tabs: no empty picture before they have content.
+    page.get_by_role("tab", name="Inspector", exact=True).click()
+    page.locator(".jp-OutputArea-output .lm-TabBar-tab, .jp-OutputArea-output .jupyter-widget-Collapse-header,"
+                 " .jp-OutputArea-output .p-Collapse-header").filter(has_text=re.compile("^Denoising$")).first.click()
+    page.get_by_text(re.compile("^This run kept no latents")).wait_for()
+    assert_no_broken_image(page)
+    shoot(page, "inspector-denoising")
+    page.locator(".jp-OutputArea-output .jupyter-widget-Collapse-header, .jp-OutputArea-output .p-Collapse-header")\
+        .filter(has_text=re.compile("^Interpolation$")).first.click()
+    assert_no_broken_image(page)
+    shoot(page, "inspector-interpolation")
+    page.get_by_role("tab", name="History", exact=True).click()
+    page.set_viewport_size({"width": 1400, "height": 1000})
 
     # Cancel a long run: the status line says it was cancelled, well before the run could have ended.
     # (The scheduler may count one step more than asked for: PNDM runs 151 steps for steps=150.)
     set_slider(page, "steps", 150)
     generate.click()
     wait_for_status(page, r"^Step \d+/1[56]\d\b", RUN_TIMEOUT)
+    shoot(page, "running")
     page.get_by_role("button", name="Cancel").click()
     cancelled = wait_for_status(page, r"^Cancelled after step \d+ of \d+", RUN_TIMEOUT)
     step, total = map(int, re.findall(r"\d+", cancelled)[:2])
     assert total >= 150 and step < total // 2, cancelled
+    page.locator(f".{GRID_CLASS}").get_by_text(re.compile(r"^cancelled at step \d+/\d+")).wait_for()
+    assert_no_broken_image(page)
+    shoot(page, "cancelled")
+
+    # A run that fails at its second step (the notebook's second cell arranges it): the panel says so.
+    page.locator(".jp-CodeCell .jp-InputArea-editor").nth(1).click()
+    page.keyboard.press("Control+Enter")
+    page.locator(".jp-CodeCell .jp-InputPrompt").nth(1).filter(has_text=re.compile(r"\[\d+\]")).wait_for()
+    set_slider(page, "steps", 12)
+    generate.click()
+    wait_for_status(page, r"^Generation failed \(RuntimeError: a simulated failure at step 2\)", RUN_TIMEOUT)
+    page.locator(f".{GRID_CLASS}").get_by_text(re.compile(r"^failed at step 2/13")).wait_for()
+    assert_no_broken_image(page)
+    shoot(page, "failed")
 
     # A file that is not an image: the status line shows the loader's own sentence, naming the file.
     notes = not_an_image(tmp_path)
@@ -218,4 +348,12 @@ def test_quickstart_renders_in_notebook7(notebook_server: Any, page: Any, consol
     wait_for_status(page, r"^Done: 1 image", RUN_TIMEOUT)
     page.wait_for_function("""() => Array.from(document.querySelectorAll(".jp-OutputArea-output img.widget-image"))
         .some((img) => img.src && img.naturalWidth === 64)""")  # the tiny preset's 64 px output
+    assert_no_broken_image(page)
+    shoot(page, "notebook7")
+    # Switching method and model works here too.
+    choose_option(page, "mode", "caption")
+    wait_for_status(page, r"switched to model 'tiny-caption'")
+    choose_option(page, "model", "tiny")
+    wait_for_status(page, r"^Model 'tiny' chosen")
+    assert_no_broken_image(page)
     assert console.errors == []
