@@ -160,3 +160,11 @@ def test_x0_replays_equal_the_live_previews_for_every_kind_of_scheduler(tiny_pip
     replayed = tiny_pipe.replay_x0(res, snapshots)
     for snapshot in snapshots:
         assert torch.allclose(replayed[snapshot], live[snapshot + 1][0], atol=1e-4, rtol=1e-4), snapshot
+
+
+def test_the_controllers_step_plan_counts_the_chosen_scheduler(tiny_pipe):
+    from imageprompt_widgets.controller import Controller
+
+    assert Controller.step_plan(tiny_pipe, GenerationSettings(steps=4)).total == 5  # PNDM's warm-up step
+    plan = Controller.step_plan(tiny_pipe, GenerationSettings(steps=4, scheduler="dpmpp_2m"))
+    assert (plan.total, plan.reason) == (4, "")
