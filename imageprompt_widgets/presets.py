@@ -306,8 +306,9 @@ def resolve_preset(model: str | Preset | None = None) -> Preset:
         clip = _local_clip_for(name)
         return Preset(name=name, sd_model=name, clip_model=clip, note="local folder")
     raise UnknownPresetError(
-        f"Unknown model {name!r}: pass one of the presets {', '.join(PRESETS)} or a local model folder, "
-        "or use ImagePromptPipeline.from_pretrained(sd_model=..., clip_model=...) for Hub ids."
+        f"Unknown model {name!r}: pass one of the presets {', '.join(p for p in PRESETS if not p.startswith('tiny-'))} "
+        "(or an offline 'tiny-' twin) or a local model folder, or use "
+        "ImagePromptPipeline.from_pretrained(sd_model=..., clip_model=...) for Hub ids."
     )
 
 
