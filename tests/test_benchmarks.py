@@ -212,3 +212,19 @@ def test_gpu_benchmark_refuses_to_run_without_cuda_when_asked_for_it(tmp_path):
 
     with pytest.raises(SystemExit, match="No CUDA device here"):
         gpu.main(["--out", str(tmp_path)])
+
+
+def test_samplers_benchmark_counts_the_live_modes_unet_calls(tmp_path):
+    from benchmarks import samplers
+    from imageprompt_widgets.settings import SCHEDULERS
+
+    (row,) = samplers.main(["--quick", "--out", str(tmp_path)])["rows"]
+    live, default = row["live"]["live"], row["live"]["default"]
+    assert (live["scheduler"], live["steps"], live["unet_calls"], live["rows_per_call"]) == ("lcm", 4, 4, [1])
+    assert (default["scheduler"], default["unet_calls"], default["rows_per_call"]) == ("pndm", 5, [2])  # 4 + 1
+    assert row["live"]["ratio"] > 0
+    sweep = row["schedulers"]
+    assert set(sweep) - {"settings"} == set(SCHEDULERS)
+    assert sweep["pndm"]["unet_calls"] == 3 and sweep["ddim"]["unet_calls"] == 2  # PNDM's warm-up step
+    assert sweep["pndm"]["ratio_to_pndm"] == 1.0
+    _result(tmp_path, "samplers")
