@@ -25,8 +25,24 @@ from .cli_common import (
     check_output_folder,
     chosen_settings,
 )
+from .memory import MEMORY_LEVELS
 from .presets import PRESETS, default_preset_name, resolve_preset
-from .settings import GenerationSettings
+from .settings import GenerationSettings, SettingsError
+
+
+def parse_lora(text: str) -> tuple[str, float]:
+    """``SOURCE`` or ``SOURCE=WEIGHT`` → ``(source, weight)``; a sentence for a weight that is not a number."""
+    source, _, weight = text.rpartition("=") if "=" in text else (text, "", "1")
+    try:
+        value = float(weight)
+    except ValueError:
+        raise SettingsError(f"--lora {text!r}: the weight after '=' must be a number, e.g. --lora style.safetensors=0.8.") from None
+    if not source:
+        raise SettingsError(f"--lora {text!r} names no LoRA: give a .safetensors file, a folder or a Hub id.")
+    from .lora import check_weight, split_source  # imports torch: only when a LoRA is asked for
+
+    split_source(source)  # a missing file or a pickle is refused before the model loads
+    return source, check_weight(value, source)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--structure-image", default=None, metavar="PATH",
         help="the picture whose layout --structure edges/img2img keeps (default: the first input image)",
     )
+    gen.add_argument(
+        "--lora", action="append", default=[], metavar="SOURCE[=WEIGHT]",
+        help="a LoRA (.safetensors file, folder or Hub id; tiny-lora offline) at a weight (default 1); repeatable",
+    )
+    gen.add_argument(
+        "--memory", default=None, choices=MEMORY_LEVELS,
+        help="for small GPUs: balanced = attention slicing and VAE tiling, low = CPU offload of whole models, "
+        "lowest = sequential offload (slowest); default: default",
+    )
     gen.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
     gen.add_argument("--no-safety-checker", action="store_true", help="switch the model's safety checker off")
     gen.add_argument("--save-trace", action="store_true", help="also write every intermediate tensor (safetensors)")
@@ -76,6 +101,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     chosen = chosen_settings(args)
     try:
+        loras = [parse_lora(text) for text in args.lora]
         check_output_folder(args.output)
         preset = resolve_preset(args.model)
         # The preset's own starting settings (variations: single/zeros), as the API and the panel apply them.
@@ -91,7 +117,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     controller = Controller(
         preset, runner=InlineRunner(), previews=False, device=args.device,
-        safety_checker=False if args.no_safety_checker else None,
+        safety_checker=False if args.no_safety_checker else None, memory=args.memory, loras=loras,
     )
     bars = TerminalProgress()
     controller.subscribe(bars)

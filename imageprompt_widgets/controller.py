@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -309,6 +309,8 @@ class Controller:
         dtype: Any = None,
         safety_checker: bool | None = None,
         allow_pickle: bool = False,
+        memory: str | None = None,
+        loras: Sequence[tuple[str, float]] = (),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         from .preview import PREVIEW_KINDS
@@ -318,7 +320,8 @@ class Controller:
         self._preset = None if pipeline is not None else resolve_preset(model)  # unknown names fail here, at once
         self._pipeline = pipeline
         self._load_options = {"device": device, "dtype": dtype, "safety_checker": safety_checker,
-                              "allow_pickle": allow_pickle}
+                              "allow_pickle": allow_pickle, **({"memory": memory} if memory else {})}
+        self._loras = tuple(loras)  # (source, weight) loaded into the pipeline right after it loads
         self.runner = runner or default_runner()
         self.previews, self.preview_kind, self.taesd = previews, preview, taesd
         self.preview_interval, self.progress_interval = preview_interval, progress_interval
@@ -555,6 +558,10 @@ class Controller:
             preset, **self._load_options, on_status=lambda message: self._emit(Loading(job, message)),
             on_progress=self._download_reporter(job),
         )
+        for source, weight in self._loras:
+            if not any(info.source == source for info in pipe.loras):
+                self._emit(Loading(job, f"Loading the LoRA {source!r} at weight {weight:g}…"))
+                pipe.load_lora(source, weight)
         with self._lock:
             self._pipeline = pipe
         return pipe

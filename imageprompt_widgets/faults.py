@@ -55,7 +55,7 @@ def _named(err: BaseException, *names: str) -> bool:
     return any(cls.__name__ in names for cls in type(err).__mro__)
 
 
-def _offline_mode() -> bool:
+def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
@@ -83,7 +83,7 @@ def _sentence_from_text(err: Exception, name: str, allow_pickle: bool) -> str:
     text = f"{type(err).__name__}: {err}"
     if "safetensors" in text.lower() and not allow_pickle:
         return _pickle_only_sentence(name)
-    if _offline_mode() and _looks_missing(text):
+    if hub_offline() and _looks_missing(text):
         return _missing_locally_sentence(name)
     if "RepositoryNotFound" in text or "is not a valid model identifier" in text or "404" in text:
         return (f"Model {name!r} was not found on the Hugging Face Hub: check the name; if it is private or gated, "
@@ -149,7 +149,7 @@ def _http_sentence(name: str, status: int | None, err: BaseException) -> str:
 
 
 def _missing_locally_sentence(name: str) -> str:
-    if _offline_mode():
+    if hub_offline():
         return (f"Model {name!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading "
                 f"it: run once with network access (or `hf download {name}`) and try again.")
     return _no_network_sentence(name)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .faults import hub_offline
 from .models import ModelLoadError, translate_load_errors
 from .offline import LORA_WEIGHT_NAME
 from .quiet import quiet_loaders
@@ -75,13 +76,28 @@ def split_source(source: str) -> tuple[str, str | None]:
             raise LoraError(f"The LoRA file {source!r} is not a .safetensors file: only safetensors LoRAs load.")
         return str(Path(path).parent), Path(path).name
     if os.path.isdir(path):
-        return path, None
+        return path, folder_weight_name(path)
     if path.startswith((".", "/", "~")) or path.count("/") > 1:
         raise LoraError(f"The LoRA file or folder {source!r} does not exist.")
     repo, _, weight_name = source.partition(":")
     if weight_name and not weight_name.lower().endswith(".safetensors"):
         raise LoraError(f"The LoRA {source!r} names {weight_name!r}: only .safetensors files load.")
+    if not weight_name and hub_offline():  # diffusers cannot list a repository's files offline
+        weight_name = LORA_WEIGHT_NAME
     return repo, weight_name or None
+
+
+def folder_weight_name(folder: str) -> str | None:
+    """The LoRA file in ``folder``: diffusers' default name, else its only ``.safetensors`` file. Named here
+    because some diffusers versions refuse to guess it when HF_HUB_OFFLINE is set."""
+    if os.path.isfile(os.path.join(folder, LORA_WEIGHT_NAME)):
+        return LORA_WEIGHT_NAME
+    candidates = sorted(name for name in os.listdir(folder) if name.lower().endswith(".safetensors"))
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise LoraError(f"The LoRA folder {folder!r} holds no .safetensors file.")
+    return None  # several: diffusers' own choice (and its message) decides
 
 
 def default_name(source: str, taken: set[str]) -> str:

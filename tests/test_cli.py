@@ -229,3 +229,61 @@ def test_a_full_disk_while_saving_is_one_line_and_exit_2(photo, tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and err.startswith("imageprompt: error: ") and "Traceback" not in err
     assert not list((tmp_path / "out").glob("*.png"))
+
+
+def test_a_lora_from_the_command_line_reaches_the_run_at_its_weight(photo, tmp_path, capsys, image):
+    from imageprompt_widgets import ImagePromptPipeline
+    from imageprompt_widgets.loading import load_components
+
+    out = tmp_path / "out"
+    try:
+        code = main(["generate", str(photo), "-o", str(out), "--model", "tiny", "--steps", "3", "--seed", "4",
+                     "--lora", "tiny-lora=0.5"])
+    finally:
+        ImagePromptPipeline.from_preset("tiny").unload_loras()  # the CLI loaded it into the cached pipeline
+    assert code == 0, capsys.readouterr().err
+    path = capsys.readouterr().out.split()[0]
+    assert recipe_from_png(path)["model"]["loras"] == [
+        {"name": "tiny-lora", "source": "tiny-lora", "weight": 0.5, "fused": False}]
+    own = ImagePromptPipeline.from_components(load_components("tiny", "cpu", None))
+    own.load_lora("tiny-lora", weight=0.5)
+    expected = own.generate(str(photo), steps=3, seed=4).images[0]
+    plain = own.unload_loras() or own.generate(str(photo), steps=3, seed=4).images[0]
+    from PIL import Image
+
+    written = np.asarray(Image.open(path).convert("RGB"))
+    assert np.array_equal(written, np.asarray(expected))
+    assert not np.array_equal(written, np.asarray(plain))  # the LoRA changed the picture
+
+
+@pytest.mark.parametrize(("flag", "says"), [
+    (["--lora", "tiny-lora=lots"], "the weight after '=' must be a number"),
+    (["--lora", "=0.5"], "names no LoRA"),
+    (["--lora", "tiny-lora=9"], "outside -4 to 4"),
+    (["--lora", "/nowhere/style.safetensors"], "does not exist"),
+])
+def test_a_bad_lora_is_one_line_and_exit_2(photo, tmp_path, capsys, flag, says):
+    code = main(["generate", str(photo), "-o", str(tmp_path / "out"), "--model", "tiny", "--steps", "2", *flag])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and says in err and err.startswith("imageprompt: error:")
+
+
+def test_memory_level_from_the_command_line_is_a_load_option(photo, tmp_path, monkeypatch, capsys):
+    from imageprompt_widgets import controller
+
+    seen = {}
+    original = controller.Controller.__init__
+
+    def spy(self, *args, **kwargs):
+        seen.update(kwargs)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(controller.Controller, "__init__", spy)
+    code = main(["generate", str(photo), "-o", str(tmp_path / "out"), "--model", "tiny", "--steps", "2",
+                 "--memory", "balanced"])
+    assert code == 0, capsys.readouterr().err
+    assert seen["memory"] == "balanced"
+    with pytest.raises(SystemExit):
+        main(["generate", str(photo), "-o", str(tmp_path / "out"), "--memory", "tiny-ish"])
+    assert "invalid choice: 'tiny-ish'" in capsys.readouterr().err

@@ -18,7 +18,7 @@ from imageprompt_widgets.concurrency import CancelEvent
 from imageprompt_widgets.loading import load_components
 from imageprompt_widgets.lora import describe
 from imageprompt_widgets.methods import settings_read
-from imageprompt_widgets.offline import ensure_tiny_lora, ensure_tiny_models
+from imageprompt_widgets.offline import LORA_WEIGHT_NAME, ensure_tiny_lora, ensure_tiny_models
 from imageprompt_widgets.settings import MODES
 
 FAST = {"steps": 3, "seed": 4}
@@ -199,8 +199,8 @@ def test_loras_load_with_a_weight_each_and_equal_bare_diffusers_with_them(lora_p
         assert not torch.equal(res.trace.negative_prompt_embeds, base.trace.negative_prompt_embeds)
 
         bare = bare_sd()
-        bare.load_lora_weights(ensure_tiny_lora("tiny-lora"), adapter_name="a")
-        bare.load_lora_weights(ensure_tiny_lora("tiny-lcm-lora"), adapter_name="b")
+        bare.load_lora_weights(ensure_tiny_lora("tiny-lora"), weight_name=LORA_WEIGHT_NAME, adapter_name="a")
+        bare.load_lora_weights(ensure_tiny_lora("tiny-lcm-lora"), weight_name=LORA_WEIGHT_NAME, adapter_name="b")
         bare.set_adapters(["a", "b"], adapter_weights=[0.8, 0.5])
         expected = bare(prompt_embeds=res.trace.prompt_embeds, num_inference_steps=3,
                         generator=torch.Generator("cpu").manual_seed(4)).images[0]
@@ -291,7 +291,7 @@ def test_live_preset_is_lcm_lora_with_four_steps_and_no_unconditional_pass(live_
     assert res.recipe["model"]["loras"][0]["name"] == "tiny-lcm-lora"
 
     bare = bare_sd()
-    bare.load_lora_weights(ensure_tiny_lora("tiny-lcm-lora"))
+    bare.load_lora_weights(ensure_tiny_lora("tiny-lcm-lora"), weight_name=LORA_WEIGHT_NAME)
     bare.fuse_lora()
     bare.unload_lora_weights()
     bare.scheduler = LCMScheduler.from_config(bare.scheduler.config, clip_sample=False)
