@@ -1269,3 +1269,30 @@ def test_adapter_block_scales_field_says_what_is_wrong_and_switches_to_custom():
     finally:
         widget.close()
 
+
+def test_the_inspector_shows_each_adapters_tokens_for_ip_adapter_runs(image, other_image):
+    from imageprompt_widgets.views.adapter_tokens import adapter_tokens_view
+    from imageprompt_widgets.widget.inspector import NO_ADAPTER_TEXT
+
+    widget = ImagePromptWidget(model="tiny-ip-adapter-plus-and-face", runner=InlineRunner(), **FAST)
+    try:
+        widget.set_images(image)
+        widget.adapter_slots.slots[1].set_images([other_image])
+        result = widget.generate().result(WAIT)
+        inspector = widget.inspector
+        assert "Adapter tokens" not in inspector.errors
+        assert [picture.value[:4] for picture in inspector.adapter_images] == [b"\x89PNG"] * 2
+        for adapter in range(2):
+            view = inspector.views[f"Adapter tokens {adapter}"]
+            expected = adapter_tokens_view(widget.pipeline.adapter_tokens(result, adapter=adapter))
+            torch.testing.assert_close(view.tokens, expected.tokens, rtol=0, atol=0)
+            torch.testing.assert_close(view.attention_maps, expected.attention_maps, rtol=0, atol=0)
+        assert "tiny-ip-adapter-plus-face: 16 tokens" in inspector.adapter_text.value
+        assert_no_empty_image(widget)
+    finally:
+        widget.close()
+    plain = ImagePromptWidget(model="tiny", runner=InlineRunner(), **FAST)
+    plain.set_images(image)
+    plain.generate().result(WAIT)
+    assert plain.inspector.adapter_text.value == html.escape(NO_ADAPTER_TEXT) and not plain.inspector.adapter_images
+    plain.close()

@@ -700,7 +700,7 @@ class ImagePromptWidget(widgets.VBox):
             done += " BLIP's caption is in the prompt field: edit it and Generate again."
         self._say(done)
         try:
-            self.inspector.show(result, self.controller.pipeline)
+            self.inspector.show(result, self.controller.pipeline, adapter_images=job.adapter_images)
         except Exception as err:  # noqa: BLE001 - a broken view must not hide the images
             self._details(f"The inspector failed: {type(err).__name__}: {err}", traceback.format_exc())
 
