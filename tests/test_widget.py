@@ -1082,7 +1082,7 @@ def test_controlnet_units_are_rows_added_and_removed_with_each_kinds_own_control
     assert len(unit_rows(panel)) + 1 == MAX_CONTROL_UNITS and add.disabled  # four ControlNets in all
     assert editor.add() is None and f"of at most {MAX_CONTROL_UNITS} ControlNets" in editor.count_note.value
     second = unit_rows(panel)[1]
-    labelled(unit_rows(panel)[0], "remove", ipywidgets.Button).click()  # remove ControlNet 2: the others move up
+    labelled(unit_rows(panel)[0], "remove ControlNet", ipywidgets.Button).click()  # the others move up
     assert unit_rows(panel)[0] is second and "ControlNet 2 ·" in second.title.value and not add.disabled
     assert second.upload.description == "Structure 2"
     assert len(panel.controls.settings().units()) == 3
@@ -1240,8 +1240,9 @@ def test_several_ip_adapters_get_a_strip_and_a_scale_each_and_reach_the_engine(i
         assert result.recipe["adapter_inputs"] == [[fingerprint(other_image)[:16]], [fingerprint(image)[:16]]]
         widget.controls["adapter_scales"].value = "1.5, 0.25"  # a recipe sets the setting: the sliders follow
         assert [slot.scale.value for slot in slots.slots] == [1.5, 0.25]
-        choose(widget.controls["mode"], "caption")  # another method: no adapters' strips
-        assert slots.layout.display == "none"
+        choose(widget.controls["mode"], "caption")  # another method (and model): no adapters' strips
+        assert slots.layout.display == "none" and widget.model == "tiny-caption"
+        assert widget.controls["adapter_scales"].value == ""  # two scales would not fit a model without adapters
     finally:
         widget.close()
     single = ImagePromptWidget(model="tiny-ip-adapter-plus", runner=InlineRunner(), **FAST)

@@ -116,8 +116,9 @@ class AdapterSlots(widgets.VBox):
         self.wanted = False  # the chosen method reads the adapters' images
         self._syncing = False
         self.intro = widgets.HTML(
-            "<small>This model has several IP-Adapters: give each its own images and scale (an adapter without "
-            "images sees the input images above; its scale replaces <i>scale</i>).</small>"
+            "<small style='line-height:1.3;display:block'>This model has several IP-Adapters: give each its own "
+            "images and scale (an adapter without images sees the input images above; its scale replaces "
+            "<i>scale</i>).</small>"
         )
         super().__init__(children=[self.intro], **kwargs)
         scales_control.observe(lambda _: self._follow_setting(), names="value")
@@ -129,7 +130,18 @@ class AdapterSlots(widgets.VBox):
         return self.wanted and len(self.slots) > 1
 
     def set_adapters(self, names: Sequence[str]) -> None:
-        """One slot per adapter of the chosen model (their images are dropped: they belonged to the old one)."""
+        """One slot per adapter of the chosen model. The old model's images are dropped, and so are its
+        ``adapter_scales`` where they do not count the new model's adapters (the run would refuse them)."""
+        try:
+            stale = len(parse_floats(self.scales_control.value)) not in (0, len(names))
+        except SettingsError:
+            stale = False  # the run says what is wrong with it
+        if stale:
+            self._syncing = True
+            try:
+                self.scales_control.value = ""
+            finally:
+                self._syncing = False
         for slot in self.slots:
             close_tree(slot)
         self.slots = [AdapterSlot(number, name, self.scale_spec, on_change=self._changed, on_scale=self._write,

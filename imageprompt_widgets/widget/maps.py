@@ -62,7 +62,7 @@ class MapTile(widgets.VBox):
         return bool(self.image.value)
 
     def _caption(self, text: str) -> None:
-        self.caption.value = f"<small>{html.escape(text)}</small>"
+        self.caption.value = f"<small style='line-height:1.3;display:block'>{html.escape(text)}</small>"
 
 
 class MapPreviews(widgets.VBox):
@@ -86,7 +86,7 @@ class MapPreviews(widgets.VBox):
         return self.tiles
 
     def say(self, note: str) -> None:
-        self.note.value = f"<small>{html.escape(note)}</small>" if note else ""
+        self.note.value = f"<small style='line-height:1.3;display:block'>{html.escape(note)}</small>" if note else ""
         self.layout.display = None
 
     def hide(self) -> None:

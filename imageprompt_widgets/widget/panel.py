@@ -315,8 +315,9 @@ class ImagePromptWidget(widgets.VBox):
             self._report(err)
             raise
         sources = images if isinstance(images, (list, tuple)) and len(images) == len(loaded) else [images] * len(loaded)
-        strip.clear()
-        strip.add(loaded, [caption_of(source) for source in sources], weights)
+        with self._maps_held():
+            strip.clear()
+            strip.add(loaded, [caption_of(source) for source in sources], weights)
 
     def generate(self) -> Future:
         """Start a run with the current inputs and controls and return at once with its future.
@@ -349,9 +350,10 @@ class ImagePromptWidget(widgets.VBox):
 
     def rerun(self, item: HistoryItem) -> Future:
         """Run a history item's recipe again: its model, inputs, weights and settings."""
-        self._apply_recipe(item.recipe)
-        self.inputs.clear()
-        self.inputs.add(item.inputs, [f"input {i + 1}" for i in range(len(item.inputs))], item.weights)
+        with self._maps_held():
+            self._apply_recipe(item.recipe)
+            self.inputs.clear()
+            self.inputs.add(item.inputs, [f"input {i + 1}" for i in range(len(item.inputs))], item.weights)
         self.negatives.clear()
         self.negatives.add(item.negatives, [f"negative {i + 1}" for i in range(len(item.negatives))])
         return self.generate()
@@ -449,6 +451,7 @@ class ImagePromptWidget(widgets.VBox):
             if self.model_picker.value != preset.name:
                 self.model_picker.value = preset.name
             self._apply_preset_defaults(old.preset, preset)
+            self._refresh_maps()  # another model's size and depth estimator
         self._relabel_modes()
         self._follow_adapters()
         found = availability(preset)
@@ -763,8 +766,9 @@ class ImagePromptWidget(widgets.VBox):
             self._show_upload_count(self.recipe_upload, [file.name])
 
     def _use_as_input(self, item: HistoryItem) -> None:
-        self.inputs.clear()
-        self.inputs.add([item.image], [f"seed {item.seed} #{item.index}"])
+        with self._maps_held():
+            self.inputs.clear()
+            self.inputs.add([item.image], [f"seed {item.seed} #{item.index}"])
         self._say(f"Using seed {item.seed} #{item.index} as the input; press Generate.")
 
     # -- structure -----------------------------------------------------------------------------
@@ -840,7 +844,10 @@ class ImagePromptWidget(widgets.VBox):
         pipeline = self.controller.pipeline
         native = getattr(pipeline, "native_size", 512)  # the model's, once it has loaded
         size = structure.fit_size(pictures[0].size, settings.height, settings.width, native)
-        tiles = self.maps.begin(len(units), f"What each ControlNet reads, at the next run's size ({size[0]}×{size[1]}):")
+        exact = pipeline is not None or (settings.height and settings.width)
+        at = f"at the next run's size, {size[0]}×{size[1]}" if exact else \
+            f"at {size[0]}×{size[1]} (SD 1.x's size; the model's own once it has loaded)"
+        tiles = self.maps.begin(len(units), f"What each ControlNet reads, {at}:")
         waiting = []
         for index, (unit, picture) in enumerate(zip(units, pictures)):
             caption = map_caption(index, unit.kind)
@@ -871,8 +878,7 @@ class ImagePromptWidget(widgets.VBox):
                 tiles[index].wait(text, map_caption(index, units[index].kind))
 
         if self.controller.pipeline is None:
-            wait("The depth map needs the depth estimator: it appears once the model has loaded (the first "
-                 "Generate loads it).")
+            wait("The depth map appears once the model has loaded (press Generate).")
             return
         if self.controller.busy:
             self._maps_pending = True

@@ -63,8 +63,8 @@ class UnitRow(widgets.VBox):
             if isinstance(control, _RefusesOutOfRange):
                 control.on_refused = on_refused
         self.title = widgets.HTML()
-        self.remove_button = widgets.Button(description="remove", icon="times",
-                                            layout=widgets.Layout(width="90px"))
+        self.remove_button = widgets.Button(description="remove ControlNet", icon="times",
+                                            layout=widgets.Layout(width="auto"))
         self.remove_button.on_click(lambda _: on_remove(self))
         self.upload = widgets.FileUpload(accept="image/*", multiple=False)
         self.upload.observe(self._on_upload, names="value")
@@ -280,10 +280,9 @@ class ControlUnitsEditor(widgets.VBox):
         total = len(self.rows) + 1
         full = total >= MAX_CONTROL_UNITS
         self.add_button.disabled = full
-        self.intro.value = ("<small>ControlNet 1 is the structure above; these run beside it, each on its own "
-                            "map.</small>" if self.rows else "")
-        self.count_note.value = (f"<small>{total} of at most {MAX_CONTROL_UNITS} ControlNets.</small>"
-                                 if full else "")
+        self.intro.value = (_small("ControlNet 1 is the structure above; these run beside it, each on its own map.")
+                            if self.rows else "")
+        self.count_note.value = _small(f"{total} of at most {MAX_CONTROL_UNITS} ControlNets.") if full else ""
         self.children = [self.intro, *self.rows, self.footer]
 
     def _pictures_changed(self) -> None:
@@ -293,6 +292,10 @@ class ControlUnitsEditor(widgets.VBox):
     def _refused(self, sentence: str) -> None:
         if self.on_refused is not None:
             self.on_refused(sentence)
+
+
+def _small(text: str) -> str:
+    return f"<small style='line-height:1.3;display:block'>{text}</small>"
 
 
 @control_factory("units")
