@@ -855,7 +855,8 @@ class ImagePromptWidget(widgets.VBox):
                 try:
                     tiles[index].show(structure.control_map(unit, picture, size), caption)
                 except ValueError as err:  # OpenCV missing: the sentence names the extra to install
-                    tiles[index].wait(str(err), caption)
+                    tiles[index].wait("No map: the reason is above.", caption)
+                    self.maps.say(str(err))
                 continue
             key = (self.model, unit.kind, fingerprint(picture), size)
             if key in self._map_cache:
@@ -902,8 +903,9 @@ class ImagePromptWidget(widgets.VBox):
                     if found.index in waiting:
                         self._keep_map((self.model, found.kind, fingerprint(pictures[found.index]), size), found.image)
                         tiles[found.index].show(found.image, map_caption(found.index, found.kind))
-            elif isinstance(end, Failed):
-                wait(error_sentence(end.error))
+            elif isinstance(end, Failed):  # the sentence is too long for a tile
+                wait("No map: the reason is above.")
+                self.maps.say(error_sentence(end.error))
             else:
                 wait("Cancelled: change a structure setting to compute it again.")
 
