@@ -64,6 +64,7 @@ class Job:
     structure_image: Any = None
     adapter_images: Any = None  # per IP-Adapter image lists (None: the inputs for every adapter)
     trace_latents: bool = False
+    trace_attention: bool = False
     task: Callable[[TaskContext], Any] | None = None
     on_end: Callable[[Event], None] | None = None  # called with the job's last event, before join() returns
     cancel: CancelEvent = field(default_factory=CancelEvent)
@@ -390,6 +391,7 @@ class Controller:
         structure_image: Any = None,
         adapter_images: Any = None,
         trace_latents: bool = False,
+        trace_attention: bool = False,
         **changes: Any,
     ) -> Job:
         """Queue a generation and return its :class:`Job` at once (``job.future`` resolves with the result).
@@ -403,7 +405,8 @@ class Controller:
         negatives = [] if negative_image is None else list(negative_image) if isinstance(negative_image, (list, tuple)) \
             else [negative_image]
         job = Job("generate", settings=settings, images=images, negatives=negatives,
-                  structure_image=structure_image, adapter_images=adapter_images, trace_latents=trace_latents)
+                  structure_image=structure_image, adapter_images=adapter_images, trace_latents=trace_latents,
+                  trace_attention=trace_attention)
         return self._enqueue(job)
 
     def submit_task(
@@ -582,6 +585,7 @@ class Controller:
             on_step=self._step_reporter(job, pipe),
             cancel=job.cancel,
             trace_latents=job.trace_latents,
+            trace_attention=job.trace_attention,
         )
 
     @staticmethod

@@ -341,6 +341,20 @@ def sample_image(seed: int = 0, size: tuple[int, int] = (96, 80)):
     return Image.fromarray((base + noise).astype(np.uint8))
 
 
+def shape_image(kind: str, size: int = 64):
+    """White canvas with one flat shape (``"square"`` or a circle): clear outlines for Canny, and something for
+    a depth estimator to see. For structure tests and demos."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(image)
+    if kind == "square":
+        draw.rectangle((size * 0.15, size * 0.15, size * 0.6, size * 0.8), fill=(20, 40, 160))
+    else:
+        draw.ellipse((size * 0.3, size * 0.05, size * 0.95, size * 0.7), fill=(160, 30, 20))
+    return image
+
+
 def write_byte_level_tokenizer(folder: str | os.PathLike) -> int:
     """Write a CLIP BPE vocabulary of single bytes with no merges; returns its size.
 

@@ -26,10 +26,11 @@ from typing import Any
 import torch
 
 from . import conditioning, schedule
+from .attention import AttentionMaps, recording_attention
 from .concurrency import RunLock
 from .downloads import ProgressCallback, watch_downloads
 from .encoding import ClipTextTower, ImageEmbedding, encode_images, fingerprint
-from .images import ImageInputError, load_images
+from .images import ImageInputError, describe_source, load_images
 from .loading import LoadedComponents, load_clip_text_tower, load_components
 from .methods import METHODS
 from .methods.inputs import ConditioningInputs, TextSide
@@ -469,7 +470,8 @@ class ImagePromptPipeline:
             return self.clip_text_tower().embed([value])[0], repr(value)
         if isinstance(value, torch.Tensor):
             return value.detach().float().cpu().reshape(-1), "an embedding"
-        return self.encode_image(value).image_embeds[0].detach().float().cpu(), "an image"
+        name = describe_source(value)  # a file's quoted name where it has one
+        return self.encode_image(value).image_embeds[0].detach().float().cpu(), name if name[:1] == "'" else "an image"
 
     # -- generation: check inputs → encode → condition → plan → denoise → result ------------------
 
@@ -484,6 +486,7 @@ class ImagePromptPipeline:
         on_step: StepCallback | None = None,
         cancel: threading.Event | None = None,
         trace_latents: bool = False,
+        trace_attention: bool = False,
         **changes: Any,
     ) -> GenerationResult:
         """Generate from images; keyword settings are those of :class:`GenerationSettings`.
@@ -498,6 +501,8 @@ class ImagePromptPipeline:
         with ``control_units``, one picture for all ControlNet units or a list with one per unit.
         ``adapter_images`` (``mode="ip_adapter"``) gives each loaded IP-Adapter its own images, one list per
         adapter (e.g. ``[[scene], [face]]``); without it every adapter sees ``images``.
+        ``trace_latents=True`` keeps the latents after each step (``trace.latents``); ``trace_attention=True``
+        records where each prompt token acts (``trace.attention_maps``, see :mod:`imageprompt_widgets.attention`).
         """
         settings, inputs = self._check_inputs(images, settings, negative_image, structure_image, changes,
                                               adapter_images)
@@ -511,7 +516,7 @@ class ImagePromptPipeline:
             if cancel is not None and cancel.is_set():
                 return GenerationResult([], plan.trace, settings, plan.provenance, cancelled=True,
                                         seconds=time.perf_counter() - start)
-            output = self._denoise(plan, settings, on_step, cancel, trace_latents)
+            output = self._denoise(plan, settings, on_step, cancel, trace_latents, trace_attention)
             return GenerationResult(
                 images=list(output.images) if output is not None else [],
                 trace=plan.trace,
@@ -649,7 +654,7 @@ class ImagePromptPipeline:
 
     def _denoise(
         self, plan: RunPlan, settings: GenerationSettings, on_step: StepCallback | None,
-        cancel: threading.Event | None, trace_latents: bool,
+        cancel: threading.Event | None, trace_latents: bool, trace_attention: bool = False,
     ) -> Any:
         """diffusers' own call with our conditioning and step callback; ``None`` when cancelled mid-run."""
         runner = plan.structure.runner
@@ -661,6 +666,7 @@ class ImagePromptPipeline:
         total = planned_steps(runner.scheduler, settings)
         method_kwargs = ({"ip_adapter_image_embeds": plan.unet.ip_adapter_image_embeds}
                          if plan.unet.ip_adapter_image_embeds is not None else {})
+        recorder = None
         try:
             with contextlib.ExitStack() as stack:
                 stack.enter_context(tracker.tapping_noise_predictions())
@@ -674,6 +680,8 @@ class ImagePromptPipeline:
                         tracker.step_hooks.append(hook)
                 for context in plan.structure.contexts(plan.trace.extras, mask):
                     stack.enter_context(context)
+                if trace_attention:
+                    recorder = stack.enter_context(recording_attention(runner.unet, settings.num_images))
                 output = runner(
                     prompt_embeds=prompt,
                     negative_prompt_embeds=negative,
@@ -690,6 +698,8 @@ class ImagePromptPipeline:
             output = None
         plan.trace.timesteps, plan.trace.latents = tracker.timesteps, tracker.latents
         plan.trace.latent_steps = list(tracker.latent_steps)
+        if recorder is not None:
+            _keep_attention_maps(plan.trace, recorder.maps())
         if output is not None and non_finite:
             raise non_finite_error(non_finite[0])
         return output
@@ -737,6 +747,16 @@ def generate(images: Any, *, model: str | Preset | None = None, **settings: Any)
     """One call for scripts: the default preset (or ``model=``), the same result as ``pipe.generate``."""
     load_options = {name: settings.pop(name) for name in ("device", "dtype", "safety_checker") if name in settings}
     return ImagePromptPipeline.from_preset(model, **load_options).generate(images, **settings)
+
+
+def _keep_attention_maps(trace: Trace, maps: AttentionMaps | None) -> None:
+    """The prompt's maps cut to the prompt's own tokens (padding the UNet saw has weight 0 there), and the
+    IP-Adapter's, into the trace."""
+    if maps is None:
+        return
+    trace.attention_maps = maps.prompt[:, : trace.prompt_embeds.shape[1]].contiguous()
+    if maps.adapter is not None:
+        trace.extras["adapter_attention_maps"] = maps.adapter
 
 
 def _check_image_count(sources: Any, what: str) -> None:

@@ -23,10 +23,11 @@ TRACE_TENSORS = (
     "prompt_embeds",
     "negative_prompt_embeds",
     "latents",
+    "attention_maps",
 )
 #: The dimensions of each traced tensor (``Trace.load`` checks files against them).
 TRACE_RANKS = {"pixel_values": 4, "image_embeds": 2, "hidden_states": 3, "prompt_embeds": 3,
-               "negative_prompt_embeds": 3, "latents": 5}
+               "negative_prompt_embeds": 3, "latents": 5, "attention_maps": 4}
 #: What a trace file must hold to be one: the image's embedding and what the UNet was fed.
 REQUIRED_TRACE_TENSORS = ("image_embeds", "prompt_embeds")
 #: The most metadata text a trace or PNG recipe may carry (real ones: a few KB).
@@ -53,6 +54,10 @@ class Trace:
     - ``negative_prompt_embeds`` ``[B, L, D]`` or ``None`` (no guidance): the unconditional branch.
     - ``latents`` ``[S, B, C, h, w]`` or ``None``: latents after the steps listed in ``latent_steps``
       (only when asked for with ``trace_latents=True``; at most ``MAX_TRACED_STEPS`` snapshots).
+    - ``attention_maps`` ``[B, L, h, w]`` or ``None``: how much each latent position attends to each of the
+      ``L`` prompt tokens (conditional branch; averaged over heads, cross-attention layers and steps; sums
+      to 1 over the tokens), only when asked for with ``trace_attention=True``. With an IP-Adapter, its image
+      tokens have maps of their own in ``extras["adapter_attention_maps"]``.
     - ``timesteps``: the scheduler timesteps that ran.
     - ``extras``: method-specific numbers (for example norm-matching factors).
     """
@@ -63,6 +68,7 @@ class Trace:
     prompt_embeds: torch.Tensor
     negative_prompt_embeds: torch.Tensor | None = None
     latents: torch.Tensor | None = None
+    attention_maps: torch.Tensor | None = None
     latent_steps: list[int] = field(default_factory=list)
     timesteps: list[float] = field(default_factory=list)
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -214,10 +220,10 @@ class Interpolation:
     def cancelled(self) -> bool:
         return len(self.results) < len(self.weights)
 
-    def _repr_png_(self) -> bytes:
+    def _repr_png_(self) -> bytes | None:
         from .views import interpolation_view
 
-        return interpolation_view(self).to_png()
+        return interpolation_view(self)._repr_png_()
 
 
 def recipe_of(settings: GenerationSettings, provenance: Provenance) -> dict[str, Any]:

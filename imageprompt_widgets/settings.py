@@ -439,13 +439,7 @@ def parse_block_scales(text: str) -> Any:
     Only the shape is checked here; whether the UNet has those blocks (and that many layers) is checked
     against the loaded UNet at run time.
     """
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise SettingsError(
-            f"adapter_block_scales is not JSON ({err.msg} at character {err.pos}): write it like "
-            '{"up": {"block_1": [0.0, 1.0, 0.0]}}.'
-        ) from None
+    value = _json_setting(text, "adapter_block_scales", '{"up": {"block_1": [0.0, 1.0, 0.0]}}')
     if isinstance(value, list):
         if not value:
             raise SettingsError("adapter_block_scales is an empty list: give one entry per adapter, or a dictionary.")
@@ -512,15 +506,19 @@ def units_text(value: Any) -> str:
         ) from None
 
 
-def parse_units(text: str) -> tuple[ControlUnit, ...]:
-    """``control_units`` JSON → validated :class:`ControlUnit` objects; a sentence naming the bad unit otherwise."""
+def _json_setting(text: str, name: str, example: str) -> Any:
+    """A setting written as JSON text, parsed; a sentence with an example when it is not JSON."""
     try:
-        items = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as err:
         raise SettingsError(
-            f'control_units is not JSON ({err.msg} at character {err.pos}): write it like [{{"kind": "depth", '
-            '"scale": 0.5}].'
+            f"{name} is not JSON ({err.msg} at character {err.pos}): write it like {example}."
         ) from None
+
+
+def parse_units(text: str) -> tuple[ControlUnit, ...]:
+    """``control_units`` JSON → validated :class:`ControlUnit` objects; a sentence naming the bad unit otherwise."""
+    items = _json_setting(text, "control_units", '[{"kind": "depth", "scale": 0.5}]')
     if isinstance(items, dict):
         items = [items]
     if not isinstance(items, list):

@@ -483,3 +483,11 @@ def test_a_structure_run_loads_its_controlnets_before_started_and_adapter_images
     controller = Controller(pipeline=Recording(tiny_pipe), runner=InlineRunner())
     controller.submit(image, steps=1, adapter_images=[[image]]).future.result()
     assert seen["adapter_images"] == [[image]]  # handed to the engine as given; generate() checks it
+
+
+def test_traced_attention_and_latents_are_asked_for_through_the_controller(tiny_pipe, image):
+    controller = Controller(pipeline=tiny_pipe, runner=InlineRunner())
+    result = controller.submit(image, steps=2, trace_attention=True, trace_latents=True).future.result()
+    assert result.trace.attention_maps is not None and result.trace.latents is not None
+    plain = controller.submit(image, steps=2).future.result()
+    assert plain.trace.attention_maps is None and plain.trace.latents is None

@@ -13,10 +13,11 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from imageprompt_widgets import ControlUnit, GenerationSettings, SettingsError, structure
 from imageprompt_widgets.controlnets import CONTROL_KINDS, controlnet_for, kind_of_controlnet
+from imageprompt_widgets.offline import shape_image
 from imageprompt_widgets.settings import (
     CONTROLNET_STRUCTURES,
     STRUCTURE_SETTINGS,
@@ -31,15 +32,6 @@ cv2 = pytest.importorskip("cv2")
 SIZE = 64
 
 
-def shape_image(kind: str, size: int = SIZE) -> Image.Image:
-    """White canvas with one shape: clear outlines for Canny, and something for a depth estimator to see."""
-    image = Image.new("RGB", (size, size), "white")
-    draw = ImageDraw.Draw(image)
-    if kind == "square":
-        draw.rectangle((size * 0.15, size * 0.15, size * 0.6, size * 0.8), fill=(20, 40, 160))
-    else:
-        draw.ellipse((size * 0.3, size * 0.05, size * 0.95, size * 0.7), fill=(160, 30, 20))
-    return image
 
 
 def canny_rgb(picture: Image.Image, low: int = 100, high: int = 200) -> Image.Image:

@@ -326,3 +326,210 @@ def test_an_interpolation_stops_at_a_cancel_and_keeps_the_finished_points(tiny_p
     walk = tiny_pipe.interpolate(inputs[0], inputs[1], 3, steps=2, guidance_scale=1.0, cancel=cancel,
                                  on_step=lambda info: cancel.set() if info.step == 2 else None)
     assert walk.cancelled and walk.results == []  # the first point was stopped after its last step
+
+
+# -- pictures: matplotlib, labelled, no leaks, a clean fallback without it -----------------------
+
+
+def _figure_images(figure):
+    return [image for ax in figure.axes for image in ax.get_images()]
+
+
+def test_small_crops_are_shown_with_visible_pixels_not_blurred(tiny_pipe, run, inputs):
+    figure = views.what_clip_saw(run.trace.pixel_values, tiny_pipe.image_processor, inputs).figure()
+    shown = _figure_images(figure)
+    assert len(shown) == 4  # two originals, two crops
+    assert {image.get_interpolation() for image in shown} == {"nearest"}  # 32 px crops, 64 px originals
+    width, height = figure.get_size_inches() * figure.dpi
+    assert width <= 700 and height <= 700  # not blown up to ~900 px per crop
+
+
+def test_what_clip_saw_names_inputs_by_file_and_marks_the_centre_crop(tiny_pipe, tmp_path):
+    wide = tmp_path / "harbour wide.png"
+    make_image(3, size=(96, 48)).save(wide)
+    emb = tiny_pipe.encode_image(wide)
+    view = views.what_clip_saw(emb.pixel_values, tiny_pipe.image_processor, [wide])
+    assert view.labels == ["harbour wide.png"]
+    figure = view.figure()
+    assert figure.axes[0].get_title() == "harbour wide.png: original 96x48"
+    (box,) = figure.axes[0].patches
+    assert (box.get_x() + 0.5, box.get_y() + 0.5, box.get_width(), box.get_height()) == (24, 0, 48, 48)
+    assert views.source_labels([wide, make_image(0), "https://example.com/a/cat.png?x=1"]) == [
+        "harbour wide.png", "image 2", "cat.png"]
+
+
+def test_crop_comparison_shows_each_crop_exactly(tiny_pipe, tmp_path):
+    wide = make_image(4, size=(120, 40))
+    pixel_values = {crop: tiny_pipe.encode_image(wide, crop=crop).pixel_values for crop in ("center_crop", "pad")}
+    view = views.crop_comparison(wide, pixel_values, tiny_pipe.image_processor)
+    for crop, values in pixel_values.items():
+        expected = views.clip_input_images(values, tiny_pipe.image_processor)[0]
+        assert np.array_equal(np.asarray(view.seen[crop]), np.asarray(expected))
+    assert "center_crop: the centre square" in view.describe()
+    assert [ax.get_title() for ax in view.figure().axes] == [
+        "original 120x40", "crop='center_crop': 32x32", "crop='pad': 32x32"]
+
+
+def test_similarity_is_labelled_with_the_names_given(run, tiny_pipe):
+    view = views.similarity(run.trace.image_embeds, tiny_pipe, labels=["sunset.png", "still_life.png"])
+    figure = view.figure()
+    ax = figure.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["sunset.png", "still_life.png"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["sunset.png", "still_life.png"]
+    assert figure.axes[1].get_ylabel() == "cosine similarity"  # the colour bar
+    cells = sorted(t.get_text() for t in ax.texts)
+    assert cells == sorted(f"{float(v):.2f}" for v in view.matrix.flatten())
+    with pytest.raises(views.InspectError, match="1 labels for 2 images"):
+        views.similarity(run.trace.image_embeds, labels=["one"])
+
+
+def test_scale_gap_legend_hides_no_line(tiny_pipe, run):
+    """Five curves, four of which lie on top of each other with the tiny models: every one keeps a
+    style of its own (colour, line style, marker) and a legend entry."""
+    view = views.scale_gap(run.trace, tiny_pipe)
+    figure = view.figure()
+    lines = figure.axes[0].get_lines()
+    assert len(lines) == len(view.series()) == 5
+    styles = {(line.get_color(), line.get_linestyle(), line.get_marker(), line.get_linewidth()) for line in lines}
+    assert len(styles) == 5
+    (legend,) = figure.legends
+    assert [t.get_text() for t in legend.get_texts()] == [f"{i + 1}. {label}" for i, label in enumerate(view.series())]
+    assert figure.axes[0].get_xlabel().startswith("token position")
+    assert figure.axes[0].get_ylabel().startswith("L2 norm")
+    # The averages panel shows every curve's mean, one bar each.
+    assert [float(t.get_text()) for t in figure.axes[1].texts] == pytest.approx(
+        [float(f"{float(v.mean()):.4g}") for v in view.series().values()])
+
+
+def test_token_heatmap_has_axes_and_a_colour_bar(tiny_pipe, run):
+    figure = views.token_view(run.trace, 0, tiny_pipe.image_processor).figure()
+    heat = figure.axes[0]
+    assert heat.get_xlabel() == "embedding dimension (0 to 31)"
+    assert heat.get_ylabel() == "token position (0 to 76)"
+    assert "1 distinct" in heat.get_title()
+    assert {ax.get_ylabel() for ax in figure.axes} >= {"value", "patch token norm"}  # both colour bars
+
+
+def test_direction_gap_cosines_equal_an_independent_computation(tiny_pipe, run):
+    prompts = ["a cat", "a red boat", "two dogs"]
+    view = views.direction_gap(run.trace, tiny_pipe, prompts)
+    sd = tiny_pipe.sd
+    ids = sd.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        hidden = sd.text_encoder(ids)[0]  # SD's un-projected per-token hidden states, [3, 77, D]
+    image = run.trace.image_embeds[0]
+    expected = F.cosine_similarity(image[None, None], hidden, dim=-1)
+    torch.testing.assert_close(view.image_vs_sd_tokens, expected, rtol=1e-5, atol=1e-5)
+    # Norm matching rescales: the length moves to SD's typical token norm, no cosine moves.
+    torch.testing.assert_close(view.image_vs_sd_tokens_matched, view.image_vs_sd_tokens, rtol=0, atol=1e-6)
+    assert view.image_norm == pytest.approx(float(image.norm()))
+    assert view.matched_norm == pytest.approx(tiny_pipe.text_token_norm())
+    torch.testing.assert_close(view.sd_tokens_across_prompts[0], F.cosine_similarity(hidden[0], hidden[1], dim=-1))
+    assert view.sd_tokens_across_prompts.shape == (3, 77)  # the three pairs of prompts
+    tower = tiny_pipe.clip_text_tower().embed(prompts)  # CLIP's *projected* text embeddings
+    torch.testing.assert_close(view.image_vs_clip_text, F.cosine_similarity(image[None], tower, dim=-1))
+    torch.testing.assert_close(view.clip_text_vs_sd_tokens[2], F.cosine_similarity(tower[2][None], hidden[2], dim=-1))
+    assert "it fixes length, not direction" in view.describe()
+    assert len(view.groups()) == 5
+    with pytest.raises(views.InspectError, match="at least 2, not 1"):
+        views.direction_gap(run.trace, tiny_pipe, ["a cat"])
+
+
+def test_attention_view_groups_and_shares_are_sums_of_the_traced_maps(tiny_pipe, inputs):
+    result = tiny_pipe.generate(inputs[0], mode="tokens", steps=2, seed=0, trace_attention=True)
+    view = views.attention_view(result, tiny_pipe)
+    maps = result.trace.attention_maps[0]
+    assert list(view.groups)[:2] == ["CLS token", "all 64 patch tokens"]
+    torch.testing.assert_close(view.group_maps["CLS token"], maps[0])
+    torch.testing.assert_close(view.group_maps["all 64 patch tokens"], maps[1:].sum(0))
+    assert view.shares["CLS token"] + view.shares["all 64 patch tokens"] == pytest.approx(1.0, abs=1e-4)
+    # The patch tokens' shares laid out on the input's 8x8 patch grid, row by row.
+    torch.testing.assert_close(view.patch_shares, maps[1:].mean((1, 2)).reshape(8, 8))
+    assert float(view.patch_shares[2, 5]) == pytest.approx(float(maps[1 + 2 * 8 + 5].mean()))
+    top = [view.groups[label] for label in view.groups if label.endswith("(most attended)")]
+    shares = maps.mean((1, 2))
+    assert top == [[i] for i in sorted(range(1, 65), key=lambda i: -float(shares[i]))[:3]]
+    figure = view.figure()
+    assert len([ax for ax in figure.axes if ax.get_images()]) == len(view.panels())
+    colour_bars = [ax for ax in figure.axes if ax.get_ylabel() == "share of attention"]
+    assert len(colour_bars) == len(view.panels()) - 1  # every map has one; the plain output has none
+
+
+def test_attention_view_of_blend_separates_text_and_image_tokens(tiny_pipe, inputs):
+    result = tiny_pipe.generate(inputs[0], mode="blend", blend="concat", prompt="a cat", steps=1, seed=0,
+                                trace_attention=True)
+    view = views.attention_view(result, tiny_pipe)
+    words = len(tiny_pipe.sd.tokenizer("a cat").input_ids) - 2
+    assert view.groups == {"start token": [0], f"the {words} word tokens": list(range(1, words + 1)),
+                           "end + padding": list(range(words + 1, 77)), "image token": [77]}
+    assert sum(view.shares.values()) == pytest.approx(1.0, abs=1e-4)
+    assert view.token_labels[0] == "<start>" and view.token_labels[77] == "image token 1"
+
+
+def test_attention_view_of_repeat_says_every_token_has_the_same_share(tiny_pipe, inputs):
+    result = tiny_pipe.generate(inputs[0], steps=1, seed=0, trace_attention=True)
+    view = views.attention_view(result)
+    assert view.shares["token 0 alone"] == pytest.approx(1 / 77, abs=1e-6)
+    assert "exactly 1/77 of the attention" in view.describe()
+    with pytest.raises(views.InspectError, match="names token 80, but the prompt has 77 tokens"):
+        views.attention_view(result, groups={"beyond": [80]})
+
+
+def test_attention_view_without_recorded_maps_says_how_to_get_them(run, tiny_pipe, inputs):
+    with pytest.raises(views.InspectError, match="generate with trace_attention=True"):
+        views.attention_view(run)
+    cancel = threading.Event()
+    stopped = tiny_pipe.generate(inputs[0], steps=3, trace_attention=True, cancel=cancel,
+                                 on_step=lambda info: cancel.set())
+    assert stopped.cancelled and stopped.trace.attention_maps.shape == (1, 77, 32, 32)  # the step that ran
+    with pytest.raises(views.InspectError, match="cancelled before its images were decoded"):
+        views.attention_view(stopped)
+
+
+def test_rendering_every_view_registers_no_figure_anywhere(tiny_pipe, run, inputs):
+    from matplotlib._pylab_helpers import Gcf
+
+    before = Gcf.get_num_fig_managers()
+    for view in (views.what_clip_saw(run.trace.pixel_values, tiny_pipe.image_processor, inputs),
+                 views.scale_gap(run.trace, tiny_pipe), views.similarity(run.trace.image_embeds),
+                 views.token_view(run.trace), views.filmstrip(run, tiny_pipe, decoder="linear")):
+        _decoded(view.to_png())
+    assert Gcf.get_num_fig_managers() == before == 0  # pyplot never saw them: nothing to close, nothing leaks
+
+
+def test_without_matplotlib_the_numbers_work_and_the_picture_says_what_to_install(run, monkeypatch):
+    import sys
+
+    for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
+        monkeypatch.setitem(sys.modules, name, None)  # import fails as if not installed
+    view = views.token_view(run.trace)
+    assert view.distinct_tokens == 1  # computed without matplotlib
+    with pytest.raises(views.PlotUnavailableError) as caught:
+        view.to_png()
+    assert str(caught.value) == views.PLOT_MISSING == (
+        "Drawing this view needs matplotlib: pip install 'imageprompt_widgets[plot]' "
+        "(its numbers are on the view without it)."
+    )
+    assert view._repr_png_() is None  # the notebook falls back to text
+
+    class Printer:  # IPython's pretty printer, as far as a view uses it
+        def __init__(self):
+            self.written = []
+
+        def text(self, value):
+            self.written.append(value)
+
+    printer = Printer()
+    view._repr_pretty_(printer, False)
+    assert printer.written == [f"{view.describe()}\n{views.PLOT_MISSING}"]
+
+
+def test_image_grid_captions_every_picture_and_marks_gaps(inputs):
+    view = views.image_grid([inputs[0], None, inputs[1]], ["input", "caption\n(needs another preset)", "b"], columns=2)
+    figure = view.figure()
+    shown = [ax for ax in figure.axes if ax.get_xlabel()]
+    assert [ax.get_xlabel() for ax in shown] == ["input", "caption\n(needs another preset)", "b"]
+    assert len(_figure_images(figure)) == 2 and shown[1].texts[0].get_text() == "no image"
+    assert view.describe() == "input; caption (needs another preset); b"
+    with pytest.raises(views.InspectError, match="2 images but 1 captions"):
+        views.image_grid(inputs, ["one"])

@@ -137,6 +137,21 @@ def test_x0_checkbox_redraws_the_filmstrip_with_the_models_estimates(tiny_pipe, 
     assert bytes(tab.filmstrip_image.value) == estimated.to_png() != noisy.to_png()
 
 
+def test_input_file_names_label_the_similarity_and_the_crops(tiny_pipe, tmp_path):
+    paths = []
+    for seed, name in ((0, "harbour.png"), (1, "fruit bowl.png")):
+        paths.append(tmp_path / name)
+        make_image(seed).save(paths[-1])
+    result = tiny_pipe.generate(paths, steps=1, seed=0, guidance_scale=1.0)
+    tab = InspectorTab()
+    tab.show(result, tiny_pipe, paths)
+    assert tab.views["Similarity"].row_labels == ["harbour.png", "fruit bowl.png"]
+    assert tab.views["What CLIP saw"].labels == ["harbour.png", "fruit bowl.png"]
+    tab.similarity_texts.value = "a cat"
+    tab.similarity_button.click()
+    assert tab.views["Similarity"].col_labels == ["harbour.png", "fruit bowl.png", "'a cat'"]
+
+
 # -- replays run through the panel's controller: off the kernel thread, with progress and cancel ---------------
 
 

@@ -12,25 +12,17 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from imageprompt_widgets import GenerationSettings, SettingsError, structure
 from imageprompt_widgets.models import ModelLoadError
+from imageprompt_widgets.offline import shape_image
 
 cv2 = pytest.importorskip("cv2")
 
 SIZE = 64
 
 
-def shape_image(kind: str, size: int = SIZE) -> Image.Image:
-    """White canvas with one black shape: a clear outline for Canny at any size."""
-    image = Image.new("RGB", (size, size), "white")
-    draw = ImageDraw.Draw(image)
-    if kind == "square":
-        draw.rectangle((size * 0.15, size * 0.15, size * 0.6, size * 0.8), fill=(20, 40, 160))
-    else:
-        draw.ellipse((size * 0.3, size * 0.05, size * 0.95, size * 0.7), fill=(160, 30, 20))
-    return image
 
 
 def pixels(result) -> np.ndarray:

@@ -128,6 +128,7 @@ class InspectorTab(widgets.VBox):
         self.sections.selected_index = 0
         self.sections.layout.display = "none"
         self.errors: dict[str, str] = {}  # section title -> the error it shows
+        self.labels: list[str] | None = None  # the inputs' names, where the panel gave the inputs
         self.views: dict[str, Any] = {}  # section title -> the view it shows (numbers included)
         super().__init__(children=[self.placeholder, self.sections], **kwargs)
 
@@ -135,14 +136,17 @@ class InspectorTab(widgets.VBox):
 
     def show(self, result: Any, pipeline: Any, inputs: Sequence[Any] | None = None,
              adapter_images: Sequence[Sequence[Any]] | None = None) -> None:
-        """Fill every section from a finished run; ``inputs`` (the input images) adds the originals;
-        ``adapter_images`` are the run's per-adapter images (where it had them)."""
+        """Fill every section from a finished run; ``inputs`` (the input images) adds the originals, and their
+        file names label the pictures; ``adapter_images`` are the run's per-adapter images (where it had them)."""
         self.clear()
         self.result, self.pipeline = result, pipeline
         trace = result.trace
+        if inputs and len(inputs) == trace.image_embeds.shape[0]:
+            self.labels = views.source_labels(inputs)
         self._fill("Tensors", lambda: setattr(self.summary, "value", _pre(trace.summary())), self.summary)
         self._fill("What CLIP saw", lambda: self._set_image(
-            self.clip_image, "What CLIP saw", views.what_clip_saw(trace.pixel_values, pipeline.image_processor, inputs)
+            self.clip_image, "What CLIP saw",
+            views.what_clip_saw(trace.pixel_values, pipeline.image_processor, inputs, crop=result.settings.crop),
         ), self.clip_text)
         if "What CLIP saw" not in self.errors:
             side = trace.pixel_values.shape[-1]
@@ -171,6 +175,7 @@ class InspectorTab(widgets.VBox):
     def clear(self) -> None:
         """Empty every section (before a new run, or when the result is gone)."""
         self.result = self.pipeline = None
+        self.labels = None
         self.errors = {}
         self.views = {}
         self.placeholder.value = EMPTY_TEXT
@@ -192,7 +197,8 @@ class InspectorTab(widgets.VBox):
             return
         trace = self.result.trace
         try:
-            view = views.similarity(trace.image_embeds, self.pipeline, _split_texts(self.similarity_texts.value))
+            view = views.similarity(trace.image_embeds, self.pipeline, _split_texts(self.similarity_texts.value),
+                                    labels=self.labels)
         except Exception as err:  # noqa: BLE001 - shown in the section instead of dying in a callback
             self.similarity_note.value = self._error("Similarity", err)
             return
