@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import sys
 
-from benchmarks import cache, latency, memory, overhead, scaling
+from benchmarks import batch, cache, latency, memory, overhead, samplers, scaling
 
-BENCHMARKS = (overhead, memory, cache, latency, scaling)
+BENCHMARKS = (overhead, memory, cache, latency, scaling, samplers, batch)
 
 
 def main(argv: list[str]) -> None:

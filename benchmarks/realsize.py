@@ -191,3 +191,32 @@ def _tile(flat: Any, noise: Any, start: int, scale: float) -> None:
         if first < count:
             flat[begin + first : begin + count].copy_(noise[: count - first])
     flat.mul_(scale)
+
+
+#: LCM-LoRA for SD 1.5 has rank 64 on every layer it adapts (about 67 M parameters).
+REALSIZE_LCM_LORA_RANK = 64
+
+
+def ensure_realsize_lcm_lora() -> str:
+    """A random LoRA of LCM-LoRA's shape for the real-size UNet (its folder; built once, about 270 MB).
+
+    Its values are noise like the models'; what it measures is the cost of running LoRA layers of that size.
+    """
+    from imageprompt_widgets.offline import LORA_WEIGHT_NAME, build_once, cache_dir
+
+    final = cache_dir() / f"realsize-lcm-lora-{REALSIZE_VERSION}"
+    return str(build_once(final, build_realsize_lcm_lora, LORA_WEIGHT_NAME))
+
+
+def build_realsize_lcm_lora(folder: str | os.PathLike, seed: int = REALSIZE_SEED) -> None:
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from imageprompt_widgets.offline import LCM_LORA_TARGETS, random_lora_layers
+    from imageprompt_widgets.quiet import quiet_loaders
+
+    sd_folder, _ = ensure_realsize_models()
+    with quiet_loaders():
+        unet = UNet2DConditionModel.from_pretrained(sd_folder, subfolder="unet", use_safetensors=True)
+    layers = random_lora_layers(unet, LCM_LORA_TARGETS, REALSIZE_LCM_LORA_RANK, seed, up_std=0.01)
+    del unet
+    StableDiffusionPipeline.save_lora_weights(str(folder), unet_lora_layers=layers, safe_serialization=True)

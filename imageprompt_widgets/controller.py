@@ -33,6 +33,7 @@ from .concurrency import CancelEvent
 from .downloads import DownloadCancelled, DownloadProgress, watch_downloads
 from .presets import Preset, resolve_preset
 from .runners import Runner, default_runner
+from .samplers import scheduler_for
 from .schedule import StepPlan, planned_steps
 from .settings import GenerationSettings
 
@@ -591,8 +592,8 @@ class Controller:
     @staticmethod
     def step_plan(pipe: Any, settings: GenerationSettings) -> StepPlan:
         """The UNet steps a run with ``settings`` takes on ``pipe`` (known before its first step)."""
-        return planned_steps(pipe.sd.scheduler, settings.steps, structure=settings.structure,
-                             strength=settings.strength)
+        return planned_steps(scheduler_for(settings.scheduler, pipe.sd.scheduler), settings.steps,
+                             structure=settings.structure, strength=settings.strength)
 
     def _step_reporter(self, job: Job, pipe: Any) -> Callable[[Any], None]:
         progress = self._throttle(self.progress_interval)

@@ -6,9 +6,10 @@
 3. the CLIP vision tower with its projection (never a second text encoder): from SD's own folder where the
    model ships it (image variations), else from the preset's encoder (a subfolder for h94/IP-Adapter);
 4. each method the preset offers loads its own parts (the IP-Adapter's weights, BLIP) through the
-   method registry;
+   method registry; the preset's LoRAs load through diffusers' LoRA loader (lora.py);
 5. the fit is checked (image tokens must have the UNet's cross-attention width), everything moves to
-   the device, and the libraries' progress bars stay off (ours report).
+   the device (or is offloaded, per the memory level: memory.py), and the libraries' progress bars stay
+   off (ours report).
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from typing import Any
 
 import torch
 
-from . import offline
+from . import lora, memory, offline
 from .encoding import ClipTextTower
 from .faults import import_error_sentence
+from .lora import LoraInfo
 from .methods import METHODS, preset_capabilities
 from .models import (
     DamagedModelError,
@@ -47,6 +49,9 @@ class LoadedComponents:
     preset: Preset
     load_seconds: float
     parts: dict[str, Any] = field(default_factory=dict)  # what methods loaded: "ip_adapter", "captioner"
+    loras: list[LoraInfo] = field(default_factory=list)  # the preset's LoRAs, loaded and active
+    memory_level: str = memory.DEFAULT_MEMORY  # the memory level (memory.py) ...
+    memory_measures: tuple[str, ...] = ()  # ... and what it did on this device
 
 
 def load_components(
@@ -57,8 +62,10 @@ def load_components(
     safety_checker: bool | None = None,
     allow_pickle: bool = False,
     on_status: StatusCallback | None = None,
+    memory_level: str = memory.DEFAULT_MEMORY,
 ) -> LoadedComponents:
-    """Load a preset's models onto ``device`` in ``dtype`` (see the module docstring for the steps).
+    """Load a preset's models onto ``device`` in ``dtype`` (see the module docstring for the steps);
+    ``memory_level`` decides where the weights live (memory.py).
 
     One load or build runs at a time per process (the libraries' loaders are not thread-safe: quiet.py).
     """
@@ -68,7 +75,7 @@ def load_components(
         with one_loader_at_a_time():
             try:
                 return _load_components(preset, device, dtype, safety_checker=safety_checker,
-                                        allow_pickle=allow_pickle, say=say)
+                                        allow_pickle=allow_pickle, say=say, memory_level=memory_level)
             except DamagedModelError as err:
                 damaged = offline.builds_of(offline.materialize(preset), err.path)
                 if not damaged:  # not a model this package built: the user's to replace
@@ -78,14 +85,14 @@ def load_components(
                 for folder in damaged:
                     offline.discard_build(folder)
                 return _load_components(preset, device, dtype, safety_checker=safety_checker,
-                                        allow_pickle=allow_pickle, say=say)
+                                        allow_pickle=allow_pickle, say=say, memory_level=memory_level)
     except ImportError as err:
         raise ModelLoadError(import_error_sentence(preset.name, err)) from err
 
 
 def _load_components(
     preset: Preset, device: torch.device, dtype: torch.dtype, *, safety_checker: bool | None,
-    allow_pickle: bool, say: StatusCallback,
+    allow_pickle: bool, say: StatusCallback, memory_level: str = memory.DEFAULT_MEMORY,
 ) -> LoadedComponents:
     start = time.perf_counter()
     local = offline.materialize(preset, say)
@@ -114,8 +121,8 @@ def _load_components(
                                     preset=preset, local=local, device=device, dtype=dtype,
                                     allow_pickle=allow_pickle, say=say))
 
-    sd.to(device)
-    image_encoder.to(device)
+    loras = load_preset_loras(sd, preset, local, say)
+    memory_measures = memory.place(sd, image_encoder, memory_level, device)
     image_encoder.eval()
     sd.set_progress_bar_config(disable=True)  # progress is ours to show (tqdm in the CLI, a bar in the widget)
     seconds = time.perf_counter() - start
@@ -123,7 +130,19 @@ def _load_components(
         f"Loaded {preset.name!r} in {seconds:.1f} s: {_size_text(sd.unet)} UNet, "
         f"{_size_text(image_encoder)} image encoder on {device}."
     )
-    return LoadedComponents(sd, image_encoder, image_processor, preset, seconds, parts)
+    return LoadedComponents(sd, image_encoder, image_processor, preset, seconds, parts, loras,
+                            memory_level, memory_measures)
+
+
+def load_preset_loras(sd: Any, preset: Preset, local: Preset, say: StatusCallback) -> list[LoraInfo]:
+    """The preset's LoRAs (``local.loras``: the same with offline names as folders), loaded and fused into
+    this copy of the model (lora.py says why)."""
+    loaded: list[LoraInfo] = []
+    for (source, weight), (path, _) in zip(preset.loras, local.loras):
+        say(f"Loading the LoRA {source!r}…")
+        name = lora.default_name(source, {info.name for info in loaded})
+        loaded.append(lora.load_lora(sd, source, path, name, lora.check_weight(weight, name)))
+    return lora.fuse_into_model(sd, loaded)
 
 
 def load_sd(path: str, preset: Preset, dtype: torch.dtype, *, safety_checker: bool | None, allow_pickle: bool) -> Any:

@@ -65,7 +65,7 @@ def materialize(preset: Any, say: Callable[[str], None] = lambda message: None) 
     """
     import dataclasses
 
-    changes: dict[str, str] = {}
+    changes: dict[str, Any] = {}
     if "tiny" in (preset.sd_model, preset.clip_model):
         if not (tiny_model_dir() / "sd" / "model_index.json").is_file():
             say(f"Building the tiny offline models in {tiny_model_dir()} (first use only)…")
@@ -85,6 +85,10 @@ def materialize(preset: Any, say: Callable[[str], None] = lambda message: None) 
         changes["ip_adapter"] = specs[0] if isinstance(preset.ip_adapter, str) else specs
     if preset.captioner == "tiny":
         changes["captioner"] = ensure_tiny_captioner()
+    if any(source in TINY_LORAS for source, _ in preset.loras):
+        say("Building the tiny LoRA (first use only)…")
+        changes["loras"] = tuple((ensure_tiny_lora(source) if source in TINY_LORAS else source, weight)
+                                 for source, weight in preset.loras)
     return dataclasses.replace(preset, **changes) if changes else preset
 
 
@@ -793,3 +797,82 @@ def build_tiny_depth_estimator(folder: str | os.PathLike, seed: int = TINY_SEED)
         model.save_pretrained(str(folder), safe_serialization=True)
         processor.save_pretrained(str(folder))
     return str(folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny LoRA twins: a LoRA on UNet and text encoder, and one shaped like LCM-LoRA (UNet only)
+
+TINY_LORA_VERSION = "v1"
+#: The file diffusers writes (``save_lora_weights``) and looks for in a LoRA folder or Hub repository.
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+TINY_LORA_RANK = 4
+#: Std of the seeded LoRA up-projections (trained LoRAs have learned them; a fresh one starts at zero and
+#: would change nothing).
+TINY_LORA_UP_STD = 0.05
+#: The UNet modules LCM-LoRA (latent-consistency/lcm-lora-sdv1-5) adapts: attention, feed-forward, the
+#: transformer projections and the ResNet convolutions.
+LCM_LORA_TARGETS = (
+    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
+    "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
+)
+#: What the plain twin adapts: the UNet's attention and the text encoder's (the usual style-LoRA layout).
+UNET_ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+#: Offline LoRA names (``Preset.loras``, ``pipe.load_lora``) -> (builder seed offset, adapts the text encoder).
+TINY_LORAS = {"tiny-lora": (1, True), "tiny-lcm-lora": (2, False)}
+
+
+def ensure_tiny_lora(name: str = "tiny-lora") -> str:
+    """The folder of an offline LoRA twin (built once, atomically): ``tiny-lora`` or ``tiny-lcm-lora``."""
+    seed_offset, text_encoder = TINY_LORAS[name]
+    final = cache_dir() / f"{name}-{TINY_LORA_VERSION}"
+
+    def build(folder: Path) -> None:
+        build_tiny_lora(folder, seed=TINY_SEED + seed_offset, text_encoder=text_encoder)
+
+    return str(build_once(final, build, LORA_WEIGHT_NAME))
+
+
+def build_tiny_lora(folder: str | os.PathLike, seed: int = TINY_SEED, *, text_encoder: bool = True) -> None:
+    """A random LoRA for the tiny preset, saved as diffusers saves one (``save_lora_weights``: PEFT keys under
+    ``unet.`` and ``text_encoder.``, ``pytorch_lora_weights.safetensors``)."""
+    from diffusers import StableDiffusionPipeline
+
+    from .quiet import quiet_loaders
+
+    tiny_sd, _ = ensure_tiny_models()
+    with quiet_loaders():
+        pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, use_safetensors=True)
+    targets = UNET_ATTENTION_TARGETS if text_encoder else LCM_LORA_TARGETS
+    unet_layers = random_lora_layers(pipe.unet, targets, TINY_LORA_RANK, seed)
+    text_layers = (random_lora_layers(pipe.text_encoder, TEXT_ENCODER_TARGETS, TINY_LORA_RANK, seed)
+                   if text_encoder else None)
+    StableDiffusionPipeline.save_lora_weights(
+        str(folder), unet_lora_layers=unet_layers, text_encoder_lora_layers=text_layers, safe_serialization=True
+    )
+
+
+def random_lora_layers(
+    model: Any, targets: tuple[str, ...], rank: int, seed: int, up_std: float = TINY_LORA_UP_STD
+) -> dict[str, Any]:
+    """A LoRA state dict for ``model`` (PEFT's keys, which diffusers' loader reads) with seeded random weights.
+
+    PEFT adds the adapter as training would (down-projections at their initialisation, up-projections at
+    zero); the up-projections then get ``N(0, up_std)`` so the adapter acts. ``model`` keeps the adapter:
+    pass a throwaway copy.
+    """
+    import torch
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        inject_adapter_in_model(config, model)  # what add_adapter does, without transformers' peft version gate
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "lora_B" in name:
+                    parameter.normal_(0.0, up_std)
+    layers = {key: value.detach().clone().contiguous() for key, value in get_peft_model_state_dict(model).items()}
+    return layers
+

@@ -15,6 +15,7 @@ keeps the unpadded embeddings and the mask (``extras["encoder_attention_mask"]``
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import threading
 import time
@@ -25,19 +26,22 @@ from typing import Any
 
 import torch
 
-from . import conditioning, schedule
+from . import conditioning, lora, schedule
 from .attention import AttentionMaps, recording_attention
 from .concurrency import RunLock
 from .downloads import ProgressCallback, watch_downloads
 from .encoding import ClipTextTower, ImageEmbedding, encode_images, fingerprint
 from .images import ImageInputError, describe_source, load_images
 from .loading import LoadedComponents, load_clip_text_tower, load_components
+from .lora import LoraInfo
+from .memory import DEFAULT_MEMORY, check_level, execution_device
 from .methods import METHODS
 from .methods.inputs import ConditioningInputs, TextSide
 from .models import MODEL_CACHE, StatusCallback, model_key, resolve_device_dtype
 from .presets import PRESETS, Preset, resolve_preset
 from .quiet import noting_prompt_truncation
 from .results import GenerationResult, Interpolation, Provenance, Trace
+from .samplers import scheduler_for, uses_sigmas
 from .settings import MODES, GenerationSettings, SettingsError
 from .steps import (
     Cancelled,
@@ -104,7 +108,8 @@ class ImagePromptPipeline:
 
     def __init__(
         self, sd: Any, image_encoder: Any, image_processor: Any, *, preset: Preset | None = None,
-        parts: dict[str, Any] | None = None, allow_pickle: bool = False,
+        parts: dict[str, Any] | None = None, allow_pickle: bool = False, loras: list[LoraInfo] | None = None,
+        memory_level: str = DEFAULT_MEMORY, memory_measures: tuple[str, ...] = (),
     ):
         self.sd = sd
         self.image_encoder = image_encoder
@@ -112,6 +117,10 @@ class ImagePromptPipeline:
         self.preset = preset or Preset(name="custom", sd_model="custom", clip_model="custom")
         #: What the preset's methods loaded beside SD and the encoder ("ip_adapter", "captioner").
         self.parts = dict(parts or {})
+        #: The memory level the models were placed with (memory.py) and what it did on this device.
+        self.memory_level = check_level(memory_level)
+        self.memory_measures = tuple(memory_measures)
+        self._loras: list[LoraInfo] = list(loras or [])
         self.lock = RunLock()
         self._embeddings: OrderedDict[tuple[str, ...], ImageEmbedding] = OrderedDict()
         self._empty_prompt_embeds: torch.Tensor | None = None
@@ -131,6 +140,7 @@ class ImagePromptPipeline:
         allow_pickle: bool = False,
         on_status: StatusCallback | None = None,
         on_progress: ProgressCallback | None = None,
+        memory: str = DEFAULT_MEMORY,
     ) -> ImagePromptPipeline:
         """Load (once per process) the preset's models: ``"sd14"`` (default), ``"sd15"``, ``"tiny"`` or a folder.
 
@@ -138,17 +148,25 @@ class ImagePromptPipeline:
         permits ``.bin`` weights, which can run code when loaded: only for models you trust.
         ``on_progress`` gets the Hub's download progress (:mod:`imageprompt_widgets.downloads`); raising
         ``DownloadCancelled`` from it stops the download.
+        ``memory`` (``"default"``, ``"balanced"``, ``"low"``, ``"lowest"``) saves GPU memory with diffusers'
+        offloading, attention slicing and VAE tiling (memory.py); it is part of the cache key, so panels
+        asking for different levels get different pipelines.
         """
         preset = resolve_preset(preset)
         dev, dt = resolve_device_dtype(device, dtype)
+        check_level(memory)
         key: Any = model_key(preset.sd_model, preset.clip_model, dev, dt, safety_checker, allow_pickle)
-        extras = (preset.method, preset.revision, preset.clip_subfolder, preset.ip_adapter, preset.captioner)
+        extras = (preset.method, preset.revision, preset.clip_subfolder, preset.ip_adapter, preset.captioner,
+                  preset.loras)
         if any(extras):  # the method presets share models with plain ones but are different pipelines
             key = (key, *extras)
+        if memory != DEFAULT_MEMORY:
+            key = (key, "memory", memory)
 
         def load() -> ImagePromptPipeline:
             loaded = load_components(
-                preset, dev, dt, safety_checker=safety_checker, allow_pickle=allow_pickle, on_status=on_status
+                preset, dev, dt, safety_checker=safety_checker, allow_pickle=allow_pickle, on_status=on_status,
+                memory_level=memory,
             )
             return cls.from_components(loaded, allow_pickle=allow_pickle)
 
@@ -159,7 +177,8 @@ class ImagePromptPipeline:
     def from_components(cls, loaded: LoadedComponents, *, allow_pickle: bool = False) -> ImagePromptPipeline:
         """A pipeline over already loaded components (not cached: e.g. a private copy for benchmarks)."""
         return cls(loaded.sd, loaded.image_encoder, loaded.image_processor, preset=loaded.preset,
-                   parts=loaded.parts, allow_pickle=allow_pickle)
+                   parts=loaded.parts, allow_pickle=allow_pickle, loras=loaded.loras,
+                   memory_level=loaded.memory_level, memory_measures=loaded.memory_measures)
 
     @classmethod
     def from_pretrained(
@@ -172,6 +191,7 @@ class ImagePromptPipeline:
         safety_checker: bool | None = None,
         allow_pickle: bool = False,
         on_status: StatusCallback | None = None,
+        memory: str = DEFAULT_MEMORY,
     ) -> ImagePromptPipeline:
         """Pair any SD 1.x model (Hub id or folder) with any CLIP image encoder; defaults from the default preset."""
         default = resolve_preset(None)
@@ -183,12 +203,13 @@ class ImagePromptPipeline:
         )
         return cls.from_preset(
             preset, device=device, dtype=dtype, safety_checker=safety_checker,
-            allow_pickle=allow_pickle, on_status=on_status,
+            allow_pickle=allow_pickle, on_status=on_status, memory=memory,
         )
 
     @property
     def device(self) -> torch.device:
-        return self.sd.device
+        """Where the models compute (with offloading their weights wait on the CPU, but they run here)."""
+        return execution_device(self.sd)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -301,6 +322,67 @@ class ImagePromptPipeline:
         """SD's text encoder as conditioning builders see it."""
         return TextSide(encode=self.encode_text, empty=self.empty_prompt_embeds, typical_norm=self.text_token_norm)
 
+    # -- LoRA (lora.py) ------------------------------------------------------------------------------
+
+    @property
+    def loras(self) -> tuple[LoraInfo, ...]:
+        """The LoRAs loaded into this pipeline, each with its name, source and weight (they act on every run)."""
+        return tuple(self._loras)
+
+    def load_lora(self, source: str, weight: float = 1.0, name: str | None = None) -> LoraInfo:
+        """Load a LoRA (a ``.safetensors`` file, a folder, a Hub id or ``"owner/repo:file.safetensors"``;
+        ``"tiny-lora"``/``"tiny-lcm-lora"``: the offline twins) with diffusers' LoRA loader, active at ``weight``.
+
+        It acts on every later run of this pipeline (and of every panel sharing it) until
+        :meth:`unload_loras`; the recipe lists it. Waits for a running generation to finish first.
+        """
+        from .offline import TINY_LORAS, ensure_tiny_lora
+
+        with self.lock:
+            taken = {info.name for info in self._loras}
+            name = name or lora.default_name(source, taken)
+            if name in taken:
+                raise lora.LoraError(f"A LoRA named {name!r} is loaded already: pass another name=.")
+            weight = lora.check_weight(weight, name)
+            local = ensure_tiny_lora(source) if source in TINY_LORAS else source
+            info = lora.load_lora(self.sd, source, local, name, weight)
+            self._loras.append(info)
+            lora.activate(self.sd, self._loras)
+            self._text_changed()
+            return info
+
+    def set_lora_weight(self, name: str, weight: float) -> LoraInfo:
+        """Change a loaded LoRA's weight (cheap: no reload); 0 switches it off without unloading it."""
+        with self.lock:
+            index = next((i for i, info in enumerate(self._loras) if info.name == name), None)
+            if index is None:
+                loaded = ", ".join(info.name for info in self._loras) or "none"
+                raise lora.LoraError(f"No LoRA named {name!r} is loaded (loaded: {loaded}).")
+            if self._loras[index].fused:
+                raise lora.LoraError(
+                    f"The LoRA {name!r} is fused into the {self.preset.name!r} model: its weight is part of the "
+                    "model (load it with pipe.load_lora on the base preset to change it)."
+                )
+            info = LoraInfo(name, self._loras[index].source, lora.check_weight(weight, name))
+            self._loras[index] = info
+            lora.activate(self.sd, self._loras)
+            self._text_changed()
+            return info
+
+    def unload_loras(self) -> None:
+        """Remove every LoRA loaded with :meth:`load_lora`: the UNet and text encoder have the weights they had
+        before, bit for bit. (A preset's fused LoRAs are part of its model and stay.)"""
+        with self.lock:
+            if any(not info.fused for info in self._loras):
+                lora.unload_all(self.sd)
+                self._loras = [info for info in self._loras if info.fused]
+                self._text_changed()
+
+    def _text_changed(self) -> None:
+        """A LoRA may change the text encoder: forget what was measured with it."""
+        self._empty_prompt_embeds = None
+        self._text_token_norm = None
+
     # -- structure (structure.py) ------------------------------------------------------------------
 
     def load_controlnet(
@@ -398,19 +480,20 @@ class ImagePromptPipeline:
         The latent after step ``k`` is the noisy input of step ``k + 1``: the UNet runs on it once more with
         the traced prompt (and negative, with the run's guidance) and :func:`~imageprompt_widgets.steps.predicted_x0`
         gives the estimate, the same as the live previews' ``StepInfo.x0()``. The final latent is its own x0.
-        Needs the run's latents (``trace_latents=True``), a scheduler with unscaled latents, and conditioning
-        that is all in the prompt embeddings (not IP-Adapter or masked prompts).
+        Needs the run's latents (``trace_latents=True``) and conditioning that is all in the prompt embeddings
+        (not IP-Adapter or masked prompts). The run's scheduler is rebuilt from its settings: sigma-space
+        schedulers give their step's sigma, and Euler-type latents are scaled to the UNet's input as they do.
         """
         trace = result.trace
         if trace is None or trace.latents is None:
             raise SettingsError("This run traced no latents: generate with trace_latents=True to replay its steps.")
-        scheduler = self.sd.scheduler
-        if float(getattr(scheduler, "init_noise_sigma", 1.0)) != 1.0:
-            raise SettingsError(
-                f"x0 replays need a scheduler with unscaled latents (PNDM, DDIM), not {type(scheduler).__name__}."
-            )
         if "encoder_attention_mask" in trace.extras or "ip_adapter_image_embeds" in trace.extras:
             raise SettingsError("x0 replays need the whole prompt in prompt_embeds (no masked prompt, no IP-Adapter).")
+        scheduler = scheduler_for(result.settings.scheduler, self.sd.scheduler)
+        scheduler.set_timesteps(result.settings.steps)
+        skipped = len(scheduler.timesteps) - len(trace.timesteps)  # img2img starts part-way into the schedule
+        sigma_space = uses_sigmas(scheduler)
+        scaled_input = float(scheduler.init_noise_sigma) != 1.0  # Euler-type: latents carry sqrt(sigma^2 + 1)
         unet = self.sd.unet
         prompt = trace.prompt_embeds[index : index + 1].to(self.device, self.dtype)
         negative = trace.negative_prompt_embeds
@@ -424,11 +507,17 @@ class ImagePromptPipeline:
             if step >= len(trace.timesteps):
                 estimates.append(sample.cpu())
                 continue
-            timestep = round(trace.timesteps[step])  # scheduler timesteps are whole numbers
+            timestep = torch.tensor(trace.timesteps[step])
+            sigma = float(scheduler.sigmas[skipped + step]) if sigma_space else None
+            if scaled_input and sigma is not None:
+                sample = sample / (sigma**2 + 1) ** 0.5
             model_input = torch.cat([sample, sample]) if guidance is not None else sample
             with torch.inference_mode():
-                prediction = unet(model_input.to(self.dtype), timestep, encoder_hidden_states=prompt).sample
-            estimates.append(predicted_x0(sample, timestep, guided_prediction(prediction, guidance), scheduler).cpu())
+                prediction = unet(model_input.to(self.dtype), timestep.to(self.device),
+                                  encoder_hidden_states=prompt).sample
+            estimates.append(
+                predicted_x0(sample, timestep, guided_prediction(prediction, guidance), scheduler, sigma).cpu()
+            )
         return torch.cat(estimates)
 
     def interpolate(
@@ -656,14 +745,22 @@ class ImagePromptPipeline:
         self, plan: RunPlan, settings: GenerationSettings, on_step: StepCallback | None,
         cancel: threading.Event | None, trace_latents: bool, trace_attention: bool = False,
     ) -> Any:
-        """diffusers' own call with our conditioning and step callback; ``None`` when cancelled mid-run."""
-        runner = plan.structure.runner
+        """diffusers' own call with our conditioning and step callback; ``None`` when cancelled mid-run.
+
+        diffusers gets a shallow copy of the structure's pipeline holding this run's own scheduler
+        (``settings.scheduler``, built from the model's config): the shared pipeline and its scheduler
+        are never changed, so a run leaves no trace on them and other runs never see its choice.
+        """
+        shared = plan.structure.runner
+        runner = copy.copy(shared)  # the same components (no memory); its own config and run state
+        runner.scheduler = scheduler_for(settings.scheduler, shared.scheduler)
+        plan.structure.runner = runner
         prompt, negative, mask = plan.unet.padded()
         if mask is not None:
             plan.trace.extras["encoder_attention_mask"] = _cpu(mask)
         tracker = StepTracker(runner.unet, runner.scheduler, settings.guidance_scale if negative is not None else None,
                               on_step=on_step, cancel=cancel, trace_latents=trace_latents)
-        total = planned_steps(runner.scheduler, settings)
+        total = planned_steps(shared.scheduler, settings)
         method_kwargs = ({"ip_adapter_image_embeds": plan.unet.ip_adapter_image_embeds}
                          if plan.unet.ip_adapter_image_embeds is not None else {})
         recorder = None
@@ -687,12 +784,12 @@ class ImagePromptPipeline:
                     negative_prompt_embeds=negative,
                     num_inference_steps=settings.steps,
                     guidance_scale=settings.guidance_scale,
-                    generator=torch.Generator(self.device).manual_seed(settings.seed),
                     output_type="pil",
                     callback_on_step_end=tracker,
                     callback_on_step_end_tensor_inputs=["latents"],
                     **plan.structure.kwargs,
                     **method_kwargs,
+                    **self._noise(runner, settings, plan.structure.kwargs),
                 )
         except Cancelled:
             output = None
@@ -703,6 +800,27 @@ class ImagePromptPipeline:
         if output is not None and non_finite:
             raise non_finite_error(non_finite[0])
         return output
+
+    def _noise(self, runner: Any, settings: GenerationSettings, call_kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The seeded randomness of the diffusers call, per ``settings.noise``.
+
+        ``device``: ``generator=torch.Generator(device)``, diffusers' own way (the noise differs between CPU,
+        CUDA and MPS for one seed). ``cpu``: the starting noise drawn in float32 from
+        ``torch.Generator("cpu")`` and handed over as ``latents=`` (then moved to the device and dtype), so
+        one seed starts from the same noise on every machine; the same generator goes on to supply the
+        noise of stochastic schedulers (euler_a, lcm). img2img noises its input itself, from that generator.
+        """
+        if settings.noise == "device":
+            return {"generator": torch.Generator(self.device).manual_seed(settings.seed)}
+        generator = torch.Generator("cpu").manual_seed(settings.seed)
+        if settings.structure == "img2img":
+            return {"generator": generator}
+        native = runner.unet.config.sample_size * runner.vae_scale_factor
+        height, width = call_kwargs.get("height") or native, call_kwargs.get("width") or native
+        shape = (settings.num_images, runner.unet.config.in_channels,
+                 height // runner.vae_scale_factor, width // runner.vae_scale_factor)
+        latents = torch.randn(shape, generator=generator, dtype=torch.float32)
+        return {"generator": generator, "latents": latents.to(self.device, self.dtype)}
 
     def _provenance(
         self, settings: GenerationSettings, inputs: RunInputs, notes: dict[str, Any] | None = None
@@ -717,6 +835,8 @@ class ImagePromptPipeline:
                 "clip_model": self.preset.clip_model,
                 **({"ip_adapter": _json_spec(self.preset.ip_adapter)} if self.preset.ip_adapter else {}),
                 **({"captioner": self.preset.captioner} if self.preset.captioner else {}),
+                **({"loras": [info.to_dict() for info in self._loras]} if self._loras else {}),
+                "memory": {"level": self.memory_level, "measures": list(self.memory_measures)},
             },
             inputs=tuple(print_[:16] for print_ in inputs.prints),
             negative_inputs=tuple(print_[:16] for print_ in inputs.negative_prints),
@@ -736,16 +856,19 @@ def adapter_trace_name(index: int) -> str:
 def planned_steps(scheduler: Any, settings: GenerationSettings) -> int:
     """How many UNet steps a run makes: known before it starts, so progress has a fixed total.
 
-    The scheduler's own count for ``steps`` (PNDM, SD's default, runs one more: its warm-up step), on a
-    fresh copy so the shared scheduler is untouched; img2img runs the last ``int(steps * strength)`` of them.
+    ``scheduler`` is the model's own; the count is that of ``settings.scheduler`` built from its config, as the
+    run builds it (PNDM, SD's default, runs one more: its warm-up step), on a fresh object so the shared
+    scheduler is untouched; img2img runs the last ``int(steps * strength)`` of them.
     """
-    plan = schedule.planned_steps(scheduler, settings.steps, structure=settings.structure, strength=settings.strength)
+    plan = schedule.planned_steps(scheduler_for(settings.scheduler, scheduler), settings.steps,
+                                  structure=settings.structure, strength=settings.strength)
     return plan.total  # the one count; the controller shows its reason (PNDM's warm-up, img2img) in Started
 
 
 def generate(images: Any, *, model: str | Preset | None = None, **settings: Any) -> GenerationResult:
     """One call for scripts: the default preset (or ``model=``), the same result as ``pipe.generate``."""
-    load_options = {name: settings.pop(name) for name in ("device", "dtype", "safety_checker") if name in settings}
+    load_options = {name: settings.pop(name) for name in ("device", "dtype", "safety_checker", "memory")
+                    if name in settings}
     return ImagePromptPipeline.from_preset(model, **load_options).generate(images, **settings)
 
 

@@ -52,6 +52,9 @@ class Preset:
     #: Whether the image encoder's embeddings have the UNet's cross-attention width, so image tokens can
     #: be the prompt (an IP-Adapter preset's encoder is the adapter's own, wider one).
     image_tokens_fit: bool = True
+    #: LoRAs loaded with the model, as (Hub id, folder or .safetensors file, weight) pairs ("tiny-lcm-lora":
+    #: the offline twin of the LCM-LoRA).
+    loras: tuple[tuple[str, float], ...] = ()
 
     @property
     def ip_adapters(self) -> tuple[str, ...]:
@@ -63,6 +66,10 @@ class Preset:
 
 #: The settings the variations model was trained for: one image token, a zero unconditional embedding.
 _VARIATIONS_DEFAULTS = (("mode", "single"), ("negative", "zeros"))
+#: The live mode: LCM-LoRA's 4 steps with the LCM scheduler and no unconditional pass (guidance 1).
+LIVE_DEFAULTS = (("scheduler", "lcm"), ("steps", 4), ("guidance_scale", 1.0))
+#: Latent Consistency distilled into a LoRA for SD 1.5 (about 135 MB): 2-8 steps instead of 30.
+LCM_LORA_SD15 = "latent-consistency/lcm-lora-sdv1-5"
 #: lllyasviel's ControlNets (canny, depth; controlnets.py), trained on SD 1.5 (its UNet is SD 1.4's,
 #: fine-tuned), so they fit both.
 SD15_CONTROLNETS = "sd15"
@@ -93,6 +100,27 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
             clip_model="tiny",
             note="built offline with random, seeded weights: for tests, CI and demos without network",
             download_size="nothing (built locally in about a second, under 2 MB)",
+            offline_builder="tiny",
+            controlnet="tiny",
+        ),
+        "sd15-live": Preset(
+            name="sd15-live",
+            sd_model="stable-diffusion-v1-5/stable-diffusion-v1-5",
+            clip_model="openai/clip-vit-large-patch14",
+            loras=((LCM_LORA_SD15, 1.0),),
+            defaults=LIVE_DEFAULTS,
+            note="live mode for teaching: SD 1.5 + LCM-LoRA, 4 steps with the lcm scheduler, guidance 1",
+            download_size="about 5.5 GB (SD 1.5) + 1.7 GB (CLIP ViT-L/14) + 135 MB (LCM-LoRA)",
+            controlnet=SD15_CONTROLNETS,
+        ),
+        "tiny-live": Preset(
+            name="tiny-live",
+            sd_model="tiny",
+            clip_model="tiny",
+            loras=(("tiny-lcm-lora", 1.0),),
+            defaults=LIVE_DEFAULTS,
+            note="offline twin of 'sd15-live': the tiny preset plus a random LoRA shaped like LCM-LoRA",
+            download_size="nothing (built locally, under 1 MB more than tiny)",
             offline_builder="tiny",
             controlnet="tiny",
         ),
@@ -250,6 +278,10 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
 )
 
 
+#: The live preset of a preset, for a face's "live" switch: the same SD with LCM-LoRA and the live defaults.
+LIVE_TWINS: MappingProxyType[str, str] = MappingProxyType({"sd15": "sd15-live", "tiny": "tiny-live"})
+
+
 class UnknownPresetError(ValueError):
     """A model name that is neither a preset, a local folder nor a plausible Hub id."""
 
@@ -274,8 +306,9 @@ def resolve_preset(model: str | Preset | None = None) -> Preset:
         clip = _local_clip_for(name)
         return Preset(name=name, sd_model=name, clip_model=clip, note="local folder")
     raise UnknownPresetError(
-        f"Unknown model {name!r}: pass one of the presets {', '.join(PRESETS)} or a local model folder, "
-        "or use ImagePromptPipeline.from_pretrained(sd_model=..., clip_model=...) for Hub ids."
+        f"Unknown model {name!r}: pass one of the presets {', '.join(p for p in PRESETS if not p.startswith('tiny-'))} "
+        "(or an offline 'tiny-' twin) or a local model folder, or use "
+        "ImagePromptPipeline.from_pretrained(sd_model=..., clip_model=...) for Hub ids."
     )
 
 

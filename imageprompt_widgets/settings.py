@@ -22,8 +22,19 @@ MODES = ("repeat", "single", "tokens", "blend", "ip_adapter", "caption")
 COMBINES = ("average", "norm_average", "concat", "add", "subtract", "max", "min", "slerp")
 #: How ``blend`` mixes the text prompt with the image (conditioning.BLEND_FUNCTIONS).
 BLENDS = ("interpolate", "concat")
-#: What the unconditional branch of classifier-free guidance sees.
+#: What the unconditional branch of classifier-free guidance sees: SD's text encoder on ``negative_prompt``
+#: (the empty prompt unless one is typed: diffusers' default), zeros, or the negative images (together with
+#: the negative text where one is typed; see the README's "Negative text").
 NEGATIVES = ("empty_prompt", "zeros", "image")
+#: The denoising schedulers (samplers) a run can use; each is built from the loaded model's own scheduler
+#: config (samplers.py). ``pndm`` is SD 1.x's own, the guide's.
+SCHEDULERS = ("pndm", "ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "unipc", "lcm")
+#: Where the starting noise comes from: a generator on the model's device (diffusers' way, the contract's
+#: default) or always the CPU's, so one seed gives the same picture on CPU, CUDA and MPS.
+NOISE_SOURCES = ("device", "cpu")
+#: The LCM scheduler plans its steps inside this many of the original schedule's (diffusers' LCMScheduler
+#: ``original_inference_steps``): more steps than this are refused.
+LCM_MAX_STEPS = 50
 #: How an image is made square for CLIP: CLIP's own center crop, a squash, or padding.
 CROPS = ("center_crop", "squash", "pad")
 #: IP-Adapter layers that receive the image (SD 1.x; "style" and "composition" after InstantStyle's SD 1.5
@@ -151,6 +162,10 @@ class GenerationSettings:
         min=0.0, max=5.0, step=0.05,
     )
     prompt: str = _spec("text", "", "prompt", "text used by the blend, ip_adapter and caption modes")
+    negative_prompt: str = _spec(
+        "text", "", "negative prompt",
+        "text guidance pushes away from (with negative=image: beside the negative images)",
+    )
     image_weight: float = _spec(
         "float", 0.5, "image weight", "blend: 0 = the text alone, 1 = the image alone", min=0.0, max=1.0, step=0.05
     )
@@ -166,10 +181,18 @@ class GenerationSettings:
         step=0.1,
     )
     steps: int = _spec("int", 30, "steps", "denoising steps", min=1, max=150, step=1)
+    scheduler: str = _spec(
+        "choice", "pndm", "scheduler", "the sampler: pndm is SD's own; lcm needs an LCM model (the -live presets)",
+        choices=SCHEDULERS,
+    )
     guidance_scale: float = _spec(
         "float", 7.5, "guidance", "classifier-free guidance; 1 or less turns it off", min=0.0, max=20.0, step=0.5
     )
     seed: int = _spec("int", 0, "seed", "same seed, same picture", min=0, max=MAX_SEED, step=1)
+    noise: str = _spec(
+        "choice", "device", "noise", "where the seed's noise is drawn: the model's device, or the CPU (the same "
+        "picture on every machine)", choices=NOISE_SOURCES, advanced=True,
+    )
     num_images: int = _spec("int", 1, "images", "how many images, batched", min=1, max=8, step=1)
     height: int | None = _spec(
         "size", None, "height", "pixels, a multiple of 8; empty = the model's native size",
@@ -180,7 +203,9 @@ class GenerationSettings:
         min=64, max=1024, step=8, advanced=True,
     )
     negative: str = _spec(
-        "choice", "empty_prompt", "negative", "what guidance pushes away from", choices=NEGATIVES, advanced=True
+        "choice", "empty_prompt", "negative",
+        "what guidance pushes away from: the negative prompt (empty by default), zeros, or negative images",
+        choices=NEGATIVES, advanced=True,
     )
     crop: str = _spec(
         "choice", "center_crop", "crop", "how the image is made square for CLIP", choices=CROPS, advanced=True
@@ -287,6 +312,16 @@ class GenerationSettings:
         if self.canny_low > self.canny_high:
             raise SettingsError(
                 f"canny_low={self.canny_low} must not be above canny_high={self.canny_high}."
+            )
+        if self.scheduler == "lcm" and self.steps > LCM_MAX_STEPS:
+            raise SettingsError(
+                f"scheduler='lcm' runs at most {LCM_MAX_STEPS} steps (it picks them from a {LCM_MAX_STEPS}-step "
+                f"schedule), not {self.steps}: use 2 to 8 steps, its intended range."
+            )
+        if self.negative == "zeros" and self.negative_prompt.strip():
+            raise SettingsError(
+                "negative_prompt is text for the negative branch, but negative='zeros' feeds zeros there: use "
+                "negative='empty_prompt' (the text) or 'image' (images and text together), or clear negative_prompt."
             )
         if self.structure == "img2img" and int(self.steps * self.strength) < 1:
             raise SettingsError(

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from .samplers import current_sigma
+
 #: At most this many latent snapshots are kept per run (a stride is used beyond it).
 MAX_TRACED_STEPS = 64
 
@@ -56,18 +58,25 @@ StepCallback = Callable[[StepInfo], None]
 
 
 def predicted_x0(
-    sample: torch.Tensor, timestep: Any, noise_prediction: torch.Tensor, scheduler: Any
+    sample: torch.Tensor, timestep: Any, noise_prediction: torch.Tensor, scheduler: Any,
+    sigma: float | None = None,
 ) -> torch.Tensor:
     """The clean latents the model predicts from a noisy ``sample`` at ``timestep`` (float32).
 
     ``x0 = (x - sqrt(1 - a) eps) / sqrt(a)`` with ``a = alphas_cumprod[t]`` (``v``-prediction:
     ``sqrt(a) x - sqrt(1 - a) v``). ``sample`` is the UNet's input: the variance-preserving latent for
-    every SD scheduler (Euler-type schedulers scale their latents, but hand the UNet this one). Not every
-    scheduler returns ``pred_original_sample`` (PNDM does not), so this is computed here for all.
+    every SD scheduler (Euler-type schedulers scale their latents, but hand the UNet this one). Schedulers
+    that step in sigma space (Euler, DPM-Solver, UniPC) may run at fractional timesteps or Karras sigmas:
+    pass their step's ``sigma`` and ``a = 1 / (1 + sigma^2)`` is used, exactly their own noise level
+    (:func:`~imageprompt_widgets.samplers.current_sigma`). Not every scheduler returns
+    ``pred_original_sample`` (PNDM does not), so this is computed here for all.
     """
-    alphas = scheduler.alphas_cumprod
-    index = round(float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep))
-    alpha = alphas[min(max(index, 0), len(alphas) - 1)].to(sample.device, torch.float32)
+    if sigma is not None:
+        alpha = torch.tensor(1.0 / (1.0 + sigma**2), dtype=torch.float32, device=sample.device)
+    else:
+        alphas = scheduler.alphas_cumprod
+        index = round(float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep))
+        alpha = alphas[min(max(index, 0), len(alphas) - 1)].to(sample.device, torch.float32)
     sample, noise_prediction = sample.float(), noise_prediction.float()
     if scheduler.config.get("prediction_type", "epsilon") == "v_prediction":
         return alpha.sqrt() * sample - (1 - alpha).sqrt() * noise_prediction
@@ -148,15 +157,17 @@ class StepTracker:
         sample = args[0] if args else kwargs["sample"]
         timestep = args[1] if len(args) > 1 else kwargs["timestep"]
         prediction = output[0] if isinstance(output, tuple) else output.sample
-        self._unet_call = (sample, timestep, prediction)
+        # The step's noise level is read now: the scheduler moves on to the next step before on_step runs.
+        self._unet_call = (sample, timestep, prediction, current_sigma(self.scheduler, timestep))
 
     def _x0(self) -> torch.Tensor:
         if self._unet_call is None:
             raise RuntimeError("no UNet call seen yet")
-        sample, timestep, prediction = self._unet_call
+        sample, timestep, prediction, sigma = self._unet_call
         if self.guidance_scale is not None:
             sample = sample.chunk(2)[1]
-        return predicted_x0(sample, timestep, guided_prediction(prediction, self.guidance_scale), self.scheduler)
+        return predicted_x0(sample, timestep, guided_prediction(prediction, self.guidance_scale), self.scheduler,
+                            sigma)
 
     @property
     def timesteps(self) -> list[float]:

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from .controlnets import control_kind, controlnet_for, estimator_for, kind_of_controlnet
+from .memory import execution_device
 from .models import StatusCallback, diffusers_dtype_kwarg
 from .quiet import quiet_loaders
 from .settings import CONTROLNET_STRUCTURES, ControlUnit, GenerationSettings, SettingsError
@@ -278,7 +279,8 @@ class StructureRunners:
         with self._loading:
             if name not in self._controlnets:
                 self._controlnets[name] = load_controlnet(
-                    name, self.sd.device, self.sd.unet.dtype, allow_pickle=self.allow_pickle, on_status=on_status
+                    name, execution_device(self.sd), self.sd.unet.dtype, allow_pickle=self.allow_pickle,
+                    on_status=on_status,
                 )
         return self._controlnets[name]
 
@@ -292,7 +294,8 @@ class StructureRunners:
         with self._loading:
             if name not in self._estimators:
                 self._estimators[name] = load_depth_estimator(
-                    name, self.sd.device, self.sd.unet.dtype, allow_pickle=self.allow_pickle, on_status=on_status
+                    name, execution_device(self.sd), self.sd.unet.dtype, allow_pickle=self.allow_pickle,
+                    on_status=on_status,
                 )
         return self._estimators[name]
 

@@ -180,6 +180,22 @@ def test_scaling_benchmark_encodes_an_image_once_for_two_seeds(tmp_path):
     _result(tmp_path, "scaling")
 
 
+@pytest.mark.slow  # starts the command line four times (two of them under accelerate launch)
+def test_batch_benchmark_runs_and_one_and_two_processes_write_the_same_bytes(tmp_path):
+    from benchmarks import batch
+
+    payload = batch.main(["--quick", "--out", str(tmp_path)])
+    (row,) = payload["rows"]
+    embedding, generation = row["embedding"], row["generation"]
+    assert embedding["images"] == 2 and embedding["batched_images_per_second"] > 0
+    assert set(generation["ways"]) == {"generate per image", "batch, 1 process", "batch, 2 processes"}
+    assert generation["identical_outputs"] is True
+    assert generation["ways"]["generate per image"]["generating_seconds"] is None
+    assert generation["ways"]["batch, 2 processes"]["generating_seconds"] > 0
+    assert "| batch, 2 processes |" in payload["table"]
+    _result(tmp_path, "batch")
+
+
 def test_gpu_benchmark_smoke_runs_on_the_cpu(tmp_path):
     from benchmarks import gpu
 
@@ -196,3 +212,19 @@ def test_gpu_benchmark_refuses_to_run_without_cuda_when_asked_for_it(tmp_path):
 
     with pytest.raises(SystemExit, match="No CUDA device here"):
         gpu.main(["--out", str(tmp_path)])
+
+
+def test_samplers_benchmark_counts_the_live_modes_unet_calls(tmp_path):
+    from benchmarks import samplers
+    from imageprompt_widgets.settings import SCHEDULERS
+
+    (row,) = samplers.main(["--quick", "--out", str(tmp_path)])["rows"]
+    live, default = row["live"]["live"], row["live"]["default"]
+    assert (live["scheduler"], live["steps"], live["unet_calls"], live["rows_per_call"]) == ("lcm", 4, 4, [1])
+    assert (default["scheduler"], default["unet_calls"], default["rows_per_call"]) == ("pndm", 5, [2])  # 4 + 1
+    assert row["live"]["ratio"] > 0
+    sweep = row["schedulers"]
+    assert set(sweep) - {"settings"} == set(SCHEDULERS)
+    assert sweep["pndm"]["unet_calls"] == 3 and sweep["ddim"]["unet_calls"] == 2  # PNDM's warm-up step
+    assert sweep["pndm"]["ratio_to_pndm"] == 1.0
+    _result(tmp_path, "samplers")

@@ -163,14 +163,13 @@ def test_every_setting_kind_is_one_the_controls_know_or_the_new_floats():
 
 def test_cli_accepts_comma_separated_weights_and_new_flags():
     from imageprompt_widgets.cli import build_parser
-    from imageprompt_widgets.cli import setting_specs as cli_specs
+    from imageprompt_widgets.cli_common import chosen_settings
 
     args = build_parser().parse_args(
         ["generate", "a.png", "b.png", "-o", "out", "--weights", "1,0.5", "--combine", "slerp", "--norm-match",
          "--mode", "blend", "--prompt", "a cat", "--crop", "pad"]
     )
-    chosen = {s.name: getattr(args, s.name) for s in cli_specs() if getattr(args, s.name) is not None}
-    settings = GenerationSettings.from_kwargs(**chosen)
+    settings = GenerationSettings.from_kwargs(**chosen_settings(args))
     assert (settings.weights, settings.combine, settings.norm_match) == ((1.0, 0.5), "slerp", True)
     assert (settings.mode, settings.prompt, settings.crop) == ("blend", "a cat", "pad")
 

@@ -100,7 +100,7 @@ def test_the_kernel_is_an_extra_that_skips_the_broken_release() -> None:
 def test_test_and_dev_tools_are_separate_extras() -> None:
     test = _extra("test")
     (itself,) = [r for r in test if canonicalize_name(r.name) == "imageprompt-widgets"]
-    assert itself.extras == {"notebook", "plot", "edges"}
+    assert itself.extras == {"notebook", "plot", "edges", "batch", "lora", "lowmem"}
     assert {"pytest", "hypothesis", "nbclient", "nbformat", "jupyterlab", "notebook", "playwright"} <= {
         canonicalize_name(r.name) for r in test
     }

@@ -436,7 +436,8 @@ def test_a_saved_png_regenerates_identically_after_a_kernel_restart(tiny_pipe, i
     widget.history.save_dir = tmp_path
     widget.set_images(image)
     widget.generate().result()
-    widget.history.select(widget.history.items[0])  # the second image of the batch (newest first)
+    second = next(item for item in widget.history.items if item.index == 1)  # the batch's second image
+    widget.history.select(second)
     saved = widget.history.save_selected()
     widget.close()
     input_path = tmp_path / "input.png"

@@ -24,9 +24,12 @@ from ..presets import PRESETS, Preset
 from ..settings import MODES, STRUCTURE_SETTINGS
 
 #: Settings every run reads, whatever its method (the structure section adds its own, per structure).
-SHARED_SETTINGS = ("mode", "steps", "guidance_scale", "seed", "num_images", "height", "width", "structure")
+SHARED_SETTINGS = ("mode", "steps", "scheduler", "guidance_scale", "seed", "noise", "num_images", "height",
+                   "width", "structure")
 #: What the image-token methods read: how images become tokens, and what guidance pushes away from.
-_IMAGE_TOKEN_SETTINGS = ("scale", "norm_match", "combine", "weights", "negative", "crop")
+_IMAGE_TOKEN_SETTINGS = ("scale", "norm_match", "combine", "weights", "negative", "negative_prompt", "crop")
+#: Settings that only act through SD's text encoder (hidden for a model without one, e.g. image variations).
+TEXT_ONLY_SETTINGS = ("negative_prompt",)
 
 #: Capabilities a preset (or a loaded pipeline) can have; methods name the ones they need.
 CAPABILITIES = ("image_tokens", "text", "ip_adapter", "captioner")
@@ -79,13 +82,13 @@ METHODS: dict[str, Method] = {
         Method(
             "ip_adapter", "IP-Adapter: image tokens through the adapter's own cross-attention, beside the text",
             "ip_adapter",
-            ("scale", "combine", "weights", "negative", "crop", "prompt", "adapter_start", "adapter_end",
-             "adapter_blocks", "adapter_scales", "adapter_block_scales"),
+            ("scale", "combine", "weights", "negative", "negative_prompt", "crop", "prompt", "adapter_start",
+             "adapter_end", "adapter_blocks", "adapter_scales", "adapter_block_scales"),
             frozenset({"ip_adapter", "text"}), "tiny-ip-adapter",
         ),
         Method(
             "caption", "BLIP captions the image, SD draws from the words (editable in prompt)",
-            "caption", ("prompt", "negative"), frozenset({"captioner", "text"}), "tiny-caption",
+            "caption", ("prompt", "negative", "negative_prompt"), frozenset({"captioner", "text"}), "tiny-caption",
         ),
     )
 }
@@ -121,6 +124,12 @@ def presets_providing(name: str) -> list[str]:
     return [preset.name for preset in PRESETS.values() if METHODS[name].available(preset_capabilities(preset))]
 
 
-def settings_read(mode: str, structure: str = "none") -> frozenset[str]:
-    """Every setting a run with this method and structure reads: what a face should show."""
-    return frozenset((*SHARED_SETTINGS, *METHODS[mode].reads, *STRUCTURE_SETTINGS[structure]))
+def settings_read(
+    mode: str, structure: str = "none", capabilities: Iterable[str] | None = None
+) -> frozenset[str]:
+    """Every setting a run with this method and structure reads: what a face should show. With the model's
+    ``capabilities`` (``pipe.capabilities()``), settings that need SD's text encoder drop out where it has none."""
+    read = {*SHARED_SETTINGS, *METHODS[mode].reads, *STRUCTURE_SETTINGS[structure]}
+    if capabilities is not None and "text" not in set(capabilities):
+        read -= set(TEXT_ONLY_SETTINGS)
+    return frozenset(read)

@@ -19,7 +19,7 @@ from ..models import translate_load_errors
 from ..presets import Preset
 from ..quiet import quiet_loaders
 from ..settings import SettingsError
-from .inputs import ConditioningInputs
+from .inputs import ConditioningInputs, negative_text
 
 #: The longest caption BLIP may write, in tokens.
 MAX_CAPTION_TOKENS = 30
@@ -87,5 +87,5 @@ def build(inputs: ConditioningInputs) -> Conditioning:
             )
         text = captioner.caption(inputs.images[0])
     prompt = inputs.text.encode(text)
-    negative = inputs.text.empty if settings.negative == "empty_prompt" else lambda: torch.zeros_like(prompt)
+    negative = negative_text(inputs) if settings.negative == "empty_prompt" else lambda: torch.zeros_like(prompt)
     return Conditioning(prompt, negative=negative, notes={"caption": text})

@@ -3,8 +3,9 @@
 ``repeat`` is the original guide's method (CLIP's projected image embedding copied into the 77 slots of a
 text prompt), ``single`` the same embedding as one token, ``tokens`` every projected vision token. Several
 images are combined (``combine``, ``weights``), optionally rescaled to the length of SD's text tokens
-(``norm_match``), then multiplied by ``scale``. The negative is SD's empty prompt (the guide's default),
-zeros, or the negative images through the same steps.
+(``norm_match``), then multiplied by ``scale``. The negative is SD's text encoder on ``negative_prompt``
+(the empty prompt, the guide's default, unless one is typed), zeros, or the negative images through the same
+steps, with the negative text's 77 tokens in front of them when one is typed.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from .. import conditioning
 from ..conditioning import Conditioning, ConditioningError
 from ..encoding import ImageEmbedding
-from .inputs import ConditioningInputs, TextSide
+from .inputs import ConditioningInputs, TextSide, negative_text
 
 #: How each form turns ``[N, D]`` embeddings (or ``[N, T, D]`` tokens) into ``[N, L, D]`` sequences.
 FORMS = ("repeat", "single", "tokens")
@@ -67,19 +68,30 @@ def norm_matched(
 def negative_for(
     inputs: ConditioningInputs, prompt: torch.Tensor, form: str, extras: dict[str, torch.Tensor]
 ) -> Callable[[], torch.Tensor]:
-    """The unconditional branch, as a function (called only when guidance runs): SD's empty prompt,
-    zeros shaped like the prompt, or the negative images in the prompt's form (averaged with equal
-    weights, norm-matched and scaled like the prompt)."""
+    """The unconditional branch, as a function (called only when guidance runs): SD's text encoder on
+    ``negative_prompt`` (the empty prompt when none is typed), zeros shaped like the prompt, or the negative
+    images in the prompt's form (averaged with equal weights, norm-matched and scaled like the prompt).
+
+    Negative images and a negative text together: the text's 77 tokens followed by the images' tokens, one
+    sequence the UNet's cross-attention reads at once (as ``blend="concat"`` joins text and image); the
+    prompt is padded to its length with masked tokens, which cross-attention ignores exactly."""
     settings = inputs.settings
     if settings.negative == "empty_prompt":
-        return inputs.text.empty
+        return negative_text(inputs)
     if settings.negative == "zeros":
         return lambda: torch.zeros_like(prompt)
     negative_embedding = inputs.negative_embedding
     assert negative_embedding is not None  # generate() checks the inputs against negative="image" first
-    return lambda: image_sequence(
-        inputs, negative_embedding, form, combine="average", weights=(), extras=extras, prefix="negative_"
-    )
+
+    def images() -> torch.Tensor:
+        return image_sequence(
+            inputs, negative_embedding, form, combine="average", weights=(), extras=extras, prefix="negative_"
+        )
+
+    if not settings.negative_prompt:
+        return images
+    text = negative_text(inputs)
+    return lambda: torch.cat([text(), images().to(prompt.dtype)], dim=1)
 
 
 def check_width(embedding: ImageEmbedding, cross_attention_dim: int, mode: str) -> None:

@@ -37,3 +37,11 @@ class ConditioningInputs:
     #: One embedding per IP-Adapter when each has its own images (``adapter_images``); empty: ``embedding`` for all.
     adapter_embeddings: Sequence[ImageEmbedding] = ()
     preset_name: str = "custom"  # for messages
+
+
+def negative_text(inputs: ConditioningInputs) -> Callable[[], torch.Tensor]:
+    """The text side of the negative branch, as a function (called only when guidance runs): SD's text
+    encoder on ``negative_prompt``, exactly the ``negative_prompt_embeds`` diffusers computes for it beside a
+    77-token prompt, or the empty prompt (diffusers' default negative) when none is typed."""
+    text, negative_prompt = inputs.text, inputs.settings.negative_prompt
+    return (lambda: text.encode(negative_prompt)) if negative_prompt else text.empty

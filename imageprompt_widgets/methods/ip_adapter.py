@@ -30,7 +30,7 @@ from ..models import EncoderMismatchError, translate_load_errors
 from ..presets import Preset
 from ..quiet import quiet_loaders
 from ..settings import GenerationSettings, SettingsError
-from .inputs import ConditioningInputs
+from .inputs import ConditioningInputs, negative_text
 
 #: IP-Adapter layers per block preset, as ``set_ip_adapter_scale`` takes them (SD 1.x block names).
 #: From InstantStyle's SD 1.5 script (https://github.com/InstantStyle/InstantStyle/blob/main/infer_style_sd15.py):
@@ -277,8 +277,11 @@ def build(inputs: ConditioningInputs) -> Conditioning:
     Each adapter gets its own images (``inputs.adapter_embeddings``; by default every adapter sees the input
     images), combined with ``combine``/``weights`` (``concat`` keeps them side by side: the adapter's tokens for
     each). A plain adapter reads the projected embedding, a Plus adapter the penultimate hidden states.
-    The adapters' negative is what diffusers uses (zeros for a plain adapter, an all-zero input's hidden states
-    for Plus) or the negative images'.
+    The text branch's negative is ``negative_prompt`` (the empty prompt when none is typed; zeros with
+    ``negative="zeros"``), exactly as diffusers encodes a ``negative_prompt`` beside ``ip_adapter_image``. The
+    adapters' negative is what diffusers uses (zeros for a plain adapter, an all-zero input's hidden states
+    for Plus) or the negative images'. So negative text and negative images act side by side: the text on
+    SD's own cross-attention, the images on the adapters'.
     """
     settings = inputs.settings
     adapter = inputs.parts.get("ip_adapter")
@@ -302,7 +305,7 @@ def build(inputs: ConditioningInputs) -> Conditioning:
         adapter_input(embedding, hidden, settings.combine, settings.weights, inputs.preset_name)
         for embedding, hidden in zip(embeddings, adapter.reads_hidden_states)
     ]
-    negative_text = (lambda: torch.zeros_like(text)) if settings.negative == "zeros" else inputs.text.empty
+    negative = (lambda: torch.zeros_like(text)) if settings.negative == "zeros" else negative_text(inputs)
 
     def negative_images() -> list[torch.Tensor]:
         return [
@@ -310,7 +313,7 @@ def build(inputs: ConditioningInputs) -> Conditioning:
             for embedding, hidden, image in zip(embeddings, adapter.reads_hidden_states, images)
         ]
 
-    return Conditioning(text, negative=negative_text, adapter_embeds=images, negative_adapter_embeds=negative_images,
+    return Conditioning(text, negative=negative, adapter_embeds=images, negative_adapter_embeds=negative_images,
                         contexts=[adapter.window(settings)])
 
 

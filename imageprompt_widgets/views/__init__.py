@@ -15,7 +15,7 @@ exact VAE decode, x0 replays, interpolation runs, the attention maps) is the pip
 One module per concept: :mod:`.tensors` (one-line summaries), :mod:`.clip` (what CLIP saw, similarity),
 :mod:`.norms` (the scale gap and the direction gap), :mod:`.tokens` (the prompt token by token),
 :mod:`.denoising` (the filmstrip), :mod:`.interpolation`, :mod:`.attention` (where each token acts),
-:mod:`.gallery` (captioned pictures side by side).
+:mod:`.gallery` (captioned pictures side by side), :mod:`.dataset` (a dataset's embeddings on a 2-D map).
 
 ```python
 from imageprompt_widgets import ImagePromptPipeline, views
@@ -49,6 +49,7 @@ from .clip import (
     source_labels,
     what_clip_saw,
 )
+from .dataset import DatasetMap, dataset_map
 from .denoising import (
     LATENT_STAT_NAMES,
     MAX_FILMSTRIP_FRAMES,
@@ -79,6 +80,7 @@ __all__ = [
     "AttentionView",
     "ClipInputView",
     "CropComparisonView",
+    "DatasetMap",
     "DirectionGapView",
     "FigureView",
     "FilmstripView",
@@ -97,6 +99,7 @@ __all__ = [
     "clip_input_images",
     "cosine_similarity",
     "crop_comparison",
+    "dataset_map",
     "direction_gap",
     "filmstrip",
     "frame_indices",
