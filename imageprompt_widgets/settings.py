@@ -75,7 +75,8 @@ class SettingSpec:
     """What a control needs to know about one setting: its kind, range, label and help."""
 
     name: str
-    kind: str  # "float", "int", "choice", "bool", "text", "size", "floats" (a list of numbers)
+    kind: str  # "float", "int", "choice", "bool", "text", "size", "floats" (a list of numbers), "units" (ControlNet
+    #            units as JSON text: a panel edits them as rows, the command line takes the JSON)
     default: Any
     label: str
     help: str = ""
@@ -259,7 +260,7 @@ class GenerationSettings:
         min=0.0, max=1.0, step=0.05, section="structure",
     )
     control_units: str = _spec(
-        "text", "", "more ControlNets",
+        "units", "", "more ControlNets",
         'edges, depth: more ControlNet units beside the structure\'s own, as JSON, e.g. [{"kind": "depth", '
         '"scale": 0.5, "end": 0.6}] (fields: kind, scale, start, end, canny_low, canny_high); one structure image '
         "per unit, or one for all",
@@ -387,7 +388,7 @@ def _validated(spec: SettingSpec, value: Any) -> Any:
         if not isinstance(value, bool):
             raise SettingsError(f"{spec.name} must be True or False, not {value!r}.")
         return value
-    if spec.kind == "text":
+    if spec.kind in ("text", "units"):
         if not isinstance(value, str):
             raise SettingsError(f"{spec.name} must be text, not {type(value).__name__}.")
         return value

@@ -155,7 +155,7 @@ def test_adapter_window_must_be_ordered():
 
 def test_every_setting_kind_is_one_the_controls_know_or_the_new_floats():
     kinds = {spec.kind for spec in setting_specs()}
-    assert kinds <= {"float", "int", "choice", "bool", "text", "size", "floats"}
+    assert kinds <= {"float", "int", "choice", "bool", "text", "size", "floats", "units"}
     assert {"mode", "combine", "weights", "negative", "crop", "norm_match", "prompt", "image_weight"} <= {
         spec.name for spec in setting_specs()
     }

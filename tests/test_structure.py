@@ -353,6 +353,10 @@ def test_widget_structure_section_previews_the_edge_map_and_runs_with_it(tiny_pi
     from imageprompt_widgets import ImagePromptWidget
     from imageprompt_widgets.widget.runner import InlineRunner
 
+    def shown(tile) -> np.ndarray:
+        assert tile.filled and tile.placeholder.layout.display == "none"
+        return np.asarray(Image.open(io.BytesIO(tile.image.value)))
+
     widget = ImagePromptWidget(pipeline=tiny_pipe, runner=InlineRunner(), steps=2)
     try:
         box = widget.controls.groups["structure"]  # the panel's Structure group
@@ -360,24 +364,27 @@ def test_widget_structure_section_previews_the_edge_map_and_runs_with_it(tiny_pi
         assert labels[:7] == ["structure", "canny low", "canny high", "control scale", "control start",
                               "control end", "strength"]
         assert widget.structure_upload in widget.structure_extras.children and widget.structure_extras in box.children
+        assert box.children.index(widget.structure_extras) < box.children.index(widget.controls["control_units"])
+        assert box.children[-1] is widget.maps  # the maps close the section
         widget.set_images([image])
-        assert widget.edge_preview.layout.display == "none"  # structure="none": nothing to preview
+        assert widget.maps.layout.display == "none"  # structure="none": nothing to preview
 
         widget.set_structure_image(shape_image("square"))
         widget.controls["structure"].value = "edges"  # as the browser sets it
-        shown = np.asarray(Image.open(io.BytesIO(widget.edge_preview.value)))
+        (tile,) = widget.maps.tiles
         expected = structure.edge_map(shape_image("square"), 100, 200, (SIZE, SIZE))  # tiny: native 64 px
-        assert widget.edge_preview.layout.display is None
-        np.testing.assert_array_equal(shown, np.asarray(expected))
+        assert widget.maps.layout.display is None
+        np.testing.assert_array_equal(shown(tile), np.asarray(expected))
+        assert "ControlNet 1 · Canny edges" in tile.caption.value
         widget.controls["canny_low"].value = 10  # the thresholds update it
         widget.controls["canny_high"].value = 20
-        lower = np.asarray(Image.open(io.BytesIO(widget.edge_preview.value)))
+        lower = shown(tile)
         np.testing.assert_array_equal(lower, np.asarray(structure.edge_map(shape_image("square"), 10, 20, (SIZE, SIZE))))
 
         result = widget.generate().result()
         assert result.recipe["settings"]["structure"] == "edges"
         assert len(result.recipe["structure_input"]) == 16  # the structure image, not the input, was used
-        after_run = np.asarray(Image.open(io.BytesIO(widget.edge_preview.value)))
-        assert np.array_equal(after_run, np.asarray(lower))  # the run's own edge map, the same pixels
+        assert "in this run" in widget.maps.note.value
+        np.testing.assert_array_equal(shown(widget.maps.tiles[0]), lower)  # the run's own edge map, the same pixels
     finally:
         widget.close()

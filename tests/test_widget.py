@@ -23,12 +23,24 @@ from PIL import Image
 
 from imageprompt_widgets import GenerationSettings, ImagePromptPipeline, ImagePromptWidget
 from imageprompt_widgets.downloads import DownloadProgress
+from imageprompt_widgets.encoding import fingerprint
 from imageprompt_widgets.images import ImageInputError
 from imageprompt_widgets.methods import methods_for, settings_read
 from imageprompt_widgets.offline import sample_image
 from imageprompt_widgets.presets import PRESETS
 from imageprompt_widgets.results import Trace, recipe_from_png
-from imageprompt_widgets.settings import MODES, STRUCTURES, SettingsError, SettingSpec, setting_specs
+from imageprompt_widgets.settings import (
+    MAX_CONTROL_UNITS,
+    MODES,
+    STRUCTURES,
+    UNIT_SETTINGS,
+    ControlUnit,
+    SettingsError,
+    SettingSpec,
+    setting_specs,
+    unit_specs,
+    units_text,
+)
 from imageprompt_widgets.widget import InlineRunner, ThreadRunner, controls
 from imageprompt_widgets.widget.controls import group_of, help_of
 from imageprompt_widgets.widget.inputs import load_upload, uploaded_files
@@ -181,7 +193,8 @@ def test_controls_are_generated_from_the_settings_specs():
         assert control is widget.controls[spec.name] and control.value == shown
         if spec.kind in ("int", "float"):
             assert (control.min, control.max) == (spec.min, spec.max)
-        assert help_of(control) == spec.help and spec.help  # on the synced trait of 7.7 and of 8
+        helped = control.add_button if spec.kind == "units" else control  # the units' help: on their add button
+        assert help_of(helped) == spec.help and spec.help  # on the synced trait of 7.7 and of 8
     assert widget.controls.settings() == GenerationSettings()
     assert labelled(widget.controls.groups["advanced"], "crop") is widget.controls["crop"]  # folded away
     assert labelled(widget.controls.groups["method"], "mode") is widget.controls["mode"]
@@ -671,6 +684,9 @@ def test_help_texts_are_on_the_trait_the_installed_ipywidgets_syncs():
     for spec in setting_specs():
         if spec.name in widget.controls.controls:
             control = widget.controls[spec.name]
+            if spec.kind == "units":  # rows of controls: the help is on the add button (a Button syncs tooltip in 7.7)
+                assert "tooltip" in control.add_button.keys and control.add_button.tooltip == spec.help
+                continue
             assert synced in control.keys and getattr(control, synced) == spec.help
     assert controls.help_of(widget.upload) and controls.help_of(widget.model_picker)
     widget.close()
@@ -1017,3 +1033,267 @@ def test_the_panel_and_its_parts_stay_alive_after_every_error(panel, tmp_path):
         panel.load_recipe(tmp_path / "missing.png")
     panel.controls["steps"].set_state({"value": -4})
     assert panel.inputs.names and panel.generate().result(WAIT).images
+
+
+# -- several ControlNet units, their maps, several IP-Adapters (issue 18) -------------------------------
+
+
+def unit_rows(widget: ImagePromptWidget) -> list:
+    return widget.controls["control_units"].rows
+
+
+def shown_map(tile) -> np.ndarray:
+    """What a map tile shows the user: its PNG, decoded (the grey box hidden)."""
+    assert tile.filled and tile.placeholder.layout.display == "none"
+    return np.asarray(Image.open(io.BytesIO(bytes(tile.image.value))))
+
+
+def test_controlnet_units_are_rows_added_and_removed_with_each_kinds_own_controls(panel):
+    editor = panel.controls["control_units"]
+    choose(panel.controls["structure"], "none")
+    assert editor.layout.display == "none"  # structure none reads no units
+    choose(panel.controls["structure"], "edges")
+    assert editor.layout.display != "none" and editor.value == "" and not unit_rows(panel)
+    labelled(editor, "add a ControlNet", ipywidgets.Button).click()
+    (row,) = unit_rows(panel)
+    assert row.kind == "depth"  # the kind not used yet: the structure's own reads edges
+    assert editor.value == units_text([ControlUnit(kind="depth")])  # every field at the unit specs' defaults
+    assert "ControlNet 2 · depth" in row.title.value
+    depth_shown = {name for name, control in row.controls.items() if control.layout.display != "none"}
+    assert depth_shown == set(UNIT_SETTINGS["depth"])  # no Canny thresholds for a depth map
+    spec = {spec.name: spec for spec in unit_specs()}
+    for name, control in row.controls.items():  # every range from the unit's specs
+        if spec[name].kind in ("int", "float"):
+            assert (control.min, control.max, control.step) == (spec[name].min, spec[name].max, spec[name].step)
+    choose(row.controls["kind"], "edges")
+    assert {name for name, control in row.controls.items() if control.layout.display != "none"} == \
+        set(UNIT_SETTINGS["edges"])
+    assert "ControlNet 2 · Canny edges" in row.title.value
+    row.controls["scale"].set_state({"value": 0.5})
+    row.controls["canny_low"].set_state({"value": 40})
+    assert panel.controls.settings().units()[1] == ControlUnit(kind="edges", scale=0.5, canny_low=40)
+    row.controls["scale"].set_state({"value": 2.5})  # outside the unit spec's range: refused with a sentence
+    assert row.controls["scale"].value == 0.5 and panel.status.startswith("control scale=2.5 is outside its range")
+
+    add = labelled(editor, "add a ControlNet", ipywidgets.Button)
+    add.click()
+    add.click()
+    assert [row.kind for row in unit_rows(panel)] == ["edges", "depth", "depth"]  # each new one: the kind used least
+    assert len(unit_rows(panel)) + 1 == MAX_CONTROL_UNITS and add.disabled  # four ControlNets in all
+    assert editor.add() is None and f"of at most {MAX_CONTROL_UNITS} ControlNets" in editor.count_note.value
+    second = unit_rows(panel)[1]
+    labelled(unit_rows(panel)[0], "remove ControlNet", ipywidgets.Button).click()  # the others move up
+    assert unit_rows(panel)[0] is second and "ControlNet 2 ·" in second.title.value and not add.disabled
+    assert second.upload.description == "Structure 2"
+    assert len(panel.controls.settings().units()) == 3
+
+    choose(panel.controls["structure"], "img2img")  # no ControlNet: the rows wait, hidden, and count for nothing
+    assert editor.value == "" and len(unit_rows(panel)) == 2 and editor.layout.display == "none"
+    assert panel.controls.settings().units() == ()
+    choose(panel.controls["structure"], "depth")
+    assert [unit.kind for unit in panel.controls.settings().units()] == ["depth", "depth", "depth"]
+
+
+def test_a_unit_that_does_not_fit_is_named_at_once_and_refused_by_generate(panel):
+    choose(panel.controls["structure"], "edges")
+    row = panel.controls["control_units"].add()
+    row.controls["end"].set_state({"value": 0.3})
+    row.controls["start"].set_state({"value": 0.7})
+    assert panel.status == "ControlNet 2 · depth: start=0.7 must be less than end=0.3."
+    future = panel.generate()
+    assert isinstance(future.exception(WAIT), SettingsError)
+    assert panel.status == "control_units[0]: start=0.7 must be less than end=0.3."
+    assert panel.controls["control_units"].value  # nothing was thrown away
+
+
+def test_units_round_trip_through_load_recipe_and_rerun(panel, tiny_pipe, image, tmp_path):
+    choose(panel.controls["structure"], "depth")
+    panel.controls["control_scale"].value = 0.8
+    editor = panel.controls["control_units"]
+    first = editor.add()
+    first.controls["scale"].set_state({"value": 0.6})
+    first.controls["start"].set_state({"value": 0.25})
+    second = editor.add(ControlUnit(kind="depth", end=0.5))
+    assert second is not None
+    result = panel.generate().result(WAIT)
+    used = result.recipe["settings"]["control_units"]
+    assert [u.to_dict() for u in result.settings.units()[1:]] == [
+        ControlUnit(kind="edges", scale=0.6, start=0.25).to_dict(), ControlUnit(kind="depth", end=0.5).to_dict()]
+    expected = solo(tiny_pipe, image, weights=(1.0,), structure="depth", control_scale=0.8, control_units=used,
+                    **FAST)
+    assert_same_pixels(result.images[0], expected.images[0])  # the rows reached the engine
+
+    panel.history.save_dir = tmp_path
+    panel.history.select(panel.history.items[0])
+    labelled(panel, "Save PNG", ipywidgets.Button).click()
+    (saved,) = tmp_path.glob("*.png")
+    fresh = ImagePromptWidget(pipeline=tiny_pipe, runner=InlineRunner(), preview_interval=0)
+    try:
+        fresh.set_images(image)
+        fresh.load_recipe(saved)
+        assert fresh.controls["control_units"].value == used  # exactly the setting's text
+        assert [row.kind for row in unit_rows(fresh)] == ["edges", "depth"]
+        assert unit_rows(fresh)[0].controls["start"].value == 0.25
+        again = fresh.generate().result(WAIT)
+        assert again.recipe["settings"] == result.recipe["settings"]
+        assert_same_pixels(again.images[0], result.images[0])
+    finally:
+        fresh.close()
+    # A history re-run after the rows were changed puts the item's units back.
+    editor.remove(unit_rows(panel)[0])
+    choose(panel.controls["structure"], "none")
+    rerun = panel.rerun(panel.history.items[-1]).result(WAIT)
+    assert rerun.recipe["settings"] == result.recipe["settings"] and len(unit_rows(panel)) == 2
+    assert_same_pixels(rerun.images[0], result.images[0])
+
+
+def test_every_units_map_is_previewed_and_depth_is_computed_through_the_controller(tiny_pipe, image, other_image):
+    from imageprompt_widgets.controller import Finished
+    from imageprompt_widgets.widget.panel import MAPS_TASK
+
+    widget = ImagePromptWidget(pipeline=tiny_pipe, runner=InlineRunner(), preview_interval=0, **FAST)
+    tasks = []
+    widget.controller.subscribe(lambda event: isinstance(event, Finished) and tasks.append(event.job.kind))
+    try:
+        widget.set_images(image)
+        widget.controls["canny_low"].value = 30
+        choose(widget.controls["structure"], "depth")
+        row = widget.controls["control_units"].add()  # an edges unit with a picture of its own
+        browser_upload_to(row.upload, [("other.png", png_bytes(other_image))])
+        assert row.picture.names == ["other.png"] and upload_count(row.upload) == 1
+        assert tasks.count(MAPS_TASK) >= 1  # the depth map came through the controller (a task, not a run)
+        assert widget.status == "1 input image ready; press Generate."  # the task said nothing there
+
+        expected = tiny_pipe.structure_maps(settings=widget.controls.settings(), structure_image=[image, other_image])
+        depth, edges = widget.maps.tiles
+        assert "ControlNet 1 · depth" in depth.caption.value and "ControlNet 2 · Canny edges" in edges.caption.value
+        np.testing.assert_array_equal(shown_map(depth), np.asarray(expected[0].image))
+        np.testing.assert_array_equal(shown_map(edges), np.asarray(expected[1].image))
+        assert expected[1].unit.canny_low == 100  # the row's own thresholds, not the structure's (30)
+
+        computed = tasks.count(MAPS_TASK)
+        row.controls["canny_high"].value = 150  # only the edges change: the depth map is kept, not recomputed
+        assert tasks.count(MAPS_TASK) == computed and depth.filled
+        result = widget.generate().result(WAIT)
+        assert result.recipe["structure_input"] == [fingerprint(image)[:16], fingerprint(other_image)[:16]]
+        assert "in this run" in widget.maps.note.value
+        for index, tile in enumerate(widget.maps.tiles):  # the run's traced maps, the same pixels as the preview
+            traced = result.trace.extras["control_image" if index == 0 else f"control_image_{index}"][0, 0]
+            np.testing.assert_array_equal(shown_map(tile), (traced * 255).round().byte().numpy())
+        assert "ControlNet 1 · depth" in widget.maps.tiles[0].caption.value  # a depth run's map is no "edge map"
+        assert_no_empty_image(widget)
+    finally:
+        widget.close()
+
+
+def test_a_depth_map_waits_in_a_grey_box_for_the_model_and_for_a_running_generation(tiny_pipe, image):
+    unloaded = ImagePromptWidget(model="tiny", runner=InlineRunner())
+    unloaded.set_images(image)
+    choose(unloaded.controls["structure"], "depth")
+    (tile,) = unloaded.maps.tiles
+    assert not tile.filled and "appears once the model has loaded" in tile.placeholder.value
+    assert unloaded.pipeline is None  # a preview never loads the model by itself
+    assert_no_empty_image(unloaded)
+    unloaded.close()
+
+    steered = SteeredPipeline(tiny_pipe, pause_at=1)
+    widget = ImagePromptWidget(pipeline=steered, runner=ThreadRunner(), preview_interval=3600, steps=3)
+    try:
+        widget.set_images(image)
+        future = widget.generate()
+        assert steered.paused.wait(WAIT)
+        choose(widget.controls["structure"], "depth")  # while the run holds the pipeline
+        (tile,) = widget.maps.tiles
+        assert not tile.filled and "when the current run ends" in tile.placeholder.value
+        assert_no_empty_image(widget)
+        steered.resume.set()
+        future.result(WAIT)
+        assert widget.controller.join(WAIT)  # the run, then the maps' task it left waiting
+        expected = tiny_pipe.structure_maps(images=[image], settings=widget.controls.settings())[0].image
+        np.testing.assert_array_equal(shown_map(widget.maps.tiles[0]), np.asarray(expected))
+    finally:
+        widget.close()
+
+
+def test_several_ip_adapters_get_a_strip_and_a_scale_each_and_reach_the_engine(image, other_image):
+    widget = ImagePromptWidget(model="tiny-ip-adapter-plus-and-face", runner=InlineRunner(), **FAST)
+    try:
+        slots = widget.adapter_slots
+        assert widget.controls["mode"].value == "ip_adapter" and slots.layout.display != "none"
+        assert ["tiny-ip-adapter-plus" in slots.slots[0].title.value,
+                "tiny-ip-adapter-plus-face" in slots.slots[1].title.value] == [True, True]
+        spec = next(spec for spec in setting_specs() if spec.name == "adapter_scales")
+        scale = slots.slots[1].scale
+        assert (scale.min, scale.max, scale.step) == (spec.min, spec.max, spec.step)
+        widget.controls["scale"].value = 0.8  # adapter_scales empty: each adapter uses scale, the sliders show it
+        assert [slot.scale.value for slot in slots.slots] == [0.8, 0.8]
+        widget.set_images(image)
+        browser_upload_to(slots.slots[0].upload, [("face.png", png_bytes(other_image))])
+        assert slots.slots[0].strip.names == ["face.png"] and upload_count(slots.slots[0].upload) == 1
+        scale.set_state({"value": 0.3})  # as the browser moves it
+        assert widget.controls["adapter_scales"].value == "0.8, 0.3"
+        result = widget.generate().result(WAIT)
+        direct = widget.pipeline.generate(image, GenerationSettings.from_kwargs(**{**FAST, "mode": "ip_adapter",
+                                          "scale": 0.8, "adapter_scales": (0.8, 0.3)}),
+                                          adapter_images=[[other_image], [image]])
+        assert_same_pixels(result.images[0], direct.images[0])  # the strips reached the engine as adapter_images
+        assert result.recipe["adapter_inputs"] == [[fingerprint(other_image)[:16]], [fingerprint(image)[:16]]]
+        widget.controls["adapter_scales"].value = "1.5, 0.25"  # a recipe sets the setting: the sliders follow
+        assert [slot.scale.value for slot in slots.slots] == [1.5, 0.25]
+        choose(widget.controls["mode"], "caption")  # another method (and model): no adapters' strips
+        assert slots.layout.display == "none" and widget.model == "tiny-caption"
+        assert widget.controls["adapter_scales"].value == ""  # two scales would not fit a model without adapters
+    finally:
+        widget.close()
+    single = ImagePromptWidget(model="tiny-ip-adapter-plus", runner=InlineRunner(), **FAST)
+    assert single.adapter_slots.layout.display == "none" and not single.adapter_slots.slots  # as it was
+    assert single.adapter_slots.adapter_images([image]) is None
+    single.close()
+
+
+def test_adapter_block_scales_field_says_what_is_wrong_and_switches_to_custom():
+    widget = ImagePromptWidget(model="tiny-ip-adapter-plus", runner=InlineRunner(), **FAST)
+    try:
+        field = widget.controls["adapter_block_scales"]
+        blocks = widget.controls["adapter_blocks"]
+        assert field.placeholder.startswith("e.g. {") and field.layout.display != "none"
+        field.set_state({"value": "{'up': 1}"})  # not JSON
+        assert widget.status.startswith("adapter_block_scales is not JSON") and blocks.value == "all"
+        field.set_state({"value": '{"up": {"block_1": [0, 1, 0]}}'})
+        assert blocks.value == "custom" and widget.status.startswith("adapter blocks is now custom")
+        assert widget.controls.settings().block_scales() == {"up": {"block_1": [0, 1, 0]}}
+        choose(blocks, "style")  # a named choice beside a dictionary: the engine's sentence, at once
+        assert widget.status.startswith("adapter_block_scales replaces adapter_blocks='style'")
+        choose(blocks, "custom")
+        field.set_state({"value": ""})
+        assert blocks.value == "all"
+    finally:
+        widget.close()
+
+
+def test_the_inspector_shows_each_adapters_tokens_for_ip_adapter_runs(image, other_image):
+    from imageprompt_widgets.views.adapter_tokens import adapter_tokens_view
+    from imageprompt_widgets.widget.inspector import NO_ADAPTER_TEXT
+
+    widget = ImagePromptWidget(model="tiny-ip-adapter-plus-and-face", runner=InlineRunner(), **FAST)
+    try:
+        widget.set_images(image)
+        widget.adapter_slots.slots[1].set_images([other_image])
+        result = widget.generate().result(WAIT)
+        inspector = widget.inspector
+        assert "Adapter tokens" not in inspector.errors
+        assert [picture.value[:4] for picture in inspector.adapter_images] == [b"\x89PNG"] * 2
+        for adapter in range(2):
+            view = inspector.views[f"Adapter tokens {adapter}"]
+            expected = adapter_tokens_view(widget.pipeline.adapter_tokens(result, adapter=adapter))
+            torch.testing.assert_close(view.tokens, expected.tokens, rtol=0, atol=0)
+            torch.testing.assert_close(view.attention_maps, expected.attention_maps, rtol=0, atol=0)
+        assert "tiny-ip-adapter-plus-face: 16 tokens" in inspector.adapter_text.value
+        assert_no_empty_image(widget)
+    finally:
+        widget.close()
+    plain = ImagePromptWidget(model="tiny", runner=InlineRunner(), **FAST)
+    plain.set_images(image)
+    plain.generate().result(WAIT)
+    assert plain.inspector.adapter_text.value == html.escape(NO_ADAPTER_TEXT) and not plain.inspector.adapter_images
+    plain.close()

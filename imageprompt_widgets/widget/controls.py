@@ -205,10 +205,13 @@ class SettingsControls(widgets.VBox):
     def __getitem__(self, name: str) -> widgets.Widget:
         return self.controls[name]
 
-    def add_to(self, group: str, *parts: widgets.Widget, first: bool = False) -> None:
-        """Put panel widgets that are no setting into a group (the model picker, uploads, a live toggle)."""
+    def add_to(self, group: str, *parts: widgets.Widget, first: bool = False, before: str | None = None) -> None:
+        """Put panel widgets that are no setting into a group (the model picker, uploads, a live toggle): last,
+        ``first``, or just ``before`` the row of the setting named so."""
         box = self.groups[group]
-        box.children = (*parts, *box.children) if first else (*box.children, *parts)
+        children = list(box.children)
+        at = 0 if first else children.index(self.rows[before]) if before is not None else len(children)
+        box.children = (*children[:at], *parts, *children[at:])
         self._update_sections()
 
     # -- what is shown ------------------------------------------------------------------------------

@@ -18,13 +18,16 @@ import ipywidgets as widgets
 from .. import views
 from ..controller import Controller, Event, Failed, Finished, Job, TaskContext
 from ..runners import InlineRunner
-from .gallery import picture
+from .gallery import close_tree, picture
 
 EMPTY_TEXT = "Generate something to inspect its tensors here."
 #: What the Denoising tab says about a run that kept no latents (the panel's checkbox keeps them).
 NO_LATENTS_TEXT = ("This run kept no latents, so there is no filmstrip: tick “keep latents (Denoising view)” "
                    "under Generation and press Generate again.")
-SECTION_TITLES = ("Tensors", "What CLIP saw", "Scale gap", "Similarity", "Tokens", "Denoising", "Interpolation")
+SECTION_TITLES = ("Tensors", "What CLIP saw", "Scale gap", "Similarity", "Tokens", "Denoising", "Interpolation",
+                  "Adapter tokens")
+#: What the Adapter tokens section says about a run that fed no IP-Adapter.
+NO_ADAPTER_TEXT = "This run fed no IP-Adapter: its tokens show here after an ip_adapter run."
 
 
 def _pre(text: str) -> str:
@@ -37,6 +40,17 @@ def _x0_unet_calls(trace: Any) -> int:
         return 0
     steps = [trace.latent_steps[i] if trace.latent_steps else i + 1 for i in views.frame_indices(trace.latents.shape[0])]
     return sum(1 for step in steps if step < len(trace.timesteps))
+
+
+def _clip_square(image: Any, processor: Any, crop: str) -> Any:
+    """The square CLIP saw of ``image`` (its center crop, squash or padding), without running the encoder."""
+    from ..encoding import square_for_clip
+    from ..images import load_image
+
+    image = load_image(image)
+    if crop != "center_crop":
+        return square_for_clip(image, crop, processor)
+    return views.clip_input_images(processor(images=[image], return_tensors="pt")["pixel_values"], processor)[0]
 
 
 def _split_texts(value: str) -> list[str]:
@@ -83,6 +97,9 @@ class InspectorTab(widgets.VBox):
         self.interpolation_button = widgets.Button(description="Interpolate", disabled=True)
         self.interpolation_image = picture(format="png", layout=widgets.Layout(max_width="100%"))
         self.interpolation_note = widgets.HTML()
+        self.adapter_text = widgets.HTML()
+        self.adapter_images: list[widgets.Image] = []  # one per IP-Adapter of the run
+        self.adapter_box = widgets.VBox()
 
         self.similarity_button.on_click(lambda _: self.update_similarity())
         self.interpolation_button.on_click(lambda _: self.run_interpolation())
@@ -103,6 +120,7 @@ class InspectorTab(widgets.VBox):
                 widgets.VBox([widgets.HBox([self.interpolation_text, self.interpolation_count,
                                             self.interpolation_button], layout=widgets.Layout(flex_flow="row wrap")),
                               self.interpolation_note, self.interpolation_image]),
+                widgets.VBox([self.adapter_text, self.adapter_box]),
             ]
         )
         for index, title in enumerate(SECTION_TITLES):
@@ -116,9 +134,10 @@ class InspectorTab(widgets.VBox):
 
     # -- public interface (called by the panel) ------------------------------------------------
 
-    def show(self, result: Any, pipeline: Any, inputs: Sequence[Any] | None = None) -> None:
+    def show(self, result: Any, pipeline: Any, inputs: Sequence[Any] | None = None,
+             adapter_images: Sequence[Sequence[Any]] | None = None) -> None:
         """Fill every section from a finished run; ``inputs`` (the input images) adds the originals, and their
-        file names label the pictures."""
+        file names label the pictures; ``adapter_images`` are the run's per-adapter images (where it had them)."""
         self.clear()
         self.result, self.pipeline = result, pipeline
         trace = result.trace
@@ -138,6 +157,7 @@ class InspectorTab(widgets.VBox):
         self._fill("Scale gap", self._show_scale_gap, self.scale_gap_text)
         self._fill("Similarity", self.update_similarity, self.similarity_note)
         self._fill("Tokens", self._show_tokens, self.token_text)
+        self._fill("Adapter tokens", lambda: self._show_adapter_tokens(adapter_images), self.adapter_text)
         self.update_filmstrip()
         has_two = trace.image_embeds.shape[0] > 1
         self.interpolation_note.value = (
@@ -163,8 +183,9 @@ class InspectorTab(widgets.VBox):
                       self.filmstrip_image, self.interpolation_image):
             image.value = b""
         for text in (self.summary, self.clip_text, self.scale_gap_text, self.similarity_note, self.token_text,
-                     self.filmstrip_table, self.interpolation_note):
+                     self.filmstrip_table, self.interpolation_note, self.adapter_text):
             text.value = ""
+        self._set_adapter_images(0)
         self.interpolation_button.disabled = True
         self.sections.layout.display = "none"
 
@@ -251,6 +272,44 @@ class InspectorTab(widgets.VBox):
         self.token_text.value = html.escape(
             f"{tokens} prompt tokens x {dims} dims, {view.distinct_tokens} distinct rows."
         )
+
+    def _show_adapter_tokens(self, adapter_images: Sequence[Sequence[Any]] | None) -> None:
+        """Each IP-Adapter's tokens (and a Plus adapter's query maps) over the picture it saw first."""
+        result, pipeline = self.result, self.pipeline
+        names = tuple(getattr(pipeline, "ip_adapters", ()))
+        if result.settings.mode != "ip_adapter" or not names:
+            self._set_adapter_images(0)
+            self.adapter_text.value = html.escape(NO_ADAPTER_TEXT)
+            return
+        from ..views.adapter_tokens import adapter_tokens_view
+
+        processor = pipeline.image_processor
+        seen_inputs = views.clip_input_images(result.trace.pixel_values[:1], processor)[0]
+        described = []
+        images = self._set_adapter_images(len(names))
+        for adapter, image in enumerate(images):
+            own = list(adapter_images[adapter][:1]) if adapter_images else []
+            seen = _clip_square(own[0], processor, result.settings.crop) if own else seen_inputs
+            view = adapter_tokens_view(pipeline.adapter_tokens(result, adapter=adapter), seen=seen)
+            self.views[f"Adapter tokens {adapter}"] = view
+            image.value = view.to_png()
+            described.append(view.describe())
+        self.adapter_text.value = html.escape(
+            "What each IP-Adapter's cross-attention reads (rows: tokens); for a Plus adapter, where each resampler "
+            "query looked in the picture. " + "; ".join(described) + "."
+        )
+
+    def _set_adapter_images(self, count: int) -> list[widgets.Image]:
+        """``count`` pictures in the Adapter tokens section (the run's adapters)."""
+        for image in self.adapter_images[count:]:
+            close_tree(image)
+        self.adapter_images = self.adapter_images[:count] + [
+            picture(format="png", layout=widgets.Layout(max_width="100%")) for _ in range(count - len(self.adapter_images))
+        ]
+        for image in self.adapter_images:
+            image.value = b""
+        self.adapter_box.children = list(self.adapter_images)
+        return self.adapter_images
 
     def update_filmstrip(self) -> Job | None:
         """Redraw the filmstrip (after a run, or when "x0 estimates" is switched).

@@ -36,17 +36,21 @@ from ..controller import (
     Started,
     Step,
     SubscriberFailed,
+    TaskContext,
     Waiting,
 )
 from ..images import ImageInputError, load_images
 from ..methods import METHODS, methods_for, preset_capabilities, presets_providing
 from ..presets import DEFAULT_PRESET, Preset
 from ..runners import Runner
-from ..settings import MODES, GenerationSettings
+from ..settings import CONTROLNET_STRUCTURES, MODES, GenerationSettings, SettingsError
+from . import units as _units  # noqa: F401 - registers the control of the control_units setting
+from .adapters import AdapterSlots
 from .controls import SettingsControls, set_help
 from .gallery import History, HistoryItem, OutputGrid, close_tree
 from .inputs import UPLOAD_HINT, InputStrip, caption_of, load_upload, show_count, uploaded_files
 from .inspector import InspectorTab
+from .maps import MapPreviews, map_caption, traced_map
 from .picker import ModelPicker
 from .recipe import read_recipe
 
@@ -61,6 +65,14 @@ _CAPABILITY_WORDS = {
     "captioner": "a captioner (BLIP)",
 }
 LATENTS_LABEL = "keep latents (Denoising view)"
+#: The label of the controller task that computes the Structure section's depth maps (quiet in the status line).
+MAPS_TASK = "structure maps"
+#: What the adapter block scales field shows while empty (the shape of diffusers' set_ip_adapter_scale dictionary).
+BLOCK_SCALES_EXAMPLE = 'e.g. {"up": {"block_1": [0, 1, 0]}}'
+#: Settings that change a ControlNet unit's map (the others change only how strongly or when it steers).
+_MAP_SETTINGS = ("structure", "canny_low", "canny_high", "control_units", "height", "width")
+#: Depth maps kept for the previews (keyed by model, picture and size): a slider that moves recomputes nothing.
+_MAPS_KEPT = 8
 
 
 class ImagePromptWidget(widgets.VBox):
@@ -104,6 +116,13 @@ class ImagePromptWidget(widgets.VBox):
         self._grid_job: Job | None = None  # the job whose tiles the grid shows
         self._switching = False  # the panel itself is changing model or mode: observers stand still
         self._retired: list[Callable[[], None]] = []  # unsubscribers of replaced controllers still finishing
+        # The Structure section's maps: refreshes are counted (a late depth map for old settings is dropped), held
+        # while the panel changes many controls at once, and wanted again when the controller was busy.
+        self._maps_version = 0
+        self._maps_hold = 1  # until the panel is built
+        self._maps_wanted = False
+        self._maps_pending = False
+        self._map_cache: dict[tuple, Image.Image] = {}
 
         # Images: inputs, negatives, a recipe to load.
         self.upload = widgets.FileUpload(accept="image/*", multiple=True, description="Upload")
@@ -118,7 +137,7 @@ class ImagePromptWidget(widgets.VBox):
             upload.observe(lambda change, upload=upload, strip=strip: self._on_upload(change, upload, strip),
                            names="value")
             upload.observe(self._on_upload_error, names="error")
-            strip.on_change = lambda upload=upload, strip=strip: self._show_upload_count(upload, strip.names)
+            strip.on_change = lambda upload=upload, strip=strip: self._on_strip_change(upload, strip)
             strip.on_refused = lambda sentence: self._say(sentence, error=True)
         self.recipe_upload.observe(self._on_recipe_upload, names="value")
         self._mirroring = False
@@ -131,11 +150,21 @@ class ImagePromptWidget(widgets.VBox):
                          layout=widgets.Layout(flex_flow="row wrap")),
             widgets.HTML(UPLOAD_HINT), self.inputs, self.negatives,
         )
+        # Several IP-Adapters: a strip of images and a scale for each (hidden with one adapter).
+        self.adapter_slots = AdapterSlots(self.controls["adapter_scales"], self.controls["scale"],
+                                          self.controls.specs["adapter_scales"])
+        self.adapter_slots.on_refused = lambda sentence: self._say(sentence, error=True)
+        self.controls.add_to("images", self.adapter_slots)
         self.model_picker = ModelPicker(self.controller.preset, layout=widgets.Layout(width="96%"))
         self.controls.add_to("method", self.model_picker, first=True)
         self.model_picker.observe(self._on_model_picked, names="value")
         self.controls["mode"].observe(self._on_mode_chosen, names="value")
         self.controls["mode"].observe(lambda _: self._follow_weights(), names="value")
+        self.controls["mode"].observe(lambda _: self._follow_adapters(), names="value")
+        block_scales = self.controls["adapter_block_scales"]
+        block_scales.placeholder = BLOCK_SCALES_EXAMPLE
+        block_scales.observe(lambda _: self._on_block_scales(), names="value")
+        self.controls["adapter_blocks"].observe(lambda _: self._check_adapter_blocks(), names="value")
         preset = self.controller.preset
         starting = {**dict(preset.defaults if preset else ()), **settings}  # e.g. variations: zero negative
         if starting:
@@ -149,18 +178,22 @@ class ImagePromptWidget(widgets.VBox):
         set_help(self.keep_latents, "trace the latents of every step so the Inspector's Denoising tab can "
                                     "show the filmstrip (a little more memory per run)")
         self.controls.add_to("generation", self.keep_latents)
-        # Structure: an optional structure image and the edge map an "edges" run would use.
+        # Structure: an optional structure image (the structure's own unit, and img2img's start), more ControlNet
+        # units (the control_units rows, each with an optional picture of its own), and every unit's map.
         self.structure_image: Image.Image | None = None
         self.structure_upload = widgets.FileUpload(accept="image/*", multiple=False, description="Structure")
         set_help(self.structure_upload, "the picture whose layout is kept (default: the first input image)")
         self.structure_upload.observe(self._on_structure_upload, names="value")
-        self.edge_note = widgets.HTML()
-        self.edge_preview = widgets.Image(format="png", layout=widgets.Layout(max_width="220px", display="none"))
-        self.structure_extras = widgets.VBox([self.structure_upload, self.edge_note, self.edge_preview])
-        self.controls.add_to("structure", self.structure_extras)
-        for name in ("structure", "canny_low", "canny_high", "height", "width"):
-            self.controls[name].observe(lambda _: self._update_edge_preview(), names="value")
+        self.structure_extras = widgets.VBox([self.structure_upload])
+        self.controls.add_to("structure", self.structure_extras, before="control_units")
+        self.unit_editor = self.controls["control_units"]
+        self.unit_editor.on_refused = lambda sentence: self._say(sentence, error=True)
+        self.unit_editor.on_pictures = self._refresh_maps
+        self.maps = MapPreviews()
+        self.controls.add_to("structure", self.maps)
         self.controls["structure"].observe(lambda _: self._follow_structure(), names="value")
+        for name in _MAP_SETTINGS[1:]:
+            self.controls[name].observe(lambda _: self._refresh_maps(), names="value")
 
         self.generate_button = widgets.Button(description="Generate", button_style="primary", icon="play")
         self.cancel_button = widgets.Button(description="Cancel", icon="stop", disabled=True)
@@ -185,6 +218,8 @@ class ImagePromptWidget(widgets.VBox):
         self.tabs = widgets.Tab(children=[self.history, self.inspector])
         self.tabs.set_title(0, "History")
         self.tabs.set_title(1, "Inspector")
+        self.adapter_slots.set_adapters(preset.ip_adapters if preset is not None else ())
+        self._follow_adapters()
         self._follow_structure()
         self._follow_weights()
         self._show_upload_count(self.upload, [])
@@ -202,6 +237,8 @@ class ImagePromptWidget(widgets.VBox):
         self.columns = widgets.HBox([left, right], layout=widgets.Layout(flex_flow="row wrap", width="100%"))
         super().__init__(children=[self.columns])
         self._unsubscribe = self.controller.subscribe(self._on_event)
+        self._maps_hold = 0
+        self._refresh_maps()
 
     # -- public API ----------------------------------------------------------------------------
 
@@ -244,17 +281,26 @@ class ImagePromptWidget(widgets.VBox):
         """Replace the inputs: paths, bytes, PIL images, arrays, upload values (as ``load_image`` takes)."""
         self._replace(self.inputs, images, weights)
         self._say(f"{_count(len(self.inputs.items), 'input image')} ready; press Generate.")
-        self._update_edge_preview()
 
-    def set_structure_image(self, image: Any) -> None:
-        """The picture whose layout structure="edges"/"img2img" keeps (``None``: the first input image)."""
+    def set_structure_image(self, image: Any, unit: int = 1) -> None:
+        """The picture whose layout a structure run keeps (``None``: the first input image). ``unit`` is the
+        ControlNet it is for, numbered as in the Structure section: 1 the structure's own (and img2img's), 2… the
+        added ones (``None`` there: they read the structure image again)."""
+        rows = self.unit_editor.rows
         try:
-            self.structure_image = None if image is None else load_images(image)[0]
-        except ImageInputError as err:
+            if not 1 <= unit <= len(rows) + 1:
+                raise SettingsError(f"There is no ControlNet {unit}: the Structure section has "
+                                    f"{_count(len(rows) + 1, 'ControlNet')} (add one with 'add a ControlNet').")
+            picture = None if image is None else load_images(image)[0]
+        except ValueError as err:
             self._report(err)
             raise
+        if unit > 1:
+            rows[unit - 2].set_picture(picture, caption_of(image) if image is not None else "")
+            return
+        self.structure_image = picture
         self._show_upload_count(self.structure_upload, [] if image is None else [caption_of(image)])
-        self._update_edge_preview()
+        self._refresh_maps()
 
     def set_negative_images(self, images: Any) -> None:
         """Images whose embeddings become the negative conditioning (``[]`` to remove them)."""
@@ -269,8 +315,9 @@ class ImagePromptWidget(widgets.VBox):
             self._report(err)
             raise
         sources = images if isinstance(images, (list, tuple)) and len(images) == len(loaded) else [images] * len(loaded)
-        strip.clear()
-        strip.add(loaded, [caption_of(source) for source in sources], weights)
+        with self._maps_held():
+            strip.clear()
+            strip.add(loaded, [caption_of(source) for source in sources], weights)
 
     def generate(self) -> Future:
         """Start a run with the current inputs and controls and return at once with its future.
@@ -286,9 +333,10 @@ class ImagePromptWidget(widgets.VBox):
             if not images:
                 raise ImageInputError("Add an image first: upload one, or call w.set_images('path/to/image').")
             settings = self.controls.settings(weights=tuple(self.inputs.weights))
-            structure_image = self.structure_image if settings.structure != "none" else None
+            adapter_images = self.adapter_slots.adapter_images(images) if settings.mode == "ip_adapter" else None
             job = self.controller.submit(images, settings, negative_image=self.negatives.images or None,
-                                         structure_image=structure_image, trace_latents=self.keep_latents.value)
+                                         structure_image=self._structure_images(settings, images),
+                                         adapter_images=adapter_images, trace_latents=self.keep_latents.value)
         except ValueError as err:
             self._report(err)
             future: Future = Future()
@@ -302,9 +350,10 @@ class ImagePromptWidget(widgets.VBox):
 
     def rerun(self, item: HistoryItem) -> Future:
         """Run a history item's recipe again: its model, inputs, weights and settings."""
-        self._apply_recipe(item.recipe)
-        self.inputs.clear()
-        self.inputs.add(item.inputs, [f"input {i + 1}" for i in range(len(item.inputs))], item.weights)
+        with self._maps_held():
+            self._apply_recipe(item.recipe)
+            self.inputs.clear()
+            self.inputs.add(item.inputs, [f"input {i + 1}" for i in range(len(item.inputs))], item.weights)
         self.negatives.clear()
         self.negatives.add(item.negatives, [f"negative {i + 1}" for i in range(len(item.negatives))])
         return self.generate()
@@ -342,10 +391,11 @@ class ImagePromptWidget(widgets.VBox):
         """Switch to the recipe's model where it names a preset of the picker, then set every control."""
         settings = recipe.get("settings", {})
         model = (recipe.get("model") or {}).get("preset")
-        if model in self.model_picker.presets and model != self.model:
-            self.model_picker.value = model
-        with self._quietly():
-            self.controls.apply(settings, ignore=_OWN_SETTINGS)
+        with self._maps_held():
+            if model in self.model_picker.presets and model != self.model:
+                self.model_picker.value = model
+            with self._quietly():
+                self.controls.apply(settings, ignore=_OWN_SETTINGS)
         self._on_mode_chosen()  # a recipe from a model that is no preset here: a method this one lacks switches
         weights = list(settings.get("weights") or ())
         if weights and len(weights) == len(self.inputs.items):
@@ -395,12 +445,15 @@ class ImagePromptWidget(widgets.VBox):
         self.inspector.controller = self.controller
         self.inspector.clear()  # its replays would run on the new model
         self.cancel_button.disabled = not running
-        with self._quietly():
+        self._map_cache.clear()  # another model, maybe another depth estimator
+        self.adapter_slots.set_adapters(preset.ip_adapters)
+        with self._quietly(), self._maps_held():
             if self.model_picker.value != preset.name:
                 self.model_picker.value = preset.name
             self._apply_preset_defaults(old.preset, preset)
+            self._refresh_maps()  # another model's size and depth estimator
         self._relabel_modes()
-        self._update_edge_preview()
+        self._follow_adapters()
         found = availability(preset)
         where = ", ".join(part for part in ("offline" if preset.offline_builder else found.download, found.status) if part)
         cost = " The next Generate downloads it, with progress here." if not found.ready else ""
@@ -477,7 +530,46 @@ class ImagePromptWidget(widgets.VBox):
             control.value = value
 
     def _follow_structure(self) -> None:
-        self.structure_extras.layout.display = "none" if self.controls["structure"].value == "none" else None
+        structure = self.controls["structure"].value
+        self.structure_extras.layout.display = "none" if structure == "none" else None
+        with self._maps_held():
+            if structure in CONTROLNET_STRUCTURES:
+                self.unit_editor.primary_kind = structure
+            self.unit_editor.set_active(structure in CONTROLNET_STRUCTURES)  # other structures read no units
+            self._refresh_maps()
+
+    def _follow_adapters(self) -> None:
+        self.adapter_slots.show_for(self.controls["mode"].value == "ip_adapter")
+
+    def _on_block_scales(self) -> None:
+        """Per-block scales typed: a sentence at once when they do not parse; a dictionary means
+        ``adapter_blocks="custom"`` (as the engine reads one), and clearing it goes back to ``all``."""
+        if self._switching:
+            return  # a recipe or preset sets both fields itself
+        text = self.controls["adapter_block_scales"].value
+        blocks = self.controls["adapter_blocks"]
+        try:
+            GenerationSettings(adapter_block_scales=text) if text.strip() else None
+        except SettingsError as err:
+            self._say(str(err), error=True)
+            return
+        with self._quietly():
+            if text.strip() and blocks.value != "custom":
+                blocks.value = "custom"
+                self._say("adapter blocks is now custom: the per-block scales choose the blocks.")
+            elif not text.strip() and blocks.value == "custom":
+                blocks.value = "all"
+                self._say("adapter blocks is back to all: no per-block scales.")
+
+    def _check_adapter_blocks(self) -> None:
+        """A named block choice beside per-block scales, or custom without them: the engine's sentence, at once."""
+        if self._switching:
+            return
+        try:
+            GenerationSettings(adapter_blocks=self.controls["adapter_blocks"].value,
+                               adapter_block_scales=self.controls["adapter_block_scales"].value)
+        except SettingsError as err:
+            self._say(str(err), error=True)
 
     def _follow_weights(self) -> None:
         self.inputs.show_weights("weights" in self.controls.settings_read())
@@ -486,7 +578,10 @@ class ImagePromptWidget(widgets.VBox):
 
     def _on_event(self, event: Event) -> None:
         """Render one controller event (on the thread the job runs on: only traits are set)."""
-        if isinstance(event, BusyChanged):
+        job = getattr(event, "job", None)
+        if job is not None and job.kind == MAPS_TASK and not isinstance(event, (Queued, Loading, Waiting)):
+            pass  # the Structure section's maps show themselves (_compute_maps); the status line stays
+        elif isinstance(event, BusyChanged):
             self.cancel_button.disabled = not event.busy
         elif isinstance(event, Cancelling):
             self._say("Cancelling…")
@@ -520,6 +615,9 @@ class ImagePromptWidget(widgets.VBox):
             self.progress.bar_style = "danger"
             self._stop_grid(event)
             self._report(event.error)
+        if isinstance(event, (Finished, Cancelled, Failed)) and event.idle and self._maps_pending:
+            self._maps_pending = False  # something changed the maps while the controller was busy
+            self._refresh_maps()
 
     def _begin_grid(self, job: Job, text: str) -> None:
         if job.kind != "generate":
@@ -592,8 +690,7 @@ class ImagePromptWidget(widgets.VBox):
     def _show(self, job: Job, result: Any) -> None:
         if job is self._grid_job:
             self.grid.show_final(result.images)
-        if "control_image" in result.trace.extras:  # exactly what the ControlNet saw
-            self._show_edges(result.trace.extras["control_image"][0, 0], "the edge map of this run")
+        self._show_run_maps(result)
         self.history.add_run(result.images, result.recipe, job.images, list(job.settings.weights), job.negatives,
                              result.trace)
         self.result = result
@@ -606,7 +703,7 @@ class ImagePromptWidget(widgets.VBox):
             done += " BLIP's caption is in the prompt field: edit it and Generate again."
         self._say(done)
         try:
-            self.inspector.show(result, self.controller.pipeline)
+            self.inspector.show(result, self.controller.pipeline, adapter_images=job.adapter_images)
         except Exception as err:  # noqa: BLE001 - a broken view must not hide the images
             self._details(f"The inspector failed: {type(err).__name__}: {err}", traceback.format_exc())
 
@@ -634,9 +731,6 @@ class ImagePromptWidget(widgets.VBox):
             except ImageInputError as err:
                 problems.append(str(err))
         strip.add(images, names)
-        self._show_upload_count(upload, strip.names)
-        if strip is self.inputs:
-            self._update_edge_preview()
         added = f"Added {_count(len(images), 'image')}. " if images else ""
         if problems:
             more = f" (and {len(problems) - 1} more problem(s), below)" if len(problems) > 1 else ""
@@ -644,6 +738,13 @@ class ImagePromptWidget(widgets.VBox):
             self._details("\n".join(problems))
         else:
             self._say(f"{added}Press Generate.")
+
+    def _on_strip_change(self, upload: widgets.FileUpload, strip: InputStrip) -> None:
+        """Images added to or removed from a strip: the button counts them; the inputs' first one is the
+        structure's default picture."""
+        self._show_upload_count(upload, strip.names)
+        if strip is self.inputs:
+            self._refresh_maps()
 
     def _on_upload_error(self, change: dict[str, Any]) -> None:
         if change["new"]:
@@ -665,8 +766,9 @@ class ImagePromptWidget(widgets.VBox):
             self._show_upload_count(self.recipe_upload, [file.name])
 
     def _use_as_input(self, item: HistoryItem) -> None:
-        self.inputs.clear()
-        self.inputs.add([item.image], [f"seed {item.seed} #{item.index}"])
+        with self._maps_held():
+            self.inputs.clear()
+            self.inputs.add([item.image], [f"seed {item.seed} #{item.index}"])
         self._say(f"Using seed {item.seed} #{item.index} as the input; press Generate.")
 
     # -- structure -----------------------------------------------------------------------------
@@ -684,33 +786,152 @@ class ImagePromptWidget(widgets.VBox):
         except ImageInputError:
             self._show_upload_count(self.structure_upload, [])  # set_structure_image said why
 
-    def _update_edge_preview(self) -> None:
-        """Show the edge map an "edges" run would use: the structure image (else the first input), the
-        thresholds, and the run's size (the model's native size is known once it has loaded; 512 before)."""
-        from .. import structure
+    def _structure_images(self, settings: GenerationSettings, images: list[Image.Image]) -> Any:
+        """A run's ``structure_image``: none; the structure image (``None``: the engine takes the first input); or,
+        where an added ControlNet has a picture of its own, one per unit (the others read the structure image)."""
+        if settings.structure == "none":
+            return None
+        own = self.unit_editor.unit_images() if settings.control_units.strip() else []
+        if not any(own):
+            return self.structure_image
+        first = self.structure_image if self.structure_image is not None else images[0]
+        return [first, *(picture if picture is not None else first for picture in own)]
 
-        source = self.structure_image if self.structure_image is not None else next(iter(self.inputs.images), None)
-        if self.controls["structure"].value != "edges" or source is None:
-            self.edge_preview.layout.display = "none"
-            self.edge_note.value = ""
-            return
-        native = getattr(self.controller.pipeline, "native_size", 512)
-        size = structure.fit_size(source.size, self.controls["height"].value, self.controls["width"].value, native)
+    def _unit_pictures(self) -> list[Image.Image] | None:
+        """The picture each ControlNet unit reads (``None`` before there is an input or structure image)."""
+        first = self.structure_image if self.structure_image is not None else next(iter(self.inputs.images), None)
+        if first is None:
+            return None
+        return [first, *(picture if picture is not None else first for picture in self.unit_editor.unit_images())]
+
+    @contextlib.contextmanager
+    def _maps_held(self) -> Iterator[None]:
+        """Change many controls at once: the maps refresh once, after."""
+        self._maps_hold += 1
         try:
-            edges = structure.edge_map(source, self.controls["canny_low"].value, self.controls["canny_high"].value, size)
-        except ValueError as err:  # OpenCV missing: the sentence names the extra to install
-            self._report(err)
+            yield
+        finally:
+            self._maps_hold -= 1
+            if not self._maps_hold and self._maps_wanted:
+                self._refresh_maps()
+
+    def _refresh_maps(self) -> None:
+        """Preview every ControlNet unit's map as the next run would feed it: Canny edges at once, here; depth
+        maps need the estimator, so they are a controller task (off the kernel thread), once the model has
+        loaded; a grey box says what each waits for until then."""
+        if self._maps_hold:
+            self._maps_wanted = True
             return
-        self._show_edges(edges, f"edges at {size[0]}×{size[1]}")
+        self._maps_wanted = False
+        self._maps_version += 1
+        structure_name = self.controls["structure"].value
+        if structure_name not in CONTROLNET_STRUCTURES:
+            self.maps.hide()
+            return
+        pictures = self._unit_pictures()
+        if pictures is None:
+            self.maps.begin(0, "Add an input image (or a Structure image) to see what each ControlNet reads.")
+            return
+        try:
+            settings = GenerationSettings.from_kwargs(**{name: self.controls[name].value for name in _MAP_SETTINGS})
+        except SettingsError as err:
+            self.maps.begin(0, f"No maps: {err}")
+            return
+        from .. import structure
+        from ..encoding import fingerprint
 
-    def _show_edges(self, edges: Any, note: str) -> None:
-        from ..preview import encode_png
+        units = settings.units()
+        pipeline = self.controller.pipeline
+        native = getattr(pipeline, "native_size", 512)  # the model's, once it has loaded
+        size = structure.fit_size(pictures[0].size, settings.height, settings.width, native)
+        exact = pipeline is not None or (settings.height and settings.width)
+        at = f"at the next run's size, {size[0]}×{size[1]}" if exact else \
+            f"at {size[0]}×{size[1]} (SD 1.x's size; the model's own once it has loaded)"
+        tiles = self.maps.begin(len(units), f"What each ControlNet reads, {at}:")
+        waiting = []
+        for index, (unit, picture) in enumerate(zip(units, pictures)):
+            caption = map_caption(index, unit.kind)
+            if unit.kind == "edges":  # OpenCV, no model: at once
+                try:
+                    tiles[index].show(structure.control_map(unit, picture, size), caption)
+                except ValueError as err:  # OpenCV missing: the sentence names the extra to install
+                    tiles[index].wait("No map: the reason is above.", caption)
+                    self.maps.say(str(err))
+                continue
+            key = (self.model, unit.kind, fingerprint(picture), size)
+            if key in self._map_cache:
+                tiles[index].show(self._map_cache[key], caption)
+            else:
+                waiting.append(index)
+        if waiting:
+            self._compute_maps(settings, pictures, size, waiting)
 
-        if not isinstance(edges, Image.Image):  # a [H, W] tensor in 0..1 from the trace
-            edges = Image.fromarray((edges.clamp(0, 1) * 255).round().byte().cpu().numpy())
-        self.edge_preview.value = encode_png(edges)
-        self.edge_preview.layout.display = None
-        self.edge_note.value = f"<small>{html.escape(note)}</small>"
+    def _compute_maps(self, settings: GenerationSettings, pictures: list[Any], size: tuple[int, int],
+                      waiting: list[int]) -> None:
+        """The maps of the units in ``waiting`` (depth), through the controller: they need the estimator."""
+        from ..encoding import fingerprint
+
+        units = settings.units()
+        tiles = self.maps.tiles
+
+        def wait(text: str) -> None:
+            for index in waiting:
+                tiles[index].wait(text, map_caption(index, units[index].kind))
+
+        if self.controller.pipeline is None:
+            wait("The depth map appears once the model has loaded (press Generate).")
+            return
+        if self.controller.busy:
+            self._maps_pending = True
+            wait("Computed when the current run ends…")
+            return
+        wait("Computing the depth map…")
+        version = self._maps_version
+
+        def loading(message: str) -> None:  # the estimator's first load: said in the tiles that wait for it
+            if version == self._maps_version:
+                wait(message)
+
+        def compute(task: TaskContext) -> Any:
+            return task.pipeline.structure_maps(settings=settings, structure_image=pictures, on_status=loading)
+
+        def done(end: Event) -> None:
+            if version != self._maps_version:
+                return  # the settings changed meanwhile: a newer refresh shows its own maps
+            if isinstance(end, Finished):
+                for found in end.result:
+                    if found.index in waiting:
+                        self._keep_map((self.model, found.kind, fingerprint(pictures[found.index]), size), found.image)
+                        tiles[found.index].show(found.image, map_caption(found.index, found.kind))
+            elif isinstance(end, Failed):  # the sentence is too long for a tile
+                wait("No map: the reason is above.")
+                self.maps.say(error_sentence(end.error))
+            else:
+                wait("Cancelled: change a structure setting to compute it again.")
+
+        self.controller.submit_task(compute, label=MAPS_TASK, on_end=done)
+
+    def _keep_map(self, key: tuple, image: Image.Image) -> None:
+        self._map_cache[key] = image
+        while len(self._map_cache) > _MAPS_KEPT:
+            self._map_cache.pop(next(iter(self._map_cache)))
+
+    def _show_run_maps(self, result: Any) -> None:
+        """After a run: every map it fed its ControlNets (the traced ``control_image*``), labelled by unit and kind."""
+        from ..structure import control_trace_name
+
+        units = result.settings.units()
+        if not units or self.controls["structure"].value not in CONTROLNET_STRUCTURES:
+            return
+        self._maps_version += 1  # a depth map still being computed for the settings before is not shown now
+        maps = [result.trace.extras.get(control_trace_name(index)) for index in range(len(units))]
+        height, width = next((m.shape[-2:] for m in maps if m is not None), (0, 0))
+        tiles = self.maps.begin(len(units), f"What each ControlNet read in this run ({width}×{height}):")
+        for index, (unit, traced) in enumerate(zip(units, maps)):
+            if traced is None:
+                tiles[index].wait("Not in this run's trace.", map_caption(index, unit.kind))
+            else:
+                tiles[index].show(traced_map(traced), map_caption(index, unit.kind))
 
     # -- status --------------------------------------------------------------------------------
 

@@ -32,6 +32,7 @@ w = ImagePromptWidget(model="tiny", steps=12, preview_interval=0.02)
 w.grid.add_class("{GRID_CLASS}")  # so the test can tell the output tiles from the other thumbnails
 w.status_line.add_class("ipw-e2e-status")
 w.history.add_class("ipw-e2e-history")
+w.maps.add_class("ipw-e2e-maps")
 w"""
 #: A second cell: the next run fails at its second step (to see the panel after a failure).
 FAIL_NEXT_CELL = """\
@@ -300,6 +301,25 @@ def test_panel_in_jupyterlab(lab_server: Any, page: Any, console: Any, tmp_path:
     shoot(page, "inspector-interpolation")
     page.get_by_role("tab", name="History", exact=True).click()
     page.set_viewport_size({"width": 1400, "height": 1000})
+
+    # Two ControlNets: edges, then a second unit (depth, the kind not used yet); each unit's map is shown
+    # before the run (the depth map computed off the kernel thread) and after it, and no picture is broken.
+    choose_option(page, "structure", "edges")
+    page.get_by_role("button", name="add a ControlNet").click()
+    page.get_by_text("ControlNet 2 · depth", exact=True).first.wait_for()
+    shown_maps = """(n) => { const imgs = Array.from(document.querySelectorAll('.ipw-e2e-maps img'))
+        .filter((img) => img.getClientRects().length > 0);
+        return imgs.length === n && imgs.every((img) => img.complete && img.naturalWidth > 0); }"""
+    page.wait_for_function(shown_maps, arg=2, timeout=RUN_TIMEOUT)
+    assert_no_broken_image(page)
+    generate.click()
+    page.get_by_text(re.compile(r"^What each ControlNet read in this run")).wait_for(timeout=RUN_TIMEOUT)
+    wait_for_status(page, r"^Done: 1 image", RUN_TIMEOUT)
+    page.wait_for_function(shown_maps, arg=2)
+    assert page.locator(".ipw-e2e-maps").get_by_text("ControlNet 1 · Canny edges", exact=True).count() == 1
+    assert_no_broken_image(page)
+    shoot(page, "two-controlnets")
+    choose_option(page, "structure", "none")  # the rest runs without ControlNets
 
     # Cancel a long run: the status line says it was cancelled, well before the run could have ended.
     # (The scheduler may count one step more than asked for: PNDM runs 151 steps for steps=150.)
