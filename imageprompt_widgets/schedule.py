@@ -8,6 +8,7 @@ the same slicing diffusers' img2img pipeline does, so it equals what the run rep
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +24,7 @@ class StepPlan:
 
 def planned_steps(scheduler: Any, steps: int, *, structure: str = "none", strength: float = 1.0) -> StepPlan:
     """The number of denoising steps diffusers will run with ``scheduler`` for these settings."""
-    fresh = type(scheduler).from_config(scheduler.config)
+    fresh = copy.deepcopy(scheduler)  # not from_config: it warns again about keys the model's config carries
     fresh.set_timesteps(steps, device="cpu")
     scheduled = len(fresh.timesteps)
     order = int(getattr(fresh, "order", 1))

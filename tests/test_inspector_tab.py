@@ -12,7 +12,14 @@ from PIL import Image
 
 from imageprompt_widgets import views
 from imageprompt_widgets.offline import sample_image as make_image
-from imageprompt_widgets.widget.inspector import EMPTY_TEXT, NO_LATENTS_TEXT, SECTION_TITLES, InspectorTab
+from imageprompt_widgets.widget.inspector import (
+    DIRECTION_GAP_TEXT,
+    EMPTY_TEXT,
+    NO_ATTENTION_TEXT,
+    NO_LATENTS_TEXT,
+    SECTION_TITLES,
+    InspectorTab,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -227,3 +234,41 @@ def test_the_x0_filmstrip_is_a_controller_task(tiny_pipe, inputs):
     expected = tiny_pipe.replay_x0(tab.result, [0])
     torch.testing.assert_close(tab.views["Denoising"].frame_latents[:1], expected)
     widget.close()
+
+
+def test_the_attention_section_lays_the_runs_maps_over_its_output(tiny_pipe, inputs):
+    result = tiny_pipe.generate(inputs, steps=2, seed=1, trace_attention=True)
+    tab = InspectorTab()
+    tab.show(result, tiny_pipe, inputs)
+    assert "Attention" not in tab.errors
+    view = tab.views["Attention"]
+    expected = views.attention_view(result, tiny_pipe)
+    assert torch.equal(view.maps, expected.maps) and view.shares == expected.shares
+    assert html.escape(views.attention_summary(view)) in tab.attention_text.value
+    width, height = _png_size(tab.attention_image.value)
+    assert width > 200 and height > 100
+
+
+def test_without_traced_attention_the_section_says_how_to_get_it(tiny_pipe, run):
+    tab = InspectorTab()
+    tab.show(run, tiny_pipe)
+    assert tab.attention_text.value == html.escape(NO_ATTENTION_TEXT)
+    assert bytes(tab.attention_image.value) == b"" and "Attention" not in tab.errors
+
+
+def test_the_direction_gap_is_computed_on_request_with_the_typed_prompts(tiny_pipe, run):
+    tab = InspectorTab()
+    tab.show(run, tiny_pipe)
+    assert tab.direction_note.value == html.escape(DIRECTION_GAP_TEXT)
+    assert bytes(tab.direction_image.value) == b""  # nothing computed before the button
+    tab.direction_texts.value = "a red circle; a blue square"
+    tab.direction_button.click()
+    view = tab.views["Direction gap"]
+    assert view.prompts == ["a red circle", "a blue square"]
+    expected = views.direction_gap(run.trace, tiny_pipe, ["a red circle", "a blue square"])
+    torch.testing.assert_close(view.image_vs_sd_tokens, expected.image_vs_sd_tokens)
+    assert tab.direction_note.value == html.escape(view.describe())
+    assert _png_size(tab.direction_image.value)[0] > 200
+    tab.direction_texts.value = "only one"
+    tab.direction_button.click()
+    assert "at least 2" in tab.errors["Direction gap"]

@@ -658,7 +658,7 @@ def test_a_new_setting_lands_in_its_group_and_a_new_kind_plugs_in(monkeypatch):
     loras = SettingSpec(name="loras", kind="loras", default=(), label="LoRAs", help="LoRA weights", section="lora")
     scheduler = SettingSpec(name="steps_extra", kind="choice", default="a", label="extra", choices=("a", "b"))
     monkeypatch.setattr(controls, "setting_specs", lambda: [*setting_specs(), loras, scheduler])
-    monkeypatch.setattr(controls, "settings_read", lambda mode, structure: settings_read(mode, structure) | {"loras"})
+    monkeypatch.setattr(controls, "settings_read", lambda mode, structure, capabilities=None: settings_read(mode, structure, capabilities) | {"loras"})
 
     @controls.control_factory("loras")
     def lora_list(spec):

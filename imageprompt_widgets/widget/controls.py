@@ -188,6 +188,7 @@ class SettingsControls(widgets.VBox):
         self.groups: dict[str, widgets.VBox] = {group: widgets.VBox(rows) for group, rows in members.items()}
         self.sections: dict[str, widgets.Widget] = {group: self._section(group) for group in self.groups}
         self._shown: frozenset[str] = frozenset(self.specs)
+        self._capabilities: frozenset[str] | None = None  # the model's; None: not known, show everything
         super().__init__(children=list(self.sections.values()), **kwargs)
         self.show_for(self.controls["mode"].value, self.controls["structure"].value)
         for name in ("mode", "structure"):
@@ -223,7 +224,7 @@ class SettingsControls(widgets.VBox):
 
     def show_for(self, mode: str, structure: str) -> None:
         """Show exactly the controls of the settings a run with this method and structure reads."""
-        read = settings_read(mode, structure)
+        read = settings_read(mode, structure, self._capabilities)
         self._shown = frozenset(name for name in self.specs if name in read)
         for name, control in self.controls.items():
             display = None if name in self._shown else "none"
@@ -234,7 +235,13 @@ class SettingsControls(widgets.VBox):
 
     def settings_read(self) -> frozenset[str]:
         """The settings a run with the chosen method and structure reads (the registry's answer)."""
-        return settings_read(self.controls["mode"].value, self.controls["structure"].value)
+        return settings_read(self.controls["mode"].value, self.controls["structure"].value, self._capabilities)
+
+    def set_capabilities(self, capabilities: Iterable[str] | None) -> None:
+        """What the chosen model can do (``preset_capabilities``): a setting it cannot read is hidden, e.g. the
+        negative prompt for a model without SD's text encoder."""
+        self._capabilities = None if capabilities is None else frozenset(capabilities)
+        self._follow_method()
 
     def _follow_method(self) -> None:
         self.show_for(self.controls["mode"].value, self.controls["structure"].value)

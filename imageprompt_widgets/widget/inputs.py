@@ -149,6 +149,7 @@ class InputStrip(widgets.HBox):
         self.weighted = weighted
         self._weights_shown = True
         self.on_change: Any = None  # called after images were added or removed
+        self.on_weight: Any = None  # called after a weight slider moved
         self.on_refused: Any = None  # gets the sentence when the browser sends a weight out of range
         self.empty = widgets.HTML(f"<i>{empty_text}</i>")
         super().__init__(children=[self.empty], layout=widgets.Layout(flex_flow="row wrap"), **kwargs)
@@ -177,6 +178,7 @@ class InputStrip(widgets.HBox):
             item = InputImage(image, name, weight, widgets.VBox(parts))
             weight.layout.display = None if self._weights_shown else "none"
             weight.on_refused = self.on_refused
+            weight.observe(lambda _: self.on_weight() if self.on_weight is not None else None, names="value")
             set_help(weight, spec.help)
             remove.on_click(lambda _, item=item: self.remove(item))
             self.items.append(item)

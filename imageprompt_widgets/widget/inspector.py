@@ -24,8 +24,15 @@ EMPTY_TEXT = "Generate something to inspect its tensors here."
 #: What the Denoising tab says about a run that kept no latents (the panel's checkbox keeps them).
 NO_LATENTS_TEXT = ("This run kept no latents, so there is no filmstrip: tick “keep latents (Denoising view)” "
                    "under Generation and press Generate again.")
-SECTION_TITLES = ("Tensors", "What CLIP saw", "Scale gap", "Similarity", "Tokens", "Denoising", "Interpolation",
-                  "Adapter tokens")
+SECTION_TITLES = ("Tensors", "What CLIP saw", "Scale gap", "Direction gap", "Similarity", "Tokens", "Attention",
+                  "Denoising", "Interpolation", "Adapter tokens")
+#: What the Attention section says about a run that recorded no attention (the panel's checkbox records it).
+NO_ATTENTION_TEXT = ("This run recorded no attention maps: tick “trace attention (Attention view)” under "
+                     "Generation and press Generate again.")
+#: What the Direction gap section says before its button is pressed.
+DIRECTION_GAP_TEXT = ("Where the image embedding points against SD's own text tokens (cosines), and why norm "
+                      "matching fixes its length but not its direction. It runs SD's text encoder on the prompts "
+                      "typed here (and CLIP's text tower where the model has one): press Compare.")
 #: What the Adapter tokens section says about a run that fed no IP-Adapter.
 NO_ADAPTER_TEXT = "This run fed no IP-Adapter: its tokens show here after an ip_adapter run."
 
@@ -98,11 +105,21 @@ class InspectorTab(widgets.VBox):
         self.interpolation_image = picture(format="png", layout=widgets.Layout(max_width="100%"))
         self.interpolation_note = widgets.HTML()
         self.adapter_text = widgets.HTML()
+        self.attention_image = picture(format="png", layout=widgets.Layout(max_width="100%"))
+        self.attention_text = widgets.HTML()
+        self.direction_texts = widgets.Text(
+            description="prompts", value="; ".join(views.DEFAULT_PROMPTS), continuous_update=False,
+            layout=widgets.Layout(width="70%"),
+        )
+        self.direction_button = widgets.Button(description="Compare", disabled=True)
+        self.direction_image = picture(format="png", layout=widgets.Layout(max_width="100%"))
+        self.direction_note = widgets.HTML()
         self.adapter_images: list[widgets.Image] = []  # one per IP-Adapter of the run
         self.adapter_box = widgets.VBox()
 
         self.similarity_button.on_click(lambda _: self.update_similarity())
         self.interpolation_button.on_click(lambda _: self.run_interpolation())
+        self.direction_button.on_click(lambda _: self.run_direction_gap())
         self.filmstrip_x0.observe(lambda _: self.update_filmstrip(), names="value")
 
         # An Accordion, not a Tab: beside the controls the panel's column is narrow, and seven tab titles
@@ -112,10 +129,14 @@ class InspectorTab(widgets.VBox):
                 widgets.VBox([self.summary]),
                 widgets.VBox([self.clip_text, self.clip_image]),
                 widgets.VBox([self.scale_gap_text, self.scale_gap_image]),
+                widgets.VBox([widgets.HBox([self.direction_texts, self.direction_button],
+                                           layout=widgets.Layout(flex_flow="row wrap")),
+                              self.direction_note, self.direction_image]),
                 widgets.VBox([widgets.HBox([self.similarity_texts, self.similarity_button],
                                            layout=widgets.Layout(flex_flow="row wrap")),
                               self.similarity_note, self.similarity_image]),
                 widgets.VBox([self.token_text, self.token_image]),
+                widgets.VBox([self.attention_text, self.attention_image]),
                 widgets.VBox([self.filmstrip_x0, self.filmstrip_image, self.filmstrip_table]),
                 widgets.VBox([widgets.HBox([self.interpolation_text, self.interpolation_count,
                                             self.interpolation_button], layout=widgets.Layout(flex_flow="row wrap")),
@@ -135,14 +156,14 @@ class InspectorTab(widgets.VBox):
     # -- public interface (called by the panel) ------------------------------------------------
 
     def show(self, result: Any, pipeline: Any, inputs: Sequence[Any] | None = None,
-             adapter_images: Sequence[Sequence[Any]] | None = None) -> None:
+             adapter_images: Sequence[Sequence[Any]] | None = None, labels: Sequence[str] | None = None) -> None:
         """Fill every section from a finished run; ``inputs`` (the input images) adds the originals, and their
-        file names label the pictures; ``adapter_images`` are the run's per-adapter images (where it had them)."""
+        file names (or ``labels``) label the pictures; ``adapter_images`` are the run's per-adapter images."""
         self.clear()
         self.result, self.pipeline = result, pipeline
         trace = result.trace
         if inputs and len(inputs) == trace.image_embeds.shape[0]:
-            self.labels = views.source_labels(inputs)
+            self.labels = list(labels) if labels and len(labels) == len(inputs) else views.source_labels(inputs)
         self._fill("Tensors", lambda: setattr(self.summary, "value", _pre(trace.summary())), self.summary)
         self._fill("What CLIP saw", lambda: self._set_image(
             self.clip_image, "What CLIP saw",
@@ -157,6 +178,9 @@ class InspectorTab(widgets.VBox):
         self._fill("Scale gap", self._show_scale_gap, self.scale_gap_text)
         self._fill("Similarity", self.update_similarity, self.similarity_note)
         self._fill("Tokens", self._show_tokens, self.token_text)
+        self._fill("Attention", self._show_attention, self.attention_text)
+        self.direction_note.value = html.escape(DIRECTION_GAP_TEXT)
+        self.direction_button.disabled = False
         self._fill("Adapter tokens", lambda: self._show_adapter_tokens(adapter_images), self.adapter_text)
         self.update_filmstrip()
         has_two = trace.image_embeds.shape[0] > 1
@@ -180,13 +204,15 @@ class InspectorTab(widgets.VBox):
         self.views = {}
         self.placeholder.value = EMPTY_TEXT
         for image in (self.clip_image, self.scale_gap_image, self.similarity_image, self.token_image,
-                      self.filmstrip_image, self.interpolation_image):
+                      self.filmstrip_image, self.interpolation_image, self.attention_image, self.direction_image):
             image.value = b""
         for text in (self.summary, self.clip_text, self.scale_gap_text, self.similarity_note, self.token_text,
-                     self.filmstrip_table, self.interpolation_note, self.adapter_text):
+                     self.filmstrip_table, self.interpolation_note, self.adapter_text, self.attention_text,
+                     self.direction_note):
             text.value = ""
         self._set_adapter_images(0)
         self.interpolation_button.disabled = True
+        self.direction_button.disabled = True
         self.sections.layout.display = "none"
 
     # -- sections -------------------------------------------------------------------------------
@@ -272,6 +298,45 @@ class InspectorTab(widgets.VBox):
         self.token_text.value = html.escape(
             f"{tokens} prompt tokens x {dims} dims, {view.distinct_tokens} distinct rows."
         )
+
+    def _show_attention(self) -> None:
+        if self.result.trace.attention_maps is None:
+            self.attention_text.value = html.escape(NO_ATTENTION_TEXT)
+            return
+        view = views.attention_view(self.result, self.pipeline)
+        self._set_image(self.attention_image, "Attention", view)
+        self.attention_text.value = (
+            html.escape("Where each group of prompt tokens acts in the first output: its share of the "
+                        "cross-attention at each latent position (mean over heads, layers and steps).")
+            + _pre(views.attention_summary(view))
+        )
+
+    def run_direction_gap(self) -> Job | None:
+        """Compare the image embedding's direction with SD's text tokens (the "Compare" button), as a controller
+        task: it runs SD's text encoder, and CLIP's text tower loads the first time."""
+        if self.result is None:
+            return None
+        result, prompts = self.result, _split_texts(self.direction_texts.value)
+
+        def compare(task: TaskContext) -> Any:
+            return views.direction_gap(result.trace, task.pipeline, prompts)
+
+        self.direction_button.disabled = True
+        self.direction_image.value = b""
+        self.direction_note.value = "Comparing…"
+        return self._submit(compare, "Direction gap", lambda end: self._direction_done(end, result))
+
+    def _direction_done(self, end: Event, result: Any) -> None:
+        if result is not self.result:
+            return  # a newer run replaced the one this was for
+        self.direction_button.disabled = False
+        if isinstance(end, Failed):
+            self.direction_note.value = self._error("Direction gap", end.error)
+        elif not isinstance(end, Finished):
+            self.direction_note.value = "Cancelled."
+        else:
+            self._set_image(self.direction_image, "Direction gap", end.result)
+            self.direction_note.value = html.escape(end.result.describe())
 
     def _show_adapter_tokens(self, adapter_images: Sequence[Sequence[Any]] | None) -> None:
         """Each IP-Adapter's tokens (and a Plus adapter's query maps) over the picture it saw first."""

@@ -12,7 +12,7 @@ import contextlib
 import html
 import os
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -50,6 +50,7 @@ from .controls import SettingsControls, set_help
 from .gallery import History, HistoryItem, OutputGrid, close_tree
 from .inputs import UPLOAD_HINT, InputStrip, caption_of, load_upload, show_count, uploaded_files
 from .inspector import InspectorTab
+from .live import LiveToggle
 from .maps import MapPreviews, map_caption, traced_map
 from .picker import ModelPicker
 from .recipe import read_recipe
@@ -65,6 +66,7 @@ _CAPABILITY_WORDS = {
     "captioner": "a captioner (BLIP)",
 }
 LATENTS_LABEL = "keep latents (Denoising view)"
+ATTENTION_LABEL = "trace attention (Attention view)"
 #: The label of the controller task that computes the Structure section's depth maps (quiet in the status line).
 MAPS_TASK = "structure maps"
 #: What the adapter block scales field shows while empty (the shape of diffusers' set_ip_adapter_scale dictionary).
@@ -83,7 +85,8 @@ class ImagePromptWidget(widgets.VBox):
     Generate, never on display. Keyword settings (``steps=20``) set the controls' starting values.
 
     ``runner`` decides where generation runs (a worker thread; inline on Colab); ``preview`` is
-    ``"auto"``, ``"linear"`` or ``"taesd"`` (with ``taesd=`` a local AutoencoderTiny folder).
+    ``"auto"``, ``"linear"`` or ``"taesd"`` (with ``taesd=`` a local AutoencoderTiny folder). ``loras`` are
+    ``(source, weight)`` pairs loaded into the model when it loads (shown under the model picker).
 
     The model picker re-targets the panel: a new controller for the chosen preset (weights load on the next
     Generate). A run still going on the old model is cancelled; its previews stay, marked. Choosing a
@@ -103,10 +106,12 @@ class ImagePromptWidget(widgets.VBox):
         history_size: int = 48,
         history_bytes: int = 256 * 2**20,
         save_dir: str = "imageprompt-outputs",
+        loras: Sequence[tuple[str, float]] = (),
         **settings: Any,
     ) -> None:
         # Unknown model names and preview kinds fail here, at once; no weights load before the first Generate.
-        self._controller_options = {"preview": preview, "taesd": taesd, "preview_interval": preview_interval}
+        self._controller_options = {"preview": preview, "taesd": taesd, "preview_interval": preview_interval,
+                                    "loras": tuple(loras)}
         self.controller = Controller(model, pipeline=pipeline, runner=runner, **self._controller_options)
         GenerationSettings.from_kwargs(**settings)  # an unknown setting fails before anything is built
         self.result = None
@@ -156,7 +161,8 @@ class ImagePromptWidget(widgets.VBox):
         self.adapter_slots.on_refused = lambda sentence: self._say(sentence, error=True)
         self.controls.add_to("images", self.adapter_slots)
         self.model_picker = ModelPicker(self.controller.preset, layout=widgets.Layout(width="96%"))
-        self.controls.add_to("method", self.model_picker, first=True)
+        self.lora_label = widgets.HTML(layout=widgets.Layout(margin="0 0 0 104px", display="none"))
+        self.controls.add_to("method", self.model_picker, self.lora_label, first=True)
         self.model_picker.observe(self._on_model_picked, names="value")
         self.controls["mode"].observe(self._on_mode_chosen, names="value")
         self.controls["mode"].observe(lambda _: self._follow_weights(), names="value")
@@ -177,7 +183,12 @@ class ImagePromptWidget(widgets.VBox):
                                             layout=widgets.Layout(width="auto"))
         set_help(self.keep_latents, "trace the latents of every step so the Inspector's Denoising tab can "
                                     "show the filmstrip (a little more memory per run)")
-        self.controls.add_to("generation", self.keep_latents)
+        self.trace_attention = widgets.Checkbox(value=False, description=ATTENTION_LABEL, indent=True,
+                                                style={"description_width": "100px"},
+                                                layout=widgets.Layout(width="auto"))
+        set_help(self.trace_attention, "record where each prompt token acts in the picture (the Inspector's "
+                                       "Attention view); off, nothing is hooked and nothing costs")
+        self.controls.add_to("generation", self.keep_latents, self.trace_attention)
         # Structure: an optional structure image (the structure's own unit, and img2img's start), more ControlNet
         # units (the control_units rows, each with an optional picture of its own), and every unit's map.
         self.structure_image: Image.Image | None = None
@@ -198,6 +209,10 @@ class ImagePromptWidget(widgets.VBox):
         self.generate_button = widgets.Button(description="Generate", button_style="primary", icon="play")
         self.cancel_button = widgets.Button(description="Cancel", icon="stop", disabled=True)
         self.generate_button.on_click(lambda _: self.generate())
+        self.live = LiveToggle(rerun=self._live_rerun, switch_model=self.set_model, model=lambda: self.model,
+                               say=self._say, ready=lambda: bool(self.inputs.items) and not self._switching)
+        self.live.watch(*self.controls.controls.values())
+        self.inputs.on_weight = self.live.changed
         self.cancel_button.on_click(lambda _: self.cancel())
         self.progress = widgets.IntProgress(value=0, min=0, max=1, layout=widgets.Layout(width="100%"))
         self._status_text = ""
@@ -230,13 +245,14 @@ class ImagePromptWidget(widgets.VBox):
         left = widgets.VBox([self.controls], layout=widgets.Layout(flex="1 1 360px", min_width="340px",
                                                                    max_width="470px", margin="0 16px 0 0"))
         right = widgets.VBox(
-            [widgets.HBox([self.generate_button, self.cancel_button]), self.progress, self.status_line,
+            [widgets.HBox([self.generate_button, self.cancel_button, self.live]), self.progress, self.status_line,
              self.details, self.grid, self.tabs],
             layout=widgets.Layout(flex="1 1 420px", min_width="320px"),
         )
         self.columns = widgets.HBox([left, right], layout=widgets.Layout(flex_flow="row wrap", width="100%"))
         super().__init__(children=[self.columns])
         self._unsubscribe = self.controller.subscribe(self._on_event)
+        self.controls.set_capabilities(preset_capabilities(preset) if preset is not None else None)
         self._maps_hold = 0
         self._refresh_maps()
 
@@ -336,7 +352,8 @@ class ImagePromptWidget(widgets.VBox):
             adapter_images = self.adapter_slots.adapter_images(images) if settings.mode == "ip_adapter" else None
             job = self.controller.submit(images, settings, negative_image=self.negatives.images or None,
                                          structure_image=self._structure_images(settings, images),
-                                         adapter_images=adapter_images, trace_latents=self.keep_latents.value)
+                                         adapter_images=adapter_images, trace_latents=self.keep_latents.value,
+                                         trace_attention=self.trace_attention.value)
         except ValueError as err:
             self._report(err)
             future: Future = Future()
@@ -347,6 +364,26 @@ class ImagePromptWidget(widgets.VBox):
     def cancel(self) -> None:
         """Stop the running generation after its current step, and drop a waiting one."""
         self.controller.cancel()
+
+    def _live_rerun(self) -> None:
+        """Live mode: the newest settings run next; a running run stops after its step (a waiting one is
+        replaced by the controller). Changes the panel makes itself (a model switch, a recipe) start nothing
+        (``ready`` says so)."""
+        if self.controller.busy:
+            self.controller.cancel()
+        self.generate()
+
+    def _show_loras(self) -> None:
+        """The LoRAs in the loaded model, read-only under the picker (hidden when there are none)."""
+        pipe = self.controller.pipeline
+        loras = list(getattr(pipe, "loras", ()) or ())
+        if not loras:
+            self.lora_label.layout.display = "none"
+            return
+        from ..lora import describe
+
+        self.lora_label.value = f"<small>{html.escape(describe(loras))}</small>"
+        self.lora_label.layout.display = None
 
     def rerun(self, item: HistoryItem) -> Future:
         """Run a history item's recipe again: its model, inputs, weights and settings."""
@@ -454,6 +491,8 @@ class ImagePromptWidget(widgets.VBox):
             self._refresh_maps()  # another model's size and depth estimator
         self._relabel_modes()
         self._follow_adapters()
+        self.controls.set_capabilities(preset_capabilities(preset))
+        self._show_loras()
         found = availability(preset)
         where = ", ".join(part for part in ("offline" if preset.offline_builder else found.download, found.status) if part)
         cost = " The next Generate downloads it, with progress here." if not found.ready else ""
@@ -652,6 +691,7 @@ class ImagePromptWidget(widgets.VBox):
             self._begin_grid(job, "Waiting for the first step…")
             self._say(f"Starting: {event.total_steps} steps{self._step_note}")
             self.model_picker.refresh()  # the model is on this machine now
+            self._show_loras()
         else:
             self._say(f"{job.kind}: starting ({event.total_steps} steps)")
 
@@ -703,7 +743,9 @@ class ImagePromptWidget(widgets.VBox):
             done += " BLIP's caption is in the prompt field: edit it and Generate again."
         self._say(done)
         try:
-            self.inspector.show(result, self.controller.pipeline, adapter_images=job.adapter_images)
+            labels = self.inputs.names if len(self.inputs.items) == len(job.images) else None
+            self.inspector.show(result, self.controller.pipeline, inputs=job.images, adapter_images=job.adapter_images,
+                                labels=labels)
         except Exception as err:  # noqa: BLE001 - a broken view must not hide the images
             self._details(f"The inspector failed: {type(err).__name__}: {err}", traceback.format_exc())
 
@@ -745,6 +787,7 @@ class ImagePromptWidget(widgets.VBox):
         self._show_upload_count(upload, strip.names)
         if strip is self.inputs:
             self._refresh_maps()
+        self.live.changed()
 
     def _on_upload_error(self, change: dict[str, Any]) -> None:
         if change["new"]:
