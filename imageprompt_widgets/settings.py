@@ -163,7 +163,7 @@ class GenerationSettings:
     )
     prompt: str = _spec("text", "", "prompt", "text used by the blend, ip_adapter and caption modes")
     negative_prompt: str = _spec(
-        "text", "", "negative prompt",
+        "text", "", "negative text",
         "text guidance pushes away from (with negative=image: beside the negative images)",
     )
     image_weight: float = _spec(

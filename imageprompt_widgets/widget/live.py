@@ -17,7 +17,7 @@ import ipywidgets as widgets
 from ..presets import LIVE_TWINS
 from .controls import set_help
 
-LIVE_LABEL = "live: re-run on every change"
+LIVE_LABEL = "live (re-run on every change)"
 
 
 class LiveToggle(widgets.Checkbox):
@@ -29,8 +29,7 @@ class LiveToggle(widgets.Checkbox):
 
     def __init__(self, rerun: Callable[[], Any], switch_model: Callable[[str], None], model: Callable[[], str | None],
                  say: Callable[[str], None], ready: Callable[[], bool]) -> None:
-        super().__init__(value=False, description=LIVE_LABEL, indent=True, style={"description_width": "100px"},
-                         layout=widgets.Layout(width="auto"))
+        super().__init__(value=False, description=LIVE_LABEL, indent=False, layout=widgets.Layout(width="auto"))
         set_help(self, "re-run on every change (a running run is cancelled after its step); with sd15 or tiny it "
                        "switches to their 4-step LCM-LoRA twin")
         self._rerun, self._switch_model, self._model, self._say, self._ready = rerun, switch_model, model, say, ready

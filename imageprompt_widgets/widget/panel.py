@@ -208,6 +208,8 @@ class ImagePromptWidget(widgets.VBox):
 
         self.generate_button = widgets.Button(description="Generate", button_style="primary", icon="play")
         self.cancel_button = widgets.Button(description="Cancel", icon="stop", disabled=True)
+        for button in (self.generate_button, self.cancel_button):
+            button.layout.flex = "0 0 auto"  # the live toggle beside them never squeezes their words
         self.generate_button.on_click(lambda _: self.generate())
         self.live = LiveToggle(rerun=self._live_rerun, switch_model=self.set_model, model=lambda: self.model,
                                say=self._say, ready=lambda: bool(self.inputs.items) and not self._switching)
@@ -245,7 +247,8 @@ class ImagePromptWidget(widgets.VBox):
         left = widgets.VBox([self.controls], layout=widgets.Layout(flex="1 1 360px", min_width="340px",
                                                                    max_width="470px", margin="0 16px 0 0"))
         right = widgets.VBox(
-            [widgets.HBox([self.generate_button, self.cancel_button, self.live]), self.progress, self.status_line,
+            [widgets.HBox([self.generate_button, self.cancel_button, self.live],
+                          layout=widgets.Layout(flex_flow="row wrap")), self.progress, self.status_line,
              self.details, self.grid, self.tabs],
             layout=widgets.Layout(flex="1 1 420px", min_width="320px"),
         )
