@@ -20,9 +20,10 @@ tile size its pixels differ slightly from a whole decode (by design: that is wha
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # the CLI imports the levels before torch is needed
+    import torch
 
 from .settings import SettingsError
 
