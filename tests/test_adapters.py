@@ -7,11 +7,13 @@ pictures itself, so equal pixels mean we fed the adapters exactly what diffusers
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from imageprompt_widgets import GenerationSettings, ImagePromptPipeline, SettingsError
 from imageprompt_widgets.methods.ip_adapter import adapter_processors
@@ -313,8 +315,13 @@ def test_the_adapter_tokens_view_draws_the_tokens_and_each_querys_map(plus_pipe,
     torch.testing.assert_close(view.attention_maps, expected / expected.flatten(1).amax(1)[:, None, None])
     assert view.describe() == ("tiny-ip-adapter-plus: 16 tokens x 32 dims, 16 distinct; 16 resampler queries over "
                                "a 8x8 patch grid")
-    picture = view.render()
-    assert picture.width > 300 and picture.height > 160 and view.to_png().startswith(b"\x89PNG")
+    png = view.to_png()
+    assert png.startswith(b"\x89PNG")
+    picture = Image.open(io.BytesIO(png))
+    assert picture.width > 600 and picture.height > 300  # the heatmap beside a 4x4 grid of query maps
+    figure = view.figure()
+    assert len(figure.axes) == 1 + 1 + 16  # heatmap, its colour bar, one per query
+    assert [figure.axes[2 + q].get_title() for q in (0, 15)] == ["query 0", "query 15"]
     plain = adapter_tokens_view(adapter_image_pipe.adapter_tokens(adapter_image_pipe.generate(image, **FAST)))
     assert plain.tokens.shape == (4, 32) and plain.attention_maps is None
     assert plain.describe() == "tiny-ip-adapter: 4 tokens x 32 dims, 4 distinct"
