@@ -124,6 +124,7 @@ def row_schema(pa: Any) -> Any:
     kinds = {
         "float": pa.float64(), "int": pa.int64(), "size": pa.int64(), "bool": pa.bool_(),
         "choice": pa.string(), "text": pa.string(), "floats": pa.list_(pa.float64()),
+        "units": pa.string(),  # control_units: its JSON text, as the recipe holds it
     }
     settings = pa.struct([pa.field(spec.name, kinds[spec.kind]) for spec in setting_specs()])
     return pa.schema([
