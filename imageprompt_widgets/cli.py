@@ -13,6 +13,7 @@ bars (download bytes, then denoising steps with the total known from the start).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -32,7 +33,8 @@ from .settings import GenerationSettings, SettingsError
 
 def parse_lora(text: str) -> tuple[str, float]:
     """``SOURCE`` or ``SOURCE=WEIGHT`` → ``(source, weight)``; a sentence for a weight that is not a number."""
-    source, _, weight = text.rpartition("=") if "=" in text else (text, "", "1")
+    named = "=" in text and not os.path.exists(os.path.expanduser(text))  # a file may have '=' in its name
+    source, _, weight = text.rpartition("=") if named else (text, "", "1")
     try:
         value = float(weight)
     except ValueError:

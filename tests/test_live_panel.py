@@ -121,3 +121,22 @@ def test_the_negative_prompt_is_hidden_for_a_model_without_sds_text_encoder():
         assert "negative_prompt" in panel.controls.shown
     finally:
         panel.close()
+
+
+def test_negative_text_is_put_aside_for_a_model_without_text_and_comes_back():
+    """tiny-variations starts from a zeros negative, which refuses negative text: switching must not fail, and
+    what the user typed is not lost."""
+    panel = ImagePromptWidget("tiny", steps=2)
+    try:
+        panel.set_images([sample_image(1)])
+        panel.controls["negative_prompt"].set_state({"value": "blurry"})
+        panel.set_model("tiny-variations")
+        assert panel.model == "tiny-variations" and panel.controls["negative"].value == "zeros"
+        assert panel.controls["negative_prompt"].value == ""
+        assert panel.generate().result(WAIT).settings.negative_prompt == ""
+        assert panel.controller.join(WAIT)
+        panel.set_model("tiny")
+        assert panel.controls["negative_prompt"].value == "blurry"
+        assert panel.controls["negative"].value == "empty_prompt"
+    finally:
+        panel.close()

@@ -118,6 +118,7 @@ class ImagePromptWidget(widgets.VBox):
         self.previews_shown = 0  # preview frames shown in the last run (for tests and the curious)
         self._explained: set[str] = set()  # why a run's step total differs from steps: said once per panel
         self._step_note = ""
+        self._kept_negative_text = ""  # typed for a text model, put aside while a model without text is chosen
         self._grid_job: Job | None = None  # the job whose tiles the grid shows
         self._switching = False  # the panel itself is changing model or mode: observers stand still
         self._retired: list[Callable[[], None]] = []  # unsubscribers of replaced controllers still finishing
@@ -529,6 +530,14 @@ class ImagePromptWidget(widgets.VBox):
         changes = {name: getattr(library, name) for name, value in (old.defaults if old else ())
                    if name in self.controls.controls and self.controls[name].value == value}
         changes.update(dict(new.defaults))
+        # A model without SD's text encoder reads no negative text (and its zeros negative refuses one): the text
+        # is kept aside and comes back with the next model that reads it.
+        negative_text = self.controls["negative_prompt"]
+        if "text" not in preset_capabilities(new) and negative_text.value.strip():
+            self._kept_negative_text = negative_text.value
+            changes["negative_prompt"] = ""
+        elif "text" in preset_capabilities(new) and self._kept_negative_text and not negative_text.value.strip():
+            changes["negative_prompt"], self._kept_negative_text = self._kept_negative_text, ""
         offered = methods_for(new)
         if changes.get("mode", self.controls["mode"].value) not in offered and offered:
             changes["mode"] = offered[0]
