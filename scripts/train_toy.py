@@ -10,6 +10,7 @@ CPU it writes the same bytes. The training code itself is ``imageprompt_widgets/
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import sys
 from pathlib import Path
@@ -25,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=WEIGHTS, help=f"weights folder (default: {WEIGHTS})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="a few steps of every stage, to check the code runs")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="change one field of the training budget (experiments; the shipped weights use none)")
     args = parser.parse_args(argv)
 
     import torch
@@ -33,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     from imageprompt_widgets.toy import train
 
     budget = train.Budget.smoke() if args.smoke else train.Budget()
+    for change in args.set:
+        name, _, value = change.partition("=")
+        budget = dataclasses.replace(budget, **{name: type(getattr(budget, name))(value)})
     for stale in ("clip", "sd", train.ADAPTER_SUBFOLDER, "training.json"):
         path = args.out / stale
         if path.is_dir():
