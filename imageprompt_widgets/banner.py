@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import html
 from dataclasses import dataclass
-
 from pathlib import Path
 
 from .presets import Preset, resolve_preset
