@@ -61,17 +61,17 @@ TRAIN_TIMESTEPS, BETA_START, BETA_END = 1000, 0.00085, 0.012
 class Budget:
     """Steps, batch sizes and learning rates of every stage (``Budget()``: what made the shipped weights)."""
 
-    clip_steps: int = 600
+    clip_steps: int = 1000
     clip_batch: int = 128
     clip_lr: float = 2e-3
-    vae_steps: int = 600
+    vae_steps: int = 1500
     vae_batch: int = 16
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-6
     #: Pictures whose latents set the VAE's scaling factor (SD's: latents of unit standard deviation).
     scaling_pictures: int = 256
     latent_pool: int = 12288
-    unet_steps: int = 2400
+    unet_steps: int = 3000
     unet_batch: int = 64
     unet_lr: float = 1e-3
     caption_dropout: float = 0.1
