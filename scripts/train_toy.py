@@ -1,6 +1,6 @@
 """Train the toy world's models and write them where the ``toy`` presets load them from.
 
-    nice python scripts/train_toy.py                  # imageprompt_widgets/toy/weights, about an hour on 2 busy cores
+    nice python scripts/train_toy.py                  # imageprompt_widgets/toy/weights, about 37 min on one busy core
     python scripts/train_toy.py --out /tmp/toy --smoke  # a few steps of every stage: checks the code runs
 
 Seeded and single-threaded (``torch.set_num_threads(1)``): with the same torch on the same kind of
