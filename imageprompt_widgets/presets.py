@@ -112,7 +112,7 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
             clip_model=str(TOY_CLIP_FOLDER),
             note="the toy world: a miniature SD and CLIP trained on 64 px coloured shapes ('a red circle on a "
                  "blue background'), shipped with the package: real behaviour offline, not Stable Diffusion",
-            download_size="nothing (shipped inside the package, about 7 MB of safetensors)",
+            download_size="nothing (shipped inside the package, about 8 MB of safetensors)",
             defaults=(("steps", 20), ("guidance_scale", 2.0)),
         ),
         "sd15-live": Preset(
