@@ -1,4 +1,5 @@
-"""What a notebook says first when its pictures cannot mean anything: a banner for random-weight presets.
+"""What a notebook says first when its pictures cannot mean anything: a banner for random-weight presets
+(and a milder one for the toy world, whose weights are trained but know only coloured shapes).
 
 The offline presets (``tiny`` and its twins) are built on this machine with random, seeded weights: they
 run every method end to end in seconds without a download, so shapes, arithmetic and plumbing are real,
@@ -10,8 +11,10 @@ from __future__ import annotations
 
 import html
 from dataclasses import dataclass
+from pathlib import Path
 
 from .presets import Preset, resolve_preset
+from .toy import SD_FOLDER as TOY_SD_FOLDER
 
 #: What to pick for real pictures (a GPU runtime on Colab).
 REAL_PRESETS_ADVICE = (
@@ -47,9 +50,21 @@ class Banner:
         )
 
 
+def is_toy_world(preset: str | Preset) -> bool:
+    """Whether a preset runs the toy world's shipped weights (trained on coloured shapes, not photographs)."""
+    return Path(resolve_preset(preset).sd_model) == TOY_SD_FOLDER
+
+
 def weights_banner(preset: str | Preset) -> Banner | None:
-    """The banner for ``preset``, or ``None`` when its weights are real."""
+    """The banner for ``preset``, or ``None`` when its weights are real Stable Diffusion's."""
     resolved = resolve_preset(preset)
+    if is_toy_world(resolved):
+        return Banner(
+            f"The toy world ({resolved.name!r}):",
+            "a miniature Stable Diffusion and CLIP trained in minutes on 64 px pictures of one coloured shape on a "
+            "plain background. It follows captions like 'a red circle on a blue background' and image prompts of "
+            "such pictures, so the methods really differ here, but it knows nothing else. " + REAL_PRESETS_ADVICE,
+        )
     if not has_random_weights(resolved):
         return None
     return Banner(

@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+from .toy import CLIP_FOLDER as TOY_CLIP_FOLDER
+from .toy import SD_FOLDER as TOY_SD_FOLDER
+
 #: Environment variable that replaces the default preset (the examples run in CI with ``tiny``).
 MODEL_ENV = "IMAGEPROMPT_MODEL"
 DEFAULT_PRESET = "sd14"
@@ -102,6 +105,15 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
             download_size="nothing (built locally in about a second, under 2 MB)",
             offline_builder="tiny",
             controlnet="tiny",
+        ),
+        "toy": Preset(
+            name="toy",
+            sd_model=str(TOY_SD_FOLDER),
+            clip_model=str(TOY_CLIP_FOLDER),
+            note="the toy world: a miniature SD and CLIP trained on 64 px coloured shapes ('a red circle on a "
+                 "blue background'), shipped with the package: real behaviour offline, not Stable Diffusion",
+            download_size="nothing (shipped inside the package, about 8 MB of safetensors)",
+            defaults=(("steps", 20), ("guidance_scale", 2.0)),
         ),
         "sd15-live": Preset(
             name="sd15-live",

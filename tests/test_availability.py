@@ -72,8 +72,17 @@ def test_a_local_folder_and_the_sizes(tmp_path):
     assert download_text("") == ""
 
 
-@pytest.mark.parametrize("name", [name for name, preset in PRESETS.items() if not preset.offline_builder])
+HUB_PRESETS = [name for name, p in PRESETS.items() if not p.offline_builder and not Path(p.sd_model).is_dir()]
+
+
+@pytest.mark.parametrize("name", HUB_PRESETS)
 def test_every_hub_presets_loading_line_names_its_download(name, monkeypatch, tmp_path):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
     line = loading_message(PRESETS[name])
     assert line.startswith(f"Loading model {name!r}: the first time downloads about ") and "((" not in line
+
+
+def test_the_toy_preset_is_ready_from_the_package_and_says_it_loads_from_its_folder():
+    toy = PRESETS["toy"]
+    assert "toy" not in HUB_PRESETS and availability(toy).ready
+    assert loading_message(toy) == "Loading model 'toy' from its folder…"

@@ -31,3 +31,12 @@ def test_an_unknown_preset_is_refused_as_everywhere():
 
     with pytest.raises(UnknownPresetError):
         weights_banner("no-such-preset")
+
+
+def test_the_toy_world_gets_its_own_banner_not_the_random_weights_one():
+    from imageprompt_widgets.banner import is_toy_world
+
+    banner = weights_banner("toy")
+    assert is_toy_world("toy") and not is_toy_world("tiny") and not has_random_weights("toy")
+    assert str(banner).startswith("The toy world ('toy'): a miniature Stable Diffusion and CLIP trained")
+    assert "noise" not in str(banner) and 'PRESET = "sd14"' in str(banner)

@@ -1,0 +1,603 @@
+"""Training the toy world's models: a CLIP, a VAE, a text-to-image UNet (and an IP-Adapter), on two CPU cores.
+
+The same classes as the real system, only small: transformers' ``CLIPModel`` (vision tower, text
+tower, projections), diffusers' ``AutoencoderKL`` (8× downsampling, like SD's) and
+``UNet2DConditionModel`` reading the CLIP text tower's *un-projected* last hidden state, as SD 1.x
+reads ViT-L/14's. Each stage is seeded and runs in one thread, so the shipped weights are what
+``scripts/train_toy.py`` writes (bit for bit with the same torch on the same kind of CPU).
+
+The code lives in the package rather than the script so that a quick test can run every stage for
+a few steps with today's libraries: training code nobody runs rots silently.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import world
+
+#: Words of the toy tokenizer's vocabulary (each one token); any other text falls back to single bytes.
+WORDS = ("a", "on", "background", *world.SHAPES, *world.COLOURS)
+#: Width of the text tower = projection = the UNet's cross-attention (like 768 for ViT-L/14 and SD 1.x).
+WIDTH = 64
+#: CLIP's normalisation (the CLIPImageProcessor defaults), applied to the world's 64 px pictures.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+TEXT_CONFIG: dict[str, Any] = {
+    "hidden_size": WIDTH, "intermediate_size": 4 * WIDTH, "num_attention_heads": 4, "num_hidden_layers": 4,
+    "max_position_embeddings": 77, "projection_dim": WIDTH,
+}
+VISION_CONFIG: dict[str, Any] = {
+    "hidden_size": WIDTH, "intermediate_size": 4 * WIDTH, "num_attention_heads": 4, "num_hidden_layers": 4,
+    "image_size": world.IMAGE_SIZE, "patch_size": 8, "projection_dim": WIDTH,
+}
+VAE_CONFIG: dict[str, Any] = {
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 1, "norm_num_groups": 8,
+    "block_out_channels": (16, 16, 32, 32), "sample_size": world.IMAGE_SIZE,
+    "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
+}
+UNET_CONFIG: dict[str, Any] = {
+    "sample_size": world.IMAGE_SIZE // 8, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
+    "block_out_channels": (32, 64), "norm_num_groups": 8, "attention_head_dim": 8, "cross_attention_dim": WIDTH,
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+}
+#: SD 1.x's noise schedule (the PNDM config saved with the pipeline uses the same betas).
+TRAIN_TIMESTEPS, BETA_START, BETA_END = 1000, 0.00085, 0.012
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Steps, batch sizes and learning rates of every stage (``Budget()``: what made the shipped weights)."""
+
+    clip_steps: int = 1000
+    clip_batch: int = 128
+    clip_lr: float = 2e-3
+    vae_steps: int = 1500
+    vae_batch: int = 16
+    vae_lr: float = 2e-3
+    vae_kl_weight: float = 1e-6
+    #: Pictures whose latents set the VAE's scaling factor (SD's: latents of unit standard deviation).
+    scaling_pictures: int = 256
+    latent_pool: int = 12288
+    unet_steps: int = 3000
+    unet_batch: int = 64
+    unet_lr: float = 1e-3
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.995
+    adapter_steps: int = 0
+    adapter_batch: int = 64
+    adapter_lr: float = 1e-3
+    adapter_tokens: int = 4
+
+    @classmethod
+    def smoke(cls) -> Budget:
+        """A few steps of everything: checks the code runs, teaches nothing."""
+        return cls(clip_steps=2, clip_batch=8, vae_steps=2, vae_batch=2, scaling_pictures=8, latent_pool=8,
+                   unet_steps=2, unet_batch=4, adapter_steps=2, adapter_batch=4)
+
+
+Log = Callable[[str], None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Pictures as tensors
+
+
+def clip_pixels(images: list[Any]) -> torch.Tensor:
+    """World pictures → CLIP's input, exactly what ``CLIPImageProcessor`` gives for 64 px pictures."""
+    array = np.stack([np.asarray(image, dtype=np.float32) / 255.0 for image in images])
+    array = (array - np.array(CLIP_MEAN, dtype=np.float32)) / np.array(CLIP_STD, dtype=np.float32)
+    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
+
+
+def vae_pixels(images: list[Any]) -> torch.Tensor:
+    """World pictures → the VAE's input range, -1 to 1 (what diffusers' image processor gives)."""
+    array = np.stack([np.asarray(image, dtype=np.float32) / 127.5 - 1.0 for image in images])
+    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
+
+
+def draw_batch(stream: Iterator[world.Scene], count: int) -> tuple[list[world.Scene], list[Any]]:
+    scenes = [next(stream) for _ in range(count)]
+    return scenes, [scene.draw() for scene in scenes]
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def write_tokenizer(folder: str | Path) -> Any:
+    """CLIP's tokenizer class with a byte vocabulary plus one token per word of the world.
+
+    BPE applies merges by rank, so a word's first merge can fire inside another word ("r e" inside
+    "green"); words whose tokens come out split are moved to the front until every word is one token.
+    """
+    from transformers import CLIPTokenizer
+
+    from ..offline import _bytes_to_unicode
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    order = list(WORDS)
+    for _ in range(len(WORDS) + 1):
+        symbols = list(_bytes_to_unicode().values())
+        vocab = {s: i for i, s in enumerate(symbols)}
+        vocab.update({s + "</w>": len(symbols) + i for i, s in enumerate(symbols)})
+        merges: list[str] = []
+        for word in order:
+            pieces = list(word[:-1]) + [word[-1] + "</w>"]
+            current = pieces[0]
+            for piece in pieces[1:]:
+                merges.append(f"{current} {piece}")
+                current += piece
+                vocab.setdefault(current, len(vocab))
+        vocab["<|startoftext|>"] = len(vocab)
+        vocab["<|endoftext|>"] = len(vocab)
+        (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+        (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n",
+                                           encoding="utf-8")
+        tokenizer = CLIPTokenizer.from_pretrained(str(folder), model_max_length=77)
+        split = [word for word in WORDS if len(tokenizer(word, add_special_tokens=False).input_ids) != 1]
+        if not split:
+            return tokenizer
+        order = split + [word for word in order if word not in split]
+    raise RuntimeError(f"Could not make one token of each of the words {split}.")
+
+
+def tokenize(tokenizer: Any, texts: list[str], length: int | None = None) -> torch.Tensor:
+    """Token ids padded like SD pads them (to 77 with ``<|endoftext|>``), or to ``length``."""
+    return tokenizer(texts, padding="max_length", max_length=length or tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 1: CLIP
+
+
+def new_clip(tokenizer: Any) -> Any:
+    from transformers import CLIPConfig, CLIPModel
+
+    special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                   "pad_token_id": tokenizer.pad_token_id, "vocab_size": len(tokenizer)}
+    config = CLIPConfig(text_config={**TEXT_CONFIG, **special}, vision_config=VISION_CONFIG, projection_dim=WIDTH)
+    return CLIPModel(config)
+
+
+def train_clip(tokenizer: Any, budget: Budget, seed: int, log: Log) -> Any:
+    """Contrastive training on the world: each picture against every training caption, and back.
+
+    With only 66 captions a batch holds many pictures of the same one; the loss counts all of them
+    as positives (a soft target) instead of pretending they are negatives.
+    """
+    torch.manual_seed(seed)
+    clip = new_clip(tokenizer)
+    captions = [world.caption(c, s, b) for s, c, b in world.TRAINING_COMBINATIONS]
+    index = {text: i for i, text in enumerate(captions)}
+    ids = tokenize(tokenizer, captions, length=16)
+    stream = world.iter_scenes(seed, "train")
+    optimizer = torch.optim.AdamW(clip.parameters(), lr=budget.clip_lr, weight_decay=0.1)
+    schedule = _warmup_cosine(optimizer, budget.clip_steps)
+    clip.train()
+    for step in range(budget.clip_steps):
+        scenes, images = draw_batch(stream, budget.clip_batch)
+        labels = torch.tensor([index[scene.caption] for scene in scenes])
+        image_embeds = F.normalize(clip.get_image_features(pixel_values=clip_pixels(images)).pooler_output, dim=-1)
+        text_embeds = F.normalize(clip.get_text_features(input_ids=ids).pooler_output, dim=-1)
+        logits = clip.logit_scale.exp().clamp(max=100) * image_embeds @ text_embeds.T  # [B, captions]
+        image_loss = F.cross_entropy(logits, labels)
+        present = labels.unique()
+        targets = (labels[None, :] == present[:, None]).float()
+        text_loss = -(targets / targets.sum(1, keepdim=True) * logits[:, present].T.log_softmax(1)).sum(1).mean()
+        loss = (image_loss + text_loss) / 2
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % 100 == 0 or step == budget.clip_steps - 1:
+            accuracy = float((logits.argmax(1) == labels).float().mean())
+            log(f"clip step {step}: loss {loss.item():.3f}, caption accuracy in batch {accuracy:.2f}")
+    clip.eval()
+    return clip
+
+
+@torch.no_grad()
+def clip_caption_accuracy(clip: Any, tokenizer: Any, scenes: list[world.Scene]) -> float:
+    """How often CLIP picks a scene's caption among all 90 of the world (held-out scenes: unseen captions)."""
+    captions = [world.caption(c, s, b) for s, c, b in world.ALL_COMBINATIONS]
+    text = F.normalize(clip.get_text_features(input_ids=tokenize(tokenizer, captions)).pooler_output, dim=-1)
+    image = F.normalize(clip.get_image_features(pixel_values=clip_pixels([s.draw() for s in scenes])).pooler_output,
+                        dim=-1)
+    chosen = (image @ text.T).argmax(1)
+    return float(np.mean([captions[int(i)] == scene.caption for i, scene in zip(chosen, scenes)]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 2: VAE
+
+
+def train_vae(budget: Budget, seed: int, log: Log) -> Any:
+    """An ``AutoencoderKL`` with SD's factor of 8 (64 px → 8×8×4), L1 + MSE reconstruction and a tiny KL."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**VAE_CONFIG)
+    stream = world.iter_scenes(seed + 1, "train")
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=budget.vae_lr, weight_decay=0.0)
+    schedule = _warmup_cosine(optimizer, budget.vae_steps)
+    vae.train()
+    for step in range(budget.vae_steps):
+        _, images = draw_batch(stream, budget.vae_batch)
+        pixels = vae_pixels(images)
+        posterior = vae.encode(pixels).latent_dist
+        reconstruction = vae.decode(posterior.sample()).sample
+        error = (reconstruction - pixels)
+        loss = error.abs().mean() + (error**2).mean() + budget.vae_kl_weight * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % 100 == 0 or step == budget.vae_steps - 1:
+            log(f"vae step {step}: loss {loss.item():.4f}")
+    vae.eval()
+    with torch.no_grad():  # SD's scaling factor: latents with unit standard deviation for the UNet
+        _, images = draw_batch(world.iter_scenes(seed + 2, "train"), budget.scaling_pictures)
+        std = float(vae.encode(vae_pixels(images)).latent_dist.sample().std())
+    vae.register_to_config(scaling_factor=round(1.0 / std, 5))
+    log(f"vae scaling factor {vae.config.scaling_factor}")
+    return vae
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 3: text-to-image UNet
+
+
+def text_hidden_states(text_encoder: Any, tokenizer: Any, texts: list[str]) -> torch.Tensor:
+    """What SD's pipeline feeds the UNet for these prompts: the text tower's last hidden state, 77 tokens."""
+    with torch.no_grad():
+        return text_encoder(tokenize(tokenizer, texts))[0]
+
+
+@dataclass
+class LatentPool:
+    """Training pictures encoded once: scenes, VAE posterior means and standard deviations, CLIP embeddings."""
+
+    scenes: list[world.Scene]
+    means: torch.Tensor
+    stds: torch.Tensor
+    image_embeds: torch.Tensor | None = None
+
+    def sample(self, rows: torch.Tensor, generator: torch.Generator, factor: float) -> torch.Tensor:
+        noise = torch.randn(self.means[rows].shape, generator=generator)
+        return (self.means[rows] + self.stds[rows] * noise) * factor
+
+
+def encode_pool(vae: Any, count: int, seed: int, clip: Any = None) -> LatentPool:
+    stream = world.iter_scenes(seed, "train")
+    scenes, means, stds, embeds = [], [], [], []
+    with torch.no_grad():
+        for start in range(0, count, 256):
+            batch, images = draw_batch(stream, min(256, count - start))
+            posterior = vae.encode(vae_pixels(images)).latent_dist
+            scenes += batch
+            means.append(posterior.mean)
+            stds.append(posterior.std)
+            if clip is not None:
+                embeds.append(clip.get_image_features(pixel_values=clip_pixels(images)).pooler_output)
+    return LatentPool(scenes, torch.cat(means), torch.cat(stds), torch.cat(embeds) if embeds else None)
+
+
+def noise_schedule() -> torch.Tensor:
+    """``alphas_cumprod`` of SD's scaled-linear schedule."""
+    betas = torch.linspace(BETA_START**0.5, BETA_END**0.5, TRAIN_TIMESTEPS, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, 0).float()
+
+
+def diffusion_loss(unet: Any, latents: torch.Tensor, generator: torch.Generator, alphas: torch.Tensor,
+                   **conditioning: Any) -> torch.Tensor:
+    """v-prediction MSE at uniformly drawn timesteps.
+
+    v-prediction (SD 2's objective) weighs every noise level's error on the clean picture at least
+    once; ε-prediction weighs it by the signal-to-noise ratio, almost nothing at the high noise levels
+    where the caption decides the colours, and a UNet trained that way for minutes ignores its caption.
+    """
+    noise = torch.randn(latents.shape, generator=generator)
+    timesteps = torch.randint(0, TRAIN_TIMESTEPS, (latents.shape[0],), generator=generator)
+    alpha = alphas[timesteps].view(-1, 1, 1, 1)
+    noisy = alpha.sqrt() * latents + (1 - alpha).sqrt() * noise
+    target = alpha.sqrt() * noise - (1 - alpha).sqrt() * latents
+    return F.mse_loss(unet(noisy, timesteps, **conditioning).sample, target)
+
+
+class EMA:
+    """An exponential moving average of parameters, with the usual warm-up of the decay."""
+
+    def __init__(self, parameters: list[torch.nn.Parameter], decay: float) -> None:
+        self.parameters = parameters
+        self.averages = [p.detach().clone() for p in parameters]
+        self.decay = decay
+        self.steps = 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.steps += 1
+        decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        for average, parameter in zip(self.averages, self.parameters):
+            average.lerp_(parameter.detach(), 1 - decay)
+
+    @torch.no_grad()
+    def copy_to_parameters(self) -> None:
+        for average, parameter in zip(self.averages, self.parameters):
+            parameter.copy_(average)
+
+
+def train_unet(text_encoder: Any, tokenizer: Any, vae: Any, budget: Budget, seed: int, log: Log) -> Any:
+    """Text-to-image on the captions through the frozen text tower, with caption dropout and EMA weights.
+
+    Dropped captions become ``""``, whose hidden states are exactly the unconditional embeddings the
+    pipeline uses for classifier-free guidance.
+    """
+    from diffusers import UNet2DConditionModel
+
+    captions = [world.caption(c, s, b) for s, c, b in world.TRAINING_COMBINATIONS]
+    index = {text: i for i, text in enumerate(captions)}
+    conditions = text_hidden_states(text_encoder, tokenizer, [*captions, ""])  # last row: the empty prompt
+    pool = encode_pool(vae, budget.latent_pool, seed + 3)
+    labels = torch.tensor([index[scene.caption] for scene in pool.scenes])
+    alphas = noise_schedule()
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**UNET_CONFIG)
+    ema = EMA(list(unet.parameters()), budget.ema_decay)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=budget.unet_lr, weight_decay=0.01)
+    schedule = _warmup_cosine(optimizer, budget.unet_steps)
+    generator = torch.Generator().manual_seed(seed)
+    unet.train()
+    for step in range(budget.unet_steps):
+        rows = torch.randint(0, len(pool.scenes), (budget.unet_batch,), generator=generator)
+        dropped = torch.rand(budget.unet_batch, generator=generator) < budget.caption_dropout
+        condition = conditions[torch.where(dropped, len(captions), labels[rows])]
+        latents = pool.sample(rows, generator, vae.config.scaling_factor)
+        loss = diffusion_loss(unet, latents, generator, alphas, encoder_hidden_states=condition)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        ema.update()
+        if step % 250 == 0 or step == budget.unet_steps - 1:
+            log(f"unet step {step}: loss {loss.item():.4f}")
+    ema.copy_to_parameters()
+    unet.eval()
+    return unet
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 4 (optional): an IP-Adapter
+
+
+def adapter_state_dict(unet: Any, tokens: int, seed: int) -> dict[str, dict[str, torch.Tensor]]:
+    """A fresh IP-Adapter for ``unet`` in diffusers' layout: a projection of the image embedding to
+    ``tokens`` tokens, and ``to_k_ip``/``to_v_ip`` per cross-attention layer initialised from the
+    layer's own ``to_k``/``to_v`` (as the IP-Adapter paper does)."""
+    generator = torch.Generator().manual_seed(seed)
+    width = unet.config.cross_attention_dim
+    image_proj = {
+        "proj.weight": torch.randn(tokens * width, WIDTH, generator=generator) / WIDTH**0.5,
+        "proj.bias": torch.zeros(tokens * width),
+        "norm.weight": torch.ones(width),
+        "norm.bias": torch.zeros(width),
+    }
+    layers, key_id = {}, 1
+    for name in unet.attn_processors:
+        if name.endswith("attn1.processor"):
+            continue
+        attention = unet.get_submodule(name.removesuffix(".processor"))
+        layers[f"{key_id}.to_k_ip.weight"] = attention.to_k.weight.detach().clone()
+        layers[f"{key_id}.to_v_ip.weight"] = attention.to_v.weight.detach().clone()
+        key_id += 2
+    return {"image_proj": image_proj, "ip_adapter": layers}
+
+
+def read_adapter(unet: Any) -> dict[str, torch.Tensor]:
+    """The adapter loaded into ``unet`` as the flat ``image_proj.*`` / ``ip_adapter.*`` safetensors dict."""
+    projection = unet.encoder_hid_proj.image_projection_layers[0]
+    state = {
+        "image_proj.proj.weight": projection.image_embeds.weight, "image_proj.proj.bias": projection.image_embeds.bias,
+        "image_proj.norm.weight": projection.norm.weight, "image_proj.norm.bias": projection.norm.bias,
+    }
+    key_id = 1
+    for name, processor in unet.attn_processors.items():
+        if name.endswith("attn1.processor"):
+            continue
+        state[f"ip_adapter.{key_id}.to_k_ip.weight"] = processor.to_k_ip[0].weight
+        state[f"ip_adapter.{key_id}.to_v_ip.weight"] = processor.to_v_ip[0].weight
+        key_id += 2
+    return {key: value.detach().clone().contiguous() for key, value in state.items()}
+
+
+def train_adapter(clip: Any, text_encoder: Any, tokenizer: Any, vae: Any, unet: Any, budget: Budget, seed: int,
+                  log: Log) -> dict[str, torch.Tensor]:
+    """Train only the adapter (projection, ``to_k_ip``, ``to_v_ip``) on a frozen copy of the UNet.
+
+    The text prompt is always ``""`` (the picture alone must say everything); one picture in ten is
+    replaced by a zero embedding, the unconditional branch the engine's ``ip_adapter`` mode guides from.
+    """
+    import copy
+
+    unet = copy.deepcopy(unet)
+    unet.requires_grad_(False)
+    unet._load_ip_adapter_weights([adapter_state_dict(unet, budget.adapter_tokens, seed)], low_cpu_mem_usage=False)
+    trainable = [p for p in unet.parameters() if not p.requires_grad]  # the freshly loaded adapter layers
+    for parameter in trainable:
+        parameter.requires_grad_(True)
+    empty = text_hidden_states(text_encoder, tokenizer, [""])
+    pool = encode_pool(vae, budget.latent_pool, seed + 4, clip=clip)
+    alphas = noise_schedule()
+    optimizer = torch.optim.AdamW(trainable, lr=budget.adapter_lr, weight_decay=0.01)
+    schedule = _warmup_cosine(optimizer, budget.adapter_steps)
+    ema = EMA(trainable, budget.ema_decay)
+    generator = torch.Generator().manual_seed(seed)
+    unet.train()
+    for step in range(budget.adapter_steps):
+        rows = torch.randint(0, len(pool.scenes), (budget.adapter_batch,), generator=generator)
+        dropped = torch.rand(budget.adapter_batch, 1, generator=generator) < budget.caption_dropout
+        embeds = torch.where(dropped, 0.0, pool.image_embeds[rows])[:, None, :]
+        condition = empty.expand(budget.adapter_batch, -1, -1)
+        latents = pool.sample(rows, generator, vae.config.scaling_factor)
+        loss = diffusion_loss(unet, latents, generator, alphas, encoder_hidden_states=condition,
+                              added_cond_kwargs={"image_embeds": [embeds]})
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        ema.update()
+        if step % 250 == 0 or step == budget.adapter_steps - 1:
+            log(f"adapter step {step}: loss {loss.item():.4f}")
+    ema.copy_to_parameters()
+    return read_adapter(unet)
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving: the layouts real weights come in
+
+
+#: Where the IP-Adapter lives inside the weights folder, and its file name.
+ADAPTER_SUBFOLDER, ADAPTER_WEIGHT_NAME = "ip_adapter", "ip-adapter_toy.safetensors"
+
+
+def scheduler() -> Any:
+    """SD 1.4's PNDM configuration, predicting v (the objective the toy UNet was trained with)."""
+    from diffusers import PNDMScheduler
+
+    return PNDMScheduler(
+        beta_start=BETA_START, beta_end=BETA_END, beta_schedule="scaled_linear", num_train_timesteps=TRAIN_TIMESTEPS,
+        skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction",
+    )
+
+
+def text_encoder_of(clip: Any) -> Any:
+    """The CLIP's text tower as the ``CLIPTextModel`` a Stable Diffusion folder carries (same weights)."""
+    from transformers import CLIPTextModel
+
+    text_encoder = CLIPTextModel(clip.config.text_config)
+    text_encoder.load_state_dict(clip.text_model.state_dict())
+    return text_encoder.eval()
+
+
+def save_clip(folder: Path, clip: Any, tokenizer: Any) -> None:
+    """The whole CLIP (both towers), its tokenizer and image processor, as openai's checkpoints ship."""
+    from transformers import CLIPImageProcessor
+
+    clip.save_pretrained(str(folder), safe_serialization=True)
+    tokenizer.save_pretrained(str(folder))
+    side = world.IMAGE_SIZE
+    CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side}).save_pretrained(
+        str(folder)
+    )
+
+
+def save_sd(folder: Path, vae: Any, text_encoder: Any, tokenizer: Any, unet: Any) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+
+
+def train_all(out: str | Path, budget: Budget | None = None, seed: int = 0, log: Log = print) -> list[StageReport]:
+    """Every stage in order, written to ``out/clip``, ``out/sd`` and (with adapter steps) ``out/ip_adapter``;
+    returns the stages' wall times and peak memory (also written to ``out/training.json``)."""
+    from safetensors.torch import save_file
+
+    from ..quiet import quiet_loaders
+
+    budget = budget or Budget()
+    out = Path(out)
+    reports: list[StageReport] = []
+    with quiet_loaders():
+        tokenizer = write_tokenizer(out / "clip")
+        clip = timed("clip", reports, log)(lambda: train_clip(tokenizer, budget, seed, log))
+        reports[-1].notes["held_out_caption_accuracy"] = clip_caption_accuracy(clip, tokenizer,
+                                                                                world.held_out_scenes())
+        save_clip(out / "clip", clip, tokenizer)
+        vae = timed("vae", reports, log)(lambda: train_vae(budget, seed, log))
+        text_encoder = text_encoder_of(clip)
+        unet = timed("unet", reports, log)(lambda: train_unet(text_encoder, tokenizer, vae, budget, seed, log))
+        save_sd(out / "sd", vae, text_encoder, tokenizer, unet)
+        if budget.adapter_steps:
+            adapter = timed("ip_adapter", reports, log)(
+                lambda: train_adapter(clip, text_encoder, tokenizer, vae, unet, budget, seed, log)
+            )
+            (out / ADAPTER_SUBFOLDER).mkdir(parents=True, exist_ok=True)
+            save_file(adapter, str(out / ADAPTER_SUBFOLDER / ADAPTER_WEIGHT_NAME))
+    record = {
+        "seed": seed,
+        "budget": asdict(budget),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "stages": [asdict(report) for report in reports],
+        "total_seconds": round(sum(report.seconds for report in reports), 1),
+        "peak_memory_mib": max(report.peak_mib for report in reports),
+    }
+    (out / "training.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return reports
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _warmup_cosine(optimizer: torch.optim.Optimizer, steps: int, warmup: int = 50) -> Any:
+    warmup = min(warmup, max(1, steps // 10))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def peak_memory_mib() -> float:
+    """This process's peak resident memory so far (Linux and macOS)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+@dataclass
+class StageReport:
+    """One stage's wall time and the process's peak resident memory when it finished."""
+
+    name: str
+    seconds: float
+    peak_mib: float
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+def timed(name: str, reports: list[StageReport], log: Log) -> Callable[[Callable[[], Any]], Any]:
+    """Run a stage, recording its wall time and the process's peak memory after it."""
+
+    def run(stage: Callable[[], Any]) -> Any:
+        start = time.perf_counter()
+        result = stage()
+        reports.append(StageReport(name, round(time.perf_counter() - start, 1), round(peak_memory_mib(), 1)))
+        log(f"{name}: {reports[-1].seconds:.0f} s, peak memory so far {reports[-1].peak_mib:.0f} MiB")
+        return result
+
+    return run

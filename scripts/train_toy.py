@@ -1,0 +1,57 @@
+"""Train the toy world's models and write them where the ``toy`` presets load them from.
+
+    nice python scripts/train_toy.py                  # imageprompt_widgets/toy/weights, about 37 min on one busy core
+    python scripts/train_toy.py --out /tmp/toy --smoke  # a few steps of every stage: checks the code runs
+
+Seeded and single-threaded (``torch.set_num_threads(1)``): with the same torch on the same kind of
+CPU it writes the same bytes. The training code itself is ``imageprompt_widgets/toy/train.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from imageprompt_widgets.toy import WEIGHTS
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=WEIGHTS, help=f"weights folder (default: {WEIGHTS})")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--smoke", action="store_true", help="a few steps of every stage, to check the code runs")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="change one field of the training budget (experiments; the shipped weights use none)")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(1)
+    from imageprompt_widgets.toy import train
+
+    budget = train.Budget.smoke() if args.smoke else train.Budget()
+    for change in args.set:
+        name, _, value = change.partition("=")
+        budget = dataclasses.replace(budget, **{name: type(getattr(budget, name))(value)})
+    for stale in ("clip", "sd", train.ADAPTER_SUBFOLDER, "training.json"):
+        path = args.out / stale
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    reports = train.train_all(args.out, budget, args.seed)
+    size = sum(path.stat().st_size for path in args.out.rglob("*.safetensors"))
+    print(f"wrote {args.out}: {size / 2**20:.1f} MiB of safetensors")
+    for report in reports:
+        print(f"  {report.name}: {report.seconds:.0f} s, peak memory {report.peak_mib:.0f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
