@@ -141,11 +141,11 @@ def test_random_weights_show_a_banner_and_one_cell_chooses_the_preset(path: Path
 @pytest.mark.parametrize("colab", [False, True], ids=["jupyter", "colab"])
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.name)
 def test_notebook_runs_top_to_bottom_offline(path: Path, colab: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every cell runs without an error on the tiny preset, offline, from the examples folder; as in Jupyter,
+    """Every cell runs without an error on the toy preset (and the tiny twins of what it lacks), offline, from the examples folder; as in Jupyter,
     and as on Colab (the stand-in google.colab imported at kernel start: Colab's setup branch, inline runs)."""
     from nbclient import NotebookClient
 
-    monkeypatch.setenv("IMAGEPROMPT_MODEL", "tiny")
+    monkeypatch.setenv("IMAGEPROMPT_MODEL", "toy")  # the toy world: trained, shipped, offline; twins beside it
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     # One torch thread per kernel: on a shared 2-core machine more threads only spin against each other.
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
@@ -164,5 +164,5 @@ def test_notebook_runs_top_to_bottom_offline(path: Path, colab: bool, monkeypatc
     assert errors == []
     ran = [cell.execution_count for cell in notebook.cells if cell.cell_type == "code"]
     assert None not in ran, "some code cells did not run"
-    banner = notebook.cells[1].outputs[-1]  # the setup cell ends with the banner: random weights here
-    assert "these pictures are noise from random weights" in banner.data["text/html"]
+    banner = notebook.cells[1].outputs[-1]  # the setup cell ends with the banner: the toy world here
+    assert "The toy world" in banner.data["text/html"]
