@@ -19,12 +19,15 @@ from .presets import Preset
 _SD_FILES = ("model_index.json", "unet/diffusion_pytorch_model.safetensors")
 _ENCODER_FILES = ("config.json", "model.safetensors")
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(GB|MB)\b")
+#: This package's own folder: a model folder inside it ships with the package.
+_PACKAGE = Path(__file__).resolve().parent
 
 
 @dataclass(frozen=True)
 class Availability:
     """Where a preset's weights are: ``state`` is ``"built"``/``"unbuilt"`` (made on this machine),
-    ``"cached"``/``"partial"``/``"missing"`` (Hugging Face cache) or ``"folder"`` (a local model folder)."""
+    ``"cached"``/``"partial"``/``"missing"`` (Hugging Face cache), ``"folder"`` (a local model folder) or
+    ``"shipped"`` (a folder inside this package: the toy world's trained weights)."""
 
     name: str
     state: str
@@ -33,7 +36,7 @@ class Availability:
     @property
     def ready(self) -> bool:
         """Whether loading needs no download."""
-        return self.state in ("built", "unbuilt", "cached", "folder")
+        return self.state in ("built", "unbuilt", "cached", "folder", "shipped")
 
     @property
     def status(self) -> str:
@@ -45,11 +48,12 @@ class Availability:
             "partial": "partly downloaded",
             "missing": "not downloaded",
             "folder": "local folder",
+            "shipped": "shipped with the package",
         }[self.state]
 
     def label(self) -> str:
         """One picker line: ``"sd14 · about 7.2 GB · not downloaded"``, ``"tiny · offline · built"``."""
-        size = "offline" if self.state in ("built", "unbuilt") else self.download
+        size = "offline" if self.state in ("built", "unbuilt", "shipped") else self.download
         return " · ".join(part for part in (self.name, size, self.status) if part)
 
 
@@ -58,7 +62,8 @@ def availability(preset: Preset, cache_dir: str | os.PathLike | None = None) -> 
     if preset.offline_builder:
         return Availability(preset.name, "built" if _offline_built(preset) else "unbuilt")
     if os.path.isdir(preset.sd_model):
-        return Availability(preset.name, "folder")
+        shipped = Path(preset.sd_model).resolve().is_relative_to(_PACKAGE)
+        return Availability(preset.name, "shipped" if shipped else "folder")
     parts = [(preset.sd_model, preset.revision, "", _SD_FILES)]
     subfolder = f"{preset.clip_subfolder}/" if preset.clip_subfolder else ""
     if not os.path.isdir(preset.clip_model):
@@ -106,6 +111,8 @@ def loading_message(preset: Preset) -> str:
         return f"Loading model {name} from this machine's Hugging Face cache…"
     if found.state == "folder":
         return f"Loading model {name} from its folder…"
+    if found.state == "shipped":
+        return f"Loading model {name} (trained weights shipped with the package)…"
     size = f" {found.download}" if found.download else ""
     return f"Loading model {name}: the first time downloads{size}; progress follows…"
 

@@ -14,7 +14,7 @@ from typing import Any
 from .toy import CLIP_FOLDER as TOY_CLIP_FOLDER
 from .toy import SD_FOLDER as TOY_SD_FOLDER
 
-#: Environment variable that replaces the default preset (the examples run in CI with ``tiny``).
+#: Environment variable that replaces the default preset (the notebooks run in CI with ``toy``).
 MODEL_ENV = "IMAGEPROMPT_MODEL"
 DEFAULT_PRESET = "sd14"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from imageprompt_widgets.availability import availability, download_text, loading_message
-from imageprompt_widgets.presets import PRESETS
+from imageprompt_widgets.presets import PRESETS, Preset
 
 
 def cache_files(cache: Path, repo: str, files: list[str], revision: str = "main") -> None:
@@ -82,7 +82,11 @@ def test_every_hub_presets_loading_line_names_its_download(name, monkeypatch, tm
     assert line.startswith(f"Loading model {name!r}: the first time downloads about ") and "((" not in line
 
 
-def test_the_toy_preset_is_ready_from_the_package_and_says_it_loads_from_its_folder():
+def test_the_toy_preset_is_ready_from_the_package_and_says_it_ships_with_it(tmp_path):
     toy = PRESETS["toy"]
     assert "toy" not in HUB_PRESETS and availability(toy).ready
-    assert loading_message(toy) == "Loading model 'toy' from its folder…"
+    assert availability(toy).label() == "toy · offline · shipped with the package"
+    assert loading_message(toy) == "Loading model 'toy' (trained weights shipped with the package)…"
+    own = Preset(name="mine", sd_model=str(tmp_path), clip_model=str(tmp_path))  # a folder of one's own
+    assert availability(own).label() == "mine · local folder"
+    assert loading_message(own) == "Loading model 'mine' from its folder…"
