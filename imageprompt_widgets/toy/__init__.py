@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-#: The shipped weights: ``sd`` (a StableDiffusionPipeline folder), ``clip`` (a CLIPModel folder),
-#: ``ip_adapter`` (an IP-Adapter for the toy UNet) and ``training.json`` (how they were made).
+#: The shipped weights: ``sd`` (a StableDiffusionPipeline folder), ``clip`` (a CLIPModel folder) and
+#: ``training.json`` (how they were made); ``ip_adapter`` only where train.py's adapter stage was switched on
+#: (off by default: the shipped weights have none).
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 SD_FOLDER = WEIGHTS / "sd"
 CLIP_FOLDER = WEIGHTS / "clip"
