@@ -13,8 +13,7 @@ import html
 from dataclasses import dataclass
 from pathlib import Path
 
-from .presets import Preset, resolve_preset
-from .toy import SD_FOLDER as TOY_SD_FOLDER
+from .presets import TOY_SD_FOLDER, Preset, resolve_preset
 
 #: What to pick for real pictures (a GPU runtime on Colab).
 REAL_PRESETS_ADVICE = (

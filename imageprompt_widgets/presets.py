@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from .toy import CLIP_FOLDER as TOY_CLIP_FOLDER
-from .toy import SD_FOLDER as TOY_SD_FOLDER
-
 #: Environment variable that replaces the default preset (the notebooks run in CI with ``toy``).
 MODEL_ENV = "IMAGEPROMPT_MODEL"
+#: The toy world's trained weights, shipped inside the package (``imageprompt_widgets.toy`` trains and measures
+#: them): ``sd`` a StableDiffusionPipeline folder, ``clip`` a CLIPModel folder. Named here, the table's level, so
+#: that the presets need none of the toy world's training and measuring code.
+TOY_WEIGHTS = Path(__file__).resolve().parent / "toy" / "weights"
+TOY_SD_FOLDER = TOY_WEIGHTS / "sd"
+TOY_CLIP_FOLDER = TOY_WEIGHTS / "clip"
 DEFAULT_PRESET = "sd14"
 
 

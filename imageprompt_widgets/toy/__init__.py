@@ -6,17 +6,18 @@ cores) on a world simple enough to learn that fast, so an image prompt visibly *
 the methods can be compared by numbers. ``world`` draws the pictures, ``judge`` reads them back,
 ``measure`` makes the tables, ``train`` made the weights.
 
-This module only names where the weights are; it imports nothing heavy.
+This module only names where the weights are (the presets' table holds the folders); it imports nothing heavy.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from ..presets import TOY_CLIP_FOLDER as CLIP_FOLDER
+from ..presets import TOY_SD_FOLDER as SD_FOLDER
+from ..presets import TOY_WEIGHTS as WEIGHTS
 
 #: The shipped weights: ``sd`` (a StableDiffusionPipeline folder), ``clip`` (a CLIPModel folder) and
 #: ``training.json`` (how they were made); ``ip_adapter`` only where train.py's adapter stage was switched on
 #: (off by default: the shipped weights have none).
-WEIGHTS = Path(__file__).resolve().parent / "weights"
-SD_FOLDER = WEIGHTS / "sd"
-CLIP_FOLDER = WEIGHTS / "clip"
 ADAPTER_FOLDER = WEIGHTS / "ip_adapter"
+
+__all__ = ["ADAPTER_FOLDER", "CLIP_FOLDER", "SD_FOLDER", "WEIGHTS"]
