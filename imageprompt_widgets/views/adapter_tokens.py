@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .base import FigureView, new_figure, show_image
+from .base import FigureView, new_figure, patch_grid_side, show_image
 
 
 def attention_grids(attention: torch.Tensor) -> torch.Tensor:
@@ -32,10 +32,7 @@ def attention_grids(attention: torch.Tensor) -> torch.Tensor:
     map divided by its own maximum so that where a query looks shows even when it looks mostly at the queries."""
     if attention.ndim != 2:
         raise ValueError(f"attention must be [queries, tokens], got shape {tuple(attention.shape)}.")
-    patches = attention.shape[1] - 1
-    side = math.isqrt(patches)
-    if side * side != patches:
-        raise ValueError(f"{patches} patch tokens do not form a square grid (expected CLS + g² tokens).")
+    side = patch_grid_side(attention.shape[1])
     grids = attention[:, 1:].float().reshape(-1, side, side)
     return grids / grids.flatten(1).amax(dim=1).clamp_min(1e-12)[:, None, None]
 

@@ -45,6 +45,16 @@ def number(value: float) -> str:
     return "0" if text == "-0" else text
 
 
+def patch_grid_side(token_count: int) -> int:
+    """The side ``g`` of the patch grid behind a vision tower's ``CLS + g²`` tokens (an error where they are
+    not square)."""
+    patches = token_count - 1
+    side = math.isqrt(max(patches, 0))
+    if side * side != patches:
+        raise InspectError(f"{patches} patch tokens do not form a square grid (expected CLS + g² tokens).")
+    return side
+
+
 def new_figure(width: float, height: float) -> Any:
     """A matplotlib ``Figure`` (inches, constrained layout) that pyplot never sees."""
     try:

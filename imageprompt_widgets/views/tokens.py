@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .base import FigureView, InspectError, new_figure, show_image
+from .base import FigureView, InspectError, new_figure, patch_grid_side, show_image
 from .clip import clip_input_images
 from .norms import token_norms
 
@@ -17,10 +16,7 @@ def patch_norms(hidden_states: torch.Tensor) -> torch.Tensor:
     """Norms of the vision tower's patch tokens on their grid: ``[T, Dv] -> [g, g]`` (CLS token dropped)."""
     if hidden_states.ndim != 2:
         raise InspectError(f"hidden_states must be [T, Dv] for one image, got {tuple(hidden_states.shape)}.")
-    patches = hidden_states.shape[0] - 1
-    side = math.isqrt(patches)
-    if side * side != patches:
-        raise InspectError(f"{patches} patch tokens do not form a square grid (expected CLS + g² tokens).")
+    side = patch_grid_side(hidden_states.shape[0])
     return token_norms(hidden_states[1:]).reshape(side, side)
 
 
