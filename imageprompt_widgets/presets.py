@@ -20,6 +20,13 @@ MODEL_ENV = "IMAGEPROMPT_MODEL"
 TOY_WEIGHTS = Path(__file__).resolve().parent / "toy" / "weights"
 TOY_SD_FOLDER = TOY_WEIGHTS / "sd"
 TOY_CLIP_FOLDER = TOY_WEIGHTS / "clip"
+#: The toy world's image-prompt weights (toy/train.py's stage 4, on the frozen base): h94's IP-Adapter layout,
+#: an image-variations pipeline folder (lambdalabs' layout), and a projector (methods/projector.py).
+TOY_ADAPTER_FOLDER = TOY_WEIGHTS / "ip_adapter"
+TOY_IP_ADAPTER = f"{TOY_ADAPTER_FOLDER}::ip-adapter_toy.safetensors"
+TOY_IP_ADAPTER_PLUS = f"{TOY_ADAPTER_FOLDER}::ip-adapter-plus_toy.safetensors"
+TOY_VARIATIONS_FOLDER = TOY_WEIGHTS / "variations"
+TOY_PROJECTOR_FOLDER = TOY_WEIGHTS / "projector"
 DEFAULT_PRESET = "sd14"
 
 
@@ -44,8 +51,11 @@ class Preset:
     #: IP-Adapter weights as "repo_or_folder:subfolder:weight_name" (loaded with diffusers' load_ip_adapter);
     #: a tuple of such specs loads several adapters at once (they share the one image encoder).
     ip_adapter: str | tuple[str, ...] | None = None
-    #: A BLIP captioning model (Hub id or folder) for the caption route; "tiny" for the offline twin.
+    #: A BLIP captioning model (Hub id or folder) for the caption route; "tiny" for the offline twin; a CLIP
+    #: folder (the toy world's) chooses zero-shot among the toy world's captions.
     captioner: str | None = None
+    #: A trained projector (methods/projector.py): a folder with projector.safetensors and projector.json.
+    projector: str | None = None
     #: A Hub revision (branch or tag) of ``sd_model``, e.g. the variations model's ``v2.0``.
     revision: str | None = None
     #: Where in ``clip_model`` the image encoder lives (h94/IP-Adapter keeps it in ``models/image_encoder``).
@@ -73,6 +83,8 @@ class Preset:
 
 #: The settings the variations model was trained for: one image token, a zero unconditional embedding.
 _VARIATIONS_DEFAULTS = (("mode", "single"), ("negative", "zeros"))
+#: The toy world's sampling: 20 steps, guidance 2 (what its measurements use).
+_TOY_DEFAULTS = (("steps", 20), ("guidance_scale", 2.0))
 #: The live mode: LCM-LoRA's 4 steps with the LCM scheduler and no unconditional pass (guidance 1).
 LIVE_DEFAULTS = (("scheduler", "lcm"), ("steps", 4), ("guidance_scale", 1.0))
 #: Latent Consistency distilled into a LoRA for SD 1.5 (about 135 MB): 2-8 steps instead of 30.
@@ -117,7 +129,44 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
             note="the toy world: a miniature SD and CLIP trained on 64 px coloured shapes ('a red circle on a "
                  "blue background'), shipped with the package: real behaviour offline, not Stable Diffusion",
             download_size="nothing (shipped inside the package, about 8 MB of safetensors)",
-            defaults=(("steps", 20), ("guidance_scale", 2.0)),
+            defaults=_TOY_DEFAULTS,
+            captioner=str(TOY_CLIP_FOLDER),
+            projector=str(TOY_PROJECTOR_FOLDER),
+        ),
+        "toy-ip-adapter": Preset(
+            name="toy-ip-adapter",
+            sd_model=str(TOY_SD_FOLDER),
+            clip_model=str(TOY_CLIP_FOLDER),
+            ip_adapter=TOY_IP_ADAPTER,
+            method="ip_adapter",
+            defaults=(*_TOY_DEFAULTS, ("mode", "ip_adapter")),
+            image_tokens_fit=False,
+            note="the toy world's IP-Adapter (4 tokens from the toy CLIP's image embedding), trained on the frozen "
+                 "toy UNet, in h94's checkpoint layout",
+            download_size="nothing (shipped inside the package)",
+        ),
+        "toy-ip-adapter-plus": Preset(
+            name="toy-ip-adapter-plus",
+            sd_model=str(TOY_SD_FOLDER),
+            clip_model=str(TOY_CLIP_FOLDER),
+            ip_adapter=TOY_IP_ADAPTER_PLUS,
+            method="ip_adapter",
+            defaults=(*_TOY_DEFAULTS, ("mode", "ip_adapter")),
+            image_tokens_fit=False,
+            note="the toy world's IP-Adapter Plus: a resampler (16 queries) over the toy vision tower's penultimate "
+                 "tokens, trained on the frozen toy UNet",
+            download_size="nothing (shipped inside the package)",
+        ),
+        "toy-variations": Preset(
+            name="toy-variations",
+            sd_model=str(TOY_VARIATIONS_FOLDER),
+            clip_model=str(TOY_VARIATIONS_FOLDER),
+            method="variations",
+            defaults=(*_TOY_DEFAULTS, *_VARIATIONS_DEFAULTS),
+            text_encoder=False,
+            note="the toy world's image variations: the toy UNet fine-tuned on one CLIP image token (lambdalabs' "
+                 "recipe), a StableDiffusionImageVariationPipeline folder",
+            download_size="nothing (shipped inside the package)",
         ),
         "sd15-live": Preset(
             name="sd15-live",

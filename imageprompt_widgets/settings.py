@@ -17,7 +17,7 @@ from typing import Any
 
 #: How image embeddings become prompt embeddings (see conditioning.py for the exact definitions).
 #: ``ip_adapter`` and ``caption`` need a preset that carries an adapter or a captioner.
-MODES = ("repeat", "single", "tokens", "blend", "ip_adapter", "caption")
+MODES = ("repeat", "single", "tokens", "blend", "ip_adapter", "caption", "projector")
 #: How several images become one conditioning (conditioning.COMBINE_FUNCTIONS).
 COMBINES = ("average", "norm_average", "concat", "add", "subtract", "max", "min", "slerp")
 #: How ``blend`` mixes the text prompt with the image (conditioning.BLEND_FUNCTIONS).

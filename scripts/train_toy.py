@@ -1,7 +1,9 @@
 """Train the toy world's models and write them where the ``toy`` presets load them from.
 
-    nice python scripts/train_toy.py                  # imageprompt_widgets/toy/weights, about 37 min on one busy core
+    nice python scripts/train_toy.py                  # imageprompt_widgets/toy/weights, every stage
     python scripts/train_toy.py --out /tmp/toy --smoke  # a few steps of every stage: checks the code runs
+    nice python scripts/train_toy.py --stages ip_adapter,ip_adapter_plus,variations,projector
+                                                      # only the image-prompt stages, on the shipped base
 
 Seeded and single-threaded (``torch.set_num_threads(1)``): with the same torch on the same kind of
 CPU it writes the same bytes. The training code itself is ``imageprompt_widgets/toy/train.py``.
@@ -26,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=WEIGHTS, help=f"weights folder (default: {WEIGHTS})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="a few steps of every stage, to check the code runs")
+    parser.add_argument("--stages", default=None,
+                        help="train only these image-prompt stages (comma-separated: ip_adapter, ip_adapter_plus, "
+                             "variations, projector) on the base models already in --out; keeps their records")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="change one field of the training budget (experiments; the shipped weights use none)")
     args = parser.parse_args(argv)
@@ -39,13 +44,23 @@ def main(argv: list[str] | None = None) -> int:
     for change in args.set:
         name, _, value = change.partition("=")
         budget = dataclasses.replace(budget, **{name: type(getattr(budget, name))(value)})
-    for stale in ("clip", "sd", train.ADAPTER_SUBFOLDER, "training.json"):
+    stages = None
+    if args.stages:
+        stages = tuple(stage.strip() for stage in args.stages.split(",") if stage.strip())
+        unknown = sorted(set(stages) - set(train.IMAGE_PROMPT_STAGES))
+        if unknown:
+            parser.error(f"unknown stages {unknown}: choose from {', '.join(train.IMAGE_PROMPT_STAGES)}")
+        stale_paths = [train.STAGE_OUTPUTS[stage] for stage in stages]
+    else:
+        stale_paths = ["clip", "sd", train.ADAPTER_SUBFOLDER, train.VARIATIONS_SUBFOLDER, train.PROJECTOR_SUBFOLDER,
+                       "training.json"]
+    for stale in stale_paths:
         path = args.out / stale
         if path.is_dir():
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
-    reports = train.train_all(args.out, budget, args.seed)
+    reports = train.train_all(args.out, budget, args.seed, stages=stages)
     size = sum(path.stat().st_size for path in args.out.rglob("*.safetensors"))
     print(f"wrote {args.out}: {size / 2**20:.1f} MiB of safetensors")
     for report in reports:

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib import import_module
+from pathlib import Path
 from typing import Any
 
 from ..presets import PRESETS, Preset
@@ -32,7 +33,7 @@ _IMAGE_TOKEN_SETTINGS = ("scale", "norm_match", "combine", "weights", "negative"
 TEXT_ONLY_SETTINGS = ("negative_prompt",)
 
 #: Capabilities a preset (or a loaded pipeline) can have; methods name the ones they need.
-CAPABILITIES = ("image_tokens", "text", "ip_adapter", "captioner")
+CAPABILITIES = ("image_tokens", "text", "ip_adapter", "captioner", "projector")
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,8 @@ class Method:
     reads: tuple[str, ...]  # settings it reads beyond SHARED_SETTINGS
     needs: frozenset[str]  # capabilities a preset must have to offer it
     twin: str  # an offline preset that runs it (no download)
+    #: The toy world's preset that runs it with trained weights (None: ``toy`` itself does).
+    toy_twin: str | None = None
 
     def available(self, capabilities: Iterable[str]) -> bool:
         """Whether a preset or pipeline with these capabilities can run the method."""
@@ -84,11 +87,16 @@ METHODS: dict[str, Method] = {
             "ip_adapter",
             ("scale", "combine", "weights", "negative", "negative_prompt", "crop", "prompt", "adapter_start",
              "adapter_end", "adapter_blocks", "adapter_scales", "adapter_block_scales"),
-            frozenset({"ip_adapter", "text"}), "tiny-ip-adapter",
+            frozenset({"ip_adapter", "text"}), "tiny-ip-adapter", "toy-ip-adapter",
         ),
         Method(
-            "caption", "BLIP captions the image, SD draws from the words (editable in prompt)",
+            "caption", "BLIP captions the image (on toy: CLIP picks the world's caption), SD draws from the words",
             "caption", ("prompt", "negative", "negative_prompt"), frozenset({"captioner", "text"}), "tiny-caption",
+        ),
+        Method(
+            "projector", "a trained projector (Redux for SD 1.x): vision tokens into text-token space, after the "
+            "prompt's tokens", "projector", ("scale", "weights", "negative", "negative_prompt", "crop", "prompt"),
+            frozenset({"projector", "text"}), "toy",
         ),
     )
 }
@@ -110,7 +118,30 @@ def preset_capabilities(preset: Preset) -> frozenset[str]:
         capabilities.add("ip_adapter")
     if preset.captioner:
         capabilities.add("captioner")
+    if preset.projector:
+        capabilities.add("projector")
     return frozenset(capabilities)
+
+
+def is_toy_preset(preset: Preset) -> bool:
+    """Whether a preset runs the toy world's shipped weights (its folders lie under the toy weights)."""
+    from ..presets import TOY_WEIGHTS
+
+    return Path(preset.sd_model).resolve().is_relative_to(TOY_WEIGHTS) if preset.sd_model else False
+
+
+def offline_twin(name: str, current: Preset) -> str:
+    """The offline preset that runs method ``name`` (a mode, or ``"variations"``) next to ``current``: the toy
+    world's trained one when ``current`` is a toy preset (``toy`` itself where it can), else the tiny twin
+    (random weights)."""
+    if name == "variations":
+        return "toy-variations" if is_toy_preset(current) else "tiny-variations"
+    entry = METHODS[name]
+    if is_toy_preset(current):
+        if entry.available(preset_capabilities(PRESETS["toy"])):
+            return "toy"
+        return entry.toy_twin or entry.twin
+    return entry.twin
 
 
 def methods_for(preset: Preset) -> list[str]:

@@ -43,11 +43,84 @@ class Captioner:
         return self.processor.decode(tokens[0], skip_special_tokens=True).strip()
 
 
+@dataclass
+class ZeroShotCaptioner:
+    """A CLIP choosing, zero-shot, the caption of a fixed list that fits an image best (the toy world's route:
+    its CLIP knows the world's 90 captions; it writes nothing new, it picks)."""
+
+    model: Any  # transformers.CLIPModel
+    processor: Any  # transformers.CLIPImageProcessor
+    tokenizer: Any
+    captions: tuple[str, ...]
+    _text: torch.Tensor | None = None
+
+    def text_embeddings(self) -> torch.Tensor:
+        if self._text is None:
+            ids = self.tokenizer(list(self.captions), padding="max_length", truncation=True,
+                                 max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
+            with torch.inference_mode():
+                out = self.model.get_text_features(input_ids=ids.to(self.model.device))
+            self._text = torch.nn.functional.normalize(_pooled(out).float(), dim=-1)
+        return self._text
+
+    def scores(self, image: Any) -> torch.Tensor:
+        """Cosine similarity of the image with every caption, ``[len(captions)]``."""
+        with torch.inference_mode():
+            pixels = self.processor(images=image, return_tensors="pt")["pixel_values"]
+            out = self.model.get_image_features(pixel_values=pixels.to(self.model.device, self.model.dtype))
+            image_embeds = torch.nn.functional.normalize(_pooled(out).float(), dim=-1)
+        return (image_embeds @ self.text_embeddings().T)[0]
+
+    def caption(self, image: Any) -> str:
+        return self.captions[int(self.scores(image).argmax())]
+
+
+def _pooled(out: Any) -> torch.Tensor:
+    """``get_*_features`` gives a tensor (older transformers) or an output whose pooler_output is the projection."""
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def is_clip_folder(path: str) -> bool:
+    """Whether ``path`` is a local CLIPModel folder (a zero-shot captioner) rather than a BLIP."""
+    import json
+    import os
+
+    config = os.path.join(path, "config.json")
+    if not os.path.isfile(config):
+        return False
+    with open(config, encoding="utf-8") as handle:
+        return json.load(handle).get("model_type") == "clip"
+
+
+def toy_world_captions() -> tuple[str, ...]:
+    """All 90 captions of the toy world (held-out combinations included: the CLIP composes them)."""
+    from ..toy import world
+
+    return tuple(world.caption(colour, shape, background) for shape, colour, background in world.ALL_COMBINATIONS)
+
+
+def load_zero_shot_captioner(path: str, device: Any, dtype: torch.dtype,
+                             captions: tuple[str, ...] | None = None) -> ZeroShotCaptioner:
+    from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    with quiet_loaders():
+        model = CLIPModel.from_pretrained(path, dtype=dtype, use_safetensors=True)
+        processor = CLIPImageProcessor.from_pretrained(path)
+        tokenizer = CLIPTokenizer.from_pretrained(path)
+    model.to(device)
+    model.eval()
+    return ZeroShotCaptioner(model, processor, tokenizer, captions or toy_world_captions())
+
+
 def load_parts(
     *, preset: Preset, local: Preset, device: Any, dtype: torch.dtype, allow_pickle: bool,
     say: Callable[[str], None], **_: Any,
 ) -> dict[str, Any]:
-    """Load the preset's BLIP (``local.captioner`` is its folder, or the Hub id)."""
+    """Load the preset's BLIP (``local.captioner`` is its folder, or the Hub id), or for a CLIP folder (the toy
+    world's) the zero-shot captioner over the world's captions."""
+    if is_clip_folder(str(local.captioner)):
+        say("Loading the toy CLIP as a zero-shot captioner…")
+        return {"captioner": load_zero_shot_captioner(str(local.captioner), device, dtype)}
     return {"captioner": load_captioner(str(preset.captioner), str(local.captioner), device, dtype,
                                         allow_pickle=allow_pickle, say=say)}
 

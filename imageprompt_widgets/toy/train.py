@@ -80,12 +80,31 @@ class Budget:
     adapter_batch: int = 64
     adapter_lr: float = 1e-3
     adapter_tokens: int = 4
+    #: The image-prompt stages (IP-Adapter, Plus, variations, projector) on the frozen base; pictures encoded once.
+    image_pool: int = 8192
+    #: Timesteps of the image-prompt stages drawn with density ∝ t^(bias-1) (diffusion_loss).
+    noisy_bias: float = 2.0
+    #: How much of the image-prompt stages' target is the frozen UNet's own prediction on the picture's caption
+    #: (the text route as teacher) rather than the data's v (diffusion_loss).
+    teacher_weight: float = 0.5
+    plus_steps: int = 0
+    plus_batch: int = 32
+    plus_lr: float = 1e-3
+    plus_queries: int = 16
+    variations_steps: int = 0
+    variations_batch: int = 32
+    variations_lr: float = 3e-4
+    projector_steps: int = 0
+    projector_batch: int = 32
+    projector_lr: float = 1e-3
+    projector_hidden: int = 256
 
     @classmethod
     def smoke(cls) -> Budget:
         """A few steps of everything: checks the code runs, teaches nothing."""
         return cls(clip_steps=2, clip_batch=8, vae_steps=2, vae_batch=2, scaling_pictures=8, latent_pool=8,
-                   unet_steps=2, unet_batch=4, adapter_steps=2, adapter_batch=4)
+                   unet_steps=2, unet_batch=4, adapter_steps=2, adapter_batch=4, image_pool=8, plus_steps=2,
+                   plus_batch=4, variations_steps=2, variations_batch=4, projector_steps=2, projector_batch=4)
 
 
 Log = Callable[[str], None]
@@ -270,21 +289,27 @@ def text_hidden_states(text_encoder: Any, tokenizer: Any, texts: list[str]) -> t
 
 @dataclass
 class LatentPool:
-    """Training pictures encoded once: scenes, VAE posterior means and standard deviations, CLIP embeddings."""
+    """Training pictures encoded once: scenes, VAE posterior means and standard deviations, and (with a CLIP)
+    the vision tower's projected embeddings, penultimate and last hidden states."""
 
     scenes: list[world.Scene]
     means: torch.Tensor
     stds: torch.Tensor
-    image_embeds: torch.Tensor | None = None
+    image_embeds: torch.Tensor | None = None  # [N, D]: what ip_adapter and variations read
+    penultimate: torch.Tensor | None = None  # [N, T, Dv]: what IP-Adapter Plus reads
+    last_hidden: torch.Tensor | None = None  # [N, T, Dv]: what the projector reads
 
     def sample(self, rows: torch.Tensor, generator: torch.Generator, factor: float) -> torch.Tensor:
         noise = torch.randn(self.means[rows].shape, generator=generator)
         return (self.means[rows] + self.stds[rows] * noise) * factor
 
 
-def encode_pool(vae: Any, count: int, seed: int, clip: Any = None) -> LatentPool:
+def encode_pool(vae: Any, count: int, seed: int, clip: Any = None, hidden: bool = False) -> LatentPool:
+    """``count`` training pictures through the VAE (and CLIP's vision tower, keeping its hidden states when
+    ``hidden``): the same numbers ``CLIPVisionModelWithProjection`` gives the pipeline for these pictures."""
     stream = world.iter_scenes(seed, "train")
-    scenes, means, stds, embeds = [], [], [], []
+    scenes, means, stds = [], [], []
+    columns: dict[str, list[torch.Tensor]] = {"embeds": [], "penultimate": [], "last": []}
     with torch.no_grad():
         for start in range(0, count, 256):
             batch, images = draw_batch(stream, min(256, count - start))
@@ -293,8 +318,14 @@ def encode_pool(vae: Any, count: int, seed: int, clip: Any = None) -> LatentPool
             means.append(posterior.mean)
             stds.append(posterior.std)
             if clip is not None:
-                embeds.append(clip.get_image_features(pixel_values=clip_pixels(images)).pooler_output)
-    return LatentPool(scenes, torch.cat(means), torch.cat(stds), torch.cat(embeds) if embeds else None)
+                out = clip.vision_model(pixel_values=clip_pixels(images), output_hidden_states=hidden)
+                columns["embeds"].append(clip.visual_projection(out.pooler_output))
+                if hidden:
+                    columns["penultimate"].append(out.hidden_states[-2])
+                    columns["last"].append(out.last_hidden_state)
+    joined = {name: torch.cat(parts) if parts else None for name, parts in columns.items()}
+    return LatentPool(scenes, torch.cat(means), torch.cat(stds), joined["embeds"], joined["penultimate"],
+                      joined["last"])
 
 
 def noise_schedule() -> torch.Tensor:
@@ -304,18 +335,28 @@ def noise_schedule() -> torch.Tensor:
 
 
 def diffusion_loss(unet: Any, latents: torch.Tensor, generator: torch.Generator, alphas: torch.Tensor,
-                   **conditioning: Any) -> torch.Tensor:
-    """v-prediction MSE at uniformly drawn timesteps.
+                   noisy_bias: float = 1.0, teacher: Callable[..., torch.Tensor] | None = None,
+                   teacher_weight: float = 0.0, **conditioning: Any) -> torch.Tensor:
+    """v-prediction MSE at uniformly drawn timesteps (``noisy_bias`` > 1: drawn with density ∝ t^(bias-1)).
 
     v-prediction (SD 2's objective) weighs every noise level's error on the clean picture at least
     once; ε-prediction weighs it by the signal-to-noise ratio, almost nothing at the high noise levels
     where the caption decides the colours, and a UNet trained that way for minutes ignores its caption.
+    The image-prompt stages lean further towards high noise (as SD 3's logit-normal sampling leans to the
+    middle): there the picture's colours and shape are decided, and the frozen UNet already draws the edges.
     """
     noise = torch.randn(latents.shape, generator=generator)
-    timesteps = torch.randint(0, TRAIN_TIMESTEPS, (latents.shape[0],), generator=generator)
+    if noisy_bias == 1.0:
+        timesteps = torch.randint(0, TRAIN_TIMESTEPS, (latents.shape[0],), generator=generator)
+    else:
+        uniform = torch.rand(latents.shape[0], generator=generator)
+        timesteps = (TRAIN_TIMESTEPS * uniform ** (1 / noisy_bias)).long().clamp(max=TRAIN_TIMESTEPS - 1)
     alpha = alphas[timesteps].view(-1, 1, 1, 1)
     noisy = alpha.sqrt() * latents + (1 - alpha).sqrt() * noise
     target = alpha.sqrt() * noise - (1 - alpha).sqrt() * latents
+    if teacher is not None and teacher_weight:
+        with torch.no_grad():
+            target = torch.lerp(target, teacher(noisy, timesteps), teacher_weight)
     return F.mse_loss(unet(noisy, timesteps, **conditioning).sample, target)
 
 
@@ -382,7 +423,7 @@ def train_unet(text_encoder: Any, tokenizer: Any, vae: Any, budget: Budget, seed
 
 
 # ---------------------------------------------------------------------------------------------
-# Stage 4 (optional): an IP-Adapter
+# Stage 4: image prompts on the frozen base (IP-Adapter, IP-Adapter Plus, image variations, a projector)
 
 
 def adapter_state_dict(unet: Any, tokens: int, seed: int) -> dict[str, dict[str, torch.Tensor]]:
@@ -397,6 +438,11 @@ def adapter_state_dict(unet: Any, tokens: int, seed: int) -> dict[str, dict[str,
         "norm.weight": torch.ones(width),
         "norm.bias": torch.zeros(width),
     }
+    return {"image_proj": image_proj, "ip_adapter": _attention_copies(unet)}
+
+
+def _attention_copies(unet: Any) -> dict[str, torch.Tensor]:
+    """``{id}.to_k_ip/to_v_ip`` for every cross-attention layer, copies of the layer's own ``to_k``/``to_v``."""
     layers, key_id = {}, 1
     for name in unet.attn_processors:
         if name.endswith("attn1.processor"):
@@ -405,19 +451,45 @@ def adapter_state_dict(unet: Any, tokens: int, seed: int) -> dict[str, dict[str,
         layers[f"{key_id}.to_k_ip.weight"] = attention.to_k.weight.detach().clone()
         layers[f"{key_id}.to_v_ip.weight"] = attention.to_v.weight.detach().clone()
         key_id += 2
-    return {"image_proj": image_proj, "ip_adapter": layers}
+    return layers
+
+
+def plus_state_dict(unet: Any, queries: int, seed: int) -> dict[str, dict[str, torch.Tensor]]:
+    """A fresh IP-Adapter Plus for ``unet``: diffusers' resampler (``queries`` learned queries, one 64-d head,
+    4 layers: the depth diffusers' converter builds) over the vision tower's penultimate hidden states, in the original Resampler's key names
+    (h94's ``ip-adapter-plus_sd15`` layout), and ``to_k_ip``/``to_v_ip`` copied from each layer."""
+    from diffusers.models.embeddings import IPAdapterPlusImageProjection
+
+    from ..offline import resampler_to_original_keys
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        resampler = IPAdapterPlusImageProjection(
+            embed_dims=VISION_CONFIG["hidden_size"], output_dims=unet.config.cross_attention_dim, hidden_dims=64,
+            depth=4, dim_head=64, heads=1, num_queries=queries,
+        )
+    return {"image_proj": resampler_to_original_keys(resampler.state_dict()), "ip_adapter": _attention_copies(unet)}
 
 
 def read_adapter(unet: Any) -> dict[str, torch.Tensor]:
-    """The adapter loaded into ``unet`` as the flat ``image_proj.*`` / ``ip_adapter.*`` safetensors dict."""
+    """The adapter loaded into ``unet`` as the flat ``image_proj.*`` / ``ip_adapter.*`` safetensors dict, in the
+    keys h94's checkpoints use (a Plus resampler's written back in the original Resampler's names)."""
+    from diffusers.models.embeddings import ImageProjection
+
+    from ..offline import resampler_to_original_keys
+
     projection = unet.encoder_hid_proj.image_projection_layers[0]
-    state = {
-        "image_proj.proj.weight": projection.image_embeds.weight, "image_proj.proj.bias": projection.image_embeds.bias,
-        "image_proj.norm.weight": projection.norm.weight, "image_proj.norm.bias": projection.norm.bias,
-    }
+    if isinstance(projection, ImageProjection):
+        state = {
+            "image_proj.proj.weight": projection.image_embeds.weight,
+            "image_proj.proj.bias": projection.image_embeds.bias,
+            "image_proj.norm.weight": projection.norm.weight, "image_proj.norm.bias": projection.norm.bias,
+        }
+    else:
+        state = {f"image_proj.{k}": v for k, v in resampler_to_original_keys(projection.state_dict()).items()}
     key_id = 1
     for name, processor in unet.attn_processors.items():
-        if name.endswith("attn1.processor"):
+        if name.endswith("attn1.processor") or name.startswith("encoder_hid_proj."):  # the resampler's own
             continue
         state[f"ip_adapter.{key_id}.to_k_ip.weight"] = processor.to_k_ip[0].weight
         state[f"ip_adapter.{key_id}.to_v_ip.weight"] = processor.to_v_ip[0].weight
@@ -425,46 +497,197 @@ def read_adapter(unet: Any) -> dict[str, torch.Tensor]:
     return {key: value.detach().clone().contiguous() for key, value in state.items()}
 
 
-def train_adapter(clip: Any, text_encoder: Any, tokenizer: Any, vae: Any, unet: Any, budget: Budget, seed: int,
-                  log: Log) -> dict[str, torch.Tensor]:
-    """Train only the adapter (projection, ``to_k_ip``, ``to_v_ip``) on a frozen copy of the UNet.
+@dataclass
+class ImagePromptBase:
+    """What every image-prompt stage trains against: the frozen base models and one pool of encoded pictures."""
 
-    The text prompt is always ``""`` (the picture alone must say everything); one picture in ten is
-    replaced by a zero embedding, the unconditional branch the engine's ``ip_adapter`` mode guides from.
-    """
-    import copy
+    clip: Any
+    text_encoder: Any
+    tokenizer: Any
+    vae: Any
+    unet: Any
+    pool: LatentPool
+    empty: torch.Tensor  # [1, 77, D]: the empty prompt's hidden states (the text side of every stage)
+    captions: torch.Tensor  # [C, 77, D]: the training captions' hidden states ...
+    labels: torch.Tensor  # [N]: ... and which one each pool picture has
 
-    unet = copy.deepcopy(unet)
+    def teacher(self, rows: torch.Tensor, dropped: torch.Tensor | None = None,
+                ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The frozen UNet on the pictures' own captions (the empty prompt where the picture was ``dropped``): what
+        the text route predicts for these latents."""
+        condition = self.captions[self.labels[rows]]
+        if dropped is not None:
+            condition = torch.where(dropped[:, None, None], self.empty, condition)
+        return lambda noisy, timesteps: self.unet(noisy, timesteps, encoder_hidden_states=condition).sample
+
+
+def image_prompt_base(clip: Any, text_encoder: Any, tokenizer: Any, vae: Any, unet: Any, budget: Budget,
+                      seed: int) -> ImagePromptBase:
+    """Encode ``budget.image_pool`` training pictures once (VAE latents, CLIP embeddings and hidden states)."""
+    pool = encode_pool(vae, budget.image_pool, seed + 4, clip=clip, hidden=True)
+    captions = [world.caption(c, s, b) for s, c, b in world.TRAINING_COMBINATIONS]
+    index = {text: i for i, text in enumerate(captions)}
+    labels = torch.tensor([index[scene.caption] for scene in pool.scenes])
     unet.requires_grad_(False)
-    unet._load_ip_adapter_weights([adapter_state_dict(unet, budget.adapter_tokens, seed)], low_cpu_mem_usage=False)
-    trainable = [p for p in unet.parameters() if not p.requires_grad]  # the freshly loaded adapter layers
-    for parameter in trainable:
-        parameter.requires_grad_(True)
-    empty = text_hidden_states(text_encoder, tokenizer, [""])
-    pool = encode_pool(vae, budget.latent_pool, seed + 4, clip=clip)
-    alphas = noise_schedule()
-    optimizer = torch.optim.AdamW(trainable, lr=budget.adapter_lr, weight_decay=0.01)
-    schedule = _warmup_cosine(optimizer, budget.adapter_steps)
-    ema = EMA(trainable, budget.ema_decay)
+    return ImagePromptBase(clip, text_encoder, tokenizer, vae, unet, pool,
+                           text_hidden_states(text_encoder, tokenizer, [""]),
+                           text_hidden_states(text_encoder, tokenizer, captions), labels)
+
+
+def _fit(name: str, base: ImagePromptBase, parameters: list[torch.nn.Parameter], steps: int, batch: int, lr: float,
+         ema_decay: float, seed: int, loss_of: Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor],
+         log: Log, dropout: float = 0.1) -> None:
+    """The loop every image-prompt stage shares: AdamW with warm-up and cosine decay, EMA weights at the end.
+
+    ``loss_of(rows, dropped, generator)`` gets the pool rows of the batch and which of them lose their picture
+    (the unconditional branch classifier-free guidance will use)."""
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01)
+    schedule = _warmup_cosine(optimizer, steps)
+    ema = EMA(parameters, ema_decay)
     generator = torch.Generator().manual_seed(seed)
-    unet.train()
-    for step in range(budget.adapter_steps):
-        rows = torch.randint(0, len(pool.scenes), (budget.adapter_batch,), generator=generator)
-        dropped = torch.rand(budget.adapter_batch, 1, generator=generator) < budget.caption_dropout
-        embeds = torch.where(dropped, 0.0, pool.image_embeds[rows])[:, None, :]
-        condition = empty.expand(budget.adapter_batch, -1, -1)
-        latents = pool.sample(rows, generator, vae.config.scaling_factor)
-        loss = diffusion_loss(unet, latents, generator, alphas, encoder_hidden_states=condition,
-                              added_cond_kwargs={"image_embeds": [embeds]})
+    for step in range(steps):
+        rows = torch.randint(0, len(base.pool.scenes), (batch,), generator=generator)
+        dropped = torch.rand(batch, generator=generator) < dropout
+        loss = loss_of(rows, dropped, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
         ema.update()
-        if step % 250 == 0 or step == budget.adapter_steps - 1:
-            log(f"adapter step {step}: loss {loss.item():.4f}")
+        if step % 250 == 0 or step == steps - 1:
+            log(f"{name} step {step}: loss {loss.item():.4f}")
     ema.copy_to_parameters()
+
+
+def _with_adapter(unet: Any, state: dict[str, dict[str, torch.Tensor]]) -> tuple[Any, list[torch.nn.Parameter]]:
+    """A frozen copy of ``unet`` with a fresh adapter loaded (diffusers' own loader), and the adapter's parameters."""
+    import copy
+
+    unet = copy.deepcopy(unet)
+    unet.requires_grad_(False)
+    unet._load_ip_adapter_weights([state], low_cpu_mem_usage=False)
+    trainable = [p for p in unet.parameters() if not p.requires_grad]  # the freshly loaded adapter layers
+    for parameter in trainable:
+        parameter.requires_grad_(True)
+    unet.train()
+    return unet, trainable
+
+
+#: Which of a caption's tokens the plain adapter's tokens start as (BOS, a, colour, shape, on, a, background
+#: colour, background, EOS): the three words that differ between captions, then EOS (which has read them all).
+CAPTION_TOKEN_POSITIONS = (2, 3, 6, 8)
+
+
+def caption_token_projection(base: ImagePromptBase, tokens: int) -> dict[str, torch.Tensor]:
+    """A warm start for the plain adapter's projection: least squares from the pool's image embeddings to the
+    text encoder's hidden states of their captions' words (before its final LayerNorm's gain and bias, which the
+    projection's LayerNorm takes over), so that ``to_k_ip``/``to_v_ip`` (copies of ``to_k``/``to_v``) first read
+    the adapter's tokens as they read the words; diffusion training then takes over."""
+    captions = sorted({scene.caption for scene in base.pool.scenes})
+    index = {text: i for i, text in enumerate(captions)}
+    hidden = text_hidden_states(base.text_encoder, base.tokenizer, captions)
+    positions = list(CAPTION_TOKEN_POSITIONS[:tokens])
+    norm = base.text_encoder.final_layer_norm
+    rows = torch.tensor([index[scene.caption] for scene in base.pool.scenes])
+    targets = ((hidden[rows][:, positions] - norm.bias.detach()) / norm.weight.detach()).reshape(len(rows), -1)
+    inputs = torch.cat([base.pool.image_embeds, torch.ones(len(rows), 1)], dim=1)
+    solution = torch.linalg.lstsq(inputs, targets).solution  # [D + 1, tokens * width]
+    return {"proj.weight": solution[:-1].T.contiguous(), "proj.bias": solution[-1].contiguous(),
+            "norm.weight": norm.weight.detach().clone(), "norm.bias": norm.bias.detach().clone()}
+
+
+def train_adapter(base: ImagePromptBase, budget: Budget, seed: int, log: Log) -> dict[str, torch.Tensor]:
+    """IP-Adapter: only the adapter (projection to ``adapter_tokens`` tokens, ``to_k_ip``, ``to_v_ip``) learns, on a
+    frozen copy of the UNet.
+
+    The text prompt is always ``""`` (the picture alone must say everything); one picture in ten is replaced by
+    a zero embedding, the unconditional branch diffusers (and the engine's ``ip_adapter`` mode) guides from."""
+    state = adapter_state_dict(base.unet, budget.adapter_tokens, seed)
+    state["image_proj"].update(caption_token_projection(base, budget.adapter_tokens))
+    unet, trainable = _with_adapter(base.unet, state)
+    alphas, factor = noise_schedule(), base.vae.config.scaling_factor
+
+    def loss_of(rows: torch.Tensor, dropped: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        embeds = torch.where(dropped[:, None], 0.0, base.pool.image_embeds[rows])[:, None, :]
+        latents = base.pool.sample(rows, generator, factor)
+        return diffusion_loss(unet, latents, generator, alphas, budget.noisy_bias, base.teacher(rows, dropped),
+                              budget.teacher_weight, encoder_hidden_states=base.empty.expand(len(rows), -1, -1),
+                              added_cond_kwargs={"image_embeds": [embeds]})
+
+    _fit("ip_adapter", base, trainable, budget.adapter_steps, budget.adapter_batch, budget.adapter_lr,
+         budget.ema_decay, seed, loss_of, log)
     return read_adapter(unet)
+
+
+def train_adapter_plus(base: ImagePromptBase, budget: Budget, seed: int, log: Log) -> dict[str, torch.Tensor]:
+    """IP-Adapter Plus: a resampler over the penultimate hidden states and ``to_k_ip``/``to_v_ip``, on the frozen
+    UNet; a dropped picture becomes an all-zero input's hidden states (diffusers' negative for Plus)."""
+    state = plus_state_dict(base.unet, budget.plus_queries, seed)
+    unet, trainable = _with_adapter(base.unet, state)
+    alphas, factor = noise_schedule(), base.vae.config.scaling_factor
+    with torch.no_grad():
+        zero = base.clip.vision_model(pixel_values=torch.zeros(1, 3, world.IMAGE_SIZE, world.IMAGE_SIZE),
+                                      output_hidden_states=True).hidden_states[-2]
+
+    def loss_of(rows: torch.Tensor, dropped: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        states = torch.where(dropped[:, None, None], zero, base.pool.penultimate[rows])[:, None]
+        latents = base.pool.sample(rows, generator, factor)
+        return diffusion_loss(unet, latents, generator, alphas, budget.noisy_bias, base.teacher(rows, dropped),
+                              budget.teacher_weight, encoder_hidden_states=base.empty.expand(len(rows), -1, -1),
+                              added_cond_kwargs={"image_embeds": [states]})
+
+    _fit("ip_adapter_plus", base, trainable, budget.plus_steps, budget.plus_batch, budget.plus_lr, budget.ema_decay,
+         seed, loss_of, log)
+    return read_adapter(unet)
+
+
+def train_variations(base: ImagePromptBase, budget: Budget, seed: int, log: Log) -> Any:
+    """Image variations, lambdalabs' recipe: the whole UNet fine-tuned to read one token, the CLIP image embedding
+    (projected, not normalised: what ``StableDiffusionImageVariationPipeline`` feeds it), instead of the text; a
+    dropped picture becomes a zero token, the pipeline's unconditional input."""
+    import copy
+
+    unet = copy.deepcopy(base.unet)
+    unet.requires_grad_(True)
+    unet.train()
+    alphas, factor = noise_schedule(), base.vae.config.scaling_factor
+
+    def loss_of(rows: torch.Tensor, dropped: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        embeds = torch.where(dropped[:, None], 0.0, base.pool.image_embeds[rows])[:, None, :]
+        latents = base.pool.sample(rows, generator, factor)
+        return diffusion_loss(unet, latents, generator, alphas, budget.noisy_bias, base.teacher(rows, dropped),
+                              budget.teacher_weight, encoder_hidden_states=embeds)
+
+    _fit("variations", base, list(unet.parameters()), budget.variations_steps, budget.variations_batch,
+         budget.variations_lr, budget.ema_decay, seed, loss_of, log)
+    unet.eval()
+    return unet
+
+
+def train_projector(base: ImagePromptBase, budget: Budget, seed: int, log: Log) -> Any:
+    """The projector (Redux's recipe at toy size): vision-tower tokens → text-token space, appended to the empty
+    prompt's 77 tokens, trained through the frozen UNet. No dropout: the unconditional branch is the empty prompt
+    alone, which the UNet already knows."""
+    from ..methods.projector import Projector
+
+    torch.manual_seed(seed)
+    projector = Projector(VISION_CONFIG["hidden_size"], budget.projector_hidden, base.unet.config.cross_attention_dim)
+    projector.train()
+    unet = base.unet
+    unet.requires_grad_(False)
+    alphas, factor = noise_schedule(), base.vae.config.scaling_factor
+
+    def loss_of(rows: torch.Tensor, dropped: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        tokens = projector(base.pool.last_hidden[rows])
+        condition = torch.cat([base.empty.expand(len(rows), -1, -1), tokens], dim=1)
+        latents = base.pool.sample(rows, generator, factor)
+        return diffusion_loss(unet, latents, generator, alphas, budget.noisy_bias, base.teacher(rows),
+                              budget.teacher_weight, encoder_hidden_states=condition)
+
+    _fit("projector", base, list(projector.parameters()), budget.projector_steps, budget.projector_batch,
+         budget.projector_lr, budget.ema_decay, seed, loss_of, log, dropout=0.0)
+    projector.eval()
+    return projector
 
 
 # ---------------------------------------------------------------------------------------------
@@ -516,42 +739,125 @@ def save_sd(folder: Path, vae: Any, text_encoder: Any, tokenizer: Any, unet: Any
     pipe.save_pretrained(str(folder), safe_serialization=True)
 
 
-def train_all(out: str | Path, budget: Budget | None = None, seed: int = 0, log: Log = print) -> list[StageReport]:
-    """Every stage in order, written to ``out/clip``, ``out/sd`` and (with adapter steps) ``out/ip_adapter``;
-    returns the stages' wall times and peak memory (also written to ``out/training.json``)."""
+#: The image-prompt stages, in the order they train (``scripts/train_toy.py --stages``).
+IMAGE_PROMPT_STAGES = ("ip_adapter", "ip_adapter_plus", "variations", "projector")
+PLUS_WEIGHT_NAME = "ip-adapter-plus_toy.safetensors"
+VARIATIONS_SUBFOLDER, PROJECTOR_SUBFOLDER = "variations", "projector"
+#: What each image-prompt stage writes under the weights folder (removed before it trains again).
+STAGE_OUTPUTS = {
+    "ip_adapter": f"{ADAPTER_SUBFOLDER}/{ADAPTER_WEIGHT_NAME}",
+    "ip_adapter_plus": f"{ADAPTER_SUBFOLDER}/{PLUS_WEIGHT_NAME}",
+    "variations": VARIATIONS_SUBFOLDER,
+    "projector": PROJECTOR_SUBFOLDER,
+}
+_STAGE_STEPS = {"ip_adapter": "adapter_steps", "ip_adapter_plus": "plus_steps", "variations": "variations_steps",
+                "projector": "projector_steps"}
+
+
+def vision_model_of(clip: Any) -> Any:
+    """The CLIP's vision tower with its projection as ``CLIPVisionModelWithProjection`` (same weights): the image
+    encoder an image-variations folder carries."""
+    from transformers import CLIPVisionModelWithProjection
+
+    vision = CLIPVisionModelWithProjection(clip.config.vision_config)
+    vision.vision_model.load_state_dict(clip.vision_model.state_dict())
+    vision.visual_projection.load_state_dict(clip.visual_projection.state_dict())
+    return vision.eval()
+
+
+def save_variations(folder: Path, vae: Any, clip: Any, unet: Any) -> None:
+    """lambdalabs' layout: a ``StableDiffusionImageVariationPipeline`` folder with its image encoder and processor."""
+    from diffusers import StableDiffusionImageVariationPipeline
+    from transformers import CLIPImageProcessor
+
+    side = world.IMAGE_SIZE
+    pipe = StableDiffusionImageVariationPipeline(
+        vae=vae, image_encoder=vision_model_of(clip), unet=unet, scheduler=scheduler(), safety_checker=None,
+        feature_extractor=CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side}),
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+
+
+def load_base(weights: str | Path) -> tuple[Any, Any, Any, Any, Any]:
+    """The shipped base models ``(clip, text_encoder, tokenizer, vae, unet)`` from a weights folder."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
+
+    weights = Path(weights)
+    clip = CLIPModel.from_pretrained(str(weights / "clip")).eval()
+    tokenizer = CLIPTokenizer.from_pretrained(str(weights / "sd"), subfolder="tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(str(weights / "sd"), subfolder="text_encoder").eval()
+    vae = AutoencoderKL.from_pretrained(str(weights / "sd"), subfolder="vae").eval()
+    unet = UNet2DConditionModel.from_pretrained(str(weights / "sd"), subfolder="unet").eval()
+    return clip, text_encoder, tokenizer, vae, unet
+
+
+def train_image_prompts(out: Path, models: tuple[Any, Any, Any, Any, Any], budget: Budget, seed: int, log: Log,
+                        reports: list[StageReport], stages: tuple[str, ...] = IMAGE_PROMPT_STAGES) -> None:
+    """The image-prompt stages with a step budget, on the base ``models``, each written where its preset loads it."""
     from safetensors.torch import save_file
 
+    stages = tuple(stage for stage in stages if getattr(budget, _STAGE_STEPS[stage]))
+    if not stages:
+        return
+    clip, text_encoder, tokenizer, vae, unet = models
+    base = timed("image_pool", reports, log)(
+        lambda: image_prompt_base(clip, text_encoder, tokenizer, vae, unet, budget, seed)
+    )
+    for stage in stages:
+        if stage in ("ip_adapter", "ip_adapter_plus"):
+            trainer = train_adapter if stage == "ip_adapter" else train_adapter_plus
+            state = timed(stage, reports, log)(lambda trainer=trainer: trainer(base, budget, seed, log))
+            path = out / STAGE_OUTPUTS[stage]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file(state, str(path))
+        elif stage == "variations":
+            fine_tuned = timed(stage, reports, log)(lambda: train_variations(base, budget, seed, log))
+            save_variations(out / VARIATIONS_SUBFOLDER, vae, clip, fine_tuned)
+        else:
+            projector = timed(stage, reports, log)(lambda: train_projector(base, budget, seed, log))
+            projector.save(out / PROJECTOR_SUBFOLDER)
+
+
+def train_all(out: str | Path, budget: Budget | None = None, seed: int = 0, log: Log = print,
+              stages: tuple[str, ...] | None = None) -> list[StageReport]:
+    """Every stage in order, written to ``out/clip``, ``out/sd`` and the image-prompt folders (``ip_adapter``,
+    ``variations``, ``projector``); returns the stages' wall times and peak memory (also written to
+    ``out/training.json``).
+
+    ``stages`` (a subset of :data:`IMAGE_PROMPT_STAGES`) trains only those, on the base models already in ``out``;
+    the records of the other stages in ``training.json`` are kept."""
     from ..quiet import quiet_loaders
 
     budget = budget or Budget()
     out = Path(out)
     reports: list[StageReport] = []
     with quiet_loaders():
-        tokenizer = write_tokenizer(out / "clip")
-        clip = timed("clip", reports, log)(lambda: train_clip(tokenizer, budget, seed, log))
-        reports[-1].notes["held_out_caption_accuracy"] = clip_caption_accuracy(clip, tokenizer,
-                                                                                world.held_out_scenes())
-        save_clip(out / "clip", clip, tokenizer)
-        vae = timed("vae", reports, log)(lambda: train_vae(budget, seed, log))
-        text_encoder = text_encoder_of(clip)
-        unet = timed("unet", reports, log)(lambda: train_unet(text_encoder, tokenizer, vae, budget, seed, log))
-        save_sd(out / "sd", vae, text_encoder, tokenizer, unet)
-        if budget.adapter_steps:
-            adapter = timed("ip_adapter", reports, log)(
-                lambda: train_adapter(clip, text_encoder, tokenizer, vae, unet, budget, seed, log)
-            )
-            (out / ADAPTER_SUBFOLDER).mkdir(parents=True, exist_ok=True)
-            save_file(adapter, str(out / ADAPTER_SUBFOLDER / ADAPTER_WEIGHT_NAME))
-    record = {
-        "seed": seed,
-        "budget": asdict(budget),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "stages": [asdict(report) for report in reports],
-        "total_seconds": round(sum(report.seconds for report in reports), 1),
-        "peak_memory_mib": max(report.peak_mib for report in reports),
-    }
-    (out / "training.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        if stages is None:
+            tokenizer = write_tokenizer(out / "clip")
+            clip = timed("clip", reports, log)(lambda: train_clip(tokenizer, budget, seed, log))
+            reports[-1].notes["held_out_caption_accuracy"] = clip_caption_accuracy(clip, tokenizer,
+                                                                                    world.held_out_scenes())
+            save_clip(out / "clip", clip, tokenizer)
+            vae = timed("vae", reports, log)(lambda: train_vae(budget, seed, log))
+            text_encoder = text_encoder_of(clip)
+            unet = timed("unet", reports, log)(lambda: train_unet(text_encoder, tokenizer, vae, budget, seed, log))
+            save_sd(out / "sd", vae, text_encoder, tokenizer, unet)
+            models = (clip, text_encoder, tokenizer, vae, unet)
+            train_image_prompts(out, models, budget, seed, log, reports)
+        else:
+            train_image_prompts(out, load_base(out), budget, seed, log, reports, stages)
+    record = {"seed": seed, "budget": asdict(budget), "torch_threads": torch.get_num_threads(),
+              "torch": torch.__version__, "stages": [asdict(report) for report in reports]}
+    previous = out / "training.json"
+    if stages is not None and previous.is_file():
+        kept = json.loads(previous.read_text(encoding="utf-8")).get("stages", [])
+        trained = {report.name for report in reports}
+        record["stages"] = [stage for stage in kept if stage["name"] not in trained] + record["stages"]
+    record["total_seconds"] = round(sum(stage["seconds"] for stage in record["stages"]), 1)
+    record["peak_memory_mib"] = max(stage["peak_mib"] for stage in record["stages"])
+    previous.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return reports
 
 

@@ -40,7 +40,14 @@ from ..controller import (
     Waiting,
 )
 from ..images import ImageInputError, load_images
-from ..methods import METHODS, methods_for, preset_capabilities, presets_providing
+from ..methods import (
+    METHODS,
+    is_toy_preset,
+    methods_for,
+    offline_twin,
+    preset_capabilities,
+    presets_providing,
+)
 from ..presets import DEFAULT_PRESET, Preset
 from ..runners import Runner
 from ..settings import CONTROLNET_STRUCTURES, MODES, GenerationSettings, SettingsError
@@ -560,8 +567,8 @@ class ImagePromptWidget(widgets.VBox):
     def _preset_for(self, mode: str, current: Preset) -> str | None:
         """The preset to move to for ``mode``: the method's offline twin when the current model is offline,
         else a downloadable preset with the same Stable Diffusion model, the default, or the first."""
-        if current.offline_builder:
-            return METHODS[mode].twin
+        if current.offline_builder or is_toy_preset(current):
+            return offline_twin(mode, current)
         hub = [name for name in presets_providing(mode) if not self.model_picker.presets[name].offline_builder]
         same = [name for name in hub if self.model_picker.presets[name].sd_model == current.sd_model]
         if same:
