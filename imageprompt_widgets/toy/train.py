@@ -125,7 +125,7 @@ def write_tokenizer(folder: str | Path) -> Any:
     """
     from transformers import CLIPTokenizer
 
-    from ..offline import _bytes_to_unicode
+    from ..loading.offline import _bytes_to_unicode
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -521,7 +521,7 @@ def train_all(out: str | Path, budget: Budget | None = None, seed: int = 0, log:
     returns the stages' wall times and peak memory (also written to ``out/training.json``)."""
     from safetensors.torch import save_file
 
-    from ..quiet import quiet_loaders
+    from ..loading.quiet import quiet_loaders
 
     budget = budget or Budget()
     out = Path(out)
