@@ -46,7 +46,7 @@ WAYS = ("generate per image", "batch, 1 process", "batch, 1 process, 2 threads",
 
 def measure_embedding(kind: str, config: dict[str, Any]) -> dict[str, Any]:
     """One embedding per picture, in batches against one at a time (alternating rounds)."""
-    from imageprompt_widgets.embed import embed_images
+    from imageprompt_widgets.batch.embed import embed_images
 
     pipe = common.load_pipeline(kind)
     count, batch = config["embed_images"], config["embed_batch"]

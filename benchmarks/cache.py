@@ -21,7 +21,7 @@ TARGET_MS = 10.0
 
 def measure(kind: str, quick: bool) -> dict[str, Any]:
     from imageprompt_widgets import ImagePromptPipeline
-    from imageprompt_widgets.models import MODEL_CACHE, model_key, resolve_device_dtype
+    from imageprompt_widgets.loading.cache import MODEL_CACHE, model_key, resolve_device_dtype
 
     models = common.model_folders(kind)
     device, dtype = resolve_device_dtype("cpu", "float32")

@@ -36,7 +36,7 @@ class Models:
 def model_folders(kind: str) -> Models:
     """The tiny preset's folders, or the real-size random architectures (built on first use, ~6 GB)."""
     if kind == "tiny":
-        from imageprompt_widgets.offline import ensure_tiny_models
+        from imageprompt_widgets.loading.offline import ensure_tiny_models
 
         return Models(kind, *ensure_tiny_models())
     if kind == "real":

@@ -24,8 +24,8 @@ def prepare(args: Any) -> Any:
     import torch
 
     from imageprompt_widgets import ImagePromptPipeline
-    from imageprompt_widgets.loading import load_components
-    from imageprompt_widgets.models import resolve_device_dtype
+    from imageprompt_widgets.loading.cache import resolve_device_dtype
+    from imageprompt_widgets.loading.components import load_components
     from imageprompt_widgets.presets import Preset
 
     if args.sd and args.clip:
@@ -83,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     settings = {"steps": args.steps, "height": args.size, "width": args.size, "seed": 0}
     image = common.bench_image()
     reference = pipe.generate(image, **settings)  # warm-up (and compilation, with --compile)
-    from imageprompt_widgets import preview
+    from imageprompt_widgets.engine import preview
 
     decoder = preview.decoder_for(pipe, "linear")
 

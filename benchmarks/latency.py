@@ -32,7 +32,7 @@ def settings_for(kind: str, quick: bool) -> tuple[dict[str, Any], int]:
 
 
 def engine_latency(pipe: Any, settings: dict[str, Any], rounds: int) -> dict[str, Any]:
-    from imageprompt_widgets import preview
+    from imageprompt_widgets.engine import preview
 
     decoder = preview.decoder_for(pipe, "linear")
     image = common.bench_image()

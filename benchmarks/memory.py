@@ -30,8 +30,8 @@ def child(way: str, kind: str, steps: int, size: int | None, dtype: str = "float
     from diffusers import StableDiffusionPipeline  # both ways pay for the same imports
     from transformers import CLIPImageProcessor, CLIPModel
 
-    from imageprompt_widgets.models import diffusers_dtype_kwarg, parameter_count
-    from imageprompt_widgets.quiet import quiet_loaders
+    from imageprompt_widgets.loading.cache import diffusers_dtype_kwarg, parameter_count
+    from imageprompt_widgets.loading.quiet import quiet_loaders
 
     models = common.model_folders(kind)
     image = common.bench_image()

@@ -34,7 +34,7 @@ def configuration(kind: str, quick: bool) -> dict[str, Any]:
 
 def preview_callback(pipe: Any) -> Any:
     """What the widget does each step: x0, the linear latent→RGB map, a small JPEG per image."""
-    from imageprompt_widgets import preview
+    from imageprompt_widgets.engine import preview
 
     decoder = preview.decoder_for(pipe, "linear")
     tiles: list[bytes] = []

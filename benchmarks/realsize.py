@@ -2,7 +2,7 @@
 
 Speed and memory depend on shapes, not on weight values, so these models give honest timing and
 memory figures on machines that cannot download the real checkpoints. They are built once (about
-6 GB of fp32 safetensors) into ``imageprompt_widgets.offline.cache_dir() / "realsize-v1"`` and loaded through the same
+6 GB of fp32 safetensors) into ``imageprompt_widgets.loading.offline.cache_dir() / "realsize-v1"`` and loaded through the same
 ``from_pretrained`` path as real weights. Their pictures are noise; never use them for anything else.
 """
 
@@ -69,7 +69,7 @@ VISION_CONFIG: dict[str, Any] = {
 
 
 def realsize_model_dir() -> Path:
-    from imageprompt_widgets.offline import cache_dir
+    from imageprompt_widgets.loading.offline import cache_dir
 
     return cache_dir() / f"realsize-{REALSIZE_VERSION}"
 
@@ -79,7 +79,7 @@ def ensure_realsize_models() -> tuple[str, str]:
 
     The first call takes a minute or two and writes about 6 GB; later calls return at once.
     """
-    from imageprompt_widgets.offline import build_once
+    from imageprompt_widgets.loading.offline import build_once
 
     final = build_once(realsize_model_dir(), build_realsize_models, "sd/model_index.json")
     return str(final / "sd"), str(final / "clip")
@@ -102,8 +102,8 @@ def build_realsize_models(folder: str | os.PathLike, seed: int = REALSIZE_SEED) 
         CLIPVisionConfig,
     )
 
-    from imageprompt_widgets.offline import save_sd_pipeline, write_byte_level_tokenizer
-    from imageprompt_widgets.quiet import quiet_loaders
+    from imageprompt_widgets.loading.offline import save_sd_pipeline, write_byte_level_tokenizer
+    from imageprompt_widgets.loading.quiet import quiet_loaders
 
     folder = Path(folder)
     sd_dir, clip_dir, tok_dir = folder / "sd", folder / "clip", folder / "tokenizer-src"
@@ -202,7 +202,7 @@ def ensure_realsize_lcm_lora() -> str:
 
     Its values are noise like the models'; what it measures is the cost of running LoRA layers of that size.
     """
-    from imageprompt_widgets.offline import LORA_WEIGHT_NAME, build_once, cache_dir
+    from imageprompt_widgets.loading.offline import LORA_WEIGHT_NAME, build_once, cache_dir
 
     final = cache_dir() / f"realsize-lcm-lora-{REALSIZE_VERSION}"
     return str(build_once(final, build_realsize_lcm_lora, LORA_WEIGHT_NAME))
@@ -211,8 +211,8 @@ def ensure_realsize_lcm_lora() -> str:
 def build_realsize_lcm_lora(folder: str | os.PathLike, seed: int = REALSIZE_SEED) -> None:
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-    from imageprompt_widgets.offline import LCM_LORA_TARGETS, random_lora_layers
-    from imageprompt_widgets.quiet import quiet_loaders
+    from imageprompt_widgets.loading.offline import LCM_LORA_TARGETS, random_lora_layers
+    from imageprompt_widgets.loading.quiet import quiet_loaders
 
     sd_folder, _ = ensure_realsize_models()
     with quiet_loaders():

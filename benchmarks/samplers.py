@@ -68,7 +68,7 @@ def live_pipeline(kind: str) -> Any:
     import torch
 
     from imageprompt_widgets import ImagePromptPipeline
-    from imageprompt_widgets.loading import load_components
+    from imageprompt_widgets.loading.components import load_components
     from imageprompt_widgets.presets import LIVE_DEFAULTS, Preset
 
     models = common.model_folders(kind)

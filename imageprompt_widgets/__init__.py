@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING, Any
 from ._version import __version__
 
 _LAZY = {
-    "ImagePromptPipeline": "pipeline",
-    "ImageEmbedding": "pipeline",
-    "StepInfo": "pipeline",
-    "generate": "pipeline",
-    "GenerationResult": "results",
-    "Trace": "results",
-    "SaveError": "results",
+    "ImagePromptPipeline": "engine.pipeline",
+    "ImageEmbedding": "engine.pipeline",
+    "StepInfo": "engine.pipeline",
+    "generate": "engine.pipeline",
+    "GenerationResult": "engine.results",
+    "Trace": "engine.results",
+    "SaveError": "engine.results",
     "GenerationSettings": "settings",
     "ControlUnit": "settings",
     "SettingsError": "settings",
@@ -28,8 +28,8 @@ _LAZY = {
     "ImageInputError": "images",
     "PRESETS": "presets",
     "Preset": "presets",
-    "ModelLoadError": "models",
-    "clear_cache": "models",
+    "ModelLoadError": "loading.cache",
+    "clear_cache": "loading.cache",
     "ImagePromptWidget": "widget",
 }
 
@@ -70,10 +70,10 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from .engine.pipeline import ImageEmbedding, ImagePromptPipeline, StepInfo, generate
+    from .engine.results import GenerationResult, SaveError, Trace
     from .images import ImageInputError, load_image, load_images
-    from .models import ModelLoadError, clear_cache
-    from .pipeline import ImageEmbedding, ImagePromptPipeline, StepInfo, generate
+    from .loading.cache import ModelLoadError, clear_cache
     from .presets import PRESETS, Preset
-    from .results import GenerationResult, SaveError, Trace
     from .settings import ControlUnit, GenerationSettings, SettingsError
     from .widget import ImagePromptWidget

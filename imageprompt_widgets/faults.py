@@ -26,6 +26,10 @@ class ModelLoadError(ValueError):
     """A model that cannot be loaded: unknown, not downloaded while offline, not a model folder."""
 
 
+class TextTowerUnavailable(ModelLoadError):
+    """The preset's CLIP checkpoint has no text tower with projection, so text cannot be compared with images."""
+
+
 class DamagedModelError(ModelLoadError):
     """A weights file that is corrupt (truncated, garbled) or missing from a model folder; ``path`` names it
     where it is known."""

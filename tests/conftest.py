@@ -23,7 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
-from imageprompt_widgets.offline import sample_image
+from imageprompt_widgets.loading.offline import sample_image
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -45,7 +45,7 @@ def tiny_pipe():
 
 
 #: A deterministic, textured RGB test image: ``make_image(seed, size=(w, h))``. Test modules import
-#: ``imageprompt_widgets.offline.sample_image`` instead: ``from conftest import`` is ambiguous once
+#: ``imageprompt_widgets.loading.offline.sample_image`` instead: ``from conftest import`` is ambiguous once
 #: tests/browser/ has a conftest of its own.
 make_image = sample_image
 

@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 
 from imageprompt_widgets import GenerationSettings, ImagePromptPipeline, SettingsError
+from imageprompt_widgets.loading.offline import sample_image as make_image
 from imageprompt_widgets.methods.ip_adapter import adapter_processors
-from imageprompt_widgets.offline import sample_image as make_image
 from imageprompt_widgets.presets import PRESETS, Preset
 
 FAST = {"steps": 2, "seed": 7}
@@ -68,7 +68,7 @@ def test_plus_twin_is_written_in_ip_adapters_own_layout_and_loads_back_unchanged
     """The twin's resampler goes through diffusers' checkpoint converter exactly like h94's files do."""
     from diffusers.models.embeddings import IPAdapterPlusImageProjection
 
-    from imageprompt_widgets.offline import resampler_to_original_keys
+    from imageprompt_widgets.loading.offline import resampler_to_original_keys
 
     torch.manual_seed(0)
     resampler = IPAdapterPlusImageProjection(embed_dims=32, output_dims=32, hidden_dims=64, heads=1, num_queries=16)

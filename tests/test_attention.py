@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from imageprompt_widgets import attention
-from imageprompt_widgets.offline import sample_image as make_image
-from imageprompt_widgets.results import Trace
+from imageprompt_widgets.engine import attention
+from imageprompt_widgets.engine.results import Trace
+from imageprompt_widgets.loading.offline import sample_image as make_image
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +181,7 @@ def test_maps_are_saved_and_loaded_with_the_trace(tiny_pipe, image, tmp_path):
     assert "attention_maps" in result.trace.summary()
     import dataclasses
 
-    from imageprompt_widgets.results import ResultFileError
+    from imageprompt_widgets.engine.results import ResultFileError
 
     flat = dataclasses.replace(result.trace, attention_maps=result.trace.attention_maps[0])  # [L, h, w]
     with pytest.raises(ResultFileError, match="attention_maps has 3 dimensions, not 4"):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from imageprompt_widgets.availability import availability, download_text, loading_message
+from imageprompt_widgets.loading.availability import availability, download_text, loading_message
 from imageprompt_widgets.presets import PRESETS, Preset
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from imageprompt_widgets.banner import has_random_weights, weights_banner
 from imageprompt_widgets.presets import PRESETS
+from imageprompt_widgets.views.banner import has_random_weights, weights_banner
 
 
 def test_every_offline_preset_and_only_those_get_the_banner():
@@ -34,7 +34,7 @@ def test_an_unknown_preset_is_refused_as_everywhere():
 
 
 def test_the_toy_world_gets_its_own_banner_not_the_random_weights_one():
-    from imageprompt_widgets.banner import is_toy_world
+    from imageprompt_widgets.views.banner import is_toy_world
 
     banner = weights_banner("toy")
     assert is_toy_world("toy") and not is_toy_world("tiny") and not has_random_weights("toy")

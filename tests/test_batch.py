@@ -14,16 +14,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imageprompt_widgets.batch import item_key, model_identity, output_name, plan_jobs, run_batch
+from imageprompt_widgets.batch.manifest import PARTS_FOLDER, read_manifest
+from imageprompt_widgets.batch.run import item_key, model_identity, output_name, plan_jobs, run_batch
+from imageprompt_widgets.batch.sources import SourceItem, open_source
 from imageprompt_widgets.cli import main
-from imageprompt_widgets.cli_batch import parse_seeds
+from imageprompt_widgets.cli.batch import parse_seeds
 from imageprompt_widgets.encoding import fingerprint
-from imageprompt_widgets.manifest import PARTS_FOLDER, read_manifest
-from imageprompt_widgets.offline import sample_image
+from imageprompt_widgets.engine.results import recipe_from_png
+from imageprompt_widgets.loading.offline import sample_image
 from imageprompt_widgets.presets import PRESETS
-from imageprompt_widgets.results import recipe_from_png
 from imageprompt_widgets.settings import GenerationSettings, SettingsError
-from imageprompt_widgets.sources import SourceItem, open_source
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ["--model", "tiny", "--steps", "2"]
@@ -232,8 +232,8 @@ def test_bad_items_are_one_line_each_and_the_batch_goes_on(folder, tmp_path, cap
 
 
 def test_a_full_disk_stops_the_batch_in_one_line(folder, tmp_path, capsys, monkeypatch):
-    from imageprompt_widgets import batch
-    from imageprompt_widgets.results import SaveError
+    from imageprompt_widgets.batch import run as batch
+    from imageprompt_widgets.engine.results import SaveError
 
     def full(*args, **kwargs):
         raise SaveError("Could not save the images to out: the disk is full; free some space.")

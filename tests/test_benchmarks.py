@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from imageprompt_widgets.offline import sample_image
+from imageprompt_widgets.loading.offline import sample_image
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -85,7 +85,8 @@ def test_realsize_builder_writes_loadable_models_atomically(tmp_path, monkeypatc
     from transformers import CLIPModel, CLIPTokenizer
 
     from benchmarks import realsize
-    from imageprompt_widgets import ImagePromptPipeline, offline
+    from imageprompt_widgets import ImagePromptPipeline
+    from imageprompt_widgets.loading import offline
 
     monkeypatch.setenv(offline.CACHE_ENV, str(tmp_path))
     monkeypatch.setattr(realsize, "UNET_CONFIG", {
@@ -137,7 +138,7 @@ def test_memory_benchmark_counts_the_text_tower_ours_does_not_load(tmp_path):
     from transformers import CLIPModel
 
     from benchmarks import memory
-    from imageprompt_widgets.offline import ensure_tiny_models
+    from imageprompt_widgets.loading.offline import ensure_tiny_models
 
     payload = memory.main(["--quick", "--in-process", "--out", str(tmp_path)])
     (row,) = payload["rows"]

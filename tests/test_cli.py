@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from imageprompt_widgets.cli import main
-from imageprompt_widgets.results import recipe_from_png
+from imageprompt_widgets.engine.results import recipe_from_png
 from imageprompt_widgets.settings import setting_specs
 
 
@@ -233,7 +233,7 @@ def test_a_full_disk_while_saving_is_one_line_and_exit_2(photo, tmp_path, capsys
 
 def test_a_lora_from_the_command_line_reaches_the_run_at_its_weight(photo, tmp_path, capsys, image):
     from imageprompt_widgets import ImagePromptPipeline
-    from imageprompt_widgets.loading import load_components
+    from imageprompt_widgets.loading.components import load_components
 
     out = tmp_path / "out"
     try:
@@ -270,7 +270,7 @@ def test_a_bad_lora_is_one_line_and_exit_2(photo, tmp_path, capsys, flag, says):
 
 
 def test_memory_level_from_the_command_line_is_a_load_option(photo, tmp_path, monkeypatch, capsys):
-    from imageprompt_widgets import controller
+    from imageprompt_widgets.engine import controller
 
     seen = {}
     original = controller.Controller.__init__

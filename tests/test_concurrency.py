@@ -6,8 +6,8 @@ import threading
 
 import pytest
 
-from imageprompt_widgets.concurrency import CancelEvent, RunLock
-from imageprompt_widgets.offline import sample_image
+from imageprompt_widgets.engine.concurrency import CancelEvent, RunLock
+from imageprompt_widgets.loading.offline import sample_image
 
 WAIT = 30  # seconds: generous bounds on joins, never a timing assertion
 

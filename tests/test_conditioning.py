@@ -163,7 +163,7 @@ def test_every_setting_kind_is_one_the_controls_know_or_the_new_floats():
 
 def test_cli_accepts_comma_separated_weights_and_new_flags():
     from imageprompt_widgets.cli import build_parser
-    from imageprompt_widgets.cli_common import chosen_settings
+    from imageprompt_widgets.cli.common import chosen_settings
 
     args = build_parser().parse_args(
         ["generate", "a.png", "b.png", "-o", "out", "--weights", "1,0.5", "--combine", "slerp", "--norm-match",

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from imageprompt_widgets import GenerationSettings, ImagePromptPipeline
-from imageprompt_widgets.controller import (
+from imageprompt_widgets.engine.controller import (
     BusyChanged,
     Cancelled,
     Cancelling,
@@ -31,9 +31,9 @@ from imageprompt_widgets.controller import (
     SubscriberFailed,
     Waiting,
 )
-from imageprompt_widgets.offline import sample_image
-from imageprompt_widgets.runners import InlineRunner, ThreadRunner
-from imageprompt_widgets.schedule import planned_steps
+from imageprompt_widgets.engine.runners import InlineRunner, ThreadRunner
+from imageprompt_widgets.engine.schedule import planned_steps
+from imageprompt_widgets.loading.offline import sample_image
 
 WAIT = 120  # seconds: bounds a deadlock, never a timing assertion
 FAST = {"steps": 2, "guidance_scale": 7.5}
@@ -162,7 +162,7 @@ def test_a_subscriber_that_raises_is_reported_and_the_run_goes_on(tiny_pipe, ima
 
     controller.subscribe(broken)
     controller.subscribe(events)
-    with caplog.at_level(logging.ERROR, logger="imageprompt_widgets.controller"):
+    with caplog.at_level(logging.ERROR, logger="imageprompt_widgets.engine.controller"):
         result = controller.submit(image, **FAST).future.result()
     assert same_pixels(result.images[0], solo(tiny_pipe, image, **FAST).images[0])
     failures = events.of(SubscriberFailed)
@@ -419,7 +419,7 @@ def test_the_total_is_what_runs_for_every_offline_method(preset, image):
 
 @pytest.mark.parametrize("scheduler", ["ddim", "euler", "dpmpp_2m"])
 def test_schedulers_without_a_warm_up_run_exactly_the_steps_asked(tiny_pipe, image, scheduler):
-    from imageprompt_widgets.samplers import scheduler_for
+    from imageprompt_widgets.engine.samplers import scheduler_for
 
     started, seen = _steps_seen(tiny_pipe, image, steps=3, guidance_scale=1.0, scheduler=scheduler)
     assert (started.total_steps, started.reason) == (3, "")

@@ -15,9 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from imageprompt_widgets import ControlUnit, GenerationSettings, SettingsError, structure
-from imageprompt_widgets.controlnets import CONTROL_KINDS, controlnet_for, kind_of_controlnet
-from imageprompt_widgets.offline import shape_image
+from imageprompt_widgets import ControlUnit, GenerationSettings, SettingsError
+from imageprompt_widgets.loading.offline import shape_image
 from imageprompt_widgets.settings import (
     CONTROLNET_STRUCTURES,
     STRUCTURE_SETTINGS,
@@ -26,6 +25,8 @@ from imageprompt_widgets.settings import (
     setting_specs,
     unit_specs,
 )
+from imageprompt_widgets.structure import plan as structure
+from imageprompt_widgets.structure.controlnets import CONTROL_KINDS, controlnet_for, kind_of_controlnet
 
 cv2 = pytest.importorskip("cv2")
 
@@ -169,8 +170,8 @@ def test_edges_unit_map_is_opencv_canny_and_never_needs_the_estimator():
 
 @pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks` argument is deprecated")
 def test_offline_missing_depth_estimator_is_named(monkeypatch):
-    from imageprompt_widgets.depth import load_depth_estimator
-    from imageprompt_widgets.models import ModelLoadError
+    from imageprompt_widgets.loading.cache import ModelLoadError
+    from imageprompt_widgets.structure.depth import load_depth_estimator
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="depth-anything/Depth-Anything-V2-Small-hf"):

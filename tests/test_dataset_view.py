@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from imageprompt_widgets.embed import embed_images
+from imageprompt_widgets.batch.embed import embed_images
 from imageprompt_widgets.extras import MissingExtraError
-from imageprompt_widgets.offline import sample_image
+from imageprompt_widgets.loading.offline import sample_image
 from imageprompt_widgets.settings import SettingsError
 from imageprompt_widgets.views import dataset as view_module
 from imageprompt_widgets.views.dataset import dataset_map, nearest_point, pca_2d, project

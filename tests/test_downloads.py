@@ -17,11 +17,11 @@ from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
 from huggingface_hub.utils import tqdm as hub_tqdm
 
 from imageprompt_widgets import ImagePromptPipeline, ImagePromptWidget
-from imageprompt_widgets.controller import Cancelled, Controller, Loading, Started
-from imageprompt_widgets.downloads import DownloadCancelled, DownloadProgress, watch_downloads
-from imageprompt_widgets.models import translate_load_errors
-from imageprompt_widgets.offline import sample_image
-from imageprompt_widgets.runners import InlineRunner
+from imageprompt_widgets.engine.controller import Cancelled, Controller, Loading, Started
+from imageprompt_widgets.engine.runners import InlineRunner
+from imageprompt_widgets.loading.cache import translate_load_errors
+from imageprompt_widgets.loading.downloads import DownloadCancelled, DownloadProgress, watch_downloads
+from imageprompt_widgets.loading.offline import sample_image
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
 CHUNK = 64 * 1024
@@ -199,7 +199,9 @@ def test_the_panel_shows_download_bytes_in_its_bar_and_status(tiny_pipe, url, hi
 
 
 def test_from_preset_reports_downloads_to_on_progress(tiny_pipe, url, hidden_bars, monkeypatch):
-    from imageprompt_widgets import loading, models, pipeline
+    from imageprompt_widgets.engine import pipeline
+    from imageprompt_widgets.loading import cache as models
+    from imageprompt_widgets.loading import components as loading
 
     def load_components(preset, device, dtype, **options):
         download(url)

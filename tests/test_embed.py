@@ -10,10 +10,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from imageprompt_widgets.batch.embed import (
+    EmbeddingFileError,
+    embed_images,
+    export_embeddings,
+    load_embeddings,
+)
 from imageprompt_widgets.cli import main
-from imageprompt_widgets.embed import EmbeddingFileError, embed_images, export_embeddings, load_embeddings
 from imageprompt_widgets.encoding import fingerprint
-from imageprompt_widgets.offline import sample_image
+from imageprompt_widgets.loading.offline import sample_image
 from imageprompt_widgets.settings import SettingsError
 
 

@@ -10,9 +10,9 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from imageprompt_widgets import GenerationSettings, ImagePromptPipeline, SettingsError
-from imageprompt_widgets import steps as steps_module
-from imageprompt_widgets.offline import sample_image as make_image
-from imageprompt_widgets.results import Trace, recipe_from_png
+from imageprompt_widgets.engine import steps as steps_module
+from imageprompt_widgets.engine.results import Trace, recipe_from_png
+from imageprompt_widgets.loading.offline import sample_image as make_image
 
 FAST = {"steps": 4, "seed": 0}
 
@@ -128,7 +128,7 @@ def test_on_step_reports_every_step_in_order(tiny_pipe, image):
 def test_x0_equals_the_schedulers_own_prediction(tiny_pipe, image, scheduler, monkeypatch):
     """x0 previews are the predicted clean image; DDIM and the Euler schedulers compute the same quantity
     themselves (Euler in its own, sigma-scaled latents: the preview must undo that scaling exactly)."""
-    from imageprompt_widgets.samplers import scheduler_class
+    from imageprompt_widgets.engine.samplers import scheduler_class
 
     cls = scheduler_class(scheduler)
     ours, theirs = [], []

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from imageprompt_widgets.results import ResultFileError, SaveError, Trace, recipe_from_png
+from imageprompt_widgets.engine.results import ResultFileError, SaveError, Trace, recipe_from_png
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 FUZZ = settings(max_examples=150, derandomize=True, deadline=None, database=None,
@@ -35,7 +35,7 @@ def one_sentence(err: BaseException) -> str:
 
 @pytest.fixture(scope="module")
 def result(tiny_pipe):
-    from imageprompt_widgets.offline import sample_image
+    from imageprompt_widgets.loading.offline import sample_image
 
     return tiny_pipe.generate(sample_image(0), steps=1)
 
@@ -373,9 +373,9 @@ def test_numpy_values_that_are_not_plain_numbers_are_still_refused(name, value, 
 
 def test_too_many_input_images_are_refused_before_any_is_decoded(tiny_pipe, monkeypatch):
     from imageprompt_widgets import images as images_module
-    from imageprompt_widgets import pipeline as pipeline_module
+    from imageprompt_widgets.engine import pipeline as pipeline_module
     from imageprompt_widgets.images import ImageInputError
-    from imageprompt_widgets.offline import sample_image
+    from imageprompt_widgets.loading.offline import sample_image
 
     decoded = []
     monkeypatch.setattr(images_module, "load_image", lambda *a, **k: decoded.append(a) or sample_image(0))

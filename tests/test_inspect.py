@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from imageprompt_widgets import views
-from imageprompt_widgets.offline import sample_image as make_image
-from imageprompt_widgets.results import Trace
+from imageprompt_widgets.engine.results import Trace
+from imageprompt_widgets.loading.offline import sample_image as make_image
 from imageprompt_widgets.settings import SettingsError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -164,7 +164,7 @@ def test_scale_gap_of_a_norm_matched_run_shows_the_norms_before_matching(tiny_pi
 def test_similarity_equals_normalised_dot_products_with_clip_text_features(tiny_pipe, run):
     from transformers import CLIPModel, CLIPTokenizer
 
-    from imageprompt_widgets.offline import ensure_tiny_models
+    from imageprompt_widgets.loading.offline import ensure_tiny_models
 
     texts = ["a cat", "a dog"]
     view = views.similarity(run.trace.image_embeds, tiny_pipe, texts)
@@ -258,7 +258,7 @@ def test_filmstrip_statistics_and_exact_frames(tiny_pipe, run):
 
 
 def test_filmstrip_with_the_preview_decoder_uses_preview_py(tiny_pipe, run):
-    from imageprompt_widgets import preview
+    from imageprompt_widgets.engine import preview
 
     view = views.filmstrip(run, tiny_pipe, decoder="linear")
     expected = preview.to_pil(preview.decoder_for(tiny_pipe, "linear")(run.trace.latents[:, 0]))

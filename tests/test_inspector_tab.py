@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from imageprompt_widgets import views
-from imageprompt_widgets.offline import sample_image as make_image
+from imageprompt_widgets.loading.offline import sample_image as make_image
 from imageprompt_widgets.widget.inspector import (
     DIRECTION_GAP_TEXT,
     EMPTY_TEXT,
@@ -166,7 +166,7 @@ def test_interpolate_runs_off_the_kernel_thread_with_progress_in_the_status_and_
     import threading
 
     from imageprompt_widgets import ImagePromptWidget
-    from imageprompt_widgets.runners import ThreadRunner
+    from imageprompt_widgets.engine.runners import ThreadRunner
 
     widget = ImagePromptWidget(pipeline=tiny_pipe, runner=ThreadRunner(), steps=2, seed=1, guidance_scale=1.0)
     widget.set_images(inputs)
@@ -214,7 +214,7 @@ def test_the_x0_filmstrip_is_a_controller_task(tiny_pipe, inputs):
     import threading
 
     from imageprompt_widgets import ImagePromptWidget
-    from imageprompt_widgets.runners import ThreadRunner
+    from imageprompt_widgets.engine.runners import ThreadRunner
 
     widget = ImagePromptWidget(pipeline=tiny_pipe, runner=ThreadRunner(), steps=2, seed=1)
     widget.set_images(inputs[:1])

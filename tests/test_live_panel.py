@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 
 from imageprompt_widgets import ImagePromptWidget
-from imageprompt_widgets.controller import Finished
-from imageprompt_widgets.offline import sample_image
+from imageprompt_widgets.engine.controller import Finished
+from imageprompt_widgets.loading.offline import sample_image
 from imageprompt_widgets.presets import PRESETS
 
 WAIT = 120  # seconds: bounds a deadlock, never a timing assertion

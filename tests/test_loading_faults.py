@@ -16,9 +16,11 @@ import torch
 from safetensors.torch import load_file
 
 from imageprompt_widgets import ImagePromptPipeline, ModelLoadError
-from imageprompt_widgets.loading import load_components
-from imageprompt_widgets.models import DamagedModelError
-from imageprompt_widgets.offline import ensure_tiny_models
+from imageprompt_widgets.loading.cache import DamagedModelError
+from imageprompt_widgets.loading.components import load_components
+from imageprompt_widgets.loading.offline import ensure_tiny_models
+from imageprompt_widgets.methods import part_loaders
+from imageprompt_widgets.presets import resolve_preset
 
 WAIT = 600  # seconds a fresh process may take to build and load four offline presets on a loaded 2-core machine
 
@@ -75,7 +77,7 @@ def test_four_presets_first_loaded_from_four_threads_in_a_fresh_process_all_load
 
 
 def test_a_library_class_that_cannot_be_imported_is_one_sentence(monkeypatch):
-    from imageprompt_widgets import quiet
+    from imageprompt_widgets.loading import quiet
 
     monkeypatch.setattr(quiet, "_imported", [])  # as in a fresh process
     monkeypatch.setitem(quiet.LIBRARY_CLASSES, "diffusers", ("StableDiffusionPipeline", "NoSuchPipeline"))
@@ -151,7 +153,8 @@ OFFLINE_WEIGHTS = {
 def test_a_damaged_offline_cache_is_rebuilt_once_and_loads(private_cache, preset, damage):
     """Its build marker still existed, so a damaged cache of an offline preset never healed."""
     device = torch.device("cpu")
-    first = load_components(preset, device, torch.float32)
+    loaders = part_loaders(resolve_preset(preset))  # BLIP's weights are the captioner's part
+    first = load_components(preset, device, torch.float32, part_loaders=loaders)
     before = [param.detach().clone() for param in first.sd.unet.parameters()]
     weights = private_cache / OFFLINE_WEIGHTS[preset]
     good = {name: tensor.clone() for name, tensor in load_file(weights).items()}  # not backed by the file
@@ -160,7 +163,7 @@ def test_a_damaged_offline_cache_is_rebuilt_once_and_loads(private_cache, preset
     else:
         DAMAGE[damage](weights)
     messages = []
-    again = load_components(preset, device, torch.float32, on_status=messages.append)
+    again = load_components(preset, device, torch.float32, on_status=messages.append, part_loaders=loaders)
     assert any(message.startswith("The offline models in ") and "are damaged" in message for message in messages)
     rebuilt = load_file(weights)
     assert rebuilt.keys() == good.keys() and all(torch.equal(rebuilt[k], good[k]) for k in good)
@@ -326,7 +329,7 @@ REAL_CONFIGS = {
 def test_real_model_configs_pass_the_bounds(tmp_path, model):
     import json
 
-    from imageprompt_widgets.model_configs import check_folder_configs
+    from imageprompt_widgets.loading.configs import check_folder_configs
 
     relative, config = REAL_CONFIGS[model]
     (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
@@ -348,8 +351,8 @@ def test_the_real_size_benchmark_architectures_pass_the_bounds(tmp_path):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPConfig, CLIPImageProcessor
 
-    from imageprompt_widgets.model_configs import check_folder_configs
-    from imageprompt_widgets.offline import sd14_scheduler
+    from imageprompt_widgets.loading.configs import check_folder_configs
+    from imageprompt_widgets.loading.offline import sd14_scheduler
 
     with torch.device("meta"):  # no memory for weights
         UNet2DConditionModel(**realsize.UNET_CONFIG).save_config(tmp_path / "sd" / "unet")
@@ -389,7 +392,7 @@ def _disk_full(kind: str):
 
 @pytest.mark.parametrize("kind", ["oserror", "safetensors"])
 def test_a_full_disk_while_building_offline_models_is_one_sentence(private_cache, monkeypatch, kind):
-    from imageprompt_widgets import offline
+    from imageprompt_widgets.loading import offline
 
     monkeypatch.setattr(offline, "save_sd_pipeline", _disk_full(kind))  # the build's first big write
     with pytest.raises(ModelLoadError) as err:
@@ -553,7 +556,7 @@ def test_the_hubs_typed_errors_become_their_sentence(monkeypatch, kind, wrapping
     is searched, so the sentence no longer depends on message words such as "404" or "Connection"."""
     from diffusers import StableDiffusionPipeline
 
-    from imageprompt_widgets.loading import load_sd
+    from imageprompt_widgets.loading.components import load_sd
     from imageprompt_widgets.presets import Preset
 
     offline, expected = HUB_CASES[kind]
@@ -581,7 +584,7 @@ def test_the_hubs_typed_errors_become_their_sentence(monkeypatch, kind, wrapping
 def test_message_words_are_still_read_as_the_last_resort(monkeypatch):
     from diffusers import StableDiffusionPipeline
 
-    from imageprompt_widgets.loading import load_sd
+    from imageprompt_widgets.loading.components import load_sd
     from imageprompt_widgets.presets import Preset
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
@@ -609,7 +612,7 @@ def test_a_first_generation_prints_no_library_noise_but_keeps_warnings_users_can
     code = """
         from transformers.utils import logging as hf_logging
         from imageprompt_widgets import generate
-        from imageprompt_widgets.offline import sample_image
+        from imageprompt_widgets.loading.offline import sample_image
 
         generate(sample_image(0), model="tiny", steps=1)
         generate(sample_image(0), model="tiny-caption", mode="caption", steps=1)

@@ -10,9 +10,9 @@ import torch
 
 from imageprompt_widgets import GenerationSettings, SettingsError
 from imageprompt_widgets import conditioning as c
+from imageprompt_widgets.engine.pipeline import NORM_PROBE_PROMPTS
+from imageprompt_widgets.loading.offline import sample_image as make_image
 from imageprompt_widgets.methods import METHODS
-from imageprompt_widgets.offline import sample_image as make_image
-from imageprompt_widgets.pipeline import NORM_PROBE_PROMPTS
 from imageprompt_widgets.settings import MODES
 
 FAST = {"steps": 2, "seed": 7}
@@ -323,9 +323,9 @@ def test_adapter_encoder_is_not_a_unet_prompt(adapter_pipe, tiny_pipe, image):
 
 def test_a_mismatched_encoder_fails_at_load_naming_both_sizes(adapter_pipe):
     from imageprompt_widgets import ImagePromptPipeline
+    from imageprompt_widgets.loading.cache import EncoderMismatchError
+    from imageprompt_widgets.loading.offline import ensure_tiny_ip_adapter_models
     from imageprompt_widgets.methods.ip_adapter import check_adapter_fits
-    from imageprompt_widgets.models import EncoderMismatchError
-    from imageprompt_widgets.offline import ensure_tiny_ip_adapter_models
     from imageprompt_widgets.presets import Preset
 
     wide_encoder = ensure_tiny_ip_adapter_models()[1]

@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 from imageprompt_widgets import ImagePromptPipeline, ModelLoadError, clear_cache
-from imageprompt_widgets import pipeline as pipeline_module
-from imageprompt_widgets.models import MODEL_CACHE, resolve_device_dtype
-from imageprompt_widgets.offline import build_tiny_models, ensure_tiny_models
+from imageprompt_widgets.engine import pipeline as pipeline_module
+from imageprompt_widgets.loading.cache import MODEL_CACHE, resolve_device_dtype
+from imageprompt_widgets.loading.offline import build_tiny_models, ensure_tiny_models
 from imageprompt_widgets.presets import PRESETS, UnknownPresetError, resolve_preset
 
 
@@ -107,7 +107,7 @@ def test_tiny_models_are_seeded_identically_on_every_build(tmp_path):
 
 def test_two_processes_building_the_tiny_models_at_once_do_not_corrupt_them(tmp_path):
     env = {**os.environ, "IMAGEPROMPT_CACHE_DIR": str(tmp_path)}
-    code = "from imageprompt_widgets.offline import ensure_tiny_models; print(ensure_tiny_models()[0])"
+    code = "from imageprompt_widgets.loading.offline import ensure_tiny_models; print(ensure_tiny_models()[0])"
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
              for _ in range(2)]
     outputs = [proc.communicate(timeout=300)[0].strip() for proc in procs]
@@ -121,7 +121,7 @@ def test_two_processes_building_the_tiny_models_at_once_do_not_corrupt_them(tmp_
 def test_engine_never_imports_ipywidgets():
     modules = engine_modules()
     # The walk really finds the engine, nested packages included, and leaves the widget out.
-    assert {"imageprompt_widgets.pipeline", "imageprompt_widgets.offline", "imageprompt_widgets.methods.caption",
+    assert {"imageprompt_widgets.engine.pipeline", "imageprompt_widgets.loading.offline", "imageprompt_widgets.methods.caption",
             "imageprompt_widgets.views", "imageprompt_widgets.cli"} <= set(modules)
     assert not [name for name in modules if ".widget" in name]
     code = (

@@ -34,7 +34,7 @@ COLAB_CHECK = """
 import sys
 colab = sys.modules["google.colab"]
 assert colab.STAND_IN and colab.output.custom_widget_manager_enabled, "the setup cell did not take its Colab branch"
-from imageprompt_widgets.runners import default_runner
+from imageprompt_widgets.engine.runners import default_runner
 assert default_runner().background is False, "the panel would not run generations inline, as Colab needs"
 """
 

@@ -14,11 +14,11 @@ import torch
 from diffusers import LCMScheduler, StableDiffusionPipeline
 
 from imageprompt_widgets import GenerationSettings, ImagePromptPipeline, SettingsError
-from imageprompt_widgets.concurrency import CancelEvent
-from imageprompt_widgets.loading import load_components
-from imageprompt_widgets.lora import describe
+from imageprompt_widgets.engine.concurrency import CancelEvent
+from imageprompt_widgets.loading.components import load_components
+from imageprompt_widgets.loading.lora import describe
+from imageprompt_widgets.loading.offline import LORA_WEIGHT_NAME, ensure_tiny_lora, ensure_tiny_models
 from imageprompt_widgets.methods import settings_read
-from imageprompt_widgets.offline import LORA_WEIGHT_NAME, ensure_tiny_lora, ensure_tiny_models
 from imageprompt_widgets.settings import MODES
 
 FAST = {"steps": 3, "seed": 4}
@@ -231,7 +231,7 @@ def test_unloading_restores_every_base_weight_bit_for_bit(lora_pipe, image):
 
 
 def test_lora_mistakes_are_one_readable_sentence(lora_pipe, tmp_path, monkeypatch):
-    from imageprompt_widgets.lora import LoraError
+    from imageprompt_widgets.loading.lora import LoraError
 
     pickled = tmp_path / "style.bin"
     pickled.write_bytes(b"not a pickle")
@@ -269,7 +269,7 @@ def live_pipe():
 @pytest.mark.filterwarnings("ignore:Already found a `peft_config`")
 def test_live_preset_is_lcm_lora_with_four_steps_and_no_unconditional_pass(live_pipe, image):
     """The preset's LCM-LoRA is fused into its own copy of the model: no adapter layers run per step."""
-    from imageprompt_widgets.lora import LoraError
+    from imageprompt_widgets.loading.lora import LoraError
 
     settings = live_pipe.default_settings()
     assert (settings.scheduler, settings.steps, settings.guidance_scale) == ("lcm", 4, 1.0)
@@ -339,7 +339,7 @@ def test_the_live_presets_are_listed_with_their_download():
 
 
 def test_an_unknown_memory_level_is_refused_before_loading():
-    from imageprompt_widgets.memory import MemoryLevelError
+    from imageprompt_widgets.loading.memory import MemoryLevelError
 
     with pytest.raises(MemoryLevelError, match=r"^memory='tiny' is not one of default, balanced, low, lowest\.$"):
         ImagePromptPipeline.from_preset("tiny", memory="tiny")
@@ -363,7 +363,7 @@ def test_offloading_levels_call_diffusers_offload_on_an_accelerator(level, offlo
     """CPU offload needs an accelerator: the diffusers and accelerate calls are recorded instead of run."""
     import accelerate
 
-    from imageprompt_widgets import memory
+    from imageprompt_widgets.loading import memory
 
     sd, encoder = bare_sd(), private_pipe().image_encoder
     calls = []

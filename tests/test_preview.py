@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from imageprompt_widgets import preview
-from imageprompt_widgets.offline import sample_image
+from imageprompt_widgets.engine import preview
+from imageprompt_widgets.loading.offline import sample_image
 
 
 class Config(dict):

@@ -30,9 +30,9 @@ import torch
 from PIL import Image
 
 from imageprompt_widgets import GenerationSettings, ImagePromptPipeline, ImagePromptWidget
-from imageprompt_widgets.offline import sample_image
-from imageprompt_widgets.pipeline import NonFiniteImageError
-from imageprompt_widgets.results import recipe_from_png
+from imageprompt_widgets.engine.pipeline import NonFiniteImageError
+from imageprompt_widgets.engine.results import recipe_from_png
+from imageprompt_widgets.loading.offline import sample_image
 from imageprompt_widgets.widget import InlineRunner, ThreadRunner
 from imageprompt_widgets.widget.inputs import uploaded_files
 
@@ -415,7 +415,7 @@ import hashlib, json, sys
 import numpy as np
 from PIL import Image
 from imageprompt_widgets import GenerationSettings, ImagePromptPipeline
-from imageprompt_widgets.results import recipe_from_png
+from imageprompt_widgets.engine.results import recipe_from_png
 
 saved, input_path = sys.argv[1], sys.argv[2]
 recipe = recipe_from_png(saved)

@@ -20,8 +20,8 @@ from diffusers import (
 )
 
 from imageprompt_widgets import GenerationSettings, SettingsError
-from imageprompt_widgets.pipeline import planned_steps
-from imageprompt_widgets.samplers import SCHEDULER_CLASSES, scheduler_for
+from imageprompt_widgets.engine.pipeline import unet_step_count
+from imageprompt_widgets.engine.samplers import SCHEDULER_CLASSES, scheduler_for
 from imageprompt_widgets.settings import SCHEDULERS
 
 
@@ -82,7 +82,7 @@ def test_images_equal_bare_diffusers_with_the_same_scheduler_and_generator(tiny_
     assert np.array_equal(pixels(res.images[0]), pixels(expected))
     assert res.recipe["settings"]["scheduler"] == name
     # The planned total is exact: the progress bar's max equals the UNet steps that ran.
-    planned = planned_steps(tiny_pipe.sd.scheduler, res.settings)
+    planned = unet_step_count(tiny_pipe.sd.scheduler, res.settings)
     assert set(totals) == {planned} and len(totals) == len(res.trace.timesteps) == len(calls) == planned
 
 
@@ -100,7 +100,7 @@ def test_planned_steps_stay_exact_for_img2img(tiny_pipe, image, name, steps, str
     res = tiny_pipe.generate(image, scheduler=name, steps=steps, strength=strength, structure="img2img",
                              guidance_scale=1.0 if name == "lcm" else 7.5,
                              on_step=lambda info: totals.append(info.total))
-    planned = planned_steps(tiny_pipe.sd.scheduler, res.settings)
+    planned = unet_step_count(tiny_pipe.sd.scheduler, res.settings)
     assert totals == [planned] * planned == [len(res.trace.timesteps)] * len(totals)
 
 
@@ -163,7 +163,7 @@ def test_x0_replays_equal_the_live_previews_for_every_kind_of_scheduler(tiny_pip
 
 
 def test_the_controllers_step_plan_counts_the_chosen_scheduler(tiny_pipe):
-    from imageprompt_widgets.controller import Controller
+    from imageprompt_widgets.engine.controller import Controller
 
     assert Controller.step_plan(tiny_pipe, GenerationSettings(steps=4)).total == 5  # PNDM's warm-up step
     plan = Controller.step_plan(tiny_pipe, GenerationSettings(steps=4, scheduler="dpmpp_2m"))

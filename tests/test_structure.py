@@ -14,9 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from imageprompt_widgets import GenerationSettings, SettingsError, structure
-from imageprompt_widgets.models import ModelLoadError
-from imageprompt_widgets.offline import shape_image
+from imageprompt_widgets import GenerationSettings, SettingsError
+from imageprompt_widgets.loading.cache import ModelLoadError
+from imageprompt_widgets.loading.offline import shape_image
+from imageprompt_widgets.structure import plan as structure
 
 cv2 = pytest.importorskip("cv2")
 
@@ -337,7 +338,7 @@ def test_one_call_generate_and_cli_take_the_structure_options(tmp_path, image):
     assert code == 0
     written = list((tmp_path / "out").glob("*.png"))
     assert len(written) == 1
-    from imageprompt_widgets.results import recipe_from_png
+    from imageprompt_widgets.engine.results import recipe_from_png
 
     settings = recipe_from_png(written[0])["settings"]
     assert (settings["structure"], settings["canny_low"], settings["control_scale"]) == ("edges", 50, 0.5)
@@ -351,7 +352,7 @@ def test_widget_structure_section_previews_the_edge_map_and_runs_with_it(tiny_pi
     import io
 
     from imageprompt_widgets import ImagePromptWidget
-    from imageprompt_widgets.widget.runner import InlineRunner
+    from imageprompt_widgets.engine.runners import InlineRunner
 
     def shown(tile) -> np.ndarray:
         assert tile.filled and tile.placeholder.layout.display == "none"

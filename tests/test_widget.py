@@ -22,13 +22,14 @@ import torch
 from PIL import Image
 
 from imageprompt_widgets import GenerationSettings, ImagePromptPipeline, ImagePromptWidget
-from imageprompt_widgets.downloads import DownloadProgress
 from imageprompt_widgets.encoding import fingerprint
+from imageprompt_widgets.engine.results import Trace, recipe_from_png
+from imageprompt_widgets.engine.runners import default_runner
 from imageprompt_widgets.images import ImageInputError
+from imageprompt_widgets.loading.downloads import DownloadProgress
+from imageprompt_widgets.loading.offline import sample_image
 from imageprompt_widgets.methods import methods_for, settings_read
-from imageprompt_widgets.offline import sample_image
 from imageprompt_widgets.presets import PRESETS
-from imageprompt_widgets.results import Trace, recipe_from_png
 from imageprompt_widgets.settings import (
     MAX_CONTROL_UNITS,
     MODES,
@@ -46,7 +47,6 @@ from imageprompt_widgets.widget.controls import group_of, help_of
 from imageprompt_widgets.widget.inputs import load_upload, uploaded_files
 from imageprompt_widgets.widget.inspector import NO_LATENTS_TEXT
 from imageprompt_widgets.widget.recipe import RecipeError
-from imageprompt_widgets.widget.runner import default_runner
 
 IPYWIDGETS_8 = int(ipywidgets.__version__.split(".")[0]) >= 8
 FAST = {"steps": 2, "guidance_scale": 7.5}
@@ -156,7 +156,7 @@ def panel(tiny_pipe, image):
 
 
 def test_panel_builds_fast_with_plain_labels_and_loads_no_model():
-    from imageprompt_widgets.models import MODEL_CACHE
+    from imageprompt_widgets.loading.cache import MODEL_CACHE
 
     ImagePromptWidget(model="tiny").close()  # imports warmed up; what is timed is the construction
     cached = len(MODEL_CACHE)
@@ -1148,7 +1148,7 @@ def test_units_round_trip_through_load_recipe_and_rerun(panel, tiny_pipe, image,
 
 
 def test_every_units_map_is_previewed_and_depth_is_computed_through_the_controller(tiny_pipe, image, other_image):
-    from imageprompt_widgets.controller import Finished
+    from imageprompt_widgets.engine.controller import Finished
     from imageprompt_widgets.widget.panel import MAPS_TASK
 
     widget = ImagePromptWidget(pipeline=tiny_pipe, runner=InlineRunner(), preview_interval=0, **FAST)

@@ -144,6 +144,15 @@ def offline_twin(name: str, current: Preset) -> str:
     return entry.twin
 
 
+def part_loaders(preset: Preset) -> list[Callable[..., dict[str, Any]]]:
+    """The ``load_parts`` of every method module the preset offers, each once (a module serving several
+    methods loads its parts once): what the engine hands the loader."""
+    capabilities = preset_capabilities(preset)
+    modules = sorted({method.module for method in METHODS.values() if method.available(capabilities)})
+    loaders = (next(m for m in METHODS.values() if m.module == module).part_loader() for module in modules)
+    return [loader for loader in loaders if loader is not None]
+
+
 def methods_for(preset: Preset) -> list[str]:
     """The methods a preset can run, in ``settings.MODES`` order."""
     capabilities = preset_capabilities(preset)

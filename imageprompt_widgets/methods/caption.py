@@ -15,9 +15,9 @@ from typing import Any
 import torch
 
 from ..conditioning import Conditioning
-from ..models import translate_load_errors
+from ..loading.cache import translate_load_errors
+from ..loading.quiet import quiet_loaders
 from ..presets import Preset
-from ..quiet import quiet_loaders
 from ..settings import SettingsError
 from .inputs import ConditioningInputs, negative_text
 

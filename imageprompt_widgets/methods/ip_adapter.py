@@ -26,9 +26,9 @@ import torch
 from .. import conditioning
 from ..conditioning import Conditioning
 from ..encoding import ImageEmbedding, zero_image_hidden_states
-from ..models import EncoderMismatchError, translate_load_errors
+from ..loading.cache import EncoderMismatchError, translate_load_errors
+from ..loading.quiet import quiet_loaders
 from ..presets import Preset
-from ..quiet import quiet_loaders
 from ..settings import GenerationSettings, SettingsError
 from .inputs import ConditioningInputs, negative_text
 

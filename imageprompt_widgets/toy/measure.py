@@ -188,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-methods", action="store_true", help="text-to-image only")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    from ..pipeline import ImagePromptPipeline
+    from ..engine.pipeline import ImagePromptPipeline
 
     start = time.perf_counter()
     pipe = ImagePromptPipeline.from_preset("toy")

@@ -144,7 +144,7 @@ def write_tokenizer(folder: str | Path) -> Any:
     """
     from transformers import CLIPTokenizer
 
-    from ..offline import _bytes_to_unicode
+    from ..loading.offline import _bytes_to_unicode
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -460,7 +460,7 @@ def plus_state_dict(unet: Any, queries: int, seed: int) -> dict[str, dict[str, t
     (h94's ``ip-adapter-plus_sd15`` layout), and ``to_k_ip``/``to_v_ip`` copied from each layer."""
     from diffusers.models.embeddings import IPAdapterPlusImageProjection
 
-    from ..offline import resampler_to_original_keys
+    from ..loading.offline import resampler_to_original_keys
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -476,7 +476,7 @@ def read_adapter(unet: Any) -> dict[str, torch.Tensor]:
     keys h94's checkpoints use (a Plus resampler's written back in the original Resampler's names)."""
     from diffusers.models.embeddings import ImageProjection
 
-    from ..offline import resampler_to_original_keys
+    from ..loading.offline import resampler_to_original_keys
 
     projection = unet.encoder_hid_proj.image_projection_layers[0]
     if isinstance(projection, ImageProjection):
@@ -828,7 +828,7 @@ def train_all(out: str | Path, budget: Budget | None = None, seed: int = 0, log:
 
     ``stages`` (a subset of :data:`IMAGE_PROMPT_STAGES`) trains only those, on the base models already in ``out``;
     the records of the other stages in ``training.json`` are kept."""
-    from ..quiet import quiet_loaders
+    from ..loading.quiet import quiet_loaders
 
     budget = budget or Budget()
     out = Path(out)

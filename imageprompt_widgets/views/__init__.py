@@ -33,7 +33,8 @@ pipe.interpolate(image_a, image_b, count=5)        # a strip of images, shown in
 
 from __future__ import annotations
 
-from ..loading import TextTowerUnavailable
+from ..engine.summary import Summary, summarize, summarize_all
+from ..faults import TextTowerUnavailable
 from . import adapter_tokens  # the IP-Adapter's tokens (views.adapter_tokens.adapter_tokens_view)
 from .attention import AttentionView, attention_summary, attention_view
 from .base import PLOT_MISSING, FigureView, InspectError, PlotUnavailableError, plot_available
@@ -69,7 +70,6 @@ from .norms import (
     text_prompt_embeds,
     token_norms,
 )
-from .tensors import Summary, summarize, summarize_all
 from .tokens import TokenView, patch_norms, token_view
 
 __all__ = [

@@ -1,6 +1,6 @@
 """Where in the picture each prompt token acts: a run's cross-attention maps over its output (DAAM-style).
 
-The maps come from ``generate(..., trace_attention=True)`` (:mod:`imageprompt_widgets.attention`): for every
+The maps come from ``generate(..., trace_attention=True)`` (:mod:`imageprompt_widgets.engine.attention`): for every
 latent position, the share of the conditional branch's cross-attention each prompt token got, averaged
 over heads, layers and steps (the shares sum to 1 at every position). A view sums them over groups of
 tokens chosen from the run's method: the image token(s) against the text's start token, words and padding

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from ..engine.summary import InspectError, number  # noqa: F401 - every view's error and number format
+
 #: The one sentence a view says when matplotlib is missing.
 PLOT_MISSING = (
     "Drawing this view needs matplotlib: pip install 'imageprompt_widgets[plot]' "
@@ -29,20 +31,8 @@ DPI = 100
 SMALL_IMAGE = 256
 
 
-class InspectError(ValueError):
-    """An inspector view asked of data that cannot give it (missing tensor, wrong shape)."""
-
-
 class PlotUnavailableError(ImportError):
     """matplotlib, which draws the views, is not installed."""
-
-
-def number(value: float) -> str:
-    """Four significant digits, no trailing noise: the same string on every machine."""
-    if math.isnan(value):
-        return "nan"
-    text = f"{value:.4g}"
-    return "0" if text == "-0" else text
 
 
 def patch_grid_side(token_count: int) -> int:

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..loading import TextTowerUnavailable
+from ..faults import TextTowerUnavailable
 from .base import FigureView, InspectError, new_figure, show_image
 
 #: The crop each ``crop`` setting shows CLIP, in words (settings.CROPS).

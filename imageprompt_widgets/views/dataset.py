@@ -7,7 +7,7 @@ when ``umap-learn`` is installed, UMAP. :meth:`DatasetMap.pick` maps a click in 
 coordinates to the nearest image, which the notebook's picker (``widget/dataset.py``) makes the panel's input.
 
 ```python
-from imageprompt_widgets.embed import embed_images
+from imageprompt_widgets.batch.embed import embed_images
 from imageprompt_widgets.views.dataset import dataset_map
 table = embed_images(pipe, paths, labels=[p.name for p in paths])
 view = dataset_map(table, images=paths)        # shown inline; view.points holds the 2-D coordinates

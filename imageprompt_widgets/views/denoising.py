@@ -82,7 +82,7 @@ def filmstrip(result: Any, pipeline: Any, index: int = 0, decoder: str = "vae", 
     ``x0=True`` shows the model's clean estimate at each frame (``pipeline.replay_x0``: one extra UNet call
     per frame), ``x0=False`` the noisy latents themselves. ``decoder="vae"`` decodes exactly (the last frame
     is the output image); ``"auto"``, ``"linear"`` or ``"taesd"`` use the cheap preview decoders of
-    :mod:`imageprompt_widgets.preview`.
+    :mod:`imageprompt_widgets.engine.preview`.
     """
     trace = result.trace
     if trace.latents is None:
@@ -96,7 +96,7 @@ def filmstrip(result: Any, pipeline: Any, index: int = 0, decoder: str = "vae", 
     if decoder == "vae":
         frames, name = pipeline.decode_latents(picked), "vae"
     else:
-        from .. import preview
+        from ..engine import preview
 
         decode = preview.decoder_for(pipeline, decoder)
         frames, name = preview.to_pil(decode(picked.to(pipeline.device)).cpu()), decode.name

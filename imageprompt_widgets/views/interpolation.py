@@ -36,5 +36,5 @@ class InterpolationView(FigureView):
 
 
 def interpolation_view(walk: Any) -> InterpolationView:
-    """The strip of an :class:`~imageprompt_widgets.results.Interpolation` (``pipe.interpolate(...)``)."""
+    """The strip of an :class:`~imageprompt_widgets.engine.results.Interpolation` (``pipe.interpolate(...)``)."""
     return InterpolationView(list(walk.weights[: len(walk.images)]), walk.embeds, walk.images, walk.labels)

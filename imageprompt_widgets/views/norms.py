@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..loading import TextTowerUnavailable
+from ..faults import TextTowerUnavailable
 from .base import FigureView, InspectError, new_figure, number
 from .clip import cosine_similarity
 

@@ -1,6 +1,6 @@
 """The notebook panel: ``display(ImagePromptWidget())``. The only part of the package that imports ipywidgets."""
 
-from ..runners import InlineRunner, ThreadRunner
+from ..engine.runners import InlineRunner, ThreadRunner
 from .panel import ImagePromptWidget
 
 __all__ = ["ImagePromptWidget", "InlineRunner", "ThreadRunner"]

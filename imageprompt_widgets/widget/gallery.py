@@ -16,7 +16,7 @@ from typing import Any
 import ipywidgets as widgets
 from PIL import Image
 
-from ..preview import encode_jpeg, encode_png, thumbnail
+from ..engine.preview import encode_jpeg, encode_png, thumbnail
 
 TILE_PX = 192
 THUMB_PX = 112
@@ -277,7 +277,7 @@ class History(widgets.VBox):
         item = self.selected
         if item is None:
             return None
-        from ..results import save_png
+        from ..engine.results import save_png
 
         path = save_png(item.image, self.save_dir, item.recipe, item.index)
         if self.on_saved is not None:

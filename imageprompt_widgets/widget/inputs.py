@@ -15,8 +15,8 @@ from urllib.parse import urlsplit
 import ipywidgets as widgets
 from PIL import Image
 
+from ..engine.preview import encode_jpeg, thumbnail
 from ..images import ImageInputError, describe_source, load_image
-from ..preview import encode_jpeg, thumbnail
 from ..settings import setting_specs
 from .controls import FloatSlider, set_help
 from .gallery import close_tree

@@ -16,8 +16,8 @@ from typing import Any
 import ipywidgets as widgets
 
 from .. import views
-from ..controller import Controller, Event, Failed, Finished, Job, TaskContext
-from ..runners import InlineRunner
+from ..engine.controller import Controller, Event, Failed, Finished, Job, TaskContext
+from ..engine.runners import InlineRunner
 from .gallery import close_tree, picture
 
 EMPTY_TEXT = "Generate something to inspect its tensors here."

@@ -13,8 +13,8 @@ from typing import Any
 import ipywidgets as widgets
 from PIL import Image
 
-from ..controlnets import CONTROL_KINDS
-from ..preview import encode_png
+from ..engine.preview import encode_png
+from ..structure.controlnets import CONTROL_KINDS
 from .gallery import _box_text, close_tree, picture
 
 MAP_PX = 140

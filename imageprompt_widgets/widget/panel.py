@@ -1,5 +1,5 @@
 """ImagePromptWidget: the panel users ``display()``. A face over the engine's
-:class:`~imageprompt_widgets.controller.Controller`: it reads its controls into settings, hands them to
+:class:`~imageprompt_widgets.engine.controller.Controller`: it reads its controls into settings, hands them to
 the controller, and renders what the controller reports (status, progress, previews, results, errors).
 
 Only traits are set while a run is in progress (``Image.value``, ``IntProgress.value``, ``HTML.value``),
@@ -17,10 +17,8 @@ from concurrent.futures import Future
 from typing import Any
 
 import ipywidgets as widgets
-from PIL import Image
 
-from ..availability import availability
-from ..controller import (
+from ..engine.controller import (
     PREVIEW_INTERVAL,
     BusyChanged,
     Cancelled,
@@ -36,9 +34,10 @@ from ..controller import (
     Started,
     Step,
     SubscriberFailed,
-    TaskContext,
     Waiting,
+    preset_availability,
 )
+from ..engine.runners import Runner
 from ..images import ImageInputError, load_images
 from ..methods import (
     METHODS,
@@ -49,8 +48,7 @@ from ..methods import (
     presets_providing,
 )
 from ..presets import DEFAULT_PRESET, Preset
-from ..runners import Runner
-from ..settings import CONTROLNET_STRUCTURES, MODES, GenerationSettings, SettingsError
+from ..settings import MODES, GenerationSettings, SettingsError
 from . import units as _units  # noqa: F401 - registers the control of the control_units setting
 from .adapters import AdapterSlots
 from .controls import SettingsControls, set_help
@@ -58,9 +56,10 @@ from .gallery import History, HistoryItem, OutputGrid, close_tree
 from .inputs import UPLOAD_HINT, InputStrip, caption_of, load_upload, show_count, uploaded_files
 from .inspector import InspectorTab
 from .live import LiveToggle
-from .maps import MapPreviews, map_caption, traced_map
 from .picker import ModelPicker
 from .recipe import read_recipe
+from .status import count, error_sentence
+from .structure import MAPS_TASK, StructureSection
 
 #: Settings the panel sets itself instead of through a generated control.
 _OWN_SETTINGS = ("weights",)
@@ -74,14 +73,8 @@ _CAPABILITY_WORDS = {
 }
 LATENTS_LABEL = "keep latents (Denoising view)"
 ATTENTION_LABEL = "trace attention (Attention view)"
-#: The label of the controller task that computes the Structure section's depth maps (quiet in the status line).
-MAPS_TASK = "structure maps"
 #: What the adapter block scales field shows while empty (the shape of diffusers' set_ip_adapter_scale dictionary).
 BLOCK_SCALES_EXAMPLE = 'e.g. {"up": {"block_1": [0, 1, 0]}}'
-#: Settings that change a ControlNet unit's map (the others change only how strongly or when it steers).
-_MAP_SETTINGS = ("structure", "canny_low", "canny_high", "control_units", "height", "width")
-#: Depth maps kept for the previews (keyed by model, picture and size): a slider that moves recomputes nothing.
-_MAPS_KEPT = 8
 
 
 class ImagePromptWidget(widgets.VBox):
@@ -129,15 +122,33 @@ class ImagePromptWidget(widgets.VBox):
         self._grid_job: Job | None = None  # the job whose tiles the grid shows
         self._switching = False  # the panel itself is changing model or mode: observers stand still
         self._retired: list[Callable[[], None]] = []  # unsubscribers of replaced controllers still finishing
-        # The Structure section's maps: refreshes are counted (a late depth map for old settings is dropped), held
-        # while the panel changes many controls at once, and wanted again when the controller was busy.
-        self._maps_version = 0
-        self._maps_hold = 1  # until the panel is built
-        self._maps_wanted = False
-        self._maps_pending = False
-        self._map_cache: dict[tuple, Image.Image] = {}
 
-        # Images: inputs, negatives, a recipe to load.
+        self._build_inputs()
+        self._build_controls()
+        self._build_method()
+        preset = self.controller.preset
+        self._apply_starting_settings(preset, settings)
+        self._build_generation_options()
+        self._build_structure()
+        self._build_run()
+        self._build_outputs(history_size, history_bytes, save_dir)
+        self.adapter_slots.set_adapters(preset.ip_adapters if preset is not None else ())
+        self._follow_adapters()
+        self.structure.follow()
+        self._follow_weights()
+        self._show_upload_count(self.upload, [])
+        self._show_upload_count(self.negative_upload, [])
+
+        super().__init__(children=[self._lay_out()])
+        self._unsubscribe = self.controller.subscribe(self._on_event)
+        self.controls.set_capabilities(preset_capabilities(preset) if preset is not None else None)
+        self.structure.built()
+
+
+    # -- building the panel (each section once, in the order it is shown) -------------------------
+
+    def _build_inputs(self) -> None:
+        """Images: inputs, negatives, a recipe to load."""
         self.upload = widgets.FileUpload(accept="image/*", multiple=True, description="Upload")
         self.negative_upload = widgets.FileUpload(accept="image/*", multiple=True, description="Negative")
         self.recipe_upload = widgets.FileUpload(accept=".png,image/png", multiple=False, description="Load recipe")
@@ -155,6 +166,8 @@ class ImagePromptWidget(widgets.VBox):
         self.recipe_upload.observe(self._on_recipe_upload, names="value")
         self._mirroring = False
 
+    def _build_controls(self) -> None:
+        """Every setting's control, from the settings' own ranges; the images go first."""
         self.controls = SettingsControls(exclude=_OWN_SETTINGS)
         self.controls.on_refused = lambda sentence: self._say(sentence, error=True)
         self.controls.add_to(
@@ -168,6 +181,9 @@ class ImagePromptWidget(widgets.VBox):
                                           self.controls.specs["adapter_scales"])
         self.adapter_slots.on_refused = lambda sentence: self._say(sentence, error=True)
         self.controls.add_to("images", self.adapter_slots)
+
+    def _build_method(self) -> None:
+        """The model picker (with its LoRAs) above the method's controls, and what follows a method change."""
         self.model_picker = ModelPicker(self.controller.preset, layout=widgets.Layout(width="96%"))
         self.lora_label = widgets.HTML(layout=widgets.Layout(margin="0 0 0 104px", display="none"))
         self.controls.add_to("method", self.model_picker, self.lora_label, first=True)
@@ -179,13 +195,17 @@ class ImagePromptWidget(widgets.VBox):
         block_scales.placeholder = BLOCK_SCALES_EXAMPLE
         block_scales.observe(lambda _: self._on_block_scales(), names="value")
         self.controls["adapter_blocks"].observe(lambda _: self._check_adapter_blocks(), names="value")
-        preset = self.controller.preset
+
+    def _apply_starting_settings(self, preset: Preset | None, settings: dict[str, Any]) -> None:
+        """The preset's starting settings (variations: a zero negative), then the caller's."""
         starting = {**dict(preset.defaults if preset else ()), **settings}  # e.g. variations: zero negative
         if starting:
             with self._quietly():
                 self.controls.apply(GenerationSettings.from_kwargs(**starting), ignore=_OWN_SETTINGS)
         self._relabel_modes()
-        # Generation: keep the latents for the inspector's Denoising filmstrip.
+
+    def _build_generation_options(self) -> None:
+        """Generation: keep the latents for the Denoising filmstrip, trace attention."""
         self.keep_latents = widgets.Checkbox(value=False, description=LATENTS_LABEL, indent=True,
                                             style={"description_width": "100px"},
                                             layout=widgets.Layout(width="auto"))
@@ -197,23 +217,19 @@ class ImagePromptWidget(widgets.VBox):
         set_help(self.trace_attention, "record where each prompt token acts in the picture (the Inspector's "
                                        "Attention view); off, nothing is hooked and nothing costs")
         self.controls.add_to("generation", self.keep_latents, self.trace_attention)
-        # Structure: an optional structure image (the structure's own unit, and img2img's start), more ControlNet
-        # units (the control_units rows, each with an optional picture of its own), and every unit's map.
-        self.structure_image: Image.Image | None = None
-        self.structure_upload = widgets.FileUpload(accept="image/*", multiple=False, description="Structure")
-        set_help(self.structure_upload, "the picture whose layout is kept (default: the first input image)")
-        self.structure_upload.observe(self._on_structure_upload, names="value")
-        self.structure_extras = widgets.VBox([self.structure_upload])
-        self.controls.add_to("structure", self.structure_extras, before="control_units")
-        self.unit_editor = self.controls["control_units"]
-        self.unit_editor.on_refused = lambda sentence: self._say(sentence, error=True)
-        self.unit_editor.on_pictures = self._refresh_maps
-        self.maps = MapPreviews()
-        self.controls.add_to("structure", self.maps)
-        self.controls["structure"].observe(lambda _: self._follow_structure(), names="value")
-        for name in _MAP_SETTINGS[1:]:
-            self.controls[name].observe(lambda _: self._refresh_maps(), names="value")
 
+    def _build_structure(self) -> None:
+        """The Structure section (widget/structure.py); its parts stay reachable on the panel."""
+        self.structure = StructureSection(
+            self.controls, self.inputs, controller=lambda: self.controller, model=lambda: self.model,
+            say=self._say, report=self._report, show_upload_count=self._show_upload_count,
+            mirroring=lambda: self._mirroring,
+        )
+        self.structure_upload, self.structure_extras = self.structure.upload, self.structure.extras
+        self.unit_editor, self.maps = self.structure.unit_editor, self.structure.maps
+
+    def _build_run(self) -> None:
+        """Generate, Cancel, the live toggle, the progress bar and the status line."""
         self.generate_button = widgets.Button(description="Generate", button_style="primary", icon="play")
         self.cancel_button = widgets.Button(description="Cancel", icon="stop", disabled=True)
         for button in (self.generate_button, self.cancel_button):
@@ -232,6 +248,9 @@ class ImagePromptWidget(widgets.VBox):
                                          layout=widgets.Layout(display="none"))
         self.details.set_title(0, "details")
         self._say("Add an image, then press Generate.")
+
+    def _build_outputs(self, history_size: int, history_bytes: int, save_dir: str) -> None:
+        """The output grid, and History and the Inspector in tabs below it."""
         self.grid = OutputGrid()
         self.history = History(
             max_items=history_size, max_bytes=history_bytes, save_dir=save_dir,
@@ -243,15 +262,10 @@ class ImagePromptWidget(widgets.VBox):
         self.tabs = widgets.Tab(children=[self.history, self.inspector])
         self.tabs.set_title(0, "History")
         self.tabs.set_title(1, "Inspector")
-        self.adapter_slots.set_adapters(preset.ip_adapters if preset is not None else ())
-        self._follow_adapters()
-        self._follow_structure()
-        self._follow_weights()
-        self._show_upload_count(self.upload, [])
-        self._show_upload_count(self.negative_upload, [])
 
-        # Controls on the left; run, status, grid and history on the right, side by side where the notebook
-        # is wide enough (both columns may shrink to their minimum, then the right one wraps below).
+    def _lay_out(self) -> widgets.HBox:
+        """Controls on the left; run, status, grid and history on the right, side by side where the notebook
+        is wide enough (both columns may shrink to their minimum, then the right one wraps below)."""
         left = widgets.VBox([self.controls], layout=widgets.Layout(flex="1 1 360px", min_width="340px",
                                                                    max_width="470px", margin="0 16px 0 0"))
         right = widgets.VBox(
@@ -261,11 +275,7 @@ class ImagePromptWidget(widgets.VBox):
             layout=widgets.Layout(flex="1 1 420px", min_width="320px"),
         )
         self.columns = widgets.HBox([left, right], layout=widgets.Layout(flex_flow="row wrap", width="100%"))
-        super().__init__(children=[self.columns])
-        self._unsubscribe = self.controller.subscribe(self._on_event)
-        self.controls.set_capabilities(preset_capabilities(preset) if preset is not None else None)
-        self._maps_hold = 0
-        self._refresh_maps()
+        return self.columns
 
     # -- public API ----------------------------------------------------------------------------
 
@@ -307,32 +317,18 @@ class ImagePromptWidget(widgets.VBox):
     def set_images(self, images: Any, weights: list[float] | None = None) -> None:
         """Replace the inputs: paths, bytes, PIL images, arrays, upload values (as ``load_image`` takes)."""
         self._replace(self.inputs, images, weights)
-        self._say(f"{_count(len(self.inputs.items), 'input image')} ready; press Generate.")
+        self._say(f"{count(len(self.inputs.items), 'input image')} ready; press Generate.")
 
     def set_structure_image(self, image: Any, unit: int = 1) -> None:
         """The picture whose layout a structure run keeps (``None``: the first input image). ``unit`` is the
         ControlNet it is for, numbered as in the Structure section: 1 the structure's own (and img2img's), 2… the
         added ones (``None`` there: they read the structure image again)."""
-        rows = self.unit_editor.rows
-        try:
-            if not 1 <= unit <= len(rows) + 1:
-                raise SettingsError(f"There is no ControlNet {unit}: the Structure section has "
-                                    f"{_count(len(rows) + 1, 'ControlNet')} (add one with 'add a ControlNet').")
-            picture = None if image is None else load_images(image)[0]
-        except ValueError as err:
-            self._report(err)
-            raise
-        if unit > 1:
-            rows[unit - 2].set_picture(picture, caption_of(image) if image is not None else "")
-            return
-        self.structure_image = picture
-        self._show_upload_count(self.structure_upload, [] if image is None else [caption_of(image)])
-        self._refresh_maps()
+        self.structure.set_image(image, unit)
 
     def set_negative_images(self, images: Any) -> None:
         """Images whose embeddings become the negative conditioning (``[]`` to remove them)."""
         self._replace(self.negatives, images)
-        self._say(f"{_count(len(self.negatives.items), 'negative image')} set.")
+        self._say(f"{count(len(self.negatives.items), 'negative image')} set.")
 
     def _replace(self, strip: InputStrip, images: Any, weights: list[float] | None = None) -> None:
         """Load every image first, so a bad one leaves the strip as it was (and is named in the status)."""
@@ -342,7 +338,7 @@ class ImagePromptWidget(widgets.VBox):
             self._report(err)
             raise
         sources = images if isinstance(images, (list, tuple)) and len(images) == len(loaded) else [images] * len(loaded)
-        with self._maps_held():
+        with self.structure.held():
             strip.clear()
             strip.add(loaded, [caption_of(source) for source in sources], weights)
 
@@ -362,7 +358,7 @@ class ImagePromptWidget(widgets.VBox):
             settings = self.controls.settings(weights=tuple(self.inputs.weights))
             adapter_images = self.adapter_slots.adapter_images(images) if settings.mode == "ip_adapter" else None
             job = self.controller.submit(images, settings, negative_image=self.negatives.images or None,
-                                         structure_image=self._structure_images(settings, images),
+                                         structure_image=self.structure.run_images(settings, images),
                                          adapter_images=adapter_images, trace_latents=self.keep_latents.value,
                                          trace_attention=self.trace_attention.value)
         except ValueError as err:
@@ -386,19 +382,16 @@ class ImagePromptWidget(widgets.VBox):
 
     def _show_loras(self) -> None:
         """The LoRAs in the loaded model, read-only under the picker (hidden when there are none)."""
-        pipe = self.controller.pipeline
-        loras = list(getattr(pipe, "loras", ()) or ())
-        if not loras:
+        line = self.controller.loras_line()
+        if line is None:
             self.lora_label.layout.display = "none"
             return
-        from ..lora import describe
-
-        self.lora_label.value = f"<small>{html.escape(describe(loras))}</small>"
+        self.lora_label.value = f"<small>{html.escape(line)}</small>"
         self.lora_label.layout.display = None
 
     def rerun(self, item: HistoryItem) -> Future:
         """Run a history item's recipe again: its model, inputs, weights and settings."""
-        with self._maps_held():
+        with self.structure.held():
             self._apply_recipe(item.recipe)
             self.inputs.clear()
             self.inputs.add(item.inputs, [f"input {i + 1}" for i in range(len(item.inputs))], item.weights)
@@ -424,7 +417,7 @@ class ImagePromptWidget(widgets.VBox):
         settings = recipe["settings"]
         label = name or (caption_of(source) if isinstance(source, (str, os.PathLike)) else "the PNG")
         count = len(recipe.get("inputs") or ())
-        inputs = f"add the same {_count(count, 'input image')} and " if count else ""
+        inputs = f"add the same {count(count, 'input image')} and " if count else ""
         self._say(f"Loaded the recipe of {label}: {settings.get('mode', 'repeat')}, seed {settings.get('seed', 0)}, "
                   f"model {self.model!r}. To make it again, {inputs}press Generate.")
         return recipe
@@ -439,7 +432,7 @@ class ImagePromptWidget(widgets.VBox):
         """Switch to the recipe's model where it names a preset of the picker, then set every control."""
         settings = recipe.get("settings", {})
         model = (recipe.get("model") or {}).get("preset")
-        with self._maps_held():
+        with self.structure.held():
             if model in self.model_picker.presets and model != self.model:
                 self.model_picker.value = model
             with self._quietly():
@@ -493,18 +486,18 @@ class ImagePromptWidget(widgets.VBox):
         self.inspector.controller = self.controller
         self.inspector.clear()  # its replays would run on the new model
         self.cancel_button.disabled = not running
-        self._map_cache.clear()  # another model, maybe another depth estimator
+        self.structure.forget_maps()  # another model, maybe another depth estimator
         self.adapter_slots.set_adapters(preset.ip_adapters)
-        with self._quietly(), self._maps_held():
+        with self._quietly(), self.structure.held():
             if self.model_picker.value != preset.name:
                 self.model_picker.value = preset.name
             self._apply_preset_defaults(old.preset, preset)
-            self._refresh_maps()  # another model's size and depth estimator
+            self.structure.refresh()  # another model's size and depth estimator
         self._relabel_modes()
         self._follow_adapters()
         self.controls.set_capabilities(preset_capabilities(preset))
         self._show_loras()
-        found = availability(preset)
+        found = preset_availability(preset)
         where = ", ".join(part for part in ("offline" if preset.offline_builder else found.download, found.status) if part)
         cost = " The next Generate downloads it, with progress here." if not found.ready else ""
         stopped = " The running generation was cancelled; its previews stay, marked." if running else ""
@@ -587,15 +580,6 @@ class ImagePromptWidget(widgets.VBox):
             control.options = options
             control.value = value
 
-    def _follow_structure(self) -> None:
-        structure = self.controls["structure"].value
-        self.structure_extras.layout.display = "none" if structure == "none" else None
-        with self._maps_held():
-            if structure in CONTROLNET_STRUCTURES:
-                self.unit_editor.primary_kind = structure
-            self.unit_editor.set_active(structure in CONTROLNET_STRUCTURES)  # other structures read no units
-            self._refresh_maps()
-
     def _follow_adapters(self) -> None:
         self.adapter_slots.show_for(self.controls["mode"].value == "ip_adapter")
 
@@ -673,9 +657,8 @@ class ImagePromptWidget(widgets.VBox):
             self.progress.bar_style = "danger"
             self._stop_grid(event)
             self._report(event.error)
-        if isinstance(event, (Finished, Cancelled, Failed)) and event.idle and self._maps_pending:
-            self._maps_pending = False  # something changed the maps while the controller was busy
-            self._refresh_maps()
+        if isinstance(event, (Finished, Cancelled, Failed)) and event.idle:
+            self.structure.controller_idle()
 
     def _begin_grid(self, job: Job, text: str) -> None:
         if job.kind != "generate":
@@ -749,12 +732,12 @@ class ImagePromptWidget(widgets.VBox):
     def _show(self, job: Job, result: Any) -> None:
         if job is self._grid_job:
             self.grid.show_final(result.images)
-        self._show_run_maps(result)
+        self.structure.show_run_maps(result)
         self.history.add_run(result.images, result.recipe, job.images, list(job.settings.weights), job.negatives,
                              result.trace)
         self.result = result
         speed = f", {job.steps_per_second:.1f} it/s" if job.step else ""
-        done = f"Done: {_count(len(result.images), 'image')} in {result.seconds:.1f} s{speed}, seed {result.settings.seed}."
+        done = f"Done: {count(len(result.images), 'image')} in {result.seconds:.1f} s{speed}, seed {result.settings.seed}."
         prompt = self.controls.controls.get("prompt")
         caption = result.recipe.get("caption")
         if caption and prompt is not None and not prompt.value.strip():
@@ -792,7 +775,7 @@ class ImagePromptWidget(widgets.VBox):
             except ImageInputError as err:
                 problems.append(str(err))
         strip.add(images, names)
-        added = f"Added {_count(len(images), 'image')}. " if images else ""
+        added = f"Added {count(len(images), 'image')}. " if images else ""
         if problems:
             more = f" (and {len(problems) - 1} more problem(s), below)" if len(problems) > 1 else ""
             self._say(f"{added}{problems[0]}{more}", error=True)
@@ -805,7 +788,7 @@ class ImagePromptWidget(widgets.VBox):
         structure's default picture."""
         self._show_upload_count(upload, strip.names)
         if strip is self.inputs:
-            self._refresh_maps()
+            self.structure.refresh()
         self.live.changed()
 
     def _on_upload_error(self, change: dict[str, Any]) -> None:
@@ -828,172 +811,10 @@ class ImagePromptWidget(widgets.VBox):
             self._show_upload_count(self.recipe_upload, [file.name])
 
     def _use_as_input(self, item: HistoryItem) -> None:
-        with self._maps_held():
+        with self.structure.held():
             self.inputs.clear()
             self.inputs.add([item.image], [f"seed {item.seed} #{item.index}"])
         self._say(f"Using seed {item.seed} #{item.index} as the input; press Generate.")
-
-    # -- structure -----------------------------------------------------------------------------
-
-    def _on_structure_upload(self, change: dict[str, Any]) -> None:
-        if self._mirroring:
-            return
-        files = uploaded_files(change["new"])
-        if not files:
-            return
-        try:
-            self.set_structure_image(load_upload(files[0]))
-            self._show_upload_count(self.structure_upload, [files[0].name])
-            self._say(f"Structure image {files[0].name} set; the Structure section uses it.")
-        except ImageInputError:
-            self._show_upload_count(self.structure_upload, [])  # set_structure_image said why
-
-    def _structure_images(self, settings: GenerationSettings, images: list[Image.Image]) -> Any:
-        """A run's ``structure_image``: none; the structure image (``None``: the engine takes the first input); or,
-        where an added ControlNet has a picture of its own, one per unit (the others read the structure image)."""
-        if settings.structure == "none":
-            return None
-        own = self.unit_editor.unit_images() if settings.control_units.strip() else []
-        if not any(own):
-            return self.structure_image
-        first = self.structure_image if self.structure_image is not None else images[0]
-        return [first, *(picture if picture is not None else first for picture in own)]
-
-    def _unit_pictures(self) -> list[Image.Image] | None:
-        """The picture each ControlNet unit reads (``None`` before there is an input or structure image)."""
-        first = self.structure_image if self.structure_image is not None else next(iter(self.inputs.images), None)
-        if first is None:
-            return None
-        return [first, *(picture if picture is not None else first for picture in self.unit_editor.unit_images())]
-
-    @contextlib.contextmanager
-    def _maps_held(self) -> Iterator[None]:
-        """Change many controls at once: the maps refresh once, after."""
-        self._maps_hold += 1
-        try:
-            yield
-        finally:
-            self._maps_hold -= 1
-            if not self._maps_hold and self._maps_wanted:
-                self._refresh_maps()
-
-    def _refresh_maps(self) -> None:
-        """Preview every ControlNet unit's map as the next run would feed it: Canny edges at once, here; depth
-        maps need the estimator, so they are a controller task (off the kernel thread), once the model has
-        loaded; a grey box says what each waits for until then."""
-        if self._maps_hold:
-            self._maps_wanted = True
-            return
-        self._maps_wanted = False
-        self._maps_version += 1
-        structure_name = self.controls["structure"].value
-        if structure_name not in CONTROLNET_STRUCTURES:
-            self.maps.hide()
-            return
-        pictures = self._unit_pictures()
-        if pictures is None:
-            self.maps.begin(0, "Add an input image (or a Structure image) to see what each ControlNet reads.")
-            return
-        try:
-            settings = GenerationSettings.from_kwargs(**{name: self.controls[name].value for name in _MAP_SETTINGS})
-        except SettingsError as err:
-            self.maps.begin(0, f"No maps: {err}")
-            return
-        from .. import structure
-        from ..encoding import fingerprint
-
-        units = settings.units()
-        pipeline = self.controller.pipeline
-        native = getattr(pipeline, "native_size", 512)  # the model's, once it has loaded
-        size = structure.fit_size(pictures[0].size, settings.height, settings.width, native)
-        exact = pipeline is not None or (settings.height and settings.width)
-        at = f"at the next run's size, {size[0]}×{size[1]}" if exact else \
-            f"at {size[0]}×{size[1]} (SD 1.x's size; the model's own once it has loaded)"
-        tiles = self.maps.begin(len(units), f"What each ControlNet reads, {at}:")
-        waiting = []
-        for index, (unit, picture) in enumerate(zip(units, pictures)):
-            caption = map_caption(index, unit.kind)
-            if unit.kind == "edges":  # OpenCV, no model: at once
-                try:
-                    tiles[index].show(structure.control_map(unit, picture, size), caption)
-                except ValueError as err:  # OpenCV missing: the sentence names the extra to install
-                    tiles[index].wait("No map: the reason is above.", caption)
-                    self.maps.say(str(err))
-                continue
-            key = (self.model, unit.kind, fingerprint(picture), size)
-            if key in self._map_cache:
-                tiles[index].show(self._map_cache[key], caption)
-            else:
-                waiting.append(index)
-        if waiting:
-            self._compute_maps(settings, pictures, size, waiting)
-
-    def _compute_maps(self, settings: GenerationSettings, pictures: list[Any], size: tuple[int, int],
-                      waiting: list[int]) -> None:
-        """The maps of the units in ``waiting`` (depth), through the controller: they need the estimator."""
-        from ..encoding import fingerprint
-
-        units = settings.units()
-        tiles = self.maps.tiles
-
-        def wait(text: str) -> None:
-            for index in waiting:
-                tiles[index].wait(text, map_caption(index, units[index].kind))
-
-        if self.controller.pipeline is None:
-            wait("The depth map appears once the model has loaded (press Generate).")
-            return
-        if self.controller.busy:
-            self._maps_pending = True
-            wait("Computed when the current run ends…")
-            return
-        wait("Computing the depth map…")
-        version = self._maps_version
-
-        def loading(message: str) -> None:  # the estimator's first load: said in the tiles that wait for it
-            if version == self._maps_version:
-                wait(message)
-
-        def compute(task: TaskContext) -> Any:
-            return task.pipeline.structure_maps(settings=settings, structure_image=pictures, on_status=loading)
-
-        def done(end: Event) -> None:
-            if version != self._maps_version:
-                return  # the settings changed meanwhile: a newer refresh shows its own maps
-            if isinstance(end, Finished):
-                for found in end.result:
-                    if found.index in waiting:
-                        self._keep_map((self.model, found.kind, fingerprint(pictures[found.index]), size), found.image)
-                        tiles[found.index].show(found.image, map_caption(found.index, found.kind))
-            elif isinstance(end, Failed):  # the sentence is too long for a tile
-                wait("No map: the reason is above.")
-                self.maps.say(error_sentence(end.error))
-            else:
-                wait("Cancelled: change a structure setting to compute it again.")
-
-        self.controller.submit_task(compute, label=MAPS_TASK, on_end=done)
-
-    def _keep_map(self, key: tuple, image: Image.Image) -> None:
-        self._map_cache[key] = image
-        while len(self._map_cache) > _MAPS_KEPT:
-            self._map_cache.pop(next(iter(self._map_cache)))
-
-    def _show_run_maps(self, result: Any) -> None:
-        """After a run: every map it fed its ControlNets (the traced ``control_image*``), labelled by unit and kind."""
-        from ..structure import control_trace_name
-
-        units = result.settings.units()
-        if not units or self.controls["structure"].value not in CONTROLNET_STRUCTURES:
-            return
-        self._maps_version += 1  # a depth map still being computed for the settings before is not shown now
-        maps = [result.trace.extras.get(control_trace_name(index)) for index in range(len(units))]
-        height, width = next((m.shape[-2:] for m in maps if m is not None), (0, 0))
-        tiles = self.maps.begin(len(units), f"What each ControlNet read in this run ({width}×{height}):")
-        for index, (unit, traced) in enumerate(zip(units, maps)):
-            if traced is None:
-                tiles[index].wait("Not in this run's trace.", map_caption(index, unit.kind))
-            else:
-                tiles[index].show(traced_map(traced), map_caption(index, unit.kind))
 
     # -- status --------------------------------------------------------------------------------
 
@@ -1013,18 +834,3 @@ class ImagePromptWidget(widgets.VBox):
         """One readable sentence in the status line; the traceback folded below it."""
         self._say(error_sentence(err), error=True)
         self._details("".join(traceback.format_exception(err)))
-
-
-def error_sentence(err: BaseException) -> str:
-    """The status line for an error: our own errors are already sentences; others get one."""
-    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError" or "out of memory" in str(err).lower():
-        return ("Out of memory: try fewer images at once or a smaller size "
-                "(images already generated are kept).")
-    if isinstance(err, ValueError):
-        return text
-    return f"Generation failed ({type(err).__name__}: {text}); details below, and the panel is still usable."
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

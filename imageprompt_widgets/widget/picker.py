@@ -8,7 +8,7 @@ from typing import Any
 
 import ipywidgets as widgets
 
-from ..availability import availability
+from ..engine.controller import preset_availability
 from ..presets import PRESETS, Preset
 from .controls import set_help
 
@@ -55,4 +55,4 @@ class ModelPicker(widgets.Dropdown):
             self.relabelling = False
 
     def _options(self) -> list[tuple[str, str]]:
-        return [(availability(preset).label(), name) for name, preset in self.presets.items()]
+        return [(preset_availability(preset).label(), name) for name, preset in self.presets.items()]

@@ -18,7 +18,6 @@ import ipywidgets as widgets
 import traitlets
 from PIL import Image
 
-from ..controlnets import CONTROL_KINDS
 from ..images import ImageInputError
 from ..settings import (
     CONTROLNET_STRUCTURES,
@@ -32,6 +31,7 @@ from ..settings import (
     unit_specs,
     units_text,
 )
+from ..structure.controlnets import CONTROL_KINDS
 from .controls import _RefusesOutOfRange, control_factory, control_for, set_help
 from .gallery import close_tree
 from .inputs import InputStrip, load_upload, show_count, uploaded_files

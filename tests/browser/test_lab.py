@@ -36,7 +36,7 @@ w.maps.add_class("ipw-e2e-maps")
 w"""
 #: A second cell: the next run fails at its second step (to see the panel after a failure).
 FAIL_NEXT_CELL = """\
-import imageprompt_widgets.pipeline as _pipeline
+import imageprompt_widgets.engine.pipeline as _pipeline
 
 _generate = _pipeline.ImagePromptPipeline.generate
 

@@ -1,0 +1,148 @@
+"""A batch's manifest: one row per output image (input, seed, settings, file, item key), as JSONL or Parquet.
+
+Rows are facts: "input X, with the settings and model whose item key is K, gave image ``index`` in
+``file``"; a row is identified by ``(input, key, index)``. While a batch runs, each process appends its
+rows to its own part file (``.imageprompt-parts/``, one line per row, flushed as it goes), so a run that
+is stopped keeps what it finished; the main process merges the parts into ``manifest.jsonl`` (or
+``manifest.parquet``) and removes them. Parquet needs ``pyarrow`` (the ``batch`` extra).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from ..extras import require
+from ..settings import setting_specs
+
+MANIFEST_FORMATS = ("jsonl", "parquet")
+PARTS_FOLDER = ".imageprompt-parts"
+FAILURES_FILE = "failed.jsonl"
+#: The columns of every row, in order (``settings`` is a JSON object / a Parquet struct).
+ROW_FIELDS = ("input", "seed", "index", "file", "key", "fingerprint", "model", "settings")
+
+Row = dict[str, Any]
+
+
+def manifest_path(out: str | os.PathLike[str], fmt: str = "jsonl") -> Path:
+    if fmt not in MANIFEST_FORMATS:
+        raise ValueError(f"manifest format {fmt!r} is not one of {', '.join(MANIFEST_FORMATS)}.")
+    return Path(out) / f"manifest.{fmt}"
+
+
+def row_identity(row: Mapping[str, Any]) -> tuple[str, str, int]:
+    return (str(row["input"]), str(row["key"]), int(row["index"]))
+
+
+def read_manifest(out: str | os.PathLike[str]) -> list[Row]:
+    """Every row of ``manifest.jsonl`` and ``manifest.parquet`` in ``out`` (either or both may exist)."""
+    rows = _read_jsonl(manifest_path(out, "jsonl"))
+    parquet = manifest_path(out, "parquet")
+    if parquet.is_file():
+        pq = require("pyarrow.parquet", "batch", "Reading manifest.parquet")
+        rows += pq.read_table(parquet).to_pylist()
+    return rows
+
+
+def read_parts(out: str | os.PathLike[str]) -> list[Row]:
+    """Rows left in part files (by a run still going, or one that was stopped)."""
+    folder = Path(out) / PARTS_FOLDER
+    if not folder.is_dir():
+        return []
+    return [row for path in sorted(folder.glob("rows-*.jsonl")) for row in _read_jsonl(path)]
+
+
+def clear_parts(out: str | os.PathLike[str]) -> None:
+    folder = Path(out) / PARTS_FOLDER
+    if folder.is_dir():
+        for path in folder.glob("rows-*.jsonl"):
+            path.unlink(missing_ok=True)
+        try:
+            folder.rmdir()
+        except OSError:
+            pass  # something else in there: not ours to remove
+
+
+class PartWriter:
+    """This process's part file: each row is on disk (flushed) before the next item starts."""
+
+    def __init__(self, out: str | os.PathLike[str], process_index: int) -> None:
+        folder = Path(out) / PARTS_FOLDER
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / f"rows-{process_index}.jsonl"
+        self._handle = self.path.open("a", encoding="utf-8")
+
+    def write(self, rows: Iterable[Row]) -> None:
+        for row in rows:
+            self._handle.write(json.dumps(row) + "\n")
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+def merged(rows: Iterable[Row], order: Callable[[Row], Any]) -> list[Row]:
+    """One row per ``(input, key, index)`` (a later row replaces an earlier one), sorted by ``order``, then by
+    input, seed and index (rows of inputs no longer listed share one ``order``)."""
+    unique: dict[tuple[str, str, int], Row] = {}
+    for row in rows:
+        unique[row_identity(row)] = {name: row.get(name) for name in ROW_FIELDS}
+    return sorted(unique.values(),
+                  key=lambda row: (order(row), str(row["input"]), int(row["seed"]), int(row["index"]), str(row["key"])))
+
+
+def write_manifest(out: str | os.PathLike[str], rows: list[Row], fmt: str = "jsonl") -> Path:
+    """Write the manifest atomically (a temporary file renamed over the old one)."""
+    path = manifest_path(out, fmt)
+    temporary = path.with_name(path.name + ".tmp")
+    if fmt == "jsonl":
+        temporary.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    else:
+        pa = require("pyarrow", "batch", "Writing manifest.parquet")
+        pq = require("pyarrow.parquet", "batch", "Writing manifest.parquet")
+        pq.write_table(pa.Table.from_pylist(rows, schema=row_schema(pa)), temporary)
+    os.replace(temporary, path)
+    return path
+
+
+def write_failures(out: str | os.PathLike[str], failures: list[Row]) -> Path | None:
+    """``failed.jsonl``: the last run's failed items (input, seed, error); removed when none failed."""
+    path = Path(out) / FAILURES_FILE
+    if not failures:
+        path.unlink(missing_ok=True)
+        return None
+    path.write_text("".join(json.dumps(failure) + "\n" for failure in failures), encoding="utf-8")
+    return path
+
+
+def row_schema(pa: Any) -> Any:
+    """The Parquet schema: the settings struct typed from the settings' specs (settings.py)."""
+    kinds = {
+        "float": pa.float64(), "int": pa.int64(), "size": pa.int64(), "bool": pa.bool_(),
+        "choice": pa.string(), "text": pa.string(), "floats": pa.list_(pa.float64()),
+        "units": pa.string(),  # control_units: its JSON text, as the recipe holds it
+    }
+    settings = pa.struct([pa.field(spec.name, kinds[spec.kind]) for spec in setting_specs()])
+    return pa.schema([
+        pa.field("input", pa.string()), pa.field("seed", pa.int64()), pa.field("index", pa.int64()),
+        pa.field("file", pa.string()), pa.field("key", pa.string()), pa.field("fingerprint", pa.string()),
+        pa.field("model", pa.string()), pa.field("settings", settings),
+    ])
+
+
+def _read_jsonl(path: Path) -> list[Row]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the last line of a part file cut short by a crash: that item runs again
+        if isinstance(row, dict) and {"input", "key", "index", "file"} <= row.keys():
+            rows.append(row)
+    return rows

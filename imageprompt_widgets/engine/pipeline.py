@@ -1,0 +1,908 @@
+"""ImagePromptPipeline: CLIP image encoder + Stable Diffusion, with the image as the prompt.
+
+The pipeline encodes images with the CLIP vision tower (encoding.py), lets the chosen method turn the
+embeddings into conditioning (methods/), and hands that to diffusers' own ``StableDiffusionPipeline``
+unchanged, so the pixels equal what bare diffusers gives for the same embeddings and seed. Everything in
+between is kept in a :class:`~imageprompt_widgets.engine.results.Trace`.
+
+``generate`` reads like diffusers' ``__call__``, as a short sequence of named steps:
+check inputs → encode → condition → plan → denoise → result.
+When the prompt and its negative differ in length (``single``, ``tokens``, ``concat``), the shorter is
+padded with zero tokens that ``encoder_attention_mask`` removes from cross-attention exactly; the trace
+keeps the unpadded embeddings and the mask (``extras["encoder_attention_mask"]``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .. import conditioning
+from ..encoding import ClipTextTower, ImageEmbedding, encode_images, fingerprint
+from ..images import ImageInputError, describe_source, load_images
+from ..loading import lora
+from ..loading.cache import MODEL_CACHE, StatusCallback, model_key, resolve_device_dtype
+from ..loading.components import LoadedComponents, load_clip_text_tower, load_components
+from ..loading.downloads import ProgressCallback, watch_downloads
+from ..loading.lora import LoraInfo
+from ..loading.memory import DEFAULT_MEMORY, check_level, execution_device
+from ..loading.quiet import noting_prompt_truncation
+from ..methods import METHODS, part_loaders
+from ..methods.inputs import ConditioningInputs, TextSide
+from ..presets import PRESETS, Preset, resolve_preset
+from ..settings import MODES, GenerationSettings, SettingsError
+from ..structure.plan import ControlMap, StructurePlan, StructureRunners, unit_pictures
+from . import schedule
+from .attention import AttentionMaps, recording_attention
+from .concurrency import RunLock
+from .results import GenerationResult, Interpolation, Provenance, Trace
+from .samplers import scheduler_for, uses_sigmas
+from .steps import (
+    Cancelled,
+    NonFiniteImageError,
+    StepCallback,
+    StepInfo,
+    StepTracker,
+    guided_prediction,
+    masked_prompt,
+    non_finite_error,
+    predicted_x0,
+    watching_decoded_values,
+)
+
+__all__ = ["ImageEmbedding", "ImagePromptPipeline", "NonFiniteImageError", "StepInfo", "generate"]
+
+#: How many distinct input batches keep their embeddings cached per pipeline.
+EMBEDDING_CACHE_SIZE = 16
+#: The most input (or negative) images one run takes: each is decoded and encoded at once, so a folder of
+#: thousands would exhaust memory before the first step.
+MAX_INPUT_IMAGES = 64
+#: Ordinary prompts whose text-encoder outputs set the target of norm matching.
+NORM_PROBE_PROMPTS = (
+    "a photograph of a cat sitting on a windowsill",
+    "an oil painting of a lighthouse at sunset, dramatic sky",
+    "a red sports car parked in a city street at night",
+    "portrait of an old man with a beard, studio lighting",
+)
+
+
+@dataclass
+class RunInputs:
+    """A run's pictures, decoded and fingerprinted once (a 12-megapixel photo costs ~0.1 s for each)."""
+
+    images: list[Any]
+    prints: list[str]
+    negatives: list[Any] = field(default_factory=list)
+    negative_prints: list[str] = field(default_factory=list)
+    #: The pictures whose layout a structure run keeps: one, or one per ControlNet unit (empty: the first input).
+    structure_images: list[Any] = field(default_factory=list)
+    adapter_images: list[list[Any]] = field(default_factory=list)  # per IP-Adapter (empty: the inputs for all)
+    adapter_prints: list[list[str]] = field(default_factory=list)
+
+
+@dataclass
+class RunPlan:
+    """Everything the denoising loop needs, decided before it starts."""
+
+    structure: StructurePlan
+    unet: conditioning.UnetConditioning
+    contexts: list[Any]  # context managers around the diffusers call (method windows, structure records)
+    trace: Trace
+    provenance: Provenance
+
+
+class ImagePromptPipeline:
+    """A CLIP vision tower and a Stable Diffusion pipeline that it conditions.
+
+    Get one with :meth:`from_preset` or :meth:`from_pretrained` (both cached: the same arguments
+    give the same object). One generation runs at a time per object (schedulers are stateful);
+    other callers wait on :attr:`lock`.
+    """
+
+    def __init__(
+        self, sd: Any, image_encoder: Any, image_processor: Any, *, preset: Preset | None = None,
+        parts: dict[str, Any] | None = None, allow_pickle: bool = False, loras: list[LoraInfo] | None = None,
+        memory_level: str = DEFAULT_MEMORY, memory_measures: tuple[str, ...] = (),
+    ):
+        self.sd = sd
+        self.image_encoder = image_encoder
+        self.image_processor = image_processor
+        self.preset = preset or Preset(name="custom", sd_model="custom", clip_model="custom")
+        #: What the preset's methods loaded beside SD and the encoder ("ip_adapter", "captioner").
+        self.parts = dict(parts or {})
+        #: The memory level the models were placed with (memory.py) and what it did on this device.
+        self.memory_level = check_level(memory_level)
+        self.memory_measures = tuple(memory_measures)
+        self._loras: list[LoraInfo] = list(loras or [])
+        self.lock = RunLock()
+        self._embeddings: OrderedDict[tuple[str, ...], ImageEmbedding] = OrderedDict()
+        self._empty_prompt_embeds: torch.Tensor | None = None
+        self._text_token_norm: float | None = None
+        self._structure = StructureRunners(sd, self.preset.controlnet, allow_pickle=allow_pickle)
+
+    # -- construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_preset(
+        cls,
+        preset: str | Preset | None = None,
+        *,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        safety_checker: bool | None = None,
+        allow_pickle: bool = False,
+        on_status: StatusCallback | None = None,
+        on_progress: ProgressCallback | None = None,
+        memory: str = DEFAULT_MEMORY,
+    ) -> ImagePromptPipeline:
+        """Load (once per process) the preset's models: ``"sd14"`` (default), ``"sd15"``, ``"tiny"`` or a folder.
+
+        ``safety_checker=None`` follows the model; ``False`` switches it off. ``allow_pickle=True``
+        permits ``.bin`` weights, which can run code when loaded: only for models you trust.
+        ``on_progress`` gets the Hub's download progress (:mod:`imageprompt_widgets.loading.downloads`); raising
+        ``DownloadCancelled`` from it stops the download.
+        ``memory`` (``"default"``, ``"balanced"``, ``"low"``, ``"lowest"``) saves GPU memory with diffusers'
+        offloading, attention slicing and VAE tiling (memory.py); it is part of the cache key, so panels
+        asking for different levels get different pipelines.
+        """
+        preset = resolve_preset(preset)
+        dev, dt = resolve_device_dtype(device, dtype)
+        check_level(memory)
+        key: Any = model_key(preset.sd_model, preset.clip_model, dev, dt, safety_checker, allow_pickle)
+        extras = (preset.method, preset.revision, preset.clip_subfolder, preset.ip_adapter, preset.captioner,
+                  preset.loras)
+        if any(extras):  # the method presets share models with plain ones but are different pipelines
+            key = (key, *extras)
+        if memory != DEFAULT_MEMORY:
+            key = (key, "memory", memory)
+
+        def load() -> ImagePromptPipeline:
+            loaded = load_components(
+                preset, dev, dt, safety_checker=safety_checker, allow_pickle=allow_pickle, on_status=on_status,
+                memory_level=memory, part_loaders=part_loaders(preset),
+            )
+            return cls.from_components(loaded, allow_pickle=allow_pickle)
+
+        with watch_downloads(on_progress):
+            return MODEL_CACHE.get_or_create(key, load)
+
+    @classmethod
+    def from_components(cls, loaded: LoadedComponents, *, allow_pickle: bool = False) -> ImagePromptPipeline:
+        """A pipeline over already loaded components (not cached: e.g. a private copy for benchmarks)."""
+        return cls(loaded.sd, loaded.image_encoder, loaded.image_processor, preset=loaded.preset,
+                   parts=loaded.parts, allow_pickle=allow_pickle, loras=loaded.loras,
+                   memory_level=loaded.memory_level, memory_measures=loaded.memory_measures)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        sd_model: str | None = None,
+        clip_model: str | None = None,
+        *,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        safety_checker: bool | None = None,
+        allow_pickle: bool = False,
+        on_status: StatusCallback | None = None,
+        memory: str = DEFAULT_MEMORY,
+    ) -> ImagePromptPipeline:
+        """Pair any SD 1.x model (Hub id or folder) with any CLIP image encoder; defaults from the default preset."""
+        default = resolve_preset(None)
+        sd_model = sd_model or default.sd_model
+        clip_model = clip_model or default.clip_model
+        preset = next(
+            (p for p in PRESETS.values() if (p.sd_model, p.clip_model) == (sd_model, clip_model)),
+            Preset(name=sd_model, sd_model=sd_model, clip_model=clip_model),
+        )
+        return cls.from_preset(
+            preset, device=device, dtype=dtype, safety_checker=safety_checker,
+            allow_pickle=allow_pickle, on_status=on_status, memory=memory,
+        )
+
+    @property
+    def device(self) -> torch.device:
+        """Where the models compute (with offloading their weights wait on the CPU, but they run here)."""
+        return execution_device(self.sd)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.sd.unet.dtype
+
+    def __repr__(self) -> str:
+        return f"ImagePromptPipeline(preset={self.preset.name!r}, device={self.device}, dtype={self.dtype})"
+
+    # -- encoding -------------------------------------------------------------------------------
+
+    def encode_image(self, images: Any, crop: str = "center_crop") -> ImageEmbedding:
+        """Encode one image or a list in one batch; the same inputs again come from a small cache.
+
+        With the default ``crop="center_crop"`` this equals
+        ``image_encoder(**image_processor(images=..., return_tensors="pt"))`` exactly; ``"squash"``
+        resizes to the square without keeping the aspect ratio and ``"pad"`` letterboxes the whole
+        picture on CLIP's mean colour (which normalises to zero) before the same normalisation.
+        """
+        pil_images = load_images(images)
+        return self._encode_loaded(pil_images, [fingerprint(image) for image in pil_images], crop)
+
+    def _encode_loaded(
+        self, pil_images: list[Any], fingerprints: list[str], crop: str, hidden: bool = False
+    ) -> ImageEmbedding:
+        """``encode_image`` for images already decoded and fingerprinted (``generate`` does both once);
+        ``hidden`` also keeps the penultimate hidden states (IP-Adapter Plus). An entry that has them serves
+        a request without them too."""
+        for key in [(crop, True, *fingerprints)] + ([] if hidden else [(crop, False, *fingerprints)]):
+            cached = self._embeddings.get(key)
+            if cached is not None:
+                self._embeddings.move_to_end(key)
+                return cached
+        embedding = encode_images(pil_images, self.image_encoder, self.image_processor, crop, penultimate=hidden)
+        self._embeddings[(crop, hidden, *fingerprints)] = embedding
+        while len(self._embeddings) > EMBEDDING_CACHE_SIZE:
+            self._embeddings.popitem(last=False)
+        return embedding
+
+    def empty_prompt_embeds(self) -> torch.Tensor:
+        """SD's text encoder on ``""``: what diffusers uses as the negative when none is given (``[1, 77, D]``)."""
+        if self._empty_prompt_embeds is None:
+            self._empty_prompt_embeds = self.encode_text("", purpose="the empty-prompt negative")
+        return self._empty_prompt_embeds
+
+    def encode_text(self, prompt: str, *, purpose: str = "a text prompt") -> torch.Tensor:
+        """SD's own text encoder on ``prompt``: exactly the ``prompt_embeds`` diffusers would compute (``[1, 77, D]``)."""
+        if getattr(self.sd, "text_encoder", None) is None:
+            raise SettingsError(
+                f"The {self.preset.name!r} model has no text encoder, so it cannot use {purpose}: "
+                "use negative='zeros' and a mode without text (repeat, single, tokens)."
+            )
+        with noting_prompt_truncation(), torch.inference_mode():  # a cut prompt is noted, not printed in full
+            embeds, _ = self.sd.encode_prompt(prompt, self.device, 1, False)
+        return embeds
+
+    def text_token_norm(self) -> float:
+        """The typical per-token norm of SD's text-encoder outputs, measured once per pipeline.
+
+        Norm matching rescales image tokens to this length. It is measured on a few ordinary
+        prompts (median over their tokens, start token left out), not hard-coded, so it is right
+        for whatever text encoder is loaded.
+        """
+        if self._text_token_norm is None:
+            embeds = torch.cat([self.encode_text(p, purpose="norm matching") for p in NORM_PROBE_PROMPTS])
+            self._text_token_norm = conditioning.typical_token_norm(embeds)
+        return self._text_token_norm
+
+    def default_settings(self) -> GenerationSettings:
+        """The settings a run starts from: the library defaults with the preset's own (e.g. variations) applied."""
+        return GenerationSettings.from_kwargs(**dict(self.preset.defaults))
+
+    @property
+    def captioner(self) -> Any:
+        """The preset's BLIP captioner (``None`` for presets without one)."""
+        return self.parts.get("captioner")
+
+    def caption(self, images: Any) -> str:
+        """Caption the (first) image with the preset's captioner (BLIP); ``mode="caption"`` generates from it."""
+        if self.captioner is None:
+            raise SettingsError(
+                f"The {self.preset.name!r} preset has no captioner: use the 'caption' or 'tiny-caption' preset."
+            )
+        with self.lock:
+            return self.captioner.caption(load_images(images)[0])
+
+    @property
+    def ip_adapters(self) -> tuple[str, ...]:
+        """The loaded IP-Adapters' names, in the order ``adapter_images`` and ``adapter_scales`` follow (empty
+        without one)."""
+        handle = self.parts.get("ip_adapter")
+        return handle.names if handle is not None else ()
+
+    def capabilities(self) -> frozenset[str]:
+        """What the loaded models can do (the method registry's terms): image tokens of the UNet's width,
+        SD's text encoder, an IP-Adapter, a captioner."""
+        found = set()
+        if self.image_encoder.config.projection_dim == self.sd.unet.config.cross_attention_dim:
+            found.add("image_tokens")
+        if getattr(self.sd, "text_encoder", None) is not None:
+            found.add("text")
+        found.update(name for name in ("ip_adapter", "captioner") if name in self.parts)
+        return frozenset(found)
+
+    def methods(self) -> list[str]:
+        """The methods (``mode`` values) this pipeline can run."""
+        capabilities = self.capabilities()
+        return [name for name in MODES if METHODS[name].available(capabilities)]
+
+    def text_side(self) -> TextSide:
+        """SD's text encoder as conditioning builders see it."""
+        return TextSide(encode=self.encode_text, empty=self.empty_prompt_embeds, typical_norm=self.text_token_norm)
+
+    # -- LoRA (lora.py) ------------------------------------------------------------------------------
+
+    @property
+    def loras(self) -> tuple[LoraInfo, ...]:
+        """The LoRAs loaded into this pipeline, each with its name, source and weight (they act on every run)."""
+        return tuple(self._loras)
+
+    def load_lora(self, source: str, weight: float = 1.0, name: str | None = None) -> LoraInfo:
+        """Load a LoRA (a ``.safetensors`` file, a folder, a Hub id or ``"owner/repo:file.safetensors"``;
+        ``"tiny-lora"``/``"tiny-lcm-lora"``: the offline twins) with diffusers' LoRA loader, active at ``weight``.
+
+        It acts on every later run of this pipeline (and of every panel sharing it) until
+        :meth:`unload_loras`; the recipe lists it. Waits for a running generation to finish first.
+        """
+        from ..loading.offline import TINY_LORAS, ensure_tiny_lora
+
+        with self.lock:
+            taken = {info.name for info in self._loras}
+            name = name or lora.default_name(source, taken)
+            if name in taken:
+                raise lora.LoraError(f"A LoRA named {name!r} is loaded already: pass another name=.")
+            weight = lora.check_weight(weight, name)
+            local = ensure_tiny_lora(source) if source in TINY_LORAS else source
+            info = lora.load_lora(self.sd, source, local, name, weight)
+            self._loras.append(info)
+            lora.activate(self.sd, self._loras)
+            self._text_changed()
+            return info
+
+    def set_lora_weight(self, name: str, weight: float) -> LoraInfo:
+        """Change a loaded LoRA's weight (cheap: no reload); 0 switches it off without unloading it."""
+        with self.lock:
+            index = next((i for i, info in enumerate(self._loras) if info.name == name), None)
+            if index is None:
+                loaded = ", ".join(info.name for info in self._loras) or "none"
+                raise lora.LoraError(f"No LoRA named {name!r} is loaded (loaded: {loaded}).")
+            if self._loras[index].fused:
+                raise lora.LoraError(
+                    f"The LoRA {name!r} is fused into the {self.preset.name!r} model: its weight is part of the "
+                    "model (load it with pipe.load_lora on the base preset to change it)."
+                )
+            info = LoraInfo(name, self._loras[index].source, lora.check_weight(weight, name))
+            self._loras[index] = info
+            lora.activate(self.sd, self._loras)
+            self._text_changed()
+            return info
+
+    def unload_loras(self) -> None:
+        """Remove every LoRA loaded with :meth:`load_lora`: the UNet and text encoder have the weights they had
+        before, bit for bit. (A preset's fused LoRAs are part of its model and stay.)"""
+        with self.lock:
+            if any(not info.fused for info in self._loras):
+                lora.unload_all(self.sd)
+                self._loras = [info for info in self._loras if info.fused]
+                self._text_changed()
+
+    def _text_changed(self) -> None:
+        """A LoRA may change the text encoder: forget what was measured with it."""
+        self._empty_prompt_embeds = None
+        self._text_token_norm = None
+
+    # -- structure (structure.py) ------------------------------------------------------------------
+
+    def load_controlnet(
+        self, model: str | None = None, on_status: StatusCallback | None = None, *, kind: str | None = None
+    ) -> Any:
+        """The ControlNet of a structure kind, loaded once: the preset's, or ``model`` (Hub id or folder).
+
+        Each ControlNet reads one kind of map (controlnets.py): ``kind="edges"`` (Canny edges, the default) or
+        ``"depth"``. A ``model`` whose name says which (``...-canny``, ``..._depth``) needs no ``kind``; it then
+        replaces the preset's ControlNet of that kind, so runs feed it the map it was trained on.
+        """
+        with self.lock:
+            return self._structure.controlnet(model, on_status, kind=kind)
+
+    def load_structure(self, settings: GenerationSettings, on_status: StatusCallback | None = None) -> None:
+        """Load every ControlNet and map estimator a run with ``settings`` needs (each once), so that a face can
+        report the loading before the run's first step instead of inside it."""
+        with self.lock:
+            for unit in settings.units():
+                self._structure.controlnet(on_status=on_status, kind=unit.kind)
+                self._structure.estimator(unit.kind, on_status)
+
+    def structure_maps(
+        self, images: Any = None, settings: GenerationSettings | None = None, *, structure_image: Any = None,
+        on_status: StatusCallback | None = None, **changes: Any,
+    ) -> list[ControlMap]:
+        """Each ControlNet unit's map exactly as a run with these settings would feed it (what the panel's
+        Structure section previews): ``.image`` (grayscale, at the run's size), ``.unit``, ``.controlnet``.
+
+        The pictures are ``structure_image`` (one for all units, or one each), else the first of ``images``.
+        Loads the depth estimator on first use, but never waits for a running generation.
+        """
+        settings = settings or self.default_settings()
+        if changes:
+            settings = settings.replace(**changes)
+        pictures = load_images(structure_image) if structure_image is not None else load_images(images)[:1]
+        if not pictures:
+            raise SettingsError("structure_maps needs a picture: pass images or structure_image.")
+        return self._structure.maps(settings, pictures, on_status)
+
+    @property
+    def native_size(self) -> int:
+        """The model's native side in pixels (512 for SD 1.x): the longer side of a structure run by default."""
+        return self._structure.native_size
+
+    def structure_pipeline(self, structure: str | GenerationSettings = "none") -> Any:
+        """The diffusers pipeline a run with ``structure`` calls: :attr:`sd` itself, or its ControlNet or
+        img2img twin built from the same components (so bare diffusers can be compared with it). With settings,
+        the ControlNet pipeline of all their units (``control_units`` too)."""
+        with self.lock:
+            if isinstance(structure, GenerationSettings):
+                return self._structure.pipeline(structure.structure, kinds=[u.kind for u in structure.units()])
+            return self._structure.pipeline(structure)
+
+    # -- inspection: the engine's side of the inspector's views --------------------------------------
+
+    def clip_text_tower(self) -> ClipTextTower:
+        """The text tower with projection of the preset's CLIP checkpoint, loaded once (model cache).
+
+        Raises :class:`~imageprompt_widgets.faults.TextTowerUnavailable` where the checkpoint holds only a
+        vision tower (the IP-Adapter's encoder, the image-variations model).
+        """
+        folder = getattr(self.image_encoder.config, "name_or_path", "") or self.preset.clip_model
+        key = ("clip-text-tower", os.path.abspath(folder) if os.path.isdir(folder) else folder,
+               str(self.device), str(self.image_encoder.dtype))
+        return MODEL_CACHE.get_or_create(
+            key, lambda: load_clip_text_tower(folder, self.preset.clip_model, self.device, self.image_encoder.dtype)
+        )
+
+    def adapter_tokens(self, result: GenerationResult, adapter: int = 0, index: int = 0) -> Any:
+        """What IP-Adapter ``adapter`` made of output ``index``'s pictures in ``result``: its tokens (and, for a Plus
+        adapter, where each of the resampler's query tokens looked), recomputed from the traced input
+        (:class:`~imageprompt_widgets.methods.ip_adapter.AdapterTokens`; ``views.adapter_tokens`` draws it)."""
+        handle = self.parts.get("ip_adapter")
+        traced = result.trace.extras.get(adapter_trace_name(adapter)) if result.trace is not None else None
+        if handle is None or traced is None:
+            raise SettingsError("This run fed no IP-Adapter: generate with mode='ip_adapter' on an IP-Adapter preset.")
+        guided = result.trace.negative_prompt_embeds is not None
+        row = traced.shape[0] // 2 + index if guided else index  # diffusers' layout: the negatives first
+        return handle.tokens(adapter, traced[row])
+
+    def decode_latents(self, latents: torch.Tensor) -> list[Any]:
+        """Latents ``[B, C, h, w]`` through the VAE, exactly (not a preview), as PIL images."""
+        from PIL import Image
+
+        vae = self.sd.vae
+        with torch.inference_mode():
+            pixels = vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor).sample
+        pixels = ((pixels.float().cpu() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+        return [Image.fromarray(frame.permute(1, 2, 0).numpy()) for frame in pixels]
+
+    def replay_x0(self, result: GenerationResult, snapshots: list[int], index: int = 0) -> torch.Tensor:
+        """The model's clean-latent estimate at traced latent snapshots, ``[len(snapshots), C, h, w]``.
+
+        The latent after step ``k`` is the noisy input of step ``k + 1``: the UNet runs on it once more with
+        the traced prompt (and negative, with the run's guidance) and :func:`~imageprompt_widgets.engine.steps.predicted_x0`
+        gives the estimate, the same as the live previews' ``StepInfo.x0()``. The final latent is its own x0.
+        Needs the run's latents (``trace_latents=True``) and conditioning that is all in the prompt embeddings
+        (not IP-Adapter or masked prompts). The run's scheduler is rebuilt from its settings: sigma-space
+        schedulers give their step's sigma, and Euler-type latents are scaled to the UNet's input as they do.
+        """
+        trace = result.trace
+        if trace is None or trace.latents is None:
+            raise SettingsError("This run traced no latents: generate with trace_latents=True to replay its steps.")
+        if "encoder_attention_mask" in trace.extras or "ip_adapter_image_embeds" in trace.extras:
+            raise SettingsError("x0 replays need the whole prompt in prompt_embeds (no masked prompt, no IP-Adapter).")
+        scheduler = scheduler_for(result.settings.scheduler, self.sd.scheduler)
+        scheduler.set_timesteps(result.settings.steps)
+        skipped = len(scheduler.timesteps) - len(trace.timesteps)  # img2img starts part-way into the schedule
+        sigma_space = uses_sigmas(scheduler)
+        scaled_input = float(scheduler.init_noise_sigma) != 1.0  # Euler-type: latents carry sqrt(sigma^2 + 1)
+        unet = self.sd.unet
+        prompt = trace.prompt_embeds[index : index + 1].to(self.device, self.dtype)
+        negative = trace.negative_prompt_embeds
+        guidance = result.settings.guidance_scale if negative is not None else None
+        if guidance is not None:
+            prompt = torch.cat([negative[index : index + 1].to(self.device, self.dtype), prompt])
+        estimates = []
+        for snapshot in snapshots:
+            sample = trace.latents[snapshot, index : index + 1].to(self.device, torch.float32)
+            step = trace.latent_steps[snapshot] if trace.latent_steps else snapshot + 1
+            if step >= len(trace.timesteps):
+                estimates.append(sample.cpu())
+                continue
+            timestep = torch.tensor(trace.timesteps[step])
+            sigma = float(scheduler.sigmas[skipped + step]) if sigma_space else None
+            if scaled_input and sigma is not None:
+                sample = sample / (sigma**2 + 1) ** 0.5
+            model_input = torch.cat([sample, sample]) if guidance is not None else sample
+            with torch.inference_mode():
+                prediction = unet(model_input.to(self.dtype), timestep.to(self.device),
+                                  encoder_hidden_states=prompt).sample
+            estimates.append(
+                predicted_x0(sample, timestep, guided_prediction(prediction, guidance), scheduler, sigma).cpu()
+            )
+        return torch.cat(estimates)
+
+    def interpolate(
+        self, start: Any, end: Any, count: int = 5, settings: GenerationSettings | None = None, *,
+        on_step: StepCallback | None = None, cancel: threading.Event | None = None, **changes: Any,
+    ) -> Interpolation:
+        """``count`` images along a slerp from ``start`` to ``end`` with one seed: the embedding-space walk.
+
+        Each end is an image (anything ``load_image`` takes), a text (CLIP's text tower with projection) or
+        a ``[D]`` embedding. Each point is the ``slerp`` combine of the two ends with weights ``[1 - t, t]``,
+        generated as a ``repeat`` prompt through :meth:`generate` (trace, NaN check, cancel): for two
+        images it is exactly ``generate([a, b], combine="slerp", weights=[1 - t, t])``. ``settings`` (and
+        keyword changes) give seed, steps, guidance, scale and norm matching.
+        """
+        if count < 2:
+            raise SettingsError(f"An interpolation needs at least 2 images, not {count}.")
+        settings = (settings or self.default_settings()).replace(
+            mode="repeat", num_images=1, structure="none", weights=(), **changes
+        )
+        if settings.negative == "image":
+            settings = settings.replace(negative="empty_prompt")
+        (first, first_label), (last, last_label) = self._endpoint(start), self._endpoint(end)
+        if first.shape != last.shape:
+            raise SettingsError(f"The two ends have different widths: {tuple(first.shape)} and {tuple(last.shape)}.")
+        weights = [i / (count - 1) for i in range(count)]
+        ends = torch.stack([first, last])
+        embeds = torch.stack([conditioning.slerp(ends, torch.tensor([1 - w, w]))[0] for w in weights])
+        results = []
+        for embed in embeds:
+            point = ImageEmbedding.from_embeds(embed[None].to(self.device, self.image_encoder.dtype))
+            result = self.generate(point, settings, on_step=on_step, cancel=cancel)
+            if result.cancelled:
+                break
+            results.append(result)
+        return Interpolation(weights, embeds, results, (first_label, last_label))
+
+    def _endpoint(self, value: Any) -> tuple[torch.Tensor, str]:
+        if isinstance(value, str):  # a text; a picture on disk is a Path or an image
+            return self.clip_text_tower().embed([value])[0], repr(value)
+        if isinstance(value, torch.Tensor):
+            return value.detach().float().cpu().reshape(-1), "an embedding"
+        name = describe_source(value)  # a file's quoted name where it has one
+        return self.encode_image(value).image_embeds[0].detach().float().cpu(), name if name[:1] == "'" else "an image"
+
+    # -- generation: check inputs → encode → condition → plan → denoise → result ------------------
+
+    def generate(
+        self,
+        images: Any,
+        settings: GenerationSettings | None = None,
+        *,
+        negative_image: Any = None,
+        structure_image: Any = None,
+        adapter_images: Any = None,
+        on_step: StepCallback | None = None,
+        cancel: threading.Event | None = None,
+        trace_latents: bool = False,
+        trace_attention: bool = False,
+        **changes: Any,
+    ) -> GenerationResult:
+        """Generate from images; keyword settings are those of :class:`GenerationSettings`.
+
+        ``images`` is anything ``load_image`` takes (or a list), or an :class:`ImageEmbedding` already
+        computed. ``negative_image`` (one image or several) becomes the negative conditioning, so guidance
+        pushes away from it (it implies ``negative="image"``). ``on_step`` is called after every step
+        (progress, previews); setting ``cancel`` stops the run after the current step without decoding,
+        and the result has ``cancelled=True`` (a :class:`~imageprompt_widgets.engine.concurrency.CancelEvent`
+        also ends a wait for another run on this pipeline at once). ``structure_image`` is the picture
+        whose layout ``structure="edges"``, ``"depth"`` or ``"img2img"`` keeps (default: the first input image);
+        with ``control_units``, one picture for all ControlNet units or a list with one per unit.
+        ``adapter_images`` (``mode="ip_adapter"``) gives each loaded IP-Adapter its own images, one list per
+        adapter (e.g. ``[[scene], [face]]``); without it every adapter sees ``images``.
+        ``trace_latents=True`` keeps the latents after each step (``trace.latents``); ``trace_attention=True``
+        records where each prompt token acts (``trace.attention_maps``, see :mod:`imageprompt_widgets.engine.attention`).
+        """
+        settings, inputs = self._check_inputs(images, settings, negative_image, structure_image, changes,
+                                              adapter_images)
+        if not self.lock.acquire(cancel):  # cancelled while another run held the pipeline
+            return GenerationResult([], None, settings, self._provenance(settings, inputs), cancelled=True)
+        try:
+            start = time.perf_counter()
+            embedding, negative_embedding, adapter_embeddings = self._encode(images, inputs, settings)
+            cond = self._condition(inputs, settings, embedding, negative_embedding, adapter_embeddings)
+            plan = self._plan(inputs, settings, embedding, cond)
+            if cancel is not None and cancel.is_set():
+                return GenerationResult([], plan.trace, settings, plan.provenance, cancelled=True,
+                                        seconds=time.perf_counter() - start)
+            output = self._denoise(plan, settings, on_step, cancel, trace_latents, trace_attention)
+            return GenerationResult(
+                images=list(output.images) if output is not None else [],
+                trace=plan.trace,
+                settings=settings,
+                provenance=plan.provenance,
+                cancelled=output is None,
+                nsfw_content_detected=output.nsfw_content_detected if output is not None else None,
+                seconds=time.perf_counter() - start,
+            )
+        finally:
+            self.lock.release()
+
+    def _check_inputs(
+        self, images: Any, settings: GenerationSettings | None, negative_image: Any, structure_image: Any,
+        changes: dict[str, Any], adapter_images: Any = None,
+    ) -> tuple[GenerationSettings, RunInputs]:
+        """Validate the settings against the inputs and decode every picture once, before any model work."""
+        settings = settings or self.default_settings()
+        if negative_image is not None and settings.negative == "empty_prompt" and "negative" not in changes:
+            changes["negative"] = "image"
+        if changes:
+            settings = settings.replace(**changes)
+        _check_image_count(images, "input")
+        _check_image_count(negative_image, "negative")
+        pil_images = [] if isinstance(images, ImageEmbedding) else load_images(images)
+        negatives = load_images(negative_image) if negative_image is not None else []
+        if settings.negative == "image" and not negatives:
+            raise SettingsError("negative='image' needs negative_image=: the image(s) guidance should push away from.")
+        if negatives and settings.negative != "image":
+            raise SettingsError(
+                f"negative_image was given but negative={settings.negative!r}: pass negative='image' to use it."
+            )
+        structure_images = load_images(structure_image) if structure_image is not None else []
+        if structure_images and settings.structure == "none":
+            raise SettingsError(
+                "structure_image was given but structure='none': pass structure='edges', 'depth' or 'img2img'."
+            )
+        if len(structure_images) > 1 and settings.structure == "img2img":
+            raise SettingsError(f"structure='img2img' takes one structure_image, not {len(structure_images)}.")
+        if len(structure_images) > 1:
+            unit_pictures(structure_images, len(settings.units()))  # one for all units, or one each
+        if settings.structure != "none" and not (structure_images or pil_images):
+            raise SettingsError(f"structure={settings.structure!r} needs a picture: pass structure_image=.")
+        per_adapter = self._adapter_images(adapter_images, settings)
+        return settings, RunInputs(
+            pil_images, [fingerprint(image) for image in pil_images],
+            negatives, [fingerprint(image) for image in negatives],
+            structure_images,
+            per_adapter, [[fingerprint(image) for image in group] for group in per_adapter],
+        )
+
+    def _adapter_images(self, adapter_images: Any, settings: GenerationSettings) -> list[list[Any]]:
+        """``adapter_images`` decoded: one list of pictures per loaded IP-Adapter."""
+        if adapter_images is None:
+            return []
+        if settings.mode != "ip_adapter":
+            raise SettingsError(f"adapter_images are the IP-Adapters' images: use them with mode='ip_adapter', "
+                                f"not {settings.mode!r}.")
+        if not isinstance(adapter_images, (list, tuple)) or not adapter_images:
+            raise SettingsError("adapter_images takes one list of images per IP-Adapter, e.g. [[scene], [face]].")
+        count = len(self.parts["ip_adapter"]) if "ip_adapter" in self.parts else 0
+        if len(adapter_images) != count:
+            raise SettingsError(
+                f"adapter_images has {len(adapter_images)} entr{'ies' if len(adapter_images) > 1 else 'y'} but "
+                f"{self.preset.name!r} has {count} IP-Adapter{'s' if count != 1 else ''}: give one list of images "
+                "per adapter."
+            )
+        for group in adapter_images:
+            _check_image_count(group, "adapter")
+        return [load_images(group) for group in adapter_images]
+
+    def _encode(
+        self, images: Any, inputs: RunInputs, settings: GenerationSettings
+    ) -> tuple[ImageEmbedding, ImageEmbedding | None, list[ImageEmbedding]]:
+        """The inputs', negative images' and each IP-Adapter's own images' CLIP embeddings (from the small cache
+        when seen before); with the penultimate hidden states where an IP-Adapter Plus reads them."""
+        adapter = self.parts.get("ip_adapter")
+        hidden = settings.mode == "ip_adapter" and adapter is not None and adapter.needs_hidden_states
+        embedding = images if isinstance(images, ImageEmbedding) else self._encode_loaded(
+            inputs.images, inputs.prints, settings.crop, hidden
+        )
+        negative = (self._encode_loaded(inputs.negatives, inputs.negative_prints, settings.crop, hidden)
+                    if inputs.negatives else None)
+        per_adapter = [self._encode_loaded(group, prints, settings.crop, hidden)
+                       for group, prints in zip(inputs.adapter_images, inputs.adapter_prints)]
+        return embedding, negative, per_adapter
+
+    def _condition(
+        self, inputs: RunInputs, settings: GenerationSettings, embedding: ImageEmbedding,
+        negative_embedding: ImageEmbedding | None, adapter_embeddings: list[ImageEmbedding] | None = None,
+    ) -> conditioning.Conditioning:
+        """The method's conditioning for one output image (its registry entry builds it)."""
+        build = METHODS[settings.mode].builder()
+        with noting_prompt_truncation() as truncated:
+            cond = build(ConditioningInputs(
+                settings=settings, embedding=embedding, text=self.text_side(),
+                cross_attention_dim=self.sd.unet.config.cross_attention_dim, negative_embedding=negative_embedding,
+                images=inputs.images, parts=self.parts, preset_name=self.preset.name,
+                adapter_embeddings=adapter_embeddings or [],
+            ))
+        if truncated:
+            length = getattr(getattr(self.sd, "tokenizer", None), "model_max_length", 77)
+            cond.notes["prompt_truncated"] = (
+                f"the prompt is longer than the text encoder's {length} tokens; only its start was used")
+        return cond
+
+    def _plan(
+        self, inputs: RunInputs, settings: GenerationSettings, embedding: ImageEmbedding,
+        cond: conditioning.Conditioning,
+    ) -> RunPlan:
+        """The UNet's tensors (guidance rule applied once), the structure plan, the trace and the provenance."""
+        unet = conditioning.for_unet(cond, settings.guided, settings.num_images, self.device, self.dtype)
+        trace = Trace(
+            pixel_values=_cpu(embedding.pixel_values),
+            image_embeds=_cpu(embedding.image_embeds),
+            hidden_states=_cpu(embedding.hidden_states),
+            prompt_embeds=_cpu(unet.prompt_embeds),
+            negative_prompt_embeds=_cpu(unet.negative_prompt_embeds),
+            extras={name: _cpu(value) for name, value in cond.extras.items()},
+        )
+        for index, adapter_embeds in enumerate(unet.ip_adapter_image_embeds or []):
+            trace.extras[adapter_trace_name(index)] = _cpu(adapter_embeds)
+        structure_source = inputs.structure_images or inputs.images[:1]
+        structure = self._structure.plan(settings, structure_source, settings.num_images)
+        trace.extras.update(structure.extras)
+        notes = dict(cond.notes)
+        if inputs.structure_images:
+            prints = [fingerprint(image)[:16] for image in inputs.structure_images]
+            notes["structure_input"] = prints[0] if len(prints) == 1 else prints
+        if inputs.adapter_prints:
+            notes["adapter_inputs"] = [[print_[:16] for print_ in group] for group in inputs.adapter_prints]
+        provenance = self._provenance(settings, inputs, notes)
+        provenance.model.update(structure.notes)
+        return RunPlan(structure, unet, list(cond.contexts), trace, provenance)
+
+    def _denoise(
+        self, plan: RunPlan, settings: GenerationSettings, on_step: StepCallback | None,
+        cancel: threading.Event | None, trace_latents: bool, trace_attention: bool = False,
+    ) -> Any:
+        """diffusers' own call with our conditioning and step callback; ``None`` when cancelled mid-run.
+
+        diffusers gets a shallow copy of the structure's pipeline holding this run's own scheduler
+        (``settings.scheduler``, built from the model's config): the shared pipeline and its scheduler
+        are never changed, so a run leaves no trace on them and other runs never see its choice.
+        """
+        shared = plan.structure.runner
+        runner = copy.copy(shared)  # the same components (no memory); its own config and run state
+        runner.scheduler = scheduler_for(settings.scheduler, shared.scheduler)
+        plan.structure.runner = runner
+        prompt, negative, mask = plan.unet.padded()
+        if mask is not None:
+            plan.trace.extras["encoder_attention_mask"] = _cpu(mask)
+        tracker = StepTracker(runner.unet, runner.scheduler, settings.guidance_scale if negative is not None else None,
+                              on_step=on_step, cancel=cancel, trace_latents=trace_latents)
+        total = unet_step_count(shared.scheduler, settings)
+        method_kwargs = ({"ip_adapter_image_embeds": plan.unet.ip_adapter_image_embeds}
+                         if plan.unet.ip_adapter_image_embeds is not None else {})
+        recorder = None
+        try:
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(tracker.tapping_noise_predictions())
+                non_finite = stack.enter_context(watching_decoded_values(runner.vae))
+                if mask is not None:
+                    stack.enter_context(masked_prompt(runner.unet, mask))
+                for context in plan.contexts:
+                    hook = stack.enter_context(context)
+                    if hook is not None:
+                        hook(0, total)  # the state before the first step
+                        tracker.step_hooks.append(hook)
+                for context in plan.structure.contexts(plan.trace.extras, mask):
+                    stack.enter_context(context)
+                if trace_attention:
+                    recorder = stack.enter_context(recording_attention(runner.unet, settings.num_images))
+                output = runner(
+                    prompt_embeds=prompt,
+                    negative_prompt_embeds=negative,
+                    num_inference_steps=settings.steps,
+                    guidance_scale=settings.guidance_scale,
+                    output_type="pil",
+                    callback_on_step_end=tracker,
+                    callback_on_step_end_tensor_inputs=["latents"],
+                    **plan.structure.kwargs,
+                    **method_kwargs,
+                    **self._noise(runner, settings, plan.structure.kwargs),
+                )
+        except Cancelled:
+            output = None
+        plan.trace.timesteps, plan.trace.latents = tracker.timesteps, tracker.latents
+        plan.trace.latent_steps = list(tracker.latent_steps)
+        if recorder is not None:
+            _keep_attention_maps(plan.trace, recorder.maps())
+        if output is not None and non_finite:
+            raise non_finite_error(non_finite[0])
+        return output
+
+    def _noise(self, runner: Any, settings: GenerationSettings, call_kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The seeded randomness of the diffusers call, per ``settings.noise``.
+
+        ``device``: ``generator=torch.Generator(device)``, diffusers' own way (the noise differs between CPU,
+        CUDA and MPS for one seed). ``cpu``: the starting noise drawn in float32 from
+        ``torch.Generator("cpu")`` and handed over as ``latents=`` (then moved to the device and dtype), so
+        one seed starts from the same noise on every machine; the same generator goes on to supply the
+        noise of stochastic schedulers (euler_a, lcm). img2img noises its input itself, from that generator.
+        """
+        if settings.noise == "device":
+            return {"generator": torch.Generator(self.device).manual_seed(settings.seed)}
+        generator = torch.Generator("cpu").manual_seed(settings.seed)
+        if settings.structure == "img2img":
+            return {"generator": generator}
+        native = runner.unet.config.sample_size * runner.vae_scale_factor
+        height, width = call_kwargs.get("height") or native, call_kwargs.get("width") or native
+        shape = (settings.num_images, runner.unet.config.in_channels,
+                 height // runner.vae_scale_factor, width // runner.vae_scale_factor)
+        latents = torch.randn(shape, generator=generator, dtype=torch.float32)
+        return {"generator": generator, "latents": latents.to(self.device, self.dtype)}
+
+    def _provenance(
+        self, settings: GenerationSettings, inputs: RunInputs, notes: dict[str, Any] | None = None
+    ) -> Provenance:
+        from .._version import __version__
+
+        return Provenance(
+            method=self.preset.method or settings.mode,
+            model={
+                "preset": self.preset.name,
+                "sd_model": self.preset.sd_model,
+                "clip_model": self.preset.clip_model,
+                **({"ip_adapter": _json_spec(self.preset.ip_adapter)} if self.preset.ip_adapter else {}),
+                **({"captioner": self.preset.captioner} if self.preset.captioner else {}),
+                **({"loras": [info.to_dict() for info in self._loras]} if self._loras else {}),
+                "memory": {"level": self.memory_level, "measures": list(self.memory_measures)},
+            },
+            inputs=tuple(print_[:16] for print_ in inputs.prints),
+            negative_inputs=tuple(print_[:16] for print_ in inputs.negative_prints),
+            notes=dict(notes or {}),
+            device=str(self.device),
+            dtype=str(self.dtype).removeprefix("torch."),
+            version=__version__,
+        )
+
+
+def adapter_trace_name(index: int) -> str:
+    """The trace name of IP-Adapter ``index``'s input (diffusers' layout): ``ip_adapter_image_embeds`` for the
+    first, ``ip_adapter_image_embeds_1``, ... for the others."""
+    return "ip_adapter_image_embeds" if index == 0 else f"ip_adapter_image_embeds_{index}"
+
+
+def unet_step_count(scheduler: Any, settings: GenerationSettings) -> int:
+    """How many UNet steps a run makes: known before it starts, so progress has a fixed total.
+
+    ``scheduler`` is the model's own; the count is that of ``settings.scheduler`` built from its config, as the
+    run builds it (PNDM, SD's default, runs one more: its warm-up step), on a fresh object so the shared
+    scheduler is untouched; img2img runs the last ``int(steps * strength)`` of them.
+    """
+    plan = schedule.planned_steps(scheduler_for(settings.scheduler, scheduler), settings.steps,
+                                  structure=settings.structure, strength=settings.strength)
+    return plan.total  # the one count; the controller shows its reason (PNDM's warm-up, img2img) in Started
+
+
+def generate(images: Any, *, model: str | Preset | None = None, **settings: Any) -> GenerationResult:
+    """One call for scripts: the default preset (or ``model=``), the same result as ``pipe.generate``."""
+    load_options = {name: settings.pop(name) for name in ("device", "dtype", "safety_checker", "memory")
+                    if name in settings}
+    return ImagePromptPipeline.from_preset(model, **load_options).generate(images, **settings)
+
+
+def _keep_attention_maps(trace: Trace, maps: AttentionMaps | None) -> None:
+    """The prompt's maps cut to the prompt's own tokens (padding the UNet saw has weight 0 there), and the
+    IP-Adapter's, into the trace."""
+    if maps is None:
+        return
+    trace.attention_maps = maps.prompt[:, : trace.prompt_embeds.shape[1]].contiguous()
+    if maps.adapter is not None:
+        trace.extras["adapter_attention_maps"] = maps.adapter
+
+
+def _check_image_count(sources: Any, what: str) -> None:
+    """Refuse more than :data:`MAX_INPUT_IMAGES` pictures before any is decoded."""
+    if isinstance(sources, (list, tuple)):
+        count = len(sources)
+    elif isinstance(sources, Mapping) and all(isinstance(value, Mapping) for value in sources.values()):
+        count = len(sources)  # an ipywidgets 7 FileUpload value: {name: {metadata, content}}
+    else:
+        return
+    if count > MAX_INPUT_IMAGES:
+        raise ImageInputError(
+            f"{count} {what} images are more than the {MAX_INPUT_IMAGES} one run takes: pass at most "
+            f"{MAX_INPUT_IMAGES} (each is decoded and encoded at once)."
+        )
+
+
+def _json_spec(spec: str | tuple[str, ...]) -> str | list[str]:
+    """One adapter's spec as it is; several as a JSON list."""
+    return spec if isinstance(spec, str) else list(spec)
+
+
+def _cpu(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.detach().to("cpu", copy=True)

@@ -1,0 +1,344 @@
+"""What a generation returns: the images, every intermediate tensor, and the recipe to redo it."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from struct import error as struct_error
+from typing import Any
+
+import torch
+
+from ..faults import filesystem_fault
+from ..settings import GenerationSettings
+
+TRACE_TENSORS = (
+    "pixel_values",
+    "image_embeds",
+    "hidden_states",
+    "prompt_embeds",
+    "negative_prompt_embeds",
+    "latents",
+    "attention_maps",
+)
+#: The dimensions of each traced tensor (``Trace.load`` checks files against them).
+TRACE_RANKS = {"pixel_values": 4, "image_embeds": 2, "hidden_states": 3, "prompt_embeds": 3,
+               "negative_prompt_embeds": 3, "latents": 5, "attention_maps": 4}
+#: What a trace file must hold to be one: the image's embedding and what the UNet was fed.
+REQUIRED_TRACE_TENSORS = ("image_embeds", "prompt_embeds")
+#: The most metadata text a trace or PNG recipe may carry (real ones: a few KB).
+MAX_METADATA_CHARS = 2**20
+
+
+class SaveError(ValueError):
+    """Results could not be written where asked: a prefix that would leave the folder, a full disk, a folder
+    that cannot be written or that is a file."""
+
+
+class ResultFileError(ValueError):
+    """A saved trace or PNG that cannot be read back: missing, not written by this package, damaged or hostile."""
+
+
+@dataclass
+class Trace:
+    """Every tensor between the input image and the output, on the CPU.
+
+    - ``pixel_values`` ``[N, 3, H, W]``: the picture CLIP actually saw (after crop and normalisation).
+    - ``image_embeds`` ``[N, D]``: the vision tower's projected embedding of each input image.
+    - ``hidden_states`` ``[N, T, Dv]``: the vision tower's last hidden state (257 tokens for ViT-L/14).
+    - ``prompt_embeds`` ``[B, L, D]``: the conditional embeddings fed to the UNet, one row per output image.
+    - ``negative_prompt_embeds`` ``[B, L, D]`` or ``None`` (no guidance): the unconditional branch.
+    - ``latents`` ``[S, B, C, h, w]`` or ``None``: latents after the steps listed in ``latent_steps``
+      (only when asked for with ``trace_latents=True``; at most ``MAX_TRACED_STEPS`` snapshots).
+    - ``attention_maps`` ``[B, L, h, w]`` or ``None``: how much each latent position attends to each of the
+      ``L`` prompt tokens (conditional branch; averaged over heads, cross-attention layers and steps; sums
+      to 1 over the tokens), only when asked for with ``trace_attention=True``. With an IP-Adapter, its image
+      tokens have maps of their own in ``extras["adapter_attention_maps"]``.
+    - ``timesteps``: the scheduler timesteps that ran.
+    - ``extras``: method-specific numbers (for example norm-matching factors).
+    """
+
+    pixel_values: torch.Tensor
+    image_embeds: torch.Tensor
+    hidden_states: torch.Tensor
+    prompt_embeds: torch.Tensor
+    negative_prompt_embeds: torch.Tensor | None = None
+    latents: torch.Tensor | None = None
+    attention_maps: torch.Tensor | None = None
+    latent_steps: list[int] = field(default_factory=list)
+    timesteps: list[float] = field(default_factory=list)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every traced tensor by name (``extras`` prefixed with ``extras.``), missing ones left out."""
+        named = {name: getattr(self, name) for name in TRACE_TENSORS if getattr(self, name) is not None}
+        named.update({f"extras.{name}": value for name, value in self.extras.items()})
+        return named
+
+    def summary(self) -> Any:
+        """One line per traced tensor (shape, dtype, device, min/max, mean, std, norm, NaN/Inf).
+
+        Returns text that shows as plain lines as a cell's result; ``print(trace.summary())`` also works.
+        """
+        from .summary import summarize_all
+
+        return summarize_all(self.tensors())
+
+    def to_dict(self) -> dict[str, Any]:
+        """Tensors plus the non-tensor fields, as plain Python containers."""
+        return {**self.tensors(), "latent_steps": list(self.latent_steps), "timesteps": list(self.timesteps)}
+
+    def save(self, path: str | os.PathLike, recipe: dict[str, Any] | None = None) -> Path:
+        """Write one safetensors file at ``path``: the tensors, and in its header's metadata (key ``imageprompt``)
+        the recipe and the step lists, so that file alone gives back everything :meth:`load` returns.
+
+        A full disk or a folder that cannot be written is a :class:`SaveError`; no partial file is left, and a
+        file already at ``path`` stays as it was.
+        """
+        import safetensors.torch
+
+        path = Path(path)
+        tensors = {name: t.detach().cpu().contiguous() for name, t in self.tensors().items()}
+        meta = {"latent_steps": self.latent_steps, "timesteps": self.timesteps, "recipe": recipe or {}}
+        with _saving("the trace", path, path.parent):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(f".{path.name}.{os.getpid()}.partial")  # renamed into place when whole
+            try:
+                safetensors.torch.save_file(tensors, str(partial), metadata={"imageprompt": json.dumps(meta)})
+                os.replace(partial, path)
+            finally:
+                partial.unlink(missing_ok=True)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> tuple[Trace, dict[str, Any]]:
+        """Read a trace written by :meth:`save`; returns ``(trace, recipe)``.
+
+        Anything that is not such a trace (another file, a damaged one, one without ``image_embeds`` and
+        ``prompt_embeds``, metadata of the wrong shape) is a :class:`ResultFileError` naming the file.
+        """
+        from safetensors import SafetensorError, safe_open
+
+        if not os.path.isfile(path):
+            raise ResultFileError(f"The trace file {path} does not exist.")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                text = (f.metadata() or {}).get("imageprompt", "{}")
+                tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open is no dict
+        except (SafetensorError, OSError, ValueError, TypeError) as err:
+            raise ResultFileError(
+                f"{path} is not a trace file this package can read (not safetensors, or damaged: "
+                f"{_first_line(err)})."
+            ) from None
+        meta = _metadata(text, path, "metadata")
+        for name in REQUIRED_TRACE_TENSORS:
+            if name not in tensors:
+                raise ResultFileError(f"The trace file {path} has no {name}: it was not written by Trace.save.")
+        for name, tensor in tensors.items():
+            rank = TRACE_RANKS.get(name)
+            if rank is not None and tensor.ndim != rank:
+                raise ResultFileError(f"In the trace file {path}, {name} has {tensor.ndim} dimension"
+                                      f"{'s' if tensor.ndim != 1 else ''}, not {rank}.")
+            if rank is not None and not tensor.is_floating_point():
+                raise ResultFileError(f"In the trace file {path}, {name} holds {str(tensor.dtype).removeprefix('torch.')}"
+                                      ", not floating-point numbers.")
+        latent_steps = _listed(meta, "latent_steps", int, path)
+        timesteps = _listed(meta, "timesteps", (int, float), path)
+        recipe = meta.get("recipe", {})
+        if not isinstance(recipe, dict):
+            raise ResultFileError(f"The recipe in the trace file {path} is {_a(recipe)}, not a mapping.")
+        extras = {name.removeprefix("extras."): t for name, t in tensors.items() if name.startswith("extras.")}
+        fields = {name: tensors.get(name) for name in TRACE_TENSORS}
+        trace = cls(**fields, latent_steps=latent_steps, timesteps=timesteps, extras=extras)
+        return trace, recipe
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where a run's images came from besides its settings: the models, the inputs' fingerprints, notes."""
+
+    method: str  # the mode, or the preset's method ("variations")
+    model: dict[str, Any]  # preset name, model ids or folders, extra parts (adapter, captioner, ControlNet)
+    inputs: tuple[str, ...] = ()  # sha256 prefixes of the decoded input images
+    negative_inputs: tuple[str, ...] = ()
+    notes: dict[str, Any] = field(default_factory=dict)  # e.g. BLIP's caption, the structure image's fingerprint
+    device: str = "cpu"
+    dtype: str = "float32"
+    version: str = ""
+
+
+@dataclass
+class GenerationResult:
+    """Images, trace and settings of one run. ``cancelled`` runs have no images (nothing half-done is decoded).
+
+    ``settings`` is the validated :class:`~imageprompt_widgets.GenerationSettings` the run used; the
+    JSON ``recipe`` (what saved PNGs carry) is derived from it and the ``provenance``.
+    """
+
+    images: list[Any]  # PIL images
+    trace: Trace | None  # None only for a run cancelled before it started (while it waited for the pipeline)
+    settings: GenerationSettings
+    provenance: Provenance
+    cancelled: bool = False
+    nsfw_content_detected: list[bool] | None = None
+    seconds: float = 0.0
+
+    @property
+    def recipe(self) -> dict[str, Any]:
+        """Everything needed to redo the run, as plain JSON types: settings, models, input fingerprints."""
+        return recipe_of(self.settings, self.provenance)
+
+    def save(self, folder: str | os.PathLike, prefix: str = "imageprompt") -> list[Path]:
+        """Write each image as PNG with the recipe in its metadata (key ``imageprompt``); returns the paths.
+
+        ``prefix`` starts each file name (``{prefix}-seed{seed}-{index}.png``) and may not leave ``folder``
+        (no path separators, no ``..``). A full disk or a folder that cannot be written is a :class:`SaveError`.
+        """
+        check_prefix(prefix)
+        recipe = self.recipe
+        return [save_png(image, folder, recipe, index, prefix) for index, image in enumerate(self.images)]
+
+
+@dataclass
+class Interpolation:
+    """Images generated along a slerp between two CLIP embeddings, one seed for all (``pipe.interpolate``)."""
+
+    weights: list[float]  # t of each point, 0 (start) to 1 (end)
+    embeds: torch.Tensor  # [N, D] the interpolated image embeddings used
+    results: list[GenerationResult]  # one finished run per point (fewer when cancelled)
+    labels: tuple[str, str] = ("start", "end")
+
+    @property
+    def images(self) -> list[Any]:
+        return [result.images[0] for result in self.results]
+
+    @property
+    def cancelled(self) -> bool:
+        return len(self.results) < len(self.weights)
+
+
+def recipe_of(settings: GenerationSettings, provenance: Provenance) -> dict[str, Any]:
+    """The recipe of a run (a JSON-able dict; ``settings`` under its own key)."""
+    return {
+        "method": provenance.method,
+        "settings": settings.to_dict(),
+        "model": dict(provenance.model),
+        "inputs": list(provenance.inputs),
+        "negative_inputs": list(provenance.negative_inputs),
+        **provenance.notes,
+        "device": provenance.device,
+        "dtype": provenance.dtype,
+        "version": provenance.version,
+    }
+
+
+def save_png(image: Any, folder: str | os.PathLike, recipe: dict[str, Any], index: int = 0,
+             prefix: str = "imageprompt") -> Path:
+    """Write one image of a run as PNG with the recipe (and its ``index`` in the batch) in its metadata."""
+    from PIL.PngImagePlugin import PngInfo
+
+    check_prefix(prefix)
+    folder = Path(folder)
+    info = PngInfo()
+    info.add_text("imageprompt", json.dumps({**recipe, "index": index}))
+    seed = recipe.get("settings", {}).get("seed", 0)
+    with _saving("the images", folder, folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        path = _free_path(folder / f"{prefix}-seed{seed}-{index}.png")
+        try:
+            image.save(path, pnginfo=info)
+        except BaseException:
+            path.unlink(missing_ok=True)  # a half-written picture is no picture
+            raise
+    return path
+
+
+def check_prefix(prefix: str) -> None:
+    """A file-name prefix must stay a name: no path separators, no ``..``, not empty."""
+    separators = {"/", "\\", os.sep, os.altsep or "/", "\0"}
+    if not isinstance(prefix, str) or not prefix or any(s in prefix for s in separators) or ".." in prefix:
+        raise SaveError(
+            f"prefix={prefix!r} is not a plain file-name start: use letters, digits, spaces, '-', '_' or '.', "
+            "without path separators or '..' (the folder argument says where files go)."
+        )
+
+
+@contextlib.contextmanager
+def _saving(what: str, target: Path, folder: Path) -> Iterator[None]:
+    """Filesystem faults while writing ``what`` become one :class:`SaveError` sentence saying what to do."""
+    try:
+        yield
+    except Exception as err:  # OSError, and safetensors' own error type for I/O failures
+        fault = filesystem_fault(err, folder)
+        if fault is None:
+            raise
+        raise SaveError(fault.sentence(f"Could not save {what} to {target}", "save to another folder")) from err
+
+
+def _free_path(path: Path) -> Path:
+    """``path``, or ``path`` with a counter, so a second run never overwrites the first run's pictures."""
+    candidate, counter = path, 1
+    while candidate.exists():
+        candidate = path.with_name(f"{path.stem}-{counter}{path.suffix}")
+        counter += 1
+    return candidate
+
+
+def recipe_from_png(path: str | os.PathLike) -> dict[str, Any]:
+    """The recipe stored in a PNG written by :meth:`GenerationResult.save`.
+
+    Read from the text chunks before the pixels, which are never decoded. A file that is not such a PNG is a
+    :class:`ResultFileError` naming it.
+    """
+    from PIL import Image
+
+    if not os.path.isfile(path):
+        raise ResultFileError(f"The picture {path} does not exist.")
+    try:
+        with Image.open(path) as image:
+            kind, text = image.format, image.info.get("imageprompt")
+    except (OSError, ValueError, SyntaxError, struct_error) as err:  # Pillow's parsers raise all of these
+        raise ResultFileError(f"{path} is not a PNG this package saved ({_first_line(err)}).") from None
+    if kind != "PNG":
+        raise ResultFileError(f"{path} is not a PNG this package saved (it is {kind or 'an unknown format'}).")
+    if not isinstance(text, str):
+        raise ResultFileError(f"The picture {path} has no recipe: it was not saved by imageprompt_widgets.")
+    recipe = _metadata(text, path, "recipe")
+    return recipe
+
+
+def _metadata(text: str, path: Any, what: str) -> dict[str, Any]:
+    """JSON text from a file's metadata as a mapping, or a :class:`ResultFileError` naming the file."""
+    if len(text) > MAX_METADATA_CHARS:
+        raise ResultFileError(f"The {what} in {path} is {len(text):,} characters long, far more than any saved run.")
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise ResultFileError(f"The {what} in {path} is nested too deeply to read.") from None
+    except ValueError as err:  # JSONDecodeError
+        raise ResultFileError(f"The {what} in {path} is not valid JSON ({err}).") from None
+    if not isinstance(value, dict):
+        raise ResultFileError(f"The {what} in {path} is {_a(value)}, not a mapping.")
+    return value
+
+
+def _listed(meta: dict[str, Any], key: str, kinds: Any, path: Any) -> list[Any]:
+    value = meta.get(key, [])
+    if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, kinds) for v in value):
+        raise ResultFileError(f"The {key} in the trace file {path} are not a list of numbers.")
+    return list(value)
+
+
+def _a(value: Any) -> str:
+    """``"an int"``, ``"a list"``: the JSON value's Python type with its article."""
+    name = type(value).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0][:200] if lines else type(err).__name__
