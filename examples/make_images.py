@@ -43,11 +43,24 @@ def still_life(size: int = 256) -> Image.Image:
     return image.filter(ImageFilter.GaussianBlur(0.6))
 
 
+#: Pictures of the toy world (drawn by imageprompt_widgets/toy/world.py at its 64 px): what the ``toy`` presets
+#: know, so their image-prompt routes visibly follow them (a real photograph becomes one of the world's scenes).
+WORLD_PICTURES = {
+    "red_circle_on_blue.png": ("circle", "red", "blue", 12, 10, 40),
+    "yellow_triangle_on_black.png": ("triangle", "yellow", "black", 14, 16, 36),
+    "green_square_on_white.png": ("square", "green", "white", 18, 14, 30),
+}
+
+
 def main() -> None:
     HERE.mkdir(parents=True, exist_ok=True)
     sunset().save(HERE / "sunset.png", optimize=True)
     still_life().save(HERE / "still_life.png", optimize=True)
-    print(f"wrote {HERE / 'sunset.png'} and {HERE / 'still_life.png'}")
+    from imageprompt_widgets.toy.world import Scene
+
+    for name, (shape, colour, background, x, y, size) in WORLD_PICTURES.items():
+        Scene(shape, colour, background, x, y, size).draw().save(HERE / name, optimize=True)
+    print(f"wrote {', '.join(['sunset.png', 'still_life.png', *WORLD_PICTURES])} to {HERE}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     imageprompt generate cat.jpg -o out/ --model toy --steps 20 --seed 1
     imageprompt batch photos/ -o out/ --seeds 0,1,2
     imageprompt embed photos/ -o photos.safetensors
+    imageprompt train-projector --model toy --images pictures/ -o my_projector/
 
 A command is a module with ``add_parser(commands)`` and ``run(args) -> exit code``, named once in
 :data:`COMMANDS`. Every module here imports only argparse-level code at import time, so bad input is refused
@@ -16,10 +17,12 @@ import argparse
 from collections.abc import Sequence
 from types import ModuleType
 
-from . import batch, embed, generate
+from . import batch, embed, generate, train_projector
 
 #: Every ``imageprompt`` command: its name and the module that parses and runs it.
-COMMANDS: dict[str, ModuleType] = {"generate": generate, "batch": batch, "embed": embed}
+COMMANDS: dict[str, ModuleType] = {
+    "generate": generate, "batch": batch, "embed": embed, "train-projector": train_projector,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import os
 import threading
 import time
@@ -143,6 +144,7 @@ class ImagePromptPipeline:
         on_status: StatusCallback | None = None,
         on_progress: ProgressCallback | None = None,
         memory: str = DEFAULT_MEMORY,
+        projector: str | os.PathLike | None = None,
     ) -> ImagePromptPipeline:
         """Load (once per process) the preset's models: ``"sd14"`` (default), ``"sd15"``, ``"tiny"`` or a folder.
 
@@ -153,13 +155,17 @@ class ImagePromptPipeline:
         ``memory`` (``"default"``, ``"balanced"``, ``"low"``, ``"lowest"``) saves GPU memory with diffusers'
         offloading, attention slicing and VAE tiling (memory.py); it is part of the cache key, so panels
         asking for different levels get different pipelines.
+        ``projector`` (a folder written by ``imageprompt train-projector``) loads a trained projector for
+        ``mode="projector"`` with any preset; the toy preset loads its own unless another is given.
         """
         preset = resolve_preset(preset)
+        if projector is not None:
+            preset = dataclasses.replace(preset, projector=os.fspath(projector))
         dev, dt = resolve_device_dtype(device, dtype)
         check_level(memory)
         key: Any = model_key(preset.sd_model, preset.clip_model, dev, dt, safety_checker, allow_pickle)
         extras = (preset.method, preset.revision, preset.clip_subfolder, preset.ip_adapter, preset.captioner,
-                  preset.loras)
+                  preset.loras, preset.projector)
         if any(extras):  # the method presets share models with plain ones but are different pipelines
             key = (key, *extras)
         if memory != DEFAULT_MEMORY:
@@ -312,7 +318,7 @@ class ImagePromptPipeline:
             found.add("image_tokens")
         if getattr(self.sd, "text_encoder", None) is not None:
             found.add("text")
-        found.update(name for name in ("ip_adapter", "captioner") if name in self.parts)
+        found.update(name for name in ("ip_adapter", "captioner", "projector") if name in self.parts)
         return frozenset(found)
 
     def methods(self) -> list[str]:

@@ -80,23 +80,23 @@ def _pooled(out: Any) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
-def is_clip_folder(path: str) -> bool:
-    """Whether ``path`` is a local CLIPModel folder (a zero-shot captioner) rather than a BLIP."""
-    import json
+#: The candidate captions beside a CLIP folder that makes it a zero-shot captioner (one caption a line).
+CAPTIONS_FILE = "captions.txt"
+
+
+def is_zero_shot_folder(path: str) -> bool:
+    """Whether ``path`` is a local CLIPModel folder with a list of captions (the toy world's: all 90 of its
+    captions, held-out combinations included), rather than a BLIP."""
     import os
 
-    config = os.path.join(path, "config.json")
-    if not os.path.isfile(config):
-        return False
-    with open(config, encoding="utf-8") as handle:
-        return json.load(handle).get("model_type") == "clip"
+    return os.path.isfile(os.path.join(path, CAPTIONS_FILE)) and os.path.isfile(os.path.join(path, "config.json"))
 
 
-def toy_world_captions() -> tuple[str, ...]:
-    """All 90 captions of the toy world (held-out combinations included: the CLIP composes them)."""
-    from ..toy import world
+def read_captions(path: str) -> tuple[str, ...]:
+    import os
 
-    return tuple(world.caption(colour, shape, background) for shape, colour, background in world.ALL_COMBINATIONS)
+    with open(os.path.join(path, CAPTIONS_FILE), encoding="utf-8") as handle:
+        return tuple(line.strip() for line in handle if line.strip())
 
 
 def load_zero_shot_captioner(path: str, device: Any, dtype: torch.dtype,
@@ -109,7 +109,7 @@ def load_zero_shot_captioner(path: str, device: Any, dtype: torch.dtype,
         tokenizer = CLIPTokenizer.from_pretrained(path)
     model.to(device)
     model.eval()
-    return ZeroShotCaptioner(model, processor, tokenizer, captions or toy_world_captions())
+    return ZeroShotCaptioner(model, processor, tokenizer, captions or read_captions(path))
 
 
 def load_parts(
@@ -118,8 +118,8 @@ def load_parts(
 ) -> dict[str, Any]:
     """Load the preset's BLIP (``local.captioner`` is its folder, or the Hub id), or for a CLIP folder (the toy
     world's) the zero-shot captioner over the world's captions."""
-    if is_clip_folder(str(local.captioner)):
-        say("Loading the toy CLIP as a zero-shot captioner…")
+    if is_zero_shot_folder(str(local.captioner)):
+        say(f"Loading the CLIP {preset.captioner!r} as a zero-shot captioner…")
         return {"captioner": load_zero_shot_captioner(str(local.captioner), device, dtype)}
     return {"captioner": load_captioner(str(preset.captioner), str(local.captioner), device, dtype,
                                         allow_pickle=allow_pickle, say=say)}

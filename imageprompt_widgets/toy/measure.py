@@ -60,6 +60,7 @@ class Tally:
     second_colour: int = 0
     second_shape: int = 0
     nothing: int = 0  # outputs where the judge saw no shape at all
+    background: int = 0
 
     def add(self, seen: Judgement, first: Scene, second: Scene | None = None) -> None:
         self.count += 1
@@ -68,6 +69,7 @@ class Tally:
         self.shape += shape
         self.both += colour and shape
         self.nothing += seen.colour is None
+        self.background += seen.background == first.background
         if second is not None:
             self.second_colour += seen.colour == second.colour
             self.second_shape += seen.shape == second.shape
@@ -85,6 +87,8 @@ class Run:
     inputs: list[tuple[Scene, ...]] = field(default_factory=list)
     outputs: list[Image.Image] = field(default_factory=list)
     judgements: list[Judgement] = field(default_factory=list)
+    #: The toy CLIP's image–image cosine of each output with its (first) input (routes only).
+    cosines: list[float] = field(default_factory=list)
 
 
 def text_to_image(pipe: Any, scenes: Sequence[Scene] | None = None, **settings: Any) -> Run:
@@ -176,6 +180,103 @@ def all_methods() -> tuple[Method, ...]:
     return SINGLE_METHODS + combine_methods({"mode": "single", "norm_match": True})
 
 
+# ---------------------------------------------------------------------------------------------
+# The route scoreboard: every way an image becomes the prompt, each on the toy preset that runs it
+
+
+@dataclass(frozen=True)
+class Route:
+    """One row of the scoreboard: the preset that runs it and the settings (its preset's defaults otherwise)."""
+
+    label: str
+    preset: str
+    settings: dict[str, Any]
+
+
+_IMG2IMG = {"mode": "blend", "prompt": "", "image_weight": 0.0, "structure": "img2img"}
+#: Every route, in the scoreboard's order: the guide's embedding-as-prompt family first (on ``toy``), then the
+#: trained routes (each on its toy preset), then the caption, then img2img (the picture itself, noised).
+ROUTES: dict[str, Route] = {route.label: route for route in (
+    Route("repeat", "toy", {"mode": "repeat"}),
+    Route("single", "toy", {"mode": "single"}),
+    Route("tokens", "toy", {"mode": "tokens"}),
+    Route("blend", "toy", {"mode": "blend", "prompt": ""}),
+    Route("norm matching (single)", "toy", {"mode": "single", "norm_match": True}),
+    Route("ip_adapter", "toy-ip-adapter", {}),
+    Route("ip_adapter plus", "toy-ip-adapter-plus", {}),
+    Route("variations", "toy-variations", {}),
+    Route("projector", "toy", {"mode": "projector"}),
+    Route("caption", "toy", {"mode": "caption"}),
+    Route("img2img 0.5", "toy", {**_IMG2IMG, "strength": 0.5}),
+    Route("img2img 0.8", "toy", {**_IMG2IMG, "strength": 0.8}),
+)}
+
+
+class ToyClip:
+    """The toy CLIP's image embeddings, to compare an output with its input (cosine)."""
+
+    def __init__(self) -> None:
+        from transformers import CLIPModel
+
+        from . import CLIP_FOLDER
+        from .train import clip_pixels
+
+        self.model = CLIPModel.from_pretrained(str(CLIP_FOLDER)).eval()
+        self._pixels = clip_pixels
+
+    def cosine(self, first: Image.Image, second: Image.Image) -> float:
+        import torch
+
+        with torch.inference_mode():
+            out = self.model.get_image_features(pixel_values=self._pixels([first.convert("RGB"), second.convert("RGB")]))
+            embeds = out if isinstance(out, torch.Tensor) else out.pooler_output
+            embeds = torch.nn.functional.normalize(embeds, dim=-1)
+        return float(embeds[0] @ embeds[1])
+
+
+def measure_route(route: Route, scenes: Sequence[Scene] | None = None, clip: ToyClip | None = None,
+                  **settings: Any) -> Run:
+    """Generate from each held-out picture with ``route`` on its preset (seed = the picture's index); judge the
+    output against the input (colour, shape, background) and compare them with the toy CLIP."""
+    from ..engine.pipeline import ImagePromptPipeline
+
+    scenes = list(held_out_scenes() if scenes is None else scenes)
+    pipe = ImagePromptPipeline.from_preset(route.preset)
+    run = Run(route.label)
+    for index, scene in enumerate(scenes):
+        picture = scene.draw()
+        result = pipe.generate(picture, seed=index, **{**route.settings, **settings})
+        _record(run, (scene,), result.images[0])
+        if clip is not None:
+            run.cosines.append(clip.cosine(picture, result.images[0]))
+    return run
+
+
+def scoreboard(scenes: Sequence[Scene] | None = None, routes: Sequence[str] | None = None,
+               on_run: Callable[[Run], None] | None = None, **settings: Any) -> list[Run]:
+    """Every route (or the named ones) over the same held-out scenes, with the toy CLIP's cosines."""
+    clip = ToyClip()
+    runs = []
+    for name in routes or ROUTES:
+        runs.append(measure_route(ROUTES[name], scenes, clip, **settings))
+        if on_run is not None:
+            on_run(runs[-1])
+    return runs
+
+
+def scoreboard_table(runs: Sequence[Run]) -> str:
+    """The scoreboard as Markdown: how often each route kept the input's colour, shape and background, and the
+    mean toy-CLIP cosine of output and input."""
+    lines = ["| route | preset | n | colour | shape | background | CLIP cosine |", "|---|---|---|---|---|---|---|"]
+    for run in runs:
+        t = run.tally
+        cosine = f"{sum(run.cosines) / len(run.cosines):.2f}" if run.cosines else ""
+        preset = ROUTES[run.label].preset if run.label in ROUTES else ""
+        lines.append(f"| {run.label} | {preset} | {t.count} | {100 * t.rate('colour'):.0f} % | "
+                     f"{100 * t.rate('shape'):.0f} % | {100 * t.rate('background'):.0f} % | {cosine} |")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m imageprompt_widgets.toy.measure``: text-to-image accuracy and the method table, as Markdown."""
     import argparse
@@ -186,6 +287,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Measure the toy preset on the held-out scenes.")
     parser.add_argument("--scenes", type=int, default=len(held_out_scenes()), help="how many held-out scenes")
     parser.add_argument("--no-methods", action="store_true", help="text-to-image only")
+    parser.add_argument("--routes", action="store_true",
+                        help="the route scoreboard (every route on its toy preset) instead of the method table")
+    parser.add_argument("--grid", default=None, metavar="PNG", help="with --routes: save input + outputs as a grid")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     from ..engine.pipeline import ImagePromptPipeline
@@ -194,6 +298,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     pipe = ImagePromptPipeline.from_preset("toy")
     print(f"loaded 'toy' in {time.perf_counter() - start:.1f} s (one thread)")
     scenes = held_out_scenes(args.scenes)
+    if args.routes:
+        start = time.perf_counter()
+        runs = scoreboard(scenes, on_run=lambda r: print(f"  {r.label}: colour {100 * r.tally.rate('colour'):.0f} %",
+                                                       flush=True))
+        print(f"\n{scoreboard_table(runs)}\n\n({len(runs) * len(scenes)} pictures in "
+              f"{time.perf_counter() - start:.0f} s)")
+        if args.grid:
+            rows = [[scene.draw() for scene in scenes[:8]]] + [run.outputs[:8] for run in runs]
+            grid(rows, scale=1).save(args.grid)
+        return 0
     start = time.perf_counter()
     run = text_to_image(pipe, scenes)
     seconds = (time.perf_counter() - start) / len(scenes)

@@ -727,6 +727,13 @@ def save_clip(folder: Path, clip: Any, tokenizer: Any) -> None:
     CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side}).save_pretrained(
         str(folder)
     )
+    write_captions(folder)
+
+
+def write_captions(folder: Path) -> None:
+    """The world's 90 captions beside the CLIP: what makes it a zero-shot captioner (methods/caption.py)."""
+    captions = [world.caption(c, s, b) for s, c, b in world.ALL_COMBINATIONS]
+    (Path(folder) / "captions.txt").write_text("\n".join(captions) + "\n", encoding="utf-8")
 
 
 def save_sd(folder: Path, vae: Any, text_encoder: Any, tokenizer: Any, unet: Any) -> None:
