@@ -76,26 +76,26 @@ class Budget:
     unet_lr: float = 1e-3
     caption_dropout: float = 0.1
     ema_decay: float = 0.995
-    adapter_steps: int = 0
-    adapter_batch: int = 64
+    adapter_steps: int = 700
+    adapter_batch: int = 16
     adapter_lr: float = 1e-3
     adapter_tokens: int = 4
     #: The image-prompt stages (IP-Adapter, Plus, variations, projector) on the frozen base; pictures encoded once.
-    image_pool: int = 8192
+    image_pool: int = 4096
     #: Timesteps of the image-prompt stages drawn with density ∝ t^(bias-1) (diffusion_loss).
     noisy_bias: float = 2.0
     #: How much of the image-prompt stages' target is the frozen UNet's own prediction on the picture's caption
     #: (the text route as teacher) rather than the data's v (diffusion_loss).
     teacher_weight: float = 0.5
-    plus_steps: int = 0
-    plus_batch: int = 32
+    plus_steps: int = 600
+    plus_batch: int = 16
     plus_lr: float = 1e-3
     plus_queries: int = 16
-    variations_steps: int = 0
-    variations_batch: int = 32
-    variations_lr: float = 3e-4
-    projector_steps: int = 0
-    projector_batch: int = 32
+    variations_steps: int = 600
+    variations_batch: int = 16
+    variations_lr: float = 2e-4
+    projector_steps: int = 700
+    projector_batch: int = 16
     projector_lr: float = 1e-3
     projector_hidden: int = 256
 
@@ -565,8 +565,9 @@ def _with_adapter(unet: Any, state: dict[str, dict[str, torch.Tensor]]) -> tuple
 
     unet = copy.deepcopy(unet)
     unet.requires_grad_(False)
+    frozen = {id(parameter) for parameter in unet.parameters()}
     unet._load_ip_adapter_weights([state], low_cpu_mem_usage=False)
-    trainable = [p for p in unet.parameters() if not p.requires_grad]  # the freshly loaded adapter layers
+    trainable = [p for p in unet.parameters() if id(p) not in frozen]  # the freshly loaded adapter layers
     for parameter in trainable:
         parameter.requires_grad_(True)
     unet.train()
