@@ -347,6 +347,12 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
 LIVE_TWINS: MappingProxyType[str, str] = MappingProxyType({"sd15": "sd15-live", "tiny": "tiny-live"})
 
 
+def runs_toy_weights(preset: Preset) -> bool:
+    """Whether a preset runs the toy world's shipped weights (its SD folder lies under the toy weights: ``toy``,
+    ``toy-ip-adapter``, ``toy-ip-adapter-plus``, ``toy-variations``)."""
+    return bool(preset.sd_model) and Path(preset.sd_model).resolve().is_relative_to(TOY_WEIGHTS.resolve())
+
+
 class UnknownPresetError(ValueError):
     """A model name that is neither a preset, a local folder nor a plausible Hub id."""
 

@@ -212,11 +212,12 @@ def caption_pipe():
 
 def test_every_method_preset_has_an_offline_twin_and_documents_its_download():
     from imageprompt_widgets import PRESETS
+    from imageprompt_widgets.presets import runs_toy_weights
 
     for preset in PRESETS.values():
         assert preset.download_size, preset.name
         GenerationSettings.from_kwargs(**dict(preset.defaults))  # every preset's defaults are valid settings
-        if preset.method and not preset.offline_builder:
+        if preset.method and not preset.offline_builder and not runs_toy_weights(preset):  # toy-*: trained, offline
             twin = PRESETS[f"tiny-{preset.name}"]
             assert (twin.method, twin.defaults) == (preset.method, preset.defaults)
 
@@ -376,9 +377,13 @@ def test_registry_names_what_each_method_reads_needs_and_its_twin():
     assert methods_for(PRESETS["tiny-ip-adapter"]) == ["ip_adapter"]
     assert methods_for(PRESETS["tiny-variations"]) == ["repeat", "single", "tokens"]
     assert "caption" in methods_for(PRESETS["tiny-caption"])
+    assert methods_for(PRESETS["toy"]) == ["repeat", "single", "tokens", "blend", "caption", "projector"]
+    assert methods_for(PRESETS["toy-ip-adapter"]) == ["ip_adapter"]
     for name, method in METHODS.items():
         assert method.twin in presets_providing(name), name  # every method runs offline on its twin
-        assert PRESETS[method.twin].offline_builder, name
+        assert PRESETS[method.twin].offline_builder or name == "projector", name  # (the projector's: toy's)
+        if method.toy_twin:
+            assert method.toy_twin in presets_providing(name), name  # and, with trained weights, in the toy world
 
 
 def test_a_loaded_pipeline_knows_which_methods_it_can_run(tiny_pipe):

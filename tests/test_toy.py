@@ -116,10 +116,16 @@ def test_the_shipped_weights_are_what_the_training_script_writes():
     record = json.loads((WEIGHTS / "training.json").read_text())
     assert record["budget"] == asdict(train.Budget()) and record["seed"] == 0
     assert record["torch_threads"] == 1
+    assert [stage["name"] for stage in record["stages"]] == ["clip", "vae", "unet", "image_pool",
+                                                             *train.IMAGE_PROMPT_STAGES]
     names = sorted(str(p.relative_to(WEIGHTS)) for p in WEIGHTS.rglob("*.safetensors"))
-    assert names == ["clip/model.safetensors", "sd/text_encoder/model.safetensors",
-                     "sd/unet/diffusion_pytorch_model.safetensors", "sd/vae/diffusion_pytorch_model.safetensors"]
-    assert sum(p.stat().st_size for p in WEIGHTS.rglob("*")) < 12 * 2**20
+    assert names == ["clip/model.safetensors", "ip_adapter/ip-adapter-plus_toy.safetensors",
+                     "ip_adapter/ip-adapter_toy.safetensors", "projector/projector.safetensors",
+                     "sd/text_encoder/model.safetensors", "sd/unet/diffusion_pytorch_model.safetensors",
+                     "sd/vae/diffusion_pytorch_model.safetensors", "variations/image_encoder/model.safetensors",
+                     "variations/unet/diffusion_pytorch_model.safetensors",
+                     "variations/vae/diffusion_pytorch_model.safetensors"]
+    assert sum(p.stat().st_size for p in WEIGHTS.rglob("*")) < 20 * 2**20
 
 
 def test_the_toy_tokenizer_is_clips_with_one_token_per_word():
@@ -207,7 +213,15 @@ def test_a_small_method_table_recomputes(toy_pipe):
 def test_every_training_stage_runs_and_repeats_itself(tmp_path):
     train.train_all(tmp_path / "a", train.Budget.smoke(), log=lambda _: None)
     record = json.loads((tmp_path / "a" / "training.json").read_text())
-    assert [stage["name"] for stage in record["stages"]] == ["clip", "vae", "unet", "ip_adapter"]
+    stages = ["clip", "vae", "unet", "image_pool", "ip_adapter", "ip_adapter_plus", "variations", "projector"]
+    assert [stage["name"] for stage in record["stages"]] == stages
+    for output in train.STAGE_OUTPUTS.values():
+        assert (tmp_path / "a" / output).exists(), output
+    # Only some stages again, on the base already there: the other stages' records stay.
+    train.train_all(tmp_path / "a", train.Budget.smoke(), log=lambda _: None, stages=("projector",))
+    again = json.loads((tmp_path / "a" / "training.json").read_text())
+    assert sorted(stage["name"] for stage in again["stages"]) == sorted(stages)
+    assert again["stages"][:3] == record["stages"][:3]
     tokenizer = train.write_tokenizer(tmp_path / "tokenizer")
     first = train.train_clip(tokenizer, train.Budget.smoke(), seed=0, log=lambda _: None).state_dict()
     again = train.train_clip(tokenizer, train.Budget.smoke(), seed=0, log=lambda _: None).state_dict()

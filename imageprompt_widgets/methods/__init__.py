@@ -18,10 +18,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib import import_module
-from pathlib import Path
 from typing import Any
 
-from ..presets import PRESETS, Preset
+from ..presets import PRESETS, Preset, runs_toy_weights
 from ..settings import MODES, STRUCTURE_SETTINGS
 
 #: Settings every run reads, whatever its method (the structure section adds its own, per structure).
@@ -124,10 +123,8 @@ def preset_capabilities(preset: Preset) -> frozenset[str]:
 
 
 def is_toy_preset(preset: Preset) -> bool:
-    """Whether a preset runs the toy world's shipped weights (its folders lie under the toy weights)."""
-    from ..presets import TOY_WEIGHTS
-
-    return Path(preset.sd_model).resolve().is_relative_to(TOY_WEIGHTS) if preset.sd_model else False
+    """Whether a preset runs the toy world's shipped weights (presets.runs_toy_weights)."""
+    return runs_toy_weights(preset)
 
 
 def offline_twin(name: str, current: Preset) -> str:

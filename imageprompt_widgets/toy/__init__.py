@@ -11,13 +11,16 @@ This module only names where the weights are (the presets' table holds the folde
 
 from __future__ import annotations
 
+from ..presets import TOY_ADAPTER_FOLDER as ADAPTER_FOLDER
 from ..presets import TOY_CLIP_FOLDER as CLIP_FOLDER
+from ..presets import TOY_PROJECTOR_FOLDER as PROJECTOR_FOLDER
 from ..presets import TOY_SD_FOLDER as SD_FOLDER
+from ..presets import TOY_VARIATIONS_FOLDER as VARIATIONS_FOLDER
 from ..presets import TOY_WEIGHTS as WEIGHTS
 
-#: The shipped weights: ``sd`` (a StableDiffusionPipeline folder), ``clip`` (a CLIPModel folder) and
-#: ``training.json`` (how they were made); ``ip_adapter`` only where train.py's adapter stage was switched on
-#: (off by default: the shipped weights have none).
-ADAPTER_FOLDER = WEIGHTS / "ip_adapter"
+#: The shipped weights: ``sd`` (a StableDiffusionPipeline folder), ``clip`` (a CLIPModel folder, with the world's
+#: captions for the zero-shot caption route), the image-prompt stages' ``ip_adapter`` (the plain and Plus
+#: adapters in h94's layout), ``variations`` (a StableDiffusionImageVariationPipeline folder) and ``projector``,
+#: and ``training.json`` (how they were made).
 
-__all__ = ["ADAPTER_FOLDER", "CLIP_FOLDER", "SD_FOLDER", "WEIGHTS"]
+__all__ = ["ADAPTER_FOLDER", "CLIP_FOLDER", "PROJECTOR_FOLDER", "SD_FOLDER", "VARIATIONS_FOLDER", "WEIGHTS"]

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import html
 from dataclasses import dataclass
-from pathlib import Path
 
-from ..presets import TOY_SD_FOLDER, Preset, resolve_preset
+from ..presets import Preset, resolve_preset, runs_toy_weights
 
 #: What to pick for real pictures (a GPU runtime on Colab).
 REAL_PRESETS_ADVICE = (
@@ -50,8 +49,9 @@ class Banner:
 
 
 def is_toy_world(preset: str | Preset) -> bool:
-    """Whether a preset runs the toy world's shipped weights (trained on coloured shapes, not photographs)."""
-    return Path(resolve_preset(preset).sd_model) == TOY_SD_FOLDER
+    """Whether a preset runs the toy world's shipped weights (trained on coloured shapes, not photographs): ``toy``
+    and its image-prompt presets (``toy-ip-adapter``, ``toy-ip-adapter-plus``, ``toy-variations``)."""
+    return runs_toy_weights(resolve_preset(preset))
 
 
 def weights_banner(preset: str | Preset) -> Banner | None:
