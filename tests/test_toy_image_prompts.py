@@ -159,3 +159,13 @@ def test_the_judges_colour_mask_is_the_drawn_shape():
     scene = world.held_out_scenes()[3]
     drawn = (np.asarray(scene.draw()) == np.array(world.PALETTE[scene.colour])).all(-1)
     assert np.array_equal(localise.colour_mask(scene.draw()), drawn)
+
+
+def test_the_inspectors_row_says_what_the_judge_read_and_what_was_kept():
+    from imageprompt_widgets.toy.judge import run_row
+
+    picture = world.Scene("circle", "red", "blue", 10, 12, 30).draw()
+    output = world.Scene("square", "red", "green", 20, 8, 36).draw()
+    assert run_row(picture, output) == ("The toy world's judge read the input as red circle on blue and the output "
+                                        "as red square on green: kept colour.")
+    assert run_row(picture, picture).endswith("kept colour, shape, background.")

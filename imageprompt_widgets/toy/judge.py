@@ -107,3 +107,17 @@ def best_template(patch: np.ndarray) -> tuple[str | None, float]:
         scores[shape] = float((template & box_patch).sum() / (template | box_patch).sum())
     shape = max(scores, key=scores.get)
     return shape, scores[shape]
+
+
+def run_row(picture: Any, output: Any) -> str:
+    """One run's row of the route scoreboard, in words: what the judge read in the input and in the output, and
+    which of colour, shape and background the output kept (the Inspector shows it for toy runs)."""
+    seen_in, seen_out = judge(picture), judge(output)
+
+    def words(seen: Judgement) -> str:
+        return f"{seen.colour} {seen.shape} on {seen.background}" if seen.colour else f"nothing on {seen.background}"
+
+    kept = [name for name in ("colour", "shape", "background")
+            if getattr(seen_in, name) is not None and getattr(seen_in, name) == getattr(seen_out, name)]
+    return (f"The toy world's judge read the input as {words(seen_in)} and the output as {words(seen_out)}: "
+            f"{'kept ' + ', '.join(kept) if kept else 'kept none of colour, shape and background'}.")

@@ -18,6 +18,7 @@ import ipywidgets as widgets
 from .. import views
 from ..engine.controller import Controller, Event, Failed, Finished, Job, TaskContext
 from ..engine.runners import InlineRunner
+from ..presets import runs_toy_weights
 from .gallery import close_tree, picture
 
 EMPTY_TEXT = "Generate something to inspect its tensors here."
@@ -35,6 +36,17 @@ DIRECTION_GAP_TEXT = ("Where the image embedding points against SD's own text to
                       "typed here (and CLIP's text tower where the model has one): press Compare.")
 #: What the Adapter tokens section says about a run that fed no IP-Adapter.
 NO_ADAPTER_TEXT = "This run fed no IP-Adapter: its tokens show here after an ip_adapter run."
+
+
+def _toy_row(result: Any, pipeline: Any, inputs: Sequence[Any] | None) -> str:
+    """On the toy world's presets: this run's row of the route scoreboard (what the judge read in the first input
+    and in the first output; docs/toy_world.md has every route's rates)."""
+    preset = getattr(pipeline, "preset", None)
+    if preset is None or not runs_toy_weights(preset) or not inputs or not result.images:
+        return ""
+    from ..toy.judge import run_row
+
+    return "\n\n" + run_row(inputs[0], result.images[0])
 
 
 def _pre(text: str) -> str:
@@ -164,7 +176,8 @@ class InspectorTab(widgets.VBox):
         trace = result.trace
         if inputs and len(inputs) == trace.image_embeds.shape[0]:
             self.labels = list(labels) if labels and len(labels) == len(inputs) else views.source_labels(inputs)
-        self._fill("Tensors", lambda: setattr(self.summary, "value", _pre(trace.summary())), self.summary)
+        self._fill("Tensors", lambda: setattr(self.summary, "value", _pre(trace.summary() + _toy_row(
+            result, pipeline, inputs))), self.summary)
         self._fill("What CLIP saw", lambda: self._set_image(
             self.clip_image, "What CLIP saw",
             views.what_clip_saw(trace.pixel_values, pipeline.image_processor, inputs, crop=result.settings.crop),

@@ -70,6 +70,7 @@ _CAPABILITY_WORDS = {
     "text": "a text encoder",
     "ip_adapter": "an IP-Adapter",
     "captioner": "a captioner (BLIP)",
+    "projector": "a trained projector (projector=...)",
 }
 LATENTS_LABEL = "keep latents (Denoising view)"
 ATTENTION_LABEL = "trace attention (Attention view)"
