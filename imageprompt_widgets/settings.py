@@ -27,7 +27,7 @@ BLENDS = ("interpolate", "concat")
 #: the negative text where one is typed; see the README's "Negative text").
 NEGATIVES = ("empty_prompt", "zeros", "image")
 #: The denoising schedulers (samplers) a run can use; each is built from the loaded model's own scheduler
-#: config (samplers.py). ``pndm`` is SD 1.x's own, the guide's.
+#: config (engine/samplers.py). ``pndm`` is SD 1.x's own, the guide's.
 SCHEDULERS = ("pndm", "ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "unipc", "lcm")
 #: Where the starting noise comes from: a generator on the model's device (diffusers' way, the contract's
 #: default) or always the CPU's, so one seed gives the same picture on CPU, CUDA and MPS.
@@ -42,8 +42,8 @@ CROPS = ("center_crop", "squash", "pad")
 ADAPTER_BLOCKS = ("all", "style", "composition", "style_and_composition", "custom")
 #: The UNet parts diffusers' ``set_ip_adapter_scale`` dictionaries name.
 ADAPTER_BLOCK_PARTS = ("down", "mid", "up")
-#: How much of the input's layout a run keeps (structure.py): nothing, a map of it through a ControlNet (its
-#: Canny edges or its depth; controlnets.py names each kind), or its noised latents as the start (img2img).
+#: How much of the input's layout a run keeps (structure/plan.py): nothing, a map of it through a ControlNet (its
+#: Canny edges or its depth; structure/controlnets.py names each kind), or its noised latents as the start (img2img).
 STRUCTURES = ("none", "edges", "depth", "img2img")
 #: The structures that steer through a ControlNet (controlnets.CONTROL_KINDS); ``control_units`` kinds.
 CONTROLNET_STRUCTURES = ("edges", "depth")

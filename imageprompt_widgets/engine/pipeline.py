@@ -119,7 +119,7 @@ class ImagePromptPipeline:
         self.preset = preset or Preset(name="custom", sd_model="custom", clip_model="custom")
         #: What the preset's methods loaded beside SD and the encoder ("ip_adapter", "captioner").
         self.parts = dict(parts or {})
-        #: The memory level the models were placed with (memory.py) and what it did on this device.
+        #: The memory level the models were placed with (loading/memory.py) and what it did on this device.
         self.memory_level = check_level(memory_level)
         self.memory_measures = tuple(memory_measures)
         self._loras: list[LoraInfo] = list(loras or [])
@@ -151,7 +151,7 @@ class ImagePromptPipeline:
         ``on_progress`` gets the Hub's download progress (:mod:`imageprompt_widgets.loading.downloads`); raising
         ``DownloadCancelled`` from it stops the download.
         ``memory`` (``"default"``, ``"balanced"``, ``"low"``, ``"lowest"``) saves GPU memory with diffusers'
-        offloading, attention slicing and VAE tiling (memory.py); it is part of the cache key, so panels
+        offloading, attention slicing and VAE tiling (loading/memory.py); it is part of the cache key, so panels
         asking for different levels get different pipelines.
         """
         preset = resolve_preset(preset)
@@ -324,7 +324,7 @@ class ImagePromptPipeline:
         """SD's text encoder as conditioning builders see it."""
         return TextSide(encode=self.encode_text, empty=self.empty_prompt_embeds, typical_norm=self.text_token_norm)
 
-    # -- LoRA (lora.py) ------------------------------------------------------------------------------
+    # -- LoRA (loading/lora.py) ------------------------------------------------------------------------------
 
     @property
     def loras(self) -> tuple[LoraInfo, ...]:
@@ -385,14 +385,14 @@ class ImagePromptPipeline:
         self._empty_prompt_embeds = None
         self._text_token_norm = None
 
-    # -- structure (structure.py) ------------------------------------------------------------------
+    # -- structure (structure/plan.py) ------------------------------------------------------------------
 
     def load_controlnet(
         self, model: str | None = None, on_status: StatusCallback | None = None, *, kind: str | None = None
     ) -> Any:
         """The ControlNet of a structure kind, loaded once: the preset's, or ``model`` (Hub id or folder).
 
-        Each ControlNet reads one kind of map (controlnets.py): ``kind="edges"`` (Canny edges, the default) or
+        Each ControlNet reads one kind of map (structure/controlnets.py): ``kind="edges"`` (Canny edges, the default) or
         ``"depth"``. A ``model`` whose name says which (``...-canny``, ``..._depth``) needs no ``kind``; it then
         replaces the preset's ControlNet of that kind, so runs feed it the map it was trained on.
         """

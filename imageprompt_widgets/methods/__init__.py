@@ -8,7 +8,7 @@ encoder (an adapter, a captioner), ``load_parts(...)``. Builders receive narrow 
 (:class:`~imageprompt_widgets.methods.inputs.ConditioningInputs`), never the pipeline.
 
 Adding a method: its name in ``settings.MODES``, one entry here, one module under ``methods/``; presets
-that carry its parts in ``presets.py`` and, where it needs parts, an offline twin in ``offline.py``.
+that carry its parts in ``presets.py`` and, where it needs parts, an offline twin in ``loading/offline.py``.
 
 This module imports nothing heavy: faces read the table before any model is loaded.
 """
