@@ -11,18 +11,34 @@ against a server that would hold it far longer), never measured.
 from __future__ import annotations
 
 import io
+import json
 import os
+import struct
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import pytest
 import test_image_urls
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 from test_image_urls import Server, _socket_buffer_bound
 
+from imageprompt_widgets import settings as settings_module
+from imageprompt_widgets.batch.manifest import read_manifest
+from imageprompt_widgets.cli import main
+from imageprompt_widgets.engine.results import (
+    MAX_METADATA_CHARS,
+    Provenance,
+    recipe_from_png,
+    recipe_of,
+    save_png,
+)
 from imageprompt_widgets.images import MAX_REDIRECTS, ImageInputError, load_image
 from imageprompt_widgets.loading.offline import sample_image
+from imageprompt_widgets.settings import MAX_CONTROL_UNITS, ControlUnit, GenerationSettings, SettingsError
+from imageprompt_widgets.widget.recipe import RecipeError, read_recipe
 
 TIMEOUT = 1.0
 CAP = 256 * 1024
@@ -203,3 +219,199 @@ def test_a_fifo_is_refused_instead_of_blocking(tmp_path: Path) -> None:
     (err,) = outcome
     assert isinstance(err, ImageInputError), err
     assert "'pipe.png' is not a regular file" in str(err)
+
+
+# -- 4. JSON settings nested thousands deep, too many units, huge numbers ---------------------------------
+
+DEEP = 50_000
+
+
+def nested_list(depth: int) -> list:
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"structure": "edges", "control_units": "[" * DEEP + "]" * DEEP},
+        {"structure": "edges", "control_units": "[" * 5_000 + "]" * 5_000},
+        {"adapter_block_scales": '{"up": ' * 5_000 + "1" + "}" * 5_000},
+        {"structure": "edges", "control_units": nested_list(DEEP)},
+        {"adapter_block_scales": {"up": nested_list(DEEP)}},
+    ],
+    ids=["units-text-long", "units-text", "block-scales-text", "units-object", "block-scales-object"],
+)
+def test_deeply_nested_json_settings_are_one_settings_error(settings: dict) -> None:
+    name = next(key for key in settings if key != "structure")
+    with pytest.raises(SettingsError) as err:
+        GenerationSettings(**settings)
+    assert_one_sentence_naming(err, name)
+    assert len(str(err.value)) < 300
+
+
+def test_a_number_of_thousands_of_digits_names_its_setting() -> None:
+    with pytest.raises(SettingsError) as err:
+        GenerationSettings(structure="edges", control_units='[{"kind": "depth", "canny_low": ' + "7" * 5_000 + "}]")
+    assert_one_sentence_naming(err, "control_units", "write it like")
+
+
+@pytest.mark.parametrize("as_text", [False, True], ids=["objects", "json-text"])
+def test_too_many_units_are_counted_before_any_is_checked(monkeypatch, as_text: bool) -> None:
+    checked: list[dict] = []
+    real = ControlUnit.from_kwargs.__func__
+
+    def counting(cls, **kwargs):
+        checked.append(kwargs)
+        return real(cls, **kwargs)
+
+    monkeypatch.setattr(ControlUnit, "from_kwargs", classmethod(counting))
+    units = [{"kind": "depth"}] * (1_000 if as_text else 100_000)
+    with pytest.raises(SettingsError, match=f"at most {MAX_CONTROL_UNITS} ControlNets"):
+        GenerationSettings(structure="edges", control_units=json.dumps(units) if as_text else units)
+    assert checked == []
+
+
+def test_block_scales_beyond_any_use_are_refused_up_front() -> None:
+    with pytest.raises(SettingsError) as err:
+        GenerationSettings(adapter_block_scales={"down": 1e308})
+    assert_one_sentence_naming(err, "adapter_block_scales", "1e+308", f"{settings_module.MAX_BLOCK_SCALE:g}")
+    assert GenerationSettings(adapter_block_scales={"down": -10.0}).block_scales() == {"down": -10.0}
+
+
+def test_the_command_line_says_one_line_for_nested_json(tmp_path: Path, capsys) -> None:
+    photo = tmp_path / "photo.png"
+    sample_image(0).save(photo)
+    code = main(["generate", str(photo), "-o", str(tmp_path / "out"), "--model", "tiny", "--structure", "edges",
+                 "--control-units", "[" * DEEP + "]" * DEEP])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "control_units" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_batch_row_nested_thousands_deep_fails_alone(tmp_path: Path, capsys) -> None:
+    sample_image(0).save(tmp_path / "good.png")
+    rows = [json.dumps({"image": "good.png"}),
+            '{"image": "good.png", "control_units": ' + "[" * DEEP + "]" * DEEP + "}",
+            '{"image": "good.png", "structure": "edges", "control_units": "' + "[" * 5_000 + "]" * 5_000 + '"}']
+    listing = tmp_path / "list.jsonl"
+    listing.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    code = main(["batch", str(listing), "-o", str(out), "--model", "tiny", "--steps", "1"])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert [row["input"] for row in read_manifest(out)] == ["good.png"]
+    failed = [json.loads(line) for line in (out / "failed.jsonl").read_text().splitlines()]
+    assert [failure["input"] for failure in failed] == ["list.jsonl line 2", "good.png"]
+    assert "Traceback" not in err
+
+
+# -- 5. one recipe reader: chunks before the pixels, for the panel too ---------------------------------
+
+
+def png_with_recipe(recipe: dict, size: tuple[int, int] = (8, 8)) -> bytes:
+    info = PngInfo()
+    info.add_text("imageprompt", json.dumps(recipe))
+    buffer = io.BytesIO()
+    Image.new("RGB", size).save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def claiming(png: bytes, width: int, height: int) -> bytes:
+    """``png`` with an IHDR that claims ``width`` x ``height`` (CRC fixed): a decompression bomb's header."""
+    ihdr = b"IHDR" + struct.pack(">II", width, height) + png[24:29]
+    return png[:8] + png[8:12] + ihdr + struct.pack(">I", zlib.crc32(ihdr)) + png[33:]
+
+
+RECIPE = {"settings": {"seed": 5, "steps": 3}, "model": {"preset": "tiny"}}
+
+
+def test_both_readers_give_the_recipe_of_a_png_claiming_20000_squared(tmp_path: Path) -> None:
+    bomb = claiming(png_with_recipe(RECIPE), 20_000, 20_000)
+    path = tmp_path / "bomb.png"
+    path.write_bytes(bomb)
+    with pytest.raises(Image.DecompressionBombError):  # the header really claims it: Pillow refuses to open it
+        Image.open(path)
+    assert recipe_from_png(path) == RECIPE
+    assert read_recipe(bomb, "bomb.png") == RECIPE
+    assert read_recipe(path) == RECIPE
+
+
+def test_the_panels_reader_never_decodes_the_pixels(tmp_path: Path, monkeypatch) -> None:
+    data = png_with_recipe(RECIPE, size=(600, 600))
+    monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("the pixels were decoded"))
+    assert read_recipe(data, "big.png") == RECIPE
+    assert read_recipe(io.BytesIO(data), "big.png") == RECIPE
+
+
+def test_a_truncated_png_whose_recipe_is_intact_reads_in_both(tmp_path: Path) -> None:
+    data = png_with_recipe(RECIPE, size=(64, 64))
+    cut = data[: data.index(b"IDAT") + 20]
+    path = tmp_path / "cut.png"
+    path.write_bytes(cut)
+    assert recipe_from_png(path) == RECIPE == read_recipe(cut, "cut.png")
+
+
+def test_nested_json_in_an_uploaded_recipe_is_a_recipe_error() -> None:
+    info = PngInfo()
+    info.add_text("imageprompt", "[" * 200_000 + "]" * 200_000)
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="PNG", pnginfo=info)
+    with pytest.raises(RecipeError) as err:
+        read_recipe(buffer.getvalue(), "deep.png")
+    assert_one_sentence_naming(err, "'deep.png'", "nested too deeply")
+
+
+@pytest.mark.parametrize(
+    ("data", "says"),
+    [
+        (b"", "is not a PNG with a recipe"),
+        (b"\x89PNG\r\n\x1a\n", "carries no imageprompt recipe"),
+        (b"\x89PNG\r\n\x1a\n" + b"\xff" * 8, "carries no imageprompt recipe"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\x10tEXtimageprompt\x00{", "is not valid JSON"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\x10zTXtimageprompt\x00\x00junk", "damaged"),
+        (b"\x89PNG\r\n\x1a\n\xff\xff\xff\xfftEXtimageprompt\x00", "far more than any saved run"),
+    ],
+    ids=["empty", "signature-only", "garbage-chunk", "cut-json", "bad-zlib", "4gb-chunk"],
+)
+def test_hostile_recipe_bytes_are_one_recipe_error(data: bytes, says: str) -> None:
+    with pytest.raises(RecipeError) as err:
+        read_recipe(data, "upload.png")
+    assert_one_sentence_naming(err, "'upload.png'", says)
+
+
+def test_a_compressed_recipe_bomb_is_cut_at_the_limit() -> None:
+    info = PngInfo()
+    info.add_text("imageprompt", json.dumps({"x": "y" * 50 * 2**20}), zip=True)  # 50 MB inflating from 50 KB
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="PNG", pnginfo=info)
+    with pytest.raises(RecipeError, match="far more than any saved run"):
+        read_recipe(buffer.getvalue(), "zbomb.png")
+
+
+# -- 8. what is accepted can be read back --------------------------------------------------------------
+
+
+def test_a_million_character_negative_prompt_is_refused_up_front() -> None:
+    with pytest.raises(SettingsError) as err:
+        GenerationSettings(negative_prompt="x" * 1_100_000)
+    assert_one_sentence_naming(err, "negative_prompt", "shorten")
+
+
+def test_the_largest_accepted_settings_save_a_png_that_reads_back(tmp_path: Path) -> None:
+    # Astral characters take 12 characters each in the saved JSON: the worst case per typed character.
+    def fits(count: int) -> bool:
+        settings = {"prompt": "😀" * count, "negative_prompt": "😀" * count}
+        return len(json.dumps(settings)) <= MAX_METADATA_CHARS // 2 - 2_000  # half the reader's limit
+
+    count = 1
+    while fits(count * 2):
+        count *= 2
+    settings = GenerationSettings(prompt="😀" * count, negative_prompt="😀" * count)
+    provenance = Provenance(method="blend", model={"preset": "tiny"})
+    path = save_png(sample_image(0, size=(16, 16)), tmp_path, recipe_of(settings, provenance))
+    assert recipe_from_png(path)["settings"] == settings.to_dict()
+    with pytest.raises(SettingsError, match="shorten prompt or negative_prompt"):
+        GenerationSettings(prompt="😀" * count * 2, negative_prompt="😀" * count * 2)

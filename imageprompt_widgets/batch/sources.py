@@ -190,6 +190,10 @@ def _jsonl_list(path: Path, image_column: str) -> Source:
         except json.JSONDecodeError as err:
             items.append(SourceItem(label=where, stem=f"line{number}", error=f"not JSON ({err.msg})."))
             continue
+        except (ValueError, RecursionError):  # nested thousands deep, or a number of thousands of digits
+            items.append(SourceItem(label=where, stem=f"line{number}",
+                                    error="JSON no row can be (nested too deeply, or a number too long to read)."))
+            continue
         if not isinstance(row, dict):
             items.append(SourceItem(label=where, stem=f"line{number}",
                                     error=f"not a JSON object with an {image_column!r} key."))
