@@ -14,6 +14,7 @@ import io
 import json
 import os
 import struct
+import sys
 import threading
 import time
 import zlib
@@ -415,3 +416,154 @@ def test_the_largest_accepted_settings_save_a_png_that_reads_back(tmp_path: Path
     assert recipe_from_png(path)["settings"] == settings.to_dict()
     with pytest.raises(SettingsError, match="shorten prompt or negative_prompt"):
         GenerationSettings(prompt="😀" * count * 2, negative_prompt="😀" * count * 2)
+
+
+# -- 7. structure images are counted before any is decoded ---------------------------------------------
+
+
+def test_too_many_structure_images_are_refused_before_decoding(tiny_pipe, monkeypatch) -> None:
+    import imageprompt_widgets.engine.pipeline as pipeline_module
+
+    decoded: list[object] = []
+    real = pipeline_module.load_images
+    monkeypatch.setattr(pipeline_module, "load_images", lambda srcs, **kw: decoded.append(srcs) or real(srcs, **kw))
+    pictures = [sample_image(index % 3, size=(64, 64)) for index in range(150)]
+    with pytest.raises(SettingsError, match="150 structure images for 1 ControlNet unit"):
+        tiny_pipe.generate(sample_image(0), structure="edges", structure_image=pictures, steps=1)
+    assert all(srcs is not pictures for srcs in decoded)
+
+
+# -- 9. a LoRA file name that is not a file ---------------------------------------------------------------
+
+
+def test_a_missing_safetensors_lora_is_refused_before_the_model_loads(tmp_path: Path, capsys) -> None:
+    photo = tmp_path / "photo.png"
+    sample_image(0).save(photo)
+    code = main(["generate", str(photo), "-o", str(tmp_path / "out"), "--model", "tiny",
+                 "--lora", "nothere.safetensors=0.5"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert "'nothere.safetensors' does not exist" in err and "hf download" not in err
+    assert "imageprompt_widgets.engine.pipeline" not in sys.modules or not (tmp_path / "out").exists()
+
+
+# -- 10-14. batch runs: hostile manifests, odd names, OUT around INPUT, two runs at once ---------------
+
+BATCH = ["--model", "tiny", "--steps", "1"]
+
+
+@pytest.fixture
+def photos(tmp_path: Path) -> Path:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    sample_image(0, size=(64, 64)).save(folder / "a.png")
+    sample_image(1, size=(64, 64)).save(folder / "b.png")
+    return folder
+
+
+def manifest_lines(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [b'"index": "notanint"', b'"index": null', b'"file": 5', b'"file": "../../elsewhere.png"', b'"seed": 1.5'],
+    ids=["index-text", "index-null", "file-number", "file-outside", "seed-float"],
+)
+def test_a_bad_manifest_row_is_one_warning_and_the_rest_resumes(photos: Path, tmp_path: Path, capsys, bad) -> None:
+    out = tmp_path / "out"
+    assert main(["batch", str(photos), "-o", str(out), *BATCH]) == 0
+    good = manifest_lines(out)
+    first = json.dumps(good[0]).encode()
+    field = bad.split(b":")[0]
+    start = first.index(field + b": ")
+    end = first.index(b", ", start)
+    broken = first[:start] + bad + first[end:]
+    (out / "manifest.jsonl").write_bytes(broken + b"\n\xff\xfe not utf-8\n" + json.dumps(good[1]).encode() + b"\n")
+    capsys.readouterr()
+    assert main(["batch", str(photos), "-o", str(out), *BATCH]) == 0
+    err = capsys.readouterr().err
+    assert "manifest.jsonl line 1 " in err and "manifest.jsonl line 2 is not UTF-8" in err and "Traceback" not in err
+    assert manifest_lines(out) == good  # the broken row's item ran again (same key, same file), the other was kept
+    assert not (out / ".imageprompt-parts").exists()
+
+
+def test_a_folder_named_manifest_jsonl_is_refused_before_any_work(photos: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    (out / "manifest.jsonl").mkdir(parents=True)
+    code = main(["batch", str(photos), "-o", str(out), *BATCH])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "manifest.jsonl" in err, err
+    assert not list(out.glob("*.png")) and not (out / "manifest.jsonl.tmp").exists()
+
+
+def test_names_with_invalid_utf8_bytes_go_into_a_parquet_manifest(tmp_path: Path, capsys) -> None:
+    pytest.importorskip("pyarrow")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    odd = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes: not UTF-8
+    sample_image(0, size=(64, 64)).save(folder / odd)
+    out = tmp_path / "out"
+    assert main(["batch", str(folder), "-o", str(out), *BATCH, "--manifest", "parquet"]) == 0
+    import pyarrow.parquet as pq
+
+    (row,) = pq.read_table(out / "manifest.parquet").to_pylist()
+    assert row["input"] == "caf\\xe9.png" and (out / row["file"]).is_file()
+    capsys.readouterr()
+    assert main(["batch", str(folder), "-o", str(out), *BATCH, "--manifest", "parquet"]) == 0
+    assert "0 generated" in capsys.readouterr().err  # the rerun knows it
+    assert len(pq.read_table(out / "manifest.parquet").to_pylist()) == 1
+
+
+@pytest.mark.parametrize("where", ["inside", "same"])
+def test_input_inside_out_is_listed(photos: Path, capsys, where: str) -> None:
+    out = photos.parent if where == "inside" else photos
+    assert main(["batch", str(photos), "-o", str(out), *BATCH]) == 0
+    assert sorted(row["input"] for row in manifest_lines(out)) == ["a.png", "b.png"]
+    capsys.readouterr()
+    assert main(["batch", str(photos), "-o", str(out), *BATCH]) == 0  # its own PNGs are not new inputs
+    assert "0 generated" in capsys.readouterr().err and len(manifest_lines(out)) == 2
+
+
+def test_control_characters_in_names_print_as_one_inert_line(tmp_path: Path, capsys) -> None:
+    listing = tmp_path / "list.csv"
+    listing.write_text('image\n"no\x1b[2Jsuch\nfile.png"\n')
+    code = main(["batch", str(listing), "-o", str(tmp_path / "out"), *BATCH])
+    err = capsys.readouterr().err
+    assert code == 1
+    (line,) = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("imageprompt: skipped")]
+    assert "\x1b" not in err and "no\\x1b[2Jsuch\\nfile.png" in line
+
+
+@pytest.mark.timeout(600)
+def test_a_second_batch_into_the_same_out_refuses_while_the_first_runs(photos: Path, tmp_path: Path, capsys) -> None:
+    from imageprompt_widgets.batch.run import run_batch
+    from imageprompt_widgets.engine.controller import Started
+
+    out = tmp_path / "out"
+    started, release = threading.Event(), threading.Event()
+
+    def hold(event) -> None:
+        if isinstance(event, Started):
+            started.set()
+            release.wait(timeout=60)  # a second run that is not refused waits this long for the pipeline
+
+    reports: list[object] = []
+    first = threading.Thread(
+        target=lambda: reports.append(run_batch(photos, out, settings={"steps": 1}, model="tiny", progress=False,
+                                                on_event=hold)),
+        daemon=True,
+    )
+    first.start()
+    try:
+        assert started.wait(timeout=300)
+        code = main(["batch", str(photos), "-o", str(out), *BATCH])
+        err = capsys.readouterr().err
+    finally:
+        release.set()
+        first.join(timeout=300)
+    assert code == 2 and "being written by another batch run" in err and f"process {os.getpid()}" in err, err
+    (report,) = reports
+    assert report.ok and report.images == 2
+    assert sorted(row["input"] for row in manifest_lines(out)) == ["a.png", "b.png"]
+    assert len(list(out.glob("*.png"))) == 2
