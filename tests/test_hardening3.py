@@ -567,3 +567,86 @@ def test_a_second_batch_into_the_same_out_refuses_while_the_first_runs(photos: P
     assert report.ok and report.images == 2
     assert sorted(row["input"] for row in manifest_lines(out)) == ["a.png", "b.png"]
     assert len(list(out.glob("*.png"))) == 2
+
+
+# -- 6. embeddings files: one EmbeddingFileError, never a raw error or a misaligned table ----------------
+
+
+def write_safetensors(path: Path, tensors: dict, metadata: dict | None) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({name: torch.as_tensor(value) for name, value in tensors.items()}, str(path), metadata=metadata)
+    return path
+
+
+EMBEDDINGS = {
+    "trace-file": ({"image_embeds": [[0.0, 1.0]], "prompt_embeds": [[[0.0]]]},
+                   {"imageprompt": json.dumps({"recipe": {}, "latent_steps": []})}, "no inputs"),
+    "nested-metadata": ({"image_embeds": [[0.0, 1.0]]}, {"imageprompt": "[" * 100_000 + "]" * 100_000},
+                        "nested too deeply"),
+    "one-input-two-rows": ({"image_embeds": [[0.0, 1.0], [1.0, 0.0]]},
+                           {"imageprompt": json.dumps({"inputs": ["a.png"], "fingerprints": ["ab"]})},
+                           "lists 1 inputs and 1 fingerprints for 2 embedding rows"),
+    "inputs-not-names": ({"image_embeds": [[0.0, 1.0]]},
+                         {"imageprompt": json.dumps({"inputs": [5], "fingerprints": ["ab"]})}, "not a list of names"),
+    "no-embeds": ({"other": [1.0]}, {"imageprompt": json.dumps({"inputs": [], "fingerprints": []})}, "no image_embeds"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EMBEDDINGS))
+def test_a_hostile_embeddings_file_is_one_embedding_file_error(tmp_path: Path, case: str) -> None:
+    from imageprompt_widgets.batch.embed import EmbeddingFileError, load_embeddings
+
+    tensors, metadata, says = EMBEDDINGS[case]
+    path = write_safetensors(tmp_path / f"{case}.safetensors", tensors, metadata)
+    with pytest.raises(EmbeddingFileError) as err:
+        load_embeddings(path)
+    assert_one_sentence_naming(err, str(path), says)
+
+
+@pytest.mark.parametrize("junk", [b"\xff" * 64, (2**40).to_bytes(8, "little") + b"{}", b"", b"\x08\x00" + b"\x00" * 6])
+def test_junk_with_an_embeddings_suffix_is_one_embedding_file_error(tmp_path: Path, junk: bytes) -> None:
+    from imageprompt_widgets.batch.embed import EmbeddingFileError, load_embeddings
+
+    for suffix in (".safetensors", ".parquet"):
+        if suffix == ".parquet":
+            pytest.importorskip("pyarrow")
+        path = tmp_path / f"junk{suffix}"
+        path.write_bytes(junk)
+        with pytest.raises(EmbeddingFileError) as err:
+            load_embeddings(path)
+        assert_one_sentence_naming(err, str(path))
+
+
+def test_embeddings_of_names_with_invalid_utf8_save_as_parquet(tmp_path: Path) -> None:
+    pytest.importorskip("pyarrow")
+    import torch
+
+    from imageprompt_widgets.batch.embed import EmbeddingTable, load_embeddings
+
+    odd = os.fsdecode(b"caf\xe9.png")
+    table = EmbeddingTable([odd], ["ab"], torch.ones(1, 4))
+    loaded = load_embeddings(table.save(tmp_path / "x.parquet"))
+    assert loaded.inputs == ["caf\\xe9.png"] and torch.equal(loaded.image_embeds, table.image_embeds)
+    assert load_embeddings(table.save(tmp_path / "x.safetensors")).inputs == [odd]  # JSON keeps it exactly
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["x.parquet", "x.safetensors"]
+
+
+# -- also seen: a NaN decode is one sentence, without numpy's warning before it ----------------------------
+
+
+def test_a_nan_decode_prints_no_numpy_warning(tiny_pipe) -> None:
+    import warnings
+
+    from imageprompt_widgets.engine.pipeline import NonFiniteImageError
+
+    handle = tiny_pipe.sd.vae.decoder.register_forward_hook(lambda module, args, output: output * float("nan"))
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with pytest.raises(NonFiniteImageError):
+                tiny_pipe.generate(sample_image(0), steps=1, seed=0)
+    finally:
+        handle.remove()
+    assert [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)] == []

@@ -40,7 +40,7 @@ def manifest_path(out: str | os.PathLike[str], fmt: str = "jsonl") -> Path:
 
 
 def row_identity(row: Mapping[str, Any]) -> tuple[str, str, int]:
-    return (_utf8(str(row["input"])), str(row["key"]), int(row["index"]))  # as Parquet keeps it
+    return (utf8_text(str(row["input"])), str(row["key"]), int(row["index"]))  # as Parquet keeps it
 
 
 def read_manifest(out: str | os.PathLike[str], warn: Warn | None = None) -> list[Row]:
@@ -134,10 +134,11 @@ def write_manifest(out: str | os.PathLike[str], rows: list[Row], fmt: str = "jso
 def _parquet_safe(row: Row) -> Row:
     """Parquet strings are UTF-8: a name with undecodable bytes (kept by Python as surrogates) is written with
     its bytes escaped, as ``os.fsencode(name).decode("utf-8", "backslashreplace")`` spells them."""
-    return {name: _utf8(value) if isinstance(value, str) else value for name, value in row.items()}
+    return {name: utf8_text(value) if isinstance(value, str) else value for name, value in row.items()}
 
 
-def _utf8(text: str) -> str:
+def utf8_text(text: str) -> str:
+    """``text`` as UTF-8 can hold it: undecodable file-name bytes (Python's surrogates) written as ``\\xNN``."""
     try:
         text.encode("utf-8")
         return text
