@@ -12,6 +12,7 @@ import json
 import math
 import numbers
 import operator
+import reprlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +65,14 @@ UNIT_SETTINGS: dict[str, tuple[str, ...]] = {
 MAX_CONTROL_UNITS = 4
 
 MAX_SEED = 2**32 - 1
+#: The longest text one text setting holds (prompts, and control_units / adapter_block_scales as JSON): far
+#: beyond the 77 tokens CLIP reads; refused before anything else looks at it.
+MAX_TEXT_CHARS = 200_000
+#: The most characters all settings may take as JSON (non-ASCII text takes 6 to 12 per character there):
+#: half of what ``engine.results.recipe_from_png`` reads back, so any run's saved PNG can be read again.
+MAX_SETTINGS_JSON_CHARS = 2**19
+#: The largest per-block IP-Adapter scale, either sign (each multiplies the adapter's scale, at most 5).
+MAX_BLOCK_SCALE = 10.0
 
 
 class SettingsError(ValueError):
@@ -328,6 +337,12 @@ class GenerationSettings:
                 f"strength={self.strength:g} with steps={self.steps} leaves no denoising step (img2img runs "
                 f"int(steps * strength) of them): raise strength to at least {1 / self.steps:.3g} or add steps."
             )
+        written = len(json.dumps(dataclasses.asdict(self)))
+        if written > MAX_SETTINGS_JSON_CHARS:
+            raise SettingsError(
+                f"These settings take {written:,} characters as JSON, more than the {MAX_SETTINGS_JSON_CHARS:,} a "
+                "saved recipe holds: shorten prompt or negative_prompt."
+            )
 
     def units(self) -> tuple[ControlUnit, ...]:
         """The run's ControlNet units: the structure's own (from the flat settings) then ``control_units``;
@@ -391,6 +406,7 @@ def _validated(spec: SettingSpec, value: Any) -> Any:
     if spec.kind in ("text", "units"):
         if not isinstance(value, str):
             raise SettingsError(f"{spec.name} must be text, not {type(value).__name__}.")
+        _check_length(value, spec.name)
         return value
     if spec.kind == "size" and value is None:
         return None
@@ -422,6 +438,13 @@ def _as_number(spec: SettingSpec, value: Any) -> float | int:
     if not isinstance(value, numbers.Integral) and not float(value).is_integer():
         raise SettingsError(f"{spec.name} must be a whole number, not {value!r}.")
     return int(value)
+
+
+def _check_length(text: str, name: str) -> None:
+    if len(text) > MAX_TEXT_CHARS:
+        raise SettingsError(
+            f"{name} is {len(text):,} characters long, more than the {MAX_TEXT_CHARS:,} a setting holds: shorten it."
+        )
 
 
 def _is_numpy_bool(value: Any) -> bool:
@@ -460,10 +483,10 @@ def block_scales_text(value: Any) -> str:
         return ""
     try:
         return json.dumps(value, default=_plain_scalar)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         raise SettingsError(
             f"adapter_block_scales must be a dictionary such as {{'up': {{'block_1': 1.0}}}} or its JSON text, "
-            f"not {value!r}."
+            f"not {reprlib.repr(value)}."
         ) from None
 
 
@@ -483,7 +506,21 @@ def parse_block_scales(text: str) -> Any:
                 _check_block_dict(entry, f"adapter_block_scales[{index}]")
     else:
         _check_block_dict(value, "adapter_block_scales")
+    for number in _numbers_in(value):  # the shape is checked: at most four levels deep
+        if abs(number) > MAX_BLOCK_SCALE:
+            raise SettingsError(
+                f"adapter_block_scales holds {number:g}: each scale must be between {-MAX_BLOCK_SCALE:g} and "
+                f"{MAX_BLOCK_SCALE:g} (it multiplies the adapter's scale)."
+            )
     return value
+
+
+def _numbers_in(value: Any) -> list[float]:
+    if isinstance(value, dict):
+        return [number for entry in value.values() for number in _numbers_in(entry)]
+    if isinstance(value, list):
+        return [number for entry in value for number in _numbers_in(entry)]
+    return [value] if _is_number(value) else []
 
 
 def _check_block_dict(value: Any, where: str) -> None:
@@ -532,23 +569,39 @@ def units_text(value: Any) -> str:
         return ""
     if isinstance(value, (ControlUnit, dict)):
         value = [value]
+    if isinstance(value, (list, tuple)) and len(value) + 1 > MAX_CONTROL_UNITS:  # before writing them out
+        raise SettingsError(
+            f"A run takes at most {MAX_CONTROL_UNITS} ControlNets; control_units adds {len(value)} to the "
+            "structure's own."
+        )
     try:
         items = [item.to_dict() if isinstance(item, ControlUnit) else item for item in value]
         return json.dumps(items, default=_plain_scalar) if items else ""
-    except TypeError:
+    except (TypeError, ValueError, RecursionError):
         raise SettingsError(
-            f'control_units must be a list of units such as [{{"kind": "depth", "scale": 0.5}}], not {value!r}.'
+            f'control_units must be a list of units such as [{{"kind": "depth", "scale": 0.5}}], not {reprlib.repr(value)}.'
         ) from None
 
 
 def _json_setting(text: str, name: str, example: str) -> Any:
-    """A setting written as JSON text, parsed; a sentence with an example when it is not JSON."""
+    """A setting written as JSON text, parsed; a sentence with an example when it is not JSON (or is JSON no
+    setting can be: longer than a setting holds, nested too deeply, a number of thousands of digits)."""
+    _check_length(text, name)
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
         raise SettingsError(
             f"{name} is not JSON ({err.msg} at character {err.pos}): write it like {example}."
         ) from None
+    except RecursionError:
+        raise SettingsError(f"{name} is nested too deeply to be a setting: write it like {example}.") from None
+    except ValueError as err:  # e.g. an integer of more digits than Python converts
+        raise SettingsError(f"{name} holds a value JSON cannot give ({_first_words(err)}): write it like {example}.") from None
+
+
+def _first_words(err: BaseException) -> str:
+    text = str(err).split(":", 1)[0].strip()
+    return text[:120] or type(err).__name__
 
 
 def parse_units(text: str) -> tuple[ControlUnit, ...]:
@@ -558,6 +611,11 @@ def parse_units(text: str) -> tuple[ControlUnit, ...]:
         items = [items]
     if not isinstance(items, list):
         raise SettingsError(f'control_units must be a list of units such as [{{"kind": "depth"}}], not {items!r}.')
+    if len(items) + 1 > MAX_CONTROL_UNITS:  # counted before any unit is checked
+        raise SettingsError(
+            f"A run takes at most {MAX_CONTROL_UNITS} ControlNets; control_units adds {len(items)} to the "
+            "structure's own."
+        )
     units = []
     for index, item in enumerate(items):
         if not isinstance(item, dict):

@@ -93,7 +93,9 @@ def _check_creatable(path: Path, output: str | os.PathLike[str]) -> None:
 
 def bad_input(err: BaseException) -> int:
     """One line on stderr, exit code 2."""
-    print(f"imageprompt: error: {' '.join(str(err).split())}", file=sys.stderr)
+    text = " ".join(str(err).split())
+    text = "".join(char if char.isprintable() else char.encode("unicode_escape").decode("ascii") for char in text)
+    print(f"imageprompt: error: {text}", file=sys.stderr)  # control characters in a name print inert
     return EXIT_BAD_INPUT
 
 

@@ -640,15 +640,17 @@ class ImagePromptPipeline:
             raise SettingsError(
                 f"negative_image was given but negative={settings.negative!r}: pass negative='image' to use it."
             )
-        structure_images = load_images(structure_image) if structure_image is not None else []
-        if structure_images and settings.structure == "none":
+        # Counted before any is decoded, as inputs and negatives are.
+        listed = _source_count(structure_image) if structure_image is not None else 0
+        if listed and settings.structure == "none":
             raise SettingsError(
                 "structure_image was given but structure='none': pass structure='edges', 'depth' or 'img2img'."
             )
-        if len(structure_images) > 1 and settings.structure == "img2img":
-            raise SettingsError(f"structure='img2img' takes one structure_image, not {len(structure_images)}.")
-        if len(structure_images) > 1:
-            unit_pictures(structure_images, len(settings.units()))  # one for all units, or one each
+        if listed > 1 and settings.structure == "img2img":
+            raise SettingsError(f"structure='img2img' takes one structure_image, not {listed}.")
+        if listed > 1:
+            unit_pictures([None] * listed, len(settings.units()))  # one for all units, or one each
+        structure_images = load_images(structure_image) if structure_image is not None else []
         if settings.structure != "none" and not (structure_images or pil_images):
             raise SettingsError(f"structure={settings.structure!r} needs a picture: pass structure_image=.")
         per_adapter = self._adapter_images(adapter_images, settings)
@@ -884,14 +886,18 @@ def _keep_attention_maps(trace: Trace, maps: AttentionMaps | None) -> None:
         trace.extras["adapter_attention_maps"] = maps.adapter
 
 
+def _source_count(sources: Any) -> int:
+    """How many pictures ``sources`` lists (a list, an ipywidgets 7 upload value, or one source), undecoded."""
+    if isinstance(sources, (list, tuple)):
+        return len(sources)
+    if isinstance(sources, Mapping) and sources and all(isinstance(value, Mapping) for value in sources.values()):
+        return len(sources)  # an ipywidgets 7 FileUpload value: {name: {metadata, content}}
+    return 1
+
+
 def _check_image_count(sources: Any, what: str) -> None:
     """Refuse more than :data:`MAX_INPUT_IMAGES` pictures before any is decoded."""
-    if isinstance(sources, (list, tuple)):
-        count = len(sources)
-    elif isinstance(sources, Mapping) and all(isinstance(value, Mapping) for value in sources.values()):
-        count = len(sources)  # an ipywidgets 7 FileUpload value: {name: {metadata, content}}
-    else:
-        return
+    count = _source_count(sources)
     if count > MAX_INPUT_IMAGES:
         raise ImageInputError(
             f"{count} {what} images are more than the {MAX_INPUT_IMAGES} one run takes: pass at most "
