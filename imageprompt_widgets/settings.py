@@ -164,7 +164,7 @@ class GenerationSettings:
     )
     prompt: str = _spec("text", "", "prompt", "the words to draw from (text, blend, ip_adapter and caption)")
     negative_prompt: str = _spec(
-        "text", "", "negative prompt",
+        "text", "", "avoid words",
         "text guidance pushes away from (with negative=image: beside the negative images)",
     )
     image_weight: float = _spec(
@@ -204,7 +204,7 @@ class GenerationSettings:
         min=64, max=1024, step=8, advanced=True,
     )
     negative: str = _spec(
-        "choice", "empty_prompt", "push away from",
+        "choice", "empty_prompt", "avoid",
         "what guidance pushes away from: the negative prompt (empty by default), zeros, or negative images",
         choices=NEGATIVES, advanced=True,
     )

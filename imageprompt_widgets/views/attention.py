@@ -63,8 +63,10 @@ class AttentionView(FigureView):
     def panels(self) -> list[tuple[str, torch.Tensor | None, Any]]:
         """``(title, map or None, picture)`` of every panel, in order."""
         found: list[tuple[str, torch.Tensor | None, Any]] = [("output", None, self.output)]
+        alone = len(self.groups) == 1  # one group has all the attention: where it acts, not its (100 %) share
         for label, values in self.group_maps.items():
-            found.append((f"{label}\n{100 * float(values.mean()):.1f}% of attention", values, self.output))
+            share = "where it acts" if alone else f"{100 * float(values.mean()):.1f}% of attention"
+            found.append((f"{label}\n{share}", values, self.output))
         if self.adapter_maps is not None:
             order = sorted(range(len(self.adapter_maps)), key=lambda i: -float(self.adapter_maps[i].mean()))
             for i in order[:COLUMNS]:
@@ -81,7 +83,7 @@ class AttentionView(FigureView):
         panels = self.panels()
         rows = math.ceil(len(panels) / COLUMNS)
         columns = min(len(panels), COLUMNS)
-        figure = new_figure(2.4 * columns, 2.4 * rows + 0.6)
+        figure = new_figure(2.4 * max(columns, COLUMNS), 2.4 * rows + 0.6)  # room for the title over two panels
         axes = figure.subplots(rows, columns, squeeze=False)
         for ax in axes.flat[len(panels):]:
             ax.set_axis_off()
@@ -188,7 +190,7 @@ def _default_groups(maps: torch.Tensor, settings: Any, words: list[str] | None, 
     if mode == "repeat":
         notes.append(f"In repeat all {count} tokens are one: the same image vector copied {count} times, so the "
                      "picture cannot tell them apart and the map shows where that one image token acts.")
-        return {f"the image token (copied {count}×: all tokens are one)": list(range(count))}
+        return {f"all {count} tokens are one image token": list(range(count))}
     if mode == "single":
         return {"the image token" if count == 1 else f"{count} image tokens": list(range(count))}
     if mode == "tokens":

@@ -143,6 +143,8 @@ def control_for(spec: SettingSpec) -> widgets.Widget:
                          "imageprompt_widgets.widget.controls.control_factory.")
     control = factory(spec)
     control.description = spec.label
+    if spec.kind == "choice":  # room for "words (name)" beside the label: the panel's column, not 300 px
+        control.layout.width = "96%"
     if "style" in control.keys and hasattr(control.style, "description_width"):
         control.style.description_width = _WIDE["description_width"]
     set_help(control, technical_help(spec))

@@ -437,6 +437,8 @@ def test_words_only_and_a_mode_change_in_jupyterlab(lab_server: Any, page: Any, 
 
     # The Inspector after a words-only run: only the sections that apply.
     page.get_by_role("tab", name="Inspector", exact=True).click()
+    page.get_by_role("tab", name="Inspector", exact=True).scroll_into_view_if_needed()
+    page.evaluate("() => document.querySelector('.jp-WindowedPanel-outer').scrollBy(0, 300)")
     headers = page.locator(".jp-OutputArea-output .jupyter-widget-Collapse-header, "
                            ".jp-OutputArea-output .p-Collapse-header")
     assert [text.strip() for text in headers.all_inner_texts() if text.strip() not in ("Advanced", "details")][-3:] \
@@ -455,9 +457,10 @@ def test_words_only_and_a_mode_change_in_jupyterlab(lab_server: Any, page: Any, 
     choose_option(page, "method", "ip_adapter")
     wait_for_status(page, r"^ip_adapter needs an IP-Adapter, which 'sd14' lacks: 'ip-adapter' can, and downloads "
                           r"about 8\.0 GB first\. Download it, or stay on 'sd14'\?$")
-    page.get_by_role("button", name=re.compile(r"^Download ip-adapter \(about 8\.0 GB\)$")).wait_for()
+    page.get_by_role("button", name=re.compile(r"Download ip-adapter \(about 8\.0 GB\)$")).wait_for()  # after its icon
+    page.evaluate("(sel) => document.querySelector(sel).scrollIntoView({block: 'center'})", ".ipw-e2e-status")
     shoot(page, "mode-change-asks")
-    page.get_by_role("button", name="Stay on sd14").click()
+    page.get_by_role("button", name=re.compile(r"Stay on sd14$")).click()
     wait_for_status(page, r"^Stayed on model 'sd14' with repeat; nothing is downloaded\.$")
     assert_no_broken_image(page)
     assert console.errors == []
