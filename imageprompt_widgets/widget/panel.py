@@ -427,8 +427,8 @@ class ImagePromptWidget(widgets.VBox):
         self._apply_recipe(recipe)
         settings = recipe["settings"]
         label = name or (caption_of(source) if isinstance(source, (str, os.PathLike)) else "the PNG")
-        count = len(recipe.get("inputs") or ())
-        inputs = f"add the same {count(count, 'input image')} and " if count else ""
+        inputs_count = len(recipe.get("inputs") or ())
+        inputs = f"add the same {count(inputs_count, 'input image')} and " if inputs_count else ""
         self._say(f"Loaded the recipe of {label}: {settings.get('mode', 'repeat')}, seed {settings.get('seed', 0)}, "
                   f"model {self.model!r}. To make it again, {inputs}press Generate.")
         return recipe
