@@ -161,7 +161,7 @@ def _missing_locally_sentence(name: str) -> str:
 
 def _no_network_sentence(name: str) -> str:
     return (f"Model {name!r} could not be downloaded (no network?): connect once to fetch it, or use "
-            "model='tiny' to try the tool offline.")
+            "model='toy' (the toy world, trained, shipped with the package) to try the tool offline.")
 
 
 def _pickle_only_sentence(name: str) -> str:

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 #: How image embeddings become prompt embeddings (see conditioning.py for the exact definitions).
-#: ``ip_adapter`` and ``caption`` need a preset that carries an adapter or a captioner.
-MODES = ("repeat", "single", "tokens", "blend", "ip_adapter", "caption")
+#: ``ip_adapter`` and ``caption`` need a preset that carries an adapter or a captioner; ``text`` is words only
+#: (plain text-to-image, no image): the baseline every image method is compared with.
+MODES = ("repeat", "single", "tokens", "blend", "ip_adapter", "caption", "text")
 #: How several images become one conditioning (conditioning.COMBINE_FUNCTIONS).
 COMBINES = ("average", "norm_average", "concat", "add", "subtract", "max", "min", "slerp")
 #: How ``blend`` mixes the text prompt with the image (conditioning.BLEND_FUNCTIONS).
@@ -164,45 +165,45 @@ class GenerationSettings:
     """Everything that decides a generation besides the images themselves."""
 
     mode: str = _spec(
-        "choice", "repeat", "mode", "how the image embedding becomes the prompt", choices=MODES, section="method"
+        "choice", "repeat", "method", "how the image becomes the prompt", choices=MODES, section="method"
     )
     scale: float = _spec(
-        "float", 1.0, "scale", "multiplies the image conditioning (the adapter's strength for ip_adapter)",
+        "float", 1.0, "image strength", "multiplies the image conditioning (the adapter's strength for ip_adapter)",
         min=0.0, max=5.0, step=0.05,
     )
-    prompt: str = _spec("text", "", "prompt", "text used by the blend, ip_adapter and caption modes")
+    prompt: str = _spec("text", "", "prompt", "the words to draw from (text, blend, ip_adapter and caption)")
     negative_prompt: str = _spec(
-        "text", "", "negative text",
+        "text", "", "avoid words",
         "text guidance pushes away from (with negative=image: beside the negative images)",
     )
     image_weight: float = _spec(
-        "float", 0.5, "image weight", "blend: 0 = the text alone, 1 = the image alone", min=0.0, max=1.0, step=0.05
+        "float", 0.5, "image share", "blend: 0 = the words alone, 1 = the image alone", min=0.0, max=1.0, step=0.05
     )
     blend: str = _spec(
-        "choice", "interpolate", "blend", "how blend mixes text and image tokens", choices=BLENDS, advanced=True
+        "choice", "interpolate", "mixing", "how blend mixes word and image tokens", choices=BLENDS, advanced=True
     )
     norm_match: bool = _spec(
-        "bool", False, "match text norm", "rescale image tokens to the typical length of SD's text tokens"
+        "bool", False, "word-sized tokens", "rescale image tokens to the typical length of SD's text tokens"
     )
-    combine: str = _spec("choice", "average", "combine", "how several images become one", choices=COMBINES)
+    combine: str = _spec("choice", "average", "several images", "how several images become one", choices=COMBINES)
     weights: tuple[float, ...] = _spec(
         "floats", (), "weights", "one number per image, comma-separated; empty = equal", min=-10.0, max=10.0,
         step=0.1,
     )
     steps: int = _spec("int", 30, "steps", "denoising steps", min=1, max=150, step=1)
     scheduler: str = _spec(
-        "choice", "pndm", "scheduler", "the sampler: pndm is SD's own; lcm needs an LCM model (the -live presets)",
+        "choice", "pndm", "sampler", "the scheduler that plans the steps: pndm is SD's own; lcm needs an LCM model (the -live presets)",
         choices=SCHEDULERS,
     )
     guidance_scale: float = _spec(
-        "float", 7.5, "guidance", "classifier-free guidance; 1 or less turns it off", min=0.0, max=20.0, step=0.5
+        "float", 7.5, "guidance", "classifier-free guidance: how hard each step pulls towards the prompt and away from the negative; 1 or less turns it off", min=0.0, max=20.0, step=0.5
     )
     seed: int = _spec("int", 0, "seed", "same seed, same picture", min=0, max=MAX_SEED, step=1)
     noise: str = _spec(
-        "choice", "device", "noise", "where the seed's noise is drawn: the model's device, or the CPU (the same "
+        "choice", "device", "noise from", "where the seed's noise is drawn: the model's device, or the CPU (the same "
         "picture on every machine)", choices=NOISE_SOURCES, advanced=True,
     )
-    num_images: int = _spec("int", 1, "images", "how many images, batched", min=1, max=8, step=1)
+    num_images: int = _spec("int", 1, "how many", "how many images, batched", min=1, max=8, step=1)
     height: int | None = _spec(
         "size", None, "height", "pixels, a multiple of 8; empty = the model's native size",
         min=64, max=1024, step=8, advanced=True,
@@ -212,60 +213,60 @@ class GenerationSettings:
         min=64, max=1024, step=8, advanced=True,
     )
     negative: str = _spec(
-        "choice", "empty_prompt", "negative",
+        "choice", "empty_prompt", "avoid",
         "what guidance pushes away from: the negative prompt (empty by default), zeros, or negative images",
         choices=NEGATIVES, advanced=True,
     )
     crop: str = _spec(
-        "choice", "center_crop", "crop", "how the image is made square for CLIP", choices=CROPS, advanced=True
+        "choice", "center_crop", "make square", "how the image is made square for CLIP", choices=CROPS, advanced=True
     )
     adapter_start: float = _spec(
-        "float", 0.0, "adapter start", "ip_adapter: fraction of the steps before the image acts",
+        "float", 0.0, "adapter from", "ip_adapter: fraction of the steps before the image acts",
         min=0.0, max=1.0, step=0.05, advanced=True,
     )
     adapter_end: float = _spec(
-        "float", 1.0, "adapter end", "ip_adapter: fraction of the steps after which the image stops acting",
+        "float", 1.0, "adapter until", "ip_adapter: fraction of the steps after which the image stops acting",
         min=0.0, max=1.0, step=0.05, advanced=True,
     )
     adapter_blocks: str = _spec(
-        "choice", "all", "adapter blocks", "ip_adapter: which UNet blocks see the image",
+        "choice", "all", "adapter layers", "ip_adapter: which UNet blocks see the image",
         choices=ADAPTER_BLOCKS, advanced=True,
     )
     adapter_scales: tuple[float, ...] = _spec(
-        "floats", (), "adapter scales",
+        "floats", (), "adapter strengths",
         "ip_adapter with several adapters: one strength per adapter, comma-separated; empty = scale for each",
         min=0.0, max=5.0, step=0.05, advanced=True,
     )
     adapter_block_scales: str = _spec(
-        "text", "", "adapter block scales",
+        "text", "", "per-layer strengths",
         'ip_adapter: per-block scales in diffusers\' set_ip_adapter_scale format, as JSON, e.g. '
         '{"up": {"block_1": [0, 1, 0]}}; each number is multiplied by the adapter\'s scale; '
         "a list gives one per adapter; sets adapter blocks to custom",
         advanced=True,
     )
     structure: str = _spec(
-        "choice", "none", "structure",
+        "choice", "none", "keep layout",
         "keep the input's layout: none, edges or depth (a ControlNet on its Canny edges or its depth map) or "
         "img2img (start from it, noised)",
         choices=STRUCTURES, section="structure",
     )
     canny_low: int = _unit_spec(
-        "canny_low", "canny low", "edges: weaker gradients count as edges only where they touch strong ones"
+        "canny_low", "edges low", "edges: weaker gradients count as edges only where they touch strong ones"
     )
     canny_high: int = _unit_spec(
-        "canny_high", "canny high", "edges: gradients above this are edges (higher = fewer, stronger edges)"
+        "canny_high", "edges high", "edges: gradients above this are edges (higher = fewer, stronger edges)"
     )
     control_scale: float = _unit_spec(
-        "scale", "control scale", "edges, depth: how strongly the ControlNet steers the UNet (0 = not at all)"
+        "scale", "layout strength", "edges, depth: how strongly the ControlNet steers the UNet (0 = not at all)"
     )
     control_start: float = _unit_spec(
-        "start", "control start", "edges, depth: fraction of the steps before the ControlNet acts"
+        "start", "layout from", "edges, depth: fraction of the steps before the ControlNet acts"
     )
     control_end: float = _unit_spec(
-        "end", "control end", "edges, depth: fraction of the steps after which the ControlNet stops acting"
+        "end", "layout until", "edges, depth: fraction of the steps after which the ControlNet stops acting"
     )
     strength: float = _spec(
-        "float", 0.75, "strength", "img2img: how much of the input is replaced by noise (0 = keep it, 1 = almost all)",
+        "float", 0.75, "how much changes", "img2img: how much of the input is replaced by noise (0 = keep it, 1 = almost all)",
         min=0.0, max=1.0, step=0.05, section="structure",
     )
     control_units: str = _spec(
@@ -364,6 +365,12 @@ class GenerationSettings:
         place this rule is written."""
         return self.guidance_scale > 1
 
+    @property
+    def text_only(self) -> bool:
+        """Whether the run draws from the prompt alone and needs no image: ``mode="text"``, or ``blend`` with
+        its image weight at 0 (exactly text-to-image)."""
+        return self.mode == "text" or (self.mode == "blend" and self.image_weight == 0)
+
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> GenerationSettings:
         """Like the constructor, but an unknown name is a :class:`SettingsError` that lists the known ones."""
@@ -382,6 +389,35 @@ class GenerationSettings:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types (tuples become lists): a recipe equals itself after a JSON round trip."""
         return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+#: Plain words for the choices a class meets, shown in the panel's dropdowns as "words (name)"; the name is what
+#: recipes, the command line and the docs use. A choice missing here shows as its name.
+CHOICE_WORDS: dict[str, dict[str, str]] = {
+    "mode": {"repeat": "image token ×77", "single": "one image token", "tokens": "every image patch",
+             "blend": "words + image", "ip_adapter": "image beside words", "caption": "image → caption → words",
+             "text": "words only, no image"},
+    "blend": {"interpolate": "token by token", "concat": "side by side"},
+    "combine": {"average": "average", "norm_average": "average, then rescale", "concat": "side by side",
+                "add": "sum", "subtract": "first minus the rest", "max": "largest number", "min": "smallest number",
+                "slerp": "along the sphere"},
+    "scheduler": {"pndm": "SD's own", "ddim": "DDIM", "euler": "Euler", "euler_a": "Euler, random",
+                  "dpmpp_2m": "DPM++", "dpmpp_2m_karras": "DPM++ Karras", "unipc": "UniPC",
+                  "lcm": "LCM, few steps"},
+    "noise": {"device": "the model's chip", "cpu": "the CPU: same everywhere"},
+    "negative": {"empty_prompt": "the negative prompt", "zeros": "nothing (zeros)", "image": "negative images"},
+    "crop": {"center_crop": "cut the middle", "squash": "squash", "pad": "pad with white"},
+    "adapter_blocks": {"all": "all", "style": "style only", "composition": "layout only",
+                       "style_and_composition": "style and layout", "custom": "per-layer strengths"},
+    "structure": {"none": "no", "edges": "its edges", "depth": "its depth", "img2img": "start from it"},
+    "kind": {"edges": "edges", "depth": "depth"},
+}
+
+
+def choice_label(setting: str, choice: str) -> str:
+    """A dropdown's line for one choice: ``"words only, no image (text)"``; the name alone where the words are it."""
+    words = CHOICE_WORDS.get(setting, {}).get(choice, choice)
+    return choice if words.lower() == choice.lower() else f"{words} ({choice})"
 
 
 def setting_specs() -> list[SettingSpec]:

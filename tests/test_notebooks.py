@@ -166,3 +166,22 @@ def test_notebook_runs_top_to_bottom_offline(path: Path, colab: bool, monkeypatc
     assert None not in ran, "some code cells did not run"
     banner = notebook.cells[1].outputs[-1]  # the setup cell ends with the banner: the toy world here
     assert "The toy world" in banner.data["text/html"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.name)
+def test_a_preset_that_cannot_load_is_one_sentence_and_the_toy_world(
+    path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Offline, with the default sd14 not downloaded: the setup cell prints one sentence and runs on ``toy``
+    (no page of traceback later, when the first Generate would have tried to download)."""
+    from imageprompt_widgets.loading import availability
+
+    monkeypatch.delenv("IMAGEPROMPT_MODEL", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(availability, "hub_file_cached", lambda *args, **kwargs: False)  # nothing downloaded
+    namespace: dict = {}
+    exec(compile(_setup_cell(path), path.name, "exec"), namespace)  # noqa: S102
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert namespace["PRESET"] == "toy"
+    assert printed == [("Model 'sd14' is not on this machine (about 7.2 GB) and HF_HUB_OFFLINE=1 forbids downloading "
+                       "it: using the offline toy world ('toy') instead.")]

@@ -250,6 +250,13 @@ class ImagePromptPipeline:
             self._embeddings.popitem(last=False)
         return embedding
 
+    def _no_image_embedding(self) -> ImageEmbedding:
+        """What a words-only run traces for its images: none (zero rows, the encoder's widths)."""
+        config = self.image_encoder.config
+        hidden = getattr(config, "hidden_size", config.projection_dim)
+        return ImageEmbedding(torch.zeros(0, 3, 0, 0), torch.zeros(0, config.projection_dim),
+                              torch.zeros(0, 0, hidden))
+
     def empty_prompt_embeds(self) -> torch.Tensor:
         """SD's text encoder on ``""``: what diffusers uses as the negative when none is given (``[1, 77, D]``)."""
         if self._empty_prompt_embeds is None:
@@ -568,7 +575,7 @@ class ImagePromptPipeline:
 
     def generate(
         self,
-        images: Any,
+        images: Any = None,
         settings: GenerationSettings | None = None,
         *,
         negative_image: Any = None,
@@ -632,7 +639,12 @@ class ImagePromptPipeline:
             settings = settings.replace(**changes)
         _check_image_count(images, "input")
         _check_image_count(negative_image, "negative")
-        pil_images = [] if isinstance(images, ImageEmbedding) else load_images(images)
+        if _no_images(images) and not settings.text_only:
+            raise ImageInputError(
+                f"mode={settings.mode!r} needs an image: add one, or draw from words alone with mode='text' (or "
+                "blend with image_weight=0) and a prompt."
+            )
+        pil_images = [] if isinstance(images, ImageEmbedding) or _no_images(images) else load_images(images)
         negatives = load_images(negative_image) if negative_image is not None else []
         if settings.negative == "image" and not negatives:
             raise SettingsError("negative='image' needs negative_image=: the image(s) guidance should push away from.")
@@ -688,9 +700,12 @@ class ImagePromptPipeline:
         when seen before); with the penultimate hidden states where an IP-Adapter Plus reads them."""
         adapter = self.parts.get("ip_adapter")
         hidden = settings.mode == "ip_adapter" and adapter is not None and adapter.needs_hidden_states
-        embedding = images if isinstance(images, ImageEmbedding) else self._encode_loaded(
-            inputs.images, inputs.prints, settings.crop, hidden
-        )
+        if isinstance(images, ImageEmbedding):
+            embedding = images
+        elif settings.mode == "text" or not inputs.images:  # words only: the images (if any) are not encoded
+            embedding = self._no_image_embedding()
+        else:
+            embedding = self._encode_loaded(inputs.images, inputs.prints, settings.crop, hidden)
         negative = (self._encode_loaded(inputs.negatives, inputs.negative_prints, settings.crop, hidden)
                     if inputs.negatives else None)
         per_adapter = [self._encode_loaded(group, prints, settings.crop, hidden)
@@ -702,7 +717,8 @@ class ImagePromptPipeline:
         negative_embedding: ImageEmbedding | None, adapter_embeddings: list[ImageEmbedding] | None = None,
     ) -> conditioning.Conditioning:
         """The method's conditioning for one output image (its registry entry builds it)."""
-        build = METHODS[settings.mode].builder()
+        # Words only: mode="text", or blend at image weight 0 without an image (exactly text-to-image).
+        build = METHODS["text" if settings.text_only and not len(embedding) else settings.mode].builder()
         with noting_prompt_truncation() as truncated:
             cond = build(ConditioningInputs(
                 settings=settings, embedding=embedding, text=self.text_side(),
@@ -869,7 +885,7 @@ def unet_step_count(scheduler: Any, settings: GenerationSettings) -> int:
     return plan.total  # the one count; the controller shows its reason (PNDM's warm-up, img2img) in Started
 
 
-def generate(images: Any, *, model: str | Preset | None = None, **settings: Any) -> GenerationResult:
+def generate(images: Any = None, *, model: str | Preset | None = None, **settings: Any) -> GenerationResult:
     """One call for scripts: the default preset (or ``model=``), the same result as ``pipe.generate``."""
     load_options = {name: settings.pop(name) for name in ("device", "dtype", "safety_checker", "memory")
                     if name in settings}
@@ -893,6 +909,11 @@ def _source_count(sources: Any) -> int:
     if isinstance(sources, Mapping) and sources and all(isinstance(value, Mapping) for value in sources.values()):
         return len(sources)  # an ipywidgets 7 FileUpload value: {name: {metadata, content}}
     return 1
+
+
+def _no_images(sources: Any) -> bool:
+    """Whether a run was given no input image at all (``None`` or an empty list): a words-only run."""
+    return sources is None or (isinstance(sources, (list, tuple)) and not sources)
 
 
 def _check_image_count(sources: Any, what: str) -> None:

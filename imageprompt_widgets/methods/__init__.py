@@ -90,6 +90,10 @@ METHODS: dict[str, Method] = {
             "caption", "BLIP captions the image, SD draws from the words (editable in prompt)",
             "caption", ("prompt", "negative", "negative_prompt"), frozenset({"captioner", "text"}), "tiny-caption",
         ),
+        Method(
+            "text", "words only: the prompt through SD's text encoder, no image (plain text-to-image)",
+            "text", ("prompt", "negative", "negative_prompt"), frozenset({"text"}), "tiny",
+        ),
     )
 }
 

@@ -37,6 +37,16 @@ DIRECTION_GAP_TEXT = ("Where the image embedding points against SD's own text to
 NO_ADAPTER_TEXT = "This run fed no IP-Adapter: its tokens show here after an ip_adapter run."
 
 
+def applicable_sections(result: Any, pipeline: Any) -> tuple[str, ...]:
+    """The sections that mean something for this run: none about the image for a words-only run (no image was
+    encoded); Adapter tokens only where an IP-Adapter read the image."""
+    has_image = result.trace.image_embeds.shape[0] > 0
+    adapter = result.settings.mode == "ip_adapter" and bool(getattr(pipeline, "ip_adapters", ()))
+    return tuple(title for title in SECTION_TITLES
+                 if title in ("Tensors", "Attention", "Denoising")
+                 or (has_image and title != "Adapter tokens") or (title == "Adapter tokens" and adapter))
+
+
 def _pre(text: str) -> str:
     return f"<pre style='font-size: 11px; line-height: 1.3; margin: 0'>{html.escape(text)}</pre>"
 
@@ -144,8 +154,8 @@ class InspectorTab(widgets.VBox):
                 widgets.VBox([self.adapter_text, self.adapter_box]),
             ]
         )
-        for index, title in enumerate(SECTION_TITLES):
-            self.sections.set_title(index, title)  # works on ipywidgets 7 and 8
+        self.boxes: dict[str, widgets.Widget] = dict(zip(SECTION_TITLES, self.sections.children))
+        self._titles(SECTION_TITLES)
         self.sections.selected_index = 0
         self.sections.layout.display = "none"
         self.errors: dict[str, str] = {}  # section title -> the error it shows
@@ -162,9 +172,20 @@ class InspectorTab(widgets.VBox):
         self.clear()
         self.result, self.pipeline = result, pipeline
         trace = result.trace
+        applying = applicable_sections(result, pipeline)
+        self._titles(applying)
         if inputs and len(inputs) == trace.image_embeds.shape[0]:
             self.labels = list(labels) if labels and len(labels) == len(inputs) else views.source_labels(inputs)
         self._fill("Tensors", lambda: setattr(self.summary, "value", _pre(trace.summary())), self.summary)
+        self._fill("Attention", self._show_attention, self.attention_text)
+        self.update_filmstrip()
+        self.placeholder.value = (
+            f"{len(trace.tensors())} tensors traced; run took {getattr(result, 'seconds', 0.0):.1f} s."
+            + ("" if "What CLIP saw" in applying else " A words-only run: no image, so no image sections.")
+        )
+        self.sections.layout.display = None
+        if "What CLIP saw" not in applying:
+            return
         self._fill("What CLIP saw", lambda: self._set_image(
             self.clip_image, "What CLIP saw",
             views.what_clip_saw(trace.pixel_values, pipeline.image_processor, inputs, crop=result.settings.crop),
@@ -178,11 +199,10 @@ class InspectorTab(widgets.VBox):
         self._fill("Scale gap", self._show_scale_gap, self.scale_gap_text)
         self._fill("Similarity", self.update_similarity, self.similarity_note)
         self._fill("Tokens", self._show_tokens, self.token_text)
-        self._fill("Attention", self._show_attention, self.attention_text)
         self.direction_note.value = html.escape(DIRECTION_GAP_TEXT)
         self.direction_button.disabled = False
-        self._fill("Adapter tokens", lambda: self._show_adapter_tokens(adapter_images), self.adapter_text)
-        self.update_filmstrip()
+        if "Adapter tokens" in applying:
+            self._fill("Adapter tokens", lambda: self._show_adapter_tokens(adapter_images), self.adapter_text)
         has_two = trace.image_embeds.shape[0] > 1
         self.interpolation_note.value = (
             "Generates images along a slerp from the first input image's embedding to the text typed here"
@@ -191,10 +211,6 @@ class InspectorTab(widgets.VBox):
             "Press Interpolate to make the strip."
         )
         self.interpolation_button.disabled = False
-        self.placeholder.value = (
-            f"{len(trace.tensors())} tensors traced; run took {getattr(result, 'seconds', 0.0):.1f} s."
-        )
-        self.sections.layout.display = None
 
     def clear(self) -> None:
         """Empty every section (before a new run, or when the result is gone)."""
@@ -214,6 +230,23 @@ class InspectorTab(widgets.VBox):
         self.interpolation_button.disabled = True
         self.direction_button.disabled = True
         self.sections.layout.display = "none"
+
+    @property
+    def shown_sections(self) -> tuple[str, ...]:
+        """The titles of the sections on screen (those that apply to the run shown)."""
+        return tuple(title for title, box in self.boxes.items() if box in self.sections.children)
+
+    def _titles(self, titles: Sequence[str]) -> None:
+        """Show only these sections, in the tab's order (a section that does not apply has no title bar)."""
+        chosen = [title for title in SECTION_TITLES if title in titles]
+        self.sections.selected_index = None
+        self.sections.children = [self.boxes[title] for title in chosen]
+        if "titles" in self.sections.keys:  # ipywidgets 8
+            self.sections.titles = tuple(chosen)
+        else:
+            for index, title in enumerate(chosen):
+                self.sections.set_title(index, title)
+        self.sections.selected_index = 0
 
     # -- sections -------------------------------------------------------------------------------
 
