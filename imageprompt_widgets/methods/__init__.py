@@ -90,6 +90,12 @@ METHODS: dict[str, Method] = {
             "caption", "BLIP captions the image, SD draws from the words (editable in prompt)",
             "caption", ("prompt", "negative", "negative_prompt"), frozenset({"captioner", "text"}), "tiny-caption",
         ),
+        Method(
+            "words", "words for the picture through CLIP's text tower (a phrase chain or a hard-prompt search); SD "
+            "draws from them", "words",
+            ("prompt", "negative", "negative_prompt", "words", "words_tokens", "words_steps", "words_min_gain"),
+            frozenset({"text"}), "tiny",
+        ),
     )
 }
 

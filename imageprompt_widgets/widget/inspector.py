@@ -19,6 +19,8 @@ from .. import views
 from ..engine.controller import Controller, Event, Failed, Finished, Job, TaskContext
 from ..engine.runners import InlineRunner
 from .gallery import close_tree, picture
+from .words import TITLE as WORDS_TITLE
+from .words import WordsSection
 
 EMPTY_TEXT = "Generate something to inspect its tensors here."
 #: What the Denoising tab says about a run that kept no latents (the panel's checkbox keeps them).
@@ -144,7 +146,9 @@ class InspectorTab(widgets.VBox):
                 widgets.VBox([self.adapter_text, self.adapter_box]),
             ]
         )
-        for index, title in enumerate(SECTION_TITLES):
+        self.words = WordsSection()  # self-contained: its own module, one child and one title here
+        self.sections.children = (*self.sections.children, self.words)
+        for index, title in enumerate((*SECTION_TITLES, WORDS_TITLE)):
             self.sections.set_title(index, title)  # works on ipywidgets 7 and 8
         self.sections.selected_index = 0
         self.sections.layout.display = "none"
@@ -182,6 +186,7 @@ class InspectorTab(widgets.VBox):
         self.direction_note.value = html.escape(DIRECTION_GAP_TEXT)
         self.direction_button.disabled = False
         self._fill("Adapter tokens", lambda: self._show_adapter_tokens(adapter_images), self.adapter_text)
+        self._fill(WORDS_TITLE, lambda: self.words.show(result, self._submit), self.words.text)
         self.update_filmstrip()
         has_two = trace.image_embeds.shape[0] > 1
         self.interpolation_note.value = (
@@ -211,6 +216,7 @@ class InspectorTab(widgets.VBox):
                      self.direction_note):
             text.value = ""
         self._set_adapter_images(0)
+        self.words.clear()
         self.interpolation_button.disabled = True
         self.direction_button.disabled = True
         self.sections.layout.display = "none"
