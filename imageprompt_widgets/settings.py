@@ -245,7 +245,7 @@ class GenerationSettings:
         advanced=True,
     )
     words_steps: int = _spec(
-        "int", 100, "search steps", "words, search: optimisation steps (each runs the text tower forward and back)",
+        "int", 80, "search steps", "words, search: optimisation steps (each runs the text tower forward and back)",
         min=1, max=3000, step=1, advanced=True,
     )
     words_min_gain: float = _spec(

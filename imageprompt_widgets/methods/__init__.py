@@ -94,7 +94,8 @@ METHODS: dict[str, Method] = {
             "words", "words for the picture through CLIP's text tower (a phrase chain or a hard-prompt search); SD "
             "draws from them", "words",
             ("prompt", "negative", "negative_prompt", "words", "words_tokens", "words_steps", "words_min_gain"),
-            frozenset({"text"}), "tiny",
+            # image_tokens: the encoder's projection is SD's width, i.e. the CLIP whose text tower SD reads
+            frozenset({"image_tokens", "text"}), "tiny",
         ),
     )
 }
