@@ -117,7 +117,9 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
             note="the toy world: a miniature SD and CLIP trained on 64 px coloured shapes ('a red circle on a "
                  "blue background'), shipped with the package: real behaviour offline, not Stable Diffusion",
             download_size="nothing (shipped inside the package, about 8 MB of safetensors)",
-            defaults=(("steps", 20), ("guidance_scale", 2.0)),
+            # words_min_gain: the toy CLIP scores any longer text a little higher (it saw captions only), so its chain
+            # stops at the caption only when a phrase must raise the cosine clearly (docs/toy_world.md, Words).
+            defaults=(("steps", 20), ("guidance_scale", 2.0), ("words_min_gain", 0.1)),
         ),
         "sd15-live": Preset(
             name="sd15-live",

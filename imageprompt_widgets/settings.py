@@ -19,7 +19,9 @@ from typing import Any
 #: How image embeddings become prompt embeddings (see conditioning.py for the exact definitions).
 #: ``ip_adapter`` and ``caption`` need a preset that carries an adapter or a captioner; ``text`` is words only
 #: (plain text-to-image, no image): the baseline every image method is compared with.
-MODES = ("repeat", "single", "tokens", "blend", "ip_adapter", "caption", "text")
+MODES = ("repeat", "single", "tokens", "blend", "ip_adapter", "caption", "text", "words")
+#: How ``words`` finds words for the picture (methods/words.py): a greedy phrase chain, or a hard-prompt search.
+WORDS_ROUTES = ("chain", "search")
 #: How several images become one conditioning (conditioning.COMBINE_FUNCTIONS).
 COMBINES = ("average", "norm_average", "concat", "add", "subtract", "max", "min", "slerp")
 #: How ``blend`` mixes the text prompt with the image (conditioning.BLEND_FUNCTIONS).
@@ -243,6 +245,22 @@ class GenerationSettings:
         '{"up": {"block_1": [0, 1, 0]}}; each number is multiplied by the adapter\'s scale; '
         "a list gives one per adapter; sets adapter blocks to custom",
         advanced=True,
+    )
+    words: str = _spec(
+        "choice", "chain", "words", "words: chain adds table phrases while they raise CLIP's cosine with the picture; "
+        "search optimises free tokens towards it (PEZ)", choices=WORDS_ROUTES,
+    )
+    words_tokens: int = _spec(
+        "int", 8, "search tokens", "words, search: how many tokens the search finds", min=1, max=32, step=1,
+        advanced=True,
+    )
+    words_steps: int = _spec(
+        "int", 80, "search steps", "words, search: optimisation steps (each runs the text tower forward and back)",
+        min=1, max=3000, step=1, advanced=True,
+    )
+    words_min_gain: float = _spec(
+        "float", 0.0, "chain min gain", "words, chain: stop when the best phrase raises the cosine by no more than "
+        "this", min=0.0, max=0.5, step=0.01, advanced=True,
     )
     structure: str = _spec(
         "choice", "none", "keep layout",

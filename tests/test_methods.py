@@ -372,7 +372,7 @@ def test_registry_names_what_each_method_reads_needs_and_its_twin():
     assert "norm_match" not in settings_read("ip_adapter")
     assert "canny_low" not in settings_read("repeat") and "canny_low" in settings_read("repeat", "edges")
     assert settings_read("repeat", "img2img") - settings_read("repeat") == {"strength"}
-    assert methods_for(PRESETS["tiny"]) == ["repeat", "single", "tokens", "blend", "text"]
+    assert methods_for(PRESETS["tiny"]) == ["repeat", "single", "tokens", "blend", "text", "words"]
     assert methods_for(PRESETS["tiny-ip-adapter"]) == ["ip_adapter", "text"]  # words only needs SD's text encoder
     assert methods_for(PRESETS["tiny-variations"]) == ["repeat", "single", "tokens"]
     assert "caption" in methods_for(PRESETS["tiny-caption"])

@@ -127,6 +127,7 @@ class ImagePromptPipeline:
         self._embeddings: OrderedDict[tuple[str, ...], ImageEmbedding] = OrderedDict()
         self._empty_prompt_embeds: torch.Tensor | None = None
         self._text_token_norm: float | None = None
+        self._word_space: Any = None  # methods.words.WordSpace, built on first use
         self._structure = StructureRunners(sd, self.preset.controlnet, allow_pickle=allow_pickle)
 
     # -- construction ---------------------------------------------------------------------------
@@ -461,6 +462,29 @@ class ImagePromptPipeline:
             key, lambda: load_clip_text_tower(folder, self.preset.clip_model, self.device, self.image_encoder.dtype)
         )
 
+    def word_space(self) -> Any:
+        """CLIP's text tower with projection and the preset's phrase table, its embeddings computed once per model
+        (and kept on disk): what ``mode="words"`` and :meth:`nearest_words` use
+        (:class:`~imageprompt_widgets.methods.words.WordSpace`). Raises
+        :class:`~imageprompt_widgets.faults.TextTowerUnavailable` where the checkpoint has no text tower."""
+        from ..methods.words import table_name_for, word_space
+
+        if self._word_space is None:
+            self._word_space = word_space(self.clip_text_tower(), table_name_for(self.preset.clip_model))
+        return self._word_space
+
+    def nearest_words(self, image: Any, k: int = 10, crop: str = "center_crop") -> list[tuple[str, float]]:
+        """The ``k`` phrases of the shipped table whose CLIP text embeddings are nearest the image embedding, best
+        first, as ``(phrase, cosine)`` pairs. ``image``: anything :meth:`encode_image` takes, an
+        :class:`ImageEmbedding`, or projected embeddings ``[D]`` / ``[N, D]`` (several: their mean direction)."""
+        if isinstance(image, ImageEmbedding):
+            embeds = image.image_embeds
+        elif isinstance(image, torch.Tensor):
+            embeds = image
+        else:
+            embeds = self.encode_image(image, crop=crop).image_embeds
+        return self.word_space().nearest(embeds, k)
+
     def adapter_tokens(self, result: GenerationResult, adapter: int = 0, index: int = 0) -> Any:
         """What IP-Adapter ``adapter`` made of output ``index``'s pictures in ``result``: its tokens (and, for a Plus
         adapter, where each of the resampler's query tokens looked), recomputed from the traced input
@@ -724,7 +748,7 @@ class ImagePromptPipeline:
                 settings=settings, embedding=embedding, text=self.text_side(),
                 cross_attention_dim=self.sd.unet.config.cross_attention_dim, negative_embedding=negative_embedding,
                 images=inputs.images, parts=self.parts, preset_name=self.preset.name,
-                adapter_embeddings=adapter_embeddings or [],
+                adapter_embeddings=adapter_embeddings or [], words=self.word_space,
             ))
         if truncated:
             length = getattr(getattr(self.sd, "tokenizer", None), "model_max_length", 77)

@@ -94,6 +94,13 @@ METHODS: dict[str, Method] = {
             "text", "words only: the prompt through SD's text encoder, no image (plain text-to-image)",
             "text", ("prompt", "negative", "negative_prompt"), frozenset({"text"}), "tiny",
         ),
+        Method(
+            "words", "words for the picture through CLIP's text tower (a phrase chain or a hard-prompt search); SD "
+            "draws from them", "words",
+            ("prompt", "negative", "negative_prompt", "words", "words_tokens", "words_steps", "words_min_gain"),
+            # image_tokens: the encoder's projection is SD's width, i.e. the CLIP whose text tower SD reads
+            frozenset({"image_tokens", "text"}), "tiny",
+        ),
     )
 }
 

@@ -19,13 +19,15 @@ from .. import views
 from ..engine.controller import Controller, Event, Failed, Finished, Job, TaskContext
 from ..engine.runners import InlineRunner
 from .gallery import close_tree, picture
+from .words import TITLE as WORDS_TITLE
+from .words import WordsSection
 
 EMPTY_TEXT = "Generate something to inspect its tensors here."
 #: What the Denoising tab says about a run that kept no latents (the panel's checkbox keeps them).
 NO_LATENTS_TEXT = ("This run kept no latents, so there is no filmstrip: tick “keep latents (Denoising view)” "
                    "under Generation and press Generate again.")
 SECTION_TITLES = ("Tensors", "What CLIP saw", "Scale gap", "Direction gap", "Similarity", "Tokens", "Attention",
-                  "Denoising", "Interpolation", "Adapter tokens")
+                  "Denoising", "Interpolation", "Adapter tokens", WORDS_TITLE)
 #: What the Attention section says about a run that recorded no attention (the panel's checkbox records it).
 NO_ATTENTION_TEXT = ("This run recorded no attention maps: tick “trace attention (Attention view)” under "
                      "Generation and press Generate again.")
@@ -154,6 +156,8 @@ class InspectorTab(widgets.VBox):
                 widgets.VBox([self.adapter_text, self.adapter_box]),
             ]
         )
+        self.words = WordsSection()  # self-contained: its own module, one child and one title here
+        self.sections.children = (*self.sections.children, self.words)
         self.boxes: dict[str, widgets.Widget] = dict(zip(SECTION_TITLES, self.sections.children))
         self._titles(SECTION_TITLES)
         self.sections.selected_index = 0
@@ -203,6 +207,7 @@ class InspectorTab(widgets.VBox):
         self.direction_button.disabled = False
         if "Adapter tokens" in applying:
             self._fill("Adapter tokens", lambda: self._show_adapter_tokens(adapter_images), self.adapter_text)
+        self._fill(WORDS_TITLE, lambda: self.words.show(result, self._submit), self.words.text)
         has_two = trace.image_embeds.shape[0] > 1
         self.interpolation_note.value = (
             "Generates images along a slerp from the first input image's embedding to the text typed here"
@@ -227,6 +232,7 @@ class InspectorTab(widgets.VBox):
                      self.direction_note):
             text.value = ""
         self._set_adapter_images(0)
+        self.words.clear()
         self.interpolation_button.disabled = True
         self.direction_button.disabled = True
         self.sections.layout.display = "none"
