@@ -115,3 +115,11 @@ def test_the_site_refuses_a_notebook_that_never_ran_or_ended_in_an_error(hooks, 
     failed = {"cell_type": "code", "execution_count": 2, "outputs": [{"output_type": "error", "ename": "KeyError"}]}
     assert hooks.unfinished_cells(notebook(ran)) == []
     assert hooks.unfinished_cells(notebook(ran, never, failed)) == ["code cell 2 never ran", "code cell 3 ended in KeyError"]
+
+
+def test_the_site_shows_the_colab_badge_from_its_own_copy(hooks) -> None:
+    page = f'<a href="https://colab.research.google.com/github/x"><img src="{hooks.COLAB_BADGE}"></a>'
+    assert hooks.local_badge(page, "notebooks/quickstart/") == (
+        '<a href="https://colab.research.google.com/github/x"><img src="../../images/colab-badge.svg"></a>')
+    assert hooks.local_badge(page, "") == page.replace(hooks.COLAB_BADGE, "images/colab-badge.svg")
+    assert (ROOT / "docs" / hooks.LOCAL_BADGE).read_text().startswith("<svg")

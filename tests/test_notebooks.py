@@ -218,6 +218,16 @@ def test_a_rerun_with_the_same_results_is_not_stale() -> None:
     assert execute_notebooks.stale_outputs(committed, fresh) == []
 
 
+def test_timings_rates_and_where_things_live_may_move() -> None:
+    normalise = execute_notebooks.normalise_text
+    assert normalise("Done: 1 image in 2.6 s, 8.8 it/s; 0.1 s encoding (171 images/s)") == \
+        normalise("Done: 1 image in 31 s, 0.5 it/s; 12 s encoding (2 images/s)")
+    assert normalise("tower of '/work/wt30/imageprompt_widgets/toy/weights/clip'.") == \
+        normalise("tower of '/home/ci/clone/imageprompt_widgets/toy/weights/clip'.")
+    assert normalise("image_embeds tensor[1, 64] min=-2.466") != normalise("image_embeds tensor[1, 64] min=-2.467")
+    assert normalise("1 image in 2.6 s") != normalise("2 images in 2.6 s")
+
+
 def test_a_changed_text_is_stale_and_named() -> None:
     committed = _notebook(_printed("prompt_embeds (1, 77, 32)\n"))
     fresh = _notebook(_printed("prompt_embeds (1, 257, 32)\n"))
