@@ -28,7 +28,7 @@ COMBINES = ("average", "norm_average", "concat", "add", "subtract", "max", "min"
 BLENDS = ("interpolate", "concat")
 #: What the unconditional branch of classifier-free guidance sees: SD's text encoder on ``negative_prompt``
 #: (the empty prompt unless one is typed: diffusers' default), zeros, or the negative images (together with
-#: the negative text where one is typed; see the README's "Negative text").
+#: the negative text where one is typed; see docs/samplers.md, "Negative text").
 NEGATIVES = ("empty_prompt", "zeros", "image")
 #: The denoising schedulers (samplers) a run can use; each is built from the loaded model's own scheduler
 #: config (engine/samplers.py). ``pndm`` is SD 1.x's own, the guide's.

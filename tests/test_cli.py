@@ -92,6 +92,15 @@ def test_the_installed_command_exists():
     assert top.returncode == 0 and "generate" in top.stdout
 
 
+def test_version_prints_the_packages_version_without_loading_torch():
+    from imageprompt_widgets._version import __version__
+
+    check = ("import sys\nfrom imageprompt_widgets.cli import main\ntry:\n    main(['--version'])\n"
+             "except SystemExit as done:\n    print(done.code, 'torch' in sys.modules)\n")
+    run = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120, check=False)
+    assert run.stdout.splitlines() == [f"imageprompt {__version__}", "0 False"], run.stderr
+
+
 # -- checked before torch, and the preset's own defaults ---------------------------------------------------
 
 CHECK_WITHOUT_TORCH = """
