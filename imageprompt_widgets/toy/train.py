@@ -76,7 +76,7 @@ class Budget:
     unet_lr: float = 1e-3
     caption_dropout: float = 0.1
     ema_decay: float = 0.995
-    adapter_steps: int = 700
+    adapter_steps: int = 1200
     adapter_batch: int = 16
     adapter_lr: float = 1e-3
     adapter_tokens: int = 4
@@ -87,14 +87,14 @@ class Budget:
     #: How much of the image-prompt stages' target is the frozen UNet's own prediction on the picture's caption
     #: (the text route as teacher) rather than the data's v (diffusion_loss).
     teacher_weight: float = 0.5
-    plus_steps: int = 600
+    plus_steps: int = 1000
     plus_batch: int = 16
     plus_lr: float = 1e-3
     plus_queries: int = 16
-    variations_steps: int = 600
+    variations_steps: int = 1500
     variations_batch: int = 16
-    variations_lr: float = 2e-4
-    projector_steps: int = 700
+    variations_lr: float = 4e-4
+    projector_steps: int = 1000
     projector_batch: int = 16
     projector_lr: float = 1e-3
     projector_hidden: int = 256
