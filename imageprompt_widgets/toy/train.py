@@ -591,8 +591,10 @@ def caption_token_projection(base: ImagePromptBase, tokens: int) -> dict[str, to
     norm = base.text_encoder.final_layer_norm
     rows = torch.tensor([index[scene.caption] for scene in base.pool.scenes])
     targets = ((hidden[rows][:, positions] - norm.bias.detach()) / norm.weight.detach()).reshape(len(rows), -1)
-    inputs = torch.cat([base.pool.image_embeds, torch.ones(len(rows), 1)], dim=1)
-    solution = torch.linalg.lstsq(inputs, targets).solution  # [D + 1, tokens * width]
+    inputs = torch.cat([base.pool.image_embeds, torch.ones(len(rows), 1)], dim=1).double()
+    # The normal equations in float64 (LU solve): torch.linalg.lstsq's QR gives other last bits from run to run.
+    gram = inputs.T @ inputs + 1e-6 * torch.eye(inputs.shape[1], dtype=torch.float64)
+    solution = torch.linalg.solve(gram, inputs.T @ targets.double()).float()  # [D + 1, tokens * width]
     return {"proj.weight": solution[:-1].T.contiguous(), "proj.bias": solution[-1].contiguous(),
             "norm.weight": norm.weight.detach().clone(), "norm.bias": norm.bias.detach().clone()}
 
