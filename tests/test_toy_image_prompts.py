@@ -169,3 +169,11 @@ def test_the_inspectors_row_says_what_the_judge_read_and_what_was_kept():
     assert run_row(picture, output) == ("The toy world's judge read the input as red circle on blue and the output "
                                         "as red square on green: kept colour.")
     assert run_row(picture, picture).endswith("kept colour, shape, background.")
+
+
+def test_the_attention_view_says_how_well_maps_localise_in_the_toy_world(toy_pipe, picture):
+    from imageprompt_widgets.views.attention import TOY_LOCALISATION_NOTE, attention_view
+
+    res = toy_pipe.generate(picture, mode="blend", prompt=world.held_out_scenes()[0].caption, image_weight=0.0,
+                            trace_attention=True, **FAST)
+    assert TOY_LOCALISATION_NOTE in attention_view(res, toy_pipe).describe()
