@@ -415,7 +415,8 @@ class GenerationSettings:
 CHOICE_WORDS: dict[str, dict[str, str]] = {
     "mode": {"repeat": "image token ×77", "single": "one image token", "tokens": "every image patch",
              "blend": "words + image", "ip_adapter": "image beside words", "caption": "image → caption → words",
-             "text": "words only, no image", "words": "image → nearest words → picture"},
+             "text": "words only, no image", "words": "image → nearest words → picture",
+             "projector": "image tokens, trained into words' space"},
     "words": {"chain": "phrase by phrase", "search": "token search"},
     "blend": {"interpolate": "token by token", "concat": "side by side"},
     "combine": {"average": "average", "norm_average": "average, then rescale", "concat": "side by side",
