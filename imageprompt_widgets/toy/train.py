@@ -76,7 +76,7 @@ class Budget:
     unet_lr: float = 1e-3
     caption_dropout: float = 0.1
     ema_decay: float = 0.995
-    adapter_steps: int = 1200
+    adapter_steps: int = 2200
     adapter_batch: int = 16
     adapter_lr: float = 1e-3
     adapter_tokens: int = 4
@@ -94,7 +94,7 @@ class Budget:
     variations_steps: int = 1500
     variations_batch: int = 16
     variations_lr: float = 4e-4
-    projector_steps: int = 1000
+    projector_steps: int = 2000
     projector_batch: int = 16
     projector_lr: float = 1e-3
     projector_hidden: int = 256
@@ -864,7 +864,10 @@ def train_all(out: str | Path, budget: Budget | None = None, seed: int = 0, log:
     if stages is not None and previous.is_file():
         kept = json.loads(previous.read_text(encoding="utf-8")).get("stages", [])
         trained = {report.name for report in reports}
-        record["stages"] = [stage for stage in kept if stage["name"] not in trained] + record["stages"]
+        order = ["clip", "vae", "unet", "image_pool", *IMAGE_PROMPT_STAGES]
+        merged = [stage for stage in kept if stage["name"] not in trained] + record["stages"]
+        record["stages"] = sorted(merged, key=lambda stage: order.index(stage["name"]) if stage["name"] in order
+                                  else len(order))
     record["total_seconds"] = round(sum(stage["seconds"] for stage in record["stages"]), 1)
     record["peak_memory_mib"] = max(stage["peak_mib"] for stage in record["stages"])
     previous.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
