@@ -377,8 +377,9 @@ def test_registry_names_what_each_method_reads_needs_and_its_twin():
     assert methods_for(PRESETS["tiny-ip-adapter"]) == ["ip_adapter", "text"]  # words only needs SD's text encoder
     assert methods_for(PRESETS["tiny-variations"]) == ["repeat", "single", "tokens"]
     assert "caption" in methods_for(PRESETS["tiny-caption"])
-    assert methods_for(PRESETS["toy"]) == ["repeat", "single", "tokens", "blend", "caption", "projector"]
-    assert methods_for(PRESETS["toy-ip-adapter"]) == ["ip_adapter"]
+    assert methods_for(PRESETS["toy"]) == ["repeat", "single", "tokens", "blend", "caption", "text", "words",
+                                           "projector"]
+    assert methods_for(PRESETS["toy-ip-adapter"]) == ["ip_adapter", "text"]
     for name, method in METHODS.items():
         assert method.twin in presets_providing(name), name  # every method runs offline on its twin
         assert PRESETS[method.twin].offline_builder or name == "projector", name  # (the projector's: toy's)

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imageprompt_widgets import ImagePromptWidget, methods
+from imageprompt_widgets import ImagePromptWidget
 from imageprompt_widgets.faults import ModelLoadError
-from imageprompt_widgets.presets import PRESETS, TOY_SD_FOLDER, Preset
+from imageprompt_widgets.presets import PRESETS
 from imageprompt_widgets.settings import CHOICE_WORDS, choice_label, setting_specs
-from imageprompt_widgets.widget import InlineRunner, picker
+from imageprompt_widgets.widget import InlineRunner
 from imageprompt_widgets.widget.controls import NATIVE_SIZE, help_of
 from imageprompt_widgets.widget.gallery import TILE_PX, enlarged, recipe_line
 from imageprompt_widgets.widget.panel import NO_INPUT, START
@@ -104,22 +104,17 @@ def test_a_method_only_a_download_can_run_asks_first_and_stay_changes_nothing():
 def test_from_the_toy_world_a_mode_change_moves_to_a_preset_on_this_machine():
     panel = ImagePromptWidget(model="toy", runner=InlineRunner())
     choose(panel.controls["mode"], "ip_adapter")
-    assert panel.model == "tiny-ip-adapter" and panel.offer.layout.display == "none"
-    assert panel.status.startswith("ip_adapter needs an IP-Adapter, which 'toy' lacks: switched to model "
-                                   "'tiny-ip-adapter' (offline, ")
+    assert panel.model == "toy-ip-adapter" and panel.offer.layout.display == "none"  # the toy world's, trained
+    assert panel.status == ("ip_adapter needs an IP-Adapter, which 'toy' lacks: switched to model "
+                            "'toy-ip-adapter' (shipped with the package).")
     panel.close()
 
 
-def test_a_toy_twin_once_registered_is_preferred_over_the_random_one(monkeypatch):
+def test_a_toy_twin_is_preferred_over_the_random_one():
     """A trained toy preset that can run the method (shipped in the package) wins over the random tiny twin."""
-    toy_adapter = Preset(name="toy-ip-adapter-test", sd_model=str(TOY_SD_FOLDER), clip_model=str(TOY_SD_FOLDER),
-                         ip_adapter="unused", method="ip_adapter", image_tokens_fit=False)
-    registered = {**PRESETS, toy_adapter.name: toy_adapter}
-    monkeypatch.setattr(methods, "PRESETS", registered)
-    monkeypatch.setattr(picker, "PRESETS", registered)
     panel = ImagePromptWidget(model="toy", runner=InlineRunner())
-    assert panel._preset_for("ip_adapter", PRESETS["toy"]) == "toy-ip-adapter-test"
-    assert panel._preset_for("ip_adapter", PRESETS["tiny"]) == "toy-ip-adapter-test"  # trained before random
+    assert panel._preset_for("ip_adapter", PRESETS["toy"]) == "toy-ip-adapter"
+    assert panel._preset_for("ip_adapter", PRESETS["tiny"]) == "toy-ip-adapter"  # trained before random
     panel.close()
 
 
