@@ -35,6 +35,15 @@ NOISE_SOURCES = ("device", "cpu")
 #: The LCM scheduler plans its steps inside this many of the original schedule's (diffusers' LCMScheduler
 #: ``original_inference_steps``): more steps than this are refused.
 LCM_MAX_STEPS = 50
+#: The VAE decoder that turns the final latents into the picture: the model's own (``full``) or TAESD
+#: (``tiny``: diffusers' ``AutoencoderTiny``, about 18x less work at 512 px, slightly softer; the live presets' choice).
+DECODERS = ("full", "tiny")
+#: The arithmetic a run computes in: ``auto`` picks bfloat16 autocast for few-step (live) runs on a CPU that has
+#: bfloat16 instructions and float32 otherwise; ``float32`` never autocasts; ``bfloat16`` always does.
+PRECISIONS = ("auto", "float32", "bfloat16")
+#: ``precision="auto"`` autocasts runs of at most this many steps (live and few-step runs; the 30-step default
+#: run stays in float32, so its pixels equal bare diffusers').
+AUTOCAST_MAX_STEPS = 8
 #: How an image is made square for CLIP: CLIP's own center crop, a squash, or padding.
 CROPS = ("center_crop", "squash", "pad")
 #: IP-Adapter layers that receive the image (SD 1.x; "style" and "composition" after InstantStyle's SD 1.5
@@ -192,6 +201,15 @@ class GenerationSettings:
     noise: str = _spec(
         "choice", "device", "noise", "where the seed's noise is drawn: the model's device, or the CPU (the same "
         "picture on every machine)", choices=NOISE_SOURCES, advanced=True,
+    )
+    decoder: str = _spec(
+        "choice", "full", "decoder", "what turns the final latents into the picture: full (the model's own VAE) or "
+        "tiny (TAESD: much faster, slightly softer)", choices=DECODERS, advanced=True,
+    )
+    precision: str = _spec(
+        "choice", "auto", "precision", "auto: bfloat16 on CPUs that have it for runs of at most "
+        f"{AUTOCAST_MAX_STEPS} steps (live), float32 otherwise; float32: never bfloat16",
+        choices=PRECISIONS, advanced=True,
     )
     num_images: int = _spec("int", 1, "images", "how many images, batched", min=1, max=8, step=1)
     height: int | None = _spec(

@@ -632,10 +632,12 @@ class Controller:
         return on_step
 
     def _preview_decoder(self, pipe: Any) -> Any:
-        if self._decoder is None or self._decoder[0] is not pipe:
+        # Chosen again once the pipeline holds a tiny decoder (after its first decoder="tiny" run): previews use it.
+        key = (pipe, getattr(pipe, "tiny_decoder_loaded", None))
+        if self._decoder is None or self._decoder[0] != key:
             from .preview import decoder_for
 
-            self._decoder = (pipe, decoder_for(pipe, self.preview_kind, self.taesd))
+            self._decoder = (key, decoder_for(pipe, self.preview_kind, self.taesd))
         return self._decoder[1]
 
     def _throttle(self, interval: float) -> Callable[..., bool]:

@@ -186,6 +186,15 @@ class GenerationResult:
     cancelled: bool = False
     nsfw_content_detected: list[bool] | None = None
     seconds: float = 0.0
+    #: Seconds per stage, in the order the run passed them: ``loading`` (only where a model or the tiny decoder
+    #: loaded for this run), ``inputs`` (pictures decoded and checked), ``waiting`` (for another run on the
+    #: pipeline), ``encoding`` (CLIP's vision tower and SD's text encoder; 0 when every input came from the
+    #: caches), ``conditioning`` (the method, the structure maps), ``denoising`` (``unet_calls`` UNet calls, the
+    #: previews made between steps), ``decoding`` (the VAE, or the tiny decoder, and post-processing); ``total``
+    #: is their sum, give or take bookkeeping.
+    timings: dict[str, float] = field(default_factory=dict)
+    #: How many times the UNet ran (each call a batch: two rows per image with guidance, one without).
+    unet_calls: int = 0
 
     @property
     def recipe(self) -> dict[str, Any]:

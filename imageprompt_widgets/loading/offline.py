@@ -876,3 +876,39 @@ def random_lora_layers(
     layers = {key: value.detach().clone().contiguous() for key, value in get_peft_model_state_dict(model).items()}
     return layers
 
+
+
+# ---------------------------------------------------------------------------------------------
+# The tiny decoder twin: TAESD (madebyollin/taesd, diffusers' AutoencoderTiny) shaped for the tiny VAE
+
+TINY_TAESD_VERSION = "v1"
+#: The name a tiny decoder source takes for the offline twin (``decoder="tiny"`` on the tiny presets).
+TINY_TAESD = "tiny-taesd"
+#: Seed offset of the twin's weights (beside the tiny models' own seed).
+TINY_TAESD_SEED_OFFSET = 7
+
+
+def ensure_tiny_taesd() -> str:
+    """The folder of the offline TAESD twin (built once, atomically)."""
+    final = cache_dir() / f"{TINY_TAESD}-{TINY_TAESD_VERSION}"
+    return str(build_once(final, lambda folder: build_tiny_taesd(folder, TINY_SEED + TINY_TAESD_SEED_OFFSET),
+                          "diffusion_pytorch_model.safetensors"))
+
+
+def build_tiny_taesd(folder: str | os.PathLike, seed: int = TINY_SEED) -> str:
+    """An ``AutoencoderTiny`` with TAESD's layout shrunk to the tiny VAE: 4 latent channels and one ×2
+    upsampling (the tiny VAE downsamples by 2, SD's by 8), seeded random weights, saved as safetensors."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    from .quiet import quiet_loaders
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoencoderTiny(
+            encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+            num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1), latent_channels=4,
+        )
+    with quiet_loaders():
+        model.save_pretrained(str(folder), safe_serialization=True)
+    return str(folder)
