@@ -53,6 +53,14 @@ FAST = {"steps": 2, "guidance_scale": 7.5}
 WAIT = 60  # seconds; generous for a loaded 2-core CI machine
 
 
+
+def open_section(widget, title: str) -> None:
+    """Open the Inspector tab and one of its sections, as a user's clicks do (sections draw when opened)."""
+    from imageprompt_widgets.widget.inspector import SECTION_TITLES
+
+    widget.tabs.selected_index = 1
+    widget.inspector.sections.selected_index = SECTION_TITLES.index(title)
+
 def png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
@@ -866,7 +874,9 @@ def test_no_empty_image_is_shown_in_any_state(tiny_pipe, image):
     assert_no_empty_image(widget)  # failed
     widget.generate().result(WAIT)
     assert widget.controller.join(WAIT)
-    assert_no_empty_image(widget)  # finished, the inspector filled (no latents: no filmstrip)
+    assert_no_empty_image(widget)  # finished
+    open_section(widget, "Denoising")  # the inspector draws what is opened (no latents: no filmstrip)
+    assert_no_empty_image(widget)
     assert widget.inspector.filmstrip_table.value.startswith("This run kept no latents")
     widget.history.select(widget.history.items[0])
     assert_no_empty_image(widget)
@@ -926,6 +936,7 @@ def test_captions_are_alike_for_every_source(tiny_pipe, tmp_path):
 def test_the_latents_checkbox_feeds_the_denoising_filmstrip(panel):
     box = labelled(panel, "keep latents (Denoising view)", ipywidgets.Checkbox)
     assert "latents" in box.description and not box.value
+    open_section(panel, "Denoising")  # open while runs finish: each run draws it
     panel.generate().result(WAIT)
     assert panel.result.trace.latents is None
     assert panel.inspector.filmstrip_table.value.startswith("This run kept no latents")
@@ -1280,6 +1291,7 @@ def test_the_inspector_shows_each_adapters_tokens_for_ip_adapter_runs(image, oth
         widget.set_images(image)
         widget.adapter_slots.slots[1].set_images([other_image])
         result = widget.generate().result(WAIT)
+        open_section(widget, "Adapter tokens")
         inspector = widget.inspector
         assert "Adapter tokens" not in inspector.errors
         assert [picture.value[:4] for picture in inspector.adapter_images] == [b"\x89PNG"] * 2
@@ -1295,5 +1307,6 @@ def test_the_inspector_shows_each_adapters_tokens_for_ip_adapter_runs(image, oth
     plain = ImagePromptWidget(model="tiny", runner=InlineRunner(), **FAST)
     plain.set_images(image)
     plain.generate().result(WAIT)
+    open_section(plain, "Adapter tokens")
     assert plain.inspector.adapter_text.value == html.escape(NO_ADAPTER_TEXT) and not plain.inspector.adapter_images
     plain.close()

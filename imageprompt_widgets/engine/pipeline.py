@@ -540,6 +540,16 @@ class ImagePromptPipeline:
             self._tiny_decoder = model.eval()
         return self._tiny_decoder
 
+    def use_tiny_decoder(self, model: Any) -> None:
+        """Hold ``model`` (an ``AutoencoderTiny`` loaded or trained elsewhere) as the tiny decoder of later runs."""
+        with self.lock:
+            self._tiny_decoder = model.to(self.device).eval()
+            self._tiny_decoder_given = True
+
+    def _tiny_decoder_name(self) -> str:
+        """What the recipe names as the tiny decoder: its source, or "given" for one handed to use_tiny_decoder."""
+        return "given" if getattr(self, "_tiny_decoder_given", False) else self.tiny_decoder_source()
+
     @property
     def tiny_decoder_loaded(self) -> Any:
         """The tiny decoder once a ``decoder="tiny"`` run (or :meth:`tiny_decoder`) loaded it, else ``None``: previews
@@ -694,7 +704,7 @@ class ImagePromptPipeline:
         started = time.perf_counter()
         settings, inputs = self._check_inputs(images, settings, negative_image, structure_image, changes,
                                               adapter_images)
-        if settings.decoder == "tiny":
+        if settings.decoder == "tiny" and self._tiny_decoder is None:
             self.tiny_decoder_source()  # a model without a tiny decoder is refused before any work
         checked = time.perf_counter()
         timings = {"inputs": checked - started}
@@ -927,7 +937,7 @@ class ImagePromptPipeline:
         plan.unet_calls = calls[0]
         plan.provenance.notes["compute_dtype"] = str(compute).removeprefix("torch.")
         if settings.decoder == "tiny":
-            plan.provenance.model["tiny_decoder"] = self.tiny_decoder_source()
+            plan.provenance.model["tiny_decoder"] = self._tiny_decoder_name()
         plan.trace.timesteps, plan.trace.latents = tracker.timesteps, tracker.latents
         plan.trace.latent_steps = list(tracker.latent_steps)
         if recorder is not None:

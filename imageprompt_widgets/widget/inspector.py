@@ -5,6 +5,10 @@ so what the tab shows is exactly what a notebook cell gets from the same functio
 fails shows its error in its own section; the other sections still fill. Replays that run the UNet
 again (the interpolation strip, the x0 filmstrip) go through the controller's ``submit_task``: off the
 kernel thread, with progress in the panel's status and its Cancel button working.
+
+A section draws only when it is open and the tab is visible (``set_visible``; the panel passes its tab's
+state): a finished run costs nothing here while nobody looks, and a live run (``show(..., defer=True)``) draws
+nothing on its worker thread: opening a section (or the "Draw" button) draws that run then.
 """
 
 from __future__ import annotations
@@ -33,8 +37,23 @@ NO_ATTENTION_TEXT = ("This run recorded no attention maps: tick “trace attenti
 DIRECTION_GAP_TEXT = ("Where the image embedding points against SD's own text tokens (cosines), and why norm "
                       "matching fixes its length but not its direction. It runs SD's text encoder on the prompts "
                       "typed here (and CLIP's text tower where the model has one): press Compare.")
+#: What the placeholder adds while sections wait to be drawn.
+DRAW_ON_OPEN_TEXT = "Each section is drawn when it is opened."
+#: The button that draws the open section of a live run (drawn on request, not on the run's thread).
+DRAW_LABEL = "Draw this run"
 #: What the Adapter tokens section says about a run that fed no IP-Adapter.
 NO_ADAPTER_TEXT = "This run fed no IP-Adapter: its tokens show here after an ip_adapter run."
+
+
+def timings_line(result: Any) -> str:
+    """Where a run's time went: its stages in seconds and the UNet calls (``GenerationResult.timings``)."""
+    timings = dict(getattr(result, "timings", {}) or {})
+    total = timings.pop("total", None)
+    if total is None:
+        return ""
+    stages = " · ".join(f"{stage} {seconds:.2f} s" for stage, seconds in timings.items() if seconds >= 0.005)
+    calls = getattr(result, "unet_calls", 0)
+    return f"{total:.1f} s: {stages}" + (f" ({calls} UNet calls)" if calls else "")
 
 
 def _pre(text: str) -> str:
@@ -151,38 +170,32 @@ class InspectorTab(widgets.VBox):
         self.errors: dict[str, str] = {}  # section title -> the error it shows
         self.labels: list[str] | None = None  # the inputs' names, where the panel gave the inputs
         self.views: dict[str, Any] = {}  # section title -> the view it shows (numbers included)
-        super().__init__(children=[self.placeholder, self.sections], **kwargs)
+        self.visible = True  # a tab on its own is visible; the panel says when its Inspector tab is not
+        self.pending: set[str] = set()  # sections not yet drawn for the shown run
+        self._inputs: Sequence[Any] | None = None
+        self._adapter_images: Sequence[Sequence[Any]] | None = None
+        self.draw_button = widgets.Button(description=DRAW_LABEL, layout=widgets.Layout(display="none"))
+        self.draw_button.on_click(lambda _: self.draw_open_section(force=True))
+        self.sections.observe(lambda _: self.draw_open_section(), names="selected_index")
+        super().__init__(children=[self.placeholder, self.draw_button, self.sections], **kwargs)
 
     # -- public interface (called by the panel) ------------------------------------------------
 
     def show(self, result: Any, pipeline: Any, inputs: Sequence[Any] | None = None,
-             adapter_images: Sequence[Sequence[Any]] | None = None, labels: Sequence[str] | None = None) -> None:
-        """Fill every section from a finished run; ``inputs`` (the input images) adds the originals, and their
-        file names (or ``labels``) label the pictures; ``adapter_images`` are the run's per-adapter images."""
+             adapter_images: Sequence[Sequence[Any]] | None = None, labels: Sequence[str] | None = None,
+             *, defer: bool = False) -> None:
+        """Take a finished run: the open section draws now if the tab is visible (unless ``defer``: a live run's
+        worker thread draws nothing), every other section when it is opened. ``inputs`` (the input images) adds
+        the originals, and their file names (or ``labels``) label the pictures; ``adapter_images`` are the run's
+        per-adapter images."""
         self.clear()
         self.result, self.pipeline = result, pipeline
+        self._inputs, self._adapter_images = inputs, adapter_images
         trace = result.trace
         if inputs and len(inputs) == trace.image_embeds.shape[0]:
             self.labels = list(labels) if labels and len(labels) == len(inputs) else views.source_labels(inputs)
-        self._fill("Tensors", lambda: setattr(self.summary, "value", _pre(trace.summary())), self.summary)
-        self._fill("What CLIP saw", lambda: self._set_image(
-            self.clip_image, "What CLIP saw",
-            views.what_clip_saw(trace.pixel_values, pipeline.image_processor, inputs, crop=result.settings.crop),
-        ), self.clip_text)
-        if "What CLIP saw" not in self.errors:
-            side = trace.pixel_values.shape[-1]
-            self.clip_text.value = html.escape(
-                f"The {side}x{side} picture the vision tower encoded (normalisation undone)"
-                + (", beside the original." if inputs else ".")
-            )
-        self._fill("Scale gap", self._show_scale_gap, self.scale_gap_text)
-        self._fill("Similarity", self.update_similarity, self.similarity_note)
-        self._fill("Tokens", self._show_tokens, self.token_text)
-        self._fill("Attention", self._show_attention, self.attention_text)
         self.direction_note.value = html.escape(DIRECTION_GAP_TEXT)
         self.direction_button.disabled = False
-        self._fill("Adapter tokens", lambda: self._show_adapter_tokens(adapter_images), self.adapter_text)
-        self.update_filmstrip()
         has_two = trace.image_embeds.shape[0] > 1
         self.interpolation_note.value = (
             "Generates images along a slerp from the first input image's embedding to the text typed here"
@@ -191,10 +204,75 @@ class InspectorTab(widgets.VBox):
             "Press Interpolate to make the strip."
         )
         self.interpolation_button.disabled = False
-        self.placeholder.value = (
-            f"{len(trace.tensors())} tensors traced; run took {getattr(result, 'seconds', 0.0):.1f} s."
-        )
+        timing = timings_line(result) or f"{getattr(result, 'seconds', 0.0):.1f} s"
+        self.placeholder.value = html.escape(
+            f"{len(trace.tensors())} tensors traced; the run took {timing}. {DRAW_ON_OPEN_TEXT}")
         self.sections.layout.display = None
+        self.pending = set(SECTION_TITLES)
+        if not defer:
+            self.draw_open_section()
+        self._show_draw_button()
+
+    def set_visible(self, visible: bool) -> None:
+        """Whether the tab is on screen (the panel calls this when its tabs switch): becoming visible draws the
+        open section of the shown run."""
+        self.visible = visible
+        self.draw_open_section()
+
+    def draw_open_section(self, force: bool = False) -> None:
+        """Draw the open section for the shown run, once, if the tab is visible (``force``: the Draw button)."""
+        index = self.sections.selected_index
+        if self.result is None or index is None or not (self.visible or force):
+            self._show_draw_button()
+            return
+        title = SECTION_TITLES[index]
+        if title in self.pending:
+            self.pending.discard(title)
+            self._draw(title)
+        self._show_draw_button()
+
+    def _show_draw_button(self) -> None:
+        index = self.sections.selected_index
+        waiting = self.result is not None and index is not None and SECTION_TITLES[index] in self.pending
+        self.draw_button.layout.display = None if waiting and self.visible else "none"
+
+    def _draw(self, title: str) -> None:
+        result, pipeline, trace = self.result, self.pipeline, self.result.trace
+        if title == "Tensors":
+            self._fill(title, lambda: setattr(self.summary, "value", _pre(trace.summary())), self.summary)
+        elif title == "What CLIP saw":
+            inputs = self._inputs
+            self._fill(title, lambda: self._set_image(
+                self.clip_image, title,
+                views.what_clip_saw(trace.pixel_values, pipeline.image_processor, inputs, crop=result.settings.crop),
+            ), self.clip_text)
+            if title not in self.errors:
+                side = trace.pixel_values.shape[-1]
+                self.clip_text.value = html.escape(
+                    f"The {side}x{side} picture the vision tower encoded (normalisation undone)"
+                    + (", beside the original." if inputs else ".")
+                )
+        elif title == "Scale gap":
+            self._fill(title, self._show_scale_gap, self.scale_gap_text)
+        elif title == "Similarity":
+            self._fill(title, self.update_similarity, self.similarity_note)
+        elif title == "Tokens":
+            self._fill(title, self._show_tokens, self.token_text)
+        elif title == "Attention":
+            self._fill(title, self._show_attention, self.attention_text)
+        elif title == "Adapter tokens":
+            self._fill(title, lambda: self._show_adapter_tokens(self._adapter_images), self.adapter_text)
+        elif title == "Denoising":
+            self.update_filmstrip()
+        # "Direction gap" and "Interpolation" compute on their buttons: nothing to draw on opening.
+
+    def draw_all(self) -> None:
+        """Draw every section now (a notebook cell that wants the whole tab at once, and the tests)."""
+        for title in SECTION_TITLES:
+            if title in self.pending:
+                self.pending.discard(title)
+                self._draw(title)
+        self._show_draw_button()
 
     def clear(self) -> None:
         """Empty every section (before a new run, or when the result is gone)."""
@@ -202,6 +280,8 @@ class InspectorTab(widgets.VBox):
         self.labels = None
         self.errors = {}
         self.views = {}
+        self.pending = set()
+        self._inputs = self._adapter_images = None
         self.placeholder.value = EMPTY_TEXT
         for image in (self.clip_image, self.scale_gap_image, self.similarity_image, self.token_image,
                       self.filmstrip_image, self.interpolation_image, self.attention_image, self.direction_image):
@@ -214,6 +294,7 @@ class InspectorTab(widgets.VBox):
         self.interpolation_button.disabled = True
         self.direction_button.disabled = True
         self.sections.layout.display = "none"
+        self.draw_button.layout.display = "none"
 
     # -- sections -------------------------------------------------------------------------------
 
