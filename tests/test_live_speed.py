@@ -133,3 +133,28 @@ def test_live_runs_autocast_to_bfloat16_where_the_cpu_has_it(monkeypatch, image)
     # The default run (30 steps) stays in float32: its pixels equal bare diffusers', as the contract says.
     assert live.compute_dtype(live.default_settings().replace(steps=30)) == torch.float32
     assert live.compute_dtype(live.default_settings().replace(steps=30, precision="bfloat16")) == torch.bfloat16
+
+
+def test_the_command_line_says_where_the_time_went_when_verbose(tmp_path, capsys, image):
+    from imageprompt_widgets.cli import main
+
+    image.save(tmp_path / "in.png")
+    code = main(["generate", str(tmp_path / "in.png"), "-o", str(tmp_path / "out"), "--model", "tiny", "--steps",
+                 "2", "--decoder", "tiny", "--verbose"])
+    err = capsys.readouterr().err
+    assert code == 0
+    (line,) = [text for text in err.splitlines() if text.startswith("time: ")]
+    assert " s: " in line and "denoising" in line
+    assert line.endswith("(3 UNet calls)")  # PNDM: two steps and its warm-up
+
+
+def test_a_controller_run_that_loaded_the_model_counts_the_loading(image):
+    from imageprompt_widgets.engine.controller import Controller
+    from imageprompt_widgets.engine.runners import InlineRunner
+
+    controller = Controller("tiny", runner=InlineRunner(), previews=False)
+    first = controller.submit(image, controller.default_settings().replace(steps=1)).future.result()
+    second = controller.submit(image, controller.default_settings().replace(steps=1)).future.result()
+    assert next(iter(first.timings)) == "loading" and "loading" not in second.timings
+    parts = sum(seconds for stage, seconds in first.timings.items() if stage != "total")
+    assert abs(parts - first.timings["total"]) <= 0.05 * first.timings["total"]

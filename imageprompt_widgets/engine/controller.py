@@ -527,7 +527,9 @@ class Controller:
             if job.cancel.is_set():
                 self._end(job, lambda idle: Cancelled(job, 0, None, idle))
                 return None
+            loading_started, loaded_before = self._clock(), self._pipeline is not None
             pipe = self._load(job)
+            loading = 0.0 if loaded_before else self._clock() - loading_started
             if job.cancel.is_set():  # cancelled while loading: the loaded model is kept
                 self._end(job, lambda idle: Cancelled(job, 0, None, idle))
                 return None
@@ -542,6 +544,10 @@ class Controller:
                     else:
                         value = self._generate(job, pipe)
                         stopped = value.cancelled
+                        if loading and value.timings:  # this run waited for the model to load: part of its time
+                            loads = loading + value.timings.get("loading", 0.0)
+                            value.timings = {"loading": loads, **value.timings,
+                                             "total": value.timings["total"] + loading}
                 finally:
                     pipe.lock.release()
         except (KeyboardInterrupt, DownloadCancelled, JobCancelled) as stop:

@@ -45,17 +45,6 @@ DRAW_LABEL = "Draw this run"
 NO_ADAPTER_TEXT = "This run fed no IP-Adapter: its tokens show here after an ip_adapter run."
 
 
-def timings_line(result: Any) -> str:
-    """Where a run's time went: its stages in seconds and the UNet calls (``GenerationResult.timings``)."""
-    timings = dict(getattr(result, "timings", {}) or {})
-    total = timings.pop("total", None)
-    if total is None:
-        return ""
-    stages = " · ".join(f"{stage} {seconds:.2f} s" for stage, seconds in timings.items() if seconds >= 0.005)
-    calls = getattr(result, "unet_calls", 0)
-    return f"{total:.1f} s: {stages}" + (f" ({calls} UNet calls)" if calls else "")
-
-
 def _pre(text: str) -> str:
     return f"<pre style='font-size: 11px; line-height: 1.3; margin: 0'>{html.escape(text)}</pre>"
 
@@ -204,7 +193,7 @@ class InspectorTab(widgets.VBox):
             "Press Interpolate to make the strip."
         )
         self.interpolation_button.disabled = False
-        timing = timings_line(result) or f"{getattr(result, 'seconds', 0.0):.1f} s"
+        timing = result.describe_timings() or f"{result.seconds:.1f} s"
         self.placeholder.value = html.escape(
             f"{len(trace.tensors())} tensors traced; the run took {timing}. {DRAW_ON_OPEN_TEXT}")
         self.sections.layout.display = None
