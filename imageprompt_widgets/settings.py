@@ -28,7 +28,7 @@ BLENDS = ("interpolate", "concat")
 NEGATIVES = ("empty_prompt", "zeros", "image")
 #: The denoising schedulers (samplers) a run can use; each is built from the loaded model's own scheduler
 #: config (samplers.py). ``pndm`` is SD 1.x's own, the guide's.
-SCHEDULERS = ("pndm", "ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "unipc", "lcm")
+SCHEDULERS = ("pndm", "ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "unipc", "lcm", "ddim_trailing")
 #: Where the starting noise comes from: a generator on the model's device (diffusers' way, the contract's
 #: default) or always the CPU's, so one seed gives the same picture on CPU, CUDA and MPS.
 NOISE_SOURCES = ("device", "cpu")
@@ -191,7 +191,8 @@ class GenerationSettings:
     )
     steps: int = _spec("int", 30, "steps", "denoising steps", min=1, max=150, step=1)
     scheduler: str = _spec(
-        "choice", "pndm", "scheduler", "the sampler: pndm is SD's own; lcm needs an LCM model (the -live presets)",
+        "choice", "pndm", "scheduler", "the sampler: pndm is SD's own; lcm needs an LCM model (the -live presets); "
+        "ddim_trailing is DDIM ending on the last timestep, for few-step models (the -hyper presets)",
         choices=SCHEDULERS,
     )
     guidance_scale: float = _spec(

@@ -158,3 +158,37 @@ def test_a_controller_run_that_loaded_the_model_counts_the_loading(image):
     assert next(iter(first.timings)) == "loading" and "loading" not in second.timings
     parts = sum(seconds for stage, seconds in first.timings.items() if stage != "total")
     assert abs(parts - first.timings["total"]) <= 0.05 * first.timings["total"]
+
+
+def test_the_hyper_preset_is_fast_and_keeps_guidance(image, other_image):
+    """Few steps that keep classifier-free guidance: every UNet call has the unconditional row, so a negative image
+    still changes the picture; the pixels are bare diffusers' with the LoRA fused, DDIM on trailing timesteps and
+    the tiny decoder."""
+    from diffusers import DDIMScheduler
+
+    from imageprompt_widgets.loading.offline import LORA_WEIGHT_NAME, ensure_tiny_lora
+
+    hyper = ImagePromptPipeline.from_preset("tiny-hyper")
+    settings = hyper.default_settings()
+    assert (settings.scheduler, settings.steps, settings.guidance_scale, settings.decoder) == (
+        "ddim_trailing", 8, 5.0, "tiny")
+    rows = []
+    hook = hyper.sd.unet.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    try:
+        res = hyper.generate(image, seed=3)
+    finally:
+        hook.remove()
+    assert rows == [2] * 8  # eight calls, each with its unconditional row
+    pushed = hyper.generate(image, seed=3, negative_image=other_image)
+    assert np.abs(pixels(pushed.images[0]) - pixels(res.images[0])).mean() > 1  # the negative image acts
+
+    bare = StableDiffusionPipeline.from_pretrained(ensure_tiny_models()[0], use_safetensors=True)
+    bare.set_progress_bar_config(disable=True)
+    bare.load_lora_weights(ensure_tiny_lora("tiny-hyper-lora"), weight_name=LORA_WEIGHT_NAME)
+    bare.fuse_lora()
+    bare.unload_lora_weights()
+    bare.scheduler = DDIMScheduler.from_config(bare.scheduler.config, clip_sample=False, timestep_spacing="trailing")
+    bare.vae = AutoencoderTiny.from_pretrained(ensure_tiny_taesd(), use_safetensors=True)
+    expected = bare(prompt_embeds=res.trace.prompt_embeds, negative_prompt_embeds=res.trace.negative_prompt_embeds,
+                    num_inference_steps=8, guidance_scale=5.0, generator=torch.Generator("cpu").manual_seed(3)).images[0]
+    assert np.abs(pixels(res.images[0]) - pixels(expected)).max() <= 1

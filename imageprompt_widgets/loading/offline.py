@@ -819,11 +819,12 @@ LCM_LORA_TARGETS = (
 UNET_ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 #: Offline LoRA names (``Preset.loras``, ``pipe.load_lora``) -> (builder seed offset, adapts the text encoder).
-TINY_LORAS = {"tiny-lora": (1, True), "tiny-lcm-lora": (2, False)}
+TINY_LORAS = {"tiny-lora": (1, True), "tiny-lcm-lora": (2, False), "tiny-hyper-lora": (3, False)}
 
 
 def ensure_tiny_lora(name: str = "tiny-lora") -> str:
-    """The folder of an offline LoRA twin (built once, atomically): ``tiny-lora`` or ``tiny-lcm-lora``."""
+    """The folder of an offline LoRA twin (built once, atomically): ``tiny-lora``, ``tiny-lcm-lora`` or
+    ``tiny-hyper-lora`` (the last two adapt the UNet's layers as LCM-LoRA and Hyper-SD's LoRA do)."""
     seed_offset, text_encoder = TINY_LORAS[name]
     final = cache_dir() / f"{name}-{TINY_LORA_VERSION}"
 
