@@ -146,6 +146,7 @@ class ImagePromptPipeline:
         self._texts: OrderedDict[str, tuple[torch.Tensor, bool]] = OrderedDict()  # text -> (embeds, was cut)
         self._text_seconds = 0.0  # time the text encoder ran during the current run
         self._tiny_decoder: Any = None
+        self._tiny_decoder_given = False  # held through use_tiny_decoder (the recipe says "given")
         self._structure = StructureRunners(sd, self.preset.controlnet, allow_pickle=allow_pickle)
 
     # -- construction ---------------------------------------------------------------------------
@@ -548,7 +549,7 @@ class ImagePromptPipeline:
 
     def _tiny_decoder_name(self) -> str:
         """What the recipe names as the tiny decoder: its source, or "given" for one handed to use_tiny_decoder."""
-        return "given" if getattr(self, "_tiny_decoder_given", False) else self.tiny_decoder_source()
+        return "given" if self._tiny_decoder_given else self.tiny_decoder_source()
 
     @property
     def tiny_decoder_loaded(self) -> Any:
