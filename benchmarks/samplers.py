@@ -109,7 +109,8 @@ def live_against_default(pipe: Any, live_pipe: Any, image: Any, config: dict[str
                 runner, settings = contenders[name]
                 result = runner.generate(image, settings)
                 runs[name].append(result)
-                print(f"  {size} px, round {round_index + 1}, {name}: {result.timings['total']:.1f} s "
+                stages = ", ".join(f"{stage} {seconds:.1f}" for stage, seconds in result.timings.items())
+                print(f"  {size} px, round {round_index + 1}, {name}: {stages} s "
                       f"({result.unet_calls} UNet calls, {result.recipe['compute_dtype']})", flush=True)
         # The default is measured at config["default_steps"]; its 30-step time adds the missing UNet calls.
         scale = unet_step_count(pipe.sd.scheduler, full_steps) / unet_step_count(pipe.sd.scheduler, default)
