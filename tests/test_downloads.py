@@ -54,7 +54,7 @@ def url(monkeypatch):
 
 @pytest.fixture
 def hidden_bars():
-    """What the loaders do while loading (quiet.py): the Hub's bars are switched off."""
+    """What the loaders do while loading (loading/quiet.py): the Hub's bars are switched off."""
     disable_progress_bars()
     yield
     enable_progress_bars()

@@ -23,13 +23,15 @@ from .. import views
 from ..engine.controller import Controller, Event, Failed, Finished, Job, TaskContext
 from ..engine.runners import InlineRunner
 from .gallery import close_tree, picture
+from .words import TITLE as WORDS_TITLE
+from .words import WordsSection
 
 EMPTY_TEXT = "Generate something to inspect its tensors here."
 #: What the Denoising tab says about a run that kept no latents (the panel's checkbox keeps them).
 NO_LATENTS_TEXT = ("This run kept no latents, so there is no filmstrip: tick “keep latents (Denoising view)” "
                    "under Generation and press Generate again.")
 SECTION_TITLES = ("Tensors", "What CLIP saw", "Scale gap", "Direction gap", "Similarity", "Tokens", "Attention",
-                  "Denoising", "Interpolation", "Adapter tokens")
+                  "Denoising", "Interpolation", "Adapter tokens", WORDS_TITLE)
 #: What the Attention section says about a run that recorded no attention (the panel's checkbox records it).
 NO_ATTENTION_TEXT = ("This run recorded no attention maps: tick “trace attention (Attention view)” under "
                      "Generation and press Generate again.")
@@ -43,6 +45,16 @@ DRAW_ON_OPEN_TEXT = "Each section is drawn when it is opened."
 DRAW_LABEL = "Draw this run"
 #: What the Adapter tokens section says about a run that fed no IP-Adapter.
 NO_ADAPTER_TEXT = "This run fed no IP-Adapter: its tokens show here after an ip_adapter run."
+
+
+def applicable_sections(result: Any, pipeline: Any) -> tuple[str, ...]:
+    """The sections that mean something for this run: none about the image for a words-only run (no image was
+    encoded); Adapter tokens only where an IP-Adapter read the image."""
+    has_image = result.trace.image_embeds.shape[0] > 0
+    adapter = result.settings.mode == "ip_adapter" and bool(getattr(pipeline, "ip_adapters", ()))
+    return tuple(title for title in SECTION_TITLES
+                 if title in ("Tensors", "Attention", "Denoising")
+                 or (has_image and title != "Adapter tokens") or (title == "Adapter tokens" and adapter))
 
 
 def _pre(text: str) -> str:
@@ -152,8 +164,10 @@ class InspectorTab(widgets.VBox):
                 widgets.VBox([self.adapter_text, self.adapter_box]),
             ]
         )
-        for index, title in enumerate(SECTION_TITLES):
-            self.sections.set_title(index, title)  # works on ipywidgets 7 and 8
+        self.words = WordsSection()  # self-contained: its own module, one child and one title here
+        self.sections.children = (*self.sections.children, self.words)
+        self.boxes: dict[str, widgets.Widget] = dict(zip(SECTION_TITLES, self.sections.children))
+        self._titles(SECTION_TITLES)
         self.sections.selected_index = 0
         self.sections.layout.display = "none"
         self.errors: dict[str, str] = {}  # section title -> the error it shows
@@ -177,27 +191,35 @@ class InspectorTab(widgets.VBox):
         worker thread draws nothing), every other section when it is opened. ``inputs`` (the input images) adds
         the originals, and their file names (or ``labels``) label the pictures; ``adapter_images`` are the run's
         per-adapter images."""
+        was_open = self._open_title()
         self.clear()
         self.result, self.pipeline = result, pipeline
         self._inputs, self._adapter_images = inputs, adapter_images
         trace = result.trace
+        applying = applicable_sections(result, pipeline)
+        self._titles(applying)
+        if was_open in self.shown_sections:  # the section a user keeps open stays open from run to run
+            self.sections.selected_index = self.shown_sections.index(was_open)
         if inputs and len(inputs) == trace.image_embeds.shape[0]:
             self.labels = list(labels) if labels and len(labels) == len(inputs) else views.source_labels(inputs)
-        self.direction_note.value = html.escape(DIRECTION_GAP_TEXT)
-        self.direction_button.disabled = False
-        has_two = trace.image_embeds.shape[0] > 1
-        self.interpolation_note.value = (
-            "Generates images along a slerp from the first input image's embedding to the text typed here"
-            + (" (or to the second input image)" if has_two else "")
-            + ", as repeat prompts with this run's seed, steps, guidance, scale and norm matching. "
-            "Press Interpolate to make the strip."
-        )
-        self.interpolation_button.disabled = False
+        has_image = "What CLIP saw" in applying
+        if has_image:
+            self.direction_note.value = html.escape(DIRECTION_GAP_TEXT)
+            self.direction_button.disabled = False
+            has_two = trace.image_embeds.shape[0] > 1
+            self.interpolation_note.value = (
+                "Generates images along a slerp from the first input image's embedding to the text typed here"
+                + (" (or to the second input image)" if has_two else "")
+                + ", as repeat prompts with this run's seed, steps, guidance, scale and norm matching. "
+                "Press Interpolate to make the strip."
+            )
+            self.interpolation_button.disabled = False
         timing = result.describe_timings() or f"{result.seconds:.1f} s"
         self.placeholder.value = html.escape(
-            f"{len(trace.tensors())} tensors traced; the run took {timing}. {DRAW_ON_OPEN_TEXT}")
+            f"{len(trace.tensors())} tensors traced; the run took {timing}. {DRAW_ON_OPEN_TEXT}"
+            + ("" if has_image else " A words-only run: no image, so no image sections."))
         self.sections.layout.display = None
-        self.pending = set(SECTION_TITLES)
+        self.pending = set(applying)
         if not defer:
             self.draw_open_section()
         self._show_draw_button()
@@ -210,19 +232,19 @@ class InspectorTab(widgets.VBox):
 
     def draw_open_section(self, force: bool = False) -> None:
         """Draw the open section for the shown run, once, if the tab is visible (``force``: the Draw button)."""
-        index = self.sections.selected_index
-        if self.result is None or index is None or not (self.visible or force):
-            self._show_draw_button()
-            return
-        title = SECTION_TITLES[index]
-        if title in self.pending:
+        title = self._open_title()
+        if self.result is not None and title in self.pending and (self.visible or force):
             self.pending.discard(title)
             self._draw(title)
         self._show_draw_button()
 
-    def _show_draw_button(self) -> None:
+    def _open_title(self) -> str | None:
         index = self.sections.selected_index
-        waiting = self.result is not None and index is not None and SECTION_TITLES[index] in self.pending
+        shown = self.shown_sections
+        return shown[index] if index is not None and index < len(shown) else None
+
+    def _show_draw_button(self) -> None:
+        waiting = self.result is not None and self._open_title() in self.pending
         self.draw_button.layout.display = None if waiting and self.visible else "none"
 
     def _draw(self, title: str) -> None:
@@ -253,11 +275,13 @@ class InspectorTab(widgets.VBox):
             self._fill(title, lambda: self._show_adapter_tokens(self._adapter_images), self.adapter_text)
         elif title == "Denoising":
             self.update_filmstrip()
+        elif title == WORDS_TITLE:
+            self._fill(title, lambda: self.words.show(result, self._submit), self.words.text)
         # "Direction gap" and "Interpolation" compute on their buttons: nothing to draw on opening.
 
     def draw_all(self) -> None:
         """Draw every section now (a notebook cell that wants the whole tab at once, and the tests)."""
-        for title in SECTION_TITLES:
+        for title in self.shown_sections:
             if title in self.pending:
                 self.pending.discard(title)
                 self._draw(title)
@@ -280,10 +304,28 @@ class InspectorTab(widgets.VBox):
                      self.direction_note):
             text.value = ""
         self._set_adapter_images(0)
+        self.words.clear()
         self.interpolation_button.disabled = True
         self.direction_button.disabled = True
         self.sections.layout.display = "none"
         self.draw_button.layout.display = "none"
+
+    @property
+    def shown_sections(self) -> tuple[str, ...]:
+        """The titles of the sections on screen (those that apply to the run shown)."""
+        return tuple(title for title, box in self.boxes.items() if box in self.sections.children)
+
+    def _titles(self, titles: Sequence[str]) -> None:
+        """Show only these sections, in the tab's order (a section that does not apply has no title bar)."""
+        chosen = [title for title in SECTION_TITLES if title in titles]
+        self.sections.selected_index = None
+        self.sections.children = [self.boxes[title] for title in chosen]
+        if "titles" in self.sections.keys:  # ipywidgets 8
+            self.sections.titles = tuple(chosen)
+        else:
+            for index, title in enumerate(chosen):
+                self.sections.set_title(index, title)
+        self.sections.selected_index = 0
 
     # -- sections -------------------------------------------------------------------------------
 
