@@ -679,7 +679,7 @@ def test_a_new_setting_lands_in_its_group_and_a_new_kind_plugs_in(monkeypatch):
         built = controls.SettingsControls(exclude=("weights",))
         assert built.controls["loras"] in built.groups["lora"].children
         assert built.sections["lora"] in built.children and built.controls["loras"].description == "LoRAs"
-        assert controls.help_of(built.controls["loras"]) == "LoRA weights"
+        assert controls.help_of(built.controls["loras"]) == "LoRA weights (setting: loras)"
         assert built.controls["steps_extra"] in built.groups["method"].children  # read by no method: hidden
         assert built.controls["steps_extra"].layout.display == "none"
         live = ipywidgets.ToggleButton(description="live")
@@ -698,7 +698,7 @@ def test_help_texts_are_on_the_trait_the_installed_ipywidgets_syncs():
             if spec.kind == "units":  # rows of controls: the help is on the add button (a Button syncs tooltip in 7.7)
                 assert "tooltip" in control.add_button.keys and control.add_button.tooltip == spec.help
                 continue
-            assert synced in control.keys and getattr(control, synced) == spec.help
+            assert synced in control.keys and getattr(control, synced) == controls.technical_help(spec)
     assert controls.help_of(widget.upload) and controls.help_of(widget.model_picker)
     widget.close()
 
