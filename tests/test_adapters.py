@@ -13,6 +13,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import pixels
 from PIL import Image
 
 from imageprompt_widgets import GenerationSettings, ImagePromptPipeline, SettingsError
@@ -27,10 +28,6 @@ MIXED = Preset(
     ip_adapter=("tiny-ip-adapter", "tiny-ip-adapter-plus"), method="ip_adapter",
     defaults=(("mode", "ip_adapter"),), image_tokens_fit=False,
 )
-
-
-def pixels(images) -> np.ndarray:
-    return np.stack([np.asarray(image, dtype=np.int16) for image in images])
 
 
 def bare(pipe, images, **kwargs):

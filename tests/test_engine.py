@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from helpers import pixels
 
 from imageprompt_widgets import GenerationSettings, ImagePromptPipeline, SettingsError
 from imageprompt_widgets.engine import steps as steps_module
@@ -15,10 +16,6 @@ from imageprompt_widgets.engine.results import Trace, recipe_from_png
 from imageprompt_widgets.loading.offline import sample_image as make_image
 
 FAST = {"steps": 4, "seed": 0}
-
-
-def pixels(image) -> np.ndarray:
-    return np.asarray(image)
 
 
 def test_encode_image_equals_the_encoder_run_by_hand(tiny_pipe, image, other_image):

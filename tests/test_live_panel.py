@@ -7,13 +7,12 @@ interrupts is provably still waiting; every wait is bounded only to catch a dead
 from __future__ import annotations
 
 import pytest
+from helpers import WAIT
 
 from imageprompt_widgets import ImagePromptWidget
 from imageprompt_widgets.engine.controller import Finished
 from imageprompt_widgets.loading.offline import sample_image
 from imageprompt_widgets.presets import PRESETS
-
-WAIT = 120  # seconds: bounds a deadlock, never a timing assertion
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import LCMScheduler, StableDiffusionPipeline
+from helpers import WAIT, pixels
 
 from imageprompt_widgets import GenerationSettings, ImagePromptPipeline, SettingsError
 from imageprompt_widgets.engine.concurrency import CancelEvent
@@ -23,10 +24,6 @@ from imageprompt_widgets.settings import MODES
 
 FAST = {"steps": 3, "seed": 4}
 CPU = torch.device("cpu")
-
-
-def pixels(image) -> np.ndarray:
-    return np.asarray(image)
 
 
 def private_pipe(preset: str = "tiny", **options) -> ImagePromptPipeline:
@@ -318,7 +315,7 @@ def test_a_new_run_starts_right_after_cancelling_the_previous_one(live_pipe, ima
         first_cancel.set()  # and this one is cancelled
 
     results["first"] = live_pipe.generate(image, seed=1, on_step=on_first_step, cancel=first_cancel)
-    thread.join()
+    thread.join(WAIT)
     assert results["first"].cancelled and results["first"].images == [] and first_steps == [1]
     assert second_steps == [1, 2, 3, 4] and not results["second"].cancelled
     assert np.array_equal(pixels(results["second"].images[0]), pixels(reference.images[0]))

@@ -13,6 +13,7 @@ import time
 
 import ipywidgets
 import pytest
+from helpers import WAIT
 
 from imageprompt_widgets import ImagePromptWidget
 from imageprompt_widgets.widget import ThreadRunner
@@ -20,7 +21,6 @@ from imageprompt_widgets.widget import ThreadRunner
 RUNS = 200
 HISTORY = 48  # the panel's default history_size
 WARM_UP = HISTORY + 6  # runs before the baseline: caches, allocator arenas and the history fill up first
-WAIT = 120
 #: RSS growth allowed from run WARM_UP to run RUNS. One 64x64 result kept per run would be ~2.5 MB of
 #: pixels plus tensors; a leaked trace (latents, embeddings) or widget tree per run is far more.
 RSS_GROWTH = 80 * 2**20
