@@ -32,6 +32,19 @@ hypothesis_settings.register_profile("derandomized", derandomize=True, database=
 hypothesis_settings.load_profile("derandomized")
 
 
+#: pytest-timeout's bound (pyproject.toml: 300 s a test) for the tests known to be long: whole notebooks, a
+#: JupyterLab in Chromium, soak and fresh-process runs. Still a bound on a hang, never a timing assertion.
+LONG_TEST_TIMEOUT = 900
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.get_closest_marker("timeout") is None and any(
+            item.get_closest_marker(name) for name in ("slow", "notebooks", "browser")
+        ):
+            item.add_marker(pytest.mark.timeout(LONG_TEST_TIMEOUT))
+
+
 @pytest.fixture(autouse=True, scope="session")
 def cpu_only():
     """The engine's device policy sees no CUDA or MPS device, on any machine (tests that need a device

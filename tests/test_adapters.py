@@ -78,6 +78,7 @@ def test_plus_twin_is_written_in_ip_adapters_own_layout_and_loads_back_unchanged
 
 
 @pytest.mark.parametrize("preset", ["tiny-ip-adapter-plus", "tiny-ip-adapter-plus-face"])
+@pytest.mark.slow
 def test_plus_adapters_equal_bare_diffusers(preset, image):
     pipe = ImagePromptPipeline.from_preset(preset)
     res = pipe.generate(image, prompt="a cat", **FAST)

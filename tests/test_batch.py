@@ -50,6 +50,7 @@ def manifest_rows(out: Path) -> list[dict]:
 # -- the grid, the PNGs and the manifest ------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_batch_writes_a_png_per_image_and_seed_equal_to_generate(folder, tmp_path, capsys, tiny_pipe):
     out = tmp_path / "out"
     code = main(["batch", str(folder), "-o", str(out), "--seeds", "0,1", *STEPS])
@@ -107,6 +108,7 @@ def test_the_output_folder_inside_the_input_is_not_listed(folder):
     assert labels == ["a.png", "b.png", "more/c.jpg", "out.png"]
 
 
+@pytest.mark.slow
 def test_parquet_manifest_has_the_same_rows(folder, tmp_path):
     pq = optional_module("pyarrow.parquet")
     jsonl, parquet = tmp_path / "jsonl", tmp_path / "parquet"
@@ -122,6 +124,7 @@ def test_parquet_manifest_has_the_same_rows(folder, tmp_path):
 # -- resuming by content ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_rerun_skips_finished_items_by_content_not_by_name(folder, tmp_path, tiny_pipe, monkeypatch, capsys):
     out = tmp_path / "out"
     assert main(["batch", str(folder), "-o", str(out), "--seeds", "0,1", *STEPS]) == 0
@@ -193,6 +196,7 @@ def test_rows_left_in_part_files_by_a_crash_count_as_done(folder, tmp_path, tiny
 # -- bad items ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_bad_items_are_one_line_each_and_the_batch_goes_on(folder, tmp_path, capsys):
     (folder / "broken.png").write_text("not a png")
     out = tmp_path / "out"

@@ -267,6 +267,7 @@ def test_cancel_while_waiting_for_another_controllers_run_never_steps(tiny_pipe,
     assert not tiny_pipe.lock.locked()
 
 
+@pytest.mark.slow
 def test_two_controllers_on_one_cached_pipeline_take_turns_and_equal_their_solo_runs(tiny_pipe, image):
     other = sample_image(1)
     runs = [({"seed": 1, "steps": 2}, image), ({"seed": 2, "steps": 3, "mode": "single"}, other)]

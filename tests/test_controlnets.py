@@ -211,6 +211,7 @@ def test_depth_run_feeds_the_depth_controlnet_its_depth_map_and_equals_bare_diff
     assert np.array_equal(np.asarray(expected), np.asarray(result.images[0]))
 
 
+@pytest.mark.slow
 def test_two_units_each_with_its_picture_scale_and_window_equal_bare_multicontrolnet(tiny_pipe, image):
     from diffusers import MultiControlNetModel
 

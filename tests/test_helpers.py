@@ -7,9 +7,8 @@ import urllib.request
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from helpers import WAIT, HeldPipeline, local_server, optional_module, pixels, png_bytes, same_pixels
+from PIL import Image
 
 
 def test_pixels_are_signed_and_stack_several_pictures(tmp_path):

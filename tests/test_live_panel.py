@@ -46,6 +46,7 @@ def test_live_moves_to_the_live_twin_runs_at_once_and_goes_back_when_ticked_off(
     assert widget.status == "Live is off: back to 'tiny'."
 
 
+@pytest.mark.slow
 def test_every_change_re_runs_while_live_and_nothing_runs_when_it_is_off(widget):
     widget.controls["seed"].set_state({"value": 5})
     assert not widget.busy and widget.result is None  # not live: a change only changes the control
@@ -63,6 +64,7 @@ def test_every_change_re_runs_while_live_and_nothing_runs_when_it_is_off(widget)
     assert widget.live.runs_started == 4
 
 
+@pytest.mark.slow
 def test_a_burst_of_changes_cancels_the_running_run_and_runs_only_the_newest(widget):
     widget.live.value = True
     assert widget.controller.join(WAIT)
@@ -93,6 +95,7 @@ def test_a_model_without_a_live_twin_stays_and_says_so():
         panel.close()
 
 
+@pytest.mark.slow
 def test_the_loras_of_the_loaded_model_are_listed_under_the_picker():
     panel = ImagePromptWidget("tiny", steps=2, loras=[("tiny-lora", 0.5)])
     try:
@@ -122,6 +125,7 @@ def test_the_negative_prompt_is_hidden_for_a_model_without_sds_text_encoder():
         panel.close()
 
 
+@pytest.mark.slow
 def test_negative_text_is_put_aside_for_a_model_without_text_and_comes_back():
     """tiny-variations starts from a zeros negative, which refuses negative text: switching must not fail, and
     what the user typed is not lost."""

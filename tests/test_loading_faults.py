@@ -145,6 +145,7 @@ OFFLINE_WEIGHTS = {
 
 @pytest.mark.parametrize("damage", ["cut-in-half", "missing"])
 @pytest.mark.parametrize("preset", sorted(OFFLINE_WEIGHTS))
+@pytest.mark.slow
 def test_a_damaged_offline_cache_is_rebuilt_once_and_loads(private_cache, preset, damage):
     """Its build marker still existed, so a damaged cache of an offline preset never healed."""
     device = torch.device("cpu")
@@ -601,6 +602,7 @@ NOISE = ("torchvision", "image processor", "ImageProcessorPil", "Siglip", "trunc
 
 
 @pytest.mark.slow  # a fresh process building two offline presets: the quickstart's first run
+@pytest.mark.slow
 def test_a_first_generation_prints_no_library_noise_but_keeps_warnings_users_can_act_on(tmp_path):
     """The quickstart printed transformers' red "requires torchvision (not installed); falling back to ..." lines
     (three of them) on every first load. They are said once, quietly, while the libraries are imported under the

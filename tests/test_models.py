@@ -34,7 +34,7 @@ def engine_modules() -> list[str]:
 
 
 def test_same_arguments_give_the_same_cached_object_quickly(tiny_pipe, monkeypatch):
-    # Quick because nothing loads again: the loader is never called (benchmarks/ time it: well under 10 ms).
+    # Quick because nothing loads again: the loader is never called (benchmarks/cache.py times it: < 10 ms).
     monkeypatch.setattr(pipeline_module, "load_components", lambda *a, **k: pytest.fail("loaded a second time"))
     again = ImagePromptPipeline.from_preset("tiny")
     assert again is tiny_pipe
@@ -107,6 +107,7 @@ def test_tiny_models_are_seeded_identically_on_every_build(tmp_path):
         assert all(torch.equal(first[name], second[name]) for name in first), part
 
 
+@pytest.mark.slow
 def test_two_processes_building_the_tiny_models_at_once_do_not_corrupt_them(tmp_path):
     env = {**os.environ, "IMAGEPROMPT_CACHE_DIR": str(tmp_path)}
     code = "from imageprompt_widgets.loading.offline import ensure_tiny_models; print(ensure_tiny_models()[0])"

@@ -70,6 +70,7 @@ def test_negative_text_and_negative_images_are_one_sequence_text_first(tiny_pipe
     assert not np.array_equal(pixels(both.images[0]), pixels(images_only.images[0]))
 
 
+@pytest.mark.slow
 def test_negative_text_in_blend_ip_adapter_and_caption(tiny_pipe, image):
     blend = tiny_pipe.generate(image, mode="blend", prompt="a cat", negative_prompt="a dog", **FAST)
     assert torch.equal(blend.trace.negative_prompt_embeds, tiny_pipe.encode_text("a dog"))
@@ -180,6 +181,7 @@ def lora_pipe():
 
 
 @pytest.mark.filterwarnings("ignore:Already found a `peft_config`")  # bare diffusers' second adapter
+@pytest.mark.slow
 def test_loras_load_with_a_weight_each_and_equal_bare_diffusers_with_them(lora_pipe, image):
     base = lora_pipe.generate(image, **FAST)
     style = lora_pipe.load_lora("tiny-lora", weight=0.8)
@@ -264,6 +266,7 @@ def live_pipe():
 
 
 @pytest.mark.filterwarnings("ignore:Already found a `peft_config`")
+@pytest.mark.slow
 def test_live_preset_is_lcm_lora_with_four_steps_and_no_unconditional_pass(live_pipe, image):
     """The preset's LCM-LoRA is fused into its own copy of the model: no adapter layers run per step."""
     from imageprompt_widgets.loading.lora import LoraError
@@ -376,6 +379,7 @@ def test_offloading_levels_call_diffusers_offload_on_an_accelerator(level, offlo
     assert sd.vae.use_tiling
 
 
+@pytest.mark.slow
 def test_attention_slicing_leaves_pixels_unchanged_and_vae_tiling_acts_only_above_its_tile(image):
     """Slicing computes the same attention in pieces: pixel-identical to the unsliced classic maths. (PyTorch's
     fused attention, the default, rounds differently: a pixel may move by a level.) Tiling blends overlapping

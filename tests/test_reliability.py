@@ -160,6 +160,7 @@ def test_cancel_ends_on_cancelled_even_when_the_run_stops_before_the_click_retur
     widget.close()
 
 
+@pytest.mark.slow
 def test_double_clicked_generate_runs_twice_in_order_with_identical_pixels(tiny_pipe, image, thread_errors):
     counting = HeldPipeline(tiny_pipe)
     widget = ImagePromptWidget(pipeline=counting, runner=ThreadRunner(), **FAST)
@@ -179,6 +180,7 @@ def test_double_clicked_generate_runs_twice_in_order_with_identical_pixels(tiny_
     widget.close()
 
 
+@pytest.mark.slow
 def test_cancel_while_weights_load_stops_before_any_step_and_keeps_the_loaded_model(
     tiny_pipe, image, monkeypatch, thread_errors
 ):
@@ -237,6 +239,7 @@ def test_cancel_while_waiting_for_another_widgets_run_never_steps(tiny_pipe, ima
 # -- concurrency ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_four_widgets_on_one_cached_pipeline_each_equal_their_solo_run(tiny_pipe, image, other_image, thread_errors):
     runs = [  # different seeds, step counts (scheduler timesteps) and modes, so shared state would show
         {"seed": 1, "steps": 2},
@@ -419,6 +422,7 @@ FAULTS = {
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning")  # numpy on the NaN decode
 @pytest.mark.parametrize("fault", sorted(FAULTS))
+@pytest.mark.slow
 def test_a_fault_is_one_sentence_with_a_suggestion_and_nothing_is_lost(tiny_pipe, image, fault, thread_errors):
     install, sentence = FAULTS[fault]
     widget = ImagePromptWidget(pipeline=tiny_pipe, runner=ThreadRunner(), **FAST)
@@ -511,6 +515,7 @@ UPLOADS = {
 
 
 @pytest.mark.parametrize("case", sorted(UPLOADS))
+@pytest.mark.slow
 def test_a_hostile_upload_is_a_status_sentence_and_nothing_changes(panel_with_result, case, monkeypatch):
     widget, good = panel_with_result
     name, make, declared, says = UPLOADS[case]

@@ -61,6 +61,7 @@ def test_each_scheduler_is_built_from_the_models_own_config(tiny_pipe, name):
 
 
 @pytest.mark.parametrize("name", SCHEDULERS)
+@pytest.mark.slow
 def test_images_equal_bare_diffusers_with_the_same_scheduler_and_generator(tiny_pipe, image, name):
     guidance = 1.0 if name == "lcm" else 5.0  # lcm is the live mode's sampler: no unconditional pass
     totals = []
@@ -115,6 +116,7 @@ def test_the_shared_scheduler_is_never_changed_or_seen_by_a_run(tiny_pipe, image
     assert tiny_pipe.structure_pipeline("img2img").scheduler is original
 
 
+@pytest.mark.slow
 def test_concurrent_runs_with_different_schedulers_each_get_their_own(tiny_pipe, image):
     alone = {name: pixels(tiny_pipe.generate(image, scheduler=name, steps=4, seed=5).images[0])
              for name in ("ddim", "euler_a", "unipc")}
@@ -150,6 +152,7 @@ def test_recipe_with_a_scheduler_reruns_to_the_same_pixels(tiny_pipe, image):
 
 
 @pytest.mark.parametrize("name", ["pndm", "euler", "dpmpp_2m_karras"])
+@pytest.mark.slow
 def test_x0_replays_equal_the_live_previews_for_every_kind_of_scheduler(tiny_pipe, image, name):
     """The inspector's replay of a traced latent gives what the live preview showed one step later (Euler's
     latents carry its sigma scaling, Karras sigmas are not those of the rounded timesteps)."""

@@ -285,6 +285,7 @@ def test_img2img_strength_near_zero_keeps_the_input_and_one_ignores_it(tiny_pipe
 
 @pytest.mark.parametrize("structure_name", ["edges", "img2img"])
 @pytest.mark.parametrize("mode", ["repeat", "single", "tokens", "blend"])
+@pytest.mark.slow
 def test_structure_works_with_every_method_and_keeps_its_conditioning(tiny_pipe, image, mode, structure_name):
     from threading import Event
 
@@ -345,6 +346,7 @@ def test_one_call_generate_and_cli_take_the_structure_options(tmp_path, image):
 # The widget's Structure section
 
 
+@pytest.mark.slow
 def test_widget_structure_section_previews_the_edge_map_and_runs_with_it(tiny_pipe, image):
     import io
 

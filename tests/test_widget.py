@@ -104,7 +104,7 @@ def panel(tiny_pipe, image):
 
 def test_panel_builds_fast_with_plain_labels_and_loads_no_model(monkeypatch):
     """Fast because it loads nothing: building the panel never reaches the model loader (its time is in
-    benchmarks/)."""
+    benchmarks/cache.py)."""
     from imageprompt_widgets.engine import pipeline as pipeline_module
     from imageprompt_widgets.loading.cache import MODEL_CACHE
 
@@ -231,6 +231,7 @@ def test_cut_off_or_empty_upload_is_refused_with_what_to_do():
         load_upload(undeclared)
 
 
+@pytest.mark.slow
 def test_negative_images_reach_the_engine_and_rerun_keeps_them(panel, tiny_pipe, image, other_image):
     browser_upload_to(panel.negative_upload, [("avoid.png", png_bytes(other_image))])
     assert [item.name for item in panel.negatives.items] == ["avoid.png"]
@@ -300,6 +301,7 @@ def test_previews_are_throttled(tiny_pipe, image):
     widget.close()
 
 
+@pytest.mark.slow
 def test_second_generate_waits_and_a_third_replaces_it(tiny_pipe, image):
     steered = HeldPipeline(tiny_pipe, hold_at=1)
     widget = ImagePromptWidget(pipeline=steered, runner=ThreadRunner(), **FAST)
@@ -323,6 +325,7 @@ def test_second_generate_waits_and_a_third_replaces_it(tiny_pipe, image):
     widget.close()
 
 
+@pytest.mark.slow
 def test_two_widgets_share_the_pipeline_and_match_solo_runs(tiny_pipe, image, other_image):
     steered = HeldPipeline(tiny_pipe)
     a = ImagePromptWidget(pipeline=steered, runner=ThreadRunner(), seed=11, **FAST)
@@ -391,6 +394,7 @@ def test_missing_weights_offline_name_the_model_and_keep_the_panel_usable(image)
         (MemoryError(), "Out of memory"),
     ],
 )
+@pytest.mark.slow
 def test_a_failed_step_keeps_what_was_generated(tiny_pipe, image, error, sentence):
     if isinstance(error, MemoryError):
         error = type("OutOfMemoryError", (RuntimeError,), {})("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -409,6 +413,7 @@ def test_a_failed_step_keeps_what_was_generated(tiny_pipe, image, error, sentenc
     widget.close()
 
 
+@pytest.mark.slow
 def test_kernel_stop_button_inline_leaves_the_widget_usable(tiny_pipe, image):
     steered = HeldPipeline(tiny_pipe, fail_at=2, error=KeyboardInterrupt())
     widget = ImagePromptWidget(pipeline=steered, runner=InlineRunner(), **FAST)
@@ -431,6 +436,7 @@ def live_widgets() -> int:
     return len(getattr(widget, "_instances", None) or ipywidgets.Widget.widgets)
 
 
+@pytest.mark.slow
 def test_history_is_bounded_in_count_and_memory(tiny_pipe, image):
     widget = ImagePromptWidget(pipeline=tiny_pipe, runner=InlineRunner(), history_size=3, steps=1, num_images=2)
     widget.set_images(image)
@@ -455,6 +461,7 @@ def test_history_is_bounded_in_count_and_memory(tiny_pipe, image):
     tight.close()
 
 
+@pytest.mark.slow
 def test_history_open_save_use_and_rerun(panel, tiny_pipe, tmp_path):
     panel.history.save_dir = tmp_path
     panel.controls["seed"].value = 7
@@ -494,6 +501,7 @@ def test_the_panel_starts_from_the_presets_own_defaults():
     assert ImagePromptWidget(model="tiny", runner=InlineRunner()).controls.controls["negative"].value == "empty_prompt"
 
 
+@pytest.mark.slow
 def test_a_caption_run_puts_blips_caption_in_the_prompt_field_to_edit():
     panel = ImagePromptWidget(model="tiny-caption", runner=InlineRunner(), steps=2)
     panel.set_images([sample_image(0)])
@@ -512,6 +520,7 @@ def test_a_caption_run_puts_blips_caption_in_the_prompt_field_to_edit():
 # -- honest progress ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_bar_total_is_set_before_the_first_step_and_never_changes(tiny_pipe, image):
     steered = HeldPipeline(tiny_pipe)
     widget = ImagePromptWidget(pipeline=steered, runner=InlineRunner(), steps=3, guidance_scale=1.0)
@@ -689,6 +698,7 @@ def test_the_model_picker_lists_every_preset_with_its_size_and_state():
     widget.close()
 
 
+@pytest.mark.slow
 def test_choosing_a_method_the_model_lacks_moves_to_its_twin_and_says_so(image):
     widget = ImagePromptWidget(model="tiny", runner=InlineRunner(), **FAST)
     widget.set_images(image)
@@ -721,6 +731,7 @@ def test_a_hub_model_moves_to_the_hub_preset_without_loading_anything():
     widget.close()
 
 
+@pytest.mark.slow
 def test_switching_model_while_running_cancels_the_run_and_marks_its_previews(tiny_pipe, image):
     steered = HeldPipeline(tiny_pipe, hold_at=2)
     widget = ImagePromptWidget(pipeline=steered, runner=ThreadRunner(), preview_interval=0, steps=8)
@@ -779,6 +790,7 @@ def test_download_progress_fills_the_bar_and_cancel_stops_the_download(monkeypat
     widget.close()
 
 
+@pytest.mark.slow
 def test_the_tiny_loading_line_reads_plainly(image):
     widget = ImagePromptWidget(model="tiny", runner=InlineRunner(), **FAST)
     said: list[str] = []
@@ -793,6 +805,7 @@ def test_the_tiny_loading_line_reads_plainly(image):
 # -- no empty picture, marked previews ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_no_empty_image_is_shown_in_any_state(tiny_pipe, image):
     steered = HeldPipeline(tiny_pipe, hold_at=1)
     widget = ImagePromptWidget(pipeline=steered, runner=ThreadRunner(), preview_interval=3600, steps=4)
@@ -873,6 +886,7 @@ def test_captions_are_alike_for_every_source(tiny_pipe, tmp_path):
 # -- latents, trace export, recipes --------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_latents_checkbox_feeds_the_denoising_filmstrip(panel):
     box = labelled(panel, "keep latents (Denoising view)", ipywidgets.Checkbox)
     assert "latents" in box.description and not box.value
@@ -934,6 +948,7 @@ def test_load_recipe_puts_a_saved_pngs_settings_into_the_controls(panel, tiny_pi
         ({"lora_scale": 1.0}, SettingsError, "Unknown setting lora_scale"),
     ],
 )
+@pytest.mark.slow
 def test_a_recipe_with_a_bad_value_raises_says_so_and_changes_nothing(panel, tmp_path, change, error, message):
     from PIL.PngImagePlugin import PngInfo
 
@@ -965,6 +980,7 @@ def test_a_file_without_a_recipe_is_a_sentence(panel, tmp_path):
     assert issubclass(RecipeError, ValueError)
 
 
+@pytest.mark.slow
 def test_rerun_switches_back_to_the_items_model(panel, image):
     panel.generate().result(WAIT)
     item = panel.history.items[0]
@@ -1056,6 +1072,7 @@ def test_a_unit_that_does_not_fit_is_named_at_once_and_refused_by_generate(panel
     assert panel.controls["control_units"].value  # nothing was thrown away
 
 
+@pytest.mark.slow
 def test_units_round_trip_through_load_recipe_and_rerun(panel, tiny_pipe, image, tmp_path):
     choose(panel.controls["structure"], "depth")
     panel.controls["control_scale"].value = 0.8
@@ -1136,6 +1153,7 @@ def test_every_units_map_is_previewed_and_depth_is_computed_through_the_controll
         widget.close()
 
 
+@pytest.mark.slow
 def test_a_depth_map_waits_in_a_grey_box_for_the_model_and_for_a_running_generation(tiny_pipe, image):
     unloaded = ImagePromptWidget(model="tiny", runner=InlineRunner())
     unloaded.set_images(image)
@@ -1165,6 +1183,7 @@ def test_a_depth_map_waits_in_a_grey_box_for_the_model_and_for_a_running_generat
         widget.close()
 
 
+@pytest.mark.slow
 def test_several_ip_adapters_get_a_strip_and_a_scale_each_and_reach_the_engine(image, other_image):
     widget = ImagePromptWidget(model="tiny-ip-adapter-plus-and-face", runner=InlineRunner(), **FAST)
     try:
@@ -1221,6 +1240,7 @@ def test_adapter_block_scales_field_says_what_is_wrong_and_switches_to_custom():
         widget.close()
 
 
+@pytest.mark.slow
 def test_the_inspector_shows_each_adapters_tokens_for_ip_adapter_runs(image, other_image):
     from imageprompt_widgets.views.adapter_tokens import adapter_tokens_view
     from imageprompt_widgets.widget.inspector import NO_ADAPTER_TEXT
