@@ -3,8 +3,8 @@ to do: the loading error types, the Hub's typed errors, damaged weights, and fil
 
 The libraries wrap the Hub's typed errors (``GatedRepoError``, ``LocalEntryNotFoundError``, ...) in their
 own ``OSError``; the chain (``__cause__``, ``__context__``) still holds them, so they are looked up there
-first, and message text is matched only as a last resort. This module sits below the loader (models.py,
-loading.py) and the offline builders (offline.py), which all raise these types.
+first, and message text is matched only as a last resort. This module sits below the loader (loading/cache.py,
+loading/components.py) and the offline builders (loading/offline.py), which all raise these types.
 """
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ def _missing_locally_sentence(name: str) -> str:
 
 def _no_network_sentence(name: str) -> str:
     return (f"Model {name!r} could not be downloaded (no network?): connect once to fetch it, or use "
-            "model='tiny' to try the tool offline.")
+            "model='toy' (the toy world, trained, shipped with the package) to try the tool offline.")
 
 
 def _pickle_only_sentence(name: str) -> str:

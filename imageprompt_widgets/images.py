@@ -24,6 +24,7 @@ import io
 import math
 import os
 import re
+import stat
 import time
 import warnings
 from collections.abc import Mapping
@@ -343,13 +344,28 @@ def _from_path(src: str | os.PathLike[Any], label: str, limit: int) -> Image.Ima
     if os.path.isdir(path):
         raise ImageInputError(f"{label} is a directory, not an image file; pass the path of an image file")
     try:
-        fp = open(path, "rb")  # noqa: SIM115 - closed in the finally below
+        # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer, forever. It changes
+        # nothing for a regular file, and anything else is refused below before a byte is read.
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
     except OSError as e:
         raise ImageInputError(f"{label} cannot be opened ({e.strerror or e}); check its permissions") from e
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        os.close(descriptor)
+        raise ImageInputError(
+            f"{label} is not a regular file (a pipe, socket or device); pass the path of an image file"
+        )
+    _blocking(descriptor)
+    fp = os.fdopen(descriptor, "rb")
     try:
         return _decode(fp, label, limit)
     finally:
         fp.close()
+
+
+def _blocking(descriptor: int) -> None:
+    """Clear O_NONBLOCK again (where the platform has it) so reads of a slow disk wait as usual."""
+    if hasattr(os, "set_blocking"):
+        os.set_blocking(descriptor, True)
 
 
 def _from_file_object(fp: Any, label: str, limit: int) -> Image.Image:
@@ -388,7 +404,7 @@ def _from_url(url: str, label: str, limit: int, timeout: float, max_bytes: int) 
             f"{label} uses {scheme}://, but only http:// and https:// URLs are downloaded; "
             "download it yourself and pass the file"
         )
-    if "@" in url.split("://", 1)[1].split("/", 1)[0]:
+    if _has_credentials(url):
         raise ImageInputError(
             f"{label} carries a user name or password, which are never sent; "
             "download the image yourself and pass the file"
@@ -403,8 +419,106 @@ class _RedirectRefused(Exception):
     """A redirect to something other than http(s), raised out of urllib's redirect handler."""
 
 
-def _opener() -> Any:
-    """An opener that follows at most MAX_REDIRECTS redirects, and only to http(s) URLs."""
+class _RedirectWithCredentials(Exception):
+    """A redirect to a URL carrying a user name or password, which would be sent: refused like the first URL."""
+
+
+class _OutOfTime(Exception):
+    """The whole request's deadline passed (connecting, headers, redirects or body). Not an OSError, so
+    urllib lets it through untouched."""
+
+
+class _TooMuchSent(Exception):
+    """The server sent more bytes in all (status lines, headers, ``100 Continue``, redirects, trailers, body)
+    than the request's budget."""
+
+
+#: Bytes a server may send besides the body (status lines, headers, redirect bodies, chunk framing,
+#: trailers): generous for any real server, small beside the body's own limit.
+_HEADER_ALLOWANCE = 1 * 2**20
+
+
+class _Budget:
+    """One request's deadline and byte budget, shared by every connection it opens (redirects included)."""
+
+    def __init__(self, timeout: float, max_bytes: int) -> None:
+        self.deadline = time.monotonic() + timeout
+        self.limit = max_bytes + _HEADER_ALLOWANCE
+        self.received = 0
+        self.answered = False  # the final response's headers are in: the body is being read
+
+    def seconds_left(self) -> float:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise _OutOfTime
+        return left
+
+    def bytes_left(self) -> int:
+        return self.limit - self.received
+
+    def spend(self, count: int) -> None:
+        self.received += count
+        if self.received > self.limit:
+            raise _TooMuchSent
+
+
+class _MeteredReader(io.RawIOBase):
+    """The socket's reading side, where every read waits at most until the deadline and counts its bytes."""
+
+    def __init__(self, raw: Any, sock: Any, budget: _Budget) -> None:
+        super().__init__()
+        self._raw, self._sock, self._budget = raw, sock, budget
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        self._sock.settimeout(self._budget.seconds_left())
+        view = memoryview(buffer)[: max(1, min(len(buffer), self._budget.bytes_left() + 1))]
+        count = self._raw.readinto(view) or 0
+        self._budget.spend(count)
+        return count
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+class _MeteredSocket:
+    """A connected socket whose responses are read through :class:`_MeteredReader` (http.client reads the
+    status line, headers, ``100 Continue`` replies, chunks and trailers all through ``makefile``)."""
+
+    def __init__(self, sock: Any, budget: _Budget) -> None:
+        self._sock, self._budget = sock, budget
+
+    def makefile(self, mode: str = "r", *args: Any, **kwargs: Any) -> io.BufferedReader:
+        return io.BufferedReader(_MeteredReader(self._sock.makefile("rb", buffering=0), self._sock, self._budget))
+
+    def sendall(self, data: Any, *args: Any) -> None:
+        self._sock.settimeout(self._budget.seconds_left())
+        self._sock.sendall(data, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+def _metered(connection_class: Any, budget: _Budget) -> Any:
+    """``connection_class`` (http.client's HTTP or HTTPS connection) connecting within the budget's deadline
+    and reading through the metered socket."""
+
+    class Metered(connection_class):  # type: ignore[misc, valid-type]
+        def connect(self) -> None:
+            self.timeout = budget.seconds_left()  # TCP connect and TLS handshake: within the deadline too
+            super().connect()
+            self.sock = _MeteredSocket(self.sock, budget)
+
+    return Metered
+
+
+def _opener(budget: _Budget) -> Any:
+    """An opener that follows at most MAX_REDIRECTS redirects, only to http(s) URLs without credentials,
+    and reads every connection within ``budget``."""
+    import http.client
     import urllib.request
     from urllib.parse import urljoin
 
@@ -418,15 +532,32 @@ def _opener() -> Any:
             if _url_scheme(target) not in ("http", "https"):
                 fp.close()  # the redirect response's socket: nothing more is read from it
                 raise _RedirectRefused(target)
+            if _has_credentials(target):
+                fp.close()
+                raise _RedirectWithCredentials(target)
             return super().http_error_302(req, fp, code, msg, headers)
 
         http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
 
-    return urllib.request.build_opener(LimitedRedirects)
+    class MeteredHTTP(urllib.request.HTTPHandler):
+        def http_open(self, req):
+            return self.do_open(_metered(http.client.HTTPConnection, budget), req)
+
+    class MeteredHTTPS(urllib.request.HTTPSHandler):
+        def https_open(self, req):
+            return self.do_open(_metered(http.client.HTTPSConnection, budget), req, context=self._context)
+
+    return urllib.request.build_opener(LimitedRedirects, MeteredHTTP, MeteredHTTPS)
+
+
+def _has_credentials(url: str) -> bool:
+    """Whether ``url`` writes a user name or password before its host (``http://user:pw@host/``)."""
+    return "@" in url.split("://", 1)[-1].split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
 
 
 def _download(url: str, label: str, timeout: float, max_bytes: int) -> bytes:
-    """The body of ``url``; refused once it passes ``max_bytes`` (checked while reading) or ``timeout``."""
+    """The body of ``url``; refused once it passes ``max_bytes`` (checked while reading) or once the whole
+    request (connecting, every redirect, headers and body) passes ``timeout`` seconds."""
     import http.client
     import urllib.error
     import urllib.request
@@ -441,12 +572,17 @@ def _download(url: str, label: str, timeout: float, max_bytes: int) -> bytes:
         f"{label} did not answer within {timeout:g} seconds; check the address or try again later "
         "(or pass a larger timeout)"
     )
-    deadline = time.monotonic() + timeout
+    unfinished = (
+        f"{label} did not finish downloading within {timeout:g} seconds (too slow); "
+        "try again later, download it yourself, or pass a larger timeout"
+    )
+    budget = _Budget(timeout, max_bytes)
     try:
         request = urllib.request.Request(
             url, headers={"User-Agent": f"imageprompt_widgets/{__version__}", "Accept": "image/*"}
         )
-        with _opener().open(request, timeout=timeout) as response:
+        with _opener(budget).open(request, timeout=timeout) as response:
+            budget.answered = True
             declared = response.headers.get("Content-Length", "")
             if declared.strip().isdigit() and int(declared) > max_bytes:
                 raise ImageInputError(
@@ -463,16 +599,24 @@ def _download(url: str, label: str, timeout: float, max_bytes: int) -> bytes:
                 body += chunk
                 if len(body) > max_bytes:
                     raise ImageInputError(too_large)
-                if time.monotonic() > deadline:
-                    raise ImageInputError(
-                        f"{label} did not finish downloading within {timeout:g} seconds (too slow); "
-                        "try again later, download it yourself, or pass a larger timeout"
-                    )
+                budget.seconds_left()
     except ImageInputError:
         raise
+    except _OutOfTime as e:
+        raise ImageInputError(unfinished if budget.answered else too_slow) from e
+    except _TooMuchSent as e:
+        raise ImageInputError(
+            f"{label} sent more than {budget.limit:,} bytes in all (headers, redirects and body), more than "
+            "the download limit allows; download it yourself and pass the file, or pass a larger max_bytes"
+        ) from e
     except _RedirectRefused as e:
         raise ImageInputError(
             f"{label} redirects to {_url_label(str(e))}, which is not an http(s) URL; "
+            "download the image yourself and pass the file"
+        ) from e
+    except _RedirectWithCredentials as e:
+        raise ImageInputError(
+            f"{label} redirects to {_url_label(str(e))} with a user name or password, which are never sent; "
             "download the image yourself and pass the file"
         ) from e
     except urllib.error.HTTPError as e:
@@ -488,12 +632,12 @@ def _download(url: str, label: str, timeout: float, max_bytes: int) -> bytes:
         ) from e
     except urllib.error.URLError as e:
         if isinstance(e.reason, TimeoutError):
-            raise ImageInputError(too_slow) from e
+            raise ImageInputError(unfinished if budget.answered else too_slow) from e
         raise ImageInputError(
             f"{label} could not be reached ({e.reason}); check the address and the network connection"
         ) from e
     except TimeoutError as e:
-        raise ImageInputError(too_slow) from e
+        raise ImageInputError(unfinished if budget.answered else too_slow) from e
     except (OSError, http.client.HTTPException, ValueError) as e:
         raise ImageInputError(
             f"{label} could not be downloaded ({type(e).__name__}: {e}); check the address and try again"

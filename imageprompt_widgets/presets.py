@@ -50,7 +50,7 @@ class Preset:
     revision: str | None = None
     #: Where in ``clip_model`` the image encoder lives (h94/IP-Adapter keeps it in ``models/image_encoder``).
     clip_subfolder: str | None = None
-    #: The ControlNets that fit this SD (controlnets.py): "sd15" for lllyasviel's SD 1.x ones (canny for
+    #: The ControlNets that fit this SD (structure/controlnets.py): "sd15" for lllyasviel's SD 1.x ones (canny for
     #: ``structure="edges"``, depth for ``"depth"``), "tiny" for the offline twins; a Hub id or folder is taken
     #: as the canny ControlNet alone. None: no ControlNet.
     controlnet: str | None = None
@@ -77,7 +77,7 @@ _VARIATIONS_DEFAULTS = (("mode", "single"), ("negative", "zeros"))
 LIVE_DEFAULTS = (("scheduler", "lcm"), ("steps", 4), ("guidance_scale", 1.0))
 #: Latent Consistency distilled into a LoRA for SD 1.5 (about 135 MB): 2-8 steps instead of 30.
 LCM_LORA_SD15 = "latent-consistency/lcm-lora-sdv1-5"
-#: lllyasviel's ControlNets (canny, depth; controlnets.py), trained on SD 1.5 (its UNet is SD 1.4's,
+#: lllyasviel's ControlNets (canny, depth; structure/controlnets.py), trained on SD 1.5 (its UNet is SD 1.4's,
 #: fine-tuned), so they fit both.
 SD15_CONTROLNETS = "sd15"
 #: h94's Plus adapters for SD 1.5 (they read the ViT-H encoder's penultimate hidden states).
@@ -117,7 +117,9 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
             note="the toy world: a miniature SD and CLIP trained on 64 px coloured shapes ('a red circle on a "
                  "blue background'), shipped with the package: real behaviour offline, not Stable Diffusion",
             download_size="nothing (shipped inside the package, about 8 MB of safetensors)",
-            defaults=(("steps", 20), ("guidance_scale", 2.0)),
+            # words_min_gain: the toy CLIP scores any longer text a little higher (it saw captions only), so its chain
+            # stops at the caption only when a phrase must raise the cosine clearly (docs/toy_world.md, Words).
+            defaults=(("steps", 20), ("guidance_scale", 2.0), ("words_min_gain", 0.1)),
         ),
         "sd15-live": Preset(
             name="sd15-live",

@@ -12,22 +12,26 @@ import json
 import math
 import numbers
 import operator
+import reprlib
 from dataclasses import dataclass, field
 from typing import Any
 
 #: How image embeddings become prompt embeddings (see conditioning.py for the exact definitions).
-#: ``ip_adapter`` and ``caption`` need a preset that carries an adapter or a captioner.
-MODES = ("repeat", "single", "tokens", "blend", "ip_adapter", "caption")
+#: ``ip_adapter`` and ``caption`` need a preset that carries an adapter or a captioner; ``text`` is words only
+#: (plain text-to-image, no image): the baseline every image method is compared with.
+MODES = ("repeat", "single", "tokens", "blend", "ip_adapter", "caption", "text", "words")
+#: How ``words`` finds words for the picture (methods/words.py): a greedy phrase chain, or a hard-prompt search.
+WORDS_ROUTES = ("chain", "search")
 #: How several images become one conditioning (conditioning.COMBINE_FUNCTIONS).
 COMBINES = ("average", "norm_average", "concat", "add", "subtract", "max", "min", "slerp")
 #: How ``blend`` mixes the text prompt with the image (conditioning.BLEND_FUNCTIONS).
 BLENDS = ("interpolate", "concat")
 #: What the unconditional branch of classifier-free guidance sees: SD's text encoder on ``negative_prompt``
 #: (the empty prompt unless one is typed: diffusers' default), zeros, or the negative images (together with
-#: the negative text where one is typed; see the README's "Negative text").
+#: the negative text where one is typed; see docs/samplers.md, "Negative text").
 NEGATIVES = ("empty_prompt", "zeros", "image")
 #: The denoising schedulers (samplers) a run can use; each is built from the loaded model's own scheduler
-#: config (samplers.py). ``pndm`` is SD 1.x's own, the guide's.
+#: config (engine/samplers.py). ``pndm`` is SD 1.x's own, the guide's.
 SCHEDULERS = ("pndm", "ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "unipc", "lcm")
 #: Where the starting noise comes from: a generator on the model's device (diffusers' way, the contract's
 #: default) or always the CPU's, so one seed gives the same picture on CPU, CUDA and MPS.
@@ -42,8 +46,8 @@ CROPS = ("center_crop", "squash", "pad")
 ADAPTER_BLOCKS = ("all", "style", "composition", "style_and_composition", "custom")
 #: The UNet parts diffusers' ``set_ip_adapter_scale`` dictionaries name.
 ADAPTER_BLOCK_PARTS = ("down", "mid", "up")
-#: How much of the input's layout a run keeps (structure.py): nothing, a map of it through a ControlNet (its
-#: Canny edges or its depth; controlnets.py names each kind), or its noised latents as the start (img2img).
+#: How much of the input's layout a run keeps (structure/plan.py): nothing, a map of it through a ControlNet (its
+#: Canny edges or its depth; structure/controlnets.py names each kind), or its noised latents as the start (img2img).
 STRUCTURES = ("none", "edges", "depth", "img2img")
 #: The structures that steer through a ControlNet (controlnets.CONTROL_KINDS); ``control_units`` kinds.
 CONTROLNET_STRUCTURES = ("edges", "depth")
@@ -64,6 +68,14 @@ UNIT_SETTINGS: dict[str, tuple[str, ...]] = {
 MAX_CONTROL_UNITS = 4
 
 MAX_SEED = 2**32 - 1
+#: The longest text one text setting holds (prompts, and control_units / adapter_block_scales as JSON): far
+#: beyond the 77 tokens CLIP reads; refused before anything else looks at it.
+MAX_TEXT_CHARS = 200_000
+#: The most characters all settings may take as JSON (non-ASCII text takes 6 to 12 per character there):
+#: half of what ``engine.results.recipe_from_png`` reads back, so any run's saved PNG can be read again.
+MAX_SETTINGS_JSON_CHARS = 2**19
+#: The largest per-block IP-Adapter scale, either sign (each multiplies the adapter's scale, at most 5).
+MAX_BLOCK_SCALE = 10.0
 
 
 class SettingsError(ValueError):
@@ -155,45 +167,45 @@ class GenerationSettings:
     """Everything that decides a generation besides the images themselves."""
 
     mode: str = _spec(
-        "choice", "repeat", "mode", "how the image embedding becomes the prompt", choices=MODES, section="method"
+        "choice", "repeat", "method", "how the image becomes the prompt", choices=MODES, section="method"
     )
     scale: float = _spec(
-        "float", 1.0, "scale", "multiplies the image conditioning (the adapter's strength for ip_adapter)",
+        "float", 1.0, "image strength", "multiplies the image conditioning (the adapter's strength for ip_adapter)",
         min=0.0, max=5.0, step=0.05,
     )
-    prompt: str = _spec("text", "", "prompt", "text used by the blend, ip_adapter and caption modes")
+    prompt: str = _spec("text", "", "prompt", "the words to draw from (text, blend, ip_adapter and caption)")
     negative_prompt: str = _spec(
-        "text", "", "negative text",
+        "text", "", "avoid words",
         "text guidance pushes away from (with negative=image: beside the negative images)",
     )
     image_weight: float = _spec(
-        "float", 0.5, "image weight", "blend: 0 = the text alone, 1 = the image alone", min=0.0, max=1.0, step=0.05
+        "float", 0.5, "image share", "blend: 0 = the words alone, 1 = the image alone", min=0.0, max=1.0, step=0.05
     )
     blend: str = _spec(
-        "choice", "interpolate", "blend", "how blend mixes text and image tokens", choices=BLENDS, advanced=True
+        "choice", "interpolate", "mixing", "how blend mixes word and image tokens", choices=BLENDS, advanced=True
     )
     norm_match: bool = _spec(
-        "bool", False, "match text norm", "rescale image tokens to the typical length of SD's text tokens"
+        "bool", False, "word-sized tokens", "rescale image tokens to the typical length of SD's text tokens"
     )
-    combine: str = _spec("choice", "average", "combine", "how several images become one", choices=COMBINES)
+    combine: str = _spec("choice", "average", "several images", "how several images become one", choices=COMBINES)
     weights: tuple[float, ...] = _spec(
         "floats", (), "weights", "one number per image, comma-separated; empty = equal", min=-10.0, max=10.0,
         step=0.1,
     )
     steps: int = _spec("int", 30, "steps", "denoising steps", min=1, max=150, step=1)
     scheduler: str = _spec(
-        "choice", "pndm", "scheduler", "the sampler: pndm is SD's own; lcm needs an LCM model (the -live presets)",
+        "choice", "pndm", "sampler", "the scheduler that plans the steps: pndm is SD's own; lcm needs an LCM model (the -live presets)",
         choices=SCHEDULERS,
     )
     guidance_scale: float = _spec(
-        "float", 7.5, "guidance", "classifier-free guidance; 1 or less turns it off", min=0.0, max=20.0, step=0.5
+        "float", 7.5, "guidance", "classifier-free guidance: how hard each step pulls towards the prompt and away from the negative; 1 or less turns it off", min=0.0, max=20.0, step=0.5
     )
     seed: int = _spec("int", 0, "seed", "same seed, same picture", min=0, max=MAX_SEED, step=1)
     noise: str = _spec(
-        "choice", "device", "noise", "where the seed's noise is drawn: the model's device, or the CPU (the same "
+        "choice", "device", "noise from", "where the seed's noise is drawn: the model's device, or the CPU (the same "
         "picture on every machine)", choices=NOISE_SOURCES, advanced=True,
     )
-    num_images: int = _spec("int", 1, "images", "how many images, batched", min=1, max=8, step=1)
+    num_images: int = _spec("int", 1, "how many", "how many images, batched", min=1, max=8, step=1)
     height: int | None = _spec(
         "size", None, "height", "pixels, a multiple of 8; empty = the model's native size",
         min=64, max=1024, step=8, advanced=True,
@@ -203,60 +215,76 @@ class GenerationSettings:
         min=64, max=1024, step=8, advanced=True,
     )
     negative: str = _spec(
-        "choice", "empty_prompt", "negative",
+        "choice", "empty_prompt", "avoid",
         "what guidance pushes away from: the negative prompt (empty by default), zeros, or negative images",
         choices=NEGATIVES, advanced=True,
     )
     crop: str = _spec(
-        "choice", "center_crop", "crop", "how the image is made square for CLIP", choices=CROPS, advanced=True
+        "choice", "center_crop", "make square", "how the image is made square for CLIP", choices=CROPS, advanced=True
     )
     adapter_start: float = _spec(
-        "float", 0.0, "adapter start", "ip_adapter: fraction of the steps before the image acts",
+        "float", 0.0, "adapter from", "ip_adapter: fraction of the steps before the image acts",
         min=0.0, max=1.0, step=0.05, advanced=True,
     )
     adapter_end: float = _spec(
-        "float", 1.0, "adapter end", "ip_adapter: fraction of the steps after which the image stops acting",
+        "float", 1.0, "adapter until", "ip_adapter: fraction of the steps after which the image stops acting",
         min=0.0, max=1.0, step=0.05, advanced=True,
     )
     adapter_blocks: str = _spec(
-        "choice", "all", "adapter blocks", "ip_adapter: which UNet blocks see the image",
+        "choice", "all", "adapter layers", "ip_adapter: which UNet blocks see the image",
         choices=ADAPTER_BLOCKS, advanced=True,
     )
     adapter_scales: tuple[float, ...] = _spec(
-        "floats", (), "adapter scales",
+        "floats", (), "adapter strengths",
         "ip_adapter with several adapters: one strength per adapter, comma-separated; empty = scale for each",
         min=0.0, max=5.0, step=0.05, advanced=True,
     )
     adapter_block_scales: str = _spec(
-        "text", "", "adapter block scales",
+        "text", "", "per-layer strengths",
         'ip_adapter: per-block scales in diffusers\' set_ip_adapter_scale format, as JSON, e.g. '
         '{"up": {"block_1": [0, 1, 0]}}; each number is multiplied by the adapter\'s scale; '
         "a list gives one per adapter; sets adapter blocks to custom",
         advanced=True,
     )
+    words: str = _spec(
+        "choice", "chain", "words", "words: chain adds table phrases while they raise CLIP's cosine with the picture; "
+        "search optimises free tokens towards it (PEZ)", choices=WORDS_ROUTES,
+    )
+    words_tokens: int = _spec(
+        "int", 8, "search tokens", "words, search: how many tokens the search finds", min=1, max=32, step=1,
+        advanced=True,
+    )
+    words_steps: int = _spec(
+        "int", 80, "search steps", "words, search: optimisation steps (each runs the text tower forward and back)",
+        min=1, max=3000, step=1, advanced=True,
+    )
+    words_min_gain: float = _spec(
+        "float", 0.0, "chain min gain", "words, chain: stop when the best phrase raises the cosine by no more than "
+        "this", min=0.0, max=0.5, step=0.01, advanced=True,
+    )
     structure: str = _spec(
-        "choice", "none", "structure",
+        "choice", "none", "keep layout",
         "keep the input's layout: none, edges or depth (a ControlNet on its Canny edges or its depth map) or "
         "img2img (start from it, noised)",
         choices=STRUCTURES, section="structure",
     )
     canny_low: int = _unit_spec(
-        "canny_low", "canny low", "edges: weaker gradients count as edges only where they touch strong ones"
+        "canny_low", "edges low", "edges: weaker gradients count as edges only where they touch strong ones"
     )
     canny_high: int = _unit_spec(
-        "canny_high", "canny high", "edges: gradients above this are edges (higher = fewer, stronger edges)"
+        "canny_high", "edges high", "edges: gradients above this are edges (higher = fewer, stronger edges)"
     )
     control_scale: float = _unit_spec(
-        "scale", "control scale", "edges, depth: how strongly the ControlNet steers the UNet (0 = not at all)"
+        "scale", "layout strength", "edges, depth: how strongly the ControlNet steers the UNet (0 = not at all)"
     )
     control_start: float = _unit_spec(
-        "start", "control start", "edges, depth: fraction of the steps before the ControlNet acts"
+        "start", "layout from", "edges, depth: fraction of the steps before the ControlNet acts"
     )
     control_end: float = _unit_spec(
-        "end", "control end", "edges, depth: fraction of the steps after which the ControlNet stops acting"
+        "end", "layout until", "edges, depth: fraction of the steps after which the ControlNet stops acting"
     )
     strength: float = _spec(
-        "float", 0.75, "strength", "img2img: how much of the input is replaced by noise (0 = keep it, 1 = almost all)",
+        "float", 0.75, "how much changes", "img2img: how much of the input is replaced by noise (0 = keep it, 1 = almost all)",
         min=0.0, max=1.0, step=0.05, section="structure",
     )
     control_units: str = _spec(
@@ -328,6 +356,12 @@ class GenerationSettings:
                 f"strength={self.strength:g} with steps={self.steps} leaves no denoising step (img2img runs "
                 f"int(steps * strength) of them): raise strength to at least {1 / self.steps:.3g} or add steps."
             )
+        written = len(json.dumps(dataclasses.asdict(self)))
+        if written > MAX_SETTINGS_JSON_CHARS:
+            raise SettingsError(
+                f"These settings take {written:,} characters as JSON, more than the {MAX_SETTINGS_JSON_CHARS:,} a "
+                "saved recipe holds: shorten prompt or negative_prompt."
+            )
 
     def units(self) -> tuple[ControlUnit, ...]:
         """The run's ControlNet units: the structure's own (from the flat settings) then ``control_units``;
@@ -349,6 +383,12 @@ class GenerationSettings:
         place this rule is written."""
         return self.guidance_scale > 1
 
+    @property
+    def text_only(self) -> bool:
+        """Whether the run draws from the prompt alone and needs no image: ``mode="text"``, or ``blend`` with
+        its image weight at 0 (exactly text-to-image)."""
+        return self.mode == "text" or (self.mode == "blend" and self.image_weight == 0)
+
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> GenerationSettings:
         """Like the constructor, but an unknown name is a :class:`SettingsError` that lists the known ones."""
@@ -367,6 +407,36 @@ class GenerationSettings:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types (tuples become lists): a recipe equals itself after a JSON round trip."""
         return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+#: Plain words for the choices a class meets, shown in the panel's dropdowns as "words (name)"; the name is what
+#: recipes, the command line and the docs use. A choice missing here shows as its name.
+CHOICE_WORDS: dict[str, dict[str, str]] = {
+    "mode": {"repeat": "image token ×77", "single": "one image token", "tokens": "every image patch",
+             "blend": "words + image", "ip_adapter": "image beside words", "caption": "image → caption → words",
+             "text": "words only, no image", "words": "image → nearest words → picture"},
+    "words": {"chain": "phrase by phrase", "search": "token search"},
+    "blend": {"interpolate": "token by token", "concat": "side by side"},
+    "combine": {"average": "average", "norm_average": "average, then rescale", "concat": "side by side",
+                "add": "sum", "subtract": "first minus the rest", "max": "largest number", "min": "smallest number",
+                "slerp": "along the sphere"},
+    "scheduler": {"pndm": "SD's own", "ddim": "DDIM", "euler": "Euler", "euler_a": "Euler, random",
+                  "dpmpp_2m": "DPM++", "dpmpp_2m_karras": "DPM++ Karras", "unipc": "UniPC",
+                  "lcm": "LCM, few steps"},
+    "noise": {"device": "the model's chip", "cpu": "the CPU: same everywhere"},
+    "negative": {"empty_prompt": "the negative prompt", "zeros": "nothing (zeros)", "image": "negative images"},
+    "crop": {"center_crop": "cut the middle", "squash": "squash", "pad": "pad with white"},
+    "adapter_blocks": {"all": "all", "style": "style only", "composition": "layout only",
+                       "style_and_composition": "style and layout", "custom": "per-layer strengths"},
+    "structure": {"none": "no", "edges": "its edges", "depth": "its depth", "img2img": "start from it"},
+    "kind": {"edges": "edges", "depth": "depth"},
+}
+
+
+def choice_label(setting: str, choice: str) -> str:
+    """A dropdown's line for one choice: ``"words only, no image (text)"``; the name alone where the words are it."""
+    words = CHOICE_WORDS.get(setting, {}).get(choice, choice)
+    return choice if words.lower() == choice.lower() else f"{words} ({choice})"
 
 
 def setting_specs() -> list[SettingSpec]:
@@ -391,6 +461,7 @@ def _validated(spec: SettingSpec, value: Any) -> Any:
     if spec.kind in ("text", "units"):
         if not isinstance(value, str):
             raise SettingsError(f"{spec.name} must be text, not {type(value).__name__}.")
+        _check_length(value, spec.name)
         return value
     if spec.kind == "size" and value is None:
         return None
@@ -422,6 +493,13 @@ def _as_number(spec: SettingSpec, value: Any) -> float | int:
     if not isinstance(value, numbers.Integral) and not float(value).is_integer():
         raise SettingsError(f"{spec.name} must be a whole number, not {value!r}.")
     return int(value)
+
+
+def _check_length(text: str, name: str) -> None:
+    if len(text) > MAX_TEXT_CHARS:
+        raise SettingsError(
+            f"{name} is {len(text):,} characters long, more than the {MAX_TEXT_CHARS:,} a setting holds: shorten it."
+        )
 
 
 def _is_numpy_bool(value: Any) -> bool:
@@ -460,10 +538,10 @@ def block_scales_text(value: Any) -> str:
         return ""
     try:
         return json.dumps(value, default=_plain_scalar)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         raise SettingsError(
             f"adapter_block_scales must be a dictionary such as {{'up': {{'block_1': 1.0}}}} or its JSON text, "
-            f"not {value!r}."
+            f"not {reprlib.repr(value)}."
         ) from None
 
 
@@ -483,7 +561,21 @@ def parse_block_scales(text: str) -> Any:
                 _check_block_dict(entry, f"adapter_block_scales[{index}]")
     else:
         _check_block_dict(value, "adapter_block_scales")
+    for number in _numbers_in(value):  # the shape is checked: at most four levels deep
+        if abs(number) > MAX_BLOCK_SCALE:
+            raise SettingsError(
+                f"adapter_block_scales holds {number:g}: each scale must be between {-MAX_BLOCK_SCALE:g} and "
+                f"{MAX_BLOCK_SCALE:g} (it multiplies the adapter's scale)."
+            )
     return value
+
+
+def _numbers_in(value: Any) -> list[float]:
+    if isinstance(value, dict):
+        return [number for entry in value.values() for number in _numbers_in(entry)]
+    if isinstance(value, list):
+        return [number for entry in value for number in _numbers_in(entry)]
+    return [value] if _is_number(value) else []
 
 
 def _check_block_dict(value: Any, where: str) -> None:
@@ -532,23 +624,39 @@ def units_text(value: Any) -> str:
         return ""
     if isinstance(value, (ControlUnit, dict)):
         value = [value]
+    if isinstance(value, (list, tuple)) and len(value) + 1 > MAX_CONTROL_UNITS:  # before writing them out
+        raise SettingsError(
+            f"A run takes at most {MAX_CONTROL_UNITS} ControlNets; control_units adds {len(value)} to the "
+            "structure's own."
+        )
     try:
         items = [item.to_dict() if isinstance(item, ControlUnit) else item for item in value]
         return json.dumps(items, default=_plain_scalar) if items else ""
-    except TypeError:
+    except (TypeError, ValueError, RecursionError):
         raise SettingsError(
-            f'control_units must be a list of units such as [{{"kind": "depth", "scale": 0.5}}], not {value!r}.'
+            f'control_units must be a list of units such as [{{"kind": "depth", "scale": 0.5}}], not {reprlib.repr(value)}.'
         ) from None
 
 
 def _json_setting(text: str, name: str, example: str) -> Any:
-    """A setting written as JSON text, parsed; a sentence with an example when it is not JSON."""
+    """A setting written as JSON text, parsed; a sentence with an example when it is not JSON (or is JSON no
+    setting can be: longer than a setting holds, nested too deeply, a number of thousands of digits)."""
+    _check_length(text, name)
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
         raise SettingsError(
             f"{name} is not JSON ({err.msg} at character {err.pos}): write it like {example}."
         ) from None
+    except RecursionError:
+        raise SettingsError(f"{name} is nested too deeply to be a setting: write it like {example}.") from None
+    except ValueError as err:  # e.g. an integer of more digits than Python converts
+        raise SettingsError(f"{name} holds a value JSON cannot give ({_first_words(err)}): write it like {example}.") from None
+
+
+def _first_words(err: BaseException) -> str:
+    text = str(err).split(":", 1)[0].strip()
+    return text[:120] or type(err).__name__
 
 
 def parse_units(text: str) -> tuple[ControlUnit, ...]:
@@ -558,6 +666,11 @@ def parse_units(text: str) -> tuple[ControlUnit, ...]:
         items = [items]
     if not isinstance(items, list):
         raise SettingsError(f'control_units must be a list of units such as [{{"kind": "depth"}}], not {items!r}.')
+    if len(items) + 1 > MAX_CONTROL_UNITS:  # counted before any unit is checked
+        raise SettingsError(
+            f"A run takes at most {MAX_CONTROL_UNITS} ControlNets; control_units adds {len(items)} to the "
+            "structure's own."
+        )
     units = []
     for index, item in enumerate(items):
         if not isinstance(item, dict):

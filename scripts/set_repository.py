@@ -3,8 +3,8 @@
     python scripts/set_repository.py https://github.com/someone/imageprompt_widgets
 
 The repository location has one source: ``Repository`` under ``[project.urls]`` in pyproject.toml. This
-script writes the new URL there and rewrites every copy of the old one in README.md, docs/*.md and
-examples/*.ipynb (Colab badges, the notebooks' ``REPO = "…"`` install cell, the README's absolute links
+script writes the new URL there and rewrites every copy of the old one in README.md, mkdocs.yml,
+CITATION.cff, docs/*.md and examples/*.ipynb (Colab badges, the notebooks' ``REPO = "…"`` install cell, the README's absolute links
 and screenshot, which must be absolute to show on the package index). tests/test_packaging.py checks
 that all of them agree. Only GitHub works: Colab opens notebooks from github.com.
 """
@@ -42,6 +42,7 @@ def files_to_rewrite(root: Path) -> list[Path]:
     return [
         root / "pyproject.toml",
         root / "README.md",
+        *[path for path in (root / "mkdocs.yml", root / "CITATION.cff") if path.exists()],
         *sorted((root / "docs").glob("*.md")),
         *sorted((root / "examples").glob("*.ipynb")),
     ]

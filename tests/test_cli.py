@@ -92,6 +92,15 @@ def test_the_installed_command_exists():
     assert top.returncode == 0 and "generate" in top.stdout
 
 
+def test_version_prints_the_packages_version_without_loading_torch():
+    from imageprompt_widgets._version import __version__
+
+    check = ("import sys\nfrom imageprompt_widgets.cli import main\ntry:\n    main(['--version'])\n"
+             "except SystemExit as done:\n    print(done.code, 'torch' in sys.modules)\n")
+    run = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120, check=False)
+    assert run.stdout.splitlines() == [f"imageprompt {__version__}", "0 False"], run.stderr
+
+
 # -- checked before torch, and the preset's own defaults ---------------------------------------------------
 
 CHECK_WITHOUT_TORCH = """
@@ -183,14 +192,16 @@ def _generate_help() -> dict[str, str]:
 @pytest.mark.parametrize(
     ("name", "expected"),
     [
-        ("steps", "denoising steps; 1 to 150 (default: 30)"),
-        ("guidance_scale", "classifier-free guidance; 1 or less turns it off; 0 to 20 (default: 7.5)"),
+        ("steps", "denoising steps; 1 to 150 (default: 30; 20 on toy; 4 on sd15-live, tiny-live)"),
+        ("guidance_scale", ("classifier-free guidance: how hard each step pulls towards the prompt and away from the "
+                           "negative; 1 or less turns it off; 0 to 20 (default: 7.5; 2.0 on toy; 1.0 on sd15-live, "
+                           "tiny-live)")),
         ("seed", "same seed, same picture; 0 to 4294967295 (default: 0)"),
         ("num_images", "how many images, batched; 1 to 8 (default: 1)"),
         ("height", "pixels, a multiple of 8; empty = the model's native size; 64 to 1024 (default: none)"),
         ("weights", "one number per image, comma-separated; empty = equal; each -10 to 10 (default: none)"),
-        ("mode", "how the image embedding becomes the prompt (default: repeat)"),
-        ("prompt", 'text used by the blend, ip_adapter and caption modes (default: "")'),
+        ("mode", "how the image becomes the prompt (default: repeat)"),
+        ("prompt", 'the words to draw from (text, blend, ip_adapter and caption) (default: "")'),
     ],
 )
 def test_help_shows_each_settings_range_and_default(name: str, expected: str) -> None:
@@ -212,7 +223,8 @@ def test_help_on_the_terminal_shows_the_ranges() -> None:
         [sys.executable, "-m", "imageprompt_widgets.cli", "generate", "--help"],
         capture_output=True, text=True, check=True, timeout=120, env={**os.environ, "COLUMNS": "250"},
     ).stdout
-    assert "--steps STEPS         denoising steps; 1 to 150 (default: 30)\n" in help_text
+    assert "--steps STEPS         denoising steps; 1 to 150 (default: 30; 20 on toy; 4 on sd15-live, tiny-live)\n" \
+        in help_text  # each preset's own starting value, where it has one
     assert "0 to 4294967295" in help_text
 
 
@@ -288,3 +300,30 @@ def test_memory_level_from_the_command_line_is_a_load_option(photo, tmp_path, mo
     with pytest.raises(SystemExit):
         main(["generate", str(photo), "-o", str(tmp_path / "out"), "--memory", "tiny-ish"])
     assert "invalid choice: 'tiny-ish'" in capsys.readouterr().err
+
+
+def test_a_prompt_without_image_draws_from_words_alone(tmp_path, capsys, tiny_pipe):
+    out = tmp_path / "out"
+    code = main(["generate", "--prompt", "a cat", "-o", str(out), "--model", "tiny", "--steps", "2", "--seed", "3"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    (path,) = printed.out.split()
+    recipe = recipe_from_png(path)
+    assert recipe["settings"]["mode"] == "text" and recipe["settings"]["prompt"] == "a cat" and recipe["inputs"] == []
+    expected = tiny_pipe.generate(mode="text", prompt="a cat", steps=2, seed=3).images[0]
+    from PIL import Image
+
+    assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), np.asarray(expected))
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        ([], 'Give an IMAGE or a --prompt (e.g. --prompt "a red circle on a blue background").'),
+        (["--prompt", "a cat", "--mode", "repeat"], "--mode repeat needs an IMAGE: give one, or leave --mode out"),
+    ],
+)
+def test_no_image_and_nothing_to_draw_from_words_is_one_line_and_exit_2(tmp_path, capsys, flags, says):
+    code = main(["generate", "-o", str(tmp_path / "out"), "--model", "tiny", *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and says in err and err.count("\n") == 1

@@ -45,7 +45,7 @@ def url(hub):
 
 @pytest.fixture
 def hidden_bars():
-    """What the loaders do while loading (quiet.py): the Hub's bars are switched off."""
+    """What the loaders do while loading (loading/quiet.py): the Hub's bars are switched off."""
     disable_progress_bars()
     yield
     enable_progress_bars()

@@ -470,8 +470,9 @@ def test_attention_view_of_blend_separates_text_and_image_tokens(tiny_pipe, inpu
 def test_attention_view_of_repeat_says_every_token_has_the_same_share(tiny_pipe, inputs):
     result = tiny_pipe.generate(inputs[0], steps=1, seed=0, trace_attention=True)
     view = views.attention_view(result)
-    assert view.shares["token 0 alone"] == pytest.approx(1 / 77, abs=1e-6)
-    assert "exactly 1/77 of the attention" in view.describe()
+    assert view.groups == {"all 77 tokens are one image token": list(range(77))}  # one panel
+    assert float(view.maps[0].mean()) == pytest.approx(1 / 77, abs=1e-6)  # each copy gets exactly 1/77
+    assert "In repeat all 77 tokens are one" in view.describe()
     with pytest.raises(views.InspectError, match="names token 80, but the prompt has 77 tokens"):
         views.attention_view(result, groups={"beyond": [80]})
 

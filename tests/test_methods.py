@@ -372,8 +372,8 @@ def test_registry_names_what_each_method_reads_needs_and_its_twin():
     assert "norm_match" not in settings_read("ip_adapter")
     assert "canny_low" not in settings_read("repeat") and "canny_low" in settings_read("repeat", "edges")
     assert settings_read("repeat", "img2img") - settings_read("repeat") == {"strength"}
-    assert methods_for(PRESETS["tiny"]) == ["repeat", "single", "tokens", "blend"]
-    assert methods_for(PRESETS["tiny-ip-adapter"]) == ["ip_adapter"]
+    assert methods_for(PRESETS["tiny"]) == ["repeat", "single", "tokens", "blend", "text", "words"]
+    assert methods_for(PRESETS["tiny-ip-adapter"]) == ["ip_adapter", "text"]  # words only needs SD's text encoder
     assert methods_for(PRESETS["tiny-variations"]) == ["repeat", "single", "tokens"]
     assert "caption" in methods_for(PRESETS["tiny-caption"])
     for name, method in METHODS.items():
@@ -385,3 +385,19 @@ def test_a_loaded_pipeline_knows_which_methods_it_can_run(tiny_pipe):
     from imageprompt_widgets.methods import methods_for
 
     assert tiny_pipe.methods() == methods_for(tiny_pipe.preset)
+
+
+def test_words_only_is_the_text_encoder_on_the_prompt_and_needs_no_image(tiny_pipe, image):
+    from imageprompt_widgets.images import ImageInputError
+
+    result = tiny_pipe.generate(mode="text", prompt="a cat", **FAST)
+    assert torch.equal(result.trace.prompt_embeds, tiny_pipe.encode_text("a cat"))
+    assert torch.equal(result.trace.negative_prompt_embeds, tiny_pipe.encode_text(""))
+    with_image = tiny_pipe.generate(image, mode="text", prompt="a cat", **FAST)  # an image is not encoded
+    assert np.array_equal(np.asarray(with_image.images[0]), np.asarray(result.images[0]))
+    with pytest.raises(ImageInputError, match="mode='repeat' needs an image: add one, or draw from words alone"):
+        tiny_pipe.generate(mode="repeat", **FAST)
+    with pytest.raises(ImageInputError, match="mode='blend' needs an image"):
+        tiny_pipe.generate([], mode="blend", prompt="a cat", image_weight=0.5, **FAST)
+    with pytest.raises(SettingsError, match="type a prompt"):
+        tiny_pipe.generate(mode="text", **FAST)

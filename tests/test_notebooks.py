@@ -1,5 +1,8 @@
-"""The example notebooks: each runs top to bottom offline on the tiny preset, and is committed clean.
+"""The example notebooks: each runs top to bottom offline on the toy world, and is committed with its outputs.
 
+The outputs are what a reader on GitHub and on the documentation site sees, so CI re-executes each notebook
+and fails when a committed output is stale (``scripts/execute_notebooks.py`` writes them; its
+``stale_outputs`` says what stale means: texts equal, pictures the same size and near-equal).
 Execution is marked ``notebooks`` (a kernel per notebook, under a minute or two each on the tiny presets),
 once as in Jupyter and once as on Colab: with a stand-in ``google.colab`` (tests/colab_stand_in) imported at
 kernel start, so the setup cell takes its Colab branch (without the install from GitHub: the stand-in marks
@@ -9,7 +12,10 @@ itself) and the panel its inline runner. The static checks are not marked, so th
 from __future__ import annotations
 
 import ast
+import base64
 import importlib
+import importlib.util
+import io
 import os
 import re
 import subprocess
@@ -19,14 +25,19 @@ import urllib.request
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import pytest
+from PIL import Image
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 NOTEBOOKS = sorted(EXAMPLES.glob("*.ipynb"))
 PROJECT_REPOSITORY = re.search(r'^Repository\s*=\s*"([^"]*)"', (EXAMPLES.parent / "pyproject.toml").read_text(),
                                re.MULTILINE).group(1)
-#: Seconds one cell may take on the tiny preset (the first one builds the tiny models).
-CELL_TIMEOUT = 300
+_SPEC = importlib.util.spec_from_file_location("execute_notebooks", EXAMPLES.parent / "scripts" / "execute_notebooks.py")
+execute_notebooks = sys.modules.setdefault("execute_notebooks", importlib.util.module_from_spec(_SPEC))
+_SPEC.loader.exec_module(execute_notebooks)  # the script CI and developers run: one definition of stale
+#: What a whole committed notebook may weigh with its outputs (pictures shrunk; the largest is about a third).
+MAX_NOTEBOOK_BYTES = 1_500_000
 #: The stand-in google.colab package (put on the kernel's PYTHONPATH for the Colab runs).
 COLAB_STAND_IN = Path(__file__).resolve().parent / "colab_stand_in"
 #: Appended to a notebook run as on Colab: the stand-in was live and the panel would run inline, as on Colab.
@@ -53,13 +64,20 @@ def test_the_three_teaching_notebooks_exist() -> None:
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.name)
-def test_notebook_is_committed_without_outputs(path: Path) -> None:
-    """Outputs are not committed: they would be stale, large, and noise from the tiny models."""
+def test_notebook_is_committed_with_its_outputs_and_pictures(path: Path) -> None:
+    """A reader on GitHub sees every cell's result and the pictures, none of them an error; the file stays small."""
     notebook = read(path)
     nbformat.validate(notebook)
-    dirty = [i for i, cell in enumerate(notebook.cells)
-             if cell.cell_type == "code" and (cell.outputs or cell.execution_count is not None)]
-    assert dirty == [], f"{path.name}: cells {dirty} carry outputs; clear them before committing"
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    assert [i for i, cell in enumerate(code) if cell.execution_count is None] == [], \
+        f"{path.name} has cells that never ran: python scripts/execute_notebooks.py {path.stem}"
+    assert [i for i, cell in enumerate(code) for out in cell.outputs if out.output_type == "error"] == []
+    pictures = [out for cell in code for out in cell.outputs if "image/png" in out.get("data", {})]
+    assert pictures, f"{path.name} shows no picture"
+    assert all(Image.open(io.BytesIO(base64.b64decode(out.data["image/png"]))).width
+               <= execute_notebooks.MAX_IMAGE_WIDTH for out in pictures)
+    assert "widgets" not in notebook.metadata  # widget state would carry every picture again
+    assert path.stat().st_size <= MAX_NOTEBOOK_BYTES
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.name)
@@ -141,24 +159,16 @@ def test_random_weights_show_a_banner_and_one_cell_chooses_the_preset(path: Path
 @pytest.mark.parametrize("colab", [False, True], ids=["jupyter", "colab"])
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.name)
 def test_notebook_runs_top_to_bottom_offline(path: Path, colab: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every cell runs without an error on the toy preset (and the tiny twins of what it lacks), offline, from the examples folder; as in Jupyter,
-    and as on Colab (the stand-in google.colab imported at kernel start: Colab's setup branch, inline runs)."""
-    from nbclient import NotebookClient
-
-    monkeypatch.setenv("IMAGEPROMPT_MODEL", "toy")  # the toy world: trained, shipped, offline; twins beside it
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    # One torch thread per kernel: on a shared 2-core machine more threads only spin against each other.
-    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
-    notebook = read(path)
-    extra_arguments = []
+    """Every cell runs without an error on the toy preset (and the tiny twins of what it lacks), offline, from
+    the examples folder; as in Jupyter, where the committed outputs must equal the run's (not stale), and as on
+    Colab (the stand-in google.colab imported at kernel start: Colab's setup branch, inline runs)."""
+    extra_arguments, extra_cells = [], []
     if colab:
         monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(COLAB_STAND_IN),
                                                                        os.environ.get("PYTHONPATH")])))
         extra_arguments = ["--IPKernelApp.exec_lines=import google.colab"]
-        notebook.cells.append(nbformat.v4.new_code_cell(COLAB_CHECK))
-    client = NotebookClient(notebook, timeout=CELL_TIMEOUT, kernel_name="python3", extra_arguments=extra_arguments,
-                            resources={"metadata": {"path": str(EXAMPLES)}})
-    client.execute()
+        extra_cells = [COLAB_CHECK]
+    notebook = execute_notebooks.execute(path, extra_arguments=extra_arguments, extra_cells=extra_cells)
     errors = [output for cell in notebook.cells if cell.cell_type == "code"
               for output in cell.outputs if output.output_type == "error"]
     assert errors == []
@@ -166,3 +176,124 @@ def test_notebook_runs_top_to_bottom_offline(path: Path, colab: bool, monkeypatc
     assert None not in ran, "some code cells did not run"
     banner = notebook.cells[1].outputs[-1]  # the setup cell ends with the banner: the toy world here
     assert "The toy world" in banner.data["text/html"]
+    if not colab:
+        stale = execute_notebooks.stale_outputs(read(path), execute_notebooks.tidy(notebook))
+        assert stale == [], (f"{path.name}: committed outputs are stale; run python scripts/execute_notebooks.py "
+                             f"{path.stem} and commit it:\n" + "\n".join(stale))
+
+
+# --------------------------------------------------------------------------- what "stale" means
+
+def _png(pixels: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.astype("uint8")).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _grid(seed: int = 0) -> np.ndarray:
+    """A 5x3 grid of 64 px tiles, each one flat colour, like the notebooks' method grids."""
+    colours = np.random.default_rng(seed).integers(0, 256, size=(3, 5, 3))
+    return np.kron(colours, np.ones((64, 64, 1))).astype(int)
+
+
+def _notebook(*outputs: dict, source: str = "run()") -> nbformat.NotebookNode:
+    cell = nbformat.v4.new_code_cell(source, execution_count=1)
+    cell.outputs = [nbformat.from_dict(output) for output in outputs]
+    return nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# t"), cell])
+
+
+def _picture(pixels: np.ndarray) -> dict:
+    return nbformat.v4.new_output("display_data", data={"image/png": _png(pixels), "text/plain": "<Figure>"})
+
+
+def _printed(text: str) -> dict:
+    return nbformat.v4.new_output("stream", name="stdout", text=text)
+
+
+def test_a_rerun_with_the_same_results_is_not_stale() -> None:
+    committed = _notebook(_printed("prompt_embeds (1, 77, 32) in 0.41 s at 0x7f3a2c0d1e50\n"), _picture(_grid()))
+    noise = np.random.default_rng(1).integers(-2, 3, size=_grid().shape)  # another CPU's rounding
+    fresh = _notebook(_printed("prompt_embeds (1, 77, 32) in 1.9 s at 0x7f00deadbeef\n"),
+                      _picture(np.clip(_grid() + noise, 0, 255)))
+    assert execute_notebooks.stale_outputs(committed, fresh) == []
+
+
+def test_timings_rates_and_where_things_live_may_move() -> None:
+    normalise = execute_notebooks.normalise_text
+    assert normalise("Done: 1 image in 2.6 s, 8.8 it/s; 0.1 s encoding (171 images/s)") == \
+        normalise("Done: 1 image in 31 s, 0.5 it/s; 12 s encoding (2 images/s)")
+    assert normalise("tower of '/work/wt30/imageprompt_widgets/toy/weights/clip'.") == \
+        normalise("tower of '/home/ci/clone/imageprompt_widgets/toy/weights/clip'.")
+    assert normalise("image_embeds tensor[1, 64] min=-2.466") != normalise("image_embeds tensor[1, 64] min=-2.467")
+    assert normalise("1 image in 2.6 s") != normalise("2 images in 2.6 s")
+
+
+def test_a_changed_text_is_stale_and_named() -> None:
+    committed = _notebook(_printed("prompt_embeds (1, 77, 32)\n"))
+    fresh = _notebook(_printed("prompt_embeds (1, 257, 32)\n"))
+    (problem,) = execute_notebooks.stale_outputs(committed, fresh)
+    assert problem.startswith("code cell 1 (run())") and "(1, 257, 32)" in problem
+
+
+def test_one_changed_tile_of_a_grid_is_stale() -> None:
+    changed = _grid()
+    changed[64:128, 128:192] = 255 - changed[64:128, 128:192]  # one tile of fifteen repainted
+    (problem,) = execute_notebooks.stale_outputs(_notebook(_picture(_grid())), _notebook(_picture(changed)))
+    assert "pixels moved" in problem
+
+
+def test_a_picture_of_another_size_is_stale() -> None:
+    (problem,) = execute_notebooks.stale_outputs(_notebook(_picture(_grid())), _notebook(_picture(_grid()[:, :256])))
+    assert "size 320x192 became 256x192" in problem
+
+
+def test_a_missing_output_an_error_or_unrun_cell_is_stale() -> None:
+    committed = _notebook(_printed("a\n"), _picture(_grid()))
+    assert execute_notebooks.stale_outputs(committed, _notebook(_printed("a\n")))
+    error = nbformat.v4.new_output("error", ename="ValueError", evalue="no", traceback=[])
+    assert execute_notebooks.stale_outputs(_notebook(_printed("a\n")), _notebook(error))
+    never_ran = _notebook()
+    never_ran.cells[1].execution_count = None
+    assert execute_notebooks.stale_outputs(never_ran, _notebook())
+
+
+def test_a_widgets_new_model_id_is_not_stale_but_another_widget_is() -> None:
+    def view(model_id: str, version: int = 2) -> dict:
+        return nbformat.v4.new_output("display_data", data={
+            "application/vnd.jupyter.widget-view+json": {"model_id": model_id, "version_major": version,
+                                                         "version_minor": 0},
+            "text/plain": "ImagePromptWidget(...)"})
+
+    assert execute_notebooks.stale_outputs(_notebook(view("a1")), _notebook(view("b2"))) == []
+    assert execute_notebooks.stale_outputs(_notebook(view("a1")), _notebook(view("b2", version=3)))
+
+
+def test_tidy_shrinks_wide_pictures_and_drops_widget_state() -> None:
+    wide = np.kron(_grid(), np.ones((3, 3, 1))).astype(int)  # 960 x 576
+    notebook = _notebook(_picture(wide), _picture(_grid()))
+    notebook.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": {}}}
+    small = notebook.cells[1].outputs[1].data["image/png"]
+    execute_notebooks.tidy(notebook)
+    shrunk = Image.open(io.BytesIO(base64.b64decode(notebook.cells[1].outputs[0].data["image/png"])))
+    assert shrunk.size == (execute_notebooks.MAX_IMAGE_WIDTH, 432)
+    assert notebook.cells[1].outputs[1].data["image/png"] == small  # a small picture is left as it was
+    assert "widgets" not in notebook.metadata
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.name)
+def test_a_preset_that_cannot_load_is_one_sentence_and_the_toy_world(
+    path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Offline, with the default sd14 not downloaded: the setup cell prints one sentence and runs on ``toy``
+    (no page of traceback later, when the first Generate would have tried to download)."""
+    from imageprompt_widgets.loading import availability
+
+    monkeypatch.delenv("IMAGEPROMPT_MODEL", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(availability, "hub_file_cached", lambda *args, **kwargs: False)  # nothing downloaded
+    namespace: dict = {}
+    exec(compile(_setup_cell(path), path.name, "exec"), namespace)  # noqa: S102
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert namespace["PRESET"] == "toy"
+    assert printed == [("Model 'sd14' is not on this machine (about 7.2 GB) and HF_HUB_OFFLINE=1 forbids downloading "
+                       "it: using the offline toy world ('toy') instead.")]

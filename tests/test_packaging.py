@@ -108,6 +108,22 @@ def test_test_and_dev_tools_are_separate_extras() -> None:
     assert not {"ruff", "build", "twine"} & {canonicalize_name(r.name) for r in test}
 
 
+def test_a_teachers_install_is_the_kernel_and_what_the_notebooks_draw_with() -> None:
+    """[teach] is a classroom's install: no test runner, no release tool, no documentation builder; the
+    developer's [test] covers it, so CI tests what a teacher gets."""
+    (itself,) = _extra("teach")
+    assert canonicalize_name(itself.name) == "imageprompt-widgets" and itself.extras == {"notebook", "plot", "edges"}
+    (tested,) = [r for r in _extra("test") if canonicalize_name(r.name) == "imageprompt-widgets"]
+    assert itself.extras <= tested.extras
+
+
+def test_the_docs_extra_builds_the_site_and_nothing_else_needs_it() -> None:
+    docs = {canonicalize_name(r.name) for r in _extra("docs")}
+    assert docs == {"mkdocs", "mkdocs-material", "mkdocstrings", "mkdocs-jupyter"}
+    assert "python" in next(r for r in _extra("docs") if r.name == "mkdocstrings").extras
+    assert not docs & (_names(PROJECT["dependencies"]) | _declared_for_tests())
+
+
 def _declared_for_tests() -> set[str]:
     """Distributions a `.[test]` install brings: the base, the test extra and the extras it names."""
     declared = _names(PROJECT["dependencies"])
@@ -133,7 +149,8 @@ def test_every_module_the_suite_imports_is_declared() -> None:
     distributions = importlib.metadata.packages_distributions()
     declared = _declared_for_tests()
     reachable = declared.union(*(_requirements_of(name) for name in declared))
-    ours = {"imageprompt_widgets", "benchmarks", "conftest", "helpers", "tests", "examples", "scripts"}
+    ours = {"imageprompt_widgets", "benchmarks", "conftest", "tests", "examples", "scripts",
+            *(path.stem for path in (ROOT / "tests").glob("*.py"))}  # a test module may import another's server
     missing = {}
     for folder in ("imageprompt_widgets", "tests"):
         for path in (ROOT / folder).rglob("*.py"):
@@ -189,7 +206,8 @@ REPOSITORY_PATH = REPOSITORY.removeprefix("https://github.com/")
 
 
 def _documents(root: Path) -> list[Path]:
-    return [root / "README.md", *sorted((root / "docs").glob("*.md")), *sorted((root / "examples").glob("*.ipynb"))]
+    return [root / "README.md", root / "mkdocs.yml", root / "CITATION.cff", *sorted((root / "docs").glob("*.md")),
+            *sorted((root / "examples").glob("*.ipynb"))]
 
 
 #: Other GitHub projects the documents cite (sources, not this repository): left out of the checks.
@@ -248,8 +266,9 @@ def test_the_readme_shows_on_the_package_index() -> None:
 
 def test_set_repository_moves_every_reference_and_nothing_else(tmp_path: Path) -> None:
     shutil.copy(ROOT / "pyproject.toml", tmp_path)
-    shutil.copy(ROOT / "README.md", tmp_path)
-    shutil.copytree(ROOT / "docs", tmp_path / "docs", ignore=shutil.ignore_patterns("*.png"))
+    for name in ("README.md", "mkdocs.yml", "CITATION.cff"):
+        shutil.copy(ROOT / name, tmp_path)
+    shutil.copytree(ROOT / "docs", tmp_path / "docs", ignore=shutil.ignore_patterns("*.png", "notebooks"))
     (tmp_path / "examples").mkdir()
     for notebook in NOTEBOOKS:
         shutil.copy(notebook, tmp_path / "examples")

@@ -217,3 +217,21 @@ def test_every_training_stage_runs_and_repeats_itself(tmp_path):
 def test_the_training_noise_schedule_is_the_schedulers():
     assert torch.allclose(train.noise_schedule(), train.scheduler().alphas_cumprod, atol=1e-6)
     assert train.scheduler().config.prediction_type == "v_prediction"
+
+
+def test_a_words_only_run_needs_no_image_and_is_bare_diffusers_on_the_caption(toy_pipe):
+    caption = world.held_out_scenes()[1].caption
+    ours = toy_pipe.generate(mode="text", prompt=caption, steps=3, seed=5)  # no image at all
+    bare = toy_pipe.sd(prompt=caption, num_inference_steps=3, guidance_scale=ours.settings.guidance_scale,
+                       generator=torch.Generator("cpu").manual_seed(5)).images[0]
+    assert np.array_equal(np.asarray(ours.images[0]), np.asarray(bare))
+    blend = toy_pipe.generate([], mode="blend", prompt=caption, image_weight=0, steps=3, seed=5)
+    assert np.array_equal(np.asarray(blend.images[0]), np.asarray(bare))
+    assert ours.trace.image_embeds.shape[0] == 0 and ours.recipe["inputs"] == []
+
+
+def test_a_words_only_run_on_toy_draws_what_it_names(toy_pipe):
+    """Two held-out captions at the toy's own 20 steps: the judge reads back the colour, shape and background."""
+    for scene in world.held_out_scenes()[:2]:
+        seen = judge.judge(toy_pipe.generate(mode="text", prompt=scene.caption, seed=0).images[0])
+        assert (seen.colour, seen.shape, seen.background) == (scene.colour, scene.shape, scene.background), scene.caption

@@ -118,7 +118,7 @@ def test_panel_builds_fast_with_plain_labels_and_loads_no_model(monkeypatch):
     labelled(widget, "Cancel", ipywidgets.Button)
     labelled(widget, "steps", ipywidgets.IntSlider)
     labelled(widget, "seed")
-    assert widget.status == "Add an image, then press Generate."
+    assert widget.status == "Add an image and press Generate, or choose the method “words only” and type a prompt."
     # Worker threads may only set traits: an Output widget written from a thread renders nowhere.
     stack = [child for child in widget.children if child is not widget.tabs] + [widget.history]
     while stack:
@@ -137,14 +137,17 @@ def test_controls_are_generated_from_the_settings_specs():
         group = widget.controls.groups[group_of(spec)]
         control = labelled(group, spec.label)  # in the group its spec (or the registry) names
         shown = ", ".join(f"{value:g}" for value in spec.default) if spec.kind == "floats" else spec.default
+        shown = controls.NATIVE if spec.kind == "size" and shown is None else shown  # "native" is shown, not a blank
         assert control is widget.controls[spec.name] and control.value == shown
         if spec.kind in ("int", "float"):
             assert (control.min, control.max) == (spec.min, spec.max)
         helped = control.add_button if spec.kind == "units" else control  # the units' help: on their add button
-        assert help_of(helped) == spec.help and spec.help  # on the synced trait of 7.7 and of 8
+        assert help_of(helped).startswith(spec.help) and spec.help  # on the synced trait of 7.7 and of 8
+        if spec.kind != "units":  # the setting's own name, where the label says it in other words
+            assert help_of(helped) == controls.technical_help(spec)
     assert widget.controls.settings() == GenerationSettings()
-    assert labelled(widget.controls.groups["advanced"], "crop") is widget.controls["crop"]  # folded away
-    assert labelled(widget.controls.groups["method"], "mode") is widget.controls["mode"]
+    assert labelled(widget.controls.groups["advanced"], "make square") is widget.controls["crop"]  # folded away
+    assert labelled(widget.controls.groups["method"], "method") is widget.controls["mode"]
     assert labelled(widget.controls.groups["generation"], "steps") is widget.controls["steps"]
     widget.close()
 
@@ -364,7 +367,8 @@ def test_generate_without_images_says_what_to_do(tiny_pipe):
     widget = ImagePromptWidget(pipeline=tiny_pipe, runner=InlineRunner())
     future = widget.generate()
     assert isinstance(future.exception(), ImageInputError)
-    assert widget.status == "Add an image first: upload one, or call w.set_images('path/to/image')."
+    assert widget.status == ("Add an image first (upload one, or w.set_images('path/to/image')), or draw from words "
+                             "alone: the method “words only” (text), or blend with image share 0, and a prompt.")
     widget.close()
 
 
@@ -690,9 +694,9 @@ def test_the_model_picker_lists_every_preset_with_its_size_and_state():
     widget = ImagePromptWidget(model="tiny")
     picker = labelled(widget, "model", ipywidgets.Dropdown)
     assert picker is widget.model_picker and picker.value == "tiny"
-    assert option_values(picker) == list(PRESETS)
+    assert sorted(option_values(picker)) == sorted(PRESETS)  # grouped: real, toy world, random weights
     labels = {value: label for label, value in picker.options}
-    assert labels["tiny"] == "tiny · offline · built"  # tiny_pipe's session fixture or an earlier test built it
+    assert labels["tiny"] == "tiny · random weights — noise, for tests · offline · built"  # tiny_pipe built it
     assert labels["sd14"].startswith("sd14 · about 7.2 GB · ")  # 5.5 GB + 1.7 GB
     assert labels["ip-adapter"].startswith("ip-adapter · about 8.0 GB · ")
     widget.close()
@@ -704,7 +708,7 @@ def test_choosing_a_method_the_model_lacks_moves_to_its_twin_and_says_so(image):
     widget.set_images(image)
     mode = widget.controls["mode"]
     assert option_values(mode) == list(MODES)
-    assert {v: label for label, v in mode.options}["ip_adapter"] == "ip_adapter (model tiny-ip-adapter)"
+    assert {v: label for label, v in mode.options}["ip_adapter"] == "image beside words (ip_adapter) → model tiny-ip-adapter"
     choose(mode, "caption")
     assert widget.model == "tiny-caption" and widget.model_picker.value == "tiny-caption"
     assert widget.status == "caption needs a captioner (BLIP), which 'tiny' lacks: switched to model 'tiny-caption' " \
@@ -718,10 +722,13 @@ def test_choosing_a_method_the_model_lacks_moves_to_its_twin_and_says_so(image):
 def test_a_hub_model_moves_to_the_hub_preset_without_loading_anything():
     widget = ImagePromptWidget(model="sd14", runner=InlineRunner())
     choose(widget.controls["mode"], "ip_adapter")
+    assert widget.model == "sd14"  # not downloaded: the panel asks first (tests/test_panel_words.py)
+    widget.offer.download_button.click()
     assert widget.model == "ip-adapter" and widget.pipeline is None
     assert widget.status.startswith("ip_adapter needs an IP-Adapter, which 'sd14' lacks: switched to model "
                                     "'ip-adapter' (about 8.0 GB, ")
-    choose(widget.controls["mode"], "repeat")  # back: a preset with the same Stable Diffusion (1.5)
+    choose(widget.controls["mode"], "repeat")  # back: a preset with the same Stable Diffusion (1.5), asked first
+    widget.offer.download_button.click()
     assert widget.model == "sd15"
     choose(widget.model_picker, "variations")  # the preset's own starting settings come with it
     assert (widget.controls["mode"].value, widget.controls["negative"].value) == ("single", "zeros")
@@ -1243,7 +1250,6 @@ def test_adapter_block_scales_field_says_what_is_wrong_and_switches_to_custom():
 @pytest.mark.slow
 def test_the_inspector_shows_each_adapters_tokens_for_ip_adapter_runs(image, other_image):
     from imageprompt_widgets.views.adapter_tokens import adapter_tokens_view
-    from imageprompt_widgets.widget.inspector import NO_ADAPTER_TEXT
 
     widget = ImagePromptWidget(model="tiny-ip-adapter-plus-and-face", runner=InlineRunner(), **FAST)
     try:
@@ -1265,5 +1271,5 @@ def test_the_inspector_shows_each_adapters_tokens_for_ip_adapter_runs(image, oth
     plain = ImagePromptWidget(model="tiny", runner=InlineRunner(), **FAST)
     plain.set_images(image)
     plain.generate().result(WAIT)
-    assert plain.inspector.adapter_text.value == html.escape(NO_ADAPTER_TEXT) and not plain.inspector.adapter_images
+    assert "Adapter tokens" not in plain.inspector.shown_sections and not plain.inspector.adapter_images  # hidden
     plain.close()

@@ -30,6 +30,7 @@ from ..extras import require
 from ..images import load_images
 from ..presets import Preset, resolve_preset
 from ..settings import CROPS, SettingsError
+from .manifest import utf8_text
 from .sharding import Processes, current_processes
 from .sources import Source, open_source
 
@@ -72,16 +73,19 @@ class EmbeddingTable:
         check_embedding_path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f".{path.name}.tmp")
-        if path.suffix == ".safetensors":
-            from safetensors.torch import save_file
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors.torch import save_file
 
-            tensors = {"image_embeds": self.image_embeds.detach().cpu().contiguous()}
-            if self.hidden_states is not None:
-                tensors["hidden_states"] = self.hidden_states.detach().cpu().contiguous()
-            save_file(tensors, str(temporary), metadata={_METADATA_KEY: json.dumps(self.metadata())})
-        else:
-            _write_parquet(self, temporary)
-        os.replace(temporary, path)
+                tensors = {"image_embeds": self.image_embeds.detach().cpu().contiguous()}
+                if self.hidden_states is not None:
+                    tensors["hidden_states"] = self.hidden_states.detach().cpu().contiguous()
+                save_file(tensors, str(temporary), metadata={_METADATA_KEY: json.dumps(self.metadata())})
+            else:
+                _write_parquet(self, temporary)
+            os.replace(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)  # nothing half-written stays behind
         return path
 
 
@@ -104,17 +108,67 @@ def load_embeddings(path: str | os.PathLike[str]) -> EmbeddingTable:
         raise EmbeddingFileError(f"{str(path)!r} does not exist.")
     if path.suffix == ".parquet":
         return _read_parquet(path)
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as handle:
-        meta = json.loads((handle.metadata() or {}).get(_METADATA_KEY, "null") or "null")
-        if not isinstance(meta, dict):
-            raise EmbeddingFileError(f"{str(path)!r} was not written by imageprompt embed (no inputs in its metadata).")
-        names = set(handle.keys())
-        embeds = handle.get_tensor("image_embeds")
-        hidden = handle.get_tensor("hidden_states") if "hidden_states" in names else None
-    return EmbeddingTable(meta["inputs"], meta["fingerprints"], embeds, hidden, meta.get("model", {}),
-                          meta.get("crop", "center_crop"), meta.get("source", ""))
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = _embedding_meta((handle.metadata() or {}).get(_METADATA_KEY), path)
+            names = set(handle.keys())
+            if "image_embeds" not in names:
+                raise EmbeddingFileError(f"{str(path)!r} was not written by imageprompt embed (no image_embeds).")
+            embeds = handle.get_tensor("image_embeds")
+            hidden = handle.get_tensor("hidden_states") if "hidden_states" in names else None
+    except EmbeddingFileError:
+        raise
+    except (SafetensorError, OSError, ValueError, TypeError, RuntimeError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise EmbeddingFileError(
+            f"{str(path)!r} is not an embeddings file imageprompt embed wrote (not safetensors, or damaged: {first})."
+        ) from None
+    return _checked_table(path, meta, embeds, hidden)
+
+
+def _embedding_meta(text: Any, path: Path) -> dict[str, Any]:
+    """The metadata of an embeddings file: a JSON object listing one input and one fingerprint per row."""
+    not_ours = f"{str(path)!r} was not written by imageprompt embed"
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    if not isinstance(text, str) or not text.strip():
+        raise EmbeddingFileError(f"{not_ours} (no inputs in its metadata).")
+    try:
+        meta = json.loads(text)
+    except RecursionError:
+        raise EmbeddingFileError(f"{not_ours} (its metadata is nested too deeply).") from None
+    except ValueError:
+        raise EmbeddingFileError(f"{not_ours} (its metadata is not JSON).") from None
+    if not isinstance(meta, dict):
+        raise EmbeddingFileError(f"{not_ours} (no inputs in its metadata).")
+    for key in ("inputs", "fingerprints"):
+        if key in meta and not (isinstance(meta[key], list) and all(isinstance(v, str) for v in meta[key])):
+            raise EmbeddingFileError(f"{not_ours} (its {key} are not a list of names).")
+    if not isinstance(meta.get("model", {}), dict) or not isinstance(meta.get("crop", ""), str):
+        raise EmbeddingFileError(f"{not_ours} (its model or crop is of the wrong type).")
+    return meta
+
+
+def _checked_table(path: Path, meta: dict[str, Any], embeds: Any, hidden: Any) -> EmbeddingTable:
+    """One row per listed input, in every tensor: a file that disagrees is refused, never misaligned."""
+    if "inputs" not in meta or "fingerprints" not in meta:
+        raise EmbeddingFileError(f"{str(path)!r} was not written by imageprompt embed (no inputs in its metadata).")
+    inputs, prints = meta["inputs"], meta["fingerprints"]
+    if embeds.ndim != 2 or not embeds.is_floating_point():
+        raise EmbeddingFileError(f"In {str(path)!r}, image_embeds is not a [rows, dimensions] table of numbers.")
+    if hidden is not None and (hidden.ndim != 3 or not hidden.is_floating_point()):
+        raise EmbeddingFileError(f"In {str(path)!r}, hidden_states is not a [rows, tokens, width] tensor of numbers.")
+    rows = {len(inputs), len(prints), embeds.shape[0], *(() if hidden is None else (hidden.shape[0],))}
+    if len(rows) != 1:
+        extra = "" if hidden is None else f", {hidden.shape[0]} hidden_states rows"
+        raise EmbeddingFileError(
+            f"{str(path)!r} lists {len(inputs)} inputs and {len(prints)} fingerprints for {embeds.shape[0]} "
+            f"embedding rows{extra}: the file is damaged; write it again with imageprompt embed."
+        )
+    return EmbeddingTable(inputs, prints, embeds, hidden, meta.get("model", {}), meta.get("crop", "center_crop"),
+                          meta.get("source", "") if isinstance(meta.get("source", ""), str) else "")
 
 
 def embed_images(
@@ -337,7 +391,7 @@ def _write_parquet(table: EmbeddingTable, path: Path) -> None:
     pq = require("pyarrow.parquet", "batch", "Writing embeddings as Parquet")
     embeds = table.image_embeds.detach().cpu().float().numpy()
     columns = {
-        "input": pa.array(table.inputs, pa.string()),
+        "input": pa.array([utf8_text(name) for name in table.inputs], pa.string()),  # Parquet strings are UTF-8
         "fingerprint": pa.array(table.fingerprints, pa.string()),
         "image_embeds": pa.FixedSizeListArray.from_arrays(pa.array(embeds.reshape(-1)), embeds.shape[1]),
     }
@@ -356,9 +410,13 @@ def _read_parquet(path: Path) -> EmbeddingTable:
 
     pa = require("pyarrow", "batch", "Reading embeddings from Parquet")
     pq = require("pyarrow.parquet", "batch", "Reading embeddings from Parquet")
-    arrow = pq.read_table(path)
-    meta = json.loads((arrow.schema.metadata or {}).get(_METADATA_KEY.encode(), b"null") or "null")
-    if not isinstance(meta, dict) or "image_embeds" not in arrow.column_names:
+    try:
+        arrow = pq.read_table(path)
+    except Exception as err:  # noqa: BLE001 - pyarrow raises many kinds for a damaged file: one sentence
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise EmbeddingFileError(f"{str(path)!r} is not a Parquet file imageprompt embed wrote ({first}).") from None
+    meta = _embedding_meta((arrow.schema.metadata or {}).get(_METADATA_KEY.encode()), path)
+    if not {"image_embeds", "input", "fingerprint"} <= set(arrow.column_names):
         raise EmbeddingFileError(f"{str(path)!r} was not written by imageprompt embed.")
 
     def values(name: str) -> torch.Tensor:
@@ -369,10 +427,13 @@ def _read_parquet(path: Path) -> EmbeddingTable:
             column = column.flatten()
         return torch.from_numpy(np.asarray(column, dtype=np.float32).reshape(shape).copy())
 
-    embeds = values("image_embeds")
-    hidden = values("hidden_states") if "hidden_states" in arrow.column_names else None
-    return EmbeddingTable(arrow.column("input").to_pylist(), arrow.column("fingerprint").to_pylist(), embeds, hidden,
-                          meta.get("model", {}), meta.get("crop", "center_crop"), meta.get("source", ""))
+    try:
+        embeds = values("image_embeds")
+        hidden = values("hidden_states") if "hidden_states" in arrow.column_names else None
+        listed = {"inputs": arrow.column("input").to_pylist(), "fingerprints": arrow.column("fingerprint").to_pylist()}
+    except (ValueError, TypeError, pa.ArrowException) as err:
+        raise EmbeddingFileError(f"{str(path)!r} holds columns imageprompt embed does not write ({err}).") from None
+    return _checked_table(path, _embedding_meta(json.dumps({**meta, **listed}), path), embeds, hidden)
 
 
 def _stderr(text: str) -> None:

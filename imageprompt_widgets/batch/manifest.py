@@ -25,6 +25,12 @@ FAILURES_FILE = "failed.jsonl"
 ROW_FIELDS = ("input", "seed", "index", "file", "key", "fingerprint", "model", "settings")
 
 Row = dict[str, Any]
+#: Where a bad manifest line is reported: one sentence naming the file and line.
+Warn = Callable[[str], None]
+
+
+class ManifestError(ValueError):
+    """OUT's manifest cannot be written where it must go (``manifest.jsonl`` is a folder, say)."""
 
 
 def manifest_path(out: str | os.PathLike[str], fmt: str = "jsonl") -> Path:
@@ -34,25 +40,36 @@ def manifest_path(out: str | os.PathLike[str], fmt: str = "jsonl") -> Path:
 
 
 def row_identity(row: Mapping[str, Any]) -> tuple[str, str, int]:
-    return (str(row["input"]), str(row["key"]), int(row["index"]))
+    return (utf8_text(str(row["input"])), str(row["key"]), int(row["index"]))  # as Parquet keeps it
 
 
-def read_manifest(out: str | os.PathLike[str]) -> list[Row]:
-    """Every row of ``manifest.jsonl`` and ``manifest.parquet`` in ``out`` (either or both may exist)."""
-    rows = _read_jsonl(manifest_path(out, "jsonl"))
+def read_manifest(out: str | os.PathLike[str], warn: Warn | None = None) -> list[Row]:
+    """Every row of ``manifest.jsonl`` and ``manifest.parquet`` in ``out`` (either or both may exist).
+
+    A line that is not a row this package wrote (not UTF-8, not JSON, a field of the wrong type, a file
+    outside OUT) is left out and reported to ``warn``: its item simply runs again."""
+    rows = _read_jsonl(manifest_path(out, "jsonl"), warn)
     parquet = manifest_path(out, "parquet")
     if parquet.is_file():
         pq = require("pyarrow.parquet", "batch", "Reading manifest.parquet")
-        rows += pq.read_table(parquet).to_pylist()
+        rows += [row for row in pq.read_table(parquet).to_pylist() if _row_problem(row) is None]
     return rows
 
 
-def read_parts(out: str | os.PathLike[str]) -> list[Row]:
+def check_manifest_target(out: str | os.PathLike[str], fmt: str) -> None:
+    """Refuse, before any work, a manifest path that is a folder (or anything but a file)."""
+    path = manifest_path(out, fmt)
+    if path.exists() and not path.is_file():
+        raise ManifestError(f"{str(path)!r} is not a file (a folder?), so the manifest cannot be written there: "
+                            "move it away or choose another -o.")
+
+
+def read_parts(out: str | os.PathLike[str], warn: Warn | None = None) -> list[Row]:
     """Rows left in part files (by a run still going, or one that was stopped)."""
     folder = Path(out) / PARTS_FOLDER
     if not folder.is_dir():
         return []
-    return [row for path in sorted(folder.glob("rows-*.jsonl")) for row in _read_jsonl(path)]
+    return [row for path in sorted(folder.glob("rows-*.jsonl")) for row in _read_jsonl(path, warn)]
 
 
 def clear_parts(out: str | os.PathLike[str]) -> None:
@@ -98,15 +115,35 @@ def merged(rows: Iterable[Row], order: Callable[[Row], Any]) -> list[Row]:
 def write_manifest(out: str | os.PathLike[str], rows: list[Row], fmt: str = "jsonl") -> Path:
     """Write the manifest atomically (a temporary file renamed over the old one)."""
     path = manifest_path(out, fmt)
+    check_manifest_target(out, fmt)
     temporary = path.with_name(path.name + ".tmp")
-    if fmt == "jsonl":
-        temporary.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    else:
-        pa = require("pyarrow", "batch", "Writing manifest.parquet")
-        pq = require("pyarrow.parquet", "batch", "Writing manifest.parquet")
-        pq.write_table(pa.Table.from_pylist(rows, schema=row_schema(pa)), temporary)
-    os.replace(temporary, path)
+    try:
+        if fmt == "jsonl":
+            temporary.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+        else:
+            pa = require("pyarrow", "batch", "Writing manifest.parquet")
+            pq = require("pyarrow.parquet", "batch", "Writing manifest.parquet")
+            pq.write_table(pa.Table.from_pylist([_parquet_safe(row) for row in rows], schema=row_schema(pa)),
+                           temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)  # nothing half-written stays behind
     return path
+
+
+def _parquet_safe(row: Row) -> Row:
+    """Parquet strings are UTF-8: a name with undecodable bytes (kept by Python as surrogates) is written with
+    its bytes escaped, as ``os.fsencode(name).decode("utf-8", "backslashreplace")`` spells them."""
+    return {name: utf8_text(value) if isinstance(value, str) else value for name, value in row.items()}
+
+
+def utf8_text(text: str) -> str:
+    """``text`` as UTF-8 can hold it: undecodable file-name bytes (Python's surrogates) written as ``\\xNN``."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def write_failures(out: str | os.PathLike[str], failures: list[Row]) -> Path | None:
@@ -134,15 +171,45 @@ def row_schema(pa: Any) -> Any:
     ])
 
 
-def _read_jsonl(path: Path) -> list[Row]:
+def _read_jsonl(path: Path, warn: Warn | None = None) -> list[Row]:
     if not path.is_file():
         return []
     rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    lines = path.read_bytes().splitlines()
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # the last line of a part file cut short by a crash: that item runs again
-        if isinstance(row, dict) and {"input", "key", "index", "file"} <= row.keys():
+            row = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            problem: str | None = "is not UTF-8 text"
+        except (ValueError, RecursionError):
+            if number == len(lines) and path.parent.name == PARTS_FOLDER:
+                continue  # the last line of a part file cut short by a crash: that item runs again
+            problem = "is not JSON"
+        else:
+            problem = _row_problem(row)
+        if problem is None:
             rows.append(row)
+        elif warn is not None:
+            warn(f"{path.name} line {number} {problem}; ignored (its item runs again if it is still listed).")
     return rows
+
+
+def _row_problem(row: Any) -> str | None:
+    """Why ``row`` is not a manifest row this package wrote, or ``None``."""
+    if not isinstance(row, dict):
+        return "is not a JSON object"
+    missing = [name for name in ("input", "key", "index", "file", "seed") if name not in row]
+    if missing:
+        return f"has no {', '.join(missing)}"
+    for name in ("input", "key", "file"):
+        if not isinstance(row[name], str):
+            return f"has a {name} that is not text"
+    for name in ("index", "seed"):
+        if isinstance(row[name], bool) or not isinstance(row[name], int):
+            return f"has a {name} that is not a whole number"
+    file = row["file"]
+    if not file or file != os.path.basename(file) or "\\" in file or file in (".", ".."):
+        return "names a file outside the output folder"
+    return None

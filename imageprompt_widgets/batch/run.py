@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -35,6 +36,7 @@ from ..settings import GenerationSettings, SettingsError
 from .manifest import (
     PartWriter,
     Row,
+    check_manifest_target,
     clear_parts,
     manifest_path,
     merged,
@@ -53,6 +55,47 @@ MODEL_FIELDS = ("name", "sd_model", "clip_model", "revision", "clip_subfolder", 
 KEY_IN_NAME = 16
 
 Log = Callable[[str], None]
+#: The file in OUT a running batch holds a lock on (it names the process); a second run into OUT refuses.
+LOCK_FILE = ".imageprompt-lock"
+
+
+class OutputBusyError(ValueError):
+    """OUT is being written by another batch run at this moment."""
+
+
+class _OutputLock:
+    """An advisory lock on ``OUT/.imageprompt-lock`` for as long as a batch writes OUT: two runs sharing part
+    files and scratch folders would overwrite each other's rows. The kernel drops the lock when the process
+    ends, however it ends, so a crashed run never blocks the next. Where ``fcntl`` is missing (Windows) no
+    lock is taken, as before."""
+
+    def __init__(self, out: Path) -> None:
+        self._handle: Any = None
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            return
+        handle = (out / LOCK_FILE).open("a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = printable(" ".join(handle.read(200).split())) or "a process"
+            handle.close()
+            raise OutputBusyError(
+                f"{str(out)!r} is being written by another batch run ({holder}): wait for it to finish, or "
+                "choose another -o."
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+        self._handle = handle
+
+    def release(self) -> None:
+        if self._handle is not None:
+            self._handle.close()  # closing drops the lock; the file stays (removing it would race a newcomer)
+            self._handle = None
 
 
 @dataclass(frozen=True)
@@ -175,24 +218,41 @@ def run_batch(
     """
     out = Path(out)
     manifest_path(out, manifest_format)  # an unknown format fails here, before any work
+    log = _printable_lines(log or _stderr)
     preset = resolve_preset(model)
     if not isinstance(source, Source):
         source = open_source(source, exclude=out)
     jobs = plan_jobs(source.items, settings, seeds, preset)
     processes = processes or current_processes(device)
     out.mkdir(parents=True, exist_ok=True)
+    check_manifest_target(out, manifest_format)  # a folder named manifest.jsonl: refused before any work
     positions = {(job.item.label, job.seed): job.position for job in jobs}
 
     def order(row: Row) -> int:
         return positions.get((row["input"], row["seed"]), len(jobs))
 
+    lock = _OutputLock(out) if processes.is_main else None
+    try:
+        return _run_locked(out, jobs, order, preset, processes, log, on_event, manifest_format,
+                           {"device": device or processes.device, "dtype": dtype, "safety_checker": safety_checker},
+                           progress)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_locked(
+    out: Path, jobs: list[BatchJob], order: Callable[[Row], int], preset: Preset, processes: Processes, log: Log,
+    on_event: Callable[[Any], None] | None, manifest_format: str, loading: dict[str, Any], progress: bool,
+) -> BatchReport:
+    """The batch once OUT is this run's: fold leftovers, run this process's share, write the manifest."""
+    warn = log if processes.is_main else None
     with processes.main_first():  # the main process folds rows a stopped run left in part files
         if processes.is_main and read_parts(out):
-            write_manifest(out, merged(read_manifest(out) + read_parts(out), order), manifest_format)
+            write_manifest(out, merged(read_manifest(out, warn) + read_parts(out, warn), order), manifest_format)
             clear_parts(out)
-    known = read_manifest(out)
+    known = read_manifest(out, warn)
 
-    loading = {"device": device or processes.device, "dtype": dtype, "safety_checker": safety_checker}
     runner = _Runner(out, preset, processes, known, log, loading, on_event)
     mine = processes.split(jobs)
     try:
@@ -376,6 +436,17 @@ def _out_of_memory(err: BaseException) -> bool:
 
 def _sentence(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters (escape sequences, newlines, bidi overrides) written as escapes, so a
+    hostile file name prints as one inert line."""
+    return "".join(char if char.isprintable() or char == " " else char.encode("unicode_escape").decode("ascii")
+                   for char in text)
+
+
+def _printable_lines(log: Log) -> Log:
+    return lambda text: log(printable(text))
 
 
 def _stderr(text: str) -> None:

@@ -124,14 +124,24 @@ def _listed(
 # -- folders -----------------------------------------------------------------------------------
 
 
+#: What a batch names its PNGs (batch.run.output_name): ``{stem}-{16 hex}-seed{N}-{index}.png``.
+_OUTPUT_NAME = re.compile(r"-[0-9a-f]{16}-seed\d+-\d+(-\d+)?\.png$")
+
+
 def _folder(folder: Path, exclude: str | os.PathLike[str] | None) -> Source:
     skip = Path(exclude).resolve() if exclude is not None else None
+    own_outputs = False
+    if skip is not None and folder.resolve().is_relative_to(skip):
+        # OUT holds INPUT (or is it): excluding OUT would exclude everything; leave out only the batch's PNGs.
+        skip, own_outputs = None, True
     found = []
     for path in folder.rglob("*"):
         relative = path.relative_to(folder)
         if any(part.startswith(".") for part in relative.parts) or path.suffix.lower() not in IMAGE_SUFFIXES:
             continue
         if skip is not None and path.resolve().is_relative_to(skip):
+            continue
+        if own_outputs and _OUTPUT_NAME.search(path.name):
             continue
         if path.is_file():
             found.append(relative)
@@ -189,6 +199,10 @@ def _jsonl_list(path: Path, image_column: str) -> Source:
             row = json.loads(line)
         except json.JSONDecodeError as err:
             items.append(SourceItem(label=where, stem=f"line{number}", error=f"not JSON ({err.msg})."))
+            continue
+        except (ValueError, RecursionError):  # nested thousands deep, or a number of thousands of digits
+            items.append(SourceItem(label=where, stem=f"line{number}",
+                                    error="JSON no row can be (nested too deeply, or a number too long to read)."))
             continue
         if not isinstance(row, dict):
             items.append(SourceItem(label=where, stem=f"line{number}",

@@ -34,9 +34,24 @@ def setting_help(spec: SettingSpec) -> str:
     if spec.min is not None and spec.max is not None:
         each = "each " if spec.kind == "floats" else ""
         text += f"; {each}{number(spec.min)} to {number(spec.max)}"
-    default = spec.default
-    shown = "none" if default is None or default == () else '""' if default == "" else default
-    return f"{text} (default: {shown})".replace("%", "%%")  # argparse %-formats help strings
+    return f"{text} (default: {shown(spec.default)}{preset_defaults(spec.name)})".replace("%", "%%")  # argparse %-formats
+
+
+def shown(value: Any) -> str:
+    return "none" if value is None or value == () else '""' if value == "" else str(value)
+
+
+def preset_defaults(name: str) -> str:
+    """``"; 20 on toy; 4 on sd15-live, tiny-live"``: the presets that start ``name`` elsewhere (their own
+    ``defaults``), so ``--help`` says what a run on each preset really uses when the flag is left out."""
+    by_value: dict[str, list[str]] = {}
+    if name == "mode":
+        return ""  # a preset's method is in its name and note (ip-adapter, caption, variations)
+    for preset in PRESETS.values():
+        for setting, value in preset.defaults:
+            if setting == name:
+                by_value.setdefault(shown(value), []).append(preset.name)
+    return "".join(f"; {value} on {', '.join(names)}" for value, names in by_value.items())
 
 
 def add_setting_flags(
@@ -93,7 +108,9 @@ def _check_creatable(path: Path, output: str | os.PathLike[str]) -> None:
 
 def bad_input(err: BaseException) -> int:
     """One line on stderr, exit code 2."""
-    print(f"imageprompt: error: {' '.join(str(err).split())}", file=sys.stderr)
+    text = " ".join(str(err).split())
+    text = "".join(char if char.isprintable() else char.encode("unicode_escape").decode("ascii") for char in text)
+    print(f"imageprompt: error: {text}", file=sys.stderr)  # control characters in a name print inert
     return EXIT_BAD_INPUT
 
 

@@ -2,6 +2,7 @@
 
     imageprompt generate cat.jpg -o out/ --model tiny --steps 20 --seed 1
     imageprompt generate cat.jpg -o out/ --structure edges --structure-image sketch.png
+    imageprompt generate --prompt "a red circle on a blue background" -o out/ --model toy   (words only)
 
 Bad input is one line on stderr naming the file, and exit code 2. Input images, ``--negative-image``,
 ``--structure-image``, ``-o`` and the settings are all checked before torch is imported, so a typo costs
@@ -46,14 +47,25 @@ def parse_lora(text: str) -> tuple[str, float]:
     return source, check_weight(value, source)
 
 
+def check_words_only(settings: GenerationSettings) -> None:
+    """No IMAGE: the run must be able to draw from the prompt alone, and have one."""
+    if not settings.text_only:
+        raise SettingsError(f"--mode {settings.mode} needs an IMAGE: give one, or leave --mode out (words only, "
+                            "with --prompt).")
+    if not settings.prompt.strip():
+        raise SettingsError('Give an IMAGE or a --prompt (e.g. --prompt "a red circle on a blue background").')
+
+
 def add_parser(commands: Any) -> None:
     """Add ``generate`` to the ``imageprompt`` parser's subcommands."""
     gen = commands.add_parser(
         "generate",
-        help="generate images from one or more input images and write PNGs",
-        description="Generate images from input images; writes PNGs (recipe in their metadata) and prints their paths.",
+        help="generate images from input images (or from a prompt alone) and write PNGs",
+        description="Generate images from input images, or from words alone (--prompt without IMAGE: mode text); "
+        "writes PNGs (recipe in their metadata) and prints their paths.",
     )
-    gen.add_argument("images", nargs="+", metavar="IMAGE", help="input image files (PNG, JPEG, WebP, ...)")
+    gen.add_argument("images", nargs="*", metavar="IMAGE",
+                     help="input image files (PNG, JPEG, WebP, ...); none: draw from --prompt alone")
     gen.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="folder for the PNGs")
     gen.add_argument(
         "--model",
@@ -92,9 +104,13 @@ def run(args: argparse.Namespace) -> int:
         loras = [parse_lora(text) for text in args.lora]
         check_output_folder(args.output)
         preset = resolve_preset(args.model)
+        if not args.images:  # words only: the text mode unless a mode that can run without an image was chosen
+            chosen.setdefault("mode", "text")
         # The preset's own starting settings (variations: single/zeros), as the API and the panel apply them.
         settings = GenerationSettings.from_kwargs(**{**dict(preset.defaults), **chosen})
-        images = load_images(args.images)  # every file is checked before any weights load
+        if not args.images:
+            check_words_only(settings)
+        images = load_images(args.images) if args.images else None  # every file is checked before weights load
         negative_images = load_images(args.negative_image) if args.negative_image else None
         structure_image = load_images(args.structure_image)[0] if args.structure_image else None
     except ValueError as err:  # our input errors are all ValueError subclasses with readable messages

@@ -119,7 +119,7 @@ class ImagePromptPipeline:
         self.preset = preset or Preset(name="custom", sd_model="custom", clip_model="custom")
         #: What the preset's methods loaded beside SD and the encoder ("ip_adapter", "captioner").
         self.parts = dict(parts or {})
-        #: The memory level the models were placed with (memory.py) and what it did on this device.
+        #: The memory level the models were placed with (loading/memory.py) and what it did on this device.
         self.memory_level = check_level(memory_level)
         self.memory_measures = tuple(memory_measures)
         self._loras: list[LoraInfo] = list(loras or [])
@@ -127,6 +127,7 @@ class ImagePromptPipeline:
         self._embeddings: OrderedDict[tuple[str, ...], ImageEmbedding] = OrderedDict()
         self._empty_prompt_embeds: torch.Tensor | None = None
         self._text_token_norm: float | None = None
+        self._word_space: Any = None  # methods.words.WordSpace, built on first use
         self._structure = StructureRunners(sd, self.preset.controlnet, allow_pickle=allow_pickle)
 
     # -- construction ---------------------------------------------------------------------------
@@ -151,7 +152,7 @@ class ImagePromptPipeline:
         ``on_progress`` gets the Hub's download progress (:mod:`imageprompt_widgets.loading.downloads`); raising
         ``DownloadCancelled`` from it stops the download.
         ``memory`` (``"default"``, ``"balanced"``, ``"low"``, ``"lowest"``) saves GPU memory with diffusers'
-        offloading, attention slicing and VAE tiling (memory.py); it is part of the cache key, so panels
+        offloading, attention slicing and VAE tiling (loading/memory.py); it is part of the cache key, so panels
         asking for different levels get different pipelines.
         """
         preset = resolve_preset(preset)
@@ -250,6 +251,13 @@ class ImagePromptPipeline:
             self._embeddings.popitem(last=False)
         return embedding
 
+    def _no_image_embedding(self) -> ImageEmbedding:
+        """What a words-only run traces for its images: none (zero rows, the encoder's widths)."""
+        config = self.image_encoder.config
+        hidden = getattr(config, "hidden_size", config.projection_dim)
+        return ImageEmbedding(torch.zeros(0, 3, 0, 0), torch.zeros(0, config.projection_dim),
+                              torch.zeros(0, 0, hidden))
+
     def empty_prompt_embeds(self) -> torch.Tensor:
         """SD's text encoder on ``""``: what diffusers uses as the negative when none is given (``[1, 77, D]``)."""
         if self._empty_prompt_embeds is None:
@@ -324,7 +332,7 @@ class ImagePromptPipeline:
         """SD's text encoder as conditioning builders see it."""
         return TextSide(encode=self.encode_text, empty=self.empty_prompt_embeds, typical_norm=self.text_token_norm)
 
-    # -- LoRA (lora.py) ------------------------------------------------------------------------------
+    # -- LoRA (loading/lora.py) ------------------------------------------------------------------------------
 
     @property
     def loras(self) -> tuple[LoraInfo, ...]:
@@ -385,14 +393,14 @@ class ImagePromptPipeline:
         self._empty_prompt_embeds = None
         self._text_token_norm = None
 
-    # -- structure (structure.py) ------------------------------------------------------------------
+    # -- structure (structure/plan.py) ------------------------------------------------------------------
 
     def load_controlnet(
         self, model: str | None = None, on_status: StatusCallback | None = None, *, kind: str | None = None
     ) -> Any:
         """The ControlNet of a structure kind, loaded once: the preset's, or ``model`` (Hub id or folder).
 
-        Each ControlNet reads one kind of map (controlnets.py): ``kind="edges"`` (Canny edges, the default) or
+        Each ControlNet reads one kind of map (structure/controlnets.py): ``kind="edges"`` (Canny edges, the default) or
         ``"depth"``. A ``model`` whose name says which (``...-canny``, ``..._depth``) needs no ``kind``; it then
         replaces the preset's ControlNet of that kind, so runs feed it the map it was trained on.
         """
@@ -453,6 +461,29 @@ class ImagePromptPipeline:
         return MODEL_CACHE.get_or_create(
             key, lambda: load_clip_text_tower(folder, self.preset.clip_model, self.device, self.image_encoder.dtype)
         )
+
+    def word_space(self) -> Any:
+        """CLIP's text tower with projection and the preset's phrase table, its embeddings computed once per model
+        (and kept on disk): what ``mode="words"`` and :meth:`nearest_words` use
+        (:class:`~imageprompt_widgets.methods.words.WordSpace`). Raises
+        :class:`~imageprompt_widgets.faults.TextTowerUnavailable` where the checkpoint has no text tower."""
+        from ..methods.words import table_name_for, word_space
+
+        if self._word_space is None:
+            self._word_space = word_space(self.clip_text_tower(), table_name_for(self.preset.clip_model))
+        return self._word_space
+
+    def nearest_words(self, image: Any, k: int = 10, crop: str = "center_crop") -> list[tuple[str, float]]:
+        """The ``k`` phrases of the shipped table whose CLIP text embeddings are nearest the image embedding, best
+        first, as ``(phrase, cosine)`` pairs. ``image``: anything :meth:`encode_image` takes, an
+        :class:`ImageEmbedding`, or projected embeddings ``[D]`` / ``[N, D]`` (several: their mean direction)."""
+        if isinstance(image, ImageEmbedding):
+            embeds = image.image_embeds
+        elif isinstance(image, torch.Tensor):
+            embeds = image
+        else:
+            embeds = self.encode_image(image, crop=crop).image_embeds
+        return self.word_space().nearest(embeds, k)
 
     def adapter_tokens(self, result: GenerationResult, adapter: int = 0, index: int = 0) -> Any:
         """What IP-Adapter ``adapter`` made of output ``index``'s pictures in ``result``: its tokens (and, for a Plus
@@ -568,7 +599,7 @@ class ImagePromptPipeline:
 
     def generate(
         self,
-        images: Any,
+        images: Any = None,
         settings: GenerationSettings | None = None,
         *,
         negative_image: Any = None,
@@ -632,7 +663,12 @@ class ImagePromptPipeline:
             settings = settings.replace(**changes)
         _check_image_count(images, "input")
         _check_image_count(negative_image, "negative")
-        pil_images = [] if isinstance(images, ImageEmbedding) else load_images(images)
+        if _no_images(images) and not settings.text_only:
+            raise ImageInputError(
+                f"mode={settings.mode!r} needs an image: add one, or draw from words alone with mode='text' (or "
+                "blend with image_weight=0) and a prompt."
+            )
+        pil_images = [] if isinstance(images, ImageEmbedding) or _no_images(images) else load_images(images)
         negatives = load_images(negative_image) if negative_image is not None else []
         if settings.negative == "image" and not negatives:
             raise SettingsError("negative='image' needs negative_image=: the image(s) guidance should push away from.")
@@ -640,15 +676,17 @@ class ImagePromptPipeline:
             raise SettingsError(
                 f"negative_image was given but negative={settings.negative!r}: pass negative='image' to use it."
             )
-        structure_images = load_images(structure_image) if structure_image is not None else []
-        if structure_images and settings.structure == "none":
+        # Counted before any is decoded, as inputs and negatives are.
+        listed = _source_count(structure_image) if structure_image is not None else 0
+        if listed and settings.structure == "none":
             raise SettingsError(
                 "structure_image was given but structure='none': pass structure='edges', 'depth' or 'img2img'."
             )
-        if len(structure_images) > 1 and settings.structure == "img2img":
-            raise SettingsError(f"structure='img2img' takes one structure_image, not {len(structure_images)}.")
-        if len(structure_images) > 1:
-            unit_pictures(structure_images, len(settings.units()))  # one for all units, or one each
+        if listed > 1 and settings.structure == "img2img":
+            raise SettingsError(f"structure='img2img' takes one structure_image, not {listed}.")
+        if listed > 1:
+            unit_pictures([None] * listed, len(settings.units()))  # one for all units, or one each
+        structure_images = load_images(structure_image) if structure_image is not None else []
         if settings.structure != "none" and not (structure_images or pil_images):
             raise SettingsError(f"structure={settings.structure!r} needs a picture: pass structure_image=.")
         per_adapter = self._adapter_images(adapter_images, settings)
@@ -686,9 +724,12 @@ class ImagePromptPipeline:
         when seen before); with the penultimate hidden states where an IP-Adapter Plus reads them."""
         adapter = self.parts.get("ip_adapter")
         hidden = settings.mode == "ip_adapter" and adapter is not None and adapter.needs_hidden_states
-        embedding = images if isinstance(images, ImageEmbedding) else self._encode_loaded(
-            inputs.images, inputs.prints, settings.crop, hidden
-        )
+        if isinstance(images, ImageEmbedding):
+            embedding = images
+        elif settings.mode == "text" or not inputs.images:  # words only: the images (if any) are not encoded
+            embedding = self._no_image_embedding()
+        else:
+            embedding = self._encode_loaded(inputs.images, inputs.prints, settings.crop, hidden)
         negative = (self._encode_loaded(inputs.negatives, inputs.negative_prints, settings.crop, hidden)
                     if inputs.negatives else None)
         per_adapter = [self._encode_loaded(group, prints, settings.crop, hidden)
@@ -700,13 +741,14 @@ class ImagePromptPipeline:
         negative_embedding: ImageEmbedding | None, adapter_embeddings: list[ImageEmbedding] | None = None,
     ) -> conditioning.Conditioning:
         """The method's conditioning for one output image (its registry entry builds it)."""
-        build = METHODS[settings.mode].builder()
+        # Words only: mode="text", or blend at image weight 0 without an image (exactly text-to-image).
+        build = METHODS["text" if settings.text_only and not len(embedding) else settings.mode].builder()
         with noting_prompt_truncation() as truncated:
             cond = build(ConditioningInputs(
                 settings=settings, embedding=embedding, text=self.text_side(),
                 cross_attention_dim=self.sd.unet.config.cross_attention_dim, negative_embedding=negative_embedding,
                 images=inputs.images, parts=self.parts, preset_name=self.preset.name,
-                adapter_embeddings=adapter_embeddings or [],
+                adapter_embeddings=adapter_embeddings or [], words=self.word_space,
             ))
         if truncated:
             length = getattr(getattr(self.sd, "tokenizer", None), "model_max_length", 77)
@@ -867,7 +909,7 @@ def unet_step_count(scheduler: Any, settings: GenerationSettings) -> int:
     return plan.total  # the one count; the controller shows its reason (PNDM's warm-up, img2img) in Started
 
 
-def generate(images: Any, *, model: str | Preset | None = None, **settings: Any) -> GenerationResult:
+def generate(images: Any = None, *, model: str | Preset | None = None, **settings: Any) -> GenerationResult:
     """One call for scripts: the default preset (or ``model=``), the same result as ``pipe.generate``."""
     load_options = {name: settings.pop(name) for name in ("device", "dtype", "safety_checker", "memory")
                     if name in settings}
@@ -884,14 +926,23 @@ def _keep_attention_maps(trace: Trace, maps: AttentionMaps | None) -> None:
         trace.extras["adapter_attention_maps"] = maps.adapter
 
 
+def _source_count(sources: Any) -> int:
+    """How many pictures ``sources`` lists (a list, an ipywidgets 7 upload value, or one source), undecoded."""
+    if isinstance(sources, (list, tuple)):
+        return len(sources)
+    if isinstance(sources, Mapping) and sources and all(isinstance(value, Mapping) for value in sources.values()):
+        return len(sources)  # an ipywidgets 7 FileUpload value: {name: {metadata, content}}
+    return 1
+
+
+def _no_images(sources: Any) -> bool:
+    """Whether a run was given no input image at all (``None`` or an empty list): a words-only run."""
+    return sources is None or (isinstance(sources, (list, tuple)) and not sources)
+
+
 def _check_image_count(sources: Any, what: str) -> None:
     """Refuse more than :data:`MAX_INPUT_IMAGES` pictures before any is decoded."""
-    if isinstance(sources, (list, tuple)):
-        count = len(sources)
-    elif isinstance(sources, Mapping) and all(isinstance(value, Mapping) for value in sources.values()):
-        count = len(sources)  # an ipywidgets 7 FileUpload value: {name: {metadata, content}}
-    else:
-        return
+    count = _source_count(sources)
     if count > MAX_INPUT_IMAGES:
         raise ImageInputError(
             f"{count} {what} images are more than the {MAX_INPUT_IMAGES} one run takes: pass at most "

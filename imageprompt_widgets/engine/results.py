@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from struct import error as struct_error
 from typing import Any
 
 import torch
@@ -40,7 +40,14 @@ class SaveError(ValueError):
 
 
 class ResultFileError(ValueError):
-    """A saved trace or PNG that cannot be read back: missing, not written by this package, damaged or hostile."""
+    """A saved trace or PNG that cannot be read back: missing, not written by this package, damaged or hostile.
+
+    ``reason`` names the kind of problem for a face that words it its own way: ``missing``, ``not_png``,
+    ``no_recipe`` or ``bad_recipe`` (``""`` when not given)."""
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass
@@ -243,8 +250,12 @@ def save_png(image: Any, folder: str | os.PathLike, recipe: dict[str, Any], inde
 
     check_prefix(prefix)
     folder = Path(folder)
+    text = json.dumps({**recipe, "index": index})
+    if len(text) > MAX_METADATA_CHARS:  # never write a PNG whose recipe recipe_from_png would refuse
+        raise SaveError(f"The recipe is {len(text):,} characters long, more than the {MAX_METADATA_CHARS:,} a saved "
+                        "PNG can carry: shorten the prompts.")
     info = PngInfo()
-    info.add_text("imageprompt", json.dumps({**recipe, "index": index}))
+    info.add_text("imageprompt", text)
     seed = recipe.get("settings", {}).get("seed", 0)
     with _saving("the images", folder, folder):
         folder.mkdir(parents=True, exist_ok=True)
@@ -288,41 +299,121 @@ def _free_path(path: Path) -> Path:
     return candidate
 
 
-def recipe_from_png(path: str | os.PathLike) -> dict[str, Any]:
-    """The recipe stored in a PNG written by :meth:`GenerationResult.save`.
+#: The PNG text chunks a recipe may be stored in (``save_png`` writes ``tEXt``; the others are read too).
+_TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: Chunks read before the image data at most (a saved PNG has a handful).
+_MAX_PNG_CHUNKS = 10_000
 
-    Read from the text chunks before the pixels, which are never decoded. A file that is not such a PNG is a
-    :class:`ResultFileError` naming it.
+
+def recipe_from_png(source: str | os.PathLike | bytes | Any, name: str | None = None) -> dict[str, Any]:
+    """The recipe stored in a PNG written by :meth:`GenerationResult.save`: a path, bytes or a binary file object.
+
+    The one reader of recipes (the panel's "Load recipe" uses it too): it walks the PNG's chunks up to the image
+    data and reads the ``imageprompt`` text there, so the pixels are never decoded, a header claiming any size
+    costs nothing and a file cut short after its recipe still gives it. A file that is not such a PNG is a
+    :class:`ResultFileError` naming it (``name``, else the path); its ``reason`` says which kind of problem.
     """
-    from PIL import Image
+    label = name or (os.fspath(source) if isinstance(source, (str, os.PathLike)) else "the PNG")
+    if isinstance(source, (str, os.PathLike)):
+        if not os.path.exists(source):
+            raise ResultFileError(f"The picture {label} does not exist.", reason="missing")
+        if not os.path.isfile(source):  # a folder, a FIFO, a device: nothing to read a recipe from
+            raise ResultFileError(f"{label} is not a PNG this package saved (it is not a file).", reason="not_png")
+        try:
+            with open(source, "rb") as handle:
+                text = _png_text(handle, label)
+        except OSError as err:
+            raise ResultFileError(f"{label} cannot be read ({err.strerror or err}).", reason="not_png") from None
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        text = _png_text(io.BytesIO(bytes(source)), label)
+    elif hasattr(source, "read"):
+        try:
+            text = _png_text(source, label)
+        except (OSError, ValueError) as err:
+            if isinstance(err, ResultFileError):
+                raise
+            raise ResultFileError(f"{label} cannot be read ({_first_line(err)}).", reason="not_png") from None
+    else:
+        raise ResultFileError(f"Cannot read a recipe from {type(source).__name__}: pass a path, bytes or a file.",
+                              reason="not_png")
+    if text is None:
+        raise ResultFileError(f"The picture {label} has no recipe: it was not saved by imageprompt_widgets.",
+                              reason="no_recipe")
+    return _metadata(text, label, "recipe")
 
-    if not os.path.isfile(path):
-        raise ResultFileError(f"The picture {path} does not exist.")
+
+def _png_text(handle: Any, label: str, key: str = "imageprompt") -> str | None:
+    """The text stored under ``key`` in the chunks before the image data, or ``None``; never reads pixels."""
+    if handle.read(len(_PNG_SIGNATURE)) != _PNG_SIGNATURE:
+        raise ResultFileError(f"{label} is not a PNG this package saved (it is not a PNG file).", reason="not_png")
+    wanted = key.encode("latin-1") + b"\0"
+    for _ in range(_MAX_PNG_CHUNKS):
+        header = handle.read(8)
+        if len(header) < 8:
+            return None  # cut short before any image data: whatever was there had no recipe
+        length, kind = int.from_bytes(header[:4], "big"), header[4:]
+        if kind in (b"IDAT", b"IEND"):
+            return None
+        if kind not in _TEXT_CHUNKS:
+            handle.seek(length + 4, os.SEEK_CUR)  # the chunk and its CRC, unread
+            continue
+        head = handle.read(min(length, len(wanted)))
+        if head != wanted:
+            handle.seek(length - len(head) + 4, os.SEEK_CUR)
+            continue
+        if length > MAX_METADATA_CHARS + 64:
+            raise ResultFileError(f"The recipe in {label} is {length:,} bytes long, far more than any saved run.",
+                                  reason="bad_recipe")
+        return _chunk_text(kind, handle.read(length - len(head)), label)
+    raise ResultFileError(f"{label} has more than {_MAX_PNG_CHUNKS:,} chunks before its pixels: not a PNG this "
+                          "package saved.", reason="not_png")
+
+
+def _chunk_text(kind: bytes, data: bytes, label: str) -> str:
+    """A text chunk's value after its keyword: tEXt is Latin-1; zTXt compressed Latin-1; iTXt UTF-8 (maybe
+    compressed). Decompression stops past the metadata limit."""
+    import zlib
+
+    damaged = ResultFileError(f"The recipe in {label} is damaged (its PNG text chunk cannot be read).",
+                              reason="bad_recipe")
     try:
-        with Image.open(path) as image:
-            kind, text = image.format, image.info.get("imageprompt")
-    except (OSError, ValueError, SyntaxError, struct_error) as err:  # Pillow's parsers raise all of these
-        raise ResultFileError(f"{path} is not a PNG this package saved ({_first_line(err)}).") from None
-    if kind != "PNG":
-        raise ResultFileError(f"{path} is not a PNG this package saved (it is {kind or 'an unknown format'}).")
-    if not isinstance(text, str):
-        raise ResultFileError(f"The picture {path} has no recipe: it was not saved by imageprompt_widgets.")
-    recipe = _metadata(text, path, "recipe")
-    return recipe
+        if kind == b"tEXt":
+            return data.decode("latin-1")
+        if kind == b"zTXt":
+            return _inflate(data[1:], label).decode("latin-1")
+        compressed = data[:1] == b"\1"
+        _, _, rest = data[2:].partition(b"\0")  # language tag
+        _, _, text = rest.partition(b"\0")  # translated keyword
+        return (_inflate(text, label) if compressed else text).decode("utf-8")
+    except (zlib.error, UnicodeDecodeError):
+        raise damaged from None
+
+
+def _inflate(data: bytes, label: str) -> bytes:
+    import zlib
+
+    inflater = zlib.decompressobj()
+    text = inflater.decompress(data, MAX_METADATA_CHARS + 1)
+    if len(text) > MAX_METADATA_CHARS:
+        raise ResultFileError(f"The recipe in {label} is more than {MAX_METADATA_CHARS:,} characters long, "
+                              "far more than any saved run.", reason="bad_recipe")
+    return text
 
 
 def _metadata(text: str, path: Any, what: str) -> dict[str, Any]:
     """JSON text from a file's metadata as a mapping, or a :class:`ResultFileError` naming the file."""
     if len(text) > MAX_METADATA_CHARS:
-        raise ResultFileError(f"The {what} in {path} is {len(text):,} characters long, far more than any saved run.")
+        raise ResultFileError(f"The {what} in {path} is {len(text):,} characters long, far more than any saved run.",
+                              reason="bad_recipe")
     try:
         value = json.loads(text)
     except RecursionError:
-        raise ResultFileError(f"The {what} in {path} is nested too deeply to read.") from None
+        raise ResultFileError(f"The {what} in {path} is nested too deeply to read.", reason="bad_recipe") from None
     except ValueError as err:  # JSONDecodeError
-        raise ResultFileError(f"The {what} in {path} is not valid JSON ({err}).") from None
+        raise ResultFileError(f"The {what} in {path} is not valid JSON ({err}).", reason="bad_recipe") from None
     if not isinstance(value, dict):
-        raise ResultFileError(f"The {what} in {path} is {_a(value)}, not a mapping.")
+        raise ResultFileError(f"The {what} in {path} is {_a(value)}, not a mapping.", reason="bad_recipe")
     return value
 
 

@@ -12,6 +12,7 @@ import contextlib
 import math
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -202,7 +203,10 @@ def watching_decoded_values(vae: Any) -> Iterator[list[torch.dtype]]:
 
     handle = decoder.register_forward_hook(check)
     try:
-        yield found
+        with warnings.catch_warnings():
+            # numpy's cast of NaN pixels to uint8 warns before non_finite_error says it in a sentence of its own.
+            warnings.filterwarnings("ignore", message="invalid value encountered in cast", category=RuntimeWarning)
+            yield found
     finally:
         handle.remove()
 

@@ -128,3 +128,52 @@ def _offline_built(preset: Preset) -> bool:
     if preset.captioner == "tiny":
         folders.append(offline.cache_dir() / f"tiny-blip-{offline.TINY_METHODS_VERSION}")
     return all(folder.exists() for folder in folders)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The preset a notebook runs: the one asked for, or ``toy`` with ``reason`` (one sentence) when that one
+    cannot load here."""
+
+    preset: str
+    reason: str = ""
+
+
+OFFLINE_FALLBACK = "toy"
+
+
+def preset_or_toy(name: str, timeout: float = 3.0) -> Choice:
+    """``name`` where it can load on this machine (on disk already, or the Hugging Face Hub within reach),
+    else the toy world, with one sentence why: a notebook opened offline runs instead of ending in a page of
+    traceback. Looks at the disk and, only for a model still to download, tries one connection."""
+    from ..presets import resolve_preset
+
+    try:
+        preset = resolve_preset(name)
+    except ValueError as err:
+        return Choice(OFFLINE_FALLBACK, f"{err} Using the offline toy world ({OFFLINE_FALLBACK!r}) instead.")
+    found = availability(preset)
+    if found.ready:
+        return Choice(preset.name)
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        why = "HF_HUB_OFFLINE=1 forbids downloading it"
+    elif not hub_reachable(timeout):
+        why = "the Hugging Face Hub cannot be reached (no network?)"
+    else:
+        return Choice(preset.name)
+    size = f" ({found.download})" if found.download else ""
+    return Choice(OFFLINE_FALLBACK, f"Model {preset.name!r} is not on this machine{size} and {why}: using the "
+                                    f"offline toy world ({OFFLINE_FALLBACK!r}) instead.")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether one TCP connection to the Hugging Face Hub (``HF_ENDPOINT``) opens within ``timeout`` seconds."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False

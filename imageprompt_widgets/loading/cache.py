@@ -189,7 +189,7 @@ def diffusers_dtype_kwarg() -> str:
 
 def check_local_folder(path: str, name: str, marker: str, what: str) -> None:
     """A local folder must be a model of the kind asked for, and its configs must not ask for absurd sizes
-    (model_configs.py) before any loader builds what they say."""
+    (configs.py) before any loader builds what they say."""
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, marker)):
         raise ModelLoadError(f"The folder {name!r} is not {what}: it has no {marker}.")
     if os.path.isdir(path):

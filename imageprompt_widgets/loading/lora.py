@@ -79,6 +79,11 @@ def split_source(source: str) -> tuple[str, str | None]:
         return path, folder_weight_name(path)
     if path.startswith((".", "/", "~")) or path.count("/") > 1:
         raise LoraError(f"The LoRA file or folder {source!r} does not exist.")
+    if path.lower().endswith(".safetensors") and ":" not in source:  # a file name, not a Hub id
+        raise LoraError(
+            f"The LoRA file {source!r} does not exist: check the path (a Hub LoRA is OWNER/NAME, or "
+            "OWNER/NAME:FILE.safetensors)."
+        )
     repo, _, weight_name = source.partition(":")
     if weight_name and not weight_name.lower().endswith(".safetensors"):
         raise LoraError(f"The LoRA {source!r} names {weight_name!r}: only .safetensors files load.")

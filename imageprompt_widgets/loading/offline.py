@@ -699,7 +699,7 @@ TINY_CONTROLNET_ZERO_CONV_STD = 0.1
 TINY_CONTROLNET_EMBEDDING_GAIN = 2.0
 
 
-#: The ControlNet twins (controlnets.py names them per kind): folder prefix and seed. Same architecture,
+#: The ControlNet twins (structure/controlnets.py names them per kind): folder prefix and seed. Same architecture,
 #: different seeds: two ControlNets that steer differently, as a canny and a depth one do.
 TINY_CONTROLNETS = {"tiny": ("tiny-controlnet", TINY_SEED), "tiny-depth": ("tiny-controlnet-depth", TINY_SEED + 1)}
 

@@ -8,7 +8,7 @@ encoder (an adapter, a captioner), ``load_parts(...)``. Builders receive narrow 
 (:class:`~imageprompt_widgets.methods.inputs.ConditioningInputs`), never the pipeline.
 
 Adding a method: its name in ``settings.MODES``, one entry here, one module under ``methods/``; presets
-that carry its parts in ``presets.py`` and, where it needs parts, an offline twin in ``offline.py``.
+that carry its parts in ``presets.py`` and, where it needs parts, an offline twin in ``loading/offline.py``.
 
 This module imports nothing heavy: faces read the table before any model is loaded.
 """
@@ -89,6 +89,17 @@ METHODS: dict[str, Method] = {
         Method(
             "caption", "BLIP captions the image, SD draws from the words (editable in prompt)",
             "caption", ("prompt", "negative", "negative_prompt"), frozenset({"captioner", "text"}), "tiny-caption",
+        ),
+        Method(
+            "text", "words only: the prompt through SD's text encoder, no image (plain text-to-image)",
+            "text", ("prompt", "negative", "negative_prompt"), frozenset({"text"}), "tiny",
+        ),
+        Method(
+            "words", "words for the picture through CLIP's text tower (a phrase chain or a hard-prompt search); SD "
+            "draws from them", "words",
+            ("prompt", "negative", "negative_prompt", "words", "words_tokens", "words_steps", "words_min_gain"),
+            # image_tokens: the encoder's projection is SD's width, i.e. the CLIP whose text tower SD reads
+            frozenset({"image_tokens", "text"}), "tiny",
         ),
     )
 }

@@ -37,6 +37,8 @@ class ConditioningInputs:
     #: One embedding per IP-Adapter when each has its own images (``adapter_images``); empty: ``embedding`` for all.
     adapter_embeddings: Sequence[ImageEmbedding] = ()
     preset_name: str = "custom"  # for messages
+    #: The words method's WordSpace (CLIP's text tower and a phrase table), loaded on first call; None: none here.
+    words: Callable[[], Any] | None = None
 
 
 def negative_text(inputs: ConditioningInputs) -> Callable[[], torch.Tensor]:

@@ -35,7 +35,7 @@ class ControlKind:
     preprocessor: str  # how the map is made, in words (the library call)
     controlnet: str  # the SD 1.x ControlNet (Hub id) trained on this map
     controlnet_size: str  # its download
-    twin: str  # the offline ControlNet twin's name (offline.py builds it)
+    twin: str  # the offline ControlNet twin's name (loading/offline.py builds it)
     estimator: str | None = None  # the model the preprocessor runs (Hub id); None: no model (Canny)
     estimator_size: str = ""
     estimator_twin: str | None = None  # its offline twin's name

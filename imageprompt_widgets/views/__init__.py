@@ -71,6 +71,7 @@ from .norms import (
     token_norms,
 )
 from .tokens import TokenView, patch_norms, token_view
+from .words import WordsView, words_view
 
 __all__ = [
     "DEFAULT_PROMPTS",
@@ -93,6 +94,7 @@ __all__ = [
     "Summary",
     "TextTowerUnavailable",
     "TokenView",
+    "WordsView",
     "adapter_tokens",
     "attention_summary",
     "attention_view",
@@ -118,4 +120,5 @@ __all__ = [
     "token_norms",
     "token_view",
     "what_clip_saw",
+    "words_view",
 ]

@@ -22,8 +22,8 @@ from .clip import clip_input_images
 
 #: Individual tokens shown besides the groups (the ones with the largest share).
 TOP_TOKENS = 3
-#: Panels per row of the figure.
-COLUMNS = 4
+#: Panels per row of the figure (three keep its titles readable in the panel's column).
+COLUMNS = 3
 
 
 @dataclass
@@ -63,8 +63,10 @@ class AttentionView(FigureView):
     def panels(self) -> list[tuple[str, torch.Tensor | None, Any]]:
         """``(title, map or None, picture)`` of every panel, in order."""
         found: list[tuple[str, torch.Tensor | None, Any]] = [("output", None, self.output)]
+        alone = len(self.groups) == 1  # one group has all the attention: where it acts, not its (100 %) share
         for label, values in self.group_maps.items():
-            found.append((f"{label}\n{100 * float(values.mean()):.1f}% of attention", values, self.output))
+            share = "where it acts" if alone else f"{100 * float(values.mean()):.1f}% of attention"
+            found.append((f"{label}\n{share}", values, self.output))
         if self.adapter_maps is not None:
             order = sorted(range(len(self.adapter_maps)), key=lambda i: -float(self.adapter_maps[i].mean()))
             for i in order[:COLUMNS]:
@@ -81,7 +83,7 @@ class AttentionView(FigureView):
         panels = self.panels()
         rows = math.ceil(len(panels) / COLUMNS)
         columns = min(len(panels), COLUMNS)
-        figure = new_figure(2.75 * columns, 2.75 * rows + 0.35)
+        figure = new_figure(2.4 * max(columns, COLUMNS), 2.4 * rows + 0.6)  # room for the title over two panels
         axes = figure.subplots(rows, columns, squeeze=False)
         for ax in axes.flat[len(panels):]:
             ax.set_axis_off()
@@ -100,8 +102,9 @@ class AttentionView(FigureView):
             bar = figure.colorbar(overlay, ax=ax, shrink=0.8, pad=0.02)
             bar.ax.tick_params(labelsize=7)
             bar.set_label("share of attention", fontsize=7)
-        figure.suptitle(f"Where each prompt token acts ({self.mode}): share of cross-attention at each latent "
-                        "position, mean over heads, layers and steps (colour range: each panel's own)", fontsize=9)
+        figure.suptitle(f"Where each prompt token acts ({self.mode}): its share of the cross-attention at each "
+                        "position\n(mean over heads, layers and steps; each panel has its own colour range)",
+                        fontsize=10)
         return figure
 
 
@@ -185,9 +188,9 @@ def _default_groups(maps: torch.Tensor, settings: Any, words: list[str] | None, 
     mode = settings.mode
     shares = maps.mean((1, 2))
     if mode == "repeat":
-        notes.append(f"All {count} tokens are the same vector, so each gets exactly 1/{count} of the attention at "
-                     "every position: the image prompt acts everywhere alike, as one token would.")
-        return {f"all {count} image tokens": list(range(count)), "token 0 alone": [0]}
+        notes.append(f"In repeat all {count} tokens are one: the same image vector copied {count} times, so the "
+                     "picture cannot tell them apart and the map shows where that one image token acts.")
+        return {f"all {count} tokens are one image token": list(range(count))}
     if mode == "single":
         return {"the image token" if count == 1 else f"{count} image tokens": list(range(count))}
     if mode == "tokens":

@@ -54,10 +54,37 @@ def new_figure(width: float, height: float) -> Any:
     return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
 
 
+#: The widest a figure is drawn, in inches at ``DPI``: the panel's right-hand column at a 1280 px window is about
+#: 700 px wide, so a figure no wider is shown at (nearly) its own size and its text keeps its size on screen.
+MAX_WIDTH_INCHES = 7.2
+#: The smallest text a figure draws (points): 9 pt at 100 dpi is 12.5 px, 10 px or more on a 1280 px screen.
+MIN_FONT_POINTS = 9.0
+
+
+def readable(figure: Any) -> Any:
+    """Make ``figure`` readable where it is shown: no wider than :data:`MAX_WIDTH_INCHES` (its height scaled
+    along), no text under :data:`MIN_FONT_POINTS`, and titles that wrap instead of running off the edges."""
+    from matplotlib.text import Text
+
+    width, height = figure.get_size_inches()
+    if width > MAX_WIDTH_INCHES:
+        figure.set_size_inches(MAX_WIDTH_INCHES, height * max(MAX_WIDTH_INCHES / width, 0.8))
+    for text in figure.findobj(Text):
+        if text.get_fontsize() < MIN_FONT_POINTS:
+            text.set_fontsize(MIN_FONT_POINTS)
+    titles = [figure._suptitle] + [ax.title for ax in figure.axes]
+    for title in titles:
+        if title is not None and title.get_text():
+            title.set_wrap(True)
+    return figure
+
+
 def png_bytes(figure: Any) -> bytes:
-    """Render ``figure`` with Agg to PNG bytes, then drop what it drew (the figure is not kept anywhere)."""
+    """Render ``figure`` with Agg to PNG bytes (made :func:`readable` first), then drop what it drew (the figure
+    is not kept anywhere)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
+    readable(figure)
     FigureCanvasAgg(figure)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=DPI, facecolor="white")

@@ -18,11 +18,14 @@ from typing import Any
 import ipywidgets as widgets
 
 from ..methods import SHARED_SETTINGS, settings_read
-from ..settings import GenerationSettings, SettingsError, SettingSpec, setting_specs
+from ..settings import GenerationSettings, SettingsError, SettingSpec, choice_label, setting_specs
 
 #: Size choices step by this many pixels (the spec allows multiples of 8; a list of 121 is no help).
 SIZE_CHOICE_STEP = 64
 NATIVE_SIZE = "native"
+#: The value of the native size's option: a Dropdown whose value is ``None`` shows an empty box (no option is
+#: selected), so the control holds 0 and :meth:`SettingsControls.values` reads it as ``None``.
+NATIVE = 0
 #: The panel's groups, in order; a spec naming another ``section`` gets a group of its own after these.
 GROUPS = ("images", "method", "generation", "structure", "advanced")
 #: Groups folded away until opened (an Accordion); the others are always open.
@@ -93,7 +96,8 @@ class BoundedIntText(_RefusesOutOfRange, widgets.BoundedIntText):
 
 @control_factory("choice")
 def _choice(spec: SettingSpec) -> widgets.Widget:
-    return widgets.Dropdown(options=list(spec.choices), value=spec.default)
+    return widgets.Dropdown(options=[(choice_label(spec.name, choice), choice) for choice in spec.choices],
+                            value=spec.default)
 
 
 @control_factory("bool")
@@ -115,7 +119,8 @@ def _floats(spec: SettingSpec) -> widgets.Widget:  # comma-separated; the settin
 def _size(spec: SettingSpec) -> widgets.Widget:
     first = -(-int(spec.min) // SIZE_CHOICE_STEP) * SIZE_CHOICE_STEP
     sizes = list(range(first, int(spec.max) + 1, SIZE_CHOICE_STEP))
-    return widgets.Dropdown(options=[(NATIVE_SIZE, None)] + [(str(size), size) for size in sizes], value=spec.default)
+    return widgets.Dropdown(options=[(NATIVE_SIZE, NATIVE)] + [(str(size), size) for size in sizes],
+                            value=NATIVE if spec.default is None else spec.default)
 
 
 @control_factory("int")
@@ -138,10 +143,19 @@ def control_for(spec: SettingSpec) -> widgets.Widget:
                          "imageprompt_widgets.widget.controls.control_factory.")
     control = factory(spec)
     control.description = spec.label
+    if spec.kind == "choice":  # room for "words (name)" beside the label: the panel's column, not 300 px
+        control.layout.width = "96%"
     if "style" in control.keys and hasattr(control.style, "description_width"):
         control.style.description_width = _WIDE["description_width"]
-    set_help(control, spec.help)
+    set_help(control, technical_help(spec))
     return control
+
+
+def technical_help(spec: SettingSpec) -> str:
+    """The hover text: what the control does, then the setting's own name (as recipes, the command line and the
+    docs call it) where the label says it in other words."""
+    plain = spec.label.replace(" ", "_") == spec.name
+    return spec.help if plain else f"{spec.help} (setting: {spec.name})"
 
 
 def group_of(spec: SettingSpec) -> str:
@@ -255,7 +269,8 @@ class SettingsControls(widgets.VBox):
     # -- values -------------------------------------------------------------------------------------
 
     def values(self) -> dict[str, Any]:
-        return {name: control.value for name, control in self.controls.items()}
+        return {name: None if self.specs[name].kind == "size" and control.value == NATIVE else control.value
+                for name, control in self.controls.items()}
 
     def settings(self, **others: Any) -> GenerationSettings:
         """The controls' values (plus ``others``) as settings; a ``SettingsError`` if one is invalid."""
@@ -281,6 +296,8 @@ class SettingsControls(widgets.VBox):
             control = self.controls[name]
             if self.specs[name].kind == "floats":
                 value = floats_text(value)
+            elif self.specs[name].kind == "size" and value is None:
+                value = NATIVE
             elif isinstance(control, widgets.Dropdown):
                 choices = [choice for _, choice in option_pairs(control.options)]
                 if value not in choices:

@@ -16,11 +16,35 @@ from typing import Any
 import ipywidgets as widgets
 from PIL import Image
 
-from ..engine.preview import encode_jpeg, encode_png, thumbnail
+from ..engine.preview import encode_png, thumbnail
 
-TILE_PX = 192
-THUMB_PX = 112
+#: Output tiles: big enough for a projector; a model's smaller pictures are enlarged to at least this, pixel
+#: by pixel (nearest neighbour), so a 64 px toy picture stays sharp instead of a browser's blur.
+TILE_PX = 256
+THUMB_PX = 160
 LARGE_PX = 512
+
+
+def enlarged(image: Image.Image, at_least: int) -> Image.Image:
+    """``image`` scaled up by a whole factor until its longer side is at least ``at_least`` (nearest neighbour:
+    every model pixel a crisp square); a large enough picture is returned as it is."""
+    factor = -(-at_least // max(image.size))
+    if factor <= 1:
+        return image
+    return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
+
+
+def shown(image: Image.Image, side: int) -> Image.Image:
+    """The picture a tile shows: no larger than ``side`` (a smooth reduction), no smaller (crisp enlargement)."""
+    return enlarged(thumbnail(image, side), side)
+
+
+def recipe_line(recipe: dict[str, Any]) -> str:
+    """``"toy · text · 20 steps · seed 0"``: what tells two history pictures apart at a glance."""
+    settings = recipe.get("settings", {})
+    model = (recipe.get("model") or {}).get("preset") or "model"
+    method = recipe.get("method") or settings.get("mode", "")
+    return f"{model} · {method} · {settings.get('steps', '?')} steps · seed {settings.get('seed', 0)}"
 
 
 def close_tree(widget: widgets.Widget) -> None:
@@ -66,6 +90,14 @@ class Tile(widgets.VBox):
         super().__init__(children=[self.placeholder, self.image, self.caption],
                          layout=widgets.Layout(margin="2px"), **kwargs)
 
+    def set_big(self, big: bool) -> None:
+        """Fill the column's width (the big view), or back to ``size`` pixels."""
+        width = "100%" if big else f"{self.size}px"
+        self.image.layout.width = width
+        self.image.layout.height = "auto" if big else f"{self.size}px"
+        self.caption.layout.width = width
+        self.layout.width = "100%" if big else None
+
     def wait(self, text: str) -> None:
         """No picture: the grey box says ``text``."""
         self.image.value = b""
@@ -94,6 +126,8 @@ class OutputGrid(widgets.HBox):
 
     def __init__(self, tile_px: int = TILE_PX, **kwargs: Any) -> None:
         self.tile_px = tile_px
+        self._big = False
+        self._finals: list[Image.Image] = []  # the run's finished pictures, drawn again when the view changes
         self.cells: list[Tile] = []
         self.placeholder = widgets.HTML(_box_text("Your images appear here.", tile_px))
         super().__init__(
@@ -109,11 +143,13 @@ class OutputGrid(widgets.HBox):
 
     def begin(self, count: int, text: str = "Waiting for the first step…") -> None:
         """Empty tiles saying ``text`` for a run of ``count`` images (the previous run's are reused or closed)."""
+        self._finals = []
         for cell in self.cells[count:]:
             close_tree(cell)
         self.cells = self.cells[:count] + [Tile(self.tile_px) for _ in range(count - len(self.cells))]
         for cell in self.cells:
             cell.wait(text)
+            cell.set_big(self._big)
         self.children = list(self.cells)
 
     def say(self, text: str) -> None:
@@ -127,9 +163,22 @@ class OutputGrid(widgets.HBox):
             cell.show(data, "jpeg")
 
     def show_final(self, images: Sequence[Image.Image]) -> None:
+        self._finals = list(images)
         for cell, image in zip(self.cells, images):
-            cell.show(encode_png(thumbnail(image, LARGE_PX)), "png")
+            cell.show(encode_png(shown(image, LARGE_PX if self.big else self.tile_px)), "png")
             cell.mark("")
+
+    @property
+    def big(self) -> bool:
+        return self._big
+
+    def set_big(self, big: bool) -> None:
+        """The big view: each tile fills the column's width (one per row); off: tiles of ``tile_px``."""
+        self._big = big
+        for cell in self.cells:
+            cell.set_big(big)
+        if self._finals and all(cell.filled for cell in self.cells):
+            self.show_final(self._finals)  # drawn again at the new size: crisp, not stretched
 
     def stop(self, mark: str, empty: str) -> None:
         """The run ended without images: previews shown stay, captioned ``mark``; empty tiles say ``empty``."""
@@ -204,6 +253,8 @@ class History(widgets.VBox):
         self.empty = widgets.HTML("<i>Every run's images stay here; click one to open it.</i>")
         self.large = picture(format="png", layout=widgets.Layout(max_width=f"{LARGE_PX}px"))
         self.recipe_text = widgets.HTML()
+        self.recipe_fold = widgets.Accordion(children=[self.recipe_text], selected_index=None)
+        self.recipe_fold.set_title(0, "recipe (every setting, as saved in the PNG)")
         self.save_button = widgets.Button(description="Save PNG", icon="download")
         self.export_button = widgets.Button(description="Export trace", icon="file")
         self.use_button = widgets.Button(description="Use as input", icon="arrow-up")
@@ -216,7 +267,7 @@ class History(widgets.VBox):
             [self.large,
              widgets.HBox([self.save_button, self.export_button, self.use_button, self.rerun_button],
                           layout=widgets.Layout(flex_flow="row wrap")),
-             self.recipe_text],
+             self.recipe_fold],
             layout=widgets.Layout(display="none"),
         )
         super().__init__(children=[self.empty, self.strip, self.detail], **kwargs)
@@ -235,7 +286,7 @@ class History(widgets.VBox):
         added, evicted = [], []
         for index, image in enumerate(images):
             item = HistoryItem(image, recipe, index, inputs, list(weights), negatives, trace)
-            item.thumb = encode_jpeg(thumbnail(image, THUMB_PX), quality=80)
+            item.thumb = encode_png(shown(image, THUMB_PX))  # PNG: crisp enlarged pixels
             self._tiles[id(item)] = self._tile(item)
             added.append(item)
         self.items.extendleft(reversed(added))
@@ -251,18 +302,21 @@ class History(widgets.VBox):
         return added
 
     def _tile(self, item: HistoryItem) -> widgets.Widget:
-        thumb = widgets.Image(value=item.thumb, format="jpeg", layout=widgets.Layout(width=f"{THUMB_PX}px"))
-        button = widgets.Button(
-            description=f"seed {item.seed} #{item.index}", tooltip="open", layout=widgets.Layout(width=f"{THUMB_PX}px")
-        )
+        thumb = widgets.Image(value=item.thumb, format="png", layout=widgets.Layout(width=f"{THUMB_PX}px"))
+        batch = f" · #{item.index}" if item.index else ""  # which picture of a batch
+        label = widgets.HTML(f"<div style='font-size:12px;line-height:1.25;width:{THUMB_PX}px;white-space:normal'>"
+                             f"{html.escape(recipe_line(item.recipe) + batch)}</div>")
+        button = widgets.Button(description="open", icon="search-plus", tooltip="show it large, with its recipe",
+                                layout=widgets.Layout(width=f"{THUMB_PX}px"))
         button.on_click(lambda _: self.select(item))
-        return widgets.VBox([thumb, button], layout=widgets.Layout(min_width=f"{THUMB_PX + 8}px", margin="2px"))
+        return widgets.VBox([thumb, button, label],
+                            layout=widgets.Layout(min_width=f"{THUMB_PX + 8}px", margin="2px"))
 
     def select(self, item: HistoryItem) -> None:
         """Show one image large, with its recipe."""
         self.selected = item
         self.export_button.disabled = item.trace is None
-        self.large.value = encode_png(thumbnail(item.image, LARGE_PX))
+        self.large.value = encode_png(shown(item.image, LARGE_PX))
         self.recipe_text.value = "<pre style='white-space:pre-wrap;font-size:11px'>{}</pre>".format(
             html.escape(json.dumps({**item.recipe, "index": item.index}, indent=1))
         )

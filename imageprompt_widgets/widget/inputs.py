@@ -21,7 +21,7 @@ from ..settings import setting_specs
 from .controls import FloatSlider, set_help
 from .gallery import close_tree
 
-THUMB_PX = 96
+THUMB_PX = 128
 #: A browser upload travels as one comm message, which Jupyter caps at 10 MiB: a larger one never reaches
 #: the kernel, so the panel says it up front. Colab's uploads over about 1 MB arrive empty (see load_upload).
 UPLOAD_HINT = (

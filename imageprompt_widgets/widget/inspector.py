@@ -19,13 +19,15 @@ from .. import views
 from ..engine.controller import Controller, Event, Failed, Finished, Job, TaskContext
 from ..engine.runners import InlineRunner
 from .gallery import close_tree, picture
+from .words import TITLE as WORDS_TITLE
+from .words import WordsSection
 
 EMPTY_TEXT = "Generate something to inspect its tensors here."
 #: What the Denoising tab says about a run that kept no latents (the panel's checkbox keeps them).
 NO_LATENTS_TEXT = ("This run kept no latents, so there is no filmstrip: tick “keep latents (Denoising view)” "
                    "under Generation and press Generate again.")
 SECTION_TITLES = ("Tensors", "What CLIP saw", "Scale gap", "Direction gap", "Similarity", "Tokens", "Attention",
-                  "Denoising", "Interpolation", "Adapter tokens")
+                  "Denoising", "Interpolation", "Adapter tokens", WORDS_TITLE)
 #: What the Attention section says about a run that recorded no attention (the panel's checkbox records it).
 NO_ATTENTION_TEXT = ("This run recorded no attention maps: tick “trace attention (Attention view)” under "
                      "Generation and press Generate again.")
@@ -35,6 +37,16 @@ DIRECTION_GAP_TEXT = ("Where the image embedding points against SD's own text to
                       "typed here (and CLIP's text tower where the model has one): press Compare.")
 #: What the Adapter tokens section says about a run that fed no IP-Adapter.
 NO_ADAPTER_TEXT = "This run fed no IP-Adapter: its tokens show here after an ip_adapter run."
+
+
+def applicable_sections(result: Any, pipeline: Any) -> tuple[str, ...]:
+    """The sections that mean something for this run: none about the image for a words-only run (no image was
+    encoded); Adapter tokens only where an IP-Adapter read the image."""
+    has_image = result.trace.image_embeds.shape[0] > 0
+    adapter = result.settings.mode == "ip_adapter" and bool(getattr(pipeline, "ip_adapters", ()))
+    return tuple(title for title in SECTION_TITLES
+                 if title in ("Tensors", "Attention", "Denoising")
+                 or (has_image and title != "Adapter tokens") or (title == "Adapter tokens" and adapter))
 
 
 def _pre(text: str) -> str:
@@ -144,8 +156,10 @@ class InspectorTab(widgets.VBox):
                 widgets.VBox([self.adapter_text, self.adapter_box]),
             ]
         )
-        for index, title in enumerate(SECTION_TITLES):
-            self.sections.set_title(index, title)  # works on ipywidgets 7 and 8
+        self.words = WordsSection()  # self-contained: its own module, one child and one title here
+        self.sections.children = (*self.sections.children, self.words)
+        self.boxes: dict[str, widgets.Widget] = dict(zip(SECTION_TITLES, self.sections.children))
+        self._titles(SECTION_TITLES)
         self.sections.selected_index = 0
         self.sections.layout.display = "none"
         self.errors: dict[str, str] = {}  # section title -> the error it shows
@@ -162,9 +176,20 @@ class InspectorTab(widgets.VBox):
         self.clear()
         self.result, self.pipeline = result, pipeline
         trace = result.trace
+        applying = applicable_sections(result, pipeline)
+        self._titles(applying)
         if inputs and len(inputs) == trace.image_embeds.shape[0]:
             self.labels = list(labels) if labels and len(labels) == len(inputs) else views.source_labels(inputs)
         self._fill("Tensors", lambda: setattr(self.summary, "value", _pre(trace.summary())), self.summary)
+        self._fill("Attention", self._show_attention, self.attention_text)
+        self.update_filmstrip()
+        self.placeholder.value = (
+            f"{len(trace.tensors())} tensors traced; run took {getattr(result, 'seconds', 0.0):.1f} s."
+            + ("" if "What CLIP saw" in applying else " A words-only run: no image, so no image sections.")
+        )
+        self.sections.layout.display = None
+        if "What CLIP saw" not in applying:
+            return
         self._fill("What CLIP saw", lambda: self._set_image(
             self.clip_image, "What CLIP saw",
             views.what_clip_saw(trace.pixel_values, pipeline.image_processor, inputs, crop=result.settings.crop),
@@ -178,11 +203,11 @@ class InspectorTab(widgets.VBox):
         self._fill("Scale gap", self._show_scale_gap, self.scale_gap_text)
         self._fill("Similarity", self.update_similarity, self.similarity_note)
         self._fill("Tokens", self._show_tokens, self.token_text)
-        self._fill("Attention", self._show_attention, self.attention_text)
         self.direction_note.value = html.escape(DIRECTION_GAP_TEXT)
         self.direction_button.disabled = False
-        self._fill("Adapter tokens", lambda: self._show_adapter_tokens(adapter_images), self.adapter_text)
-        self.update_filmstrip()
+        if "Adapter tokens" in applying:
+            self._fill("Adapter tokens", lambda: self._show_adapter_tokens(adapter_images), self.adapter_text)
+        self._fill(WORDS_TITLE, lambda: self.words.show(result, self._submit), self.words.text)
         has_two = trace.image_embeds.shape[0] > 1
         self.interpolation_note.value = (
             "Generates images along a slerp from the first input image's embedding to the text typed here"
@@ -191,10 +216,6 @@ class InspectorTab(widgets.VBox):
             "Press Interpolate to make the strip."
         )
         self.interpolation_button.disabled = False
-        self.placeholder.value = (
-            f"{len(trace.tensors())} tensors traced; run took {getattr(result, 'seconds', 0.0):.1f} s."
-        )
-        self.sections.layout.display = None
 
     def clear(self) -> None:
         """Empty every section (before a new run, or when the result is gone)."""
@@ -211,9 +232,27 @@ class InspectorTab(widgets.VBox):
                      self.direction_note):
             text.value = ""
         self._set_adapter_images(0)
+        self.words.clear()
         self.interpolation_button.disabled = True
         self.direction_button.disabled = True
         self.sections.layout.display = "none"
+
+    @property
+    def shown_sections(self) -> tuple[str, ...]:
+        """The titles of the sections on screen (those that apply to the run shown)."""
+        return tuple(title for title, box in self.boxes.items() if box in self.sections.children)
+
+    def _titles(self, titles: Sequence[str]) -> None:
+        """Show only these sections, in the tab's order (a section that does not apply has no title bar)."""
+        chosen = [title for title in SECTION_TITLES if title in titles]
+        self.sections.selected_index = None
+        self.sections.children = [self.boxes[title] for title in chosen]
+        if "titles" in self.sections.keys:  # ipywidgets 8
+            self.sections.titles = tuple(chosen)
+        else:
+            for index, title in enumerate(chosen):
+                self.sections.set_title(index, title)
+        self.sections.selected_index = 0
 
     # -- sections -------------------------------------------------------------------------------
 

@@ -41,14 +41,16 @@ from ..engine.runners import Runner
 from ..images import ImageInputError, load_images
 from ..methods import METHODS, methods_for, preset_capabilities, presets_providing
 from ..presets import DEFAULT_PRESET, Preset
-from ..settings import MODES, GenerationSettings, SettingsError
+from ..settings import MODES, GenerationSettings, SettingsError, choice_label
 from . import units as _units  # noqa: F401 - registers the control of the control_units setting
 from .adapters import AdapterSlots
+from .banner import panel_banner
 from .controls import SettingsControls, set_help
 from .gallery import History, HistoryItem, OutputGrid, close_tree
 from .inputs import UPLOAD_HINT, InputStrip, caption_of, load_upload, show_count, uploaded_files
 from .inspector import InspectorTab
 from .live import LiveToggle
+from .offer import DownloadOffer
 from .picker import ModelPicker
 from .recipe import read_recipe
 from .status import count, error_sentence
@@ -64,6 +66,10 @@ _CAPABILITY_WORDS = {
     "ip_adapter": "an IP-Adapter",
     "captioner": "a captioner (BLIP)",
 }
+#: The first status line, and what Generate says with nothing to draw from.
+START = "Add an image and press Generate, or choose the method \u201cwords only\u201d and type a prompt."
+NO_INPUT = ("Add an image first (upload one, or w.set_images('path/to/image')), or draw from words alone: the "
+            "method \u201cwords only\u201d (text), or blend with image share 0, and a prompt.")
 LATENTS_LABEL = "keep latents (Denoising view)"
 ATTENTION_LABEL = "trace attention (Attention view)"
 #: What the adapter block scales field shows while empty (the shape of diffusers' set_ip_adapter_scale dictionary).
@@ -132,7 +138,9 @@ class ImagePromptWidget(widgets.VBox):
         self._show_upload_count(self.upload, [])
         self._show_upload_count(self.negative_upload, [])
 
-        super().__init__(children=[self._lay_out()])
+        self.banner = widgets.HTML()  # the toy world's or random weights' banner, as the notebooks show it
+        self._show_banner(preset)
+        super().__init__(children=[self.banner, self._lay_out()])
         self._unsubscribe = self.controller.subscribe(self._on_event)
         self.controls.set_capabilities(preset_capabilities(preset) if preset is not None else None)
         self.structure.built()
@@ -233,18 +241,23 @@ class ImagePromptWidget(widgets.VBox):
         self.live.watch(*self.controls.controls.values())
         self.inputs.on_weight = self.live.changed
         self.cancel_button.on_click(lambda _: self.cancel())
+        self.big_view = widgets.ToggleButton(value=False, description="big view", icon="expand",
+                                             layout=widgets.Layout(width="auto", flex="0 0 auto"))
+        set_help(self.big_view, "show each picture as wide as this column (for a projector); again: side by side")
         self.progress = widgets.IntProgress(value=0, min=0, max=1, layout=widgets.Layout(width="100%"))
         self._status_text = ""
         self.status_line = widgets.HTML()  # not a Label: a Label cuts a long sentence off with an ellipsis
+        self.offer = DownloadOffer()  # "download that model, or stay?": a mode change never downloads by itself
         self.details_text = widgets.HTML()
         self.details = widgets.Accordion(children=[self.details_text], selected_index=None,
                                          layout=widgets.Layout(display="none"))
         self.details.set_title(0, "details")
-        self._say("Add an image, then press Generate.")
+        self._say(START)
 
     def _build_outputs(self, history_size: int, history_bytes: int, save_dir: str) -> None:
         """The output grid, and History and the Inspector in tabs below it."""
         self.grid = OutputGrid()
+        self.big_view.observe(lambda change: self.grid.set_big(change["new"]), names="value")
         self.history = History(
             max_items=history_size, max_bytes=history_bytes, save_dir=save_dir,
             on_use=self._use_as_input, on_rerun=self.rerun, on_saved=lambda path: self._say(f"Saved {path}."),
@@ -262,9 +275,9 @@ class ImagePromptWidget(widgets.VBox):
         left = widgets.VBox([self.controls], layout=widgets.Layout(flex="1 1 360px", min_width="340px",
                                                                    max_width="470px", margin="0 16px 0 0"))
         right = widgets.VBox(
-            [widgets.HBox([self.generate_button, self.cancel_button, self.live],
+            [widgets.HBox([self.generate_button, self.cancel_button, self.live, self.big_view],
                           layout=widgets.Layout(flex_flow="row wrap")), self.progress, self.status_line,
-             self.details, self.grid, self.tabs],
+             self.offer, self.details, self.grid, self.tabs],
             layout=widgets.Layout(flex="1 1 420px", min_width="320px"),
         )
         self.columns = widgets.HBox([left, right], layout=widgets.Layout(flex_flow="row wrap", width="100%"))
@@ -346,9 +359,14 @@ class ImagePromptWidget(widgets.VBox):
         """
         try:
             images = self.inputs.images
-            if not images:
-                raise ImageInputError("Add an image first: upload one, or call w.set_images('path/to/image').")
             settings = self.controls.settings(weights=tuple(self.inputs.weights))
+            if self.offer.asking:
+                raise SettingsError(f"{self.controller.preset.name!r} cannot run {settings.mode}: answer the question "
+                                    "above (download the model that can, or stay).")
+            if not images and not settings.text_only:
+                raise ImageInputError(NO_INPUT)
+            if not images and not settings.prompt.strip():
+                raise SettingsError("Type a prompt first: a words-only run draws what it names.")
             adapter_images = self.adapter_slots.adapter_images(images) if settings.mode == "ip_adapter" else None
             job = self.controller.submit(images, settings, negative_image=self.negatives.images or None,
                                          structure_image=self.structure.run_images(settings, images),
@@ -409,8 +427,8 @@ class ImagePromptWidget(widgets.VBox):
         self._apply_recipe(recipe)
         settings = recipe["settings"]
         label = name or (caption_of(source) if isinstance(source, (str, os.PathLike)) else "the PNG")
-        count = len(recipe.get("inputs") or ())
-        inputs = f"add the same {count(count, 'input image')} and " if count else ""
+        inputs_count = len(recipe.get("inputs") or ())
+        inputs = f"add the same {count(inputs_count, 'input image')} and " if inputs_count else ""
         self._say(f"Loaded the recipe of {label}: {settings.get('mode', 'repeat')}, seed {settings.get('seed', 0)}, "
                   f"model {self.model!r}. To make it again, {inputs}press Generate.")
         return recipe
@@ -468,6 +486,7 @@ class ImagePromptWidget(widgets.VBox):
     def _switch_model(self, preset: Preset, why: str = "") -> None:
         """Re-target the panel: a new controller for ``preset`` on the same runner. A run of the old one is
         cancelled; the old controller is listened to until its last job has ended (its tiles get marked)."""
+        self.offer.withdraw()
         old = self.controller
         running = old.busy
         if running:
@@ -488,6 +507,7 @@ class ImagePromptWidget(widgets.VBox):
             self.structure.refresh()  # another model's size and depth estimator
         self._relabel_modes()
         self._follow_adapters()
+        self._show_banner(preset)
         self.controls.set_capabilities(preset_capabilities(preset))
         self._show_loras()
         found = preset_availability(preset)
@@ -496,6 +516,12 @@ class ImagePromptWidget(widgets.VBox):
         stopped = " The running generation was cancelled; its previews stay, marked." if running else ""
         chosen = f"switched to model {preset.name!r}" if why else f"Model {preset.name!r} chosen"
         self._say(f"{why}{chosen} ({where}).{cost}{stopped}")
+
+    def _show_banner(self, preset: Preset | None) -> None:
+        """Above the panel, for a model whose pictures are not real Stable Diffusion's: what they are."""
+        banner = panel_banner(preset) if preset is not None else None
+        self.banner.value = banner._repr_html_() if banner is not None else ""
+        self.banner.layout.display = None if banner is not None else "none"
 
     def _retire(self, old: Controller) -> None:
         """Keep rendering the end of ``old``'s jobs (marks on the tiles, a result that still arrives)."""
@@ -537,37 +563,76 @@ class ImagePromptWidget(widgets.VBox):
         self.controls.apply(changes, ignore=_OWN_SETTINGS)
 
     def _on_mode_chosen(self, change: Any = None) -> None:
-        """A method the model cannot run: switch to a preset that can, and say so."""
+        """A method the model cannot run: move to a preset on this machine that can, and say so; where only a
+        download can run it, ask (one line, a download button and a stay button): a mode change never starts a
+        download on its own."""
         preset = self.controller.preset
         mode = self.controls["mode"].value
-        if self._switching or preset is None or mode in methods_for(preset):
+        if self._switching:
+            return
+        self.offer.withdraw()
+        if preset is None or mode in methods_for(preset):
             return
         target = self._preset_for(mode, preset)
         if target is None:
             return
         lacking = sorted(METHODS[mode].needs - preset_capabilities(preset))
         words = " and ".join(_CAPABILITY_WORDS.get(need, need) for need in lacking)
-        self._switch_model(self.model_picker.presets[target],
-                           why=f"{mode} needs {words}, which {preset.name!r} lacks: ")
+        why = f"{mode} needs {words}, which {preset.name!r} lacks: "
+        found = preset_availability(self.model_picker.presets[target])
+        if found.ready:
+            self._switch_model(self.model_picker.presets[target], why=why)
+            return
+        stay = change["old"] if isinstance(change, dict) and change.get("old") in methods_for(preset) \
+            else methods_for(preset)[0]
+        size = found.download or "a download"
+        self._say(f"{why}{target!r} can, and downloads {size} first. Download it, or stay on {preset.name!r}?")
+        self.offer.ask(download=f"Download {target} ({size})", stay=f"Stay on {preset.name}",
+                       on_download=lambda: self._switch_model(self.model_picker.presets[target], why=why),
+                       on_stay=lambda: self._stay(stay, preset.name))
+
+    def _stay(self, mode: str, model: str) -> None:
+        """The stay button: the method goes back to one the model runs; nothing is downloaded."""
+        with self._quietly():
+            self.controls["mode"].value = mode
+        self._follow_weights()
+        self._follow_adapters()
+        self._say(f"Stayed on model {model!r} with {mode}; nothing is downloaded.")
 
     def _preset_for(self, mode: str, current: Preset) -> str | None:
-        """The preset to move to for ``mode``: the method's offline twin when the current model is offline,
-        else a downloadable preset with the same Stable Diffusion model, the default, or the first."""
-        if current.offline_builder:
+        """The preset to move to for ``mode``. From a real model: a real preset, one already on this machine
+        first, then one with the same Stable Diffusion, the default. From the toy world or a random-weight
+        model: one that needs no download, the toy world's (trained) before the random twins."""
+        presets = self.model_picker.presets
+        found = {name: preset_availability(preset) for name, preset in presets.items()}
+
+        def toy(name: str) -> bool:  # the toy world's trained weights ship inside the package
+            return found[name].state == "shipped"
+
+        real = current.name not in presets or not (presets[current.name].offline_builder or toy(current.name))
+        candidates = [name for name in presets_providing(mode)
+                      if name in presets and (not presets[name].offline_builder and not toy(name)) == real]
+        if not candidates:
             return METHODS[mode].twin
-        hub = [name for name in presets_providing(mode) if not self.model_picker.presets[name].offline_builder]
-        same = [name for name in hub if self.model_picker.presets[name].sd_model == current.sd_model]
-        if same:
-            return same[0]
-        return DEFAULT_PRESET if DEFAULT_PRESET in hub else next(iter(hub), METHODS[mode].twin)
+        if real:
+            return min(candidates, key=lambda name: (not found[name].ready, presets[name].sd_model != current.sd_model,
+                                                     name != DEFAULT_PRESET))
+        return min(candidates, key=lambda name: (not found[name].ready, not toy(name), name != METHODS[mode].twin))
 
     def _relabel_modes(self) -> None:
-        """Every method in the mode dropdown; one this model cannot run names the model it switches to."""
+        """Every method in the mode dropdown, in plain words; one this model cannot run names the model it moves
+        to (or that it asks to download)."""
         preset = self.controller.preset
         offered = methods_for(preset) if preset is not None else list(MODES)
         control = self.controls["mode"]
-        options = [(mode, mode) if mode in offered else (f"{mode} (model {self._preset_for(mode, preset)})", mode)
-                   for mode in MODES]
+        options = []
+        for mode in MODES:
+            label = choice_label("mode", mode)
+            if mode not in offered:
+                target = self._preset_for(mode, preset)
+                ready = preset_availability(self.model_picker.presets[target]).ready if target else True
+                label += f" → model {target}" if ready else f" → asks to download {target}"
+            options.append((label, mode))
         with self._quietly():
             value = control.value
             control.options = options

@@ -15,7 +15,8 @@ from .controls import set_help
 
 class ModelPicker(widgets.Dropdown):
     """A ``Dropdown`` whose values are preset names (``tiny``, ``sd14``, …) and whose labels say what
-    choosing one costs: ``"sd14 · about 7.2 GB · not downloaded"``, ``"tiny · offline · built"``.
+    choosing one costs and what its pictures are: real models first (``"sd14 · about 7.2 GB · not downloaded"``),
+    then the toy world's, then random weights (``"tiny · random weights — noise, for tests · offline · built"``).
 
     A model that is no preset (a local folder, a ``Preset`` of one's own) is listed too, under its name.
     ``relabelling`` is true while :meth:`refresh` rewrites the labels (observers ignore those changes).
@@ -29,7 +30,8 @@ class ModelPicker(widgets.Dropdown):
         super().__init__(options=self._options(), value=current.name if current is not None else None,
                          description="model", style={"description_width": "100px"}, **kwargs)
         set_help(self, "the Stable Diffusion model and image encoder; weights load (and download, the first "
-                       "time) on the next Generate")
+                       "time) on the next Generate. Real models download; the toy world (trained on coloured "
+                       "shapes) ships with the package; random-weight models draw noise, for tests (setting: model)")
 
     def preset(self, name: str | None = None) -> Preset | None:
         """The preset chosen (or named)."""
@@ -55,4 +57,32 @@ class ModelPicker(widgets.Dropdown):
             self.relabelling = False
 
     def _options(self) -> list[tuple[str, str]]:
-        return [(preset_availability(preset).label(), name) for name, preset in self.presets.items()]
+        """Real models first, then the toy world's, then the random-weight ones (each says so)."""
+        lines = [(GROUP_ORDER.index(group_of(preset)), index, picker_label(preset), name)
+                 for index, (name, preset) in enumerate(self.presets.items())]
+        return [(label, name) for _, _, label, name in sorted(lines)]
+
+
+#: The picker's three groups: real Stable Diffusion (downloads), the toy world (trained on coloured shapes,
+#: shipped), random weights (built here: noise, for tests and CI).
+GROUP_ORDER = ("real", "toy", "random")
+RANDOM_WORDS = "random weights — noise, for tests"
+TOY_WORDS = "toy world, trained"
+
+
+def group_of(preset: Preset) -> str:
+    """``"random"`` for presets built here with random weights, ``"toy"`` for the toy world's shipped weights,
+    ``"real"`` for everything else (the Hub's models, a folder of one's own)."""
+    if preset.offline_builder:
+        return "random"
+    return "toy" if preset_availability(preset).state == "shipped" else "real"
+
+
+def picker_label(preset: Preset) -> str:
+    """``"sd14 · about 7.2 GB · not downloaded"``, ``"toy · toy world, trained · offline · shipped with the
+    package"``, ``"tiny · random weights — noise, for tests · offline · built"``."""
+    found = preset_availability(preset)
+    group = group_of(preset)
+    words = {"random": RANDOM_WORDS, "toy": TOY_WORDS}.get(group, "")
+    size = "offline" if group != "real" else found.download
+    return " · ".join(part for part in (preset.name, words, size, found.status) if part)

@@ -175,7 +175,8 @@ class StructureSection:
             self.maps.begin(0, "Add an input image (or a Structure image) to see what each ControlNet reads.")
             return
         try:
-            settings = GenerationSettings.from_kwargs(**{name: self.controls[name].value for name in MAP_SETTINGS})
+            values = self.controls.values()  # sizes read as the settings take them ("native": None)
+            settings = GenerationSettings.from_kwargs(**{name: values[name] for name in MAP_SETTINGS})
         except SettingsError as err:
             self.maps.begin(0, f"No maps: {err}")
             return

@@ -186,7 +186,10 @@ def choose_option(page: Any, label: str, value: str) -> None:
     select = page.locator(".widget-dropdown", has=page.locator("label", has_text=re.compile(f"^{label}$")))
     options = select.locator("option").all_inner_texts()
     # ipywidgets writes the labels' spaces as no-break spaces
-    select.locator("select").select_option(label=next(text for text in options if text.split("\xa0")[0].split(" ")[0] == value))
+    # (a setting's choice reads "plain words (name)"; a preset's line starts with its name)
+    select.locator("select").select_option(label=next(
+        text for text in options
+        if text.replace("\xa0", " ").split(" ")[0] == value or f"({value})" in text.replace("\xa0", " ")))
 
 
 def assert_no_broken_image(page: Any) -> None:
@@ -247,7 +250,7 @@ def test_panel_in_jupyterlab(lab_server: Any, page: Any, console: Any, tmp_path:
     # Switch method: one the tiny model lacks moves to its offline twin; then the model back.
     prompt = page.locator(".widget-text", has=page.locator("label", has_text=re.compile("^prompt$")))
     assert not prompt.is_visible()  # repeat reads no prompt
-    choose_option(page, "mode", "caption")
+    choose_option(page, "method", "caption")
     wait_for_status(page, r"^caption needs a captioner \(BLIP\), which 'tiny' lacks: switched to model 'tiny-caption'")
     prompt.wait_for(state="visible")
     choose_option(page, "model", "tiny")
@@ -272,7 +275,7 @@ def test_panel_in_jupyterlab(lab_server: Any, page: Any, console: Any, tmp_path:
     final = page.evaluate("""async (sel) => {
         const b = await (await fetch(document.querySelector(sel).src)).blob();
         return Array.from(new Uint8Array(await b.arrayBuffer())); }""", f".{GRID_CLASS} img")
-    assert Image.open(io.BytesIO(bytes(final))).size == (64, 64)  # the tiny preset's native size
+    assert Image.open(io.BytesIO(bytes(final))).size == (256, 256)  # the tiny preset's 64 px, 4× pixel by pixel
     assert_no_broken_image(page)
     screenshot = os.environ.get("IMAGEPROMPT_SCREENSHOT")
     if screenshot:  # scripts/screenshot.py: the whole panel, in a window tall enough to hold it
@@ -305,7 +308,7 @@ def test_panel_in_jupyterlab(lab_server: Any, page: Any, console: Any, tmp_path:
 
     # Two ControlNets: edges, then a second unit (depth, the kind not used yet); each unit's map is shown
     # before the run (the depth map computed off the kernel thread) and after it, and no picture is broken.
-    choose_option(page, "structure", "edges")
+    choose_option(page, "keep layout", "edges")
     page.get_by_role("button", name="add a ControlNet").click()
     page.get_by_text("ControlNet 2 · depth", exact=True).first.wait_for()
     shown_maps = """(n) => { const imgs = Array.from(document.querySelectorAll('.ipw-e2e-maps img'))
@@ -320,7 +323,7 @@ def test_panel_in_jupyterlab(lab_server: Any, page: Any, console: Any, tmp_path:
     assert page.locator(".ipw-e2e-maps").get_by_text("ControlNet 1 · Canny edges", exact=True).count() == 1
     assert_no_broken_image(page)
     shoot(page, "two-controlnets")
-    choose_option(page, "structure", "none")  # the rest runs without ControlNets
+    choose_option(page, "keep layout", "none")  # the rest runs without ControlNets
 
     # Cancel a long run: the status line says it was cancelled, well before the run could have ended.
     # (The scheduler may count one step more than asked for: PNDM runs 151 steps for steps=150.)
@@ -368,13 +371,96 @@ def test_quickstart_renders_in_notebook7(notebook_server: Any, page: Any, consol
     # The quickstart's own run (w.set_images + w.generate) finishes and its image reaches the page.
     wait_for_status(page, r"^Done: 1 image", RUN_TIMEOUT)
     page.wait_for_function("""() => Array.from(document.querySelectorAll(".jp-OutputArea-output img.widget-image"))
-        .some((img) => img.src && img.naturalWidth === 64)""")  # the tiny preset's 64 px output
+        .some((img) => img.src && img.naturalWidth === 256)""")  # the 64 px toy output, shown 4× pixel by pixel
     assert_no_broken_image(page)
     shoot(page, "notebook7")
     # Switching method and model works here too.
-    choose_option(page, "mode", "caption")
+    choose_option(page, "method", "caption")
     wait_for_status(page, r"switched to model 'tiny-caption'")
     choose_option(page, "model", "tiny")
     wait_for_status(page, r"^Model 'tiny' chosen")
+    assert_no_broken_image(page)
+    assert console.errors == []
+
+
+WORDS_CELL = f"""\
+from imageprompt_widgets import ImagePromptWidget
+
+w = ImagePromptWidget(model="toy", preview_interval=0.05)
+w.grid.add_class("{GRID_CLASS}")
+w.status_line.add_class("ipw-e2e-status")
+w"""
+TOY_CAPTION = "a red circle on a blue background"
+
+
+def test_words_only_and_a_mode_change_in_jupyterlab(lab_server: Any, page: Any, console: Any) -> None:
+    """At 1280×800 on the toy world: a prompt alone draws (no image), Advanced shows its sizes, a method the toy
+    model lacks moves to an offline twin, and one only a download could run asks first; nothing is broken."""
+    page.set_viewport_size({"width": 1280, "height": 800})
+    write_notebook(lab_server.root / "words.ipynb", WORDS_CELL)
+    page.goto(lab_server.url("lab/tree/words.ipynb"))
+    run_cells(page)
+    generate = page.get_by_role("button", name="Generate")
+    generate.wait_for(timeout=RUN_TIMEOUT)
+    page.get_by_text(re.compile(r"^The toy world \('toy'\):")).first.wait_for()  # the banner, as in the notebooks
+    wait_for_status(page, r"^Add an image and press Generate, or choose the method “words only” and type a prompt\.$")
+    shoot(page, "fresh")
+
+    # Words only: no image, a prompt; the toy model draws it, shown at teaching size.
+    choose_option(page, "method", "text")
+    prompt = page.locator(".widget-text", has=page.locator("label", has_text=re.compile("^prompt$"))).first
+    prompt.wait_for(state="visible")
+    prompt.locator("input").fill(TOY_CAPTION)
+    prompt.locator("input").press("Enter")
+    generate.click()
+    wait_for_status(page, r"^Done: 1 image", RUN_TIMEOUT)
+    page.wait_for_function("(sel) => { const img = document.querySelector(sel);"
+                           " return img && img.complete && img.naturalWidth === 256; }", arg=f".{GRID_CLASS} img")
+    assert_no_broken_image(page)
+    shoot(page, "text-only-run")
+
+    # Advanced: the size dropdowns show their first option (not an empty box).
+    page.locator(".jp-OutputArea-output .jupyter-widget-Collapse-header, .jp-OutputArea-output .p-Collapse-header")\
+        .filter(has_text=re.compile("^Advanced$")).first.click()
+    sizes = page.evaluate("""() => Array.from(document.querySelectorAll('.widget-dropdown'))
+        .filter((el) => /^(height|width)$/.test(el.querySelector('label')?.innerText.trim() || ''))
+        .map((el) => { const s = el.querySelector('select'); return [s.selectedIndex, s.options[s.selectedIndex]?.text]; })""")
+    assert sizes == [[0, "native"], [0, "native"]], sizes
+    shoot(page, "advanced-open")
+
+    # The big view: the picture as wide as the column.
+    page.get_by_role("button", name="big view").click()
+    page.wait_for_function("(sel) => document.querySelector(sel).getBoundingClientRect().width > 400",
+                           arg=f".{GRID_CLASS} img")
+    shoot(page, "big-view")
+    page.get_by_role("button", name="big view").click()
+
+    # The Inspector after a words-only run: only the sections that apply.
+    page.get_by_role("tab", name="Inspector", exact=True).click()
+    page.get_by_role("tab", name="Inspector", exact=True).scroll_into_view_if_needed()
+    page.evaluate("() => document.querySelector('.jp-WindowedPanel-outer').scrollBy(0, 300)")
+    headers = page.locator(".jp-OutputArea-output .jupyter-widget-Collapse-header, "
+                           ".jp-OutputArea-output .p-Collapse-header")
+    assert [text.strip() for text in headers.all_inner_texts() if text.strip() not in ("Advanced", "details")][-3:] \
+        == ["Tensors", "Attention", "Denoising"]
+    shoot(page, "inspector-sections")
+    page.get_by_role("tab", name="History", exact=True).click()
+
+    # A mode change offline: the toy model has no IP-Adapter; the panel moves to a twin on this machine.
+    choose_option(page, "method", "ip_adapter")
+    wait_for_status(page, r"^ip_adapter needs an IP-Adapter, which 'toy' lacks: switched to model '(toy|tiny)-ip-adapter")
+    shoot(page, "mode-change-offline")
+
+    # From a real model, a method only a download can run asks first, naming the size; "stay" keeps everything.
+    choose_option(page, "model", "sd14")
+    wait_for_status(page, r"^Model 'sd14' chosen")
+    choose_option(page, "method", "ip_adapter")
+    wait_for_status(page, r"^ip_adapter needs an IP-Adapter, which 'sd14' lacks: 'ip-adapter' can, and downloads "
+                          r"about 8\.0 GB first\. Download it, or stay on 'sd14'\?$")
+    page.get_by_role("button", name=re.compile(r"Download ip-adapter \(about 8\.0 GB\)$")).wait_for()  # after its icon
+    page.evaluate("(sel) => document.querySelector(sel).scrollIntoView({block: 'center'})", ".ipw-e2e-status")
+    shoot(page, "mode-change-asks")
+    page.get_by_role("button", name=re.compile(r"Stay on sd14$")).click()
+    wait_for_status(page, r"^Stayed on model 'sd14' with repeat; nothing is downloaded\.$")
     assert_no_broken_image(page)
     assert console.errors == []
