@@ -48,10 +48,14 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture(autouse=True, scope="session")
 def cpu_only():
     """The engine's device policy sees no CUDA or MPS device, on any machine (tests that need a device
-    name it: ``device="cpu"``, or patch these back)."""
+    name it: ``device="cpu"``, or patch these back), and no bfloat16 CPU: live runs stay in float32 (tests of
+    bfloat16 autocast patch ``cpu_has_bfloat16`` back)."""
+    from imageprompt_widgets.loading import cache
+
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch.cuda, "is_available", lambda: False)
         patch.setattr(torch.backends.mps, "is_available", lambda: False)
+        patch.setattr(cache, "cpu_has_bfloat16", lambda: False)
         yield
 
 

@@ -223,10 +223,18 @@ def test_samplers_benchmark_counts_the_live_modes_unet_calls(tmp_path):
     from imageprompt_widgets.settings import SCHEDULERS
 
     (row,) = samplers.main(["--quick", "--out", str(tmp_path)])["rows"]
-    live, default = row["live"]["live"], row["live"]["default"]
-    assert (live["scheduler"], live["steps"], live["unet_calls"], live["rows_per_call"]) == ("lcm", 4, 4, [1])
-    assert (default["scheduler"], default["unet_calls"], default["rows_per_call"]) == ("pndm", 5, [2])  # 4 + 1
-    assert row["live"]["ratio"] > 0
+    measured = row["live"]["sizes"][64]
+    runs = measured["runs"]
+    tiny, full, default = runs["live, tiny decoder"], runs["live, full decoder"], runs["default"]
+    assert (tiny["scheduler"], tiny["steps"], tiny["unet_calls"], tiny["decoder"]) == ("lcm", 4, 4, "tiny")
+    assert (full["unet_calls"], full["decoder"]) == (4, "full")
+    # Measured at 4 steps (PNDM: 5 calls), its denoising scaled to the 30-step run's 31 calls.
+    assert (default["scheduler"], default["steps"], default["unet_calls"], default["dtype"]) == (
+        "pndm", 30, 31, "float32")
+    for run in runs.values():
+        stages = sum(seconds for stage, seconds in run.items() if stage in samplers.STAGES)
+        assert run["total"] == pytest.approx(stages)
+    assert measured["ratio_tiny"] > 0 and {"encoding", "total"} <= set(measured["slider_move"])
     sweep = row["schedulers"]
     assert set(sweep) - {"settings"} == set(SCHEDULERS)
     assert sweep["pndm"]["unet_calls"] == 3 and sweep["ddim"]["unet_calls"] == 2  # PNDM's warm-up step

@@ -11,14 +11,19 @@ import threading
 import numpy as np
 import pytest
 import torch
-from diffusers import LCMScheduler, StableDiffusionPipeline
+from diffusers import AutoencoderTiny, LCMScheduler, StableDiffusionPipeline
 from helpers import WAIT, pixels
 
 from imageprompt_widgets import GenerationSettings, ImagePromptPipeline, SettingsError
 from imageprompt_widgets.engine.concurrency import CancelEvent
 from imageprompt_widgets.loading.components import load_components
 from imageprompt_widgets.loading.lora import describe
-from imageprompt_widgets.loading.offline import LORA_WEIGHT_NAME, ensure_tiny_lora, ensure_tiny_models
+from imageprompt_widgets.loading.offline import (
+    LORA_WEIGHT_NAME,
+    ensure_tiny_lora,
+    ensure_tiny_models,
+    ensure_tiny_taesd,
+)
 from imageprompt_widgets.methods import settings_read
 from imageprompt_widgets.settings import MODES
 
@@ -295,6 +300,8 @@ def test_live_preset_is_lcm_lora_with_four_steps_and_no_unconditional_pass(live_
     bare.fuse_lora()
     bare.unload_lora_weights()
     bare.scheduler = LCMScheduler.from_config(bare.scheduler.config, clip_sample=False)
+    bare.vae = AutoencoderTiny.from_pretrained(ensure_tiny_taesd(), use_safetensors=True)  # the live decoder
+    assert res.settings.decoder == "tiny" and res.recipe["model"]["tiny_decoder"] == "tiny-taesd"
     expected = bare(prompt_embeds=res.trace.prompt_embeds, num_inference_steps=4, guidance_scale=1.0,
                     generator=torch.Generator("cpu").manual_seed(2)).images[0]
     assert np.array_equal(pixels(res.images[0]), pixels(expected))

@@ -38,6 +38,7 @@ def expected_scheduler(name: str, config) -> object:
         "dpmpp_2m_karras": lambda: DPMSolverMultistepScheduler.from_config(config, use_karras_sigmas=True),
         "unipc": lambda: UniPCMultistepScheduler.from_config(config),
         "lcm": lambda: LCMScheduler.from_config(config, clip_sample=False),
+        "ddim_trailing": lambda: DDIMScheduler.from_config(config, clip_sample=False, timestep_spacing="trailing"),
     }[name]()
 
 

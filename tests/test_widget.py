@@ -52,6 +52,12 @@ IPYWIDGETS_8 = int(ipywidgets.__version__.split(".")[0]) >= 8
 FAST = {"steps": 2, "guidance_scale": 7.5}
 
 
+def open_section(widget, title: str) -> None:
+    """Open the Inspector tab and one of its sections, as a user's clicks do (sections draw when opened)."""
+    widget.tabs.selected_index = 1
+    widget.inspector.sections.selected_index = widget.inspector.shown_sections.index(title)
+
+
 def browser_upload(widget: ImagePromptWidget, files: list[tuple[str, bytes]], declared: int | None = None) -> None:
     browser_upload_to(widget.upload, files, declared)
 
@@ -836,7 +842,9 @@ def test_no_empty_image_is_shown_in_any_state(tiny_pipe, image):
     assert_no_empty_image(widget)  # failed
     widget.generate().result(WAIT)
     assert widget.controller.join(WAIT)
-    assert_no_empty_image(widget)  # finished, the inspector filled (no latents: no filmstrip)
+    assert_no_empty_image(widget)  # finished
+    open_section(widget, "Denoising")  # the inspector draws what is opened (no latents: no filmstrip)
+    assert_no_empty_image(widget)
     assert widget.inspector.filmstrip_table.value.startswith("This run kept no latents")
     widget.history.select(widget.history.items[0])
     assert_no_empty_image(widget)
@@ -897,6 +905,7 @@ def test_captions_are_alike_for_every_source(tiny_pipe, tmp_path):
 def test_the_latents_checkbox_feeds_the_denoising_filmstrip(panel):
     box = labelled(panel, "keep latents (Denoising view)", ipywidgets.Checkbox)
     assert "latents" in box.description and not box.value
+    open_section(panel, "Denoising")  # open while runs finish: each run draws it
     panel.generate().result(WAIT)
     assert panel.result.trace.latents is None
     assert panel.inspector.filmstrip_table.value.startswith("This run kept no latents")
@@ -1256,6 +1265,7 @@ def test_the_inspector_shows_each_adapters_tokens_for_ip_adapter_runs(image, oth
         widget.set_images(image)
         widget.adapter_slots.slots[1].set_images([other_image])
         result = widget.generate().result(WAIT)
+        open_section(widget, "Adapter tokens")
         inspector = widget.inspector
         assert "Adapter tokens" not in inspector.errors
         assert [picture.value[:4] for picture in inspector.adapter_images] == [b"\x89PNG"] * 2

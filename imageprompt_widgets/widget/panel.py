@@ -268,6 +268,9 @@ class ImagePromptWidget(widgets.VBox):
         self.tabs = widgets.Tab(children=[self.history, self.inspector])
         self.tabs.set_title(0, "History")
         self.tabs.set_title(1, "Inspector")
+        # The Inspector draws only while its tab is on screen (and then only the section that is open).
+        self.inspector.set_visible(self.tabs.selected_index == 1)
+        self.tabs.observe(lambda change: self.inspector.set_visible(change["new"] == 1), names="selected_index")
 
     def _lay_out(self) -> widgets.HBox:
         """Controls on the left; run, status, grid and history on the right, side by side where the notebook
@@ -805,7 +808,7 @@ class ImagePromptWidget(widgets.VBox):
         try:
             labels = self.inputs.names if len(self.inputs.items) == len(job.images) else None
             self.inspector.show(result, self.controller.pipeline, inputs=job.images, adapter_images=job.adapter_images,
-                                labels=labels)
+                                labels=labels, defer=self.live.value)  # a live run draws nothing on its thread
         except Exception as err:  # noqa: BLE001 - a broken view must not hide the images
             self._details(f"The inspector failed: {type(err).__name__}: {err}", traceback.format_exc())
 
