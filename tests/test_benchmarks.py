@@ -159,6 +159,7 @@ def test_cache_benchmark_gets_the_same_pipeline_and_widgets_share_it(tmp_path):
     _result(tmp_path, "cache")
 
 
+@pytest.mark.slow
 def test_latency_benchmark_sees_previews_before_the_final_image(tmp_path):
     from benchmarks import latency
 
@@ -197,6 +198,7 @@ def test_batch_benchmark_runs_and_one_and_two_processes_write_the_same_bytes(tmp
     _result(tmp_path, "batch")
 
 
+@pytest.mark.slow
 def test_gpu_benchmark_smoke_runs_on_the_cpu(tmp_path):
     from benchmarks import gpu
 
@@ -215,6 +217,7 @@ def test_gpu_benchmark_refuses_to_run_without_cuda_when_asked_for_it(tmp_path):
         gpu.main(["--out", str(tmp_path)])
 
 
+@pytest.mark.slow
 def test_samplers_benchmark_counts_the_live_modes_unet_calls(tmp_path):
     from benchmarks import samplers
     from imageprompt_widgets.settings import SCHEDULERS

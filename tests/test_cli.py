@@ -244,6 +244,7 @@ def test_a_full_disk_while_saving_is_one_line_and_exit_2(photo, tmp_path, capsys
     assert not list((tmp_path / "out").glob("*.png"))
 
 
+@pytest.mark.slow
 def test_a_lora_from_the_command_line_reaches_the_run_at_its_weight(photo, tmp_path, capsys, image):
     from imageprompt_widgets import ImagePromptPipeline
     from imageprompt_widgets.loading.components import load_components

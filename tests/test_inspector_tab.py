@@ -82,6 +82,7 @@ def test_every_section_fills_after_a_run(tiny_pipe, run, inputs):
     assert not tab.interpolation_button.disabled
 
 
+@pytest.mark.slow
 def test_compare_button_adds_the_typed_texts(tiny_pipe, run):
     tab = InspectorTab()
     tab.show(run, tiny_pipe)
@@ -97,6 +98,7 @@ def test_compare_button_adds_the_typed_texts(tiny_pipe, run):
     torch.testing.assert_close(view.matrix[:, 2:], views.cosine_similarity(run.trace.image_embeds, text))
 
 
+@pytest.mark.slow
 def test_interpolate_button_generates_the_strip_with_the_runs_seed(tiny_pipe, run):
     tab = InspectorTab()
     tab.show(run, tiny_pipe)
@@ -141,6 +143,7 @@ def test_clear_empties_every_section(tiny_pipe, run):
     assert bytes(tab.similarity_image.value) == b""
 
 
+@pytest.mark.slow
 def test_x0_checkbox_redraws_the_filmstrip_with_the_models_estimates(tiny_pipe, run):
     tab = InspectorTab()
     tab.show(run, tiny_pipe)
@@ -155,6 +158,7 @@ def test_x0_checkbox_redraws_the_filmstrip_with_the_models_estimates(tiny_pipe, 
     assert bytes(tab.filmstrip_image.value) == estimated.to_png() != noisy.to_png()
 
 
+@pytest.mark.slow
 def test_input_file_names_label_the_similarity_and_the_crops(tiny_pipe, tmp_path):
     paths = []
     for seed, name in ((0, "harbour.png"), (1, "fruit bowl.png")):
@@ -174,6 +178,7 @@ def test_input_file_names_label_the_similarity_and_the_crops(tiny_pipe, tmp_path
 # -- replays run through the panel's controller: off the kernel thread, with progress and cancel ---------------
 
 
+@pytest.mark.slow
 def test_interpolate_runs_off_the_kernel_thread_with_progress_in_the_status_and_cancel_works(tiny_pipe, inputs):
     import threading
 
@@ -222,6 +227,7 @@ def test_interpolate_runs_off_the_kernel_thread_with_progress_in_the_status_and_
     widget.close()
 
 
+@pytest.mark.slow
 def test_the_x0_filmstrip_is_a_controller_task(tiny_pipe, inputs):
     import threading
 
@@ -248,6 +254,7 @@ def test_the_x0_filmstrip_is_a_controller_task(tiny_pipe, inputs):
     widget.close()
 
 
+@pytest.mark.slow
 def test_the_attention_section_lays_the_runs_maps_over_its_output(tiny_pipe, inputs):
     result = tiny_pipe.generate(inputs, steps=2, seed=1, trace_attention=True)
     tab = InspectorTab()
@@ -270,6 +277,7 @@ def test_without_traced_attention_the_section_says_how_to_get_it(tiny_pipe, run)
     assert bytes(tab.attention_image.value) == b"" and "Attention" not in tab.errors
 
 
+@pytest.mark.slow
 def test_the_direction_gap_is_computed_on_request_with_the_typed_prompts(tiny_pipe, run):
     tab = InspectorTab()
     tab.show(run, tiny_pipe)

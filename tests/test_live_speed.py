@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderTiny, StableDiffusionPipeline
+from helpers import WAIT, pixels
 
 from imageprompt_widgets import ImagePromptPipeline, SettingsError
 from imageprompt_widgets.engine.pipeline import STAGES
@@ -17,10 +18,6 @@ from imageprompt_widgets.loading import cache
 from imageprompt_widgets.loading.offline import ensure_tiny_models, ensure_tiny_taesd, sample_image
 
 FAST = {"steps": 3, "seed": 5}
-
-
-def pixels(image) -> np.ndarray:
-    return np.asarray(image).astype(int)
 
 
 def test_a_tiny_decoder_run_equals_bare_diffusers_with_autoencoder_tiny(tiny_pipe, image):
@@ -153,8 +150,8 @@ def test_a_controller_run_that_loaded_the_model_counts_the_loading(image):
     from imageprompt_widgets.engine.runners import InlineRunner
 
     controller = Controller("tiny", runner=InlineRunner(), previews=False)
-    first = controller.submit(image, controller.default_settings().replace(steps=1)).future.result()
-    second = controller.submit(image, controller.default_settings().replace(steps=1)).future.result()
+    first = controller.submit(image, controller.default_settings().replace(steps=1)).future.result(WAIT)
+    second = controller.submit(image, controller.default_settings().replace(steps=1)).future.result(WAIT)
     assert next(iter(first.timings)) == "loading" and "loading" not in second.timings
     parts = sum(seconds for stage, seconds in first.timings.items() if stage != "total")
     assert abs(parts - first.timings["total"]) <= 0.05 * first.timings["total"]

@@ -11,6 +11,7 @@ import io
 import ipywidgets
 import numpy as np
 import pytest
+from helpers import WAIT
 from PIL import Image
 
 from imageprompt_widgets import ImagePromptWidget, methods
@@ -23,7 +24,6 @@ from imageprompt_widgets.widget.gallery import TILE_PX, enlarged, recipe_line
 from imageprompt_widgets.widget.panel import NO_INPUT, START
 
 FAST = {"steps": 2, "guidance_scale": 7.5}
-WAIT = 60
 
 
 def choose(dropdown: ipywidgets.Dropdown, value) -> None:
