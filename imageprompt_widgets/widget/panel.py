@@ -701,7 +701,7 @@ class ImagePromptWidget(widgets.VBox):
             self._on_started(event)
         elif isinstance(event, Step):
             self.progress.value = event.step
-            self._say(self._step_text(event))
+            self._say(self._step_text(event), hover=f"{event.steps_per_second:.1f} UNet steps per second (it/s)")
         elif isinstance(event, Preview):
             if event.job is self._grid_job:
                 self.grid.show_previews(list(event.jpegs))
@@ -762,7 +762,7 @@ class ImagePromptWidget(widgets.VBox):
         if event.job.kind != "generate":
             return f"{event.job.kind}: step {event.step}/{event.total}"
         hint = "" if self.controller.background else " — stop with the kernel's stop button"
-        return f"Step {event.step}/{event.total} · {event.steps_per_second:.1f} it/s{hint}{self._step_note}"
+        return f"Step {event.step}/{event.total}{hint}{self._step_note}"
 
     def _on_cancelled(self, event: Cancelled) -> None:
         self._stop_grid(event)
@@ -797,14 +797,15 @@ class ImagePromptWidget(widgets.VBox):
         self.history.add_run(result.images, result.recipe, job.images, list(job.settings.weights), job.negatives,
                              result.trace)
         self.result = result
-        speed = f", {job.steps_per_second:.1f} it/s" if job.step else ""
-        done = f"Done: {count(len(result.images), 'image')} in {result.seconds:.1f} s{speed}, seed {result.settings.seed}."
+        speed = f"{job.steps_per_second:.1f} UNet steps per second (it/s)" if job.step else ""
+        hover = "; ".join(part for part in (speed, result.describe_timings()) if part)
+        done = f"Done: {count(len(result.images), 'image')} in {result.seconds:.1f} s, seed {result.settings.seed}."
         prompt = self.controls.controls.get("prompt")
         caption = result.recipe.get("caption")
         if caption and prompt is not None and not prompt.value.strip():
             prompt.value = caption  # the caption route: show BLIP's words where the user can edit them
             done += " BLIP's caption is in the prompt field: edit it and Generate again."
-        self._say(done)
+        self._say(done, hover=hover)
         try:
             labels = self.inputs.names if len(self.inputs.items) == len(job.images) else None
             self.inspector.show(result, self.controller.pipeline, inputs=job.images, adapter_images=job.adapter_images,
@@ -879,10 +880,12 @@ class ImagePromptWidget(widgets.VBox):
 
     # -- status --------------------------------------------------------------------------------
 
-    def _say(self, text: str, error: bool = False) -> None:
+    def _say(self, text: str, error: bool = False, hover: str = "") -> None:
+        """The status line in plain words; ``hover`` holds the technical detail (speed, stage timings)."""
         self._status_text = text
         color = "#b00020" if error else "inherit"
-        self.status_line.value = f"<div style='color:{color};line-height:1.3'>{html.escape(text)}</div>"
+        title = f" title='{html.escape(hover, quote=True)}'" if hover else ""
+        self.status_line.value = f"<div style='color:{color};line-height:1.3'{title}>{html.escape(text)}</div>"
         if not error:
             self.details.layout.display = "none"
 
