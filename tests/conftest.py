@@ -11,6 +11,9 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("IMAGEPROMPT_CACHE_DIR", str(Path(tempfile.gettempdir()) / "imageprompt-test-cache"))
 os.environ.pop("IMAGEPROMPT_MODEL", None)
+# No bfloat16 CPU, for this process (cpu_only below) and the CLIs, kernels and accelerate workers it starts: a
+# precision="auto" run computes in float32 everywhere, so their pixels equal the suite's.
+os.environ["IMAGEPROMPT_CPU_BFLOAT16"] = "0"
 # The tiny models gain nothing from a second thread, and on a busy 2-core machine two torch threads per
 # process thrash: measured 0.7-1.0 s vs 11-14 s for a 10-step tiny run. Subprocesses (kernels) inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")

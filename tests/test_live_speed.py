@@ -6,6 +6,8 @@ that each lever does what it says (the pixels it gives, the work it skips, the r
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -189,3 +191,14 @@ def test_the_hyper_preset_is_fast_and_keeps_guidance(image, other_image):
     expected = bare(prompt_embeds=res.trace.prompt_embeds, negative_prompt_embeds=res.trace.negative_prompt_embeds,
                     num_inference_steps=8, guidance_scale=5.0, generator=torch.Generator("cpu").manual_seed(3)).images[0]
     assert np.abs(pixels(res.images[0]) - pixels(expected)).max() <= 1
+
+
+def test_the_environment_can_say_float32_only_for_every_process_it_starts():
+    """``IMAGEPROMPT_CPU_BFLOAT16=0`` (the suite sets it): a subprocess's precision "auto" stays float32 too."""
+    import subprocess
+    import sys
+
+    code = "from imageprompt_widgets.loading.cache import cpu_has_bfloat16; print(cpu_has_bfloat16())"
+    said = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120,
+                          env={**os.environ, "IMAGEPROMPT_CPU_BFLOAT16": "0"})
+    assert said.stdout.strip() == "False"

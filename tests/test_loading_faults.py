@@ -526,7 +526,7 @@ HUB_SENTENCES = {
     "offline": "Model 'org/model' is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading it: "
                "run once with network access (or `hf download org/model`) and try again.",
     "no-network": "Model 'org/model' could not be downloaded (no network?): connect once to fetch it, or use "
-                  "model='tiny' to try the tool offline.",
+                  "model='toy' (the toy world, trained, shipped with the package) to try the tool offline.",
     "unauthorized": f"The Hugging Face Hub refused access to model 'org/model' (HTTP 401): {LOGIN}, and accept the "
                     "model's licence on https://huggingface.co/org/model if it has one.",
     "rate-limited": "The Hugging Face Hub is limiting downloads of model 'org/model' (HTTP 429, too many requests): "

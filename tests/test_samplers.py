@@ -46,7 +46,7 @@ def test_every_scheduler_the_settings_offer_is_one_written_out_by_hand_here():
     """Against this file's own table (samplers.py checks its table against the settings at import)."""
     config = PNDMScheduler().config
     built = {name: expected_scheduler(name, config) for name in SCHEDULERS}  # a KeyError names an unknown one
-    assert len(built) == len(SCHEDULERS) == 8
+    assert len(built) == len(SCHEDULERS) == 9
     assert SCHEDULERS[0] == GenerationSettings().scheduler == "pndm"
 
 

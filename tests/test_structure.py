@@ -361,8 +361,8 @@ def test_widget_structure_section_previews_the_edge_map_and_runs_with_it(tiny_pi
     try:
         box = widget.controls.groups["structure"]  # the panel's Structure group
         labels = [getattr(child, "description", None) for child in box.children]
-        assert labels[:7] == ["structure", "canny low", "canny high", "control scale", "control start",
-                              "control end", "strength"]
+        assert labels[:7] == ["keep layout", "edges low", "edges high", "layout strength", "layout from",
+                              "layout until", "how much changes"]  # the settings' plain labels, in the spec's order
         assert widget.structure_upload in widget.structure_extras.children and widget.structure_extras in box.children
         assert box.children.index(widget.structure_extras) < box.children.index(widget.controls["control_units"])
         assert box.children[-1] is widget.maps  # the maps close the section
