@@ -140,8 +140,11 @@ def _check(done: subprocess.CompletedProcess, way: str) -> None:
 
 
 def _same_files(first: Path, second: Path) -> bool:
-    names = sorted(path.name for path in first.iterdir())
-    return names == sorted(path.name for path in second.iterdir()) and all(
+    """The same outputs: PNGs and manifest, byte for byte (the lock file names the process that wrote them)."""
+    from imageprompt_widgets.batch.run import LOCK_FILE
+
+    names = sorted(path.name for path in first.iterdir() if path.name != LOCK_FILE)
+    return names == sorted(path.name for path in second.iterdir() if path.name != LOCK_FILE) and all(
         (first / name).read_bytes() == (second / name).read_bytes() for name in names)
 
 

@@ -220,3 +220,14 @@ def build_realsize_lcm_lora(folder: str | os.PathLike, seed: int = REALSIZE_SEED
     layers = random_lora_layers(unet, LCM_LORA_TARGETS, REALSIZE_LCM_LORA_RANK, seed, up_std=0.01)
     del unet
     StableDiffusionPipeline.save_lora_weights(str(folder), unet_lora_layers=layers, safe_serialization=True)
+
+
+def realsize_taesd() -> Any:
+    """A random ``AutoencoderTiny`` of TAESD's size (madebyollin/taesd's config: 4 latent channels, 64-wide blocks,
+    about 2.4 M weights): what ``decoder="tiny"`` costs on SD 1.x, without the download."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(REALSIZE_SEED)
+        return AutoencoderTiny().eval()

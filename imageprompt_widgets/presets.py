@@ -85,10 +85,16 @@ class Preset:
 _VARIATIONS_DEFAULTS = (("mode", "single"), ("negative", "zeros"))
 #: The toy world's sampling: 20 steps, guidance 2 (what its measurements use).
 _TOY_DEFAULTS = (("steps", 20), ("guidance_scale", 2.0))
-#: The live mode: LCM-LoRA's 4 steps with the LCM scheduler and no unconditional pass (guidance 1).
-LIVE_DEFAULTS = (("scheduler", "lcm"), ("steps", 4), ("guidance_scale", 1.0))
+#: The live mode: LCM-LoRA's 4 steps with the LCM scheduler and no unconditional pass (guidance 1), decoded by the
+#: tiny decoder (TAESD: at 512 px the full VAE decoder is ~40 % of a 4-step run's work, TAESD's ~3 %).
+LIVE_DEFAULTS = (("scheduler", "lcm"), ("steps", 4), ("guidance_scale", 1.0), ("decoder", "tiny"))
 #: Latent Consistency distilled into a LoRA for SD 1.5 (about 135 MB): 2-8 steps instead of 30.
 LCM_LORA_SD15 = "latent-consistency/lcm-lora-sdv1-5"
+#: Few steps that keep classifier-free guidance: ByteDance's Hyper-SD LoRA trained with CFG preserved (8 steps,
+#: DDIM on trailing timesteps, guidance 5-8 as its README says), so negative text and negative images still act;
+#: LCM-LoRA at guidance 1 runs no unconditional branch at all. The tiny decoder as in live mode.
+HYPER_SD15_CFG = "ByteDance/Hyper-SD:Hyper-SD15-8steps-CFG-lora.safetensors"
+HYPER_DEFAULTS = (("scheduler", "ddim_trailing"), ("steps", 8), ("guidance_scale", 5.0), ("decoder", "tiny"))
 #: lllyasviel's ControlNets (canny, depth; structure/controlnets.py), trained on SD 1.5 (its UNet is SD 1.4's,
 #: fine-tuned), so they fit both.
 SD15_CONTROLNETS = "sd15"
@@ -176,8 +182,9 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
             clip_model="openai/clip-vit-large-patch14",
             loras=((LCM_LORA_SD15, 1.0),),
             defaults=LIVE_DEFAULTS,
-            note="live mode for teaching: SD 1.5 + LCM-LoRA, 4 steps with the lcm scheduler, guidance 1",
-            download_size="about 5.5 GB (SD 1.5) + 1.7 GB (CLIP ViT-L/14) + 135 MB (LCM-LoRA)",
+            note="live mode for teaching: SD 1.5 + LCM-LoRA, 4 steps with the lcm scheduler, guidance 1, the tiny "
+                 "decoder (TAESD)",
+            download_size="about 5.5 GB (SD 1.5) + 1.7 GB (CLIP ViT-L/14) + 135 MB (LCM-LoRA) + 10 MB (TAESD)",
             controlnet=SD15_CONTROLNETS,
         ),
         "tiny-live": Preset(
@@ -186,7 +193,8 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
             clip_model="tiny",
             loras=(("tiny-lcm-lora", 1.0),),
             defaults=LIVE_DEFAULTS,
-            note="offline twin of 'sd15-live': the tiny preset plus a random LoRA shaped like LCM-LoRA",
+            note="offline twin of 'sd15-live': the tiny preset plus a random LoRA shaped like LCM-LoRA and a random "
+                 "tiny decoder shaped like TAESD",
             download_size="nothing (built locally, under 1 MB more than tiny)",
             offline_builder="tiny",
             controlnet="tiny",
@@ -328,6 +336,28 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
             note="BLIP writes a caption you can edit; SD draws from the text (the image modes work too)",
             download_size="about 5.5 GB (SD 1.4) + 1.7 GB (CLIP ViT-L/14) + 1 GB (BLIP base)",
             controlnet=SD15_CONTROLNETS,
+        ),
+        "sd15-hyper": Preset(
+            name="sd15-hyper",
+            sd_model="stable-diffusion-v1-5/stable-diffusion-v1-5",
+            clip_model="openai/clip-vit-large-patch14",
+            loras=((HYPER_SD15_CFG, 1.0),),
+            defaults=HYPER_DEFAULTS,
+            note="fast with guidance: SD 1.5 + Hyper-SD's CFG-preserved LoRA, 8 steps (ddim_trailing), guidance 5, "
+                 "so negative text and negative images still act; the tiny decoder (TAESD)",
+            download_size="about 5.5 GB (SD 1.5) + 1.7 GB (CLIP ViT-L/14) + 135 MB (Hyper-SD LoRA) + 10 MB (TAESD)",
+            controlnet=SD15_CONTROLNETS,
+        ),
+        "tiny-hyper": Preset(
+            name="tiny-hyper",
+            sd_model="tiny",
+            clip_model="tiny",
+            loras=(("tiny-hyper-lora", 1.0),),
+            defaults=HYPER_DEFAULTS,
+            note="offline twin of 'sd15-hyper': the tiny preset plus a random LoRA shaped like Hyper-SD's and a random "
+                 "tiny decoder shaped like TAESD",
+            download_size="nothing (built locally, under 1 MB more than tiny)",
+            offline_builder="tiny",
         ),
         "tiny-caption": Preset(
             name="tiny-caption",

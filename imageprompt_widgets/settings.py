@@ -33,13 +33,22 @@ BLENDS = ("interpolate", "concat")
 NEGATIVES = ("empty_prompt", "zeros", "image")
 #: The denoising schedulers (samplers) a run can use; each is built from the loaded model's own scheduler
 #: config (engine/samplers.py). ``pndm`` is SD 1.x's own, the guide's.
-SCHEDULERS = ("pndm", "ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "unipc", "lcm")
+SCHEDULERS = ("pndm", "ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "unipc", "lcm", "ddim_trailing")
 #: Where the starting noise comes from: a generator on the model's device (diffusers' way, the contract's
 #: default) or always the CPU's, so one seed gives the same picture on CPU, CUDA and MPS.
 NOISE_SOURCES = ("device", "cpu")
 #: The LCM scheduler plans its steps inside this many of the original schedule's (diffusers' LCMScheduler
 #: ``original_inference_steps``): more steps than this are refused.
 LCM_MAX_STEPS = 50
+#: The VAE decoder that turns the final latents into the picture: the model's own (``full``) or TAESD
+#: (``tiny``: diffusers' ``AutoencoderTiny``, about 18x less work at 512 px, slightly softer; the live presets' choice).
+DECODERS = ("full", "tiny")
+#: The arithmetic a run computes in: ``auto`` picks bfloat16 autocast for few-step (live) runs on a CPU that has
+#: bfloat16 instructions and float32 otherwise; ``float32`` never autocasts; ``bfloat16`` always does.
+PRECISIONS = ("auto", "float32", "bfloat16")
+#: ``precision="auto"`` autocasts runs of at most this many steps (live and few-step runs; the 30-step default
+#: run stays in float32, so its pixels equal bare diffusers').
+AUTOCAST_MAX_STEPS = 8
 #: How an image is made square for CLIP: CLIP's own center crop, a squash, or padding.
 CROPS = ("center_crop", "squash", "pad")
 #: IP-Adapter layers that receive the image (SD 1.x; "style" and "composition" after InstantStyle's SD 1.5
@@ -195,7 +204,8 @@ class GenerationSettings:
     )
     steps: int = _spec("int", 30, "steps", "denoising steps", min=1, max=150, step=1)
     scheduler: str = _spec(
-        "choice", "pndm", "sampler", "the scheduler that plans the steps: pndm is SD's own; lcm needs an LCM model (the -live presets)",
+        "choice", "pndm", "sampler", "the scheduler that plans the steps: pndm is SD's own; lcm needs an LCM model "
+        "(the -live presets); ddim_trailing is DDIM ending on the last timestep, for few-step models (the -hyper presets)",
         choices=SCHEDULERS,
     )
     guidance_scale: float = _spec(
@@ -205,6 +215,15 @@ class GenerationSettings:
     noise: str = _spec(
         "choice", "device", "noise from", "where the seed's noise is drawn: the model's device, or the CPU (the same "
         "picture on every machine)", choices=NOISE_SOURCES, advanced=True,
+    )
+    decoder: str = _spec(
+        "choice", "full", "decoder", "what turns the final latents into the picture: full (the model's own VAE) or "
+        "tiny (TAESD: much faster, slightly softer)", choices=DECODERS, advanced=True,
+    )
+    precision: str = _spec(
+        "choice", "auto", "precision", "auto: bfloat16 on CPUs that have it for runs of at most "
+        f"{AUTOCAST_MAX_STEPS} steps (live), float32 otherwise; float32: never bfloat16",
+        choices=PRECISIONS, advanced=True,
     )
     num_images: int = _spec("int", 1, "how many", "how many images, batched", min=1, max=8, step=1)
     height: int | None = _spec(
@@ -424,7 +443,10 @@ CHOICE_WORDS: dict[str, dict[str, str]] = {
                 "slerp": "along the sphere"},
     "scheduler": {"pndm": "SD's own", "ddim": "DDIM", "euler": "Euler", "euler_a": "Euler, random",
                   "dpmpp_2m": "DPM++", "dpmpp_2m_karras": "DPM++ Karras", "unipc": "UniPC",
-                  "lcm": "LCM, few steps"},
+                  "lcm": "LCM, few steps", "ddim_trailing": "DDIM, few steps (Hyper-SD)"},
+    "decoder": {"full": "the model's own (exact)", "tiny": "tiny (TAESD: fast, softer)"},
+    "precision": {"auto": "automatic (bfloat16 for live runs)", "float32": "float32 always",
+                  "bfloat16": "bfloat16 always"},
     "noise": {"device": "the model's chip", "cpu": "the CPU: same everywhere"},
     "negative": {"empty_prompt": "the negative prompt", "zeros": "nothing (zeros)", "image": "negative images"},
     "crop": {"center_crop": "cut the middle", "squash": "squash", "pad": "pad with white"},

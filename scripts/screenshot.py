@@ -2,9 +2,9 @@
 
     python scripts/screenshot.py
 
-It runs ``tests/browser/test_lab.py::test_panel_in_jupyterlab`` (Debian's Chromium, the tiny preset, so
-the images are honest noise) with ``IMAGEPROMPT_SCREENSHOT`` set, which makes the test capture the panel
-right after its first run; then it shrinks the capture to a small palette PNG (well under 200 KB).
+It runs ``tests/browser/test_lab.py::test_the_toy_world_draws_its_input_anew_in_jupyterlab`` (Debian's Chromium;
+the toy world's trained IP-Adapter, offline, so the picture follows its input) with ``IMAGEPROMPT_SCREENSHOT``
+set, which makes the test capture the panel after its run; then it shrinks the capture to a small palette PNG.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as folder:
         capture = Path(folder) / "panel.png"
         env = dict(os.environ, IMAGEPROMPT_SCREENSHOT=str(capture), IMAGEPROMPT_REQUIRE_BROWSER="1")
-        test = "tests/browser/test_lab.py::test_panel_in_jupyterlab"
+        test = "tests/browser/test_lab.py::test_the_toy_world_draws_its_input_anew_in_jupyterlab"
         done = subprocess.run([sys.executable, "-m", "pytest", test, "-q", "-p", "no:cacheprovider"],
                               check=False, cwd=ROOT, env=env)
         if done.returncode != 0 or not capture.exists():

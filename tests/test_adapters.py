@@ -13,6 +13,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import pixels
 from PIL import Image
 
 from imageprompt_widgets import GenerationSettings, ImagePromptPipeline, SettingsError
@@ -27,10 +28,6 @@ MIXED = Preset(
     ip_adapter=("tiny-ip-adapter", "tiny-ip-adapter-plus"), method="ip_adapter",
     defaults=(("mode", "ip_adapter"),), image_tokens_fit=False,
 )
-
-
-def pixels(images) -> np.ndarray:
-    return np.stack([np.asarray(image, dtype=np.int16) for image in images])
 
 
 def bare(pipe, images, **kwargs):
@@ -81,6 +78,7 @@ def test_plus_twin_is_written_in_ip_adapters_own_layout_and_loads_back_unchanged
 
 
 @pytest.mark.parametrize("preset", ["tiny-ip-adapter-plus", "tiny-ip-adapter-plus-face"])
+@pytest.mark.slow
 def test_plus_adapters_equal_bare_diffusers(preset, image):
     pipe = ImagePromptPipeline.from_preset(preset)
     res = pipe.generate(image, prompt="a cat", **FAST)

@@ -137,12 +137,13 @@ def test_without_trace_attention_nothing_is_hooked_and_maps_are_none(tiny_pipe, 
         seen.append((_hooks_on(unet), len(unet._forward_pre_hooks)))
 
     off = tiny_pipe.generate(image, steps=2, seed=0, on_step=look)
-    assert len(seen) == 3 and set(seen) == {(0, 0)}  # PNDM: 2 steps are 3 UNet calls
+    counting = 1  # the run's own UNet call counter (res.unet_calls), there on every run
+    assert len(seen) == 3 and set(seen) == {(0, counting)}  # PNDM: 2 steps are 3 UNet calls
     assert off.trace.attention_maps is None
     seen.clear()
     on = tiny_pipe.generate(image, steps=2, seed=0, on_step=look, trace_attention=True)
     layers = len(attention.cross_attention_layers(unet))
-    assert set(seen) == {(layers, 1)}  # one hook per cross-attention layer, one for the latent size
+    assert set(seen) == {(layers, counting + 1)}  # one hook per cross-attention layer, one for the latent size
     assert _hooks_on(unet) == 0 and len(unet._forward_pre_hooks) == 0  # removed after the run
     assert unet.attn_processors == processors  # the processors are never swapped
     # Recording reads the softmax beside the processors, so the pictures do not change.

@@ -12,10 +12,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import HeldPipeline, optional_module, pixels
 from PIL import Image
 
 from imageprompt_widgets.batch.manifest import PARTS_FOLDER, read_manifest
-from imageprompt_widgets.batch.run import item_key, model_identity, output_name, plan_jobs, run_batch
+from imageprompt_widgets.batch.run import (
+    LOCK_FILE,
+    item_key,
+    model_identity,
+    output_name,
+    plan_jobs,
+    run_batch,
+)
 from imageprompt_widgets.batch.sources import SourceItem, open_source
 from imageprompt_widgets.cli import main
 from imageprompt_widgets.cli.batch import parse_seeds
@@ -42,32 +50,14 @@ def folder(tmp_path: Path) -> Path:
     return photos
 
 
-def pixels(path: Path | str) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
-
-
 def manifest_rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
-
-
-class CountingGenerate:
-    """Wraps the tiny pipeline's generate to count the runs a batch makes."""
-
-    def __init__(self, pipe, monkeypatch):
-        self.calls: list[int] = []
-        real = pipe.generate
-
-        def counting(images, settings=None, **kwargs):
-            self.calls.append(settings.seed)
-            return real(images, settings, **kwargs)
-
-        monkeypatch.setattr(pipe, "generate", counting)
 
 
 # -- the grid, the PNGs and the manifest ------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_batch_writes_a_png_per_image_and_seed_equal_to_generate(folder, tmp_path, capsys, tiny_pipe):
     out = tmp_path / "out"
     code = main(["batch", str(folder), "-o", str(out), "--seeds", "0,1", *STEPS])
@@ -125,8 +115,9 @@ def test_the_output_folder_inside_the_input_is_not_listed(folder):
     assert labels == ["a.png", "b.png", "more/c.jpg", "out.png"]
 
 
+@pytest.mark.slow
 def test_parquet_manifest_has_the_same_rows(folder, tmp_path):
-    pq = pytest.importorskip("pyarrow.parquet")
+    pq = optional_module("pyarrow.parquet")
     jsonl, parquet = tmp_path / "jsonl", tmp_path / "parquet"
     assert main(["batch", str(folder), "-o", str(jsonl), *STEPS]) == 0
     assert main(["batch", str(folder), "-o", str(parquet), "--manifest", "parquet", *STEPS]) == 0
@@ -140,16 +131,17 @@ def test_parquet_manifest_has_the_same_rows(folder, tmp_path):
 # -- resuming by content ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_rerun_skips_finished_items_by_content_not_by_name(folder, tmp_path, tiny_pipe, monkeypatch, capsys):
     out = tmp_path / "out"
     assert main(["batch", str(folder), "-o", str(out), "--seeds", "0,1", *STEPS]) == 0
     first = {row["file"]: (out / row["file"]).read_bytes() for row in manifest_rows(out)}
-    counter = CountingGenerate(tiny_pipe, monkeypatch)
+    counter = HeldPipeline.in_place(tiny_pipe, monkeypatch)
     capsys.readouterr()
 
     (folder / "b.png").rename(folder / "renamed.png")  # same pixels, new name: nothing to redo
     assert main(["batch", str(folder), "-o", str(out), "--seeds", "0,1", *STEPS]) == 0
-    assert counter.calls == []
+    assert counter.seeds == []
     rows = manifest_rows(out)
     renamed = [row for row in rows if row["input"] == "renamed.png"]
     assert [row["file"] for row in renamed] == [row["file"] for row in rows if row["input"] == "b.png"]
@@ -160,12 +152,12 @@ def test_a_rerun_skips_finished_items_by_content_not_by_name(folder, tmp_path, t
     image.putpixel((0, 0), (0, 0, 0))  # one pixel changed: that image runs again, for both seeds
     image.save(folder / "a.png")
     assert main(["batch", str(folder), "-o", str(out), "--seeds", "0,1,2", *STEPS]) == 0
-    assert counter.calls == [0, 1, 2, 2, 2]  # a.png anew; renamed.png and c.jpg only for the new seed
+    assert counter.seeds == [0, 1, 2, 2, 2]  # a.png anew; renamed.png and c.jpg only for the new seed
     assert all((out / name).read_bytes() == data for name, data in first.items())  # nothing overwritten
 
-    counter.calls.clear()
+    counter.seeds.clear()
     assert main(["batch", str(folder), "-o", str(out), "--seeds", "0", "--model", "tiny", "--steps", "3"]) == 0
-    assert counter.calls == [0, 0, 0]  # another setting: another item
+    assert counter.seeds == [0, 0, 0]  # another setting: another item
 
 
 def test_a_stopped_run_keeps_what_it_finished_and_the_rerun_does_the_rest(folder, tmp_path, tiny_pipe, monkeypatch,
@@ -187,9 +179,9 @@ def test_a_stopped_run_keeps_what_it_finished_and_the_rerun_does_the_rest(folder
     assert not (out / PARTS_FOLDER).exists()
 
     monkeypatch.setattr(tiny_pipe, "generate", real)
-    counter = CountingGenerate(tiny_pipe, monkeypatch)
+    counter = HeldPipeline.in_place(tiny_pipe, monkeypatch)
     assert main(["batch", str(folder), "-o", str(out), "--seeds", "0,1", *STEPS]) == 0
-    assert counter.calls == [0, 1, 0, 1]
+    assert counter.seeds == [0, 1, 0, 1]
     assert len(manifest_rows(out)) == 6
 
 
@@ -201,9 +193,9 @@ def test_rows_left_in_part_files_by_a_crash_count_as_done(folder, tmp_path, tiny
     (out / "manifest.jsonl").rename(out / PARTS_FOLDER / "rows-1.jsonl")  # as a killed second process leaves it
     with (out / PARTS_FOLDER / "rows-1.jsonl").open("a") as part:
         part.write('{"input": "half a line')  # cut short mid-write
-    counter = CountingGenerate(tiny_pipe, monkeypatch)
+    counter = HeldPipeline.in_place(tiny_pipe, monkeypatch)
     assert main(["batch", str(folder), "-o", str(out), *STEPS]) == 0
-    assert counter.calls == []
+    assert counter.seeds == []
     assert (out / "manifest.jsonl").read_text() == manifest
     assert not (out / PARTS_FOLDER).exists()
 
@@ -211,6 +203,7 @@ def test_rows_left_in_part_files_by_a_crash_count_as_done(folder, tmp_path, tiny
 # -- bad items ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_bad_items_are_one_line_each_and_the_batch_goes_on(folder, tmp_path, capsys):
     (folder / "broken.png").write_text("not a png")
     out = tmp_path / "out"
@@ -347,7 +340,7 @@ def test_parse_seeds():
 
 
 def _dataset(count: int = 3, **columns):
-    datasets = pytest.importorskip("datasets")
+    datasets = optional_module("datasets")
     images = [sample_image(i) for i in range(count)]
     features = datasets.Features({"picture": datasets.Image(), "label": datasets.Value("int64"),
                                   **{name: datasets.Value(kind) for name, (kind, _) in columns.items()}})
@@ -370,7 +363,7 @@ def test_a_saved_dataset_with_an_image_column_and_per_row_settings(tmp_path, tin
 
 
 def test_a_saved_dataset_dict_needs_a_split_when_ambiguous(tmp_path, capsys):
-    datasets = pytest.importorskip("datasets")
+    datasets = optional_module("datasets")
     dataset, _ = _dataset(2)
     datasets.DatasetDict({"test": dataset, "validation": dataset}).save_to_disk(str(tmp_path / "saved"))
     assert main(["batch", str(tmp_path / "saved"), "-o", str(tmp_path / "out"), *STEPS]) == 2
@@ -381,7 +374,7 @@ def test_a_saved_dataset_dict_needs_a_split_when_ambiguous(tmp_path, capsys):
 
 def test_a_hub_dataset_offline_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    pytest.importorskip("datasets")
+    optional_module("datasets")
     code = main(["batch", "hf://datasets/someone/pictures", "-o", str(tmp_path / "out"), *STEPS])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
@@ -389,7 +382,7 @@ def test_a_hub_dataset_offline_is_one_line_and_exit_2(tmp_path, capsys, monkeypa
 
 
 def test_a_hub_dataset_is_loaded_with_load_dataset(tmp_path, monkeypatch):
-    datasets = pytest.importorskip("datasets")
+    datasets = optional_module("datasets")
     dataset, _ = _dataset(2)
     asked = []
     monkeypatch.setattr(datasets, "load_dataset",
@@ -447,7 +440,7 @@ def test_help_lists_the_grid_and_every_setting_but_the_single_seed(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "--seeds SEEDS" in text and "--steps STEPS" in text and "--manifest {jsonl,parquet}" in text
     assert "--seed " not in text and "exit codes: 0 every item done" in text
-    assert "denoising steps; 1 to 150 (default: 30)" in text
+    assert "denoising steps; 1 to 150 (default: 30; 20 on toy" in " ".join(text.split())
 
 
 # -- several processes -------------------------------------------------------------------------------------------
@@ -462,7 +455,7 @@ def _free_port() -> int:
 def accelerate_launch(processes: int, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     """``accelerate launch --multi_gpu --num_processes N -m imageprompt_widgets.cli ...`` on this machine's
     CPU: without CUDA the processes talk over gloo (``PartialState(cpu=True)``)."""
-    pytest.importorskip("accelerate")
+    optional_module("accelerate")
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     if processes > 1:
@@ -486,8 +479,8 @@ def test_two_processes_give_byte_identical_outputs_and_resume_a_one_process_run(
     done = accelerate_launch(2, "batch", str(folder), "-o", str(together), *grid, cwd=tmp_path)
     assert done.returncode != 0  # broken.png failed, as alone
     assert "imageprompt: 8 generated (8 PNGs), 4 already done, 3 failed on 2 processes" in done.stderr, done.stderr
-    names = sorted(path.name for path in alone.iterdir())
-    assert names == sorted(path.name for path in together.iterdir())
+    names = sorted(path.name for path in alone.iterdir() if path.name != LOCK_FILE)  # it names its writer
+    assert names == sorted(path.name for path in together.iterdir() if path.name != LOCK_FILE)
     for name in names:
         assert (alone / name).read_bytes() == (together / name).read_bytes(), name
     assert len(manifest_rows(together)) == 12

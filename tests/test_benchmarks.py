@@ -159,6 +159,7 @@ def test_cache_benchmark_gets_the_same_pipeline_and_widgets_share_it(tmp_path):
     _result(tmp_path, "cache")
 
 
+@pytest.mark.slow
 def test_latency_benchmark_sees_previews_before_the_final_image(tmp_path):
     from benchmarks import latency
 
@@ -197,6 +198,7 @@ def test_batch_benchmark_runs_and_one_and_two_processes_write_the_same_bytes(tmp
     _result(tmp_path, "batch")
 
 
+@pytest.mark.slow
 def test_gpu_benchmark_smoke_runs_on_the_cpu(tmp_path):
     from benchmarks import gpu
 
@@ -215,15 +217,24 @@ def test_gpu_benchmark_refuses_to_run_without_cuda_when_asked_for_it(tmp_path):
         gpu.main(["--out", str(tmp_path)])
 
 
+@pytest.mark.slow
 def test_samplers_benchmark_counts_the_live_modes_unet_calls(tmp_path):
     from benchmarks import samplers
     from imageprompt_widgets.settings import SCHEDULERS
 
     (row,) = samplers.main(["--quick", "--out", str(tmp_path)])["rows"]
-    live, default = row["live"]["live"], row["live"]["default"]
-    assert (live["scheduler"], live["steps"], live["unet_calls"], live["rows_per_call"]) == ("lcm", 4, 4, [1])
-    assert (default["scheduler"], default["unet_calls"], default["rows_per_call"]) == ("pndm", 5, [2])  # 4 + 1
-    assert row["live"]["ratio"] > 0
+    measured = row["live"]["sizes"][64]
+    runs = measured["runs"]
+    tiny, full, default = runs["live, tiny decoder"], runs["live, full decoder"], runs["default"]
+    assert (tiny["scheduler"], tiny["steps"], tiny["unet_calls"], tiny["decoder"]) == ("lcm", 4, 4, "tiny")
+    assert (full["unet_calls"], full["decoder"]) == (4, "full")
+    # Measured at 4 steps (PNDM: 5 calls), its denoising scaled to the 30-step run's 31 calls.
+    assert (default["scheduler"], default["steps"], default["unet_calls"], default["dtype"]) == (
+        "pndm", 30, 31, "float32")
+    for run in runs.values():
+        stages = sum(seconds for stage, seconds in run.items() if stage in samplers.STAGES)
+        assert run["total"] == pytest.approx(stages)
+    assert measured["ratio_tiny"] > 0 and {"encoding", "total"} <= set(measured["slider_move"])
     sweep = row["schedulers"]
     assert set(sweep) - {"settings"} == set(SCHEDULERS)
     assert sweep["pndm"]["unet_calls"] == 3 and sweep["ddim"]["unet_calls"] == 2  # PNDM's warm-up step

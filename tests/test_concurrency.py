@@ -5,11 +5,10 @@ from __future__ import annotations
 import threading
 
 import pytest
+from helpers import WAIT
 
 from imageprompt_widgets.engine.concurrency import CancelEvent, RunLock
 from imageprompt_widgets.loading.offline import sample_image
-
-WAIT = 30  # seconds: generous bounds on joins, never a timing assertion
 
 
 def waiter(lock: RunLock, cancel: threading.Event | None, results: list, waits: list) -> threading.Thread:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 import threading
 
-import numpy as np
 import pytest
 import torch
+from helpers import WAIT, HeldPipeline, same_pixels, solo
 
 from imageprompt_widgets import GenerationSettings, ImagePromptPipeline
 from imageprompt_widgets.engine.controller import (
@@ -35,44 +35,7 @@ from imageprompt_widgets.engine.runners import InlineRunner, ThreadRunner
 from imageprompt_widgets.engine.schedule import planned_steps
 from imageprompt_widgets.loading.offline import sample_image
 
-WAIT = 120  # seconds: bounds a deadlock, never a timing assertion
 FAST = {"steps": 2, "guidance_scale": 7.5}
-
-
-class Held:
-    """The tiny pipeline behind a proxy that can hold a run at a step and counts overlapping runs."""
-
-    def __init__(self, pipe, hold_at: int | None = None):
-        self._pipe = pipe
-        self.hold_at = hold_at
-        self.held, self.release = threading.Event(), threading.Event()
-        self.steps: list[int] = []
-        self.active = self.max_active = self.runs = 0
-        self._count = threading.Lock()
-
-    def __getattr__(self, name):
-        return getattr(self._pipe, name)
-
-    def generate(self, images, settings=None, *, on_step=None, **kwargs):
-        with self._count:
-            self.active += 1
-            self.runs += 1
-            self.max_active = max(self.max_active, self.active)
-
-        def step(info):
-            self.steps.append(info.step)
-            if on_step is not None:
-                on_step(info)
-            if info.step == self.hold_at:
-                self.hold_at = None  # hold once
-                self.held.set()
-                assert self.release.wait(WAIT)
-
-        try:
-            return self._pipe.generate(images, settings, on_step=step, **kwargs)
-        finally:
-            with self._count:
-                self.active -= 1
 
 
 class Recorder(list):
@@ -88,14 +51,6 @@ class Recorder(list):
         return [type(e).__name__ for e in self if getattr(e, "job", None) is job]
 
 
-def solo(pipe, image, **settings):
-    return pipe.generate(image, GenerationSettings.from_kwargs(**settings))
-
-
-def same_pixels(a, b) -> bool:
-    return np.array_equal(np.asarray(a), np.asarray(b))
-
-
 @pytest.fixture
 def image():
     return sample_image(0)
@@ -109,7 +64,7 @@ def test_a_run_reports_in_order_with_the_total_fixed_from_the_start(tiny_pipe, i
     events = Recorder()
     controller.subscribe(events)
     job = controller.submit(image, steps=3, seed=5)
-    result = job.future.result()
+    result = job.future.result(WAIT)
     assert same_pixels(result.images[0], solo(tiny_pipe, image, steps=3, seed=5).images[0])
     names = events.names(job)
     assert names[0] == "Started" and names[-1] == "Finished"
@@ -136,19 +91,19 @@ def test_throttling_follows_the_injected_clock_and_the_last_step_always_arrives(
                             progress_interval=0.05, clock=lambda: next(ticks) * 0.02)
     events = Recorder()
     controller.subscribe(events)
-    controller.submit(image, steps=8, guidance_scale=1.0).future.result()
+    controller.submit(image, steps=8, guidance_scale=1.0).future.result(WAIT)
     assert [s.step for s in events.of(Step)] == [1, 3, 5, 7, 9]
     assert [p.step for p in events.of(Preview)] == [1, 4, 7]
     quiet = Controller(pipeline=tiny_pipe, runner=InlineRunner(), preview_interval=3600, progress_interval=3600)
     events = Recorder()
     quiet.subscribe(events)
-    quiet.submit(image, steps=8, guidance_scale=1.0).future.result()
+    quiet.submit(image, steps=8, guidance_scale=1.0).future.result(WAIT)
     assert [s.step for s in events.of(Step)] == [1, 9]  # the first, then the last one always
     assert [p.step for p in events.of(Preview)] == [1]
     silent = Controller(pipeline=tiny_pipe, runner=InlineRunner(), previews=False)
     events = Recorder()
     silent.subscribe(events)
-    silent.submit(image, **FAST).future.result()
+    silent.submit(image, **FAST).future.result(WAIT)
     assert events.of(Preview) == []
 
 
@@ -163,7 +118,7 @@ def test_a_subscriber_that_raises_is_reported_and_the_run_goes_on(tiny_pipe, ima
     controller.subscribe(broken)
     controller.subscribe(events)
     with caplog.at_level(logging.ERROR, logger="imageprompt_widgets.engine.controller"):
-        result = controller.submit(image, **FAST).future.result()
+        result = controller.submit(image, **FAST).future.result(WAIT)
     assert same_pixels(result.images[0], solo(tiny_pipe, image, **FAST).images[0])
     failures = events.of(SubscriberFailed)
     assert len(failures) == len(events.of(Step)) == 3
@@ -185,7 +140,7 @@ def test_a_failing_run_reports_failed_and_its_future_raises(tiny_pipe, image):
     (failed,) = events.of(Failed)
     assert failed.job is job and str(failed.error) == "boom" and failed.idle
     assert not controller.busy and not tiny_pipe.lock.locked()
-    assert same_pixels(controller.submit(image, **FAST).future.result().images[0], solo(tiny_pipe, image, **FAST).images[0])
+    assert same_pixels(controller.submit(image, **FAST).future.result(WAIT).images[0], solo(tiny_pipe, image, **FAST).images[0])
 
 
 def test_bad_settings_fail_at_submit_and_nothing_is_queued(tiny_pipe, image):
@@ -206,7 +161,7 @@ def test_the_presets_own_defaults_are_the_starting_settings():
 
 
 def test_a_newer_submit_replaces_the_waiting_one_whose_future_is_cancelled(tiny_pipe, image):
-    held = Held(tiny_pipe, hold_at=1)
+    held = HeldPipeline(tiny_pipe, hold_at=1)
     controller = Controller(pipeline=held, runner=ThreadRunner(), previews=False)
     events = Recorder()
     controller.subscribe(events)
@@ -223,12 +178,12 @@ def test_a_newer_submit_replaces_the_waiting_one_whose_future_is_cancelled(tiny_
     assert first.future.result(WAIT).settings.seed == 1
     assert third.future.result(WAIT).settings.seed == 3
     assert controller.join(WAIT) and held.max_active == 1 and held.runs == 2
-    assert same_pixels(third.future.result().images[0], solo(tiny_pipe, image, seed=3, **FAST).images[0])
+    assert same_pixels(third.future.result(WAIT).images[0], solo(tiny_pipe, image, seed=3, **FAST).images[0])
     controller.close()
 
 
 def test_cancel_stops_the_running_job_within_a_step_and_drops_the_waiting_one(tiny_pipe, image):
-    held = Held(tiny_pipe, hold_at=2)
+    held = HeldPipeline(tiny_pipe, hold_at=2)
     controller = Controller(pipeline=held, runner=ThreadRunner(), previews=False, progress_interval=0)
     events = Recorder()
     controller.subscribe(events)
@@ -290,7 +245,7 @@ def test_cancel_while_loading_stops_before_the_first_step_and_keeps_the_model(ti
 
 
 def test_cancel_while_waiting_for_another_controllers_run_never_steps(tiny_pipe, image):
-    held = Held(tiny_pipe, hold_at=1)
+    held = HeldPipeline(tiny_pipe, hold_at=1)
     busy = Controller(pipeline=held, runner=ThreadRunner(), previews=False)
     holding = busy.submit(image, **FAST)
     assert held.held.wait(WAIT)  # the pipeline's run lock is now held by the other controller's run
@@ -312,11 +267,12 @@ def test_cancel_while_waiting_for_another_controllers_run_never_steps(tiny_pipe,
     assert not tiny_pipe.lock.locked()
 
 
+@pytest.mark.slow
 def test_two_controllers_on_one_cached_pipeline_take_turns_and_equal_their_solo_runs(tiny_pipe, image):
     other = sample_image(1)
     runs = [({"seed": 1, "steps": 2}, image), ({"seed": 2, "steps": 3, "mode": "single"}, other)]
     expected = [solo(tiny_pipe, img, **settings).images[0] for settings, img in runs]
-    held = Held(tiny_pipe)
+    held = HeldPipeline(tiny_pipe)
     controllers = [Controller(pipeline=held, runner=ThreadRunner(), preview_interval=0) for _ in runs]
     for _ in range(2):  # and again, so a run leaves no state behind that changes the next one
         jobs = [c.submit(img, **settings) for c, (settings, img) in zip(controllers, runs)]
@@ -347,13 +303,13 @@ def test_a_task_reports_progress_and_stops_when_cancelled(tiny_pipe):
         return "finished"
 
     job = controller.submit_task(count, label="Counting")
-    assert job.future.result() is None and done == [1, 2]
+    assert job.future.result(WAIT) is None and done == [1, 2]
     assert events.names(job) == ["Started", "Step", "Step", "Cancelled"]
     assert events.of(Cancelling)[0].jobs == (job,)
     assert (events.of(Cancelled)[0].step, events.of(Cancelled)[0].total) == (2, 5)
     assert job.kind == "Counting" and not tiny_pipe.lock.locked()
     plain = controller.submit_task(lambda task: 42)
-    assert plain.future.result() == 42 and events.of(Finished)[-1].result == 42
+    assert plain.future.result(WAIT) == 42 and events.of(Finished)[-1].result == 42
 
 
 def test_unet_steps_count_a_replays_unet_calls_and_cancel_lands_within_one(tiny_pipe, image):
@@ -368,7 +324,7 @@ def test_unet_steps_count_a_replays_unet_calls_and_cancel_lands_within_one(tiny_
                                  output_type="latent").images for _ in range(2)]
 
     job = controller.submit_task(replay, label="Replay")
-    assert len(job.future.result()) == 2
+    assert len(job.future.result(WAIT)) == 2
     assert [s.step for s in events.of(Step, job)] == list(range(1, 2 * total + 1))
     stop_at = 3
     controller.subscribe(lambda e: controller.cancel() if isinstance(e, Step) and e.step == stop_at else None)
@@ -378,7 +334,7 @@ def test_unet_steps_count_a_replays_unet_calls_and_cancel_lands_within_one(tiny_
         stopped = controller.submit_task(replay, label="Replay")
     finally:
         handle.remove()
-    assert stopped.future.result() is None and len(calls) == stop_at  # the next UNet call never ran
+    assert stopped.future.result(WAIT) is None and len(calls) == stop_at  # the next UNet call never ran
     assert events.of(Cancelled, stopped)[0].step == stop_at
 
 
@@ -390,7 +346,7 @@ def _steps_seen(pipe, image, **settings):
     events = Recorder()
     controller.subscribe(events)
     structure = settings.pop("structure_image", None)
-    controller.submit(image, structure_image=structure, **settings).future.result()
+    controller.submit(image, structure_image=structure, **settings).future.result(WAIT)
     (started,) = events.of(Started)
     return started, [(s.step, s.total) for s in events.of(Step)]
 
@@ -447,7 +403,7 @@ def test_job_cancelled_is_what_check_raises(tiny_pipe):
             seen.append("raised")
             raise
 
-    assert controller.submit_task(task).future.result() is None and seen == ["raised"]
+    assert controller.submit_task(task).future.result(WAIT) is None and seen == ["raised"]
 
 
 def test_a_structure_run_loads_its_controlnets_before_started_and_adapter_images_reach_the_engine(
@@ -466,23 +422,23 @@ def test_a_structure_run_loads_its_controlnets_before_started_and_adapter_images
     events = Recorder()
     controller.subscribe(events)
     job = controller.submit(image, steps=1, structure="edges")
-    assert job.future.result().images
+    assert job.future.result(WAIT).images
     names = events.names(job)
     assert loads == ["edges"] and names.index("Loading") < names.index("Started")
 
-    class Recording(Held):
+    class Recording(HeldPipeline):
         def generate(self, images, settings=None, **kwargs):
             seen.update(kwargs)
             return super().generate(images, settings, **{**kwargs, "adapter_images": None})
 
     controller = Controller(pipeline=Recording(tiny_pipe), runner=InlineRunner())
-    controller.submit(image, steps=1, adapter_images=[[image]]).future.result()
+    controller.submit(image, steps=1, adapter_images=[[image]]).future.result(WAIT)
     assert seen["adapter_images"] == [[image]]  # handed to the engine as given; generate() checks it
 
 
 def test_traced_attention_and_latents_are_asked_for_through_the_controller(tiny_pipe, image):
     controller = Controller(pipeline=tiny_pipe, runner=InlineRunner())
-    result = controller.submit(image, steps=2, trace_attention=True, trace_latents=True).future.result()
+    result = controller.submit(image, steps=2, trace_attention=True, trace_latents=True).future.result(WAIT)
     assert result.trace.attention_maps is not None and result.trace.latents is not None
-    plain = controller.submit(image, steps=2).future.result()
+    plain = controller.submit(image, steps=2).future.result(WAIT)
     assert plain.trace.attention_maps is None and plain.trace.latents is None

@@ -13,6 +13,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from helpers import optional_module
 from PIL import Image
 
 from imageprompt_widgets import ControlUnit, GenerationSettings, SettingsError
@@ -28,7 +29,7 @@ from imageprompt_widgets.settings import (
 from imageprompt_widgets.structure import plan as structure
 from imageprompt_widgets.structure.controlnets import CONTROL_KINDS, controlnet_for, kind_of_controlnet
 
-cv2 = pytest.importorskip("cv2")
+cv2 = optional_module("cv2")
 
 SIZE = 64
 
@@ -210,6 +211,7 @@ def test_depth_run_feeds_the_depth_controlnet_its_depth_map_and_equals_bare_diff
     assert np.array_equal(np.asarray(expected), np.asarray(result.images[0]))
 
 
+@pytest.mark.slow
 def test_two_units_each_with_its_picture_scale_and_window_equal_bare_multicontrolnet(tiny_pipe, image):
     from diffusers import MultiControlNetModel
 

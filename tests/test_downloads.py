@@ -6,12 +6,12 @@ chunk loop), just from 127.0.0.1. Nothing here reaches the network.
 
 from __future__ import annotations
 
-import http.server
 import io
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from helpers import WAIT, local_server
 from huggingface_hub import constants, file_download
 from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
 from huggingface_hub.utils import tqdm as hub_tqdm
@@ -25,31 +25,22 @@ from imageprompt_widgets.loading.offline import sample_image
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
 CHUNK = 64 * 1024
-WAIT = 120
-
-
-class _Files(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(PAYLOAD)))
-        self.end_headers()
-        self.wfile.write(PAYLOAD)
-
-    def log_message(self, *args):
-        pass
+FILE = "/unet/diffusion_pytorch_model.safetensors"
 
 
 @pytest.fixture
-def url(monkeypatch):
-    """A local "Hub" serving one 1 MiB file in 64 kB chunks, with the Hub's offline switch off for it."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Files)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+def hub(monkeypatch):
+    """A local "Hub", read in 64 kB chunks, with the Hub's offline switch off for it."""
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # only this process's requests to 127.0.0.1
     monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", CHUNK)
-    yield f"http://127.0.0.1:{server.server_port}/unet/diffusion_pytorch_model.safetensors"
-    server.shutdown()
-    thread.join(WAIT)
+    with local_server() as server:
+        yield server
+
+
+@pytest.fixture
+def url(hub):
+    """The local Hub's one 1 MiB file, sent as fast as it goes."""
+    return hub.serve(FILE, PAYLOAD, content_type="application/octet-stream")
 
 
 @pytest.fixture
@@ -155,7 +146,7 @@ def test_the_controller_reports_download_bytes_while_loading(tiny_pipe, url, hid
     controller = Controller("sd14", runner=InlineRunner(), progress_interval=0)
     events: list = []
     controller.subscribe(events.append)
-    result = controller.submit(sample_image(0), steps=2).future.result()
+    result = controller.submit(sample_image(0), steps=2).future.result(WAIT)
     assert result.images and loaded
     downloads = [e for e in events if isinstance(e, Loading) and e.download is not None]
     assert [e.download.done for e in downloads] == list(range(0, len(PAYLOAD) + 1, CHUNK))
@@ -172,7 +163,7 @@ def test_cancel_during_a_download_stops_it_and_the_next_press_starts_again(tiny_
     controller.subscribe(lambda e: controller.cancel() if isinstance(e, Loading) and e.download
                          and e.download.done >= 2 * CHUNK else None)
     job = controller.submit(sample_image(0), steps=2)
-    assert job.future.result() is None
+    assert job.future.result(WAIT) is None
     done = [e.download.done for e in events if isinstance(e, Loading) and e.download is not None]
     assert done[-1] == 2 * CHUNK  # the next chunk stopped the download
     assert isinstance(events[-1], Cancelled) and events[-1].total is None
@@ -180,7 +171,10 @@ def test_cancel_during_a_download_stops_it_and_the_next_press_starts_again(tiny_
     assert not any(isinstance(e, Started) for e in events)
 
 
-def test_the_panel_shows_download_bytes_in_its_bar_and_status(tiny_pipe, url, hidden_bars, monkeypatch):
+@pytest.mark.parametrize("chunk_delay", [0.0, 0.006], ids=["fast", "slow-network"])
+def test_the_panel_shows_download_bytes_in_its_bar_and_status(tiny_pipe, hub, chunk_delay, hidden_bars, monkeypatch):
+    """However fast the bytes arrive (slow-network: 6 ms a 64 kB chunk, so several pass the 50 ms throttle)."""
+    url = hub.serve(FILE, PAYLOAD, content_type="application/octet-stream", chunk=CHUNK, chunk_delay=chunk_delay)
     loaded: list = []
     monkeypatch.setattr(ImagePromptPipeline, "from_preset", fake_first_load(tiny_pipe, url, loaded))
     widget = ImagePromptWidget(model="sd14", runner=InlineRunner(), steps=2)
@@ -189,10 +183,15 @@ def test_the_panel_shows_download_bytes_in_its_bar_and_status(tiny_pipe, url, hi
     widget.progress.observe(lambda change: bar.append((widget.progress.value, widget.progress.max)), names="value")
     statuses: list[str] = []
     widget.status_line.observe(lambda change: statuses.append(widget.status), names="value")
-    widget.generate().result()
-    # Bytes while downloading (throttled; the last chunk always shows), then the steps from zero.
-    assert bar[0] == (len(PAYLOAD), len(PAYLOAD))
-    assert bar[-1] == (3, 3) and all(entry[1] == 3 for entry in bar[bar.index((1, 3)):])
+    widget.generate().result(WAIT)
+    # Bytes while downloading (throttled: how many show depends on how fast they come; the last chunk always
+    # shows), only forward and in whole chunks (each update zeroes the bar first, so that a new max never
+    # clamps an old value), then the steps from zero.
+    downloading = bar[:bar.index((len(PAYLOAD), len(PAYLOAD))) + 1]
+    done = [value for value, total in downloading if value]
+    assert all(total == len(PAYLOAD) for _, total in downloading), bar
+    assert done == sorted(set(done)) and all(value % CHUNK == 0 for value in done), bar
+    assert bar[-1] == (3, 3) and all(entry[1] == 3 for entry in bar[bar.index((1, 3)):]), bar
     assert any(status.startswith("Downloading 'sd14': 1.0 MB of 1.0 MB") for status in statuses)
     assert widget.status.startswith("Done: 1 image")
     widget.close()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import optional_module
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -73,7 +74,7 @@ def test_the_crop_setting_reaches_the_encoder(folder, tmp_path, tiny_pipe):
 
 
 def test_parquet_holds_the_same_rows(folder, tmp_path):
-    pytest.importorskip("pyarrow")
+    optional_module("pyarrow")
     tensors, parquet = tmp_path / "e.safetensors", tmp_path / "e.parquet"
     for path in (tensors, parquet):
         assert main(["embed", str(folder), "-o", str(path), "--model", "tiny", "--hidden-states"]) == 0

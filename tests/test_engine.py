@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from helpers import pixels
 
 from imageprompt_widgets import GenerationSettings, ImagePromptPipeline, SettingsError
 from imageprompt_widgets.engine import steps as steps_module
@@ -15,10 +16,6 @@ from imageprompt_widgets.engine.results import Trace, recipe_from_png
 from imageprompt_widgets.loading.offline import sample_image as make_image
 
 FAST = {"steps": 4, "seed": 0}
-
-
-def pixels(image) -> np.ndarray:
-    return np.asarray(image)
 
 
 def test_encode_image_equals_the_encoder_run_by_hand(tiny_pipe, image, other_image):
@@ -73,6 +70,7 @@ def test_same_seed_gives_identical_pixels_and_other_seeds_or_images_differ(tiny_
 
 
 @pytest.mark.parametrize("num_images", [1, 2])
+@pytest.mark.slow
 def test_images_equal_bare_diffusers_for_the_traced_embeddings(tiny_pipe, image, num_images):
     res = tiny_pipe.generate(image, steps=5, seed=7, num_images=num_images, guidance_scale=6.0)
     bare = StableDiffusionPipeline(**tiny_pipe.sd.components)
@@ -125,6 +123,7 @@ def test_on_step_reports_every_step_in_order(tiny_pipe, image):
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "euler", "euler_a"])
+@pytest.mark.slow
 def test_x0_equals_the_schedulers_own_prediction(tiny_pipe, image, scheduler, monkeypatch):
     """x0 previews are the predicted clean image; DDIM and the Euler schedulers compute the same quantity
     themselves (Euler in its own, sigma-scaled latents: the preview must undo that scaling exactly)."""
@@ -147,6 +146,7 @@ def test_x0_equals_the_schedulers_own_prediction(tiny_pipe, image, scheduler, mo
         assert torch.allclose(mine, reference, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_cancel_stops_within_one_step_without_decoding_and_the_next_run_is_unharmed(tiny_pipe, image):
     cancel = threading.Event()
     steps = []
@@ -172,6 +172,7 @@ def test_a_cancel_set_before_the_run_runs_nothing(tiny_pipe, image):
     assert res.cancelled and steps == []
 
 
+@pytest.mark.slow
 def test_traced_latents_are_the_per_step_latents_and_bounded(tiny_pipe, image, monkeypatch):
     seen = []
     res = tiny_pipe.generate(

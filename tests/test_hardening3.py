@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import test_image_urls
+from helpers import optional_module, png_bytes
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from test_image_urls import Server, _socket_buffer_bound
@@ -49,12 +50,6 @@ FLOOD = 24 * 2**20
 #: test_image_urls' server on 127.0.0.1 (a fixture) and its autouse fixture keeping proxies away from it.
 server = test_image_urls.server
 _no_proxy = test_image_urls._no_proxy
-
-
-def png_bytes(image: Image.Image | None = None) -> bytes:
-    buffer = io.BytesIO()
-    (image or sample_image(0, size=(32, 32))).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def assert_one_sentence_naming(err: pytest.ExceptionInfo[BaseException], name: str, *fragments: str) -> None:
@@ -118,7 +113,7 @@ def test_a_flood_of_100_continue_replies_is_cut_at_the_byte_budget(server: Serve
 
 
 def test_an_endless_trailer_after_a_chunked_png_is_counted(server: Server) -> None:
-    body = png_bytes()
+    body = png_bytes(sample_image(0, size=(32, 32)))
     head = (b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nTransfer-Encoding: chunked\r\n\r\n"
             + f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n")
     _flood(server, head, b"X-Trailer: " + b"t" * 1000 + b"\r\n", "/trailer.png")
@@ -146,7 +141,7 @@ def test_slow_redirect_hops_share_one_deadline(server: Server) -> None:
 
         return handler
 
-    server.serve("/picture.png", png_bytes())
+    server.serve("/picture.png", png_bytes(sample_image(0, size=(32, 32))))
     for number in range(MAX_REDIRECTS + 1):
         server.routes[f"/hop{number}"] = hop(number)
     url = server.url("/hop0")
@@ -157,7 +152,7 @@ def test_slow_redirect_hops_share_one_deadline(server: Server) -> None:
 
 
 def test_a_fast_redirect_chain_still_loads(server: Server) -> None:
-    picture = png_bytes()
+    picture = png_bytes(sample_image(0, size=(32, 32)))
     server.serve("/picture.png", picture)
 
     def redirect(request) -> None:
@@ -175,7 +170,7 @@ def test_a_fast_redirect_chain_still_loads(server: Server) -> None:
 
 
 def test_a_redirect_to_a_url_with_credentials_is_refused_without_showing_them(server: Server) -> None:
-    server.serve("/picture.png", png_bytes())
+    server.serve("/picture.png", png_bytes(sample_image(0, size=(32, 32))))
     target = server.base.replace("http://", "http://student:hunter2@") + "/picture.png"
 
     def redirect(request) -> None:
@@ -498,7 +493,7 @@ def test_a_folder_named_manifest_jsonl_is_refused_before_any_work(photos: Path, 
 
 
 def test_names_with_invalid_utf8_bytes_go_into_a_parquet_manifest(tmp_path: Path, capsys) -> None:
-    pytest.importorskip("pyarrow")
+    optional_module("pyarrow")
     folder = tmp_path / "photos"
     folder.mkdir()
     odd = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes: not UTF-8
@@ -611,7 +606,7 @@ def test_junk_with_an_embeddings_suffix_is_one_embedding_file_error(tmp_path: Pa
 
     for suffix in (".safetensors", ".parquet"):
         if suffix == ".parquet":
-            pytest.importorskip("pyarrow")
+            optional_module("pyarrow")
         path = tmp_path / f"junk{suffix}"
         path.write_bytes(junk)
         with pytest.raises(EmbeddingFileError) as err:
@@ -620,7 +615,7 @@ def test_junk_with_an_embeddings_suffix_is_one_embedding_file_error(tmp_path: Pa
 
 
 def test_embeddings_of_names_with_invalid_utf8_save_as_parquet(tmp_path: Path) -> None:
-    pytest.importorskip("pyarrow")
+    optional_module("pyarrow")
     import torch
 
     from imageprompt_widgets.batch.embed import EmbeddingTable, load_embeddings

@@ -15,6 +15,7 @@ import struct
 import numpy as np
 import pytest
 import torch
+from helpers import one_sentence
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -25,12 +26,6 @@ from imageprompt_widgets.engine.results import ResultFileError, SaveError, Trace
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 FUZZ = settings(max_examples=150, derandomize=True, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-
-
-def one_sentence(err: BaseException) -> str:
-    text = str(err)
-    assert "\n" not in text and len(text) < 400, text
-    return text
 
 
 @pytest.fixture(scope="module")

@@ -8,18 +8,18 @@ never answers and one that drips a byte at a time.
 
 from __future__ import annotations
 
-import io
 import socket
 import struct
 import threading
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import LocalServer as Server
+from helpers import local_server, png_bytes
 from PIL import Image
 
 from imageprompt_widgets.images import (
@@ -36,12 +36,6 @@ BIG_BODY = 128 * 2**20  # what the streaming server offers; the loader must stop
 CAP = 256 * 1024
 
 
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def _png_claiming(width: int, height: int) -> bytes:
     """A PNG whose header claims ``width`` x ``height`` but whose data is a few bytes."""
 
@@ -50,30 +44,6 @@ def _png_claiming(width: int, height: int) -> bytes:
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(16))) + chunk(b"IEND", b"")
-
-
-@dataclass
-class Server:
-    """The test server: ``routes`` maps a path to a handler; ``sent`` counts body bytes per path."""
-
-    base: str
-    routes: dict[str, Callable[[BaseHTTPRequestHandler], None]] = field(default_factory=dict)
-    sent: dict[str, int] = field(default_factory=dict)
-    finished: dict[str, threading.Event] = field(default_factory=dict)
-
-    def url(self, path: str) -> str:
-        return self.base + path
-
-    def serve(self, path: str, body: bytes, status: int = 200, content_type: str = "image/png") -> str:
-        def handler(request: BaseHTTPRequestHandler) -> None:
-            request.send_response(status)
-            request.send_header("Content-Type", content_type)
-            request.send_header("Content-Length", str(len(body)))
-            request.end_headers()
-            request.wfile.write(body)
-
-        self.routes[path] = handler
-        return self.url(path)
 
 
 @pytest.fixture(autouse=True)
@@ -85,40 +55,8 @@ def _no_proxy(monkeypatch) -> None:
 
 @pytest.fixture
 def server() -> Iterator[Server]:
-    state: dict[str, Server] = {}
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def do_GET(self) -> None:
-            srv = state["server"]
-            route = srv.routes.get(self.path)
-            done = srv.finished.setdefault(self.path, threading.Event())
-            try:
-                if route is None:
-                    self.send_error(404, "Not Found")
-                else:
-                    route(self)
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the loader hung up, as it should once a limit is reached
-            finally:
-                done.set()
-
-        def log_message(self, *args: object) -> None:  # keep pytest's output clean
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
-    host, port = httpd.server_address[:2]
-    state["server"] = Server(base=f"http://{host}:{port}")
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield state["server"]
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=10)
+    with local_server() as started:
+        yield started
 
 
 @pytest.fixture
@@ -176,7 +114,7 @@ def test_a_body_without_content_length_is_read_to_its_end(server: Server, pictur
 
 
 def test_load_images_mixes_urls_and_paths(server: Server, picture: Path, other_image: Image.Image) -> None:
-    url = server.serve("/other.png", _png(other_image))
+    url = server.serve("/other.png", png_bytes(other_image))
     loaded = load_images([url, picture])
     assert np.array_equal(np.asarray(loaded[0]), np.asarray(other_image))
     assert np.array_equal(np.asarray(loaded[1]), np.asarray(load_image(picture)))
@@ -310,7 +248,7 @@ def test_a_header_claiming_a_huge_image_is_refused_before_decoding(
 
 
 def test_the_pixel_limit_applies_to_urls_as_to_files(server: Server) -> None:
-    url = server.serve("/small.png", _png(Image.new("RGB", (11, 10))))
+    url = server.serve("/small.png", png_bytes(Image.new("RGB", (11, 10))))
     with pytest.raises(ImageInputError) as err:
         load_image(url, max_pixels=100)
     _assert_names(err, url, "11x10 = 110 pixels", "limit of 100 pixels")

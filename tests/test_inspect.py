@@ -244,6 +244,7 @@ def test_patch_norms_rejects_a_non_square_token_count():
 # -- denoising filmstrip -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_filmstrip_statistics_and_exact_frames(tiny_pipe, run):
     view = views.filmstrip(run, tiny_pipe)
     latents = run.trace.latents.double()
@@ -487,6 +488,7 @@ def test_attention_view_without_recorded_maps_says_how_to_get_them(run, tiny_pip
         views.attention_view(stopped)
 
 
+@pytest.mark.slow
 def test_rendering_every_view_registers_no_figure_anywhere(tiny_pipe, run, inputs):
     from matplotlib._pylab_helpers import Gcf
 

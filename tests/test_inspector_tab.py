@@ -34,6 +34,11 @@ def run(tiny_pipe, inputs):
     return tiny_pipe.generate(inputs, steps=2, seed=1, trace_latents=True)
 
 
+def open_section(tab: InspectorTab, title: str) -> None:
+    """Open one section, as a user's click on its title does (a section draws when opened)."""
+    tab.sections.selected_index = tab.shown_sections.index(title)
+
+
 def _png_size(value: bytes | memoryview) -> tuple[int, int]:
     value = bytes(value)  # ipywidgets 8 holds bytes as a memoryview
     assert value.startswith(PNG_MAGIC)
@@ -51,9 +56,12 @@ def test_tab_is_empty_until_a_run_is_shown():
 def test_every_section_fills_after_a_run(tiny_pipe, run, inputs):
     tab = InspectorTab()
     tab.show(run, tiny_pipe, inputs)
-    assert tab.errors == {}
+    for title in tab.shown_sections:  # opened one after the other, as a user would
+        open_section(tab, title)
+    assert tab.errors == {} and tab.pending == set()
     assert tab.sections.layout.display is None
-    assert tab.placeholder.value.startswith(f"{len(run.trace.tensors())} tensors traced")
+    assert tab.placeholder.value.startswith(f"{len(run.trace.tensors())} tensors traced; the run took ")
+    assert f"({run.unet_calls} UNet calls)" in tab.placeholder.value and "denoising" in tab.placeholder.value
     for line in run.trace.summary().splitlines():  # the one-liners, exactly
         assert html.escape(line) in tab.summary.value
     for image in (tab.clip_image, tab.scale_gap_image, tab.similarity_image, tab.token_image, tab.filmstrip_image):
@@ -74,9 +82,11 @@ def test_every_section_fills_after_a_run(tiny_pipe, run, inputs):
     assert not tab.interpolation_button.disabled
 
 
+@pytest.mark.slow
 def test_compare_button_adds_the_typed_texts(tiny_pipe, run):
     tab = InspectorTab()
     tab.show(run, tiny_pipe)
+    open_section(tab, "Similarity")
     before = _png_size(tab.similarity_image.value)
     tab.similarity_texts.value = "a cat; a red dog"
     tab.similarity_button.click()
@@ -88,6 +98,7 @@ def test_compare_button_adds_the_typed_texts(tiny_pipe, run):
     torch.testing.assert_close(view.matrix[:, 2:], views.cosine_similarity(run.trace.image_embeds, text))
 
 
+@pytest.mark.slow
 def test_interpolate_button_generates_the_strip_with_the_runs_seed(tiny_pipe, run):
     tab = InspectorTab()
     tab.show(run, tiny_pipe)
@@ -106,6 +117,7 @@ def test_sections_explain_what_is_missing_and_the_rest_still_fills(tiny_pipe, in
     result = tiny_pipe.generate(inputs[0], steps=1, seed=0, guidance_scale=1.0)  # no traced latents, one image
     tab = InspectorTab()
     tab.show(result, tiny_pipe)
+    tab.draw_all()
     assert tab.errors == {}  # no latents is no error: the tab says how to get them, from the panel
     assert tab.filmstrip_table.value == html.escape(NO_LATENTS_TEXT)
     assert "trace_latents" not in tab.filmstrip_table.value
@@ -131,9 +143,11 @@ def test_clear_empties_every_section(tiny_pipe, run):
     assert bytes(tab.similarity_image.value) == b""
 
 
+@pytest.mark.slow
 def test_x0_checkbox_redraws_the_filmstrip_with_the_models_estimates(tiny_pipe, run):
     tab = InspectorTab()
     tab.show(run, tiny_pipe)
+    open_section(tab, "Denoising")
     noisy = tab.views["Denoising"]
     assert not noisy.x0 and "noisy latents" in tab.filmstrip_table.value
     tab.filmstrip_x0.value = True  # as a user ticking the box
@@ -144,6 +158,7 @@ def test_x0_checkbox_redraws_the_filmstrip_with_the_models_estimates(tiny_pipe, 
     assert bytes(tab.filmstrip_image.value) == estimated.to_png() != noisy.to_png()
 
 
+@pytest.mark.slow
 def test_input_file_names_label_the_similarity_and_the_crops(tiny_pipe, tmp_path):
     paths = []
     for seed, name in ((0, "harbour.png"), (1, "fruit bowl.png")):
@@ -152,6 +167,7 @@ def test_input_file_names_label_the_similarity_and_the_crops(tiny_pipe, tmp_path
     result = tiny_pipe.generate(paths, steps=1, seed=0, guidance_scale=1.0)
     tab = InspectorTab()
     tab.show(result, tiny_pipe, paths)
+    tab.draw_all()
     assert tab.views["Similarity"].row_labels == ["harbour.png", "fruit bowl.png"]
     assert tab.views["What CLIP saw"].labels == ["harbour.png", "fruit bowl.png"]
     tab.similarity_texts.value = "a cat"
@@ -162,6 +178,7 @@ def test_input_file_names_label_the_similarity_and_the_crops(tiny_pipe, tmp_path
 # -- replays run through the panel's controller: off the kernel thread, with progress and cancel ---------------
 
 
+@pytest.mark.slow
 def test_interpolate_runs_off_the_kernel_thread_with_progress_in_the_status_and_cancel_works(tiny_pipe, inputs):
     import threading
 
@@ -210,6 +227,7 @@ def test_interpolate_runs_off_the_kernel_thread_with_progress_in_the_status_and_
     widget.close()
 
 
+@pytest.mark.slow
 def test_the_x0_filmstrip_is_a_controller_task(tiny_pipe, inputs):
     import threading
 
@@ -236,10 +254,12 @@ def test_the_x0_filmstrip_is_a_controller_task(tiny_pipe, inputs):
     widget.close()
 
 
+@pytest.mark.slow
 def test_the_attention_section_lays_the_runs_maps_over_its_output(tiny_pipe, inputs):
     result = tiny_pipe.generate(inputs, steps=2, seed=1, trace_attention=True)
     tab = InspectorTab()
     tab.show(result, tiny_pipe, inputs)
+    open_section(tab, "Attention")
     assert "Attention" not in tab.errors
     view = tab.views["Attention"]
     expected = views.attention_view(result, tiny_pipe)
@@ -252,10 +272,12 @@ def test_the_attention_section_lays_the_runs_maps_over_its_output(tiny_pipe, inp
 def test_without_traced_attention_the_section_says_how_to_get_it(tiny_pipe, run):
     tab = InspectorTab()
     tab.show(run, tiny_pipe)
+    open_section(tab, "Attention")
     assert tab.attention_text.value == html.escape(NO_ATTENTION_TEXT)
     assert bytes(tab.attention_image.value) == b"" and "Attention" not in tab.errors
 
 
+@pytest.mark.slow
 def test_the_direction_gap_is_computed_on_request_with_the_typed_prompts(tiny_pipe, run):
     tab = InspectorTab()
     tab.show(run, tiny_pipe)
@@ -272,3 +294,80 @@ def test_the_direction_gap_is_computed_on_request_with_the_typed_prompts(tiny_pi
     tab.direction_texts.value = "only one"
     tab.direction_button.click()
     assert "at least 2" in tab.errors["Direction gap"]
+
+
+# -- drawn only when looked at ---------------------------------------------------------------------
+
+
+class FigureCounter:
+    """Counts matplotlib figures saved as pictures (every view's ``to_png`` saves one)."""
+
+    def __init__(self, monkeypatch) -> None:
+        from matplotlib.figure import Figure
+
+        self.count = 0
+        original = Figure.savefig
+
+        def counting(figure, *args, **kwargs):
+            self.count += 1
+            return original(figure, *args, **kwargs)
+
+        monkeypatch.setattr(Figure, "savefig", counting)
+
+
+def test_a_closed_tab_draws_nothing_and_opening_a_section_shows_that_run(tiny_pipe, run, inputs, monkeypatch):
+    figures = FigureCounter(monkeypatch)
+    tab = InspectorTab()
+    tab.set_visible(False)  # the panel's History tab is in front
+    tab.show(run, tiny_pipe, inputs)
+    later = tiny_pipe.generate(inputs, steps=2, seed=9, scale=2.0)
+    tab.show(later, tiny_pipe, inputs)  # runs finish while nobody looks
+    for title in ("Scale gap", "Similarity", "Tokens"):
+        open_section(tab, title)  # opening a section of a hidden tab: still nothing
+    assert figures.count == 0 and bytes(tab.scale_gap_image.value) == b""
+    tab.set_visible(True)  # the Inspector tab comes to the front: the open section draws, the others wait
+    assert figures.count == 1 and tab.views.keys() == {"Tokens"}
+    open_section(tab, "Scale gap")
+    assert figures.count == 2
+    torch.testing.assert_close(tab.views["Scale gap"].image_norms, later.trace.prompt_embeds[0].norm(dim=-1))
+    open_section(tab, "Tokens")
+    open_section(tab, "Scale gap")  # drawn once per run
+    assert figures.count == 2
+
+
+def test_a_live_run_draws_nothing_on_its_thread_and_the_button_draws_it(tiny_pipe, run, inputs, monkeypatch):
+    from imageprompt_widgets.widget.inspector import DRAW_LABEL
+
+    figures = FigureCounter(monkeypatch)
+    tab = InspectorTab()
+    open_section(tab, "Scale gap")
+    tab.show(run, tiny_pipe, inputs, defer=True)  # the panel defers while live is on
+    assert figures.count == 0 and tab.draw_button.layout.display is None
+    assert tab.draw_button.description == DRAW_LABEL
+    tab.draw_button.click()  # a click arrives on the kernel thread
+    assert figures.count == 1 and tab.draw_button.layout.display == "none"
+    torch.testing.assert_close(tab.views["Scale gap"].image_norms, run.trace.prompt_embeds[0].norm(dim=-1))
+
+
+def test_the_panel_draws_its_inspector_only_while_its_tab_is_in_front(tiny_pipe, inputs, monkeypatch):
+    from imageprompt_widgets import ImagePromptWidget
+    from imageprompt_widgets.engine.runners import InlineRunner
+
+    figures = FigureCounter(monkeypatch)
+    widget = ImagePromptWidget(pipeline=tiny_pipe, runner=InlineRunner(), steps=2, seed=1)
+    try:
+        widget.set_images(inputs[:1])
+        open_section(widget.inspector, "Scale gap")
+        widget.generate().result(120)
+        assert widget.tabs.selected_index == 0 and figures.count == 0  # History in front: the inspector drew nothing
+        widget.tabs.selected_index = 1  # as a click on the Inspector tab
+        assert figures.count == 1
+        torch.testing.assert_close(widget.inspector.views["Scale gap"].image_norms,
+                                   widget.result.trace.prompt_embeds[0].norm(dim=-1))
+        widget.live.value = True  # live: every change re-runs, and the runs' threads draw nothing
+        figures.count = 0
+        widget.controls.controls["seed"].value = 2
+        assert widget.controller.join(120) and widget.result.settings.seed == 2
+        assert figures.count == 0 and widget.inspector.draw_button.layout.display is None
+    finally:
+        widget.close()

@@ -7,13 +7,12 @@ interrupts is provably still waiting; every wait is bounded only to catch a dead
 from __future__ import annotations
 
 import pytest
+from helpers import WAIT
 
 from imageprompt_widgets import ImagePromptWidget
 from imageprompt_widgets.engine.controller import Finished
 from imageprompt_widgets.loading.offline import sample_image
 from imageprompt_widgets.presets import PRESETS
-
-WAIT = 120  # seconds: bounds a deadlock, never a timing assertion
 
 
 @pytest.fixture
@@ -47,6 +46,7 @@ def test_live_moves_to_the_live_twin_runs_at_once_and_goes_back_when_ticked_off(
     assert widget.status == "Live is off: back to 'tiny'."
 
 
+@pytest.mark.slow
 def test_every_change_re_runs_while_live_and_nothing_runs_when_it_is_off(widget):
     widget.controls["seed"].set_state({"value": 5})
     assert not widget.busy and widget.result is None  # not live: a change only changes the control
@@ -64,6 +64,7 @@ def test_every_change_re_runs_while_live_and_nothing_runs_when_it_is_off(widget)
     assert widget.live.runs_started == 4
 
 
+@pytest.mark.slow
 def test_a_burst_of_changes_cancels_the_running_run_and_runs_only_the_newest(widget):
     widget.live.value = True
     assert widget.controller.join(WAIT)
@@ -94,6 +95,7 @@ def test_a_model_without_a_live_twin_stays_and_says_so():
         panel.close()
 
 
+@pytest.mark.slow
 def test_the_loras_of_the_loaded_model_are_listed_under_the_picker():
     panel = ImagePromptWidget("tiny", steps=2, loras=[("tiny-lora", 0.5)])
     try:
@@ -123,6 +125,7 @@ def test_the_negative_prompt_is_hidden_for_a_model_without_sds_text_encoder():
         panel.close()
 
 
+@pytest.mark.slow
 def test_negative_text_is_put_aside_for_a_model_without_text_and_comes_back():
     """tiny-variations starts from a zeros negative, which refuses negative text: switching must not fail, and
     what the user typed is not lost."""

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import pixels
 
 from imageprompt_widgets import GenerationSettings, SettingsError
 from imageprompt_widgets import conditioning as c
@@ -16,10 +17,6 @@ from imageprompt_widgets.methods import METHODS
 from imageprompt_widgets.settings import MODES
 
 FAST = {"steps": 2, "seed": 7}
-
-
-def pixels(result) -> np.ndarray:
-    return np.stack([np.asarray(image, dtype=np.int16) for image in result.images])
 
 
 def test_every_mode_has_a_builder_and_every_builder_a_mode():
@@ -214,12 +211,15 @@ def test_every_method_preset_has_an_offline_twin_and_documents_its_download():
     from imageprompt_widgets import PRESETS
     from imageprompt_widgets.presets import runs_toy_weights
 
+    twinned = []
     for preset in PRESETS.values():
         assert preset.download_size, preset.name
         GenerationSettings.from_kwargs(**dict(preset.defaults))  # every preset's defaults are valid settings
         if preset.method and not preset.offline_builder and not runs_toy_weights(preset):  # toy-*: trained, offline
             twin = PRESETS[f"tiny-{preset.name}"]
             assert (twin.method, twin.defaults) == (preset.method, preset.defaults)
+            twinned.append(preset.name)
+    assert {"variations", "ip-adapter", "ip-adapter-plus", "ip-adapter-plus-face", "caption"} <= set(twinned)
 
 
 def test_variations_equals_the_image_variations_pipeline(variations_pipe, image):

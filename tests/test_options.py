@@ -11,22 +11,24 @@ import threading
 import numpy as np
 import pytest
 import torch
-from diffusers import LCMScheduler, StableDiffusionPipeline
+from diffusers import AutoencoderTiny, LCMScheduler, StableDiffusionPipeline
+from helpers import WAIT, pixels
 
 from imageprompt_widgets import GenerationSettings, ImagePromptPipeline, SettingsError
 from imageprompt_widgets.engine.concurrency import CancelEvent
 from imageprompt_widgets.loading.components import load_components
 from imageprompt_widgets.loading.lora import describe
-from imageprompt_widgets.loading.offline import LORA_WEIGHT_NAME, ensure_tiny_lora, ensure_tiny_models
+from imageprompt_widgets.loading.offline import (
+    LORA_WEIGHT_NAME,
+    ensure_tiny_lora,
+    ensure_tiny_models,
+    ensure_tiny_taesd,
+)
 from imageprompt_widgets.methods import settings_read
 from imageprompt_widgets.settings import MODES
 
 FAST = {"steps": 3, "seed": 4}
 CPU = torch.device("cpu")
-
-
-def pixels(image) -> np.ndarray:
-    return np.asarray(image)
 
 
 def private_pipe(preset: str = "tiny", **options) -> ImagePromptPipeline:
@@ -73,6 +75,7 @@ def test_negative_text_and_negative_images_are_one_sequence_text_first(tiny_pipe
     assert not np.array_equal(pixels(both.images[0]), pixels(images_only.images[0]))
 
 
+@pytest.mark.slow
 def test_negative_text_in_blend_ip_adapter_and_caption(tiny_pipe, image):
     blend = tiny_pipe.generate(image, mode="blend", prompt="a cat", negative_prompt="a dog", **FAST)
     assert torch.equal(blend.trace.negative_prompt_embeds, tiny_pipe.encode_text("a dog"))
@@ -183,6 +186,7 @@ def lora_pipe():
 
 
 @pytest.mark.filterwarnings("ignore:Already found a `peft_config`")  # bare diffusers' second adapter
+@pytest.mark.slow
 def test_loras_load_with_a_weight_each_and_equal_bare_diffusers_with_them(lora_pipe, image):
     base = lora_pipe.generate(image, **FAST)
     style = lora_pipe.load_lora("tiny-lora", weight=0.8)
@@ -267,6 +271,7 @@ def live_pipe():
 
 
 @pytest.mark.filterwarnings("ignore:Already found a `peft_config`")
+@pytest.mark.slow
 def test_live_preset_is_lcm_lora_with_four_steps_and_no_unconditional_pass(live_pipe, image):
     """The preset's LCM-LoRA is fused into its own copy of the model: no adapter layers run per step."""
     from imageprompt_widgets.loading.lora import LoraError
@@ -295,6 +300,8 @@ def test_live_preset_is_lcm_lora_with_four_steps_and_no_unconditional_pass(live_
     bare.fuse_lora()
     bare.unload_lora_weights()
     bare.scheduler = LCMScheduler.from_config(bare.scheduler.config, clip_sample=False)
+    bare.vae = AutoencoderTiny.from_pretrained(ensure_tiny_taesd(), use_safetensors=True)  # the live decoder
+    assert res.settings.decoder == "tiny" and res.recipe["model"]["tiny_decoder"] == "tiny-taesd"
     expected = bare(prompt_embeds=res.trace.prompt_embeds, num_inference_steps=4, guidance_scale=1.0,
                     generator=torch.Generator("cpu").manual_seed(2)).images[0]
     assert np.array_equal(pixels(res.images[0]), pixels(expected))
@@ -318,7 +325,7 @@ def test_a_new_run_starts_right_after_cancelling_the_previous_one(live_pipe, ima
         first_cancel.set()  # and this one is cancelled
 
     results["first"] = live_pipe.generate(image, seed=1, on_step=on_first_step, cancel=first_cancel)
-    thread.join()
+    thread.join(WAIT)
     assert results["first"].cancelled and results["first"].images == [] and first_steps == [1]
     assert second_steps == [1, 2, 3, 4] and not results["second"].cancelled
     assert np.array_equal(pixels(results["second"].images[0]), pixels(reference.images[0]))
@@ -379,6 +386,7 @@ def test_offloading_levels_call_diffusers_offload_on_an_accelerator(level, offlo
     assert sd.vae.use_tiling
 
 
+@pytest.mark.slow
 def test_attention_slicing_leaves_pixels_unchanged_and_vae_tiling_acts_only_above_its_tile(image):
     """Slicing computes the same attention in pieces: pixel-identical to the unsliced classic maths. (PyTorch's
     fused attention, the default, rounds differently: a pixel may move by a level.) Tiling blends overlapping

@@ -101,7 +101,7 @@ def test_test_and_dev_tools_are_separate_extras() -> None:
     test = _extra("test")
     (itself,) = [r for r in test if canonicalize_name(r.name) == "imageprompt-widgets"]
     assert itself.extras == {"notebook", "plot", "edges", "batch", "lora", "lowmem"}
-    assert {"pytest", "hypothesis", "nbclient", "nbformat", "jupyterlab", "notebook", "playwright"} <= {
+    assert {"pytest", "pytest-timeout", "hypothesis", "nbclient", "nbformat", "jupyterlab", "notebook", "playwright"} <= {
         canonicalize_name(r.name) for r in test
     }
     assert {canonicalize_name(r.name) for r in _extra("dev")} == {"ruff", "build", "twine"}
@@ -187,6 +187,9 @@ def test_ci_runs_the_readmes_test_command_and_checks_the_package() -> None:
     assert "python -m pytest" in ci_lines  # the full suite, exactly as the README says
     assert "pip_install -e '.[test,dev]'" in [line.split("#")[0].strip() for line in ci_lines]
     assert "bash .ci/check_package" in ci_lines
+    # CI shows the slowest tests of every run, and a missing optional test dependency fails instead of skipping.
+    exported = [line.split("#")[0].strip() for line in ci_lines if line.startswith("export ")]
+    assert 'export PYTEST_ADDOPTS="--durations=25"' in exported and "export IMAGEPROMPT_REQUIRE_OPTIONAL=1" in exported
     assert "pip install torch --index-url https://download.pytorch.org/whl/cpu" in readme
     assert "pip install torch==2.13.0" not in readme  # gives the CUDA build on an ordinary Linux machine
 

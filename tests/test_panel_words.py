@@ -11,6 +11,7 @@ import io
 import ipywidgets
 import numpy as np
 import pytest
+from helpers import WAIT
 from PIL import Image
 
 from imageprompt_widgets import ImagePromptWidget
@@ -23,7 +24,6 @@ from imageprompt_widgets.widget.gallery import TILE_PX, enlarged, recipe_line
 from imageprompt_widgets.widget.panel import NO_INPUT, START
 
 FAST = {"steps": 2, "guidance_scale": 7.5}
-WAIT = 60
 
 
 def choose(dropdown: ipywidgets.Dropdown, value) -> None:
@@ -230,4 +230,18 @@ def test_adapter_tokens_show_only_for_a_run_that_fed_an_adapter(tiny_pipe, image
     panel.generate().result(WAIT)
     assert "Adapter tokens" not in panel.inspector.shown_sections
     assert "What CLIP saw" in panel.inspector.shown_sections
+    panel.close()
+
+
+def test_the_status_line_is_plain_words_with_the_speed_on_hover():
+    """A class reads "Done: 1 image in 2.4 s, seed 0."; it/s and the stage timings are there on hover."""
+    from imageprompt_widgets.engine.runners import InlineRunner
+    from imageprompt_widgets.loading.offline import sample_image
+
+    panel = ImagePromptWidget(model="tiny", runner=InlineRunner(), steps=2)
+    panel.set_images([sample_image()])
+    panel.generate().result()
+    assert panel.status.startswith("Done: 1 image") and "it/s" not in panel.status
+    line = panel.status_line.value
+    assert "title='" in line and "UNet steps per second (it/s)" in line and "denoising" in line
     panel.close()

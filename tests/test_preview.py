@@ -51,13 +51,18 @@ def test_fit_recovers_an_exactly_linear_decoder():
     torch.testing.assert_close(fitted.bias, bias, atol=1e-5, rtol=1e-4)
 
 
-def test_sd1_vae_gets_the_public_coefficients_and_others_a_fit(tiny_pipe):
+def test_sd1_vae_gets_the_public_coefficients_and_others_a_fit(tiny_pipe, monkeypatch):
+    monkeypatch.setattr(tiny_pipe, "_tiny_decoder", None)  # as before any decoder="tiny" run
     sd1 = SimpleNamespace(config=Config(latent_channels=4, scaling_factor=0.18215, block_out_channels=[128, 256, 512, 512]))
     assert preview.is_sd1_vae(sd1)
     assert not preview.is_sd1_vae(tiny_pipe.sd.vae)
     decoder = preview.decoder_for(tiny_pipe, "linear")
     assert decoder.name == "linear (fitted)"
-    assert preview.decoder_for(tiny_pipe, "auto").name == "linear (fitted)"  # no TAESD given: linear
+    assert preview.decoder_for(tiny_pipe, "auto").name == "vae"  # a VAE this small decodes its own previews
+    monkeypatch.setattr(tiny_pipe, "_tiny_decoder", None)
+    held = tiny_pipe.tiny_decoder()  # a decoder="tiny" run loads it: previews then match that run's pictures
+    auto = preview.decoder_for(tiny_pipe, "auto")
+    assert auto.name == "taesd" and auto.model is held
 
 
 def test_previews_show_the_predicted_clean_image_and_approach_the_result(tiny_pipe, image):
@@ -110,3 +115,22 @@ def test_thumbnail_never_upscales():
     small = sample_image(0, size=(40, 30))
     assert preview.thumbnail(small, 96).size == (40, 30)
     assert preview.thumbnail(sample_image(0, size=(200, 100)), 96).size == (96, 48)
+
+
+def test_on_toy_the_last_preview_is_the_final_picture():
+    """Previews in the final picture's colours: the toy world's VAE is cheap, so it decodes the previews itself (a
+    fitted linear map showed orange-red where the picture was yellow), and the last one matches the picture."""
+    from imageprompt_widgets import ImagePromptPipeline
+
+    toy = ImagePromptPipeline.from_preset("toy")
+    decoder = preview.decoder_for(toy, "auto")
+    assert decoder.name == "vae"
+    frames = []
+    result = toy.generate(sample_image(2), mode="blend", prompt="a red square on a yellow background", image_weight=0.0,
+                          seed=1, on_step=lambda info: frames.append(decoder(info.x0())))
+    final = torch.tensor(np.asarray(result.images[0]), dtype=torch.float32).permute(2, 0, 1)[None] / 255
+    last = frames[-1]
+    assert last.shape == final.shape
+    assert float((last - final).abs().mean()) < 0.01  # within a few grey levels on average
+    per_channel = last.mean(dim=(0, 2, 3)) - final.mean(dim=(0, 2, 3))
+    assert float(per_channel.abs().max()) < 0.01  # the same colours, not only the same shapes

@@ -18,10 +18,11 @@ from diffusers import (
     StableDiffusionPipeline,
     UniPCMultistepScheduler,
 )
+from helpers import WAIT, pixels
 
 from imageprompt_widgets import GenerationSettings, SettingsError
 from imageprompt_widgets.engine.pipeline import unet_step_count
-from imageprompt_widgets.engine.samplers import SCHEDULER_CLASSES, scheduler_for
+from imageprompt_widgets.engine.samplers import scheduler_for
 from imageprompt_widgets.settings import SCHEDULERS
 
 
@@ -37,15 +38,15 @@ def expected_scheduler(name: str, config) -> object:
         "dpmpp_2m_karras": lambda: DPMSolverMultistepScheduler.from_config(config, use_karras_sigmas=True),
         "unipc": lambda: UniPCMultistepScheduler.from_config(config),
         "lcm": lambda: LCMScheduler.from_config(config, clip_sample=False),
+        "ddim_trailing": lambda: DDIMScheduler.from_config(config, clip_sample=False, timestep_spacing="trailing"),
     }[name]()
 
 
-def pixels(image) -> np.ndarray:
-    return np.asarray(image)
-
-
-def test_the_settings_offer_exactly_the_schedulers_built_here():
-    assert tuple(SCHEDULER_CLASSES) == SCHEDULERS
+def test_every_scheduler_the_settings_offer_is_one_written_out_by_hand_here():
+    """Against this file's own table (samplers.py checks its table against the settings at import)."""
+    config = PNDMScheduler().config
+    built = {name: expected_scheduler(name, config) for name in SCHEDULERS}  # a KeyError names an unknown one
+    assert len(built) == len(SCHEDULERS) == 9
     assert SCHEDULERS[0] == GenerationSettings().scheduler == "pndm"
 
 
@@ -61,6 +62,7 @@ def test_each_scheduler_is_built_from_the_models_own_config(tiny_pipe, name):
 
 
 @pytest.mark.parametrize("name", SCHEDULERS)
+@pytest.mark.slow
 def test_images_equal_bare_diffusers_with_the_same_scheduler_and_generator(tiny_pipe, image, name):
     guidance = 1.0 if name == "lcm" else 5.0  # lcm is the live mode's sampler: no unconditional pass
     totals = []
@@ -115,6 +117,7 @@ def test_the_shared_scheduler_is_never_changed_or_seen_by_a_run(tiny_pipe, image
     assert tiny_pipe.structure_pipeline("img2img").scheduler is original
 
 
+@pytest.mark.slow
 def test_concurrent_runs_with_different_schedulers_each_get_their_own(tiny_pipe, image):
     alone = {name: pixels(tiny_pipe.generate(image, scheduler=name, steps=4, seed=5).images[0])
              for name in ("ddim", "euler_a", "unipc")}
@@ -122,14 +125,14 @@ def test_concurrent_runs_with_different_schedulers_each_get_their_own(tiny_pipe,
     barrier = threading.Barrier(3)
 
     def run(name: str) -> None:
-        barrier.wait()
+        barrier.wait(WAIT)
         together[name] = pixels(tiny_pipe.generate(image, scheduler=name, steps=4, seed=5).images[0])
 
     threads = [threading.Thread(target=run, args=(name,)) for name in alone]
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join()
+        thread.join(WAIT)
     assert set(together) == set(alone)
     for name, picture in alone.items():
         assert np.array_equal(together[name], picture), name
@@ -150,6 +153,7 @@ def test_recipe_with_a_scheduler_reruns_to_the_same_pixels(tiny_pipe, image):
 
 
 @pytest.mark.parametrize("name", ["pndm", "euler", "dpmpp_2m_karras"])
+@pytest.mark.slow
 def test_x0_replays_equal_the_live_previews_for_every_kind_of_scheduler(tiny_pipe, image, name):
     """The inspector's replay of a traced latent gives what the live preview showed one step later (Euler's
     latents carry its sigma scaling, Karras sigmas are not those of the rounded timesteps)."""

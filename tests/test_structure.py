@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import WAIT, optional_module, pixels
 from PIL import Image
 
 from imageprompt_widgets import GenerationSettings, SettingsError
@@ -19,15 +20,11 @@ from imageprompt_widgets.loading.cache import ModelLoadError
 from imageprompt_widgets.loading.offline import shape_image
 from imageprompt_widgets.structure import plan as structure
 
-cv2 = pytest.importorskip("cv2")
+cv2 = optional_module("cv2")
 
 SIZE = 64
 
 
-
-
-def pixels(result) -> np.ndarray:
-    return np.asarray(result.images[0]).astype(np.float64)
 
 
 def mean_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
@@ -288,6 +285,7 @@ def test_img2img_strength_near_zero_keeps_the_input_and_one_ignores_it(tiny_pipe
 
 @pytest.mark.parametrize("structure_name", ["edges", "img2img"])
 @pytest.mark.parametrize("mode", ["repeat", "single", "tokens", "blend"])
+@pytest.mark.slow
 def test_structure_works_with_every_method_and_keeps_its_conditioning(tiny_pipe, image, mode, structure_name):
     from threading import Event
 
@@ -348,6 +346,7 @@ def test_one_call_generate_and_cli_take_the_structure_options(tmp_path, image):
 # The widget's Structure section
 
 
+@pytest.mark.slow
 def test_widget_structure_section_previews_the_edge_map_and_runs_with_it(tiny_pipe, image):
     import io
 
@@ -362,8 +361,8 @@ def test_widget_structure_section_previews_the_edge_map_and_runs_with_it(tiny_pi
     try:
         box = widget.controls.groups["structure"]  # the panel's Structure group
         labels = [getattr(child, "description", None) for child in box.children]
-        assert labels[:7] == ["structure", "canny low", "canny high", "control scale", "control start",
-                              "control end", "strength"]
+        assert labels[:7] == ["keep layout", "edges low", "edges high", "layout strength", "layout from",
+                              "layout until", "how much changes"]  # the settings' plain labels, in the spec's order
         assert widget.structure_upload in widget.structure_extras.children and widget.structure_extras in box.children
         assert box.children.index(widget.structure_extras) < box.children.index(widget.controls["control_units"])
         assert box.children[-1] is widget.maps  # the maps close the section
@@ -382,7 +381,7 @@ def test_widget_structure_section_previews_the_edge_map_and_runs_with_it(tiny_pi
         lower = shown(tile)
         np.testing.assert_array_equal(lower, np.asarray(structure.edge_map(shape_image("square"), 10, 20, (SIZE, SIZE))))
 
-        result = widget.generate().result()
+        result = widget.generate().result(WAIT)
         assert result.recipe["settings"]["structure"] == "edges"
         assert len(result.recipe["structure_input"]) == 16  # the structure image, not the input, was used
         assert "in this run" in widget.maps.note.value

@@ -12,13 +12,13 @@ import json
 import re
 import sys
 import threading
-import time
 import types
 
 import ipywidgets
 import numpy as np
 import pytest
 import torch
+from helpers import WAIT, HeldPipeline, assert_same_pixels, png_bytes, solo
 from PIL import Image
 
 from imageprompt_widgets import GenerationSettings, ImagePromptPipeline, ImagePromptWidget
@@ -50,13 +50,12 @@ from imageprompt_widgets.widget.recipe import RecipeError
 
 IPYWIDGETS_8 = int(ipywidgets.__version__.split(".")[0]) >= 8
 FAST = {"steps": 2, "guidance_scale": 7.5}
-WAIT = 60  # seconds; generous for a loaded 2-core CI machine
 
 
-def png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+def open_section(widget, title: str) -> None:
+    """Open the Inspector tab and one of its sections, as a user's clicks do (sections draw when opened)."""
+    widget.tabs.selected_index = 1
+    widget.inspector.sections.selected_index = widget.inspector.shown_sections.index(title)
 
 
 def browser_upload(widget: ImagePromptWidget, files: list[tuple[str, bytes]], declared: int | None = None) -> None:
@@ -97,52 +96,6 @@ def labelled(root: ipywidgets.Widget, description: str, kind: type = ipywidgets.
     return found[0]
 
 
-def solo(pipe, images, **settings):
-    """The same run straight through the engine: what the panel's images must equal."""
-    return pipe.generate(images, GenerationSettings.from_kwargs(**settings))
-
-
-def assert_same_pixels(a: Image.Image, b: Image.Image) -> None:
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
-
-class SteeredPipeline:
-    """The tiny pipeline with a test's hand on its steps: pause at one, fail at one, count overlap."""
-
-    def __init__(self, pipe, pause_at: int | None = None, fail_at: int | None = None, error: BaseException | None = None):
-        self._pipe = pipe
-        self.pause_at, self.fail_at, self.error = pause_at, fail_at, error
-        self.paused, self.resume = threading.Event(), threading.Event()
-        self.steps: list[int] = []
-        self.active = self.max_active = 0
-        self._count = threading.Lock()
-
-    def __getattr__(self, name):
-        return getattr(self._pipe, name)
-
-    def generate(self, images, settings=None, *, on_step=None, cancel=None, **changes):
-        with self._count:
-            self.active += 1
-            self.max_active = max(self.max_active, self.active)
-
-        def step(info):
-            self.steps.append(info.step)
-            if on_step is not None:
-                on_step(info)
-            if info.step == self.fail_at:
-                self.fail_at = None  # fail once
-                raise self.error
-            if info.step == self.pause_at:
-                self.paused.set()
-                assert self.resume.wait(WAIT)
-
-        try:
-            return self._pipe.generate(images, settings, on_step=step, cancel=cancel, **changes)
-        finally:
-            with self._count:
-                self.active -= 1
-
-
 @pytest.fixture
 def panel(tiny_pipe, image):
     """A panel on the tiny pipeline that runs inline (deterministic), with one input image."""
@@ -155,15 +108,15 @@ def panel(tiny_pipe, image):
 # -- construction ---------------------------------------------------------------------------------
 
 
-def test_panel_builds_fast_with_plain_labels_and_loads_no_model():
+def test_panel_builds_fast_with_plain_labels_and_loads_no_model(monkeypatch):
+    """Fast because it loads nothing: building the panel never reaches the model loader (its time is in
+    benchmarks/cache.py)."""
+    from imageprompt_widgets.engine import pipeline as pipeline_module
     from imageprompt_widgets.loading.cache import MODEL_CACHE
 
-    ImagePromptWidget(model="tiny").close()  # imports warmed up; what is timed is the construction
+    monkeypatch.setattr(pipeline_module, "load_components", lambda *a, **k: pytest.fail("the panel loaded a model"))
     cached = len(MODEL_CACHE)
-    start = time.perf_counter()
     widget = ImagePromptWidget(model="tiny")
-    elapsed = time.perf_counter() - start
-    assert elapsed < 0.5, f"building the panel took {elapsed:.2f} s"
     assert widget.pipeline is None and len(MODEL_CACHE) == cached
     assert isinstance(widget, ipywidgets.VBox)
     labelled(widget, "Upload", ipywidgets.FileUpload)
@@ -267,7 +220,7 @@ def test_bad_upload_is_named_and_good_files_still_arrive(panel):
     assert "notes.txt" in panel.status and panel.status.startswith("Added 1 image.")
     assert [item.name for item in panel.inputs.items][-1] == "ok.png"
     assert panel.details.layout.display != "none"  # the full reasons are one click away
-    assert panel.generate().result().images  # still usable
+    assert panel.generate().result(WAIT).images  # still usable
 
 
 def test_upload_that_arrived_empty_says_what_to_do_instead(panel):
@@ -287,11 +240,12 @@ def test_cut_off_or_empty_upload_is_refused_with_what_to_do():
         load_upload(undeclared)
 
 
+@pytest.mark.slow
 def test_negative_images_reach_the_engine_and_rerun_keeps_them(panel, tiny_pipe, image, other_image):
     browser_upload_to(panel.negative_upload, [("avoid.png", png_bytes(other_image))])
     assert [item.name for item in panel.negatives.items] == ["avoid.png"]
     assert all(getattr(part, "description", "") != "weight" for part in panel.negatives.items[0].tile.children)
-    result = panel.generate().result()
+    result = panel.generate().result(WAIT)
     expected = tiny_pipe.generate(image, GenerationSettings.from_kwargs(weights=(1.0,), **FAST), negative_image=[other_image])
     assert_same_pixels(result.images[0], expected.images[0])
     plain = solo(tiny_pipe, image, weights=(1.0,), **FAST)
@@ -325,21 +279,20 @@ def test_set_images_takes_paths_arrays_and_pil(tiny_pipe, tmp_path):
 
 
 def test_generate_returns_at_once_previews_arrive_and_cancel_stops_within_a_step(tiny_pipe, image):
-    steered = SteeredPipeline(tiny_pipe, pause_at=3)
+    steered = HeldPipeline(tiny_pipe, hold_at=3)
     widget = ImagePromptWidget(pipeline=steered, runner=ThreadRunner(), preview_interval=0, steps=20, num_images=2)
     widget.set_images(image)
     frames: list[bytes] = []
-    start = time.perf_counter()
     future = widget.generate()
-    assert time.perf_counter() - start < 0.5 and not future.done()  # the kernel is free at once
-    assert steered.paused.wait(WAIT)
+    assert not future.done()  # the kernel is free at once: the run is held at step 3 until released below
+    assert steered.held.wait(WAIT)
     for tile in widget.grid.tiles:
         frames.append(tile.value)
     assert widget.grid.filled == 2 and all(frame[:2] == b"\xff\xd8" for frame in frames)  # JPEG previews
     assert widget.status.startswith("Step 3/")
     assert widget.progress.value == 3
     labelled(widget, "Cancel", ipywidgets.Button).click()  # handled at once: the kernel is not blocked
-    steered.resume.set()
+    steered.release.set()
     result = future.result(WAIT)
     assert result.cancelled and steered.steps == [1, 2, 3]  # stopped right after the step it was in
     assert widget.status.startswith("Cancelled after step 3 of ")
@@ -349,21 +302,22 @@ def test_generate_returns_at_once_previews_arrive_and_cancel_stops_within_a_step
 
 
 def test_previews_are_throttled(tiny_pipe, image):
-    steered = SteeredPipeline(tiny_pipe)
+    steered = HeldPipeline(tiny_pipe)
     widget = ImagePromptWidget(pipeline=steered, runner=InlineRunner(), preview_interval=3600, steps=3)
     widget.set_images(image)
-    widget.generate().result()
+    widget.generate().result(WAIT)
     assert widget.previews_shown == 1 and len(steered.steps) >= 3  # the first step only, then the final image
     widget.close()
 
 
+@pytest.mark.slow
 def test_second_generate_waits_and_a_third_replaces_it(tiny_pipe, image):
-    steered = SteeredPipeline(tiny_pipe, pause_at=1)
+    steered = HeldPipeline(tiny_pipe, hold_at=1)
     widget = ImagePromptWidget(pipeline=steered, runner=ThreadRunner(), **FAST)
     widget.set_images(image)
     widget.controls["seed"].value = 1
     first = widget.generate()
-    assert steered.paused.wait(WAIT)
+    assert steered.held.wait(WAIT)
     widget.controls["seed"].value = 2
     second = widget.generate()
     assert widget.status == "Queued: starts when the current run ends."
@@ -371,8 +325,8 @@ def test_second_generate_waits_and_a_third_replaces_it(tiny_pipe, image):
     third = widget.generate()
     assert widget.status == "Queued (replacing the one that was waiting): starts when the current run ends."
     assert second.cancelled()
-    steered.pause_at = None
-    steered.resume.set()
+    steered.hold_at = None
+    steered.release.set()
     assert first.result(WAIT).settings.seed == 1  # each run keeps the settings of its press
     assert third.result(WAIT).settings.seed == 3
     assert steered.max_active == 1  # never two runs on the shared pipeline at once
@@ -380,8 +334,9 @@ def test_second_generate_waits_and_a_third_replaces_it(tiny_pipe, image):
     widget.close()
 
 
+@pytest.mark.slow
 def test_two_widgets_share_the_pipeline_and_match_solo_runs(tiny_pipe, image, other_image):
-    steered = SteeredPipeline(tiny_pipe)
+    steered = HeldPipeline(tiny_pipe)
     a = ImagePromptWidget(pipeline=steered, runner=ThreadRunner(), seed=11, **FAST)
     b = ImagePromptWidget(pipeline=steered, runner=ThreadRunner(), seed=12, **FAST)
     a.set_images(image)
@@ -404,7 +359,7 @@ def test_weights_load_on_first_generate_with_status(image):
                                names="value")
     widget.set_images(image)
     assert widget.pipeline is None
-    widget.generate().result()
+    widget.generate().result(WAIT)
     assert widget.pipeline is ImagePromptPipeline.from_preset("tiny")
     assert said[1].startswith("Loading model 'tiny'"), said
     assert any(line.startswith("Step ") for line in said) and said[-1].startswith("Done: 1 image")
@@ -449,32 +404,34 @@ def test_missing_weights_offline_name_the_model_and_keep_the_panel_usable(image)
         (MemoryError(), "Out of memory"),
     ],
 )
+@pytest.mark.slow
 def test_a_failed_step_keeps_what_was_generated(tiny_pipe, image, error, sentence):
     if isinstance(error, MemoryError):
         error = type("OutOfMemoryError", (RuntimeError,), {})("CUDA out of memory. Tried to allocate 2.00 GiB")
-    steered = SteeredPipeline(tiny_pipe)
+    steered = HeldPipeline(tiny_pipe)
     widget = ImagePromptWidget(pipeline=steered, runner=InlineRunner(), **FAST)
     widget.set_images(image)
-    good = widget.generate().result()
+    good = widget.generate().result(WAIT)
     steered.fail_at, steered.error = 2, error
     failed = widget.generate()
     assert failed.exception() is error
     assert widget.status.startswith(sentence), widget.status
     assert widget.result is good and len(widget.history) == 1  # nothing already generated is lost
     assert not widget.busy
-    again = widget.generate().result()  # and the panel still works
+    again = widget.generate().result(WAIT)  # and the panel still works
     assert_same_pixels(again.images[0], good.images[0])
     widget.close()
 
 
+@pytest.mark.slow
 def test_kernel_stop_button_inline_leaves_the_widget_usable(tiny_pipe, image):
-    steered = SteeredPipeline(tiny_pipe, fail_at=2, error=KeyboardInterrupt())
+    steered = HeldPipeline(tiny_pipe, fail_at=2, error=KeyboardInterrupt())
     widget = ImagePromptWidget(pipeline=steered, runner=InlineRunner(), **FAST)
     widget.set_images(image)
-    assert widget.generate().result() is None
+    assert widget.generate().result(WAIT) is None
     assert widget.status.startswith("Stopped with the kernel's stop button")
     assert not widget.busy and not tiny_pipe.lock.locked()
-    result = widget.generate().result()
+    result = widget.generate().result(WAIT)
     assert_same_pixels(result.images[0], solo(tiny_pipe, image, weights=(1.0,), **FAST).images[0])
     widget.close()
 
@@ -489,12 +446,13 @@ def live_widgets() -> int:
     return len(getattr(widget, "_instances", None) or ipywidgets.Widget.widgets)
 
 
+@pytest.mark.slow
 def test_history_is_bounded_in_count_and_memory(tiny_pipe, image):
     widget = ImagePromptWidget(pipeline=tiny_pipe, runner=InlineRunner(), history_size=3, steps=1, num_images=2)
     widget.set_images(image)
     for seed in range(3):
         widget.controls["seed"].value = seed
-        widget.generate().result()
+        widget.generate().result(WAIT)
         if seed == 1:
             alive = live_widgets()  # the history is full from here on
     assert live_widgets() == alive  # evicted tiles and old output tiles are closed, not leaked
@@ -505,7 +463,7 @@ def test_history_is_bounded_in_count_and_memory(tiny_pipe, image):
     tight = ImagePromptWidget(pipeline=tiny_pipe, runner=InlineRunner(), history_bytes=one_item + 1, steps=1)
     tight.set_images(image)
     for _ in range(3):
-        tight.generate().result()
+        tight.generate().result(WAIT)
     assert len(tight.history) == 1 and tight.history.nbytes <= one_item + 1
     before = live_widgets()
     widget.close()
@@ -513,14 +471,15 @@ def test_history_is_bounded_in_count_and_memory(tiny_pipe, image):
     tight.close()
 
 
+@pytest.mark.slow
 def test_history_open_save_use_and_rerun(panel, tiny_pipe, tmp_path):
     panel.history.save_dir = tmp_path
     panel.controls["seed"].value = 7
     panel.controls["num_images"].value = 2
-    first = panel.generate().result()
+    first = panel.generate().result(WAIT)
     panel.controls["seed"].value = 8
     panel.controls["num_images"].value = 1
-    panel.generate().result()
+    panel.generate().result(WAIT)
     item = panel.history.items[1]  # the first run's first image: newest run first, then batch order
     assert (item.seed, item.index) == (7, 0)
     assert [(item.seed, item.index) for item in panel.history.items] == [(8, 0), (7, 0), (7, 1)]
@@ -552,6 +511,7 @@ def test_the_panel_starts_from_the_presets_own_defaults():
     assert ImagePromptWidget(model="tiny", runner=InlineRunner()).controls.controls["negative"].value == "empty_prompt"
 
 
+@pytest.mark.slow
 def test_a_caption_run_puts_blips_caption_in_the_prompt_field_to_edit():
     panel = ImagePromptWidget(model="tiny-caption", runner=InlineRunner(), steps=2)
     panel.set_images([sample_image(0)])
@@ -570,8 +530,9 @@ def test_a_caption_run_puts_blips_caption_in_the_prompt_field_to_edit():
 # -- honest progress ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_bar_total_is_set_before_the_first_step_and_never_changes(tiny_pipe, image):
-    steered = SteeredPipeline(tiny_pipe)
+    steered = HeldPipeline(tiny_pipe)
     widget = ImagePromptWidget(pipeline=steered, runner=InlineRunner(), steps=3, guidance_scale=1.0)
     widget.set_images(image)
     bar: list[tuple[int, int]] = []  # (value, max) after every change the browser would see
@@ -579,7 +540,7 @@ def test_the_bar_total_is_set_before_the_first_step_and_never_changes(tiny_pipe,
                             names=["value", "max"])
     said: list[str] = []
     widget.status_line.observe(lambda change: said.append(widget.status), names="value")
-    widget.generate().result()
+    widget.generate().result(WAIT)
     assert steered.steps == [1, 2, 3, 4]  # PNDM: one warm-up step more than the 3 asked
     first_step = bar.index((1, 4))
     assert bar[first_step - 1] == (0, 4)  # the total is in place before the first step …
@@ -589,7 +550,7 @@ def test_the_bar_total_is_set_before_the_first_step_and_never_changes(tiny_pipe,
     assert said[0] == f"Starting: 4 steps {why}"
     assert any(line.startswith("Step 4/4") and line.endswith(why) for line in said)
     said.clear()
-    widget.generate().result()  # said once: the next run just counts
+    widget.generate().result(WAIT)  # said once: the next run just counts
     assert said[0] == "Starting: 4 steps" and not any(why in line for line in said)
     widget.close()
 
@@ -672,7 +633,7 @@ def test_a_new_setting_lands_in_its_group_and_a_new_kind_plugs_in(monkeypatch):
         built = controls.SettingsControls(exclude=("weights",))
         assert built.controls["loras"] in built.groups["lora"].children
         assert built.sections["lora"] in built.children and built.controls["loras"].description == "LoRAs"
-        assert controls.help_of(built.controls["loras"]) == "LoRA weights"
+        assert controls.help_of(built.controls["loras"]) == "LoRA weights (setting: loras)"
         assert built.controls["steps_extra"] in built.groups["method"].children  # read by no method: hidden
         assert built.controls["steps_extra"].layout.display == "none"
         live = ipywidgets.ToggleButton(description="live")
@@ -685,13 +646,17 @@ def test_a_new_setting_lands_in_its_group_and_a_new_kind_plugs_in(monkeypatch):
 def test_help_texts_are_on_the_trait_the_installed_ipywidgets_syncs():
     widget = ImagePromptWidget(model="tiny")
     synced = "tooltip" if int(ipywidgets.__version__.split(".")[0]) >= 8 else "description_tooltip"
+    checked = {"units": [], "plain": []}
     for spec in setting_specs():
         if spec.name in widget.controls.controls:
             control = widget.controls[spec.name]
             if spec.kind == "units":  # rows of controls: the help is on the add button (a Button syncs tooltip in 7.7)
                 assert "tooltip" in control.add_button.keys and control.add_button.tooltip == spec.help
+                checked["units"].append(spec.name)
                 continue
-            assert synced in control.keys and getattr(control, synced) == spec.help
+            assert synced in control.keys and getattr(control, synced) == controls.technical_help(spec)
+            checked["plain"].append(spec.name)
+    assert {"steps", "seed", "guidance_scale"} <= set(checked["plain"]) and checked["units"], checked
     assert controls.help_of(widget.upload) and controls.help_of(widget.model_picker)
     widget.close()
 
@@ -743,6 +708,7 @@ def test_the_model_picker_lists_every_preset_with_its_size_and_state():
     widget.close()
 
 
+@pytest.mark.slow
 def test_choosing_a_method_the_model_lacks_moves_to_its_twin_and_says_so(image):
     widget = ImagePromptWidget(model="tiny", runner=InlineRunner(), **FAST)
     widget.set_images(image)
@@ -778,17 +744,18 @@ def test_a_hub_model_moves_to_the_hub_preset_without_loading_anything():
     widget.close()
 
 
+@pytest.mark.slow
 def test_switching_model_while_running_cancels_the_run_and_marks_its_previews(tiny_pipe, image):
-    steered = SteeredPipeline(tiny_pipe, pause_at=2)
+    steered = HeldPipeline(tiny_pipe, hold_at=2)
     widget = ImagePromptWidget(pipeline=steered, runner=ThreadRunner(), preview_interval=0, steps=8)
     widget.set_images(image)
     first = widget.generate()
-    assert steered.paused.wait(WAIT)
+    assert steered.held.wait(WAIT)
     old = widget.controller
     choose(widget.model_picker, "tiny-caption")
     assert widget.controller is not old and widget.controller.preset is PRESETS["tiny-caption"]
     assert widget.status.endswith("The running generation was cancelled; its previews stay, marked.")
-    steered.resume.set()
+    steered.release.set()
     assert first.result(WAIT).cancelled
     assert old.join(WAIT)
     caption = widget.grid.cells[0].caption.value
@@ -836,6 +803,7 @@ def test_download_progress_fills_the_bar_and_cancel_stops_the_download(monkeypat
     widget.close()
 
 
+@pytest.mark.slow
 def test_the_tiny_loading_line_reads_plainly(image):
     widget = ImagePromptWidget(model="tiny", runner=InlineRunner(), **FAST)
     said: list[str] = []
@@ -850,20 +818,21 @@ def test_the_tiny_loading_line_reads_plainly(image):
 # -- no empty picture, marked previews ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_no_empty_image_is_shown_in_any_state(tiny_pipe, image):
-    steered = SteeredPipeline(tiny_pipe, pause_at=1)
+    steered = HeldPipeline(tiny_pipe, hold_at=1)
     widget = ImagePromptWidget(pipeline=steered, runner=ThreadRunner(), preview_interval=3600, steps=4)
     assert_no_empty_image(widget)  # fresh
     widget.set_images(image)
     future = widget.generate()
-    assert steered.paused.wait(WAIT)
+    assert steered.held.wait(WAIT)
     assert_no_empty_image(widget)  # running
     widget.cancel()
-    steered.resume.set()
+    steered.release.set()
     future.result(WAIT)
     assert widget.controller.join(WAIT)
     assert_no_empty_image(widget)  # cancelled
-    steered.pause_at = None
+    steered.hold_at = None
     steered.fail_at, steered.error = 1, RuntimeError("boom")
     widget.controls["num_images"].value = 2
     assert isinstance(widget.generate().exception(WAIT), RuntimeError)
@@ -873,7 +842,9 @@ def test_no_empty_image_is_shown_in_any_state(tiny_pipe, image):
     assert_no_empty_image(widget)  # failed
     widget.generate().result(WAIT)
     assert widget.controller.join(WAIT)
-    assert_no_empty_image(widget)  # finished, the inspector filled (no latents: no filmstrip)
+    assert_no_empty_image(widget)  # finished
+    open_section(widget, "Denoising")  # the inspector draws what is opened (no latents: no filmstrip)
+    assert_no_empty_image(widget)
     assert widget.inspector.filmstrip_table.value.startswith("This run kept no latents")
     widget.history.select(widget.history.items[0])
     assert_no_empty_image(widget)
@@ -881,13 +852,13 @@ def test_no_empty_image_is_shown_in_any_state(tiny_pipe, image):
 
 
 def test_a_cancelled_runs_previews_stay_marked(tiny_pipe, image):
-    steered = SteeredPipeline(tiny_pipe, pause_at=3)
+    steered = HeldPipeline(tiny_pipe, hold_at=3)
     widget = ImagePromptWidget(pipeline=steered, runner=ThreadRunner(), preview_interval=0, steps=10, num_images=2)
     widget.set_images(image)
     future = widget.generate()
-    assert steered.paused.wait(WAIT)
+    assert steered.held.wait(WAIT)
     labelled(widget, "Cancel", ipywidgets.Button).click()
-    steered.resume.set()
+    steered.release.set()
     assert future.result(WAIT).cancelled and widget.controller.join(WAIT)
     assert widget.grid.filled == 2
     for cell in widget.grid.cells:
@@ -930,9 +901,11 @@ def test_captions_are_alike_for_every_source(tiny_pipe, tmp_path):
 # -- latents, trace export, recipes --------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_latents_checkbox_feeds_the_denoising_filmstrip(panel):
     box = labelled(panel, "keep latents (Denoising view)", ipywidgets.Checkbox)
     assert "latents" in box.description and not box.value
+    open_section(panel, "Denoising")  # open while runs finish: each run draws it
     panel.generate().result(WAIT)
     assert panel.result.trace.latents is None
     assert panel.inspector.filmstrip_table.value.startswith("This run kept no latents")
@@ -991,6 +964,7 @@ def test_load_recipe_puts_a_saved_pngs_settings_into_the_controls(panel, tiny_pi
         ({"lora_scale": 1.0}, SettingsError, "Unknown setting lora_scale"),
     ],
 )
+@pytest.mark.slow
 def test_a_recipe_with_a_bad_value_raises_says_so_and_changes_nothing(panel, tmp_path, change, error, message):
     from PIL.PngImagePlugin import PngInfo
 
@@ -1022,6 +996,7 @@ def test_a_file_without_a_recipe_is_a_sentence(panel, tmp_path):
     assert issubclass(RecipeError, ValueError)
 
 
+@pytest.mark.slow
 def test_rerun_switches_back_to_the_items_model(panel, image):
     panel.generate().result(WAIT)
     item = panel.history.items[0]
@@ -1113,6 +1088,7 @@ def test_a_unit_that_does_not_fit_is_named_at_once_and_refused_by_generate(panel
     assert panel.controls["control_units"].value  # nothing was thrown away
 
 
+@pytest.mark.slow
 def test_units_round_trip_through_load_recipe_and_rerun(panel, tiny_pipe, image, tmp_path):
     choose(panel.controls["structure"], "depth")
     panel.controls["control_scale"].value = 0.8
@@ -1193,6 +1169,7 @@ def test_every_units_map_is_previewed_and_depth_is_computed_through_the_controll
         widget.close()
 
 
+@pytest.mark.slow
 def test_a_depth_map_waits_in_a_grey_box_for_the_model_and_for_a_running_generation(tiny_pipe, image):
     unloaded = ImagePromptWidget(model="tiny", runner=InlineRunner())
     unloaded.set_images(image)
@@ -1203,17 +1180,17 @@ def test_a_depth_map_waits_in_a_grey_box_for_the_model_and_for_a_running_generat
     assert_no_empty_image(unloaded)
     unloaded.close()
 
-    steered = SteeredPipeline(tiny_pipe, pause_at=1)
+    steered = HeldPipeline(tiny_pipe, hold_at=1)
     widget = ImagePromptWidget(pipeline=steered, runner=ThreadRunner(), preview_interval=3600, steps=3)
     try:
         widget.set_images(image)
         future = widget.generate()
-        assert steered.paused.wait(WAIT)
+        assert steered.held.wait(WAIT)
         choose(widget.controls["structure"], "depth")  # while the run holds the pipeline
         (tile,) = widget.maps.tiles
         assert not tile.filled and "when the current run ends" in tile.placeholder.value
         assert_no_empty_image(widget)
-        steered.resume.set()
+        steered.release.set()
         future.result(WAIT)
         assert widget.controller.join(WAIT)  # the run, then the maps' task it left waiting
         expected = tiny_pipe.structure_maps(images=[image], settings=widget.controls.settings())[0].image
@@ -1222,6 +1199,7 @@ def test_a_depth_map_waits_in_a_grey_box_for_the_model_and_for_a_running_generat
         widget.close()
 
 
+@pytest.mark.slow
 def test_several_ip_adapters_get_a_strip_and_a_scale_each_and_reach_the_engine(image, other_image):
     widget = ImagePromptWidget(model="tiny-ip-adapter-plus-and-face", runner=InlineRunner(), **FAST)
     try:
@@ -1278,6 +1256,7 @@ def test_adapter_block_scales_field_says_what_is_wrong_and_switches_to_custom():
         widget.close()
 
 
+@pytest.mark.slow
 def test_the_inspector_shows_each_adapters_tokens_for_ip_adapter_runs(image, other_image):
     from imageprompt_widgets.views.adapter_tokens import adapter_tokens_view
 
@@ -1286,6 +1265,7 @@ def test_the_inspector_shows_each_adapters_tokens_for_ip_adapter_runs(image, oth
         widget.set_images(image)
         widget.adapter_slots.slots[1].set_images([other_image])
         result = widget.generate().result(WAIT)
+        open_section(widget, "Adapter tokens")
         inspector = widget.inspector
         assert "Adapter tokens" not in inspector.errors
         assert [picture.value[:4] for picture in inspector.adapter_images] == [b"\x89PNG"] * 2

@@ -155,6 +155,7 @@ def test_the_inspector_shows_the_chains_steps(tiny_pipe, image):
     res = tiny_pipe.generate(image, mode="words", steps=1, seed=0)
     tab = InspectorTab()
     tab.show(res, tiny_pipe, inputs=[image])
+    tab.sections.selected_index = tab.shown_sections.index("Words")  # a section draws when it is opened
     assert "Words" not in tab.errors
     first = res.provenance.notes["words_chain"][0]["phrase"]
     assert "The chain added" in tab.words.text.value and first in tab.words.text.value

@@ -94,6 +94,7 @@ def add_parser(commands: Any) -> None:
     gen.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
     gen.add_argument("--no-safety-checker", action="store_true", help="switch the model's safety checker off")
     gen.add_argument("--save-trace", action="store_true", help="also write every intermediate tensor (safetensors)")
+    gen.add_argument("--verbose", action="store_true", help="also say where the run's time went, stage by stage")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -144,5 +145,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         return bad_input(err)
     print(f"wrote {len(paths)} image(s) to {args.output}", file=sys.stderr)
+    if args.verbose:
+        print(f"time: {result.describe_timings()}", file=sys.stderr)
     return 0
 

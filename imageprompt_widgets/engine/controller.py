@@ -527,7 +527,9 @@ class Controller:
             if job.cancel.is_set():
                 self._end(job, lambda idle: Cancelled(job, 0, None, idle))
                 return None
+            loading_started, loaded_before = self._clock(), self._pipeline is not None
             pipe = self._load(job)
+            loading = 0.0 if loaded_before else self._clock() - loading_started
             if job.cancel.is_set():  # cancelled while loading: the loaded model is kept
                 self._end(job, lambda idle: Cancelled(job, 0, None, idle))
                 return None
@@ -542,6 +544,10 @@ class Controller:
                     else:
                         value = self._generate(job, pipe)
                         stopped = value.cancelled
+                        if loading and value.timings:  # this run waited for the model to load: part of its time
+                            loads = loading + value.timings.get("loading", 0.0)
+                            value.timings = {"loading": loads, **value.timings,
+                                             "total": value.timings["total"] + loading}
                 finally:
                     pipe.lock.release()
         except (KeyboardInterrupt, DownloadCancelled, JobCancelled) as stop:
@@ -632,10 +638,12 @@ class Controller:
         return on_step
 
     def _preview_decoder(self, pipe: Any) -> Any:
-        if self._decoder is None or self._decoder[0] is not pipe:
+        # Chosen again once the pipeline holds a tiny decoder (after its first decoder="tiny" run): previews use it.
+        key = (pipe, getattr(pipe, "tiny_decoder_loaded", None))
+        if self._decoder is None or self._decoder[0] != key:
             from .preview import decoder_for
 
-            self._decoder = (pipe, decoder_for(pipe, self.preview_kind, self.taesd))
+            self._decoder = (key, decoder_for(pipe, self.preview_kind, self.taesd))
         return self._decoder[1]
 
     def _throttle(self, interval: float) -> Callable[..., bool]:

@@ -30,17 +30,24 @@ import torch
 from .. import conditioning
 from ..encoding import ClipTextTower, ImageEmbedding, encode_images, fingerprint
 from ..images import ImageInputError, describe_source, load_images
+from ..loading import cache as load_policy
 from ..loading import lora
-from ..loading.cache import MODEL_CACHE, StatusCallback, model_key, resolve_device_dtype
+from ..loading.cache import (
+    MODEL_CACHE,
+    StatusCallback,
+    model_key,
+    resolve_device_dtype,
+    translate_load_errors,
+)
 from ..loading.components import LoadedComponents, load_clip_text_tower, load_components
 from ..loading.downloads import ProgressCallback, watch_downloads
 from ..loading.lora import LoraInfo
 from ..loading.memory import DEFAULT_MEMORY, check_level, execution_device
-from ..loading.quiet import noting_prompt_truncation
+from ..loading.quiet import noting_prompt_truncation, quiet_loaders
 from ..methods import METHODS, part_loaders
 from ..methods.inputs import ConditioningInputs, TextSide
 from ..presets import PRESETS, Preset, resolve_preset
-from ..settings import MODES, GenerationSettings, SettingsError
+from ..settings import AUTOCAST_MAX_STEPS, MODES, GenerationSettings, SettingsError
 from ..structure.plan import ControlMap, StructurePlan, StructureRunners, unit_pictures
 from . import schedule
 from .attention import AttentionMaps, recording_attention
@@ -64,6 +71,12 @@ __all__ = ["ImageEmbedding", "ImagePromptPipeline", "NonFiniteImageError", "Step
 
 #: How many distinct input batches keep their embeddings cached per pipeline.
 EMBEDDING_CACHE_SIZE = 16
+#: How many distinct texts (prompts, negative prompts) keep their text-encoder outputs cached per pipeline: a live
+#: re-run after a slider move encodes nothing again.
+TEXT_CACHE_SIZE = 32
+#: The stages of ``GenerationResult.timings``, in the order a run passes them ("loading" first where the
+#: controller loaded the model for the run); ``total`` is their sum, give or take bookkeeping.
+STAGES = ("loading", "inputs", "waiting", "encoding", "conditioning", "denoising", "decoding")
 #: The most input (or negative) images one run takes: each is decoded and encoded at once, so a folder of
 #: thousands would exhaust memory before the first step.
 MAX_INPUT_IMAGES = 64
@@ -99,6 +112,9 @@ class RunPlan:
     contexts: list[Any]  # context managers around the diffusers call (method windows, structure records)
     trace: Trace
     provenance: Provenance
+    #: Seconds of the diffusers call's two halves (``denoising``, ``decoding``) and its UNet calls, once it ran.
+    seconds: dict[str, float] = field(default_factory=dict)
+    unet_calls: int = 0
 
 
 class ImagePromptPipeline:
@@ -128,6 +144,10 @@ class ImagePromptPipeline:
         self._embeddings: OrderedDict[tuple[str, ...], ImageEmbedding] = OrderedDict()
         self._empty_prompt_embeds: torch.Tensor | None = None
         self._text_token_norm: float | None = None
+        self._texts: OrderedDict[str, tuple[torch.Tensor, bool]] = OrderedDict()  # text -> (embeds, was cut)
+        self._text_seconds = 0.0  # time the text encoder ran during the current run
+        self._tiny_decoder: Any = None
+        self._tiny_decoder_given = False  # held through use_tiny_decoder (the recipe says "given")
         self._word_space: Any = None  # methods.words.WordSpace, built on first use
         self._structure = StructureRunners(sd, self.preset.controlnet, allow_pickle=allow_pickle)
 
@@ -271,15 +291,31 @@ class ImagePromptPipeline:
         return self._empty_prompt_embeds
 
     def encode_text(self, prompt: str, *, purpose: str = "a text prompt") -> torch.Tensor:
-        """SD's own text encoder on ``prompt``: exactly the ``prompt_embeds`` diffusers would compute (``[1, 77, D]``)."""
+        """SD's own text encoder on ``prompt``: exactly the ``prompt_embeds`` diffusers would compute (``[1, 77, D]``).
+
+        The same text again comes from a small cache (a LoRA that changes the text encoder empties it), so a
+        live re-run whose prompt and negative did not change runs no text encoder.
+        """
         if getattr(self.sd, "text_encoder", None) is None:
             raise SettingsError(
                 f"The {self.preset.name!r} model has no text encoder, so it cannot use {purpose}: "
                 "use negative='zeros' and a mode without text (repeat, single, tokens)."
             )
-        with noting_prompt_truncation(), torch.inference_mode():  # a cut prompt is noted, not printed in full
-            embeds, _ = self.sd.encode_prompt(prompt, self.device, 1, False)
-        return embeds
+        with noting_prompt_truncation() as cut:  # a cut prompt is noted, not printed in full
+            cached = self._texts.get(prompt)
+            if cached is not None:
+                self._texts.move_to_end(prompt)
+                if cached[1]:
+                    cut.append(prompt)  # the note a fresh encoding would have made
+                return cached[0].clone()
+            started, before = time.perf_counter(), len(cut)
+            with torch.inference_mode():
+                embeds, _ = self.sd.encode_prompt(prompt, self.device, 1, False)
+            self._text_seconds += time.perf_counter() - started
+        self._texts[prompt] = (embeds, len(cut) > before)
+        while len(self._texts) > TEXT_CACHE_SIZE:
+            self._texts.popitem(last=False)
+        return embeds.clone()
 
     def text_token_norm(self) -> float:
         """The typical per-token norm of SD's text-encoder outputs, measured once per pipeline.
@@ -395,9 +431,10 @@ class ImagePromptPipeline:
                 self._text_changed()
 
     def _text_changed(self) -> None:
-        """A LoRA may change the text encoder: forget what was measured with it."""
+        """A LoRA may change the text encoder: forget what was measured and encoded with it."""
         self._empty_prompt_embeds = None
         self._text_token_norm = None
+        self._texts.clear()
 
     # -- structure (structure/plan.py) ------------------------------------------------------------------
 
@@ -502,6 +539,76 @@ class ImagePromptPipeline:
         guided = result.trace.negative_prompt_embeds is not None
         row = traced.shape[0] // 2 + index if guided else index  # diffusers' layout: the negatives first
         return handle.tokens(adapter, traced[row])
+
+    # -- decoding and precision: what a run's settings choose ---------------------------------------
+
+    def tiny_decoder_source(self) -> str:
+        """Where this model's tiny decoder comes from: ``madebyollin/taesd`` for SD 1.x's VAE, the offline twin
+        (``tiny-taesd``) for the tiny presets' VAE; a :class:`SettingsError` for a VAE without one."""
+        from ..loading.offline import TINY_TAESD
+        from .preview import TAESD_SD1, is_sd1_vae
+
+        vae = self.sd.vae
+        if is_sd1_vae(vae):
+            return TAESD_SD1
+        config = vae.config
+        if (self.preset.offline_builder == "tiny" and config.get("latent_channels") == 4
+                and list(config.get("block_out_channels", [])) == [32, 64]):
+            return TINY_TAESD
+        raise SettingsError(
+            f"The {self.preset.name!r} model has no tiny decoder (TAESD is made for SD 1.x's VAE, and its offline "
+            "twin for the tiny presets'): use decoder='full'."
+        )
+
+    def tiny_decoder(self) -> Any:
+        """The tiny decoder (TAESD: diffusers' ``AutoencoderTiny``) that ``decoder="tiny"`` runs, loaded once and held
+        by this pipeline (a few MB; downloaded from the Hub like the model itself where it is not cached)."""
+        if self._tiny_decoder is None:
+            from diffusers import AutoencoderTiny
+
+            from ..loading.offline import TINY_TAESD, ensure_tiny_taesd
+
+            source = self.tiny_decoder_source()
+            folder = ensure_tiny_taesd() if source == TINY_TAESD else source
+            with translate_load_errors(source, False), quiet_loaders():
+                model = AutoencoderTiny.from_pretrained(folder, use_safetensors=True)
+            model = model.to(self.device)
+            if model.dtype != self.sd.vae.dtype:  # the VAE's dtype (half on a GPU): the twin decodes like it
+                model = model.to(dtype=self.sd.vae.dtype)
+            self._tiny_decoder = model.eval()
+        return self._tiny_decoder
+
+    def use_tiny_decoder(self, model: Any) -> None:
+        """Hold ``model`` (an ``AutoencoderTiny`` loaded or trained elsewhere) as the tiny decoder of later runs."""
+        with self.lock:
+            self._tiny_decoder = model.to(self.device).eval()
+            self._tiny_decoder_given = True
+
+    def _tiny_decoder_name(self) -> str:
+        """What the recipe names as the tiny decoder: its source, or "given" for one handed to use_tiny_decoder."""
+        return "given" if self._tiny_decoder_given else self.tiny_decoder_source()
+
+    @property
+    def tiny_decoder_loaded(self) -> Any:
+        """The tiny decoder once a ``decoder="tiny"`` run (or :meth:`tiny_decoder`) loaded it, else ``None``: previews
+        use it where it is there (engine/preview.py)."""
+        return self._tiny_decoder
+
+    def compute_dtype(self, settings: GenerationSettings) -> torch.dtype:
+        """The dtype a run with ``settings`` computes in: the model's own, or bfloat16 under autocast.
+
+        ``precision="auto"`` autocasts a float32 model on a CPU with bfloat16 instructions for runs of at most
+        :data:`~imageprompt_widgets.settings.AUTOCAST_MAX_STEPS` steps (live runs); ``"float32"`` never does, and
+        ``"bfloat16"`` always does where the model is float32.
+        """
+        if self.dtype != torch.float32 or settings.precision == "float32":
+            return self.dtype
+        if settings.precision == "bfloat16":
+            return torch.bfloat16
+        if (self.device.type == "cpu" and settings.steps <= AUTOCAST_MAX_STEPS
+                and load_policy.cpu_has_bfloat16()):
+            return torch.bfloat16
+        return self.dtype
 
     def decode_latents(self, latents: torch.Tensor) -> list[Any]:
         """Latents ``[B, C, h, w]`` through the VAE, exactly (not a preview), as PIL images."""
@@ -632,19 +739,38 @@ class ImagePromptPipeline:
         ``trace_latents=True`` keeps the latents after each step (``trace.latents``); ``trace_attention=True``
         records where each prompt token acts (``trace.attention_maps``, see :mod:`imageprompt_widgets.engine.attention`).
         """
+        started = time.perf_counter()
         settings, inputs = self._check_inputs(images, settings, negative_image, structure_image, changes,
                                               adapter_images)
+        if settings.decoder == "tiny" and self._tiny_decoder is None:
+            self.tiny_decoder_source()  # a model without a tiny decoder is refused before any work
+        checked = time.perf_counter()
+        timings = {"inputs": checked - started}
         if not self.lock.acquire(cancel):  # cancelled while another run held the pipeline
-            return GenerationResult([], None, settings, self._provenance(settings, inputs), cancelled=True)
+            return GenerationResult([], None, settings, self._provenance(settings, inputs), cancelled=True,
+                                    timings=_with_total(timings, started))
         try:
             start = time.perf_counter()
+            timings["waiting"] = start - checked
+            if settings.decoder == "tiny" and self._tiny_decoder is None:
+                self.tiny_decoder()  # loaded once: its first run says so in its timings
+                timings["loading"] = time.perf_counter() - start
+            encode_start = time.perf_counter()
+            self._text_seconds = 0.0
             embedding, negative_embedding, adapter_embeddings = self._encode(images, inputs, settings)
+            encoded = time.perf_counter()
             cond = self._condition(inputs, settings, embedding, negative_embedding, adapter_embeddings)
             plan = self._plan(inputs, settings, embedding, cond)
+            planned = time.perf_counter()
+            # SD's text encoder runs inside the method's conditioning (encode_text keeps its time): encoding.
+            text = min(self._text_seconds, planned - encoded)
+            timings["encoding"] = encoded - encode_start + text
+            timings["conditioning"] = planned - encoded - text
             if cancel is not None and cancel.is_set():
                 return GenerationResult([], plan.trace, settings, plan.provenance, cancelled=True,
-                                        seconds=time.perf_counter() - start)
+                                        seconds=time.perf_counter() - start, timings=_with_total(timings, started))
             output = self._denoise(plan, settings, on_step, cancel, trace_latents, trace_attention)
+            timings.update(plan.seconds)
             return GenerationResult(
                 images=list(output.images) if output is not None else [],
                 trace=plan.trace,
@@ -653,6 +779,8 @@ class ImagePromptPipeline:
                 cancelled=output is None,
                 nsfw_content_detected=output.nsfw_content_detected if output is not None else None,
                 seconds=time.perf_counter() - start,
+                timings=_with_total(timings, started),
+                unet_calls=plan.unet_calls,
             )
         finally:
             self.lock.release()
@@ -801,10 +929,14 @@ class ImagePromptPipeline:
         (``settings.scheduler``, built from the model's config): the shared pipeline and its scheduler
         are never changed, so a run leaves no trace on them and other runs never see its choice.
         """
+        started = time.perf_counter()
         shared = plan.structure.runner
         runner = copy.copy(shared)  # the same components (no memory); its own config and run state
         runner.scheduler = scheduler_for(settings.scheduler, shared.scheduler)
+        if settings.decoder == "tiny":
+            runner.vae = self.tiny_decoder()  # diffusers decodes with it as it would with vae=AutoencoderTiny(...)
         plan.structure.runner = runner
+        compute = self.compute_dtype(settings)
         prompt, negative, mask = plan.unet.padded()
         if mask is not None:
             plan.trace.extras["encoder_attention_mask"] = _cpu(mask)
@@ -814,8 +946,13 @@ class ImagePromptPipeline:
         method_kwargs = ({"ip_adapter_image_embeds": plan.unet.ip_adapter_image_embeds}
                          if plan.unet.ip_adapter_image_embeds is not None else {})
         recorder = None
+        calls = [0]
         try:
             with contextlib.ExitStack() as stack:
+                counter = runner.unet.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+                stack.callback(counter.remove)
+                if compute != self.dtype:
+                    stack.enter_context(torch.autocast(self.device.type, dtype=compute))
                 stack.enter_context(tracker.tapping_noise_predictions())
                 non_finite = stack.enter_context(watching_decoded_values(runner.vae))
                 if mask is not None:
@@ -843,6 +980,13 @@ class ImagePromptPipeline:
                 )
         except Cancelled:
             output = None
+        ended = time.perf_counter()
+        last_step = tracker.ended if tracker.ended is not None else ended
+        plan.seconds = {"denoising": last_step - started, "decoding": ended - last_step}
+        plan.unet_calls = calls[0]
+        plan.provenance.notes["compute_dtype"] = str(compute).removeprefix("torch.")
+        if settings.decoder == "tiny":
+            plan.provenance.model["tiny_decoder"] = self._tiny_decoder_name()
         plan.trace.timesteps, plan.trace.latents = tracker.timesteps, tracker.latents
         plan.trace.latent_steps = list(tracker.latent_steps)
         if recorder is not None:
@@ -920,6 +1064,12 @@ def generate(images: Any = None, *, model: str | Preset | None = None, **setting
     load_options = {name: settings.pop(name) for name in ("device", "dtype", "safety_checker", "memory")
                     if name in settings}
     return ImagePromptPipeline.from_preset(model, **load_options).generate(images, **settings)
+
+
+def _with_total(timings: dict[str, float], started: float) -> dict[str, float]:
+    """The stages in :data:`STAGES` order, then ``total``: the seconds since ``started``."""
+    ordered = {stage: timings[stage] for stage in STAGES if stage in timings}
+    return {**ordered, "total": time.perf_counter() - started}
 
 
 def _keep_attention_maps(trace: Trace, maps: AttentionMaps | None) -> None:

@@ -1,14 +1,17 @@
 """Cheap pictures of a run in progress: the predicted clean latents (x0) turned into small RGB images.
 
-A full VAE decode per step would cost more than the step itself, so previews use one of:
+A full VAE decode per step would cost more than the step itself on Stable Diffusion, so previews use one of:
 
+- the **model's own VAE** where it is cheap (the toy world's and the tiny presets' decoders have under
+  :data:`CHEAP_VAE_PARAMETERS` weights): the previews are in the final picture's colours, and the last one is
+  the final picture;
 - a **linear map** latent → RGB (a 1×1 convolution). For Stable Diffusion 1.x the coefficients are the
   public ones that ComfyUI ships (``comfy/latent_formats.py``, class ``SD15``; they act on the scaled
   latents the UNet sees, and the result is mapped from [-1, 1] to [0, 1]). Any other VAE (the tiny
   preset's random one, a custom model) gets coefficients fitted here by least squares against its own
   decoder on a few random latents, once per VAE, which costs one small decode;
-- **TAESD** (diffusers' ``AutoencoderTiny``), a distilled decoder that gives near-final previews, where
-  one is available on disk (it is never downloaded from here).
+- **TAESD** (diffusers' ``AutoencoderTiny``), a distilled decoder that gives near-final previews: the one the
+  pipeline holds for ``decoder="tiny"`` runs, or one already on disk (it is never downloaded from here).
 
 Pure functions of tensors; the widget decides when to call them (throttled) and how to show them.
 """
@@ -37,7 +40,10 @@ SD1_LATENT_RGB_FACTORS: tuple[tuple[float, float, float], ...] = (
 SD1_SCALING_FACTOR = 0.18215
 #: Where TAESD for SD 1.x lives on the Hub; used only if it is already in the local cache.
 TAESD_SD1 = "madebyollin/taesd"
-PREVIEW_KINDS = ("auto", "linear", "taesd")
+PREVIEW_KINDS = ("auto", "linear", "taesd", "vae")
+#: A VAE decoder with at most this many weights decodes every preview itself (the toy world's has 0.16 M, the
+#: tiny preset's 0.4 M; SD 1.x's has 49 M).
+CHEAP_VAE_PARAMETERS = 2_000_000
 
 
 class LatentDecoder(Protocol):
@@ -108,6 +114,32 @@ def fit_linear_decoder(vae: Any, *, samples: int = 4, latent_size: int = 16, see
     return LinearLatentDecoder(solution[:channels].contiguous(), solution[channels].contiguous(), name="linear (fitted)")
 
 
+class VaeDecoder:
+    """The model's own VAE: exact previews (what the run would decode now), for VAEs cheap enough per step."""
+
+    name = "vae"
+
+    def __init__(self, vae: Any) -> None:
+        self.vae = vae
+
+    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        param = next(self.vae.parameters())
+        scaled = latents.to(param.device, param.dtype) / float(self.vae.config.scaling_factor)
+        with torch.no_grad():
+            rgb = self.vae.decode(scaled).sample.float()
+        return ((rgb + 1) / 2).clamp(0, 1)
+
+
+def is_cheap_vae(vae: Any) -> bool:
+    """Whether decoding every preview with ``vae`` itself costs little (its decoder's weights are few)."""
+    decoder = getattr(vae, "decoder", None)
+    if decoder is None:
+        return False
+    return sum(parameter.numel() for parameter in decoder.parameters()) <= CHEAP_VAE_PARAMETERS
+
+
 class TaesdDecoder:
     """TAESD (``AutoencoderTiny``): decodes scaled latents directly (its scaling factor is 1)."""
 
@@ -141,11 +173,19 @@ def decoder_for(pipeline: Any, kind: str = "auto", taesd: str | os.PathLike | No
 
     ``"linear"``: the SD 1.x coefficients for SD 1.x's VAE, fitted ones for any other.
     ``"taesd"``: ``taesd`` (a folder or a cached Hub id; default :data:`TAESD_SD1`), an error if missing.
-    ``"auto"``: TAESD where ``taesd`` is given or SD 1.x's TAESD is in the local cache, else linear.
+    ``"vae"``: the model's own VAE (exact, and as slow as the final decode).
+    ``"auto"``: the tiny decoder the pipeline holds (after a ``decoder="tiny"`` run) unless ``taesd`` is given;
+    else the model's own VAE where it is cheap (:func:`is_cheap_vae`: the toy world, the tiny presets); else TAESD
+    where ``taesd`` is given or SD 1.x's TAESD is in the local cache; else linear.
     """
     if kind not in PREVIEW_KINDS:
         raise ValueError(f"preview={kind!r} is not one of {', '.join(PREVIEW_KINDS)}.")
     vae = pipeline.sd.vae
+    held = getattr(pipeline, "tiny_decoder_loaded", None)
+    if kind == "auto" and taesd is None and held is not None:
+        return TaesdDecoder(held)
+    if kind == "vae" or (kind == "auto" and taesd is None and is_cheap_vae(vae)):
+        return VaeDecoder(vae)
     if kind == "taesd" or (kind == "auto" and (taesd is not None or is_sd1_vae(vae))):
         try:
             return TaesdDecoder.load(taesd or TAESD_SD1, device=pipeline.device, dtype=pipeline.dtype)

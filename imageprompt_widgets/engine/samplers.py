@@ -28,6 +28,8 @@ SCHEDULER_CLASSES: dict[str, tuple[str, dict[str, Any]]] = {
     "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
     "unipc": ("UniPCMultistepScheduler", {}),
     "lcm": ("LCMScheduler", {}),
+    # Hyper-SD's few-step LoRAs sample with DDIM on "trailing" timesteps (their README: the last step starts at 999).
+    "ddim_trailing": ("DDIMScheduler", {"timestep_spacing": "trailing"}),
 }
 assert tuple(SCHEDULER_CLASSES) == SCHEDULERS
 

@@ -120,6 +120,8 @@ class StepTracker:
         self.latent_steps: list[int] = []
         self._timesteps: list[Any] = []
         self.started = time.perf_counter()
+        #: When the last step (and its previews and hooks) finished: what follows in diffusers' call is decoding.
+        self.ended: float | None = None
         self._unet_call: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.step_hooks: list[Callable[[int, int], None]] = []
 
@@ -138,6 +140,7 @@ class StepTracker:
             self.on_step(StepInfo(step, total, float(timestep), latents, seconds, self._x0))
         for hook in self.step_hooks:
             hook(step, total)
+        self.ended = time.perf_counter()
         if self.cancel is not None and self.cancel.is_set():
             raise Cancelled
         return kwargs

@@ -48,6 +48,32 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type in ("cuda", "mps") else torch.float32
 
 
+#: Environment variable: ``0`` makes :func:`cpu_has_bfloat16` say no (precision "auto" then stays float32).
+CPU_BFLOAT16_ENV = "IMAGEPROMPT_CPU_BFLOAT16"
+
+
+def cpu_has_bfloat16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX-512-BF16 or AMX): where it does, bfloat16 autocast runs
+    a 512 px UNet call about 2.5x faster than float32; where it does not, bfloat16 is emulated and slower.
+
+    ``IMAGEPROMPT_CPU_BFLOAT16=0`` says no for every process that inherits it (a machine-wide "float32 only", and
+    what the test suite sets so that its subprocesses compute as the suite does)."""
+    if os.environ.get(CPU_BFLOAT16_ENV) == "0":
+        return False
+    checker = getattr(getattr(torch.ops, "mkldnn", None), "_is_mkldnn_bf16_supported", None)
+    try:
+        if checker is None or not checker():
+            return False
+    except (RuntimeError, AttributeError):
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
+            flags = info.read()
+    except OSError:  # not Linux: oneDNN's answer stands
+        return True
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 _DTYPE_NAMES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,

@@ -819,11 +819,12 @@ LCM_LORA_TARGETS = (
 UNET_ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 #: Offline LoRA names (``Preset.loras``, ``pipe.load_lora``) -> (builder seed offset, adapts the text encoder).
-TINY_LORAS = {"tiny-lora": (1, True), "tiny-lcm-lora": (2, False)}
+TINY_LORAS = {"tiny-lora": (1, True), "tiny-lcm-lora": (2, False), "tiny-hyper-lora": (3, False)}
 
 
 def ensure_tiny_lora(name: str = "tiny-lora") -> str:
-    """The folder of an offline LoRA twin (built once, atomically): ``tiny-lora`` or ``tiny-lcm-lora``."""
+    """The folder of an offline LoRA twin (built once, atomically): ``tiny-lora``, ``tiny-lcm-lora`` or
+    ``tiny-hyper-lora`` (the last two adapt the UNet's layers as LCM-LoRA and Hyper-SD's LoRA do)."""
     seed_offset, text_encoder = TINY_LORAS[name]
     final = cache_dir() / f"{name}-{TINY_LORA_VERSION}"
 
@@ -876,3 +877,39 @@ def random_lora_layers(
     layers = {key: value.detach().clone().contiguous() for key, value in get_peft_model_state_dict(model).items()}
     return layers
 
+
+
+# ---------------------------------------------------------------------------------------------
+# The tiny decoder twin: TAESD (madebyollin/taesd, diffusers' AutoencoderTiny) shaped for the tiny VAE
+
+TINY_TAESD_VERSION = "v1"
+#: The name a tiny decoder source takes for the offline twin (``decoder="tiny"`` on the tiny presets).
+TINY_TAESD = "tiny-taesd"
+#: Seed offset of the twin's weights (beside the tiny models' own seed).
+TINY_TAESD_SEED_OFFSET = 7
+
+
+def ensure_tiny_taesd() -> str:
+    """The folder of the offline TAESD twin (built once, atomically)."""
+    final = cache_dir() / f"{TINY_TAESD}-{TINY_TAESD_VERSION}"
+    return str(build_once(final, lambda folder: build_tiny_taesd(folder, TINY_SEED + TINY_TAESD_SEED_OFFSET),
+                          "diffusion_pytorch_model.safetensors"))
+
+
+def build_tiny_taesd(folder: str | os.PathLike, seed: int = TINY_SEED) -> str:
+    """An ``AutoencoderTiny`` with TAESD's layout shrunk to the tiny VAE: 4 latent channels and one ×2
+    upsampling (the tiny VAE downsamples by 2, SD's by 8), seeded random weights, saved as safetensors."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    from .quiet import quiet_loaders
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoencoderTiny(
+            encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+            num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1), latent_channels=4,
+        )
+    with quiet_loaders():
+        model.save_pretrained(str(folder), safe_serialization=True)
+    return str(folder)

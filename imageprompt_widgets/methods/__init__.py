@@ -25,7 +25,7 @@ from ..settings import MODES, STRUCTURE_SETTINGS
 
 #: Settings every run reads, whatever its method (the structure section adds its own, per structure).
 SHARED_SETTINGS = ("mode", "steps", "scheduler", "guidance_scale", "seed", "noise", "num_images", "height",
-                   "width", "structure")
+                   "width", "structure", "decoder", "precision")
 #: What the image-token methods read: how images become tokens, and what guidance pushes away from.
 _IMAGE_TOKEN_SETTINGS = ("scale", "norm_match", "combine", "weights", "negative", "negative_prompt", "crop")
 #: Settings that only act through SD's text encoder (hidden for a model without one, e.g. image variations).

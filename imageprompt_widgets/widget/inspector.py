@@ -5,6 +5,10 @@ so what the tab shows is exactly what a notebook cell gets from the same functio
 fails shows its error in its own section; the other sections still fill. Replays that run the UNet
 again (the interpolation strip, the x0 filmstrip) go through the controller's ``submit_task``: off the
 kernel thread, with progress in the panel's status and its Cancel button working.
+
+A section draws only when it is open and the tab is visible (``set_visible``; the panel passes its tab's
+state): a finished run costs nothing here while nobody looks, and a live run (``show(..., defer=True)``) draws
+nothing on its worker thread: opening a section (or the "Draw" button) draws that run then.
 """
 
 from __future__ import annotations
@@ -36,6 +40,10 @@ NO_ATTENTION_TEXT = ("This run recorded no attention maps: tick “trace attenti
 DIRECTION_GAP_TEXT = ("Where the image embedding points against SD's own text tokens (cosines), and why norm "
                       "matching fixes its length but not its direction. It runs SD's text encoder on the prompts "
                       "typed here (and CLIP's text tower where the model has one): press Compare.")
+#: What the placeholder adds while sections wait to be drawn.
+DRAW_ON_OPEN_TEXT = "Each section is drawn when it is opened."
+#: The button that draws the open section of a live run (drawn on request, not on the run's thread).
+DRAW_LABEL = "Draw this run"
 #: What the Adapter tokens section says about a run that fed no IP-Adapter.
 NO_ADAPTER_TEXT = "This run fed no IP-Adapter: its tokens show here after an ip_adapter run."
 
@@ -177,58 +185,120 @@ class InspectorTab(widgets.VBox):
         self.errors: dict[str, str] = {}  # section title -> the error it shows
         self.labels: list[str] | None = None  # the inputs' names, where the panel gave the inputs
         self.views: dict[str, Any] = {}  # section title -> the view it shows (numbers included)
-        super().__init__(children=[self.placeholder, self.sections], **kwargs)
+        self.visible = True  # a tab on its own is visible; the panel says when its Inspector tab is not
+        self.pending: set[str] = set()  # sections not yet drawn for the shown run
+        self._inputs: Sequence[Any] | None = None
+        self._adapter_images: Sequence[Sequence[Any]] | None = None
+        self.draw_button = widgets.Button(description=DRAW_LABEL, layout=widgets.Layout(display="none"))
+        self.draw_button.on_click(lambda _: self.draw_open_section(force=True))
+        self.sections.observe(lambda _: self.draw_open_section(), names="selected_index")
+        super().__init__(children=[self.placeholder, self.draw_button, self.sections], **kwargs)
 
     # -- public interface (called by the panel) ------------------------------------------------
 
     def show(self, result: Any, pipeline: Any, inputs: Sequence[Any] | None = None,
-             adapter_images: Sequence[Sequence[Any]] | None = None, labels: Sequence[str] | None = None) -> None:
-        """Fill every section from a finished run; ``inputs`` (the input images) adds the originals, and their
-        file names (or ``labels``) label the pictures; ``adapter_images`` are the run's per-adapter images."""
+             adapter_images: Sequence[Sequence[Any]] | None = None, labels: Sequence[str] | None = None,
+             *, defer: bool = False) -> None:
+        """Take a finished run: the open section draws now if the tab is visible (unless ``defer``: a live run's
+        worker thread draws nothing), every other section when it is opened. ``inputs`` (the input images) adds
+        the originals, and their file names (or ``labels``) label the pictures; ``adapter_images`` are the run's
+        per-adapter images."""
+        was_open = self._open_title()
         self.clear()
         self.result, self.pipeline = result, pipeline
+        self._inputs, self._adapter_images = inputs, adapter_images
         trace = result.trace
         applying = applicable_sections(result, pipeline)
         self._titles(applying)
+        if was_open in self.shown_sections:  # the section a user keeps open stays open from run to run
+            self.sections.selected_index = self.shown_sections.index(was_open)
         if inputs and len(inputs) == trace.image_embeds.shape[0]:
             self.labels = list(labels) if labels and len(labels) == len(inputs) else views.source_labels(inputs)
-        self._fill("Tensors", lambda: setattr(self.summary, "value", _pre(trace.summary() + _toy_row(
-            result, pipeline, inputs))), self.summary)
-        self._fill("Attention", self._show_attention, self.attention_text)
-        self.update_filmstrip()
-        self.placeholder.value = (
-            f"{len(trace.tensors())} tensors traced; run took {getattr(result, 'seconds', 0.0):.1f} s."
-            + ("" if "What CLIP saw" in applying else " A words-only run: no image, so no image sections.")
-        )
-        self.sections.layout.display = None
-        if "What CLIP saw" not in applying:
-            return
-        self._fill("What CLIP saw", lambda: self._set_image(
-            self.clip_image, "What CLIP saw",
-            views.what_clip_saw(trace.pixel_values, pipeline.image_processor, inputs, crop=result.settings.crop),
-        ), self.clip_text)
-        if "What CLIP saw" not in self.errors:
-            side = trace.pixel_values.shape[-1]
-            self.clip_text.value = html.escape(
-                f"The {side}x{side} picture the vision tower encoded (normalisation undone)"
-                + (", beside the original." if inputs else ".")
+        has_image = "What CLIP saw" in applying
+        if has_image:
+            self.direction_note.value = html.escape(DIRECTION_GAP_TEXT)
+            self.direction_button.disabled = False
+            has_two = trace.image_embeds.shape[0] > 1
+            self.interpolation_note.value = (
+                "Generates images along a slerp from the first input image's embedding to the text typed here"
+                + (" (or to the second input image)" if has_two else "")
+                + ", as repeat prompts with this run's seed, steps, guidance, scale and norm matching. "
+                "Press Interpolate to make the strip."
             )
-        self._fill("Scale gap", self._show_scale_gap, self.scale_gap_text)
-        self._fill("Similarity", self.update_similarity, self.similarity_note)
-        self._fill("Tokens", self._show_tokens, self.token_text)
-        self.direction_note.value = html.escape(DIRECTION_GAP_TEXT)
-        self.direction_button.disabled = False
-        if "Adapter tokens" in applying:
-            self._fill("Adapter tokens", lambda: self._show_adapter_tokens(adapter_images), self.adapter_text)
-        self._fill(WORDS_TITLE, lambda: self.words.show(result, self._submit), self.words.text)
-        has_two = trace.image_embeds.shape[0] > 1
-        self.interpolation_note.value = (
-            "Generates images along a slerp from the first input image's embedding to the text typed here"
-            + (" (or to the second input image)" if has_two else "")
-            + ", as repeat prompts with this run's seed, steps, guidance, scale and norm matching. "
-            "Press Interpolate to make the strip."
-        )
-        self.interpolation_button.disabled = False
+            self.interpolation_button.disabled = False
+        timing = result.describe_timings() or f"{result.seconds:.1f} s"
+        self.placeholder.value = html.escape(
+            f"{len(trace.tensors())} tensors traced; the run took {timing}. {DRAW_ON_OPEN_TEXT}"
+            + ("" if has_image else " A words-only run: no image, so no image sections."))
+        self.sections.layout.display = None
+        self.pending = set(applying)
+        if not defer:
+            self.draw_open_section()
+        self._show_draw_button()
+
+    def set_visible(self, visible: bool) -> None:
+        """Whether the tab is on screen (the panel calls this when its tabs switch): becoming visible draws the
+        open section of the shown run."""
+        self.visible = visible
+        self.draw_open_section()
+
+    def draw_open_section(self, force: bool = False) -> None:
+        """Draw the open section for the shown run, once, if the tab is visible (``force``: the Draw button)."""
+        title = self._open_title()
+        if self.result is not None and title in self.pending and (self.visible or force):
+            self.pending.discard(title)
+            self._draw(title)
+        self._show_draw_button()
+
+    def _open_title(self) -> str | None:
+        index = self.sections.selected_index
+        shown = self.shown_sections
+        return shown[index] if index is not None and index < len(shown) else None
+
+    def _show_draw_button(self) -> None:
+        waiting = self.result is not None and self._open_title() in self.pending
+        self.draw_button.layout.display = None if waiting and self.visible else "none"
+
+    def _draw(self, title: str) -> None:
+        result, pipeline, trace = self.result, self.pipeline, self.result.trace
+        if title == "Tensors":
+            self._fill(title, lambda: setattr(self.summary, "value", _pre(trace.summary() + _toy_row(
+                result, pipeline, self._inputs))), self.summary)
+        elif title == "What CLIP saw":
+            inputs = self._inputs
+            self._fill(title, lambda: self._set_image(
+                self.clip_image, title,
+                views.what_clip_saw(trace.pixel_values, pipeline.image_processor, inputs, crop=result.settings.crop),
+            ), self.clip_text)
+            if title not in self.errors:
+                side = trace.pixel_values.shape[-1]
+                self.clip_text.value = html.escape(
+                    f"The {side}x{side} picture the vision tower encoded (normalisation undone)"
+                    + (", beside the original." if inputs else ".")
+                )
+        elif title == "Scale gap":
+            self._fill(title, self._show_scale_gap, self.scale_gap_text)
+        elif title == "Similarity":
+            self._fill(title, self.update_similarity, self.similarity_note)
+        elif title == "Tokens":
+            self._fill(title, self._show_tokens, self.token_text)
+        elif title == "Attention":
+            self._fill(title, self._show_attention, self.attention_text)
+        elif title == "Adapter tokens":
+            self._fill(title, lambda: self._show_adapter_tokens(self._adapter_images), self.adapter_text)
+        elif title == "Denoising":
+            self.update_filmstrip()
+        elif title == WORDS_TITLE:
+            self._fill(title, lambda: self.words.show(result, self._submit), self.words.text)
+        # "Direction gap" and "Interpolation" compute on their buttons: nothing to draw on opening.
+
+    def draw_all(self) -> None:
+        """Draw every section now (a notebook cell that wants the whole tab at once, and the tests)."""
+        for title in self.shown_sections:
+            if title in self.pending:
+                self.pending.discard(title)
+                self._draw(title)
+        self._show_draw_button()
 
     def clear(self) -> None:
         """Empty every section (before a new run, or when the result is gone)."""
@@ -236,6 +306,8 @@ class InspectorTab(widgets.VBox):
         self.labels = None
         self.errors = {}
         self.views = {}
+        self.pending = set()
+        self._inputs = self._adapter_images = None
         self.placeholder.value = EMPTY_TEXT
         for image in (self.clip_image, self.scale_gap_image, self.similarity_image, self.token_image,
                       self.filmstrip_image, self.interpolation_image, self.attention_image, self.direction_image):
@@ -249,6 +321,7 @@ class InspectorTab(widgets.VBox):
         self.interpolation_button.disabled = True
         self.direction_button.disabled = True
         self.sections.layout.display = "none"
+        self.draw_button.layout.display = "none"
 
     @property
     def shown_sections(self) -> tuple[str, ...]:

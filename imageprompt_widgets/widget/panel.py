@@ -274,6 +274,9 @@ class ImagePromptWidget(widgets.VBox):
         self.tabs = widgets.Tab(children=[self.history, self.inspector])
         self.tabs.set_title(0, "History")
         self.tabs.set_title(1, "Inspector")
+        # The Inspector draws only while its tab is on screen (and then only the section that is open).
+        self.inspector.set_visible(self.tabs.selected_index == 1)
+        self.tabs.observe(lambda change: self.inspector.set_visible(change["new"] == 1), names="selected_index")
 
     def _lay_out(self) -> widgets.HBox:
         """Controls on the left; run, status, grid and history on the right, side by side where the notebook
@@ -704,7 +707,7 @@ class ImagePromptWidget(widgets.VBox):
             self._on_started(event)
         elif isinstance(event, Step):
             self.progress.value = event.step
-            self._say(self._step_text(event))
+            self._say(self._step_text(event), hover=f"{event.steps_per_second:.1f} UNet steps per second (it/s)")
         elif isinstance(event, Preview):
             if event.job is self._grid_job:
                 self.grid.show_previews(list(event.jpegs))
@@ -765,7 +768,7 @@ class ImagePromptWidget(widgets.VBox):
         if event.job.kind != "generate":
             return f"{event.job.kind}: step {event.step}/{event.total}"
         hint = "" if self.controller.background else " — stop with the kernel's stop button"
-        return f"Step {event.step}/{event.total} · {event.steps_per_second:.1f} it/s{hint}{self._step_note}"
+        return f"Step {event.step}/{event.total}{hint}{self._step_note}"
 
     def _on_cancelled(self, event: Cancelled) -> None:
         self._stop_grid(event)
@@ -800,18 +803,19 @@ class ImagePromptWidget(widgets.VBox):
         self.history.add_run(result.images, result.recipe, job.images, list(job.settings.weights), job.negatives,
                              result.trace)
         self.result = result
-        speed = f", {job.steps_per_second:.1f} it/s" if job.step else ""
-        done = f"Done: {count(len(result.images), 'image')} in {result.seconds:.1f} s{speed}, seed {result.settings.seed}."
+        speed = f"{job.steps_per_second:.1f} UNet steps per second (it/s)" if job.step else ""
+        hover = "; ".join(part for part in (speed, result.describe_timings()) if part)
+        done = f"Done: {count(len(result.images), 'image')} in {result.seconds:.1f} s, seed {result.settings.seed}."
         prompt = self.controls.controls.get("prompt")
         caption = result.recipe.get("caption")
         if caption and prompt is not None and not prompt.value.strip():
             prompt.value = caption  # the caption route: show BLIP's words where the user can edit them
             done += " BLIP's caption is in the prompt field: edit it and Generate again."
-        self._say(done)
+        self._say(done, hover=hover)
         try:
             labels = self.inputs.names if len(self.inputs.items) == len(job.images) else None
             self.inspector.show(result, self.controller.pipeline, inputs=job.images, adapter_images=job.adapter_images,
-                                labels=labels)
+                                labels=labels, defer=self.live.value)  # a live run draws nothing on its thread
         except Exception as err:  # noqa: BLE001 - a broken view must not hide the images
             self._details(f"The inspector failed: {type(err).__name__}: {err}", traceback.format_exc())
 
@@ -882,10 +886,12 @@ class ImagePromptWidget(widgets.VBox):
 
     # -- status --------------------------------------------------------------------------------
 
-    def _say(self, text: str, error: bool = False) -> None:
+    def _say(self, text: str, error: bool = False, hover: str = "") -> None:
+        """The status line in plain words; ``hover`` holds the technical detail (speed, stage timings)."""
         self._status_text = text
         color = "#b00020" if error else "inherit"
-        self.status_line.value = f"<div style='color:{color};line-height:1.3'>{html.escape(text)}</div>"
+        title = f" title='{html.escape(hover, quote=True)}'" if hover else ""
+        self.status_line.value = f"<div style='color:{color};line-height:1.3'{title}>{html.escape(text)}</div>"
         if not error:
             self.details.layout.display = "none"
 

@@ -464,3 +464,43 @@ def test_words_only_and_a_mode_change_in_jupyterlab(lab_server: Any, page: Any, 
     wait_for_status(page, r"^Stayed on model 'sd14' with repeat; nothing is downloaded\.$")
     assert_no_broken_image(page)
     assert console.errors == []
+
+
+#: The README's picture: the toy world's IP-Adapter draws a world picture anew, in a real JupyterLab.
+TOY_CELL = """\
+from imageprompt_widgets import ImagePromptWidget
+
+w = ImagePromptWidget(model="toy-ip-adapter", seed=1)
+w.grid.add_class("{grid}")
+w.set_images(["{image}"])
+w"""
+
+
+def test_the_toy_world_draws_its_input_anew_in_jupyterlab(lab_server: Any, page: Any, console: Any) -> None:
+    """The panel on the toy world's IP-Adapter: Generate draws a picture that keeps what the input shows (the toy
+    world's judge reads its colour back); scripts/screenshot.py captures this panel for the README."""
+    from imageprompt_widgets.toy.judge import judge
+
+    picture = EXAMPLES / "images" / "yellow_triangle_on_black.png"
+    shutil.copy(picture, lab_server.root / picture.name)
+    write_notebook(lab_server.root / "toy.ipynb", TOY_CELL.format(grid=GRID_CLASS, image=picture.name))
+    page.goto(lab_server.url("lab/tree/toy.ipynb"))
+    run_cells(page)
+    generate = page.get_by_role("button", name="Generate")
+    generate.wait_for(timeout=RUN_TIMEOUT)
+    wait_for_status(page, r"^1 input image ready")
+    generate.click()
+    wait_for_status(page, r"^Done: 1 image", RUN_TIMEOUT)
+    final = page.evaluate("""async (sel) => {
+        const b = await (await fetch(document.querySelector(sel).src)).blob();
+        return Array.from(new Uint8Array(await b.arrayBuffer())); }""", f".{GRID_CLASS} img")
+    shown = Image.open(io.BytesIO(bytes(final))).convert("RGB")
+    drawn = judge(shown.resize((64, 64), Image.NEAREST))  # the tile shows the 64 px picture 4× pixel by pixel
+    assert drawn.colour == judge(Image.open(picture)).colour == "yellow", drawn
+    assert_no_broken_image(page)
+    screenshot = os.environ.get("IMAGEPROMPT_SCREENSHOT")
+    if screenshot:  # scripts/screenshot.py: the whole panel, in a window tall enough to hold it
+        page.set_viewport_size({"width": 1400, "height": 2400})
+        panel = page.locator(".jp-OutputArea-output").first
+        panel.scroll_into_view_if_needed()
+        panel.screenshot(path=screenshot)
