@@ -645,3 +645,23 @@ def test_a_nan_decode_prints_no_numpy_warning(tiny_pipe) -> None:
     finally:
         handle.remove()
     assert [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)] == []
+
+
+def test_a_lora_whose_shapes_do_not_fit_is_one_sentence(tiny_pipe, tmp_path):
+    """A LoRA made for another model (here: one layer's rank doubled) said only "You set
+    `ignore_mismatched_sizes` to `False` ... look at the above report!"; now it says what is wrong."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from imageprompt_widgets.loading.lora import LoraError
+    from imageprompt_widgets.loading.offline import ensure_tiny_lora
+
+    tensors = load_file(next(Path(ensure_tiny_lora()).glob("*.safetensors")))
+    name = next(key for key in sorted(tensors) if "lora_A" in key)
+    tensors[name] = torch.zeros(tensors[name].shape[0] * 2, *tensors[name].shape[1:])
+    save_file(tensors, tmp_path / "other_model.safetensors")
+    with pytest.raises(LoraError) as caught:
+        tiny_pipe.load_lora(str(tmp_path / "other_model.safetensors"))
+    assert str(caught.value).startswith("The LoRA ") and "does not fit this model" in str(caught.value)
+    assert "report" not in str(caught.value) and "\n" not in str(caught.value)
+    assert not tiny_pipe.loras  # nothing half loaded stays on the shared pipeline

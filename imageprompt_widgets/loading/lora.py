@@ -147,8 +147,22 @@ def load_lora(sd: Any, source: str, local: str, name: str, weight: float) -> Lor
     with translate_load_errors(source, False), quiet_loaders(), warnings.catch_warnings():
         # A second adapter on the same model is what we ask for; peft warns about it every time.
         warnings.filterwarnings("ignore", message=".*multiple adapters.*")
-        sd.load_lora_weights(location, **kwargs)
+        try:
+            sd.load_lora_weights(location, **kwargs)
+        except (RuntimeError, ValueError) as err:
+            if not _MISMATCH.search(str(err)):
+                raise
+            raise LoraError(
+                f"The LoRA {source!r} does not fit this model: its layers have other shapes than the model's "
+                "(it was made for another Stable Diffusion, such as SDXL or SD 2, or its file is damaged). Use a "
+                "LoRA trained for this model's base."
+            ) from None
     return LoraInfo(name, source, weight)
+
+
+#: What diffusers and peft say when a LoRA's tensors do not fit the layers they name (a "report" of every
+#: mismatched layer, logged, then a line pointing at it): never shown raw.
+_MISMATCH = re.compile(r"size mismatch|ignore_mismatched_sizes|Error\(s\) in loading state_dict", re.IGNORECASE)
 
 
 def activate(sd: Any, loras: list[LoraInfo]) -> None:
