@@ -58,11 +58,12 @@ def test_every_set_up_block_installs_cpu_torch_before_the_package() -> None:
 
 def test_the_readme_gives_the_run_and_test_commands_that_ci_runs() -> None:
     (run_and_test,) = [block for block in _bash_blocks(README) if "python -m pytest" in block and len(block) == 2]
-    assert run_and_test[0].startswith("imageprompt generate examples/images/sunset.png -o out/ --model toy")
+    assert run_and_test[0].startswith(
+        "imageprompt generate examples/images/yellow_triangle_on_black.png -o out/ --model toy-ip-adapter")
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
     assert "python -m pytest" in [line.strip() for line in ci]
-    assert any(line.startswith("imageprompt generate examples/images/sunset.png") and "--model toy" in line
-               for line in ci)
+    assert any(line.startswith("imageprompt generate examples/images/yellow_triangle_on_black.png")
+               and "--model toy-ip-adapter" in line for line in ci)
 
 
 def test_the_readmes_links_into_the_docs_are_pages_of_the_site() -> None:

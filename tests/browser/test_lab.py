@@ -251,7 +251,7 @@ def test_panel_in_jupyterlab(lab_server: Any, page: Any, console: Any, tmp_path:
     prompt = page.locator(".widget-text", has=page.locator("label", has_text=re.compile("^prompt$")))
     assert not prompt.is_visible()  # repeat reads no prompt
     choose_option(page, "method", "caption")
-    wait_for_status(page, r"^caption needs a captioner \(BLIP\), which 'tiny' lacks: switched to model 'tiny-caption'")
+    wait_for_status(page, r"^caption needs a captioner \(BLIP\), which 'tiny' lacks: switched to model 'toy'")
     prompt.wait_for(state="visible")
     choose_option(page, "model", "tiny")
     # "built" once the tiny models exist in this cache, "builds in seconds" on a fresh machine before the first run
@@ -376,7 +376,7 @@ def test_quickstart_renders_in_notebook7(notebook_server: Any, page: Any, consol
     shoot(page, "notebook7")
     # Switching method and model works here too.
     choose_option(page, "method", "caption")
-    wait_for_status(page, r"switched to model 'tiny-caption'")
+    wait_for_status(page, r"switched to model 'toy'")
     choose_option(page, "model", "tiny")
     wait_for_status(page, r"^Model 'tiny' chosen")
     assert_no_broken_image(page)
