@@ -86,6 +86,12 @@ WATCH_TILES = """
 JPEG, PNG = "ffd8ff", "89504e47"  # leading bytes of each format, in hex
 
 
+def lab_path(notebook: str) -> str:
+    """JupyterLab's address of ``notebook`` in a workspace of its own: the session's server keeps each workspace's
+    layout, and a shared one would reopen an earlier test's notebook in front of this one."""
+    return f"lab/workspaces/{Path(notebook).stem}/tree/{notebook}"
+
+
 def write_notebook(path: Path, *sources: str) -> None:
     cells = [nbformat.v4.new_code_cell(source) for source in sources]
     notebook = nbformat.v4.new_notebook(cells=cells)
@@ -230,7 +236,7 @@ def test_panel_in_jupyterlab(lab_server: Any, page: Any, console: Any, tmp_path:
     tiles), look at the inspector, Cancel a long run, a failing run, a non-image upload: each shows up in the
     DOM, no broken image is ever shown, and no error reaches the browser console."""
     write_notebook(lab_server.root / "panel.ipynb", WIDGET_CELL, FAIL_NEXT_CELL)
-    page.goto(lab_server.url("lab/tree/panel.ipynb"))
+    page.goto(lab_server.url("lab/tree/panel.ipynb"))  # the default workspace: the first notebook this server opens
     run_cells(page)
     generate = page.get_by_role("button", name="Generate")
     generate.wait_for(timeout=RUN_TIMEOUT)
@@ -398,7 +404,7 @@ def test_words_only_and_a_mode_change_in_jupyterlab(lab_server: Any, page: Any, 
     model lacks moves to an offline twin, and one only a download could run asks first; nothing is broken."""
     page.set_viewport_size({"width": 1280, "height": 800})
     write_notebook(lab_server.root / "words.ipynb", WORDS_CELL)
-    page.goto(lab_server.url("lab/tree/words.ipynb"))
+    page.goto(lab_server.url(lab_path("words.ipynb")))
     run_cells(page)
     generate = page.get_by_role("button", name="Generate")
     generate.wait_for(timeout=RUN_TIMEOUT)
@@ -484,7 +490,7 @@ def test_the_toy_world_draws_its_input_anew_in_jupyterlab(lab_server: Any, page:
     picture = EXAMPLES / "images" / "yellow_triangle_on_black.png"
     shutil.copy(picture, lab_server.root / picture.name)
     write_notebook(lab_server.root / "toy.ipynb", TOY_CELL.format(grid=GRID_CLASS, image=picture.name))
-    page.goto(lab_server.url("lab/tree/toy.ipynb"))
+    page.goto(lab_server.url(lab_path("toy.ipynb")))
     run_cells(page)
     generate = page.get_by_role("button", name="Generate")
     generate.wait_for(timeout=RUN_TIMEOUT)
