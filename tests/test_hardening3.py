@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import test_image_urls
-from helpers import optional_module, png_bytes
+from helpers import assert_same_pixels, optional_module, png_bytes
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from test_image_urls import Server, _socket_buffer_bound
@@ -654,14 +654,16 @@ def test_a_lora_whose_shapes_do_not_fit_is_one_sentence(tiny_pipe, tmp_path):
     from safetensors.torch import load_file, save_file
 
     from imageprompt_widgets.loading.lora import LoraError
-    from imageprompt_widgets.loading.offline import ensure_tiny_lora
+    from imageprompt_widgets.loading.offline import ensure_tiny_lora, sample_image
 
     tensors = load_file(next(Path(ensure_tiny_lora()).glob("*.safetensors")))
     name = next(key for key in sorted(tensors) if "lora_A" in key)
     tensors[name] = torch.zeros(tensors[name].shape[0] * 2, *tensors[name].shape[1:])
     save_file(tensors, tmp_path / "other_model.safetensors")
+    before = tiny_pipe.generate(sample_image(), steps=1, seed=3).images[0]
     with pytest.raises(LoraError) as caught:
         tiny_pipe.load_lora(str(tmp_path / "other_model.safetensors"))
     assert str(caught.value).startswith("The LoRA ") and "does not fit this model" in str(caught.value)
     assert "report" not in str(caught.value) and "\n" not in str(caught.value)
     assert not tiny_pipe.loras  # nothing half loaded stays on the shared pipeline
+    assert_same_pixels(tiny_pipe.generate(sample_image(), steps=1, seed=3).images[0], before)

@@ -270,12 +270,12 @@ class ImagePromptPipeline:
             cached = self._embeddings.get(key)
             if cached is not None:
                 self._embeddings.move_to_end(key)
-                return cached
+                return _copied(cached)
         embedding = encode_images(pil_images, self.image_encoder, self.image_processor, crop, penultimate=hidden)
         self._embeddings[(crop, hidden, *fingerprints)] = embedding
         while len(self._embeddings) > EMBEDDING_CACHE_SIZE:
             self._embeddings.popitem(last=False)
-        return embedding
+        return _copied(embedding)
 
     def _no_image_embedding(self) -> ImageEmbedding:
         """What a words-only run traces for its images: none (zero rows, the encoder's widths)."""
@@ -1080,6 +1080,13 @@ def _keep_attention_maps(trace: Trace, maps: AttentionMaps | None) -> None:
     trace.attention_maps = maps.prompt[:, : trace.prompt_embeds.shape[1]].contiguous()
     if maps.adapter is not None:
         trace.extras["adapter_attention_maps"] = maps.adapter
+
+
+def _copied(embedding: ImageEmbedding) -> ImageEmbedding:
+    """A copy of a cached embedding whose tensors the caller may change in place: the cache keeps what the
+    encoder gave, so the same inputs give the same pixels whatever ran before."""
+    return dataclasses.replace(embedding, **{
+        name: value.clone() for name, value in vars(embedding).items() if isinstance(value, torch.Tensor)})
 
 
 def _source_count(sources: Any) -> int:

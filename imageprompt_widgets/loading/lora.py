@@ -15,6 +15,7 @@ diffusers needs ``peft`` for this, in the ``lora`` extra: ``pip install 'imagepr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import warnings
@@ -152,12 +153,20 @@ def load_lora(sd: Any, source: str, local: str, name: str, weight: float) -> Lor
         except (RuntimeError, ValueError) as err:
             if not _MISMATCH.search(str(err)):
                 raise
+            _remove_half_loaded(sd, name)
             raise LoraError(
                 f"The LoRA {source!r} does not fit this model: its layers have other shapes than the model's "
                 "(it was made for another Stable Diffusion, such as SDXL or SD 2, or its file is damaged). Use a "
                 "LoRA trained for this model's base."
             ) from None
     return LoraInfo(name, source, weight)
+
+
+def _remove_half_loaded(sd: Any, name: str) -> None:
+    """Some diffusers versions inject the layers they could load before the mismatch stops them: take them out
+    again, so the model computes as before the failed load (other LoRAs stay)."""
+    with contextlib.suppress(Exception):  # nothing of it was injected: nothing to remove
+        sd.delete_adapters(name)
 
 
 #: What diffusers and peft say when a LoRA's tensors do not fit the layers they name (a "report" of every
