@@ -198,6 +198,24 @@ def choose_option(page: Any, label: str, value: str) -> None:
         if text.replace("\xa0", " ").split(" ")[0] == value or f"({value})" in text.replace("\xa0", " ")))
 
 
+def final_tile(page: Any) -> bytes:
+    """The bytes of the picture the output grid's first tile shows now."""
+    return bytes(page.evaluate("""async (sel) => {
+        const b = await (await fetch(document.querySelector(sel).src)).blob();
+        return Array.from(new Uint8Array(await b.arrayBuffer())); }""", f".{GRID_CLASS} img"))
+
+
+def capture_for_readme(page: Any) -> None:
+    """Where ``IMAGEPROMPT_SCREENSHOT`` names a file (scripts/screenshot.py): the whole panel, in a window tall
+    enough to hold it."""
+    screenshot = os.environ.get("IMAGEPROMPT_SCREENSHOT")
+    if screenshot:
+        page.set_viewport_size({"width": 1400, "height": 2400})
+        panel = page.locator(".jp-OutputArea-output").first
+        panel.scroll_into_view_if_needed()
+        panel.screenshot(path=screenshot)
+
+
 def assert_no_broken_image(page: Any) -> None:
     assert page.evaluate(BROKEN_IMAGES) == []
 
@@ -278,17 +296,10 @@ def test_panel_in_jupyterlab(lab_server: Any, page: Any, console: Any, tmp_path:
     tiles = page.locator(f".{GRID_CLASS} img")
     assert tiles.count() == 1
     assert tiles.first.get_attribute("src")
-    final = page.evaluate("""async (sel) => {
-        const b = await (await fetch(document.querySelector(sel).src)).blob();
-        return Array.from(new Uint8Array(await b.arrayBuffer())); }""", f".{GRID_CLASS} img")
-    assert Image.open(io.BytesIO(bytes(final))).size == (256, 256)  # the tiny preset's 64 px, 4× pixel by pixel
+    final = final_tile(page)
+    assert Image.open(io.BytesIO(final)).size == (256, 256)  # the tiny preset's 64 px, 4× pixel by pixel
     assert_no_broken_image(page)
-    screenshot = os.environ.get("IMAGEPROMPT_SCREENSHOT")
-    if screenshot:  # scripts/screenshot.py: the whole panel, in a window tall enough to hold it
-        page.set_viewport_size({"width": 1400, "height": 2400})
-        panel = page.locator(".jp-OutputArea-output").first
-        panel.scroll_into_view_if_needed()
-        panel.screenshot(path=screenshot)
+    capture_for_readme(page)
 
     # In a 1280×800 window, the grid, the status line and the history are in view together.
     page.set_viewport_size({"width": 1280, "height": 800})
@@ -497,16 +508,9 @@ def test_the_toy_world_draws_its_input_anew_in_jupyterlab(lab_server: Any, page:
     wait_for_status(page, r"^1 input image ready")
     generate.click()
     wait_for_status(page, r"^Done: 1 image", RUN_TIMEOUT)
-    final = page.evaluate("""async (sel) => {
-        const b = await (await fetch(document.querySelector(sel).src)).blob();
-        return Array.from(new Uint8Array(await b.arrayBuffer())); }""", f".{GRID_CLASS} img")
-    shown = Image.open(io.BytesIO(bytes(final))).convert("RGB")
+    final = final_tile(page)
+    shown = Image.open(io.BytesIO(final)).convert("RGB")
     drawn = judge(shown.resize((64, 64), Image.NEAREST))  # the tile shows the 64 px picture 4× pixel by pixel
     assert drawn.colour == judge(Image.open(picture)).colour == "yellow", drawn
     assert_no_broken_image(page)
-    screenshot = os.environ.get("IMAGEPROMPT_SCREENSHOT")
-    if screenshot:  # scripts/screenshot.py: the whole panel, in a window tall enough to hold it
-        page.set_viewport_size({"width": 1400, "height": 2400})
-        panel = page.locator(".jp-OutputArea-output").first
-        panel.scroll_into_view_if_needed()
-        panel.screenshot(path=screenshot)
+    capture_for_readme(page)
