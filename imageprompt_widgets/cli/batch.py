@@ -12,25 +12,20 @@ others were written), 2 nothing ran (bad INPUT, -o or flag; one line), 130 inter
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 from ..batch.manifest import MANIFEST_FORMATS
 from ..presets import resolve_preset
 from ..settings import GenerationSettings, SettingsError
 from .common import (
-    EXIT_INTERRUPTED,
-    EXIT_ITEMS_FAILED,
-    EXIT_OK,
     INPUT_HELP,
-    TerminalProgress,
     add_setting_flags,
     add_source_flags,
     bad_input,
     check_output_folder,
     chosen_settings,
-    is_main_process,
     note_ignored,
+    run_many,
 )
 
 EXIT_CODES = (
@@ -102,24 +97,14 @@ def run(args: argparse.Namespace) -> int:
 
     from ..batch.run import run_batch  # torch and the engine from here on
 
-    loading = TerminalProgress(steps=False) if is_main_process() else None  # messages and download bytes
-    try:
-        report = run_batch(
+    return run_many(
+        lambda loading: run_batch(
             source, args.output, settings=chosen, seeds=seeds, model=preset, device=args.device,
             safety_checker=False if args.no_safety_checker else None, manifest_format=args.manifest,
             on_event=loading,
-        )
-    except ValueError as err:  # the model cannot load, the disk is full: nothing more can run
-        return bad_input(err)
-    except KeyboardInterrupt:
-        print("imageprompt: stopped; run the same command again to continue where it stopped.", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    finally:
-        if loading is not None:
-            loading.close()
-    if is_main_process():
-        print(f"imageprompt: {report.summary()}", file=sys.stderr)
-        print(report.manifest)
-    return EXIT_OK if report.ok else EXIT_ITEMS_FAILED
+        ),
+        stopped="run the same command again to continue where it stopped.",
+        written=lambda report: report.manifest,
+    )
 
 

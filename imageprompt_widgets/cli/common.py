@@ -191,3 +191,24 @@ def note_ignored(source: Any, settings_used: bool = True) -> None:
     if source.ignored_columns and is_main_process():
         what = "not settings" if settings_used else "embed reads the images only"
         print(f"imageprompt: note: ignoring column(s) {', '.join(source.ignored_columns)} ({what}).", file=sys.stderr)
+
+
+def run_many(work: Any, *, stopped: str, written: Any) -> int:
+    """Run a many-item command (batch, embed) with loading progress on the main process: ``work(on_event)`` returns
+    a report with ``summary()`` and ``ok``; ``written(report)`` is the file printed on stdout. A ValueError (the
+    model cannot load, the disk is full) is one line and exit 2; Ctrl-C says ``stopped`` and exits 130."""
+    loading = TerminalProgress(steps=False) if is_main_process() else None  # messages and download bytes
+    try:
+        report = work(loading)
+    except ValueError as err:
+        return bad_input(err)
+    except KeyboardInterrupt:
+        print(f"imageprompt: stopped; {stopped}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        if loading is not None:
+            loading.close()
+    if is_main_process():
+        print(f"imageprompt: {report.summary()}", file=sys.stderr)
+        print(written(report))
+    return EXIT_OK if report.ok else EXIT_ITEMS_FAILED

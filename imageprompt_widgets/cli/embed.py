@@ -9,24 +9,19 @@ images could not be read (one line each; the others were written), 2 nothing ran
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 from ..batch.embed import DEFAULT_BATCH_SIZE, check_embedding_path
 from ..presets import resolve_preset
 from ..settings import GenerationSettings, SettingsError
 from .common import (
-    EXIT_INTERRUPTED,
-    EXIT_ITEMS_FAILED,
-    EXIT_OK,
     INPUT_HELP,
-    TerminalProgress,
     add_setting_flags,
     add_source_flags,
     bad_input,
     check_output_file,
-    is_main_process,
     note_ignored,
+    run_many,
 )
 
 
@@ -70,19 +65,10 @@ def run(args: argparse.Namespace) -> int:
 
     from ..batch.embed import export_embeddings
 
-    loading = TerminalProgress(steps=False) if is_main_process() else None
-    try:
-        report = export_embeddings(source, args.output, model=preset, device=args.device, batch_size=batch_size,
-                                   hidden_states=args.hidden_states, crop=crop, on_event=loading)
-    except ValueError as err:
-        return bad_input(err)
-    except KeyboardInterrupt:
-        print("imageprompt: stopped; nothing was written.", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    finally:
-        if loading is not None:
-            loading.close()
-    if is_main_process():
-        print(f"imageprompt: {report.summary()}", file=sys.stderr)
-        print(report.path)
-    return EXIT_OK if report.ok else EXIT_ITEMS_FAILED
+    return run_many(
+        lambda loading: export_embeddings(source, args.output, model=preset, device=args.device,
+                                          batch_size=batch_size, hidden_states=args.hidden_states, crop=crop,
+                                          on_event=loading),
+        stopped="nothing was written.",
+        written=lambda report: report.path,
+    )
