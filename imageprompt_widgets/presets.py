@@ -379,6 +379,18 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
 LIVE_TWINS: MappingProxyType[str, str] = MappingProxyType({"sd15": "sd15-live", "tiny": "tiny-live"})
 
 
+def shown_source(source: str) -> str:
+    """A model source as a person should read it: folders inside this package named from the package down
+    (``imageprompt_widgets/toy/weights/clip``), not by where it happens to be installed; anything else as given."""
+    package = Path(__file__).resolve().parent
+    if not os.path.exists(source):  # a Hub id
+        return source
+    try:
+        return str(Path(source).resolve().relative_to(package.parent))
+    except (ValueError, OSError):
+        return source
+
+
 def runs_toy_weights(preset: Preset) -> bool:
     """Whether a preset runs the toy world's shipped weights (its SD folder lies under the toy weights: ``toy``,
     ``toy-ip-adapter``, ``toy-ip-adapter-plus``, ``toy-variations``)."""

@@ -214,3 +214,13 @@ def test_a_broken_model_offline_is_not_reported_as_missing(tmp_path, monkeypatch
         ImagePromptPipeline.from_pretrained(sd_model=str(broken), clip_model=clip_folder)
     text = one_sentence(err.value)
     assert "HF_HUB_OFFLINE" not in text and "could not be loaded" in text
+
+
+def test_a_folder_inside_the_package_is_named_from_the_package_down(tmp_path, monkeypatch):
+    """Messages and notebook outputs name the toy world's CLIP without the machine's install path."""
+    from imageprompt_widgets.presets import TOY_CLIP_FOLDER, shown_source
+
+    monkeypatch.chdir(tmp_path)
+    assert shown_source(str(TOY_CLIP_FOLDER)) == "imageprompt_widgets/toy/weights/clip"
+    assert shown_source("openai/clip-vit-large-patch14") == "openai/clip-vit-large-patch14"  # a Hub id, as given
+    assert shown_source(str(tmp_path)) == str(tmp_path)  # a user's folder, as given

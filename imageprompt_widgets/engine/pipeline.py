@@ -46,7 +46,7 @@ from ..loading.memory import DEFAULT_MEMORY, check_level, execution_device
 from ..loading.quiet import noting_prompt_truncation, quiet_loaders
 from ..methods import METHODS, part_loaders
 from ..methods.inputs import ConditioningInputs, TextSide
-from ..presets import PRESETS, Preset, resolve_preset
+from ..presets import PRESETS, Preset, resolve_preset, shown_source
 from ..settings import AUTOCAST_MAX_STEPS, MODES, GenerationSettings, SettingsError
 from ..structure.plan import ControlMap, StructurePlan, StructureRunners, unit_pictures
 from . import schedule
@@ -502,7 +502,8 @@ class ImagePromptPipeline:
         key = ("clip-text-tower", os.path.abspath(folder) if os.path.isdir(folder) else folder,
                str(self.device), str(self.image_encoder.dtype))
         return MODEL_CACHE.get_or_create(
-            key, lambda: load_clip_text_tower(folder, self.preset.clip_model, self.device, self.image_encoder.dtype)
+            key, lambda: load_clip_text_tower(folder, shown_source(self.preset.clip_model), self.device,
+                                             self.image_encoder.dtype)
         )
 
     def word_space(self) -> Any:
