@@ -13,9 +13,10 @@ rerun on the same machine rewrites them byte for byte.
 
 Stale means (:func:`stale_outputs`): a cell's outputs differ in number, kind or MIME types; a text differs
 after :func:`normalise_text` (memory addresses, durations, rates, temporary paths and the package's folder
-are the only parts allowed to move); or a picture differs in size or beyond :class:`ImageTolerance` (torch's float arithmetic differs
-slightly between CPUs, and matplotlib's text rendering between versions: a pixel-exact check would fail on
-a machine that is merely different, while a changed picture, even one tile of a grid, moves far more).
+are the only parts allowed to move) beyond :func:`texts_agree`'s rounding of printed decimals; or a picture
+differs in size or beyond :class:`ImageTolerance` (torch's float arithmetic differs slightly between CPUs, and
+matplotlib's text rendering between versions: a pixel-exact check would fail on a machine that is merely
+different, while a changed picture, even one tile of a grid, moves far more).
 """
 
 from __future__ import annotations
@@ -83,6 +84,37 @@ def normalise_text(text: str) -> str:
     return _DURATION.sub("<duration>", _RATE.sub("<rate>", text))
 
 
+#: A printed decimal number (``0.8294``, ``-8.9776e-04``) or an integer; texts are compared piece by piece.
+_NUMBER = re.compile(r"[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?")
+#: How far a printed decimal may move between CPUs (float rounding in its last printed digits): absolute plus
+#: relative. Integers (counts, shapes, pixel levels) must stay equal.
+DECIMAL_ABSOLUTE = 1e-3
+DECIMAL_RELATIVE = 1e-3
+
+
+def texts_agree(committed: str, fresh: str) -> bool:
+    """Whether two normalised texts say the same: equal words and integers, and decimals within the rounding a
+    different CPU gives (another machine prints ``-8.9813e-04`` where this one printed ``-8.9776e-04``)."""
+    if committed == fresh:
+        return True
+    old_words, new_words = _NUMBER.split(committed), _NUMBER.split(fresh)
+    if old_words != new_words:
+        return False
+    for old, new in zip(_NUMBER.findall(committed), _NUMBER.findall(fresh), strict=True):
+        if old == new:
+            continue
+        if not (_is_decimal(old) and _is_decimal(new)):
+            return False
+        a, b = float(old), float(new)
+        if abs(a - b) > DECIMAL_ABSOLUTE + DECIMAL_RELATIVE * max(abs(a), abs(b)):
+            return False
+    return True
+
+
+def _is_decimal(token: str) -> bool:
+    return "." in token or "e" in token.lower()
+
+
 def _text(value: str | list[str]) -> str:
     return "".join(value) if isinstance(value, list) else value
 
@@ -111,7 +143,7 @@ def _output_difference(committed: dict, fresh: dict) -> str | None:
         return f"a {kind} output became {fresh.get('output_type')}"
     if kind == "stream":
         old, new = normalise_text(_text(committed["text"])), normalise_text(_text(fresh["text"]))
-        return None if old == new else f"{committed['name']} changed:\n  was: {old[:300]!r}\n  now: {new[:300]!r}"
+        return None if texts_agree(old, new) else f"{committed['name']} changed:\n  was: {old[:300]!r}\n  now: {new[:300]!r}"
     if kind == "error":
         return f"an error output ({fresh.get('ename')})"
     old_data, new_data = committed.get("data", {}), fresh.get("data", {})
@@ -124,7 +156,7 @@ def _output_difference(committed: dict, fresh: dict) -> str | None:
             why = None if {**value, "model_id": ""} == {**new_data[mime], "model_id": ""} else "the widget changed"
         elif isinstance(value, str | list):
             old, new = normalise_text(_text(value)), normalise_text(_text(new_data[mime]))
-            why = None if old == new else f"{mime} changed:\n  was: {old[:300]!r}\n  now: {new[:300]!r}"
+            why = None if texts_agree(old, new) else f"{mime} changed:\n  was: {old[:300]!r}\n  now: {new[:300]!r}"
         else:
             why = None if value == new_data[mime] else f"{mime} changed"
         if why:

@@ -297,3 +297,16 @@ def test_a_preset_that_cannot_load_is_one_sentence_and_the_toy_world(
     assert namespace["PRESET"] == "toy"
     assert printed == [("Model 'sd14' is not on this machine (about 7.2 GB) and HF_HUB_OFFLINE=1 forbids downloading "
                        "it: using the offline toy world ('toy') instead.")]
+
+
+def test_a_printed_decimal_may_round_differently_on_another_cpu_but_a_count_may_not() -> None:
+    """Another CPU rounds torch's floats differently in the last printed digits (seen: an AVX2 machine against
+    the AVX-512 one that executed the notebooks): that is not a stale output; a changed count or shape is."""
+    committed = _notebook(_printed("tensor([[-8.9776e-04,  8.1505e-02]]) cos 0.8294 min=-2.466\n"))
+    fresh = _notebook(_printed("tensor([[-8.9813e-04,  8.1505e-02]]) cos 0.8295 min=-2.467\n"))
+    assert execute_notebooks.stale_outputs(committed, fresh) == []
+    agree = execute_notebooks.texts_agree
+    assert not agree("cosine 0.8294", "cosine 0.8394")  # a different number, not rounding
+    assert not agree("14 pictures", "15 pictures") and not agree("(1, 77, 32)", "(1, 257, 32)")
+    assert not agree("largest pixel difference: 0 of 255", "largest pixel difference: 1 of 255")
+    assert not agree("cos 0.8294 for a cat", "cos 0.8294 for a dog")
