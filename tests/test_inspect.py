@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_pixels_within
 from PIL import Image
 
 from imageprompt_widgets import views
@@ -309,7 +310,8 @@ def test_interpolation_equals_the_engines_slerp_generation(tiny_pipe, inputs):
     torch.testing.assert_close(view.embeds[2], ends[1])
     halfway = tiny_pipe.generate([a, b], combine="slerp", weights=[0.5, 0.5], seed=5, steps=1, guidance_scale=1.0)
     alone = tiny_pipe.generate(a, seed=5, steps=1, guidance_scale=1.0)
-    assert np.array_equal(np.asarray(view.images[1]), np.asarray(halfway.images[0]))
+    # The walk encodes each end alone, the engine both in one batch: the slerp point may round a level apart.
+    assert_pixels_within(view.images[1], halfway.images[0], levels=1)
     assert np.array_equal(np.asarray(view.images[0]), np.asarray(alone.images[0]))
     assert _decoded(view.to_png()).width >= 3 * 128
 
