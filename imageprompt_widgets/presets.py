@@ -115,9 +115,6 @@ CLIP_VIT_L = "openai/clip-vit-large-patch14"
 CLIP_VIT_BIGG = "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"
 #: Latent Consistency distilled into a LoRA for SDXL (about 394 MB).
 LCM_LORA_SDXL = "latent-consistency/lcm-lora-sdxl"
-#: SDXL's live mode: LCM-LoRA's 4 steps with the LCM scheduler and no unconditional pass (guidance 1). The full
-#: VAE decodes (TAESD is made for SD 1.x's VAE; TAESDXL is not wired in yet).
-SDXL_LIVE_DEFAULTS = (("scheduler", "lcm"), ("steps", 4), ("guidance_scale", 1.0))
 #: SDXL base's own sampling (its scheduler is Euler; 30 steps, guidance 5 as diffusers' pipeline defaults).
 SDXL_DEFAULTS = (("scheduler", "euler"), ("guidance_scale", 5.0))
 #: lllyasviel's ControlNets (canny, depth; structure/controlnets.py), trained on SD 1.5 (its UNet is SD 1.4's,
@@ -403,10 +400,11 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
             clip_model_2=CLIP_VIT_BIGG,
             family="sdxl",
             loras=((LCM_LORA_SDXL, 1.0),),
-            defaults=SDXL_LIVE_DEFAULTS,
-            note="live mode on SDXL: SDXL base + LCM-LoRA SDXL, 4 steps with the lcm scheduler, guidance 1",
+            defaults=LIVE_DEFAULTS,
+            note="live mode on SDXL: SDXL base + LCM-LoRA SDXL, 4 steps with the lcm scheduler, guidance 1, the tiny "
+                 "decoder (TAESDXL)",
             download_size="about 14 GB (SDXL base) + 1.7 GB (CLIP ViT-L/14) + 10 GB (OpenCLIP ViT-bigG-14) + "
-                          "394 MB (LCM-LoRA SDXL)",
+                          "394 MB (LCM-LoRA SDXL) + 10 MB (TAESDXL)",
         ),
         "tiny-sdxl": Preset(
             name="tiny-sdxl",
@@ -427,8 +425,9 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
             clip_model_2="tiny-sdxl",
             family="sdxl",
             loras=(("tiny-sdxl-lcm-lora", 1.0),),
-            defaults=SDXL_LIVE_DEFAULTS,
-            note="offline twin of 'sdxl-live': tiny-sdxl plus a random LoRA shaped like LCM-LoRA SDXL",
+            defaults=LIVE_DEFAULTS,
+            note="offline twin of 'sdxl-live': tiny-sdxl plus a random LoRA shaped like LCM-LoRA SDXL and a random "
+                 "tiny decoder shaped like TAESDXL",
             download_size="nothing (built locally, under 1 MB more than tiny-sdxl)",
             offline_builder="tiny-sdxl",
         ),

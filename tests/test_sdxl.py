@@ -32,11 +32,13 @@ def sdxl() -> ImagePromptPipeline:
 
 
 def bare_images(pipe: ImagePromptPipeline, res, *, steps: int = STEPS, guidance: float = 5.0, seed: int = 0,
-                scheduler=None, **kwargs):
+                scheduler=None, vae=None, **kwargs):
     """Bare diffusers on the same components, fed the trace's tensors, with diffusers' own CPU generator."""
     bare = StableDiffusionXLPipeline(**pipe.sd.components)
     if scheduler is not None:
         bare.scheduler = scheduler
+    if vae is not None:  # diffusers' way to decode with TAESD(XL): vae=AutoencoderTiny(...)
+        bare.vae = vae
     bare.set_progress_bar_config(disable=True)
     trace = res.trace
     return bare(
@@ -394,13 +396,28 @@ def test_pooled_tensors_are_traced_saved_and_loaded(sdxl, image, tmp_path, tiny_
 def test_tiny_sdxl_live_runs_four_lcm_steps_as_bare_diffusers(image):
     live = ImagePromptPipeline.from_preset("tiny-sdxl-live")
     settings = live.default_settings()
-    assert (settings.scheduler, settings.steps, settings.guidance_scale) == ("lcm", 4, 1.0)
+    assert (settings.scheduler, settings.steps, settings.guidance_scale, settings.decoder) == ("lcm", 4, 1.0, "tiny")
     assert [info.source for info in live.loras] == ["tiny-sdxl-lcm-lora"]
     res = live.generate(image, mode="repeat")
     assert len(res.trace.timesteps) == 4 and res.trace.negative_prompt_embeds is None
-    theirs = bare_images(live, res, steps=4, guidance=1.0,
+    assert res.provenance.model["tiny_decoder"] == "tiny-taesd"
+    theirs = bare_images(live, res, steps=4, guidance=1.0, vae=live.tiny_decoder(),
                          scheduler=LCMScheduler.from_config(live.sd.scheduler.config))
     assert_close_pixels(res.images, theirs)
+    full = live.generate(image, mode="repeat", decoder="full")
+    assert_close_pixels(full.images, bare_images(live, full, steps=4, guidance=1.0,
+                                                 scheduler=LCMScheduler.from_config(live.sd.scheduler.config)))
     plain = ImagePromptPipeline.from_preset("tiny-sdxl").generate(image, mode="repeat", scheduler="lcm", steps=4,
                                                                   guidance_scale=1.0)
-    assert not np.array_equal(pixels(res), pixels(plain))  # the LoRA acts
+    assert not np.array_equal(pixels(full), pixels(plain))  # the LoRA acts
+
+
+def test_sdxl_vaes_get_taesdxl():
+    from imageprompt_widgets.engine.preview import TAESD_SDXL, is_sd1_vae, is_sdxl_vae
+
+    sdxl_vae = types.SimpleNamespace(config={"latent_channels": 4, "scaling_factor": 0.13025,
+                                             "block_out_channels": [128, 256, 512, 512]})
+    assert is_sdxl_vae(sdxl_vae) and not is_sd1_vae(sdxl_vae)
+    pipe = ImagePromptPipeline.__new__(ImagePromptPipeline)
+    pipe.sd, pipe.preset = types.SimpleNamespace(vae=sdxl_vae), PRESETS["sdxl"]
+    assert pipe.tiny_decoder_source() == TAESD_SDXL

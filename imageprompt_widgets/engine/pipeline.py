@@ -592,21 +592,25 @@ class ImagePromptPipeline:
     # -- decoding and precision: what a run's settings choose ---------------------------------------
 
     def tiny_decoder_source(self) -> str:
-        """Where this model's tiny decoder comes from: ``madebyollin/taesd`` for SD 1.x's VAE, the offline twin
-        (``tiny-taesd``) for the tiny presets' VAE; a :class:`SettingsError` for a VAE without one."""
+        """Where this model's tiny decoder comes from: ``madebyollin/taesd`` for SD 1.x's VAE,
+        ``madebyollin/taesdxl`` for SDXL's, the offline twin (``tiny-taesd``: 4 latent channels, one x2 upsampling)
+        for the tiny presets' VAEs (``tiny`` and ``tiny-sdxl``); a :class:`SettingsError` for a VAE without one."""
         from ..loading.offline import TINY_TAESD
-        from .preview import TAESD_SD1, is_sd1_vae
+        from .preview import TAESD_SD1, TAESD_SDXL, is_sd1_vae, is_sdxl_vae
 
         vae = self.sd.vae
         if is_sd1_vae(vae):
             return TAESD_SD1
+        if is_sdxl_vae(vae):
+            return TAESD_SDXL
         config = vae.config
-        if (self.preset.offline_builder == "tiny" and config.get("latent_channels") == 4
-                and list(config.get("block_out_channels", [])) == [32, 64]):
+        tiny_vaes = {"tiny": [32, 64], "tiny-sdxl": [16, 32]}  # offline.py's and offline_sdxl.py's tiny VAEs
+        if (config.get("latent_channels") == 4
+                and list(config.get("block_out_channels", [])) == tiny_vaes.get(self.preset.offline_builder or "")):
             return TINY_TAESD
         raise SettingsError(
-            f"The {self.preset.name!r} model has no tiny decoder (TAESD is made for SD 1.x's VAE, and its offline "
-            "twin for the tiny presets'): use decoder='full'."
+            f"The {self.preset.name!r} model has no tiny decoder (TAESD is made for SD 1.x's VAE, TAESDXL for SDXL's, "
+            "and their offline twin for the tiny presets'): use decoder='full'."
         )
 
     def tiny_decoder(self) -> Any:

@@ -40,6 +40,10 @@ SD1_LATENT_RGB_FACTORS: tuple[tuple[float, float, float], ...] = (
 SD1_SCALING_FACTOR = 0.18215
 #: Where TAESD for SD 1.x lives on the Hub; used only if it is already in the local cache.
 TAESD_SD1 = "madebyollin/taesd"
+#: TAESDXL, the same tiny decoder distilled for SDXL's VAE (``decoder="tiny"`` on SDXL).
+TAESD_SDXL = "madebyollin/taesdxl"
+#: The scaling factor of SDXL's VAE (its blocks are SD 1.x's: the factor tells them apart).
+SDXL_SCALING_FACTOR = 0.13025
 PREVIEW_KINDS = ("auto", "linear", "taesd", "vae")
 #: A VAE decoder with at most this many weights decodes every preview itself (the toy world's has 0.16 M, the
 #: tiny preset's 0.4 M; SD 1.x's has 49 M).
@@ -85,6 +89,16 @@ def is_sd1_vae(vae: Any) -> bool:
     return (
         config.get("latent_channels") == 4
         and abs(float(config.get("scaling_factor", 0)) - SD1_SCALING_FACTOR) < 1e-6
+        and list(config.get("block_out_channels", [])) == [128, 256, 512, 512]
+    )
+
+
+def is_sdxl_vae(vae: Any) -> bool:
+    """SDXL's VAE: SD 1.x's layout (four latent channels, blocks of 128, 256, 512, 512) with scaling 0.13025."""
+    config = vae.config
+    return (
+        config.get("latent_channels") == 4
+        and abs(float(config.get("scaling_factor", 0)) - SDXL_SCALING_FACTOR) < 1e-6
         and list(config.get("block_out_channels", [])) == [128, 256, 512, 512]
     )
 
@@ -172,11 +186,12 @@ def decoder_for(pipeline: Any, kind: str = "auto", taesd: str | os.PathLike | No
     """The preview decoder for a pipeline's VAE.
 
     ``"linear"``: the SD 1.x coefficients for SD 1.x's VAE, fitted ones for any other.
-    ``"taesd"``: ``taesd`` (a folder or a cached Hub id; default :data:`TAESD_SD1`), an error if missing.
+    ``"taesd"``: ``taesd`` (a folder or a cached Hub id; default :data:`TAESD_SD1`, :data:`TAESD_SDXL` for SDXL's
+    VAE), an error if missing.
     ``"vae"``: the model's own VAE (exact, and as slow as the final decode).
     ``"auto"``: the tiny decoder the pipeline holds (after a ``decoder="tiny"`` run) unless ``taesd`` is given;
     else the model's own VAE where it is cheap (:func:`is_cheap_vae`: the toy world, the tiny presets); else TAESD
-    where ``taesd`` is given or SD 1.x's TAESD is in the local cache; else linear.
+    where ``taesd`` is given or the VAE's TAESD (SD 1.x's, SDXL's) is in the local cache; else linear.
     """
     if kind not in PREVIEW_KINDS:
         raise ValueError(f"preview={kind!r} is not one of {', '.join(PREVIEW_KINDS)}.")
@@ -186,13 +201,14 @@ def decoder_for(pipeline: Any, kind: str = "auto", taesd: str | os.PathLike | No
         return TaesdDecoder(held)
     if kind == "vae" or (kind == "auto" and taesd is None and is_cheap_vae(vae)):
         return VaeDecoder(vae)
-    if kind == "taesd" or (kind == "auto" and (taesd is not None or is_sd1_vae(vae))):
+    default_taesd = TAESD_SDXL if is_sdxl_vae(vae) else TAESD_SD1
+    if kind == "taesd" or (kind == "auto" and (taesd is not None or is_sd1_vae(vae) or is_sdxl_vae(vae))):
         try:
-            return TaesdDecoder.load(taesd or TAESD_SD1, device=pipeline.device, dtype=pipeline.dtype)
+            return TaesdDecoder.load(taesd or default_taesd, device=pipeline.device, dtype=pipeline.dtype)
         except Exception as err:  # a missing optional decoder falls back (auto) or is named
             if kind == "taesd":
                 raise ValueError(
-                    f"The TAESD preview decoder {str(taesd or TAESD_SD1)!r} could not be loaded from disk "
+                    f"The TAESD preview decoder {str(taesd or default_taesd)!r} could not be loaded from disk "
                     f"({type(err).__name__}); pass taesd= a local AutoencoderTiny folder or use preview='linear'."
                 ) from err
     return sd1_linear_decoder() if is_sd1_vae(vae) else fit_linear_decoder(vae)
