@@ -381,6 +381,18 @@ def test_revision_is_refused_on_sd1(tiny_pipe, image):
 # -- the trace and the live twin ----------------------------------------------------------------------------------
 
 
+def test_x0_replays_equal_the_live_previews_on_sdxl(sdxl, image):
+    """The inspector's replay feeds SDXL's UNet the traced pooled slot and micro-conditioning: what the live
+    preview showed one step later."""
+    live = []
+    res = sdxl.generate(image, mode="revision", prompt="a cat", steps=4, seed=1, trace_latents=True,
+                        original_size=(96, 128), on_step=lambda info: live.append(info.x0().cpu()))
+    snapshots = list(range(len(live) - 1))
+    replayed = sdxl.replay_x0(res, snapshots)
+    for snapshot in snapshots:
+        assert torch.allclose(replayed[snapshot], live[snapshot + 1][0], atol=1e-4, rtol=1e-4), snapshot
+
+
 def test_pooled_tensors_are_traced_saved_and_loaded(sdxl, image, tmp_path, tiny_pipe):
     res = sdxl.generate(image, mode="repeat", steps=2)
     tensors = res.trace.tensors()

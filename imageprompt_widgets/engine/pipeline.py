@@ -688,8 +688,6 @@ class ImagePromptPipeline:
             raise SettingsError("This run traced no latents: generate with trace_latents=True to replay its steps.")
         if "encoder_attention_mask" in trace.extras or "ip_adapter_image_embeds" in trace.extras:
             raise SettingsError("x0 replays need the whole prompt in prompt_embeds (no masked prompt, no IP-Adapter).")
-        if trace.pooled_prompt_embeds is not None:
-            raise SettingsError("x0 replays run SD 1.x's UNet call; SDXL's (with its pooled slot) is not replayed yet.")
         scheduler = scheduler_for(result.settings.scheduler, self.sd.scheduler)
         scheduler.set_timesteps(result.settings.steps)
         skipped = len(scheduler.timesteps) - len(trace.timesteps)  # img2img starts part-way into the schedule
@@ -701,6 +699,7 @@ class ImagePromptPipeline:
         guidance = result.settings.guidance_scale if negative is not None else None
         if guidance is not None:
             prompt = torch.cat([negative[index : index + 1].to(self.device, self.dtype), prompt])
+        added = self._replayed_added_conditioning(result, index, guidance is not None)
         estimates = []
         for snapshot in snapshots:
             sample = trace.latents[snapshot, index : index + 1].to(self.device, torch.float32)
@@ -715,11 +714,26 @@ class ImagePromptPipeline:
             model_input = torch.cat([sample, sample]) if guidance is not None else sample
             with torch.inference_mode():
                 prediction = unet(model_input.to(self.dtype), timestep.to(self.device),
-                                  encoder_hidden_states=prompt).sample
+                                  encoder_hidden_states=prompt, **added).sample
             estimates.append(
                 predicted_x0(sample, timestep, guided_prediction(prediction, guidance), scheduler, sigma).cpu()
             )
         return torch.cat(estimates)
+
+    def _replayed_added_conditioning(self, result: GenerationResult, index: int, guided: bool) -> dict[str, Any]:
+        """SDXL's ``added_cond_kwargs`` of a traced run (its pooled slot and micro-conditioning, as diffusers built
+        them: negatives first when guided); nothing on SD 1.x."""
+        trace = result.trace
+        if trace.pooled_prompt_embeds is None:
+            return {}
+        pooled = trace.pooled_prompt_embeds[index : index + 1]
+        if guided:
+            pooled = torch.cat([trace.negative_pooled_prompt_embeds[index : index + 1], pooled])
+        told = result.provenance.notes["micro_conditioning"]
+        time_ids = torch.tensor([[*told["original_size"], *told["crops_coords_top_left"], *told["target_size"]]],
+                                dtype=self.dtype)
+        return {"added_cond_kwargs": {"text_embeds": pooled.to(self.device, self.dtype),
+                                      "time_ids": time_ids.repeat(pooled.shape[0], 1).to(self.device)}}
 
     def interpolate(
         self, start: Any, end: Any, count: int = 5, settings: GenerationSettings | None = None, *,
