@@ -297,15 +297,15 @@ class GenerationSettings:
         "does (0 = none; higher keeps less of the image, more freedom), seeded by the seed", min=0.0, max=1.0,
         step=0.01,
     )
-    original_size: tuple[float, ...] = _spec(
+    original_size: tuple[int, ...] = _spec(
         "floats", (), "original size", "SDXL: the size (height, width) SDXL is told the picture had before it was "
         "resized; empty = the output size (diffusers' default)", min=1, max=MAX_MICRO_PIXELS, step=8, advanced=True,
     )
-    crops_coords_top_left: tuple[float, ...] = _spec(
+    crops_coords_top_left: tuple[int, ...] = _spec(
         "floats", (), "crop corner", "SDXL: the top-left corner (top, left) SDXL is told the picture was cropped at; "
         "empty = (0, 0), uncropped (diffusers' default)", min=0, max=MAX_MICRO_PIXELS, step=8, advanced=True,
     )
-    target_size: tuple[float, ...] = _spec(
+    target_size: tuple[int, ...] = _spec(
         "floats", (), "target size", "SDXL: the size (height, width) SDXL is asked to compose for; empty = the output "
         "size (diffusers' default)", min=1, max=MAX_MICRO_PIXELS, step=8, advanced=True,
     )
