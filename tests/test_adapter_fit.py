@@ -371,3 +371,29 @@ def test_a_second_adapter_loads_beside_the_first_as_the_two_adapter_preset_does(
     res = pipe.generate(image, **settings)
     both = ImagePromptPipeline.from_preset(MIXED).generate(image, **settings)
     assert np.array_equal(pixels(res.images), pixels(both.images))
+
+
+def test_on_sdxl_the_named_blocks_are_instantstyles_sdxl_layers(unets):
+    """InstantStyle's README (and diffusers' guide): style is up_blocks.0.attentions.1, layout
+    down_blocks.2.attentions.1; diffusers' own expansion says which layers each name reaches on the real UNets."""
+    from diffusers.loaders.unet_loader_utils import _maybe_expand_lora_scales
+
+    from imageprompt_widgets.methods.ip_adapter import (
+        BLOCK_PRESETS,
+        SDXL_BLOCK_PRESETS,
+        check_block_configs,
+        is_sdxl_unet,
+    )
+
+    assert is_sdxl_unet(unets["sdxl"]) and not is_sdxl_unet(unets["sd15"])
+
+    def reached(unet, config) -> set[str]:
+        (expanded,) = _maybe_expand_lora_scales(unet, [config], default_scale=0.0)
+        return {layer for layer, scale in expanded.items() if scale}
+
+    check_block_configs(unets["sdxl"], [SDXL_BLOCK_PRESETS[name](0.7) for name in SDXL_BLOCK_PRESETS])
+    assert reached(unets["sdxl"], SDXL_BLOCK_PRESETS["style"](0.7)) == {"up_blocks.0.attentions.1"}
+    assert reached(unets["sdxl"], SDXL_BLOCK_PRESETS["composition"](0.7)) == {"down_blocks.2.attentions.1"}
+    assert reached(unets["sdxl"], SDXL_BLOCK_PRESETS["style_and_composition"](0.7)) == {
+        "up_blocks.0.attentions.1", "down_blocks.2.attentions.1"}
+    assert reached(unets["sd15"], BLOCK_PRESETS["style"](0.7)) == {f"up_blocks.1.attentions.{i}" for i in range(3)}

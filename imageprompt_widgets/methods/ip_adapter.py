@@ -46,6 +46,20 @@ BLOCK_PRESETS: dict[str, Callable[[float], float | dict[str, Any]]] = {
     "composition": lambda scale: {"down": {"block_2": scale}, "mid": scale},
     "style_and_composition": lambda scale: {"down": {"block_2": scale}, "mid": scale, "up": {"block_1": scale}},
 }
+#: The same names on SDXL's UNet: InstantStyle's own layers (its README and diffusers' IP-Adapter guide):
+#: ``up_blocks.0.attentions.1`` for style, ``down_blocks.2.attentions.1`` for layout.
+SDXL_BLOCK_PRESETS: dict[str, Callable[[float], float | dict[str, Any]]] = {
+    "all": lambda scale: scale,
+    "style": lambda scale: {"up": {"block_0": [0.0, scale, 0.0]}},
+    "composition": lambda scale: {"down": {"block_2": [0.0, scale]}},
+    "style_and_composition": lambda scale: {"down": {"block_2": [0.0, scale]}, "up": {"block_0": [0.0, scale, 0.0]}},
+}
+
+
+def is_sdxl_unet(unet: Any) -> bool:
+    """Whether a UNet has SDXL's layout (its ``text_time`` added embedding: the pooled slot and micro-conditioning),
+    so the named adapter blocks mean InstantStyle's SDXL layers."""
+    return getattr(unet.config, "addition_embed_type", None) == "text_time"
 
 
 def load_parts(
@@ -193,7 +207,11 @@ class AdapterHandle:
         """One ``set_ip_adapter_scale`` configuration per adapter: its scale in the chosen blocks."""
         scales = adapter_scales(settings, len(self), self.names)
         if settings.adapter_blocks != "custom":
-            return [BLOCK_PRESETS[settings.adapter_blocks](scale) for scale in scales]
+            named = SDXL_BLOCK_PRESETS if is_sdxl_unet(self._sd.unet) else BLOCK_PRESETS
+            configs = [named[settings.adapter_blocks](scale) for scale in scales]
+            if named is SDXL_BLOCK_PRESETS and settings.adapter_blocks != "all":
+                check_block_configs(self._sd.unet, configs)  # a small SDXL-like UNet may lack InstantStyle's layers
+            return configs
         blocks = settings.block_scales()
         if isinstance(blocks, list) and len(blocks) != len(self):
             raise SettingsError(
