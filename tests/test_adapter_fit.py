@@ -397,3 +397,24 @@ def test_on_sdxl_the_named_blocks_are_instantstyles_sdxl_layers(unets):
     assert reached(unets["sdxl"], SDXL_BLOCK_PRESETS["style_and_composition"](0.7)) == {
         "up_blocks.0.attentions.1", "down_blocks.2.attentions.1"}
     assert reached(unets["sd15"], BLOCK_PRESETS["style"](0.7)) == {f"up_blocks.1.attentions.{i}" for i in range(3)}
+
+
+@pytest.mark.slow
+def test_the_encoder_the_sentence_names_can_be_loaded_with_the_adapter(image):
+    from imageprompt_widgets.loading.offline import ensure_tiny_ip_adapter_models, ensure_tiny_models
+
+    narrow = ensure_tiny_models()[1]  # the tiny CLIP: 32-wide embeddings
+    pipe = private(Preset(name="narrow", sd_model=ensure_tiny_ip_adapter_models()[0], clip_model=narrow,
+                          image_tokens_fit=False))
+    encoder = pipe.image_encoder
+    with pytest.raises(AdapterFitError, match=r"^The IP-Adapter 'tiny-ip-adapter' reads image embeddings \(48 wide\) "
+                                              r"but the image encoder '.*' gives 32-wide image embeddings: load it "
+                                              r"with an image encoder whose image embeddings are 48 wide\.$"):
+        pipe.load_ip_adapter("tiny-ip-adapter")
+    assert pipe.image_encoder is encoder and "ip_adapter" not in pipe.parts
+    wide = ensure_tiny_ip_adapter_models()[1]
+    pipe.load_ip_adapter("tiny-ip-adapter", image_encoder=wide)
+    assert pipe.image_encoder.config.projection_dim == 48 and pipe.preset.clip_model == wide
+    res = pipe.generate(image, mode="ip_adapter", **FAST)
+    preset = ImagePromptPipeline.from_preset("tiny-ip-adapter").generate(image, **FAST)
+    assert np.array_equal(pixels(res.images), pixels(preset.images))

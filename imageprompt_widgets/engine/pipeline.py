@@ -378,18 +378,23 @@ class ImagePromptPipeline:
 
     # -- IP-Adapters added to a loaded pipeline (loading/adapter_fit.py, methods/ip_adapter.py) ---------------
 
-    def load_ip_adapter(self, source: str | os.PathLike, *, allow_pickle: bool | None = None) -> AdapterNeeds:
+    def load_ip_adapter(
+        self, source: str | os.PathLike, *, image_encoder: str | os.PathLike | None = None,
+        allow_pickle: bool | None = None,
+    ) -> AdapterNeeds:
         """Add an IP-Adapter to this pipeline: a ``.safetensors`` file, ``"folder::weight_name"``,
         ``"repo:subfolder:weight_name"`` (``"h94/IP-Adapter:models:ip-adapter_sd15.safetensors"``) or an offline
         twin's name (``"tiny-ip-adapter-plus"``). Returns what it needs, read from its shapes.
 
         The file is checked against this pipeline's image encoder and UNet before anything is loaded: one that
         does not fit raises :class:`~imageprompt_widgets.loading.adapter_fit.AdapterFitError` (a ``ValueError``)
-        naming the encoder or UNet it needs, and the UNet is left as it was. Adapters loaded before stay, this one
-        beside them (``adapter_images``/``adapter_scales`` follow the load order: :attr:`ip_adapters`);
-        ``mode="ip_adapter"`` is then available. Acts on every later run of this pipeline (and of every panel
-        sharing it); waits for a running generation to finish first. ``allow_pickle`` (default: the pipeline's)
-        permits a ``.bin`` file, which can run code when loaded.
+        naming the encoder or UNet it needs, and the pipeline is left as it was. ``image_encoder`` (a folder, a Hub
+        id, or ``"repo:subfolder"`` as the sentence names it: ``"h94/IP-Adapter:models/image_encoder"``) replaces
+        the pipeline's image encoder with the one the adapter needs, once the adapters fit it. Adapters loaded
+        before stay, this one beside them (``adapter_images``/``adapter_scales`` follow the load order:
+        :attr:`ip_adapters`); ``mode="ip_adapter"`` is then available. Acts on every later run of this pipeline
+        (and of every panel sharing it); waits for a running generation to finish first. ``allow_pickle``
+        (default: the pipeline's) permits a ``.bin`` file, which can run code when loaded.
         """
         from ..loading.offline import TINY_ADAPTER_NAMES, tiny_adapter_spec
 
@@ -403,10 +408,27 @@ class ImagePromptPipeline:
                                     "new one with a preset that lists them all.")
             spec = tiny_adapter_spec(name) if name in TINY_ADAPTER_NAMES else name
             specs = [*(current.files if current is not None else ()), spec]
-            handle = ip_adapter.load_adapters(self.sd, self.image_encoder, self.image_processor, specs, names,
-                                              encoder_name=self.preset.clip_model, allow_pickle=allow)
+            encoder, processor, preset = self.image_encoder, self.image_processor, self.preset
+            if image_encoder is not None:
+                encoder, processor, preset = self._adapter_encoder(os.fspath(image_encoder), allow)
+            handle = ip_adapter.load_adapters(self.sd, encoder, processor, specs, names,
+                                              encoder_name=preset.clip_model, allow_pickle=allow)
+            if encoder is not self.image_encoder:
+                self.image_encoder, self.image_processor, self.preset = encoder, processor, preset
+                self._embeddings.clear()
             self.parts["ip_adapter"] = handle
             return handle.needs[-1]
+
+    def _adapter_encoder(self, source: str, allow_pickle: bool) -> tuple[Any, Any, Preset]:
+        """The image encoder ``source`` names (``"repo:subfolder"``, a Hub id or a folder), on this pipeline's device
+        and dtype, and this pipeline's preset with it as ``clip_model``."""
+        from ..loading.components import load_image_encoder
+
+        repo, _, subfolder = source.partition(":") if not os.path.isdir(source) else (source, "", "")
+        preset = dataclasses.replace(self.preset, clip_model=repo, clip_subfolder=subfolder or None)
+        encoder, processor = load_image_encoder(repo, preset, self.dtype, allow_pickle,
+                                                fallback_processor=getattr(self.sd, "feature_extractor", None))
+        return encoder.to(self.device).eval(), processor, preset
 
     # -- LoRA (loading/lora.py) ------------------------------------------------------------------------------
 
