@@ -55,6 +55,10 @@ class Conditioning:
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     notes: dict[str, Any] = field(default_factory=dict)
     contexts: list[Any] = field(default_factory=list)
+    #: SDXL's pooled slot (``pooled_prompt_embeds``, ``[1, P]``) and, as a function called only when guidance
+    #: runs, the negative branch's (default: zeros); None on SD 1.x.
+    pooled: torch.Tensor | None = None
+    negative_pooled: Callable[[], torch.Tensor] | None = None
 
 
 @dataclass
@@ -65,6 +69,9 @@ class UnetConditioning:
     negative_prompt_embeds: torch.Tensor | None  # [B, L', D] when guided, else None
     #: diffusers' ``ip_adapter_image_embeds``: one tensor per adapter, ``[2B or B, n, ...]``, negatives first.
     ip_adapter_image_embeds: list[torch.Tensor] | None = None
+    #: SDXL: ``pooled_prompt_embeds`` ``[B, P]`` and, when guided, ``negative_pooled_prompt_embeds``; None on SD 1.x.
+    pooled_prompt_embeds: torch.Tensor | None = None
+    negative_pooled_prompt_embeds: torch.Tensor | None = None
 
     def padded(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """``(prompt, negative, mask)`` at one length for the guided batch (:func:`pad_with_mask`); the mask
@@ -95,7 +102,13 @@ def for_unet(
             negatives = (_as_list(cond.negative_adapter_embeds()) if cond.negative_adapter_embeds is not None
                          else [torch.zeros_like(positive) for positive in positives])
             adapters = [torch.cat([rows(neg), pos]) for neg, pos in zip(negatives, adapters)]
-    return UnetConditioning(prompt, negative, adapters)
+    pooled = negative_pooled = None
+    if cond.pooled is not None:
+        pooled = rows(cond.pooled)
+        if guided:
+            negative_pooled = (rows(cond.negative_pooled()) if cond.negative_pooled is not None
+                               else torch.zeros_like(pooled))
+    return UnetConditioning(prompt, negative, adapters, pooled, negative_pooled)
 
 
 def _as_list(tensors: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
@@ -141,6 +154,18 @@ def vision_tokens(tokens: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """``tokens`` mode: every projected vision token (``[N, T, D]``, 257 for ViT-L/14), times ``scale``."""
     _check_ndim(tokens, 3, "tokens", "[N, T, D]")
     return scale * tokens
+
+
+def side_by_side(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Two towers' vectors or tokens joined along the last axis: SDXL's tokens are ViT-L/14's (768) beside
+    OpenCLIP bigG's (1,280), as its text tokens are its two text encoders' hidden states side by side
+    (``[..., D1] + [..., D2] -> [..., D1 + D2]``). The leading shapes (images, tokens) must agree."""
+    if first.shape[:-1] != second.shape[:-1]:
+        raise ConditioningError(
+            f"The two image encoders give differently shaped tokens, {tuple(first.shape)} and {tuple(second.shape)}: "
+            "SDXL's tokens need one token of each per position (the same patch grid)."
+        )
+    return torch.cat([first, second.to(first.dtype)], dim=-1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,6 +320,12 @@ def combine(name: str, embeds: torch.Tensor, weights: torch.Tensor | list[float]
     return function(embeds, weights)
 
 
+def combined_pooled(name: str, embeds: torch.Tensor, weights: tuple[float, ...] | list[float] = ()) -> torch.Tensor:
+    """``N`` images' pooled vectors ``[N, P]`` → one ``[1, P]``: the combine ``name``, except ``concat``, which has no
+    single vector: there the weighted sum (``add``), as ComfyUI sums several unCLIP/Revision conditionings."""
+    return combined_images("add" if name == "concat" else name, embeds, weights)
+
+
 def combined_images(name: str, embeds: torch.Tensor, weights: tuple[float, ...] | list[float] = ()) -> torch.Tensor:
     """``N`` images' sequences → one: the combine (skipped for one image without weights, where every
     combine that accepts one image leaves it as it is)."""
@@ -364,6 +395,51 @@ BLEND_FUNCTIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, float], torch.T
     "interpolate": blend_interpolate,
     "concat": blend_concat,
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# SDXL's pooled slot: Revision's noise augmentation
+
+#: The steps of the noise schedule unCLIP's noise augmentation draws its level from (ComfyUI's
+#: ``CLIPEmbeddingNoiseAugmentation`` for SDXL: 1,000 steps, ``squaredcos_cap_v2``).
+NOISE_AUGMENT_STEPS = 1000
+
+
+def cosine_alphas_cumprod(steps: int = NOISE_AUGMENT_STEPS) -> torch.Tensor:
+    """ᾱ_t of the cosine schedule (Nichol & Dhariwal; ``squaredcos_cap_v2``): betas from
+    ``ᾱ(t) = cos²((t + 0.008) / 1.008 · π/2)``, each capped at 0.999, then the cumulative product of ``1 − β``."""
+    def alpha_bar(t: float) -> float:
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    betas = [min(1 - alpha_bar((i + 1) / steps) / alpha_bar(i / steps), 0.999) for i in range(steps)]
+    return torch.cumprod(1 - torch.tensor(betas, dtype=torch.float64), dim=0)
+
+
+def noise_augmented(embeds: torch.Tensor, level: float, generator: torch.Generator) -> torch.Tensor:
+    """An image embedding noised as unCLIP's noise augmentation does (ComfyUI's unCLIP / Revision conditioning):
+    ``sqrt(ᾱ_t) · e + sqrt(1 − ᾱ_t) · ε`` at ``t = round(999 · level)`` of :func:`cosine_alphas_cumprod`, ``ε``
+    drawn in float32 from ``generator`` (on the CPU). ``level=0`` returns ``embeds`` unchanged (ComfyUI would
+    still add the tiny noise of step 0); ``level=1`` is almost pure noise."""
+    if not 0 <= level <= 1:
+        raise ConditioningError(f"noise_augmentation={level!r} must be between 0 and 1.")
+    if level == 0:
+        return embeds.clone()
+    step = round((NOISE_AUGMENT_STEPS - 1) * level)
+    alpha = float(cosine_alphas_cumprod()[step])
+    noise = torch.randn(tuple(embeds.shape), generator=generator, dtype=torch.float32).to(embeds.device, embeds.dtype)
+    return math.sqrt(alpha) * embeds + math.sqrt(1 - alpha) * noise
+
+
+def lerp_exact(start: torch.Tensor, end: torch.Tensor, weight: float) -> torch.Tensor:
+    """``(1 − w) · start + w · end``, exactly ``start`` at ``w = 0`` and exactly ``end`` at ``w = 1`` (the other term
+    is skipped, not multiplied by zero): the pooled slot's mix in blend and revision."""
+    if start.shape != end.shape:
+        raise ConditioningError(f"Cannot mix pooled embeddings of shapes {tuple(start.shape)} and {tuple(end.shape)}.")
+    if weight == 0:
+        return start.clone()
+    if weight == 1:
+        return end.to(start.dtype).clone()
+    return (1 - weight) * start + weight * end.to(start.dtype)
 
 
 # ---------------------------------------------------------------------------------------------

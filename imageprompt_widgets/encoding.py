@@ -34,6 +34,9 @@ class ImageEmbedding:
     tokens: torch.Tensor | None = None  # [N, T, D], every token through post-layernorm and projection
     #: [N, T, Dv], the vision tower's penultimate layer (IP-Adapter Plus reads it); None unless asked for.
     penultimate_hidden_states: torch.Tensor | None = None
+    #: SDXL's second tower (OpenCLIP bigG) on the same pictures: its ``image_embeds`` are the pooled slot's image
+    #: embedding, its ``tokens`` stand beside this tower's in SDXL's wide tokens. None: one tower.
+    second: ImageEmbedding | None = None
 
     def __len__(self) -> int:
         return self.image_embeds.shape[0]

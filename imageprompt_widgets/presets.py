@@ -72,6 +72,19 @@ class Preset:
     #: LoRAs loaded with the model, as (Hub id, folder or .safetensors file, weight) pairs ("tiny-lcm-lora":
     #: the offline twin of the LCM-LoRA).
     loras: tuple[tuple[str, float], ...] = ()
+    #: The model family: ``"sd1"`` (SD 1.x: ``StableDiffusionPipeline``) or ``"sdxl"``
+    #: (``StableDiffusionXLPipeline``: two text encoders, the pooled slot, micro-conditioning). The one source of
+    #: truth for which pipeline class loads ``sd_model`` and what the engine feeds it.
+    family: str = "sd1"
+    #: SDXL's second image encoder (OpenCLIP ViT-bigG-14, whose image projection shares the pooled slot's space):
+    #: its image embedding is the pooled slot of the image methods and of ``revision``, and its projected tokens
+    #: stand beside ``clip_model``'s (ViT-L/14) in SDXL's 2,048-wide tokens. None: no second tower.
+    clip_model_2: str | None = None
+
+    @property
+    def is_sdxl(self) -> bool:
+        """Whether the preset loads an SDXL pipeline (``family="sdxl"``)."""
+        return self.family == "sdxl"
 
     @property
     def ip_adapters(self) -> tuple[str, ...]:
@@ -95,6 +108,18 @@ LCM_LORA_SD15 = "latent-consistency/lcm-lora-sdv1-5"
 #: LCM-LoRA at guidance 1 runs no unconditional branch at all. The tiny decoder as in live mode.
 HYPER_SD15_CFG = "ByteDance/Hyper-SD:Hyper-SD15-8steps-CFG-lora.safetensors"
 HYPER_DEFAULTS = (("scheduler", "ddim_trailing"), ("steps", 8), ("guidance_scale", 5.0), ("decoder", "tiny"))
+#: SDXL base 1.0 and the towers its image methods read: ViT-L/14 (its first text encoder's CLIP, 768 wide) and
+#: OpenCLIP ViT-bigG-14 (its second's, 1,280 wide: the pooled slot's space).
+SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
+CLIP_VIT_L = "openai/clip-vit-large-patch14"
+CLIP_VIT_BIGG = "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"
+#: Latent Consistency distilled into a LoRA for SDXL (about 394 MB).
+LCM_LORA_SDXL = "latent-consistency/lcm-lora-sdxl"
+#: SDXL's live mode: LCM-LoRA's 4 steps with the LCM scheduler and no unconditional pass (guidance 1). The full
+#: VAE decodes (TAESD is made for SD 1.x's VAE; TAESDXL is not wired in yet).
+SDXL_LIVE_DEFAULTS = (("scheduler", "lcm"), ("steps", 4), ("guidance_scale", 1.0))
+#: SDXL base's own sampling (its scheduler is Euler; 30 steps, guidance 5 as diffusers' pipeline defaults).
+SDXL_DEFAULTS = (("scheduler", "euler"), ("guidance_scale", 5.0))
 #: lllyasviel's ControlNets (canny, depth; structure/controlnets.py), trained on SD 1.5 (its UNet is SD 1.4's,
 #: fine-tuned), so they fit both.
 SD15_CONTROLNETS = "sd15"
@@ -359,6 +384,54 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
             download_size="nothing (built locally, under 1 MB more than tiny)",
             offline_builder="tiny",
         ),
+        "sdxl": Preset(
+            name="sdxl",
+            sd_model=SDXL_BASE,
+            clip_model=CLIP_VIT_L,
+            clip_model_2=CLIP_VIT_BIGG,
+            family="sdxl",
+            defaults=SDXL_DEFAULTS,
+            note="SDXL base 1.0 at 1,024 px: image tokens fill both of its token spaces (ViT-L/14 beside "
+                 "OpenCLIP bigG), and revision puts bigG's image embedding in its pooled slot",
+            download_size="about 14 GB (SDXL base fp32 safetensors) + 1.7 GB (CLIP ViT-L/14) + 10 GB "
+                          "(OpenCLIP ViT-bigG-14)",
+        ),
+        "sdxl-live": Preset(
+            name="sdxl-live",
+            sd_model=SDXL_BASE,
+            clip_model=CLIP_VIT_L,
+            clip_model_2=CLIP_VIT_BIGG,
+            family="sdxl",
+            loras=((LCM_LORA_SDXL, 1.0),),
+            defaults=SDXL_LIVE_DEFAULTS,
+            note="live mode on SDXL: SDXL base + LCM-LoRA SDXL, 4 steps with the lcm scheduler, guidance 1",
+            download_size="about 14 GB (SDXL base) + 1.7 GB (CLIP ViT-L/14) + 10 GB (OpenCLIP ViT-bigG-14) + "
+                          "394 MB (LCM-LoRA SDXL)",
+        ),
+        "tiny-sdxl": Preset(
+            name="tiny-sdxl",
+            sd_model="tiny-sdxl",
+            clip_model="tiny-sdxl",
+            clip_model_2="tiny-sdxl",
+            family="sdxl",
+            defaults=SDXL_DEFAULTS,
+            note="offline twin of 'sdxl': a tiny SDXL (two text encoders, the pooled slot, micro-conditioning) and "
+                 "tiny ViT-L and bigG analogs, random seeded weights",
+            download_size="nothing (built locally in about a second, about 4 MB)",
+            offline_builder="tiny-sdxl",
+        ),
+        "tiny-sdxl-live": Preset(
+            name="tiny-sdxl-live",
+            sd_model="tiny-sdxl",
+            clip_model="tiny-sdxl",
+            clip_model_2="tiny-sdxl",
+            family="sdxl",
+            loras=(("tiny-sdxl-lcm-lora", 1.0),),
+            defaults=SDXL_LIVE_DEFAULTS,
+            note="offline twin of 'sdxl-live': tiny-sdxl plus a random LoRA shaped like LCM-LoRA SDXL",
+            download_size="nothing (built locally, under 1 MB more than tiny-sdxl)",
+            offline_builder="tiny-sdxl",
+        ),
         "tiny-caption": Preset(
             name="tiny-caption",
             sd_model="tiny",
@@ -376,7 +449,9 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
 
 
 #: The live preset of a preset, for a face's "live" switch: the same SD with LCM-LoRA and the live defaults.
-LIVE_TWINS: MappingProxyType[str, str] = MappingProxyType({"sd15": "sd15-live", "tiny": "tiny-live"})
+LIVE_TWINS: MappingProxyType[str, str] = MappingProxyType(
+    {"sd15": "sd15-live", "tiny": "tiny-live", "sdxl": "sdxl-live", "tiny-sdxl": "tiny-sdxl-live"}
+)
 
 
 def shown_source(source: str) -> str:

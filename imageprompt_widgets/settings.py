@@ -19,8 +19,8 @@ from typing import Any
 #: How image embeddings become prompt embeddings (see conditioning.py for the exact definitions).
 #: ``ip_adapter`` and ``caption`` need a preset that carries an adapter or a captioner, ``projector`` a trained
 #: projector; ``text`` is words only (plain text-to-image, no image): the baseline every image method is compared
-#: with.
-MODES = ("repeat", "single", "tokens", "blend", "ip_adapter", "caption", "text", "words", "projector")
+#: with. ``revision`` (SDXL only) puts the image's OpenCLIP bigG embedding in SDXL's pooled slot.
+MODES = ("repeat", "single", "tokens", "blend", "ip_adapter", "caption", "text", "words", "projector", "revision")
 #: How ``words`` finds words for the picture (methods/words.py): a greedy phrase chain, or a hard-prompt search.
 WORDS_ROUTES = ("chain", "search")
 #: How several images become one conditioning (conditioning.COMBINE_FUNCTIONS).
@@ -77,6 +77,12 @@ UNIT_SETTINGS: dict[str, tuple[str, ...]] = {
 }
 #: Most ControlNets one run uses (each SD 1.x ControlNet is about 1.4 GB in float32).
 MAX_CONTROL_UNITS = 4
+
+#: SDXL's micro-conditioning (diffusers' ``original_size``, ``crops_coords_top_left``, ``target_size``): each is
+#: ``(height, width)`` / ``(top, left)`` in pixels, empty for diffusers' default; SDXL presets only.
+MICRO_CONDITIONING = ("original_size", "crops_coords_top_left", "target_size")
+#: The largest number a micro-conditioning pair takes (SDXL saw originals up to a few thousand pixels).
+MAX_MICRO_PIXELS = 8192
 
 MAX_SEED = 2**32 - 1
 #: The longest text one text setting holds (prompts, and control_units / adapter_block_scales as JSON): far
@@ -283,6 +289,27 @@ class GenerationSettings:
         "float", 0.0, "chain min gain", "words, chain: stop when the best phrase raises the cosine by no more than "
         "this", min=0.0, max=0.5, step=0.01, advanced=True,
     )
+    revision_strength: float = _spec(
+        "float", 1.0, "image in pooled slot", "revision: how much of SDXL's pooled slot is the image's bigG embedding "
+        "(0 = the prompt's own, exactly text-to-image; 1 = the image's alone)", min=0.0, max=1.0, step=0.05,
+    )
+    noise_augmentation: float = _spec(
+        "float", 0.0, "noise on image", "revision: noise added to the image embedding as unCLIP's noise augmentation "
+        "does (0 = none; higher keeps less of the image, more freedom), seeded by the seed", min=0.0, max=1.0,
+        step=0.01,
+    )
+    original_size: tuple[float, ...] = _spec(
+        "floats", (), "original size", "SDXL: the size (height, width) SDXL is told the picture had before it was "
+        "resized; empty = the output size (diffusers' default)", min=1, max=MAX_MICRO_PIXELS, step=8, advanced=True,
+    )
+    crops_coords_top_left: tuple[float, ...] = _spec(
+        "floats", (), "crop corner", "SDXL: the top-left corner (top, left) SDXL is told the picture was cropped at; "
+        "empty = (0, 0), uncropped (diffusers' default)", min=0, max=MAX_MICRO_PIXELS, step=8, advanced=True,
+    )
+    target_size: tuple[float, ...] = _spec(
+        "floats", (), "target size", "SDXL: the size (height, width) SDXL is asked to compose for; empty = the output "
+        "size (diffusers' default)", min=1, max=MAX_MICRO_PIXELS, step=8, advanced=True,
+    )
     structure: str = _spec(
         "choice", "none", "keep layout",
         "keep the input's layout: none, edges or depth (a ControlNet on its Canny edges or its depth map) or "
@@ -323,6 +350,8 @@ class GenerationSettings:
             object.__setattr__(self, "control_units", units_text(self.control_units))
         for spec in setting_specs():
             object.__setattr__(self, spec.name, _validated(spec, getattr(self, spec.name)))
+        for name in MICRO_CONDITIONING:
+            object.__setattr__(self, name, _pixel_pair(name, getattr(self, name)))
         if self.control_units.strip():
             extra = parse_units(self.control_units)
             object.__setattr__(self, "control_units", units_text(extra))  # one spelling: every field, in order
@@ -384,6 +413,12 @@ class GenerationSettings:
                 "saved recipe holds: shorten prompt or negative_prompt."
             )
 
+    def micro_conditioning(self) -> dict[str, tuple[int, int]]:
+        """The SDXL micro-conditioning set explicitly, as diffusers' keyword arguments (empty ones left out: diffusers
+        then uses its defaults, the output size and ``(0, 0)``)."""
+        return {name: (int(value[0]), int(value[1])) for name in MICRO_CONDITIONING
+                if (value := getattr(self, name))}
+
     def units(self) -> tuple[ControlUnit, ...]:
         """The run's ControlNet units: the structure's own (from the flat settings) then ``control_units``;
         empty when the structure is not a ControlNet."""
@@ -436,7 +471,8 @@ CHOICE_WORDS: dict[str, dict[str, str]] = {
     "mode": {"repeat": "image token ×77", "single": "one image token", "tokens": "every image patch",
              "blend": "words + image", "ip_adapter": "image beside words", "caption": "image → caption → words",
              "text": "words only, no image", "words": "image → nearest words → picture",
-             "projector": "image tokens, trained into words' space"},
+             "projector": "image tokens, trained into words' space",
+             "revision": "image in SDXL's pooled slot"},
     "words": {"chain": "phrase by phrase", "search": "token search"},
     "blend": {"interpolate": "token by token", "concat": "side by side"},
     "combine": {"average": "average", "norm_average": "average, then rescale", "concat": "side by side",
@@ -542,6 +578,19 @@ def _validated_floats(spec: SettingSpec, value: Any) -> tuple[float, ...]:
         raise SettingsError(f"{spec.name} must be a list of numbers, not {value!r}.") from None
     item_spec = dataclasses.replace(spec, kind="float")
     return tuple(_validated(item_spec, item) for item in items)
+
+
+def _pixel_pair(name: str, value: tuple[float, ...]) -> tuple[int, ...]:
+    """A micro-conditioning setting (already validated as numbers in range): empty, or two whole numbers."""
+    if not value:
+        return ()
+    if len(value) != 2:
+        what = "(top, left)" if name == "crops_coords_top_left" else "(height, width)"
+        raise SettingsError(f"{name} takes two numbers, {what} in pixels, not {len(value)}: e.g. 1024, 1024; or leave "
+                            "it empty for diffusers' default.")
+    if not all(float(number).is_integer() for number in value):
+        raise SettingsError(f"{name}={tuple(value)!r} must be whole pixels.")
+    return tuple(int(number) for number in value)
 
 
 def parse_floats(text: str, name: str = "value") -> tuple[float, ...]:

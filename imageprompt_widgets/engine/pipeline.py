@@ -10,6 +10,9 @@ check inputs → encode → condition → plan → denoise → result.
 When the prompt and its negative differ in length (``single``, ``tokens``, ``concat``), the shorter is
 padded with zero tokens that ``encoder_attention_mask`` removes from cross-attention exactly; the trace
 keeps the unpadded embeddings and the mask (``extras["encoder_attention_mask"]``).
+
+An SDXL preset runs ``StableDiffusionXLPipeline`` the same way: the method also fills SDXL's pooled slot
+(``pooled_prompt_embeds``, traced beside the tokens) and the run passes its micro-conditioning.
 """
 
 from __future__ import annotations
@@ -130,10 +133,14 @@ class ImagePromptPipeline:
         self, sd: Any, image_encoder: Any, image_processor: Any, *, preset: Preset | None = None,
         parts: dict[str, Any] | None = None, allow_pickle: bool = False, loras: list[LoraInfo] | None = None,
         memory_level: str = DEFAULT_MEMORY, memory_measures: tuple[str, ...] = (),
+        image_encoder_2: Any = None, image_processor_2: Any = None,
     ):
         self.sd = sd
         self.image_encoder = image_encoder
         self.image_processor = image_processor
+        #: SDXL's second image encoder (OpenCLIP bigG, ``preset.clip_model_2``) and its processor; None without one.
+        self.image_encoder_2 = image_encoder_2
+        self.image_processor_2 = image_processor_2
         self.preset = preset or Preset(name="custom", sd_model="custom", clip_model="custom")
         #: What the preset's methods loaded beside SD and the encoder ("ip_adapter", "captioner").
         self.parts = dict(parts or {})
@@ -146,7 +153,8 @@ class ImagePromptPipeline:
         self._embeddings: OrderedDict[tuple[str, ...], ImageEmbedding] = OrderedDict()
         self._empty_prompt_embeds: torch.Tensor | None = None
         self._text_token_norm: float | None = None
-        self._texts: OrderedDict[str, tuple[torch.Tensor, bool]] = OrderedDict()  # text -> (embeds, was cut)
+        #: text -> (embeds, pooled (SDXL; else None), was cut)
+        self._texts: OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None, bool]] = OrderedDict()
         self._text_seconds = 0.0  # time the text encoder ran during the current run
         self._tiny_decoder: Any = None
         self._tiny_decoder_given = False  # held through use_tiny_decoder (the recipe says "given")
@@ -188,7 +196,7 @@ class ImagePromptPipeline:
         check_level(memory)
         key: Any = model_key(preset.sd_model, preset.clip_model, dev, dt, safety_checker, allow_pickle)
         extras = (preset.method, preset.revision, preset.clip_subfolder, preset.ip_adapter, preset.captioner,
-                  preset.loras, preset.projector)
+                  preset.loras, preset.projector, preset.clip_model_2)
         if any(extras):  # the method presets share models with plain ones but are different pipelines
             key = (key, *extras)
         if memory != DEFAULT_MEMORY:
@@ -209,7 +217,8 @@ class ImagePromptPipeline:
         """A pipeline over already loaded components (not cached: e.g. a private copy for benchmarks)."""
         return cls(loaded.sd, loaded.image_encoder, loaded.image_processor, preset=loaded.preset,
                    parts=loaded.parts, allow_pickle=allow_pickle, loras=loaded.loras,
-                   memory_level=loaded.memory_level, memory_measures=loaded.memory_measures)
+                   memory_level=loaded.memory_level, memory_measures=loaded.memory_measures,
+                   image_encoder_2=loaded.image_encoder_2, image_processor_2=loaded.image_processor_2)
 
     @classmethod
     def from_pretrained(
@@ -246,6 +255,11 @@ class ImagePromptPipeline:
     def dtype(self) -> torch.dtype:
         return self.sd.unet.dtype
 
+    @property
+    def is_sdxl(self) -> bool:
+        """Whether the model is SDXL (the preset's ``family``, which chose the pipeline class that loaded it)."""
+        return self.preset.is_sdxl
+
     def __repr__(self) -> str:
         return f"ImagePromptPipeline(preset={self.preset.name!r}, device={self.device}, dtype={self.dtype})"
 
@@ -274,6 +288,8 @@ class ImagePromptPipeline:
                 self._embeddings.move_to_end(key)
                 return _copied(cached)
         embedding = encode_images(pil_images, self.image_encoder, self.image_processor, crop, penultimate=hidden)
+        if self.image_encoder_2 is not None:  # SDXL: bigG's embedding of the same pictures, beside ViT-L's
+            embedding.second = encode_images(pil_images, self.image_encoder_2, self.image_processor_2, crop)
         self._embeddings[(crop, hidden, *fingerprints)] = embedding
         while len(self._embeddings) > EMBEDDING_CACHE_SIZE:
             self._embeddings.popitem(last=False)
@@ -293,11 +309,24 @@ class ImagePromptPipeline:
         return self._empty_prompt_embeds
 
     def encode_text(self, prompt: str, *, purpose: str = "a text prompt") -> torch.Tensor:
-        """SD's own text encoder on ``prompt``: exactly the ``prompt_embeds`` diffusers would compute (``[1, 77, D]``).
+        """SD's own text encoder on ``prompt``: exactly the ``prompt_embeds`` diffusers would compute (``[1, 77, D]``;
+        on SDXL both text encoders' penultimate hidden states side by side, ``[1, 77, 2048]``).
 
         The same text again comes from a small cache (a LoRA that changes the text encoder empties it), so a
         live re-run whose prompt and negative did not change runs no text encoder.
         """
+        return self._encoded_text(prompt, purpose)[0]
+
+    def encode_pooled_text(self, prompt: str, *, purpose: str = "a text prompt") -> torch.Tensor:
+        """SDXL's pooled slot for ``prompt``: exactly the ``pooled_prompt_embeds`` diffusers' ``encode_prompt`` returns
+        (``text_encoder_2``'s projected embedding, ``[1, 1280]``); a :class:`SettingsError` on SD 1.x."""
+        pooled = self._encoded_text(prompt, purpose)[1]
+        if pooled is None:
+            raise SettingsError(f"The {self.preset.name!r} model is not SDXL: it has no pooled text embedding.")
+        return pooled
+
+    def _encoded_text(self, prompt: str, purpose: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(prompt_embeds, pooled_prompt_embeds or None)`` of ``prompt``, from the text cache or encoded once."""
         if getattr(self.sd, "text_encoder", None) is None:
             raise SettingsError(
                 f"The {self.preset.name!r} model has no text encoder, so it cannot use {purpose}: "
@@ -307,17 +336,21 @@ class ImagePromptPipeline:
             cached = self._texts.get(prompt)
             if cached is not None:
                 self._texts.move_to_end(prompt)
-                if cached[1]:
+                if cached[2]:
                     cut.append(prompt)  # the note a fresh encoding would have made
-                return cached[0].clone()
+                return cached[0].clone(), None if cached[1] is None else cached[1].clone()
             started, before = time.perf_counter(), len(cut)
             with torch.inference_mode():
-                embeds, _ = self.sd.encode_prompt(prompt, self.device, 1, False)
+                if self.is_sdxl:
+                    embeds, _, pooled, _ = self.sd.encode_prompt(
+                        prompt, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+                else:
+                    (embeds, _), pooled = self.sd.encode_prompt(prompt, self.device, 1, False), None
             self._text_seconds += time.perf_counter() - started
-        self._texts[prompt] = (embeds, len(cut) > before)
+        self._texts[prompt] = (embeds, pooled, len(cut) > before)
         while len(self._texts) > TEXT_CACHE_SIZE:
             self._texts.popitem(last=False)
-        return embeds.clone()
+        return embeds.clone(), None if pooled is None else pooled.clone()
 
     def text_token_norm(self) -> float:
         """The typical per-token norm of SD's text-encoder outputs, measured once per pipeline.
@@ -360,10 +393,19 @@ class ImagePromptPipeline:
         """What the loaded models can do (the method registry's terms): image tokens of the UNet's width,
         SD's text encoder, an IP-Adapter, a captioner."""
         found = set()
-        if self.image_encoder.config.projection_dim == self.sd.unet.config.cross_attention_dim:
+        width = self.image_encoder.config.projection_dim
+        if self.image_encoder_2 is not None:
+            width += self.image_encoder_2.config.projection_dim
+        if width == self.sd.unet.config.cross_attention_dim:
             found.add("image_tokens")
         if getattr(self.sd, "text_encoder", None) is not None:
             found.add("text")
+        if self.is_sdxl:
+            found.add("sdxl")
+            text_2 = getattr(self.sd, "text_encoder_2", None)
+            if (self.image_encoder_2 is not None and text_2 is not None
+                    and self.image_encoder_2.config.projection_dim == text_2.config.projection_dim):
+                found.add("pooled_image")
         found.update(name for name in ("ip_adapter", "captioner", "projector") if name in self.parts)
         return frozenset(found)
 
@@ -373,8 +415,12 @@ class ImagePromptPipeline:
         return [name for name in MODES if METHODS[name].available(capabilities)]
 
     def text_side(self) -> TextSide:
-        """SD's text encoder as conditioning builders see it."""
-        return TextSide(encode=self.encode_text, empty=self.empty_prompt_embeds, typical_norm=self.text_token_norm)
+        """SD's text encoder as conditioning builders see it (with SDXL's pooled slot on SDXL)."""
+        if not self.is_sdxl:
+            return TextSide(encode=self.encode_text, empty=self.empty_prompt_embeds, typical_norm=self.text_token_norm)
+        return TextSide(encode=self.encode_text, empty=self.empty_prompt_embeds, typical_norm=self.text_token_norm,
+                        pooled=self.encode_pooled_text,
+                        zeros_for_empty=bool(self.sd.config.get("force_zeros_for_empty_prompt", False)))
 
     # -- IP-Adapters added to a loaded pipeline (loading/adapter_fit.py, methods/ip_adapter.py) ---------------
 
@@ -445,6 +491,7 @@ class ImagePromptPipeline:
         :meth:`unload_loras`; the recipe lists it. Waits for a running generation to finish first.
         """
         from ..loading.offline import TINY_LORAS, ensure_tiny_lora
+        from ..loading.offline_sdxl import TINY_SDXL_LORAS, ensure_tiny_sdxl_lora
 
         with self.lock:
             taken = {info.name for info in self._loras}
@@ -452,7 +499,8 @@ class ImagePromptPipeline:
             if name in taken:
                 raise lora.LoraError(f"A LoRA named {name!r} is loaded already: pass another name=.")
             weight = lora.check_weight(weight, name)
-            local = ensure_tiny_lora(source) if source in TINY_LORAS else source
+            local = (ensure_tiny_lora(source) if source in TINY_LORAS
+                     else ensure_tiny_sdxl_lora(source) if source in TINY_SDXL_LORAS else source)
             info = lora.load_lora(self.sd, source, local, name, weight)
             self._loras.append(info)
             lora.activate(self.sd, self._loras)
@@ -692,6 +740,8 @@ class ImagePromptPipeline:
             raise SettingsError("This run traced no latents: generate with trace_latents=True to replay its steps.")
         if "encoder_attention_mask" in trace.extras or "ip_adapter_image_embeds" in trace.extras:
             raise SettingsError("x0 replays need the whole prompt in prompt_embeds (no masked prompt, no IP-Adapter).")
+        if trace.pooled_prompt_embeds is not None:
+            raise SettingsError("x0 replays run SD 1.x's UNet call; SDXL's (with its pooled slot) is not replayed yet.")
         scheduler = scheduler_for(result.settings.scheduler, self.sd.scheduler)
         scheduler.set_timesteps(result.settings.steps)
         skipped = len(scheduler.timesteps) - len(trace.timesteps)  # img2img starts part-way into the schedule
@@ -834,7 +884,8 @@ class ImagePromptPipeline:
                 settings=settings,
                 provenance=plan.provenance,
                 cancelled=output is None,
-                nsfw_content_detected=output.nsfw_content_detected if output is not None else None,
+                # SDXL has no safety checker (its output has no such field)
+                nsfw_content_detected=getattr(output, "nsfw_content_detected", None) if output is not None else None,
                 seconds=time.perf_counter() - start,
                 timings=_with_total(timings, started),
                 unet_calls=plan.unet_calls,
@@ -867,6 +918,7 @@ class ImagePromptPipeline:
             raise SettingsError(
                 f"negative_image was given but negative={settings.negative!r}: pass negative='image' to use it."
             )
+        self._check_family(settings)
         # Counted before any is decoded, as inputs and negatives are.
         listed = _source_count(structure_image) if structure_image is not None else 0
         if listed and settings.structure == "none":
@@ -887,6 +939,23 @@ class ImagePromptPipeline:
             structure_images,
             per_adapter, [[fingerprint(image) for image in group] for group in per_adapter],
         )
+
+    def _check_family(self, settings: GenerationSettings) -> None:
+        """What only one model family runs: micro-conditioning is SDXL's; SDXL runs without structure for now."""
+        if not self.is_sdxl:
+            chosen = settings.micro_conditioning()
+            if chosen:
+                raise SettingsError(
+                    f"{', '.join(chosen)} {'is' if len(chosen) == 1 else 'are'} SDXL's micro-conditioning, and "
+                    f"{self.preset.name!r} is not SDXL: leave {'it' if len(chosen) == 1 else 'them'} empty, or use "
+                    "the 'sdxl' or 'tiny-sdxl' preset."
+                )
+            return
+        if settings.structure != "none":
+            raise SettingsError(
+                f"structure={settings.structure!r} is not available on SDXL yet ({self.preset.name!r} has no SDXL "
+                "ControlNet or img2img wired in): use structure='none', or an SD 1.x preset to keep the layout."
+            )
 
     def _adapter_images(self, adapter_images: Any, settings: GenerationSettings) -> list[list[Any]]:
         """``adapter_images`` decoded: one list of pictures per loaded IP-Adapter."""
@@ -941,6 +1010,9 @@ class ImagePromptPipeline:
                 images=inputs.images, parts=self.parts, preset_name=self.preset.name,
                 adapter_embeddings=adapter_embeddings or [], words=self.word_space,
             ))
+        if self.is_sdxl and cond.pooled is None:
+            raise SettingsError(f"mode={settings.mode!r} does not fill SDXL's pooled slot yet: on {self.preset.name!r} "
+                                "use text, repeat, single, tokens, blend, words or revision.")
         if truncated:
             length = getattr(getattr(self.sd, "tokenizer", None), "model_max_length", 77)
             cond.notes["prompt_truncated"] = (
@@ -959,6 +1031,8 @@ class ImagePromptPipeline:
             hidden_states=_cpu(embedding.hidden_states),
             prompt_embeds=_cpu(unet.prompt_embeds),
             negative_prompt_embeds=_cpu(unet.negative_prompt_embeds),
+            pooled_prompt_embeds=_cpu(unet.pooled_prompt_embeds),
+            negative_pooled_prompt_embeds=_cpu(unet.negative_pooled_prompt_embeds),
             extras={name: _cpu(value) for name, value in cond.extras.items()},
         )
         for index, adapter_embeds in enumerate(unet.ip_adapter_image_embeds or []):
@@ -972,6 +1046,13 @@ class ImagePromptPipeline:
             notes["structure_input"] = prints[0] if len(prints) == 1 else prints
         if inputs.adapter_prints:
             notes["adapter_inputs"] = [[print_[:16] for print_ in group] for group in inputs.adapter_prints]
+        if self.is_sdxl:  # what SDXL's micro-conditioning was told (diffusers' defaults filled in)
+            native = self.native_size
+            height = structure.kwargs.get("height") or native
+            width = structure.kwargs.get("width") or native
+            told = {"original_size": (height, width), "crops_coords_top_left": (0, 0), "target_size": (height, width),
+                    **settings.micro_conditioning()}
+            notes["micro_conditioning"] = {name: list(value) for name, value in told.items()}
         provenance = self._provenance(settings, inputs, notes)
         provenance.model.update(structure.notes)
         return RunPlan(structure, unet, list(cond.contexts), trace, provenance)
@@ -1002,6 +1083,10 @@ class ImagePromptPipeline:
         total = unet_step_count(shared.scheduler, settings)
         method_kwargs = ({"ip_adapter_image_embeds": plan.unet.ip_adapter_image_embeds}
                          if plan.unet.ip_adapter_image_embeds is not None else {})
+        if plan.unet.pooled_prompt_embeds is not None:  # SDXL: the pooled slot and the micro-conditioning
+            method_kwargs.update(pooled_prompt_embeds=plan.unet.pooled_prompt_embeds, **settings.micro_conditioning())
+            if negative is not None:
+                method_kwargs["negative_pooled_prompt_embeds"] = plan.unet.negative_pooled_prompt_embeds
         recorder = None
         calls = [0]
         try:
@@ -1092,6 +1177,7 @@ class ImagePromptPipeline:
                 "preset": self.preset.name,
                 "sd_model": self.preset.sd_model,
                 "clip_model": self.preset.clip_model,
+                **({"clip_model_2": self.preset.clip_model_2} if self.preset.clip_model_2 else {}),
                 **self._adapter_provenance(),
                 **({"captioner": self.preset.captioner} if self.preset.captioner else {}),
                 **({"loras": [info.to_dict() for info in self._loras]} if self._loras else {}),
@@ -1149,8 +1235,9 @@ def _keep_attention_maps(trace: Trace, maps: AttentionMaps | None) -> None:
 
 def _copied(embedding: ImageEmbedding) -> ImageEmbedding:
     """A copy of a cached embedding whose tensors the caller may change in place: the cache keeps what the
-    encoder gave, so the same inputs give the same pixels whatever ran before."""
-    return dataclasses.replace(embedding, **{
+    encoder gave, so the same inputs give the same pixels whatever ran before (SDXL's second tower's too)."""
+    second = None if embedding.second is None else _copied(embedding.second)
+    return dataclasses.replace(embedding, second=second, **{
         name: value.clone() for name, value in vars(embedding).items() if isinstance(value, torch.Tensor)})
 
 

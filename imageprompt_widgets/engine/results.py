@@ -22,12 +22,15 @@ TRACE_TENSORS = (
     "hidden_states",
     "prompt_embeds",
     "negative_prompt_embeds",
+    "pooled_prompt_embeds",
+    "negative_pooled_prompt_embeds",
     "latents",
     "attention_maps",
 )
 #: The dimensions of each traced tensor (``Trace.load`` checks files against them).
 TRACE_RANKS = {"pixel_values": 4, "image_embeds": 2, "hidden_states": 3, "prompt_embeds": 3,
-               "negative_prompt_embeds": 3, "latents": 5, "attention_maps": 4}
+               "negative_prompt_embeds": 3, "pooled_prompt_embeds": 2, "negative_pooled_prompt_embeds": 2,
+               "latents": 5, "attention_maps": 4}
 #: What a trace file must hold to be one: the image's embedding and what the UNet was fed.
 REQUIRED_TRACE_TENSORS = ("image_embeds", "prompt_embeds")
 #: The most metadata text a trace or PNG recipe may carry (real ones: a few KB).
@@ -59,6 +62,10 @@ class Trace:
     - ``hidden_states`` ``[N, T, Dv]``: the vision tower's last hidden state (257 tokens for ViT-L/14).
     - ``prompt_embeds`` ``[B, L, D]``: the conditional embeddings fed to the UNet, one row per output image.
     - ``negative_prompt_embeds`` ``[B, L, D]`` or ``None`` (no guidance): the unconditional branch.
+    - ``pooled_prompt_embeds`` ``[B, P]`` (SDXL; ``None`` on SD 1.x): what SDXL's pooled slot got, one row per
+      output image (the prompt's pooled text embedding, or OpenCLIP bigG's image embedding: ``P`` = 1,280).
+    - ``negative_pooled_prompt_embeds`` ``[B, P]`` or ``None`` (SD 1.x, or no guidance): the unconditional
+      branch's pooled slot (zeros for SDXL base without a negative prompt, as diffusers feeds).
     - ``latents`` ``[S, B, C, h, w]`` or ``None``: latents after the steps listed in ``latent_steps``
       (only when asked for with ``trace_latents=True``; at most ``MAX_TRACED_STEPS`` snapshots).
     - ``attention_maps`` ``[B, L, h, w]`` or ``None``: how much each latent position attends to each of the
@@ -79,6 +86,8 @@ class Trace:
     latent_steps: list[int] = field(default_factory=list)
     timesteps: list[float] = field(default_factory=list)
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    pooled_prompt_embeds: torch.Tensor | None = None
+    negative_pooled_prompt_embeds: torch.Tensor | None = None
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every traced tensor by name (``extras`` prefixed with ``extras.``), missing ones left out."""

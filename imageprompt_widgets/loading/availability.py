@@ -68,6 +68,8 @@ def availability(preset: Preset, cache_dir: str | os.PathLike | None = None) -> 
     subfolder = f"{preset.clip_subfolder}/" if preset.clip_subfolder else ""
     if not os.path.isdir(preset.clip_model):
         parts.append((preset.clip_model, None, subfolder, _ENCODER_FILES))
+    if preset.clip_model_2 and not os.path.isdir(preset.clip_model_2):  # SDXL's second tower (bigG)
+        parts.append((preset.clip_model_2, None, "", _ENCODER_FILES))
     adapters = (preset.ip_adapter,) if isinstance(preset.ip_adapter, str) else tuple(preset.ip_adapter or ())
     for adapter in adapters:  # "repo:subfolder:weight_name", one per adapter
         repo, folder, weight = (adapter.split(":") + ["", ""])[:3]
@@ -123,8 +125,12 @@ def _offline_built(preset: Preset) -> bool:
     names = {preset.sd_model, preset.clip_model}
     if "tiny" in names:
         folders.append(offline.tiny_model_dir() / "sd" / "model_index.json")
+    if "tiny-sdxl" in names:
+        from .offline_sdxl import tiny_sdxl_dir
+
+        folders.append(tiny_sdxl_dir() / "clip_g" / "config.json")
     folders += [offline.cache_dir() / f"{name}-{offline.TINY_METHODS_VERSION}"
-                for name in sorted(names - {"tiny"}) if name in offline.OFFLINE_NAMES]
+                for name in sorted(names - {"tiny", "tiny-sdxl"}) if name in offline.OFFLINE_NAMES]
     if preset.captioner == "tiny":
         folders.append(offline.cache_dir() / f"tiny-blip-{offline.TINY_METHODS_VERSION}")
     return all(folder.exists() for folder in folders)

@@ -194,10 +194,34 @@ def _cache_name(model: str) -> str:
 # Loading
 
 
-def check_encoder_fits(image_encoder: Any, unet: Any, preset: Preset) -> None:
-    """Fail at load, not at the first step, when the encoder cannot condition this UNet."""
+def check_encoder_fits(
+    image_encoder: Any, unet: Any, preset: Preset, image_encoder_2: Any = None, text_encoder_2: Any = None
+) -> None:
+    """Fail at load, not at the first step, when the encoder cannot condition this UNet.
+
+    With a second tower (SDXL) the image tokens are both towers' projected tokens side by side, so their widths
+    together must be the UNet's cross-attention width (768 + 1,280 = 2,048), and the second's alone the pooled
+    slot's (``text_encoder_2``'s projection: 1,280).
+    """
     embed_dim = image_encoder.config.projection_dim
     cross_dim = unet.config.cross_attention_dim
+    if image_encoder_2 is not None:
+        second = image_encoder_2.config.projection_dim
+        if embed_dim + second != cross_dim:
+            raise EncoderMismatchError(
+                f"The image encoders {preset.clip_model!r} and {preset.clip_model_2!r} give {embed_dim}-d and "
+                f"{second}-d embeddings ({embed_dim + second} side by side) but the UNet of {preset.sd_model!r} "
+                f"expects {cross_dim}-d prompt tokens: pick encoders whose widths add up to it (see "
+                "imageprompt_widgets.PRESETS)."
+            )
+        pooled = getattr(getattr(text_encoder_2, "config", None), "projection_dim", None)
+        if pooled is not None and second != pooled:
+            raise EncoderMismatchError(
+                f"The second image encoder {preset.clip_model_2!r} gives {second}-d embeddings but the pooled slot "
+                f"of {preset.sd_model!r} is {pooled}-d (its second text encoder's projection): use the CLIP whose "
+                "text tower that is (OpenCLIP ViT-bigG-14 for SDXL)."
+            )
+        return
     if embed_dim != cross_dim:
         raise EncoderMismatchError(
             f"The image encoder {preset.clip_model!r} gives {embed_dim}-d embeddings but the UNet of "

@@ -8,7 +8,10 @@
 4. each method the preset offers loads its own parts (the IP-Adapter's weights, BLIP) through the
    ``part_loaders`` the caller hands in (the engine takes them from the method registry: loading knows no
    methods); the preset's LoRAs load through diffusers' LoRA loader (lora.py);
-5. the fit is checked (image tokens must have the UNet's cross-attention width), everything moves to
+   An SDXL preset (``family="sdxl"``) loads through ``StableDiffusionXLPipeline.from_pretrained`` (both text
+   encoders) and a second vision tower (``clip_model_2``: OpenCLIP bigG beside ViT-L/14);
+5. the fit is checked (image tokens must have the UNet's cross-attention width: on SDXL both towers' widths
+   side by side, 768 + 1,280 = 2,048; the second tower's must be the pooled slot's), everything moves to
    the device (or is offloaded, per the memory level: memory.py), and the libraries' progress bars stay
    off (ours report).
 """
@@ -26,7 +29,7 @@ import torch
 from ..encoding import ClipTextTower
 from ..faults import TextTowerUnavailable, import_error_sentence
 from ..presets import Preset, resolve_preset
-from . import lora, memory, offline
+from . import lora, memory, offline, offline_sdxl
 from .cache import (
     DamagedModelError,
     ModelLoadError,
@@ -48,7 +51,7 @@ PartLoader = Callable[..., dict[str, Any]]
 
 @dataclass
 class LoadedComponents:
-    sd: Any  # diffusers.StableDiffusionPipeline
+    sd: Any  # diffusers.StableDiffusionPipeline (StableDiffusionXLPipeline for an SDXL preset)
     image_encoder: Any  # transformers.CLIPVisionModelWithProjection
     image_processor: Any  # transformers.CLIPImageProcessor
     preset: Preset
@@ -57,6 +60,9 @@ class LoadedComponents:
     loras: list[LoraInfo] = field(default_factory=list)  # the preset's LoRAs, loaded and active
     memory_level: str = memory.DEFAULT_MEMORY  # the memory level (memory.py) ...
     memory_measures: tuple[str, ...] = ()  # ... and what it did on this device
+    #: SDXL's second vision tower (``preset.clip_model_2``: bigG) and its processor; None without one.
+    image_encoder_2: Any = None
+    image_processor_2: Any = None
 
 
 def load_components(
@@ -85,7 +91,7 @@ def load_components(
                                         allow_pickle=allow_pickle, say=say, memory_level=memory_level,
                                         part_loaders=part_loaders)
             except DamagedModelError as err:
-                damaged = offline.builds_of(offline.materialize(preset), err.path)
+                damaged = offline.builds_of(offline_sdxl.materialize(preset), err.path)
                 if not damaged:  # not a model this package built: the user's to replace
                     raise
                 # A build whose files were cut short or deleted keeps its marker, so it never healed by itself.
@@ -105,7 +111,7 @@ def _load_components(
     part_loaders: Sequence[PartLoader] = (),
 ) -> LoadedComponents:
     start = time.perf_counter()
-    local = offline.materialize(preset, say)
+    local = offline_sdxl.materialize(preset, say)  # every offline name (SD 1.x and SDXL twins) as a folder
 
     say(f"Loading Stable Diffusion {preset.sd_model!r} onto {device} ({_dtype_name(dtype)})…")
     sd = load_sd(local.sd_model, preset, dtype, safety_checker=safety_checker, allow_pickle=allow_pickle)
@@ -118,8 +124,14 @@ def _load_components(
         say(f"Loading the image encoder {preset.clip_model!r}…")
         image_encoder, image_processor = load_image_encoder(local.clip_model, preset, dtype, allow_pickle,
                                                             fallback_processor=sd.feature_extractor)
+    image_encoder_2 = image_processor_2 = None
+    if preset.clip_model_2:
+        say(f"Loading the second image encoder {preset.clip_model_2!r}…")
+        image_encoder_2, image_processor_2 = load_image_encoder(
+            local.clip_model_2, preset, dtype, allow_pickle, fallback_processor=image_processor, second=True)
     if preset.image_tokens_fit:
-        check_encoder_fits(image_encoder, sd.unet, preset)
+        check_encoder_fits(image_encoder, sd.unet, preset, image_encoder_2,
+                           getattr(sd, "text_encoder_2", None))
 
     parts: dict[str, Any] = {}
     for load_parts in part_loaders:
@@ -130,6 +142,9 @@ def _load_components(
     loras = load_preset_loras(sd, preset, local, say)
     memory_measures = memory.place(sd, image_encoder, memory_level, device)
     image_encoder.eval()
+    if image_encoder_2 is not None:
+        memory.place_module(image_encoder_2, memory_measures, device)
+        image_encoder_2.eval()
     sd.set_progress_bar_config(disable=True)  # progress is ours to show (tqdm in the CLI, a bar in the widget)
     seconds = time.perf_counter() - start
     say(
@@ -137,7 +152,7 @@ def _load_components(
         f"{_size_text(image_encoder)} image encoder on {device}."
     )
     return LoadedComponents(sd, image_encoder, image_processor, preset, seconds, parts, loras,
-                            memory_level, memory_measures)
+                            memory_level, memory_measures, image_encoder_2, image_processor_2)
 
 
 def load_preset_loras(sd: Any, preset: Preset, local: Preset, say: StatusCallback) -> list[LoraInfo]:
@@ -152,35 +167,40 @@ def load_preset_loras(sd: Any, preset: Preset, local: Preset, say: StatusCallbac
 
 
 def load_sd(path: str, preset: Preset, dtype: torch.dtype, *, safety_checker: bool | None, allow_pickle: bool) -> Any:
-    """``StableDiffusionPipeline.from_pretrained`` with our safety defaults (safetensors, no remote code)."""
+    """``StableDiffusionPipeline.from_pretrained`` (``StableDiffusionXLPipeline`` for an SDXL preset) with our safety
+    defaults (safetensors, no remote code)."""
     with quiet_loaders():
-        from diffusers import StableDiffusionPipeline
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     name = preset.sd_model
-    check_local_folder(path, name, "model_index.json", "a Stable Diffusion model (diffusers format)")
+    what = "an SDXL model (diffusers format)" if preset.is_sdxl else "a Stable Diffusion model (diffusers format)"
+    check_local_folder(path, name, "model_index.json", what)
     kwargs: dict[str, Any] = {diffusers_dtype_kwarg(): dtype, "use_safetensors": None if allow_pickle else True}
     if not preset.text_encoder:
         kwargs.update(text_encoder=None, tokenizer=None)
     if preset.revision and not os.path.isdir(path):
         kwargs["revision"] = preset.revision
-    if safety_checker is False:
+    if safety_checker is False and not preset.is_sdxl:  # SDXL has no safety checker
         # The supported way to switch it off; a lambda in its place breaks the pipeline config.
         kwargs.update(safety_checker=None, requires_safety_checker=False)
+    pipeline_class = StableDiffusionXLPipeline if preset.is_sdxl else StableDiffusionPipeline
     with translate_load_errors(name, allow_pickle, folder=path), quiet_loaders():
-        return StableDiffusionPipeline.from_pretrained(path, **kwargs)
+        return pipeline_class.from_pretrained(path, **kwargs)
 
 
 def load_image_encoder(
-    path: str, preset: Preset, dtype: torch.dtype, allow_pickle: bool, *, fallback_processor: Any = None
+    path: str, preset: Preset, dtype: torch.dtype, allow_pickle: bool, *, fallback_processor: Any = None,
+    second: bool = False,
 ) -> tuple[Any, Any]:
     """CLIP's vision tower with its projection, and the processor that prepares its pictures.
 
     The processor is the encoder's own where its folder has one; else (h94/IP-Adapter ships none) the one
     diffusers itself would use, SD's ``feature_extractor``; else CLIP's default sized to the encoder.
+    ``second``: the preset's second tower (``clip_model_2``, SDXL's bigG), which has no subfolder.
     """
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
-    name, subfolder = preset.clip_model, preset.clip_subfolder or ""
+    name, subfolder = (preset.clip_model_2 or "", "") if second else (preset.clip_model, preset.clip_subfolder or "")
     folder = os.path.join(path, subfolder)
     check_local_folder(folder, name, "config.json", "a CLIP model (transformers format)")
     with translate_load_errors(name, allow_pickle, folder=folder), quiet_loaders():

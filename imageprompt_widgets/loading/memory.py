@@ -82,6 +82,15 @@ def place(sd: Any, image_encoder: Any, level: str, device: torch.device) -> tupl
     return done
 
 
+def place_module(module: Any, done: tuple[str, ...], device: torch.device) -> None:
+    """A further model beside SD (SDXL's second image encoder) placed as :func:`place` placed the first: on
+    ``device``, or offloaded layer by layer where ``done`` (what :func:`place` returned) offloads."""
+    if any(measure in OFFLOADING for measure in done):
+        _offload_module(module, device)
+    else:
+        module.to(device)
+
+
 def execution_device(sd: Any) -> torch.device:
     """Where SD's models compute: the device, also when offloading keeps their weights on the CPU."""
     return getattr(sd, "_execution_device", sd.device)

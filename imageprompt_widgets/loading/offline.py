@@ -47,7 +47,7 @@ def ensure_tiny_models() -> tuple[str, str]:
 
 
 #: Model names in presets that stand for models this module builds (``Preset.sd_model`` etc.).
-OFFLINE_NAMES = ("tiny", "tiny-variations", "tiny-ip-adapter")
+OFFLINE_NAMES = ("tiny", "tiny-variations", "tiny-ip-adapter", "tiny-sdxl")
 #: IP-Adapter names (``Preset.ip_adapter``) that stand for the offline twins' weights.
 TINY_ADAPTER_NAMES = ("tiny-ip-adapter", "tiny-ip-adapter-plus", "tiny-ip-adapter-plus-face")
 
@@ -58,7 +58,8 @@ def cache_key(name: str) -> str:
 
 
 def materialize(preset: Any, say: Callable[[str], None] = lambda message: None) -> Any:
-    """The preset with every part this module builds replaced by its folder (built on first use).
+    """The preset with every part this module builds replaced by its folder (built on first use; the SDXL twins'
+    parts are offline_sdxl.materialize's, which calls this one).
 
     Hub ids and local folders pass through unchanged; the ControlNet twin is built when an ``edges``
     run first asks for it (:func:`ensure_tiny_controlnet`).

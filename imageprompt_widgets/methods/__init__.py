@@ -21,7 +21,7 @@ from importlib import import_module
 from typing import Any
 
 from ..presets import PRESETS, Preset, runs_toy_weights
-from ..settings import MODES, STRUCTURE_SETTINGS
+from ..settings import MICRO_CONDITIONING, MODES, STRUCTURE_SETTINGS
 
 #: Settings every run reads, whatever its method (the structure section adds its own, per structure).
 SHARED_SETTINGS = ("mode", "steps", "scheduler", "guidance_scale", "seed", "noise", "num_images", "height",
@@ -31,8 +31,12 @@ _IMAGE_TOKEN_SETTINGS = ("scale", "norm_match", "combine", "weights", "negative"
 #: Settings that only act through SD's text encoder (hidden for a model without one, e.g. image variations).
 TEXT_ONLY_SETTINGS = ("negative_prompt",)
 
-#: Capabilities a preset (or a loaded pipeline) can have; methods name the ones they need.
-CAPABILITIES = ("image_tokens", "text", "ip_adapter", "captioner", "projector")
+#: Settings only SDXL reads (its micro-conditioning): hidden for a model known not to be SDXL.
+SDXL_SETTINGS = MICRO_CONDITIONING
+
+#: Capabilities a preset (or a loaded pipeline) can have; methods name the ones they need. ``sdxl``: SDXL's pooled
+#: slot and micro-conditioning; ``pooled_image``: a second image tower (bigG) whose embedding fits the pooled slot.
+CAPABILITIES = ("image_tokens", "text", "ip_adapter", "captioner", "projector", "sdxl", "pooled_image")
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,13 @@ METHODS: dict[str, Method] = {
             "prompt's tokens", "projector", ("scale", "weights", "negative", "negative_prompt", "crop", "prompt"),
             frozenset({"projector", "text"}), "toy",
         ),
+        Method(
+            "revision", "Revision (SDXL): bigG's image embedding in the pooled slot, beside an optional text prompt",
+            "revision",
+            ("prompt", "negative", "negative_prompt", "combine", "weights", "crop", "revision_strength",
+             "noise_augmentation"),
+            frozenset({"sdxl", "pooled_image", "text"}), "tiny-sdxl",
+        ),
     )
 }
 
@@ -130,6 +141,10 @@ def preset_capabilities(preset: Preset) -> frozenset[str]:
         capabilities.add("captioner")
     if preset.projector:
         capabilities.add("projector")
+    if preset.is_sdxl:
+        capabilities.add("sdxl")
+        if preset.clip_model_2:
+            capabilities.add("pooled_image")
     return frozenset(capabilities)
 
 
@@ -177,7 +192,9 @@ def settings_read(
 ) -> frozenset[str]:
     """Every setting a run with this method and structure reads: what a face should show. With the model's
     ``capabilities`` (``pipe.capabilities()``), settings that need SD's text encoder drop out where it has none."""
-    read = {*SHARED_SETTINGS, *METHODS[mode].reads, *STRUCTURE_SETTINGS[structure]}
+    read = {*SHARED_SETTINGS, *METHODS[mode].reads, *STRUCTURE_SETTINGS[structure], *SDXL_SETTINGS}
     if capabilities is not None and "text" not in set(capabilities):
         read -= set(TEXT_ONLY_SETTINGS)
+    if capabilities is not None and "sdxl" not in set(capabilities):
+        read -= set(SDXL_SETTINGS)
     return frozenset(read)

@@ -19,7 +19,7 @@ from ..loading.cache import translate_load_errors
 from ..loading.quiet import quiet_loaders
 from ..presets import Preset
 from ..settings import SettingsError
-from .inputs import ConditioningInputs, negative_text
+from .inputs import ConditioningInputs, negative_text, text_pooled
 
 #: The longest caption BLIP may write, in tokens.
 MAX_CAPTION_TOKENS = 30
@@ -161,4 +161,6 @@ def build(inputs: ConditioningInputs) -> Conditioning:
         text = captioner.caption(inputs.images[0])
     prompt = inputs.text.encode(text)
     negative = negative_text(inputs) if settings.negative == "empty_prompt" else lambda: torch.zeros_like(prompt)
-    return Conditioning(prompt, negative=negative, notes={"caption": text})
+    pooled, negative_pooled = text_pooled(inputs, text)  # SDXL's pooled slot (None on SD 1.x)
+    return Conditioning(prompt, negative=negative, notes={"caption": text},
+                        pooled=pooled, negative_pooled=negative_pooled)

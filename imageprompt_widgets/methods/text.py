@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from ..conditioning import Conditioning
 from ..settings import SettingsError
-from .inputs import ConditioningInputs, negative_text
+from .inputs import ConditioningInputs, negative_text, text_pooled
 
 
 def build(inputs: ConditioningInputs) -> Conditioning:
@@ -18,6 +18,8 @@ def build(inputs: ConditioningInputs) -> Conditioning:
     if settings.negative == "image":
         raise SettingsError("A words-only run has no negative images: use negative='empty_prompt' or 'zeros'.")
     prompt = inputs.text.encode(settings.prompt)
+    pooled, negative_pooled = text_pooled(inputs, settings.prompt)  # SDXL's pooled slot (None on SD 1.x)
     if settings.negative == "zeros":
-        return Conditioning(prompt, negative=lambda: prompt.new_zeros(prompt.shape))
-    return Conditioning(prompt, negative=negative_text(inputs))
+        return Conditioning(prompt, negative=lambda: prompt.new_zeros(prompt.shape), pooled=pooled,
+                            negative_pooled=negative_pooled)
+    return Conditioning(prompt, negative=negative_text(inputs), pooled=pooled, negative_pooled=negative_pooled)

@@ -34,7 +34,7 @@ from ..conditioning import Conditioning
 from ..faults import TextTowerUnavailable
 from ..presets import TOY_CLIP_FOLDER
 from ..settings import SettingsError
-from .inputs import ConditioningInputs, negative_text
+from .inputs import ConditioningInputs, negative_text, text_pooled
 
 #: The shipped phrase tables (``scripts/write_phrase_tables.py`` writes them).
 TABLE_FOLDER = Path(__file__).resolve().parent / "phrases"
@@ -374,4 +374,6 @@ def build(inputs: ConditioningInputs) -> Conditioning:
                              steps=settings.words_steps, seed=settings.seed)
     prompt = inputs.text.encode(found.text)
     negative = negative_text(inputs) if settings.negative == "empty_prompt" else lambda: torch.zeros_like(prompt)
-    return Conditioning(prompt, negative=negative, notes=found.notes())
+    pooled, negative_pooled = text_pooled(inputs, found.text)  # SDXL's pooled slot (None on SD 1.x)
+    return Conditioning(prompt, negative=negative, notes=found.notes(),
+                        pooled=pooled, negative_pooled=negative_pooled)
