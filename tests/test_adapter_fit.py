@@ -418,3 +418,16 @@ def test_the_encoder_the_sentence_names_can_be_loaded_with_the_adapter(image):
     res = pipe.generate(image, mode="ip_adapter", **FAST)
     preset = ImagePromptPipeline.from_preset("tiny-ip-adapter").generate(image, **FAST)
     assert np.array_equal(pixels(res.images), pixels(preset.images))
+
+
+@pytest.mark.parametrize("preset", ["ip-adapter", "ip-adapter-plus", "ip-adapter-plus-face", "sdxl-ip-adapter",
+                                    "sdxl-ip-adapter-plus"])
+def test_each_h94_preset_pairs_its_file_with_the_encoder_and_unet_its_shapes_need(preset):
+    from imageprompt_widgets.presets import PRESETS
+
+    chosen = PRESETS[preset]
+    (spec,) = chosen.ip_adapters
+    shapes, *_ = VARIANTS[spec.rsplit(":", 1)[1]]
+    needs = adapter_needs(shapes, spec)
+    assert needs.encoder is not None and needs.encoder.source == f"{chosen.clip_model}:{chosen.clip_subfolder}"
+    assert needs.unet == ("SDXL" if chosen.is_sdxl else "SD 1.x")

@@ -443,6 +443,7 @@ class ImagePromptPipeline:
         (default: the pipeline's) permits a ``.bin`` file, which can run code when loaded.
         """
         from ..loading.offline import TINY_ADAPTER_NAMES, tiny_adapter_spec
+        from ..loading.offline_sdxl_adapters import TINY_SDXL_ADAPTER_NAMES, tiny_sdxl_adapter_spec
 
         name = os.fspath(source)
         allow = self._allow_pickle if allow_pickle is None else allow_pickle
@@ -452,7 +453,8 @@ class ImagePromptPipeline:
             if current is not None and len(current.files) != len(current):
                 raise SettingsError("The IP-Adapters of this pipeline were loaded without their files: load the "
                                     "new one with a preset that lists them all.")
-            spec = tiny_adapter_spec(name) if name in TINY_ADAPTER_NAMES else name
+            spec = (tiny_adapter_spec(name) if name in TINY_ADAPTER_NAMES else
+                    tiny_sdxl_adapter_spec(name) if name in TINY_SDXL_ADAPTER_NAMES else name)
             specs = [*(current.files if current is not None else ()), spec]
             encoder, processor, preset = self.image_encoder, self.image_processor, self.preset
             if image_encoder is not None:

@@ -32,7 +32,7 @@ from ..loading.cache import EncoderMismatchError, translate_load_errors
 from ..loading.quiet import quiet_loaders
 from ..presets import Preset
 from ..settings import GenerationSettings, SettingsError
-from .inputs import ConditioningInputs, negative_text
+from .inputs import ConditioningInputs, negative_pooled_text, negative_text
 
 #: IP-Adapter layers per block preset, as ``set_ip_adapter_scale`` takes them (SD 1.x block names).
 #: From InstantStyle's SD 1.5 script (https://github.com/InstantStyle/InstantStyle/blob/main/infer_style_sd15.py):
@@ -348,8 +348,13 @@ def build(inputs: ConditioningInputs) -> Conditioning:
             for embedding, hidden, image in zip(embeddings, adapter.reads_hidden_states, images)
         ]
 
+    pooled = negative_pooled = None
+    if inputs.text.has_pooled:  # SDXL: the prompt's pooled embedding, its negative as diffusers computes it
+        pooled = inputs.text.pooled(settings.prompt)
+        negative_pooled = ((lambda: torch.zeros_like(pooled)) if settings.negative == "zeros"
+                           else negative_pooled_text(inputs))
     return Conditioning(text, negative=negative, adapter_embeds=images, negative_adapter_embeds=negative_images,
-                        contexts=[adapter.window(settings)])
+                        contexts=[adapter.window(settings)], pooled=pooled, negative_pooled=negative_pooled)
 
 
 def adapter_input(
