@@ -296,8 +296,9 @@ def adapter_file(spec: str | os.PathLike, *, allow_pickle: bool = False) -> str:
     folder, subfolder, weight = parse_adapter(spec)
     if os.path.isdir(folder):
         path = os.path.join(folder, subfolder, weight)
-        if not os.path.isfile(path):
-            raise ModelLoadError(f"The IP-Adapter file {path!r} does not exist.")
+        if not os.path.isfile(path):  # a damaged build or download: DamagedModelError names it (offline builds heal)
+            raise DamagedModelError(f"The IP-Adapter {spec!r} is incomplete: its weights file {path} is missing (an "
+                                    "interrupted download or copy?): restore that file, or download it again.", path)
         return path
     if folder.startswith((".", "/", "~")) or os.sep + os.sep in folder:
         raise ModelLoadError(f"The IP-Adapter folder {folder!r} does not exist.")

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..faults import ModelLoadError
+from ..faults import DamagedModelError, ModelLoadError
 from .adapter_fit import adapter_needs, read_adapter_shapes
 from .offline import (
     TINY_METHODS_VERSION,
@@ -32,6 +32,7 @@ from .offline import (
     _tiny_vision_config,
     build_once,
     cache_dir,
+    discard_build,
     tiny_ip_adapter_plus_state_dict,
     tiny_ip_adapter_state_dict,
 )
@@ -55,7 +56,7 @@ def materialize(preset: Any, say: Callable[[str], None] = lambda message: None) 
     changes: dict[str, Any] = {}
     if preset.clip_model in TINY_SDXL_ADAPTER_NAMES:
         say("Building the tiny SDXL IP-Adapters (first use only)…")
-        changes["clip_model"] = tiny_sdxl_encoder_for(preset.clip_model)
+        changes["clip_model"] = tiny_sdxl_encoder_for(preset.clip_model, say)
     if any(spec in TINY_SDXL_ADAPTER_NAMES for spec in preset.ip_adapters):
         specs = tuple(tiny_sdxl_adapter_spec(spec) if spec in TINY_SDXL_ADAPTER_NAMES else spec
                       for spec in preset.ip_adapters)
@@ -69,8 +70,8 @@ def tiny_sdxl_adapter_dir(name: str) -> Path:
 
 def ensure_tiny_sdxl_adapter(name: str) -> str:
     """The folder of twin ``name``'s weights (the Plus twin's also holds the ViT-H analog, ``vit_h/``)."""
-    return str(build_once(tiny_sdxl_adapter_dir(name), lambda folder: build_tiny_sdxl_adapter(folder, name),
-                          TINY_SDXL_ADAPTER_NAMES[name]))
+    marker = "vit_h/config.json" if name == "tiny-sdxl-ip-adapter-plus" else TINY_SDXL_ADAPTER_NAMES[name]
+    return str(build_once(tiny_sdxl_adapter_dir(name), lambda folder: build_tiny_sdxl_adapter(folder, name), marker))
 
 
 def build_tiny_sdxl_adapter(folder: str | os.PathLike, name: str, seed: int = TINY_SEED) -> None:
@@ -123,10 +124,18 @@ def tiny_sdxl_encoders() -> dict[str, str]:
             "ViT-H/14 analog": str(Path(ensure_tiny_sdxl_adapter("tiny-sdxl-ip-adapter-plus")) / "vit_h")}
 
 
-def tiny_sdxl_encoder_for(name: str) -> str:
-    """The folder of the one tiny encoder that fits twin ``name``'s adapter, chosen from the file's shapes."""
+def tiny_sdxl_encoder_for(name: str, say: Callable[[str], None] = lambda message: None) -> str:
+    """The folder of the one tiny encoder that fits twin ``name``'s adapter, chosen from the file's shapes (a
+    damaged build is rebuilt once, as the loader rebuilds the others)."""
     path = Path(ensure_tiny_sdxl_adapter(name)) / TINY_SDXL_ADAPTER_NAMES[name]
-    needs = adapter_needs(read_adapter_shapes(path), path.name)
+    try:
+        shapes = read_adapter_shapes(path)
+    except DamagedModelError as err:
+        say(f"The offline models in {path.parent} are damaged ({err}); rebuilding them…")
+        discard_build(path.parent)
+        path = Path(ensure_tiny_sdxl_adapter(name)) / TINY_SDXL_ADAPTER_NAMES[name]
+        shapes = read_adapter_shapes(path)
+    needs = adapter_needs(shapes, path.name)
     index = 0 if needs.reads == "image_embeds" else 1
     fitting = [folder for folder in tiny_sdxl_encoders().values() if encoder_widths(folder)[index] == needs.input_width]
     if len(fitting) != 1:
