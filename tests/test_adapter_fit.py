@@ -431,3 +431,11 @@ def test_each_h94_preset_pairs_its_file_with_the_encoder_and_unet_its_shapes_nee
     needs = adapter_needs(shapes, spec)
     assert needs.encoder is not None and needs.encoder.source == f"{chosen.clip_model}:{chosen.clip_subfolder}"
     assert needs.unet == ("SDXL" if chosen.is_sdxl else "SD 1.x")
+
+
+def test_the_panel_names_an_adapter_loaded_from_a_path_by_its_file():
+    from imageprompt_widgets.widget.adapters import adapter_label
+
+    assert adapter_label("/models/ip-adapter-plus_sdxl_vit-h.safetensors") == "ip-adapter-plus_sdxl_vit-h"
+    assert adapter_label("h94/IP-Adapter:sdxl_models:ip-adapter_sdxl.safetensors") == "ip-adapter_sdxl"
+    assert adapter_label("tiny-sdxl-ip-adapter") == "tiny-sdxl-ip-adapter"
