@@ -545,7 +545,9 @@ def resolve_preset(model: str | Preset | None = None) -> Preset:
     """Turn a preset name, a local folder or ``None`` (the default) into a :class:`Preset`.
 
     A local folder is taken as a Stable Diffusion model folder; its image encoder is looked for in
-    an ``image_encoder`` subfolder, else the folder's ``clip`` sibling, else ViT-L/14.
+    an ``image_encoder`` subfolder, else the folder's ``clip`` sibling, else ViT-L/14. A folder whose
+    ``model_index.json`` names ``StableDiffusionXLPipeline`` loads as SDXL, for the text-side methods (no bigG
+    tower beside it, so no image tokens: the ``sdxl`` preset has both towers).
     """
     if isinstance(model, Preset):
         return model
@@ -554,12 +556,26 @@ def resolve_preset(model: str | Preset | None = None) -> Preset:
         return PRESETS[name]
     if os.path.isdir(name):
         clip = _local_clip_for(name)
+        if _is_sdxl_folder(name):  # no bigG beside it: words-only and the text-side methods, not image tokens
+            return Preset(name=name, sd_model=name, clip_model=clip, note="local SDXL folder", family="sdxl",
+                          image_tokens_fit=False)
         return Preset(name=name, sd_model=name, clip_model=clip, note="local folder")
     raise UnknownPresetError(
         f"Unknown model {name!r}: pass one of the presets "
         f"{', '.join(p for p in PRESETS if not p.startswith(('tiny-', 'toy-')))} (or a 'tiny-' or 'toy-' twin) or a "
         "local model folder, or use ImagePromptPipeline.from_pretrained(sd_model=..., clip_model=...) for Hub ids."
     )
+
+
+def _is_sdxl_folder(folder: str) -> bool:
+    """Whether a diffusers folder's ``model_index.json`` names the SDXL pipeline (the family decides the class)."""
+    import json
+
+    try:
+        with open(os.path.join(folder, "model_index.json"), encoding="utf-8") as index:
+            return json.load(index).get("_class_name") == "StableDiffusionXLPipeline"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _local_clip_for(sd_folder: str) -> str:

@@ -116,6 +116,16 @@ def test_check_encoder_fits_adds_both_towers_widths():
     one_sentence(err.value)
 
 
+def test_a_local_sdxl_folder_resolves_as_sdxl(sdxl, tmp_path):
+    from imageprompt_widgets.loading.offline_sdxl import tiny_sdxl_dir
+    from imageprompt_widgets.presets import resolve_preset
+
+    local = resolve_preset(str(tiny_sdxl_dir() / "sd"))
+    assert local.family == "sdxl" and not local.image_tokens_fit and local.clip_model_2 is None
+    (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    assert resolve_preset(str(tmp_path)).family == "sd1"
+
+
 def test_presets_and_capabilities():
     assert PRESETS["sdxl"].sd_model == "stabilityai/stable-diffusion-xl-base-1.0"
     assert PRESETS["sdxl"].clip_model_2 == "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"
@@ -147,6 +157,7 @@ def test_text_route_equals_diffusers_encoding_its_own_prompt(sdxl):
     assert_close_pixels(res.images, bare_images(sdxl, res, seed=3))
 
 
+@pytest.mark.slow
 def test_a_negative_prompt_is_diffusers_negative(sdxl):
     res = sdxl.generate(mode="text", prompt="a red house", negative_prompt="blurry", steps=STEPS)
     _, negative, _, negative_pooled = sdxl.sd.encode_prompt("a red house", device=torch.device("cpu"),
@@ -156,6 +167,7 @@ def test_a_negative_prompt_is_diffusers_negative(sdxl):
     assert_close_pixels(res.images, bare_images(sdxl, res))
 
 
+@pytest.mark.slow
 def test_without_guidance_nothing_negative_is_traced(sdxl):
     res = sdxl.generate(mode="text", prompt="a cat", guidance_scale=1.0, steps=STEPS)
     assert res.trace.negative_prompt_embeds is None and res.trace.negative_pooled_prompt_embeds is None
@@ -190,6 +202,7 @@ def test_tokens_concatenate_each_towers_projected_tokens(sdxl, image):
     assert_close_pixels(res.images, bare_images(sdxl, res))
 
 
+@pytest.mark.slow
 def test_single_with_zeros_negative_equals_bare(sdxl, image):
     res = sdxl.generate(image, mode="single", negative="zeros", scale=2.0, steps=STEPS)
     assert res.trace.prompt_embeds.shape == (1, 1, 64)
@@ -197,6 +210,7 @@ def test_single_with_zeros_negative_equals_bare(sdxl, image):
     assert_close_pixels(res.images, bare_images(sdxl, res))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("combine", ["average", "slerp", "concat"])
 def test_combines_act_on_tokens_and_pooled_slot(sdxl, image, other_image, combine):
     res = sdxl.generate([image, other_image], mode="repeat", combine=combine, weights=[0.3, 0.7], negative="zeros",
@@ -217,6 +231,7 @@ def test_combines_act_on_tokens_and_pooled_slot(sdxl, image, other_image, combin
     assert_close_pixels(res.images, bare_images(sdxl, res))
 
 
+@pytest.mark.slow
 def test_blend_mixes_tokens_and_pooled_slot_by_image_weight(sdxl, image):
     text = sdxl.generate(mode="text", prompt="a boat", steps=STEPS)
     at_zero = sdxl.generate(image, mode="blend", prompt="a boat", image_weight=0.0, steps=STEPS)
@@ -237,6 +252,7 @@ def test_negative_images_fill_the_negative_pooled_slot(sdxl, image, other_image)
     assert res.trace.prompt_embeds.shape == (1, 77, 64)  # padded with masked tokens for the UNet
 
 
+@pytest.mark.slow
 def test_two_images_two_outputs_give_one_pooled_row_each(sdxl, image):
     res = sdxl.generate(image, mode="repeat", num_images=2, steps=STEPS)
     assert res.trace.pooled_prompt_embeds.shape == (2, 32)
@@ -297,9 +313,21 @@ def test_micro_conditioning_is_refused_on_sd1(tiny_pipe):
     assert "'tiny' is not SDXL" in one_sentence(err.value)
 
 
-def test_structure_is_refused_on_sdxl_for_now(sdxl, image):
-    with pytest.raises(SettingsError, match="not available on SDXL yet"):
+def test_structure_and_interpolation_are_refused_on_sdxl_for_now(sdxl, image, other_image):
+    with pytest.raises(SettingsError, match="not available on SDXL yet") as err:
         sdxl.generate(image, structure="edges", steps=1)
+    one_sentence(err.value)
+    with pytest.raises(SettingsError, match="not available on SDXL yet"):
+        sdxl.interpolate(image, other_image, count=2, steps=1)
+
+
+@pytest.mark.slow
+def test_words_route_fills_the_pooled_slot_with_its_words(sdxl, image):
+    res = sdxl.generate(image, mode="words", steps=2)
+    words = res.provenance.notes["words"]
+    embeds, _, pooled, _ = sdxl.sd.encode_prompt(words, device=torch.device("cpu"))
+    assert torch.equal(res.trace.prompt_embeds, embeds) and torch.equal(res.trace.pooled_prompt_embeds, pooled)
+    assert_close_pixels(res.images, bare_images(sdxl, res, steps=2))
 
 
 # -- revision ---------------------------------------------------------------------------------------------------
@@ -359,6 +387,7 @@ def test_pooled_tensors_are_traced_saved_and_loaded(sdxl, image, tmp_path, tiny_
     assert sd1.trace.pooled_prompt_embeds is None and "pooled_prompt_embeds" not in sd1.trace.tensors()
 
 
+@pytest.mark.slow
 def test_tiny_sdxl_live_runs_four_lcm_steps_as_bare_diffusers(image):
     live = ImagePromptPipeline.from_preset("tiny-sdxl-live")
     settings = live.default_settings()

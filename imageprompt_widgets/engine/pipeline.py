@@ -789,6 +789,9 @@ class ImagePromptPipeline:
         """
         if count < 2:
             raise SettingsError(f"An interpolation needs at least 2 images, not {count}.")
+        if self.is_sdxl:
+            raise SettingsError("pipe.interpolate walks one CLIP tower's embedding space, and SDXL's image tokens need "
+                                "two towers' and its pooled slot: it is not available on SDXL yet (use an SD 1.x preset).")
         settings = (settings or self.default_settings()).replace(
             mode="repeat", num_images=1, structure="none", weights=(), **changes
         )

@@ -191,7 +191,8 @@ def settings_read(
     mode: str, structure: str = "none", capabilities: Iterable[str] | None = None
 ) -> frozenset[str]:
     """Every setting a run with this method and structure reads: what a face should show. With the model's
-    ``capabilities`` (``pipe.capabilities()``), settings that need SD's text encoder drop out where it has none."""
+    ``capabilities`` (``pipe.capabilities()``), settings that need SD's text encoder drop out where it has none,
+    and SDXL's micro-conditioning where the model is not SDXL."""
     read = {*SHARED_SETTINGS, *METHODS[mode].reads, *STRUCTURE_SETTINGS[structure], *SDXL_SETTINGS}
     if capabilities is not None and "text" not in set(capabilities):
         read -= set(TEXT_ONLY_SETTINGS)
