@@ -250,6 +250,9 @@ def test_negative_images_fill_the_negative_pooled_slot(sdxl, image, other_image)
     assert torch.equal(res.trace.negative_pooled_prompt_embeds, second.image_embeds)
     assert res.trace.negative_prompt_embeds.shape == (1, 154, 64)  # the negative text's 77 then the image's 77
     assert res.trace.prompt_embeds.shape == (1, 77, 64)  # padded with masked tokens for the UNet
+    revision = sdxl.generate(image, negative_image=other_image, mode="revision", prompt="a cat", steps=STEPS)
+    assert torch.equal(revision.trace.negative_pooled_prompt_embeds, second.image_embeds)
+    assert torch.equal(revision.trace.negative_prompt_embeds, torch.zeros(1, 77, 64))  # the text side: diffusers'
 
 
 @pytest.mark.slow

@@ -18,6 +18,8 @@ such pipeline, so this method builds the tensors and hands them to ``StableDiffu
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .. import conditioning
@@ -52,13 +54,19 @@ def build(inputs: ConditioningInputs) -> Conditioning:
     if settings.negative == "zeros":
         return Conditioning(tokens, negative=lambda: torch.zeros_like(tokens), pooled=pooled,
                             negative_pooled=lambda: torch.zeros_like(pooled), extras=extras)
-    negative_pooled = negative_pooled_text(inputs)
-    if settings.negative == "image":
-        negative_embedding = inputs.negative_embedding
-        assert negative_embedding is not None  # generate() checks the inputs against negative="image" first
+    return Conditioning(tokens, negative=negative_text(inputs), pooled=pooled,
+                        negative_pooled=negative_image_pooled(inputs) if settings.negative == "image"
+                        else negative_pooled_text(inputs), extras=extras)
 
-        def negative_pooled() -> torch.Tensor:
-            return image_pooled(inputs, negative_embedding, combine="average", weights=())
 
-    return Conditioning(tokens, negative=negative_text(inputs), pooled=pooled, negative_pooled=negative_pooled,
-                        extras=extras)
+def negative_image_pooled(inputs: ConditioningInputs) -> Callable[[], torch.Tensor]:
+    """The negative images' bigG embeddings, averaged: the negative branch's pooled slot with ``negative="image"``."""
+    negative_embedding = inputs.negative_embedding
+    assert negative_embedding is not None  # generate() checks the inputs against negative="image" first
+
+    def pooled() -> torch.Tensor:
+        value = image_pooled(inputs, negative_embedding, combine="average", weights=())
+        assert value is not None  # an SDXL model (checked in build)
+        return value
+
+    return pooled
