@@ -26,6 +26,11 @@ class ModelLoadError(ValueError):
     """A model that cannot be loaded: unknown, not downloaded while offline, not a model folder."""
 
 
+class EncoderMismatchError(ModelLoadError):
+    """An image encoder whose widths do not fit what reads it: the UNet's cross-attention (image tokens as the
+    prompt) or an IP-Adapter's projection."""
+
+
 class TextTowerUnavailable(ModelLoadError):
     """The preset's CLIP checkpoint has no text tower with projection, so text cannot be compared with images."""
 

@@ -117,6 +117,10 @@ CLIP_VIT_BIGG = "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"
 LCM_LORA_SDXL = "latent-consistency/lcm-lora-sdxl"
 #: SDXL base's own sampling (its scheduler is Euler; 30 steps, guidance 5 as diffusers' pipeline defaults).
 SDXL_DEFAULTS = (("scheduler", "euler"), ("guidance_scale", 5.0))
+#: h94's SDXL adapters: the plain one reads OpenCLIP bigG's embedding (``sdxl_models/image_encoder``), the Plus one
+#: ViT-H's hidden states (``models/image_encoder``): loading/adapter_fit.py reads which from their shapes.
+IP_ADAPTER_SDXL = "h94/IP-Adapter:sdxl_models:ip-adapter_sdxl.safetensors"
+IP_ADAPTER_PLUS_SDXL = "h94/IP-Adapter:sdxl_models:ip-adapter-plus_sdxl_vit-h.safetensors"
 #: lllyasviel's ControlNets (canny, depth; structure/controlnets.py), trained on SD 1.5 (its UNet is SD 1.4's,
 #: fine-tuned), so they fit both.
 SD15_CONTROLNETS = "sd15"
@@ -431,6 +435,62 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
             download_size="nothing (built locally, under 1 MB more than tiny-sdxl)",
             offline_builder="tiny-sdxl",
         ),
+        "sdxl-ip-adapter": Preset(
+            name="sdxl-ip-adapter",
+            sd_model=SDXL_BASE,
+            clip_model="h94/IP-Adapter",
+            clip_subfolder="sdxl_models/image_encoder",
+            ip_adapter=IP_ADAPTER_SDXL,
+            family="sdxl",
+            method="ip_adapter",
+            defaults=(*SDXL_DEFAULTS, ("mode", "ip_adapter")),
+            image_tokens_fit=False,
+            note="SDXL base + IP-Adapter SDXL: OpenCLIP ViT-bigG/14's image embedding as 4 adapter tokens (the "
+                 "encoder its shapes ask for); a text prompt works alongside",
+            download_size="about 14 GB (SDXL base fp32 safetensors) + 3.7 GB (ViT-bigG/14 image encoder) + 703 MB "
+                          "(ip-adapter_sdxl)",
+        ),
+        "sdxl-ip-adapter-plus": Preset(
+            name="sdxl-ip-adapter-plus",
+            sd_model=SDXL_BASE,
+            clip_model="h94/IP-Adapter",
+            clip_subfolder="models/image_encoder",
+            ip_adapter=IP_ADAPTER_PLUS_SDXL,
+            family="sdxl",
+            method="ip_adapter",
+            defaults=(*SDXL_DEFAULTS, ("mode", "ip_adapter")),
+            image_tokens_fit=False,
+            note="SDXL base + IP-Adapter Plus SDXL: a resampler over ViT-H/14's patch features gives 16 tokens (the "
+                 "ViT-H file needs ViT-H, not bigG)",
+            download_size="about 14 GB (SDXL base fp32 safetensors) + 2.5 GB (ViT-H/14 image encoder) + 848 MB "
+                          "(ip-adapter-plus_sdxl_vit-h)",
+        ),
+        "tiny-sdxl-ip-adapter": Preset(
+            name="tiny-sdxl-ip-adapter",
+            sd_model="tiny-sdxl",
+            clip_model="tiny-sdxl-ip-adapter",  # the tiny encoder its adapter's shapes fit (offline_sdxl_adapters.py)
+            ip_adapter="tiny-sdxl-ip-adapter",
+            family="sdxl",
+            method="ip_adapter",
+            defaults=(*SDXL_DEFAULTS, ("mode", "ip_adapter")),
+            image_tokens_fit=False,
+            note="offline twin of 'sdxl-ip-adapter': tiny-sdxl with a random adapter over the bigG analog",
+            download_size="nothing (built locally, under 1 MB more than tiny-sdxl)",
+            offline_builder="tiny-sdxl",
+        ),
+        "tiny-sdxl-ip-adapter-plus": Preset(
+            name="tiny-sdxl-ip-adapter-plus",
+            sd_model="tiny-sdxl",
+            clip_model="tiny-sdxl-ip-adapter-plus",
+            ip_adapter="tiny-sdxl-ip-adapter-plus",
+            family="sdxl",
+            method="ip_adapter",
+            defaults=(*SDXL_DEFAULTS, ("mode", "ip_adapter")),
+            image_tokens_fit=False,
+            note="offline twin of 'sdxl-ip-adapter-plus': tiny-sdxl with a random resampler over a ViT-H analog",
+            download_size="nothing (built locally, under 1 MB more than tiny-sdxl)",
+            offline_builder="tiny-sdxl",
+        ),
         "tiny-caption": Preset(
             name="tiny-caption",
             sd_model="tiny",
@@ -500,9 +560,9 @@ def resolve_preset(model: str | Preset | None = None) -> Preset:
                           image_tokens_fit=False)
         return Preset(name=name, sd_model=name, clip_model=clip, note="local folder")
     raise UnknownPresetError(
-        f"Unknown model {name!r}: pass one of the presets {', '.join(p for p in PRESETS if not p.startswith('tiny-'))} "
-        "(or an offline 'tiny-' twin) or a local model folder, or use "
-        "ImagePromptPipeline.from_pretrained(sd_model=..., clip_model=...) for Hub ids."
+        f"Unknown model {name!r}: pass one of the presets "
+        f"{', '.join(p for p in PRESETS if not p.startswith(('tiny-', 'toy-')))} (or a 'tiny-' or 'toy-' twin) or a "
+        "local model folder, or use ImagePromptPipeline.from_pretrained(sd_model=..., clip_model=...) for Hub ids."
     )
 
 

@@ -51,8 +51,9 @@ PRECISIONS = ("auto", "float32", "bfloat16")
 AUTOCAST_MAX_STEPS = 8
 #: How an image is made square for CLIP: CLIP's own center crop, a squash, or padding.
 CROPS = ("center_crop", "squash", "pad")
-#: IP-Adapter layers that receive the image (SD 1.x; "style" and "composition" after InstantStyle's SD 1.5
-#: script, methods/ip_adapter.py BLOCK_PRESETS); "custom": the per-block scales of ``adapter_block_scales``.
+#: IP-Adapter layers that receive the image ("style" and "composition" after InstantStyle: its SD 1.5 script's
+#: blocks on SD 1.x, its SDXL layers on SDXL; methods/ip_adapter.py BLOCK_PRESETS, SDXL_BLOCK_PRESETS); "custom":
+#: the per-block scales of ``adapter_block_scales``.
 ADAPTER_BLOCKS = ("all", "style", "composition", "style_and_composition", "custom")
 #: The UNet parts diffusers' ``set_ip_adapter_scale`` dictionaries name.
 ADAPTER_BLOCK_PARTS = ("down", "mid", "up")

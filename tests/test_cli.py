@@ -196,7 +196,8 @@ def _generate_help() -> dict[str, str]:
                    "tiny-live, sdxl-live, tiny-sdxl-live; 8 on sd15-hyper, tiny-hyper)")),
         ("guidance_scale", ("classifier-free guidance: how hard each step pulls towards the prompt and away from the "
                            "negative; 1 or less turns it off; 0 to 20 (default: 7.5; 2.0 on toy, toy-ip-adapter, toy-ip-adapter-plus, toy-variations; 1.0 on sd15-live, "
-                           "tiny-live, sdxl-live, tiny-sdxl-live; 5.0 on sd15-hyper, tiny-hyper, sdxl, tiny-sdxl)")),
+                           "tiny-live, sdxl-live, tiny-sdxl-live; 5.0 on sd15-hyper, tiny-hyper, sdxl, tiny-sdxl, sdxl-ip-adapter, "
+                           "sdxl-ip-adapter-plus, tiny-sdxl-ip-adapter, tiny-sdxl-ip-adapter-plus)")),
         ("seed", "same seed, same picture; 0 to 4294967295 (default: 0)"),
         ("num_images", "how many images, batched; 1 to 8 (default: 1)"),
         ("height", "pixels, a multiple of 8; empty = the model's native size; 64 to 1024 (default: none)"),

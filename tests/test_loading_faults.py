@@ -140,6 +140,9 @@ OFFLINE_WEIGHTS = {
     "tiny-caption": "tiny-blip-v1/model.safetensors",
     "tiny-ip-adapter": "tiny-ip-adapter-v1/image_encoder/model.safetensors",
     "tiny-variations": "tiny-variations-v1/vae/diffusion_pytorch_model.safetensors",
+    # adapter files are read (their shapes) before the UNet loads them: damaged ones heal the same way
+    "tiny-ip-adapter-plus": "tiny-ip-adapter-plus-v1/ip-adapter-plus_tiny.safetensors",
+    "tiny-sdxl-ip-adapter-plus": "tiny-sdxl-ip-adapter-plus-v1/ip-adapter-plus_sdxl_vit-h_tiny.safetensors",
 }
 
 

@@ -35,6 +35,7 @@ from ..encoding import ClipTextTower, ImageEmbedding, encode_images, fingerprint
 from ..images import ImageInputError, describe_source, load_images
 from ..loading import cache as load_policy
 from ..loading import lora
+from ..loading.adapter_fit import AdapterNeeds
 from ..loading.cache import (
     MODEL_CACHE,
     StatusCallback,
@@ -47,7 +48,7 @@ from ..loading.downloads import ProgressCallback, watch_downloads
 from ..loading.lora import LoraInfo
 from ..loading.memory import DEFAULT_MEMORY, check_level, execution_device
 from ..loading.quiet import noting_prompt_truncation, quiet_loaders
-from ..methods import METHODS, part_loaders
+from ..methods import METHODS, ip_adapter, part_loaders
 from ..methods.inputs import ConditioningInputs, TextSide
 from ..presets import PRESETS, Preset, resolve_preset, shown_source
 from ..settings import AUTOCAST_MAX_STEPS, MODES, GenerationSettings, SettingsError
@@ -147,6 +148,7 @@ class ImagePromptPipeline:
         self.memory_level = check_level(memory_level)
         self.memory_measures = tuple(memory_measures)
         self._loras: list[LoraInfo] = list(loras or [])
+        self._allow_pickle = allow_pickle
         self.lock = RunLock()
         self._embeddings: OrderedDict[tuple[str, ...], ImageEmbedding] = OrderedDict()
         self._empty_prompt_embeds: torch.Tensor | None = None
@@ -419,6 +421,62 @@ class ImagePromptPipeline:
         return TextSide(encode=self.encode_text, empty=self.empty_prompt_embeds, typical_norm=self.text_token_norm,
                         pooled=self.encode_pooled_text,
                         zeros_for_empty=bool(self.sd.config.get("force_zeros_for_empty_prompt", False)))
+
+    # -- IP-Adapters added to a loaded pipeline (loading/adapter_fit.py, methods/ip_adapter.py) ---------------
+
+    def load_ip_adapter(
+        self, source: str | os.PathLike, *, image_encoder: str | os.PathLike | None = None,
+        allow_pickle: bool | None = None,
+    ) -> AdapterNeeds:
+        """Add an IP-Adapter to this pipeline: a ``.safetensors`` file, ``"folder::weight_name"``,
+        ``"repo:subfolder:weight_name"`` (``"h94/IP-Adapter:models:ip-adapter_sd15.safetensors"``) or an offline
+        twin's name (``"tiny-ip-adapter-plus"``). Returns what it needs, read from its shapes.
+
+        The file is checked against this pipeline's image encoder and UNet before anything is loaded: one that
+        does not fit raises :class:`~imageprompt_widgets.loading.adapter_fit.AdapterFitError` (a ``ValueError``)
+        naming the encoder or UNet it needs, and the pipeline is left as it was. ``image_encoder`` (a folder, a Hub
+        id, or ``"repo:subfolder"`` as the sentence names it: ``"h94/IP-Adapter:models/image_encoder"``) replaces
+        the pipeline's image encoder with the one the adapter needs, once the adapters fit it. Adapters loaded
+        before stay, this one beside them (``adapter_images``/``adapter_scales`` follow the load order:
+        :attr:`ip_adapters`); ``mode="ip_adapter"`` is then available. Acts on every later run of this pipeline
+        (and of every panel sharing it); waits for a running generation to finish first. ``allow_pickle``
+        (default: the pipeline's) permits a ``.bin`` file, which can run code when loaded.
+        """
+        from ..loading.offline import TINY_ADAPTER_NAMES, tiny_adapter_spec
+        from ..loading.offline_sdxl_adapters import TINY_SDXL_ADAPTER_NAMES, tiny_sdxl_adapter_spec
+
+        name = os.fspath(source)
+        allow = self._allow_pickle if allow_pickle is None else allow_pickle
+        with self.lock:
+            current = self.parts.get("ip_adapter")
+            names = [*(current.names if current is not None else ()), name]
+            if current is not None and len(current.files) != len(current):
+                raise SettingsError("The IP-Adapters of this pipeline were loaded without their files: load the "
+                                    "new one with a preset that lists them all.")
+            spec = (tiny_adapter_spec(name) if name in TINY_ADAPTER_NAMES else
+                    tiny_sdxl_adapter_spec(name) if name in TINY_SDXL_ADAPTER_NAMES else name)
+            specs = [*(current.files if current is not None else ()), spec]
+            encoder, processor, preset = self.image_encoder, self.image_processor, self.preset
+            if image_encoder is not None:
+                encoder, processor, preset = self._adapter_encoder(os.fspath(image_encoder), allow)
+            handle = ip_adapter.load_adapters(self.sd, encoder, processor, specs, names,
+                                              encoder_name=preset.clip_model, allow_pickle=allow)
+            if encoder is not self.image_encoder:
+                self.image_encoder, self.image_processor, self.preset = encoder, processor, preset
+                self._embeddings.clear()
+            self.parts["ip_adapter"] = handle
+            return handle.needs[-1]
+
+    def _adapter_encoder(self, source: str, allow_pickle: bool) -> tuple[Any, Any, Preset]:
+        """The image encoder ``source`` names (``"repo:subfolder"``, a Hub id or a folder), on this pipeline's device
+        and dtype, and this pipeline's preset with it as ``clip_model``."""
+        from ..loading.components import load_image_encoder
+
+        repo, _, subfolder = source.partition(":") if not os.path.isdir(source) else (source, "", "")
+        preset = dataclasses.replace(self.preset, clip_model=repo, clip_subfolder=subfolder or None)
+        encoder, processor = load_image_encoder(repo, preset, self.dtype, allow_pickle,
+                                                fallback_processor=getattr(self.sd, "feature_extractor", None))
+        return encoder.to(self.device).eval(), processor, preset
 
     # -- LoRA (loading/lora.py) ------------------------------------------------------------------------------
 
@@ -1123,6 +1181,14 @@ class ImagePromptPipeline:
         latents = torch.randn(shape, generator=generator, dtype=torch.float32)
         return {"generator": generator, "latents": latents.to(self.device, self.dtype)}
 
+    def _adapter_provenance(self) -> dict[str, Any]:
+        """The recipe's ``ip_adapter``: the preset's spec, or the loaded adapters' names where
+        :meth:`load_ip_adapter` added one."""
+        handle = self.parts.get("ip_adapter")
+        if handle is not None and handle.names != self.preset.ip_adapters:
+            return {"ip_adapter": _json_spec(handle.names if len(handle) > 1 else handle.names[0])}
+        return {"ip_adapter": _json_spec(self.preset.ip_adapter)} if self.preset.ip_adapter else {}
+
     def _provenance(
         self, settings: GenerationSettings, inputs: RunInputs, notes: dict[str, Any] | None = None
     ) -> Provenance:
@@ -1135,7 +1201,7 @@ class ImagePromptPipeline:
                 "sd_model": self.preset.sd_model,
                 "clip_model": self.preset.clip_model,
                 **({"clip_model_2": self.preset.clip_model_2} if self.preset.clip_model_2 else {}),
-                **({"ip_adapter": _json_spec(self.preset.ip_adapter)} if self.preset.ip_adapter else {}),
+                **self._adapter_provenance(),
                 **({"captioner": self.preset.captioner} if self.preset.captioner else {}),
                 **({"loras": [info.to_dict() for info in self._loras]} if self._loras else {}),
                 "memory": {"level": self.memory_level, "measures": list(self.memory_measures)},

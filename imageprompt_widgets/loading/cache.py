@@ -17,16 +17,17 @@ from typing import Any
 
 import torch
 
-from ..faults import DamagedModelError, ModelLoadError, load_error  # noqa: F401 - the error types are re-exported
+from ..faults import (  # noqa: F401 - the error types are re-exported
+    DamagedModelError,
+    EncoderMismatchError,
+    ModelLoadError,
+    load_error,
+)
 from ..presets import Preset
 from .configs import check_folder_configs
 from .offline import OFFLINE_NAMES, cache_key
 
 StatusCallback = Callable[[str], None]
-
-
-class EncoderMismatchError(ModelLoadError):
-    """The image encoder's embedding width does not fit the UNet's cross-attention width."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import torch
 from ..encoding import ClipTextTower
 from ..faults import TextTowerUnavailable, import_error_sentence
 from ..presets import Preset, resolve_preset
-from . import lora, memory, offline, offline_sdxl
+from . import lora, memory, offline, offline_sdxl_adapters
 from .cache import (
     DamagedModelError,
     ModelLoadError,
@@ -91,7 +91,7 @@ def load_components(
                                         allow_pickle=allow_pickle, say=say, memory_level=memory_level,
                                         part_loaders=part_loaders)
             except DamagedModelError as err:
-                damaged = offline.builds_of(offline_sdxl.materialize(preset), err.path)
+                damaged = offline.builds_of(offline_sdxl_adapters.materialize(preset), err.path)
                 if not damaged:  # not a model this package built: the user's to replace
                     raise
                 # A build whose files were cut short or deleted keeps its marker, so it never healed by itself.
@@ -111,7 +111,7 @@ def _load_components(
     part_loaders: Sequence[PartLoader] = (),
 ) -> LoadedComponents:
     start = time.perf_counter()
-    local = offline_sdxl.materialize(preset, say)  # every offline name (SD 1.x and SDXL twins) as a folder
+    local = offline_sdxl_adapters.materialize(preset, say)  # every offline name (SD 1.x, SDXL, its adapters)
 
     say(f"Loading Stable Diffusion {preset.sd_model!r} onto {device} ({_dtype_name(dtype)})…")
     sd = load_sd(local.sd_model, preset, dtype, safety_checker=safety_checker, allow_pickle=allow_pickle)

@@ -47,7 +47,8 @@ def ensure_tiny_models() -> tuple[str, str]:
 
 
 #: Model names in presets that stand for models this module builds (``Preset.sd_model`` etc.).
-OFFLINE_NAMES = ("tiny", "tiny-variations", "tiny-ip-adapter", "tiny-sdxl")
+OFFLINE_NAMES = ("tiny", "tiny-variations", "tiny-ip-adapter", "tiny-sdxl", "tiny-sdxl-ip-adapter",
+                 "tiny-sdxl-ip-adapter-plus")
 #: IP-Adapter names (``Preset.ip_adapter``) that stand for the offline twins' weights.
 TINY_ADAPTER_NAMES = ("tiny-ip-adapter", "tiny-ip-adapter-plus", "tiny-ip-adapter-plus-face")
 

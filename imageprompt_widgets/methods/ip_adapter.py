@@ -17,6 +17,7 @@ restored after every run, so a cached pipeline is never left with the window's l
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,11 +27,12 @@ import torch
 from .. import conditioning
 from ..conditioning import Conditioning
 from ..encoding import ImageEmbedding, zero_image_hidden_states
+from ..loading.adapter_fit import AdapterNeeds, check_adapter_file, parse_adapter  # noqa: F401 - parse_adapter
 from ..loading.cache import EncoderMismatchError, translate_load_errors
 from ..loading.quiet import quiet_loaders
 from ..presets import Preset
 from ..settings import GenerationSettings, SettingsError
-from .inputs import ConditioningInputs, negative_text
+from .inputs import ConditioningInputs, negative_pooled_text, negative_text
 
 #: IP-Adapter layers per block preset, as ``set_ip_adapter_scale`` takes them (SD 1.x block names).
 #: From InstantStyle's SD 1.5 script (https://github.com/InstantStyle/InstantStyle/blob/main/infer_style_sd15.py):
@@ -44,31 +46,55 @@ BLOCK_PRESETS: dict[str, Callable[[float], float | dict[str, Any]]] = {
     "composition": lambda scale: {"down": {"block_2": scale}, "mid": scale},
     "style_and_composition": lambda scale: {"down": {"block_2": scale}, "mid": scale, "up": {"block_1": scale}},
 }
+#: The same names on SDXL's UNet: InstantStyle's own layers (its README and diffusers' IP-Adapter guide):
+#: ``up_blocks.0.attentions.1`` for style, ``down_blocks.2.attentions.1`` for layout.
+SDXL_BLOCK_PRESETS: dict[str, Callable[[float], float | dict[str, Any]]] = {
+    "all": lambda scale: scale,
+    "style": lambda scale: {"up": {"block_0": [0.0, scale, 0.0]}},
+    "composition": lambda scale: {"down": {"block_2": [0.0, scale]}},
+    "style_and_composition": lambda scale: {"down": {"block_2": [0.0, scale]}, "up": {"block_0": [0.0, scale, 0.0]}},
+}
 
 
-def parse_adapter(spec: str) -> tuple[str, str, str]:
-    """``"repo_or_folder:subfolder:weight_name"`` → its three parts (subfolder may be empty)."""
-    parts = spec.rsplit(":", 2)  # a folder path may hold a colon itself (C:\\...)
-    if len(parts) != 3:
-        raise ValueError(f"IP-Adapter spec {spec!r} must be 'repo_or_folder:subfolder:weight_name'.")
-    return parts[0], parts[1], parts[2]
+def is_sdxl_unet(unet: Any) -> bool:
+    """Whether a UNet has SDXL's layout (its ``text_time`` added embedding: the pooled slot and micro-conditioning),
+    so the named adapter blocks mean InstantStyle's SDXL layers."""
+    return getattr(unet.config, "addition_embed_type", None) == "text_time"
 
 
 def load_parts(
     *, sd: Any, image_encoder: Any, image_processor: Any, preset: Preset, local: Preset, allow_pickle: bool,
     say: Callable[[str], None], **_: Any,
 ) -> dict[str, Any]:
-    """Load the adapters' weights into SD's UNet (all at once, as diffusers' lists) and register their image
-    encoder on SD, so bare diffusers with ``ip_adapter_image=`` sees the same encoder."""
-    folders, subfolders, weight_names = zip(*(parse_adapter(spec) for spec in local.ip_adapters))
+    """Check each adapter file against the encoder and UNet from its shapes (loading/adapter_fit.py: a file that
+    does not fit is one sentence naming what it needs, before the UNet is touched), then load them into SD's UNet
+    (all at once, as diffusers' lists) and register their image encoder on SD, so bare diffusers with
+    ``ip_adapter_image=`` sees the same encoder."""
     names = ", ".join(map(repr, preset.ip_adapters))
     say(f"Loading the IP-Adapter weights {names}…")
-    with translate_load_errors(names, allow_pickle), quiet_loaders():
-        sd.load_ip_adapter(list(folders), subfolder=list(subfolders), weight_name=list(weight_names),
-                           image_encoder_folder=None)
-    check_adapter_fits(image_encoder, sd.unet, preset)
+    return {"ip_adapter": load_adapters(sd, image_encoder, image_processor, list(local.ip_adapters),
+                                        list(preset.ip_adapters), encoder_name=preset.clip_model,
+                                        allow_pickle=allow_pickle)}
+
+
+def load_adapters(
+    sd: Any, image_encoder: Any, image_processor: Any, specs: Sequence[str], names: Sequence[str], *,
+    encoder_name: str = "the loaded one", allow_pickle: bool = False,
+) -> AdapterHandle:
+    """Load the IP-Adapters ``specs`` (files, ``"folder::weight_name"`` or ``"repo:subfolder:weight_name"``; their
+    display ``names``) into ``sd``, replacing any loaded before: every file is checked first, so a refusal leaves
+    the UNet as it was."""
+    checked = [
+        check_adapter_file(spec, image_encoder, sd.unet, name=name, encoder_name=encoder_name,
+                           allow_pickle=allow_pickle)
+        for spec, name in zip(specs, names)
+    ]
+    files = [path for path, _ in checked]
+    with translate_load_errors(", ".join(map(repr, names)), allow_pickle), quiet_loaders():
+        sd.load_ip_adapter([os.path.dirname(path) or "." for path in files], subfolder=[""] * len(files),
+                           weight_name=[os.path.basename(path) for path in files], image_encoder_folder=None)
     sd.register_modules(image_encoder=image_encoder, feature_extractor=image_processor)
-    return {"ip_adapter": AdapterHandle(sd, preset.ip_adapters)}
+    return AdapterHandle(sd, names, files=files, needs=[needs for _, needs in checked])
 
 
 def reads_hidden_states(projection: Any) -> bool:
@@ -117,11 +143,16 @@ class AdapterHandle:
     """The loaded adapters as a builder may use them: what each reads, block scales inside a step window
     (restored after), and the unconditional input of the Plus adapters."""
 
-    def __init__(self, sd: Any, names: Sequence[str] = ()) -> None:
+    def __init__(self, sd: Any, names: Sequence[str] = (), *, files: Sequence[str] = (),
+                 needs: Sequence[AdapterNeeds] = ()) -> None:
         self._sd = sd
         projections = list(sd.unet.encoder_hid_proj.image_projection_layers)
         #: The presets' names of the adapters, in load order.
         self.names = tuple(names) or tuple(f"adapter {i}" for i in range(len(projections)))
+        #: The local files they were loaded from (a later ``pipe.load_ip_adapter`` loads them again beside its own).
+        self.files = tuple(files)
+        #: What each needs, read from its file's shapes (loading/adapter_fit.py).
+        self.needs = tuple(needs)
         #: Per adapter: True where it reads the encoder's penultimate hidden states (Plus), False for the embedding.
         self.reads_hidden_states = tuple(reads_hidden_states(p) for p in projections)
         self._zero_states: dict[tuple, torch.Tensor] = {}
@@ -176,7 +207,11 @@ class AdapterHandle:
         """One ``set_ip_adapter_scale`` configuration per adapter: its scale in the chosen blocks."""
         scales = adapter_scales(settings, len(self), self.names)
         if settings.adapter_blocks != "custom":
-            return [BLOCK_PRESETS[settings.adapter_blocks](scale) for scale in scales]
+            named = SDXL_BLOCK_PRESETS if is_sdxl_unet(self._sd.unet) else BLOCK_PRESETS
+            configs = [named[settings.adapter_blocks](scale) for scale in scales]
+            if named is SDXL_BLOCK_PRESETS and settings.adapter_blocks != "all":
+                check_block_configs(self._sd.unet, configs)  # a small SDXL-like UNet may lack InstantStyle's layers
+            return configs
         blocks = settings.block_scales()
         if isinstance(blocks, list) and len(blocks) != len(self):
             raise SettingsError(
@@ -313,8 +348,13 @@ def build(inputs: ConditioningInputs) -> Conditioning:
             for embedding, hidden, image in zip(embeddings, adapter.reads_hidden_states, images)
         ]
 
+    pooled = negative_pooled = None
+    if inputs.text.has_pooled:  # SDXL: the prompt's pooled embedding, its negative as diffusers computes it
+        pooled = inputs.text.pooled(settings.prompt)
+        negative_pooled = ((lambda: torch.zeros_like(pooled)) if settings.negative == "zeros"
+                           else negative_pooled_text(inputs))
     return Conditioning(text, negative=negative, adapter_embeds=images, negative_adapter_embeds=negative_images,
-                        contexts=[adapter.window(settings)])
+                        contexts=[adapter.window(settings)], pooled=pooled, negative_pooled=negative_pooled)
 
 
 def adapter_input(

@@ -31,11 +31,12 @@ Sentence = Callable[[str], None]
 
 def adapter_label(spec: str) -> str:
     """A short name for an adapter spec: ``ip-adapter-plus_sd15`` for
-    ``h94/IP-Adapter:models:ip-adapter-plus_sd15.safetensors``, the name itself for an offline twin."""
+    ``h94/IP-Adapter:models:ip-adapter-plus_sd15.safetensors``, the file's stem for a path
+    (``pipe.load_ip_adapter``), the name itself for an offline twin."""
     try:
         folder, _, weight_name = parse_adapter(spec)
     except ValueError:
-        return spec
+        return os.path.splitext(os.path.basename(spec.rstrip("/\\")))[0] or spec
     return os.path.splitext(weight_name)[0] or os.path.basename(folder.rstrip("/\\")) or spec
 
 
