@@ -61,6 +61,53 @@ def test_realsize_configs_have_the_published_parameter_counts():
         assert count(vision) == 303_179_776 + 1024 * 768
 
 
+def test_sdxl_configs_have_the_published_parameter_counts():
+    """SDXL base's UNet 2,567,463,684; text_encoder_2 (bigG text + projection) 694,659,840; VAE 83,653,863; and
+    the bigG vision tower as counted from LAION's config (1,844,907,264 with its 1,664 x 1,280 projection)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModelWithProjection,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
+
+    from benchmarks import sdxl_memory
+
+    def count(module):
+        return sum(p.numel() for p in module.parameters())
+
+    with torch.device("meta"):
+        assert count(UNet2DConditionModel(**sdxl_memory.SDXL_UNET_CONFIG)) == 2_567_463_684
+        assert count(CLIPTextModelWithProjection(CLIPTextConfig(**sdxl_memory.SDXL_TEXT_2_CONFIG))) == 694_659_840
+        assert count(AutoencoderKL(**sdxl_memory.SDXL_VAE_CONFIG)) == 83_653_863
+        vision = CLIPVisionModelWithProjection(CLIPVisionConfig(**sdxl_memory.BIGG_VISION_CONFIG))
+        assert count(vision) == 1_844_907_264 and vision.visual_projection.weight.shape == (1280, 1664)
+
+
+def test_live_bytes_counts_what_a_run_holds_at_once():
+    """[4, 1000] float32 in (16,000 B), a [4, 2000] linear output and its ReLU alive together (32,000 B each):
+    a peak of 80,000 B; an in-place ReLU shares its input's storage and adds nothing, so the peak is then the input,
+    the hidden layer and the [4, 10] output (160 B) together: 48,160 B; weights never count."""
+    from benchmarks.sdxl_memory import LiveBytes
+
+    with torch.device("meta"):
+        first, second = torch.nn.Linear(1000, 2000), torch.nn.Linear(2000, 10)
+    for in_place, peak in ((False, 80_000), (True, 48_160)):
+        counter = LiveBytes()
+        counter.ignore(first)
+        counter.ignore(second)
+        x = torch.zeros(4, 1000, device="meta")
+        counter.track(x)
+        with torch.no_grad(), counter.mode:
+            hidden = first(x)
+            hidden = torch.relu_(hidden) if in_place else torch.relu(hidden)
+            out = second(hidden)
+        assert counter.peak == peak, in_place
+        del hidden, out
+        assert counter.current == 16_000  # only the input is left alive
+
+
 def test_fill_random_is_finite_deterministic_and_scaled_like_a_fresh_model():
     from benchmarks.realsize import fill_random
 
@@ -132,6 +179,23 @@ def test_overhead_benchmark_runs_and_ours_equals_bare_diffusers(tmp_path):
     assert set(row["seconds"]) == {"bare", "ours", "ours+previews"}
     assert row["ratio_previews_off"] > 0 and "| tiny |" in payload["table"]
     assert _result(tmp_path, "overhead")["rows"][0]["steps"] == 2
+
+
+def test_sdxl_memory_benchmark_builds_every_model_in_float16_and_estimates_a_gpu_peak(tmp_path):
+    from benchmarks import sdxl_memory
+
+    payload = sdxl_memory.main(["--quick", "--out", str(tmp_path)])
+    rows = {row["component"]: row for row in payload["rows"]}
+    assert set(rows) == {"unet", "image_encoder (bigG)", "text_encoder_2", "image_encoder (ViT-L)", "text_encoder",
+                         "vae"}
+    assert payload["total_bytes"] == sum(row["bytes"] for row in rows.values())
+    assert rows["unet"]["bytes"] >= 2 * rows["unet"]["parameters"]  # two bytes a weight: built in float16
+    assert rows["unet"]["bytes"] < 3 * rows["unet"]["parameters"]
+    assert all(row["activations_bytes"] > 0 for row in rows.values())
+    assert rows["vae"]["gpu_weights_bytes"] == 2 * rows["vae"]["bytes"]  # decoded in float32
+    peak = max(rows.values(), key=lambda row: row["gpu_peak_bytes"])
+    assert payload["offload_gpu_peak_bytes"] == peak["gpu_peak_bytes"] < payload["everything_on_gpu_bytes"]
+    assert _result(tmp_path, "sdxl_memory")["quick"] is True
 
 
 def test_memory_benchmark_counts_the_text_tower_ours_does_not_load(tmp_path):

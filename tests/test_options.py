@@ -386,6 +386,21 @@ def test_offloading_levels_call_diffusers_offload_on_an_accelerator(level, offlo
     assert sd.vae.use_tiling
 
 
+@pytest.mark.parametrize(("sdxl", "device", "gigabytes", "level"), [
+    (True, "cuda", 16, "low"),  # a Colab T4: model CPU offload (docs/benchmarks.md, SDXL's memory plan)
+    (True, "cuda", 19.9, "low"),
+    (True, "cuda", 24, "default"),  # an L4 / A10 / 4090 holds every SDXL model at once
+    (True, "cpu", 16, "default"),  # nothing to offload from
+    (False, "cuda", 8, "default"),  # SD 1.x fits whole
+])
+def test_sdxl_on_a_small_gpu_gets_model_offload_unless_a_level_is_named(sdxl, device, gigabytes, level):
+    from imageprompt_widgets.loading import memory
+
+    chosen = memory.automatic_level(sdxl, torch.device(device), total_memory=int(gigabytes * 10**9))
+    assert chosen == level
+    assert ("model_cpu_offload" in memory.measures(chosen, torch.device(device))) == (level == "low")
+
+
 @pytest.mark.slow
 def test_attention_slicing_leaves_pixels_unchanged_and_vae_tiling_acts_only_above_its_tile(image):
     """Slicing computes the same attention in pieces: pixel-identical to the unsliced classic maths. (PyTorch's

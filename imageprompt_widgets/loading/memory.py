@@ -16,6 +16,13 @@ On a CPU device offloading has nothing to do (the weights already live in RAM) a
 tiling still apply. Attention slicing computes the same attention in pieces (the classic attention maths
 instead of PyTorch's fused kernel); VAE tiling decodes overlapping tiles and blends their seams, so above the
 tile size its pixels differ slightly from a whole decode (by design: that is what saves the memory).
+
+When the caller names no level, :func:`automatic_level` chooses: ``default`` everywhere, except an SDXL model on a
+CUDA device with less than :data:`SDXL_OFFLOAD_BELOW_BYTES` of memory, which gets ``low`` (float16, the CUDA
+default dtype, plus model CPU offload). SDXL's models are about 10 GiB in float16 with its vision towers, the UNet
+alone 4.8 GiB; with offload a 1,024 px run needs about 5.3 GiB on the GPU and the models wait in host RAM
+(``python -m benchmarks.sdxl_memory``; docs/benchmarks.md, "SDXL's memory plan"). That is how ``sdxl`` fits a
+16 GB Colab T4.
 """
 
 from __future__ import annotations
@@ -38,6 +45,12 @@ DEFAULT_MEMORY = "default"
 OFFLOADING = ("model_cpu_offload", "sequential_cpu_offload")
 #: The optional dependency group that brings accelerate, which diffusers' offloading needs.
 OFFLOAD_EXTRA = "lowmem"
+#: Below this much accelerator memory an SDXL model loads with model CPU offload unless the caller names a level:
+#: all its models resident (about 10 GiB in float16) plus a 1,024 px run's activations and the VAE's float32
+#: decode need more than a 16 GB T4 has; 24 GB cards (and larger) hold them all.
+SDXL_OFFLOAD_BELOW_BYTES = 20 * 10**9
+#: The level :func:`automatic_level` gives SDXL on a smaller accelerator.
+SDXL_SMALL_GPU_LEVEL = "low"
 
 
 class MemoryLevelError(SettingsError):
@@ -48,6 +61,19 @@ def check_level(level: str) -> str:
     if level not in MEMORY_LEVELS:
         raise MemoryLevelError(f"memory={level!r} is not one of {', '.join(MEMORY_LEVELS)}.")
     return level
+
+
+def automatic_level(sdxl: bool, device: torch.device, total_memory: int | None = None) -> str:
+    """The level a load gets when its caller names none: ``low`` for SDXL on a CUDA device with less than
+    :data:`SDXL_OFFLOAD_BELOW_BYTES` (``total_memory``: the device's bytes, read from CUDA when not given), else
+    ``default``. SD 1.x models (about 2 GiB in float16) fit every supported GPU whole."""
+    if not sdxl or device.type != "cuda":
+        return DEFAULT_MEMORY
+    if total_memory is None:
+        import torch
+
+        total_memory = torch.cuda.get_device_properties(device).total_memory
+    return SDXL_SMALL_GPU_LEVEL if total_memory < SDXL_OFFLOAD_BELOW_BYTES else DEFAULT_MEMORY
 
 
 def measures(level: str, device: torch.device) -> tuple[str, ...]:
