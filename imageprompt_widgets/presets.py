@@ -61,7 +61,8 @@ class Preset:
     #: Where in ``clip_model`` the image encoder lives (h94/IP-Adapter keeps it in ``models/image_encoder``).
     clip_subfolder: str | None = None
     #: The ControlNets that fit this SD (structure/controlnets.py): "sd15" for lllyasviel's SD 1.x ones (canny for
-    #: ``structure="edges"``, depth for ``"depth"``), "tiny" for the offline twins; a Hub id or folder is taken
+    #: ``structure="edges"``, depth for ``"depth"``), "tiny" for the offline twins, "sdxl" for diffusers' SDXL ones,
+    #: "tiny-sdxl" for their twins; a Hub id or folder is taken
     #: as the canny ControlNet alone. None: no ControlNet.
     controlnet: str | None = None
     #: Whether SD has its text encoder (the image-variations model was fine-tuned without one).
@@ -124,6 +125,9 @@ IP_ADAPTER_PLUS_SDXL = "h94/IP-Adapter:sdxl_models:ip-adapter-plus_sdxl_vit-h.sa
 #: lllyasviel's ControlNets (canny, depth; structure/controlnets.py), trained on SD 1.5 (its UNet is SD 1.4's,
 #: fine-tuned), so they fit both.
 SD15_CONTROLNETS = "sd15"
+#: diffusers' SDXL ControlNets (canny, depth: diffusers/controlnet-canny-sdxl-1.0, diffusers/controlnet-depth-sdxl-1.0;
+#: about 5 GB each in fp32 safetensors, 2.5 GB as their fp16 variant); "tiny-sdxl" names their offline twins.
+SDXL_CONTROLNETS = "sdxl"
 #: h94's Plus adapters for SD 1.5 (they read the ViT-H encoder's penultimate hidden states).
 IP_ADAPTER_PLUS = "h94/IP-Adapter:models:ip-adapter-plus_sd15.safetensors"
 IP_ADAPTER_PLUS_FACE = "h94/IP-Adapter:models:ip-adapter-plus-face_sd15.safetensors"
@@ -392,8 +396,10 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
             clip_model_2=CLIP_VIT_BIGG,
             family="sdxl",
             defaults=SDXL_DEFAULTS,
+            controlnet=SDXL_CONTROLNETS,
             note="SDXL base 1.0 at 1,024 px: image tokens fill both of its token spaces (ViT-L/14 beside "
-                 "OpenCLIP bigG), and revision puts bigG's image embedding in its pooled slot",
+                 "OpenCLIP bigG), and revision puts bigG's image embedding in its pooled slot; edges and depth "
+                 "download diffusers' SDXL ControlNets (about 5 GB each) on first use",
             download_size="about 14 GB (SDXL base fp32 safetensors) + 1.7 GB (CLIP ViT-L/14) + 10 GB "
                           "(OpenCLIP ViT-bigG-14)",
         ),
@@ -405,6 +411,7 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
             family="sdxl",
             loras=((LCM_LORA_SDXL, 1.0),),
             defaults=LIVE_DEFAULTS,
+            controlnet=SDXL_CONTROLNETS,
             note="live mode on SDXL: SDXL base + LCM-LoRA SDXL, 4 steps with the lcm scheduler, guidance 1, the tiny "
                  "decoder (TAESDXL)",
             download_size="about 14 GB (SDXL base) + 1.7 GB (CLIP ViT-L/14) + 10 GB (OpenCLIP ViT-bigG-14) + "
@@ -417,6 +424,7 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
             clip_model_2="tiny-sdxl",
             family="sdxl",
             defaults=SDXL_DEFAULTS,
+            controlnet="tiny-sdxl",
             note="offline twin of 'sdxl': a tiny SDXL (two text encoders, the pooled slot, micro-conditioning) and "
                  "tiny ViT-L and bigG analogs, random seeded weights",
             download_size="nothing (built locally in about a second, about 4 MB)",
@@ -430,6 +438,7 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
             family="sdxl",
             loras=(("tiny-sdxl-lcm-lora", 1.0),),
             defaults=LIVE_DEFAULTS,
+            controlnet="tiny-sdxl",
             note="offline twin of 'sdxl-live': tiny-sdxl plus a random LoRA shaped like LCM-LoRA SDXL and a random "
                  "tiny decoder shaped like TAESDXL",
             download_size="nothing (built locally, under 1 MB more than tiny-sdxl)",

@@ -401,6 +401,22 @@ def test_sdxl_on_a_small_gpu_gets_model_offload_unless_a_level_is_named(sdxl, de
     assert ("model_cpu_offload" in memory.measures(chosen, torch.device(device))) == (level == "low")
 
 
+def test_from_preset_without_a_level_asks_automatic_level_with_the_family_and_device(monkeypatch):
+    """The choice is wired in: no ``memory=`` asks memory.automatic_level (here made to answer "balanced", which
+    acts on the CPU too); a named level is taken as it is."""
+    from imageprompt_widgets.engine import pipeline as engine
+
+    asked = []
+    monkeypatch.setattr(engine, "automatic_level", lambda sdxl, device: asked.append((sdxl, device)) or "balanced")
+    chosen = ImagePromptPipeline.from_preset("tiny-sdxl")
+    assert asked == [(True, CPU)] and chosen.memory_level == "balanced"
+    assert chosen.memory_measures == ("attention_slicing", "vae_tiling")
+    assert ImagePromptPipeline.from_preset("tiny-sdxl", memory="default").memory_level == "default"
+    assert len(asked) == 1
+    ImagePromptPipeline.from_preset("tiny")
+    assert asked[-1] == (False, CPU)
+
+
 @pytest.mark.slow
 def test_attention_slicing_leaves_pixels_unchanged_and_vae_tiling_acts_only_above_its_tile(image):
     """Slicing computes the same attention in pieces: pixel-identical to the unsliced classic maths. (PyTorch's

@@ -318,12 +318,10 @@ def test_micro_conditioning_is_refused_on_sd1(tiny_pipe):
     assert "'tiny' is not SDXL" in one_sentence(err.value)
 
 
-def test_structure_and_interpolation_are_refused_on_sdxl_for_now(sdxl, image, other_image):
+def test_interpolation_is_refused_on_sdxl_for_now(sdxl, image, other_image):
     with pytest.raises(SettingsError, match="not available on SDXL yet") as err:
-        sdxl.generate(image, structure="edges", steps=1)
-    one_sentence(err.value)
-    with pytest.raises(SettingsError, match="not available on SDXL yet"):
         sdxl.interpolate(image, other_image, count=2, steps=1)
+    one_sentence(err.value)
 
 
 @pytest.mark.slow

@@ -46,7 +46,7 @@ from ..loading.cache import (
 from ..loading.components import LoadedComponents, load_clip_text_tower, load_components
 from ..loading.downloads import ProgressCallback, watch_downloads
 from ..loading.lora import LoraInfo
-from ..loading.memory import DEFAULT_MEMORY, check_level, execution_device
+from ..loading.memory import DEFAULT_MEMORY, automatic_level, check_level, execution_device
 from ..loading.quiet import noting_prompt_truncation, quiet_loaders
 from ..methods import METHODS, ip_adapter, part_loaders
 from ..methods.inputs import ConditioningInputs, TextSide
@@ -174,7 +174,7 @@ class ImagePromptPipeline:
         allow_pickle: bool = False,
         on_status: StatusCallback | None = None,
         on_progress: ProgressCallback | None = None,
-        memory: str = DEFAULT_MEMORY,
+        memory: str | None = None,
         projector: str | os.PathLike | None = None,
     ) -> ImagePromptPipeline:
         """Load (once per process) the preset's models: ``"sd14"`` (default), ``"sd15"``, ``"tiny"`` or a folder.
@@ -185,7 +185,8 @@ class ImagePromptPipeline:
         ``DownloadCancelled`` from it stops the download.
         ``memory`` (``"default"``, ``"balanced"``, ``"low"``, ``"lowest"``) saves GPU memory with diffusers'
         offloading, attention slicing and VAE tiling (loading/memory.py); it is part of the cache key, so panels
-        asking for different levels get different pipelines.
+        asking for different levels get different pipelines. ``None`` chooses (``memory.automatic_level``):
+        ``"default"``, except SDXL on a CUDA device under 20 GB (a 16 GB T4), which gets ``"low"``.
         ``projector`` (a folder written by ``imageprompt train-projector``) loads a trained projector for
         ``mode="projector"`` with any preset; the toy preset loads its own unless another is given.
         """
@@ -193,7 +194,7 @@ class ImagePromptPipeline:
         if projector is not None:
             preset = dataclasses.replace(preset, projector=os.fspath(projector))
         dev, dt = resolve_device_dtype(device, dtype)
-        check_level(memory)
+        memory = automatic_level(preset.is_sdxl, dev) if memory is None else check_level(memory)
         key: Any = model_key(preset.sd_model, preset.clip_model, dev, dt, safety_checker, allow_pickle)
         extras = (preset.method, preset.revision, preset.clip_subfolder, preset.ip_adapter, preset.captioner,
                   preset.loras, preset.projector, preset.clip_model_2)
@@ -231,7 +232,7 @@ class ImagePromptPipeline:
         safety_checker: bool | None = None,
         allow_pickle: bool = False,
         on_status: StatusCallback | None = None,
-        memory: str = DEFAULT_MEMORY,
+        memory: str | None = None,
     ) -> ImagePromptPipeline:
         """Pair any SD 1.x model (Hub id or folder) with any CLIP image encoder; defaults from the default preset."""
         default = resolve_preset(None)
@@ -964,7 +965,7 @@ class ImagePromptPipeline:
         )
 
     def _check_family(self, settings: GenerationSettings) -> None:
-        """What only one model family runs: micro-conditioning is SDXL's; SDXL runs without structure for now."""
+        """What only one model family runs: micro-conditioning is SDXL's."""
         if not self.is_sdxl:
             chosen = settings.micro_conditioning()
             if chosen:
@@ -974,11 +975,6 @@ class ImagePromptPipeline:
                     "the 'sdxl' or 'tiny-sdxl' preset."
                 )
             return
-        if settings.structure != "none":
-            raise SettingsError(
-                f"structure={settings.structure!r} is not available on SDXL yet ({self.preset.name!r} has no SDXL "
-                "ControlNet or img2img wired in): use structure='none', or an SD 1.x preset to keep the layout."
-            )
 
     def _adapter_images(self, adapter_images: Any, settings: GenerationSettings) -> list[list[Any]]:
         """``adapter_images`` decoded: one list of pictures per loaded IP-Adapter."""
@@ -1073,6 +1069,8 @@ class ImagePromptPipeline:
             native = self.native_size
             height = structure.kwargs.get("height") or native
             width = structure.kwargs.get("width") or native
+            if settings.structure == "img2img":  # img2img's size is its picture's (fitted to the model)
+                width, height = structure.kwargs["image"][0].size
             told = {"original_size": (height, width), "crops_coords_top_left": (0, 0), "target_size": (height, width),
                     **settings.micro_conditioning()}
             notes["micro_conditioning"] = {name: list(value) for name, value in told.items()}

@@ -724,16 +724,26 @@ def build_tiny_controlnet(folder: str | os.PathLike, seed: int = TINY_SEED) -> s
     image measurably reaches the output, as with a trained model. The embedding downsamples once,
     matching the tiny VAE's factor of 2 (SD's is 8).
     """
-    import math
-
-    import torch
-    from diffusers import ControlNetModel, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
     from .quiet import quiet_loaders
 
     tiny_sd, _ = ensure_tiny_models()
     with quiet_loaders():
         unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet", use_safetensors=True)
+    return save_seeded_controlnet(unet, folder, seed)
+
+
+def save_seeded_controlnet(unet: Any, folder: str | os.PathLike, seed: int) -> str:
+    """``ControlNetModel.from_unet(unet)`` with seeded zero convolutions and a strong conditioning embedding (see
+    :func:`build_tiny_controlnet`), saved to ``folder``; the SDXL twins (offline_sdxl.py) are made the same way."""
+    import math
+
+    import torch
+    from diffusers import ControlNetModel
+
+    from .quiet import quiet_loaders
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))

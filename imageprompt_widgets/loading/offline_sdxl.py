@@ -231,3 +231,37 @@ def build_tiny_sdxl_lora(folder: str | os.PathLike, seed: int = TINY_SEED) -> No
         unet = UNet2DConditionModel.from_pretrained(sd, subfolder="unet", use_safetensors=True)
     layers = random_lora_layers(unet, LCM_LORA_TARGETS, TINY_LORA_RANK, seed)
     StableDiffusionXLPipeline.save_lora_weights(str(folder), unet_lora_layers=layers, safe_serialization=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The SDXL ControlNet twins (structure="edges"/"depth" on tiny-sdxl)
+
+#: The twins of diffusers/controlnet-canny-sdxl-1.0 and diffusers/controlnet-depth-sdxl-1.0 (structure/controlnets.py
+#: names them per kind): folder prefix and seed. Same architecture, different seeds, as for the SD 1.x twins.
+TINY_SDXL_CONTROLNETS = {
+    "tiny-sdxl-canny": ("tiny-sdxl-controlnet-canny", TINY_SEED + 10),
+    "tiny-sdxl-depth": ("tiny-sdxl-controlnet-depth", TINY_SEED + 11),
+}
+
+
+def ensure_tiny_sdxl_controlnet(name: str = "tiny-sdxl-canny") -> str:
+    """A tiny SDXL ControlNet folder (built once, atomically)."""
+    prefix, seed = TINY_SDXL_CONTROLNETS[name]
+    final = cache_dir() / f"{prefix}-{TINY_SDXL_VERSION}"
+    return str(build_once(final, lambda folder: build_tiny_sdxl_controlnet(folder, seed),
+                          "diffusion_pytorch_model.safetensors"))
+
+
+def build_tiny_sdxl_controlnet(folder: str | os.PathLike, seed: int = TINY_SEED) -> str:
+    """A ControlNet made from the tiny SDXL UNet as diffusers' SDXL ControlNet training script makes one
+    (``ControlNetModel.from_unet``: the encoder copied, with SDXL's ``text_time`` embedding), its zero convolutions
+    and conditioning embedding seeded as the SD 1.x twins' are (offline.save_seeded_controlnet)."""
+    from diffusers import UNet2DConditionModel
+
+    from .offline import save_seeded_controlnet
+    from .quiet import quiet_loaders
+
+    sd, _, _ = ensure_tiny_sdxl()
+    with quiet_loaders():
+        unet = UNet2DConditionModel.from_pretrained(sd, subfolder="unet", use_safetensors=True)
+    return save_seeded_controlnet(unet, folder, seed)

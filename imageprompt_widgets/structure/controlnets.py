@@ -20,9 +20,11 @@ from dataclasses import dataclass
 
 from ..settings import UNIT_SETTINGS, SettingsError
 
-#: ControlNet families a preset can name (``Preset.controlnet``): lllyasviel's SD 1.x ControlNets, or the
-#: offline twins built from the tiny UNet.
-FAMILIES = ("sd15", "tiny")
+#: ControlNet families a preset can name (``Preset.controlnet``): lllyasviel's SD 1.x ControlNets, the offline twins
+#: built from the tiny UNet, diffusers' SDXL ControlNets, and their twins built from the tiny SDXL UNet.
+FAMILIES = ("sd15", "tiny", "sdxl", "tiny-sdxl")
+#: The families whose ControlNets are SDXL's (they run in diffusers' ``StableDiffusionXLControlNetPipeline``).
+SDXL_FAMILIES = ("sdxl", "tiny-sdxl")
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,9 @@ class ControlKind:
     estimator_size: str = ""
     estimator_twin: str | None = None  # its offline twin's name
     name_hints: tuple[str, ...] = ()  # words in a ControlNet's id that say it reads this map
+    sdxl_controlnet: str = ""  # the SDXL ControlNet (Hub id) trained on this map
+    sdxl_controlnet_size: str = ""
+    sdxl_twin: str = ""  # its offline twin's name (loading/offline_sdxl.py builds it)
 
     @property
     def reads(self) -> tuple[str, ...]:
@@ -59,6 +64,9 @@ CONTROL_KINDS: dict[str, ControlKind] = {
             controlnet_size="about 1.4 GB",
             twin="tiny",
             name_hints=("canny",),
+            sdxl_controlnet="diffusers/controlnet-canny-sdxl-1.0",
+            sdxl_controlnet_size="about 5 GB (fp32 safetensors; 2.5 GB as the fp16 variant)",
+            sdxl_twin="tiny-sdxl-canny",
         ),
         ControlKind(
             name="depth",
@@ -73,6 +81,9 @@ CONTROL_KINDS: dict[str, ControlKind] = {
             estimator_size="about 100 MB",
             estimator_twin="tiny",
             name_hints=("depth",),
+            sdxl_controlnet="diffusers/controlnet-depth-sdxl-1.0",
+            sdxl_controlnet_size="about 5 GB (fp32 safetensors; 2.5 GB as the fp16 variant)",
+            sdxl_twin="tiny-sdxl-depth",
         ),
     )
 }
@@ -96,20 +107,24 @@ def controlnet_for(kind: str, family: str | None) -> str | None:
         return entry.controlnet
     if family == "tiny":
         return entry.twin
+    if family == "sdxl":
+        return entry.sdxl_controlnet
+    if family == "tiny-sdxl":
+        return entry.sdxl_twin
     return family if kind == "edges" else None
 
 
 def estimator_for(kind: str, family: str | None) -> str | None:
     """The model that makes ``kind``'s map for a preset's family (``None`` where the map needs none)."""
     entry = control_kind(kind)
-    return entry.estimator_twin if family == "tiny" else entry.estimator
+    return entry.estimator_twin if family in ("tiny", "tiny-sdxl") else entry.estimator
 
 
 def kind_of_controlnet(model: str) -> str | None:
     """Which map a ControlNet reads, told by its name: an offline twin's exact name, else the one kind whose
     hint word (``canny``, ``depth``) its Hub id or folder name contains; ``None`` when that does not decide."""
     for kind in CONTROL_KINDS.values():
-        if model == kind.twin:
+        if model in (kind.twin, kind.sdxl_twin):
             return kind.name
     name = os.path.basename(os.path.normpath(model)).lower() or model.lower()
     found = [kind.name for kind in CONTROL_KINDS.values() if any(hint in name for hint in kind.name_hints)]

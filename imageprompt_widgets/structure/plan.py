@@ -170,24 +170,52 @@ def load_controlnet(
     allow_pickle: bool = False,
     on_status: StatusCallback | None = None,
 ) -> Any:
-    """A diffusers ``ControlNetModel`` from a Hub id or folder (``"tiny"``, ``"tiny-depth"``: the offline twins),
-    on ``device``."""
+    """A diffusers ``ControlNetModel`` from a Hub id or folder (``"tiny"``, ``"tiny-depth"``, ``"tiny-sdxl-canny"``,
+    ``"tiny-sdxl-depth"``: the offline twins), on ``device``."""
     from diffusers import ControlNetModel
 
     from ..loading.cache import check_local_folder, translate_load_errors
     from ..loading.offline import TINY_CONTROLNETS, ensure_tiny_controlnet
+    from ..loading.offline_sdxl import TINY_SDXL_CONTROLNETS, ensure_tiny_sdxl_controlnet
 
     say = on_status or (lambda message: None)
     path = model
     if model in TINY_CONTROLNETS:
         say("Building the tiny ControlNet (first use only)…")
         path = ensure_tiny_controlnet(model)
+    elif model in TINY_SDXL_CONTROLNETS:
+        say("Building the tiny SDXL ControlNet (first use only)…")
+        path = ensure_tiny_sdxl_controlnet(model)
     check_local_folder(path, model, "config.json", "a ControlNet (diffusers format)")
     say(f"Loading the ControlNet {model!r} onto {device}…")
     kwargs = {diffusers_dtype_kwarg(): dtype, "use_safetensors": None if allow_pickle else True}
     with translate_load_errors(model, allow_pickle), quiet_loaders():
         controlnet = ControlNetModel.from_pretrained(path, **kwargs)
     return controlnet.to(device).eval()
+
+
+class ControlNetMismatchError(SettingsError):
+    """A ControlNet made for another family of UNet (an SD 1.x one on SDXL, or the reverse)."""
+
+
+def _family_words(config: Any) -> str:
+    xl = config.get("addition_embed_type") == "text_time"
+    return f"{'SDXL' if xl else 'SD 1.x'} (cross-attention {config.get('cross_attention_dim')} wide)"
+
+
+def check_controlnet_fits(controlnet: Any, unet: Any, name: str, kind: str) -> None:
+    """Refuse a ControlNet whose UNet family differs from the model's before diffusers fails deep inside a run
+    with a shape error: SDXL's ControlNets read SDXL's 2,048-wide tokens and its pooled slot, SD 1.x's do not."""
+    theirs, ours = controlnet.config, unet.config
+    same_family = (theirs.get("addition_embed_type") == "text_time") == (ours.get("addition_embed_type") == "text_time")
+    if same_family and theirs.get("cross_attention_dim") == ours.get("cross_attention_dim"):
+        return
+    entry = control_kind(kind)
+    example = entry.sdxl_controlnet if ours.get("addition_embed_type") == "text_time" else entry.controlnet
+    raise ControlNetMismatchError(
+        f"The ControlNet {name!r} was made for {_family_words(theirs)}, and this model is {_family_words(ours)}: "
+        f"load a ControlNet made for it, e.g. pipe.load_controlnet({example!r})."
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,9 +280,11 @@ class StructureRunners:
         entry = control_kind(kind)
         model = self._chosen.get(kind) or controlnet_for(kind, self.family)
         if not model:
+            presets, example = (("sdxl, tiny-sdxl", entry.sdxl_controlnet) if is_sdxl(self.sd)
+                                else ("sd14, sd15, tiny", entry.controlnet))
             raise SettingsError(
                 f"structure={kind!r} needs a ControlNet trained on {entry.map_name} and this model has none: use a "
-                f"preset that has one (sd14, sd15, tiny) or call pipe.load_controlnet({entry.controlnet!r})."
+                f"preset that has one ({presets}) or call pipe.load_controlnet({example!r})."
             )
         return model
 
@@ -278,10 +308,12 @@ class StructureRunners:
         name = self.model_for(kind)
         with self._loading:
             if name not in self._controlnets:
-                self._controlnets[name] = load_controlnet(
+                controlnet = load_controlnet(
                     name, execution_device(self.sd), self.sd.unet.dtype, allow_pickle=self.allow_pickle,
                     on_status=on_status,
                 )
+                check_controlnet_fits(controlnet, self.sd.unet, name, kind)
+                self._controlnets[name] = controlnet
         return self._controlnets[name]
 
     def estimator(self, kind: str, on_status: StatusCallback | None = None) -> Any:
@@ -309,21 +341,11 @@ class StructureRunners:
         kinds = tuple(kinds or (structure,)) if structure != "img2img" else ()
         key: Any = "img2img" if structure == "img2img" else ("controlnet", tuple(self.model_for(k) for k in kinds))
         if key not in self._pipelines:
-            from diffusers import StableDiffusionControlNetPipeline, StableDiffusionImg2ImgPipeline
-
-            components = dict(self.sd.components)
-            requires_checker = bool(self.sd.config.get("requires_safety_checker", False))
-            requires_checker = requires_checker and components.get("safety_checker") is not None
-            if structure == "img2img":
-                runner = StableDiffusionImg2ImgPipeline(**components, requires_safety_checker=requires_checker)
-            else:
-                nets = [self.controlnet(on_status=on_status, kind=kind) for kind in kinds]
-                # One ControlNet as itself (the single-unit call stays diffusers' plain one); several as a list,
-                # which diffusers wraps in its MultiControlNetModel.
-                runner = StableDiffusionControlNetPipeline(
-                    **components, controlnet=nets[0] if len(nets) == 1 else nets,
-                    requires_safety_checker=requires_checker,
-                )
+            nets = [self.controlnet(on_status=on_status, kind=kind) for kind in kinds]
+            # One ControlNet as itself (the single-unit call stays diffusers' plain one); several as a list,
+            # which diffusers wraps in its MultiControlNetModel.
+            controlnet = None if not nets else nets[0] if len(nets) == 1 else nets
+            runner = (_sdxl_runner if is_sdxl(self.sd) else _sd_runner)(self.sd, controlnet)
             runner.set_progress_bar_config(disable=True)
             self._pipelines[key] = runner
         return self._pipelines[key]
@@ -387,6 +409,39 @@ class StructureRunners:
             runner, kwargs, extras={control_trace_name(m.index): control_tensor(m.image) for m in maps},
             notes=notes, edge_map=maps[0].image, structure_image=pictures[0], maps=maps,
         )
+
+
+def is_sdxl(sd: Any) -> bool:
+    """Whether ``sd`` is an SDXL pipeline (two text encoders: its structure runs need diffusers' XL pipelines)."""
+    return "text_encoder_2" in getattr(sd, "components", {})
+
+
+def _sd_runner(sd: Any, controlnet: Any) -> Any:
+    """SD 1.x's img2img pipeline (``controlnet`` None) or ControlNet pipeline over ``sd``'s own components."""
+    from diffusers import StableDiffusionControlNetPipeline, StableDiffusionImg2ImgPipeline
+
+    components = dict(sd.components)
+    requires_checker = bool(sd.config.get("requires_safety_checker", False))
+    requires_checker = requires_checker and components.get("safety_checker") is not None
+    if controlnet is None:
+        return StableDiffusionImg2ImgPipeline(**components, requires_safety_checker=requires_checker)
+    return StableDiffusionControlNetPipeline(**components, controlnet=controlnet,
+                                             requires_safety_checker=requires_checker)
+
+
+def _sdxl_runner(sd: Any, controlnet: Any) -> Any:
+    """SDXL's img2img pipeline (``controlnet`` None) or ControlNet pipeline over ``sd``'s own components, with its
+    settings: zeros for an empty negative prompt as SDXL base says, its watermarker only where it has one."""
+    from diffusers import StableDiffusionXLControlNetPipeline, StableDiffusionXLImg2ImgPipeline
+
+    components = dict(sd.components)
+    options = {
+        "force_zeros_for_empty_prompt": bool(sd.config.get("force_zeros_for_empty_prompt", True)),
+        "add_watermarker": getattr(sd, "watermark", None) is not None,
+    }
+    if controlnet is None:
+        return StableDiffusionXLImg2ImgPipeline(**components, **options)
+    return StableDiffusionXLControlNetPipeline(**components, controlnet=controlnet, **options)
 
 
 def unit_pictures(structure_images: Sequence[Any], units: int) -> list[Any]:
