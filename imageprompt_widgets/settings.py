@@ -84,6 +84,8 @@ MICRO_CONDITIONING = ("original_size", "crops_coords_top_left", "target_size")
 #: The largest number a micro-conditioning pair takes (SDXL saw originals up to a few thousand pixels).
 MAX_MICRO_PIXELS = 8192
 
+#: The largest side a run takes: SDXL's widest training bucket (1,536 x 640); SD 1.x was trained at 512.
+MAX_SIDE = 1536
 MAX_SEED = 2**32 - 1
 #: The longest text one text setting holds (prompts, and control_units / adapter_block_scales as JSON): far
 #: beyond the 77 tokens CLIP reads; refused before anything else looks at it.
@@ -234,12 +236,12 @@ class GenerationSettings:
     )
     num_images: int = _spec("int", 1, "how many", "how many images, batched", min=1, max=8, step=1)
     height: int | None = _spec(
-        "size", None, "height", "pixels, a multiple of 8; empty = the model's native size",
-        min=64, max=1024, step=8, advanced=True,
+        "size", None, "height", "pixels, a multiple of 8; empty = the model's native size (512 on SD 1.x, 1024 on "
+        "SDXL)", min=64, max=MAX_SIDE, step=8, advanced=True,
     )
     width: int | None = _spec(
-        "size", None, "width", "pixels, a multiple of 8; empty = the model's native size",
-        min=64, max=1024, step=8, advanced=True,
+        "size", None, "width", "pixels, a multiple of 8; empty = the model's native size (512 on SD 1.x, 1024 on "
+        "SDXL)", min=64, max=MAX_SIDE, step=8, advanced=True,
     )
     negative: str = _spec(
         "choice", "empty_prompt", "avoid",
@@ -568,6 +570,8 @@ def _is_numpy_bool(value: Any) -> bool:
 
 
 def _validated_floats(spec: SettingSpec, value: Any) -> tuple[float, ...]:
+    if isinstance(value, str) and spec.name in MICRO_CONDITIONING:
+        value = value.lower().replace("x", ",")  # "1024x1024" as sizes are written, or "1024, 1024"
     if isinstance(value, str):
         value = parse_floats(value, spec.name)
     if value is None:

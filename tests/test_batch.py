@@ -128,6 +128,35 @@ def test_parquet_manifest_has_the_same_rows(folder, tmp_path):
     assert not (parquet / "manifest.jsonl").exists()
 
 
+def test_batch_on_sdxl_records_micro_conditioning_in_the_manifest(folder, tmp_path, capsys):
+    """A batch on tiny-sdxl with ``--original-size 32x48`` and a CSV row of its own ``target_size``: the manifest's
+    settings (JSONL and Parquet) say what each PNG was told, and each PNG equals the API's run with them."""
+    from imageprompt_widgets import ImagePromptPipeline
+
+    pq = optional_module("pyarrow.parquet")
+    listing = folder / "list.csv"
+    listing.write_text("image,target_size\na.png,\nb.png,40x64\n")
+    out = tmp_path / "out"
+    flags = ["--model", "tiny-sdxl", "--steps", "2", "--original-size", "32x48"]
+    code = main(["batch", str(listing), "-o", str(out), *flags])
+    assert code == 0, capsys.readouterr().err
+    rows = manifest_rows(out)
+    assert [(row["input"], row["model"], row["settings"]["original_size"], row["settings"]["target_size"])
+            for row in rows] == [("a.png", "tiny-sdxl", [32, 48], []), ("b.png", "tiny-sdxl", [32, 48], [40, 64])]
+    sdxl = ImagePromptPipeline.from_preset("tiny-sdxl")
+    for row in rows:
+        settings = GenerationSettings.from_kwargs(**row["settings"])
+        assert settings.original_size == (32, 48)
+        expected = sdxl.generate(str(folder / row["input"]), settings).images[0]
+        assert np.array_equal(pixels(out / row["file"]), np.asarray(expected))
+        told = recipe_from_png(out / row["file"])["micro_conditioning"]
+        assert told["original_size"] == [32, 48]
+        assert told["target_size"] == (row["settings"]["target_size"] or [sdxl.native_size] * 2)
+    assert main(["batch", str(listing), "-o", str(tmp_path / "pq"), "--manifest", "parquet", *flags]) == 0
+    assert [row["settings"]["target_size"] for row in pq.read_table(tmp_path / "pq" / "manifest.parquet")
+            .to_pylist()] == [[], [40.0, 64.0]]
+
+
 # -- resuming by content ------------------------------------------------------------------------------
 
 

@@ -200,7 +200,8 @@ def _generate_help() -> dict[str, str]:
                            "sdxl-ip-adapter-plus, tiny-sdxl-ip-adapter, tiny-sdxl-ip-adapter-plus)")),
         ("seed", "same seed, same picture; 0 to 4294967295 (default: 0)"),
         ("num_images", "how many images, batched; 1 to 8 (default: 1)"),
-        ("height", "pixels, a multiple of 8; empty = the model's native size; 64 to 1024 (default: none)"),
+        ("height", ("pixels, a multiple of 8; empty = the model's native size (512 on SD 1.x, 1024 on SDXL); 64 to "
+                    "1536 (default: none)")),
         ("weights", "one number per image, comma-separated; empty = equal; each -10 to 10 (default: none)"),
         ("mode", "how the image becomes the prompt (default: repeat)"),
         ("prompt", 'the words to draw from (text, blend, ip_adapter and caption) (default: "")'),
@@ -329,3 +330,56 @@ def test_no_image_and_nothing_to_draw_from_words_is_one_line_and_exit_2(tmp_path
     code = main(["generate", "-o", str(tmp_path / "out"), "--model", "tiny", *flags])
     err = capsys.readouterr().err
     assert code == 2 and says in err and err.count("\n") == 1
+
+
+# -- SDXL ---------------------------------------------------------------------------------------------------------
+
+
+def test_generate_on_sdxl_takes_micro_conditioning_flags_and_the_native_size(photo, tmp_path, capsys):
+    """``--original-size 32x48`` (or ``32,48``) and ``--crops-coords-top-left`` reach SDXL: the PNG equals the API's
+    run with those settings, is the model's native size when no size is given, and its recipe says what SDXL was
+    told (the target size filled in as diffusers does)."""
+    from PIL import Image
+
+    from imageprompt_widgets import ImagePromptPipeline
+
+    out = tmp_path / "out"
+    code = main(["generate", str(photo), "-o", str(out), "--model", "tiny-sdxl", "--steps", "2", "--seed", "3",
+                 "--original-size", "32x48", "--crops-coords-top-left", "0,8"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    (path,) = printed.out.split()
+    sdxl = ImagePromptPipeline.from_preset("tiny-sdxl")
+    native = sdxl.native_size
+    recipe = recipe_from_png(path)
+    assert recipe["settings"]["original_size"] == [32, 48] and recipe["settings"]["crops_coords_top_left"] == [0, 8]
+    assert recipe["micro_conditioning"] == {"original_size": [32, 48], "crops_coords_top_left": [0, 8],
+                                            "target_size": [native, native]}
+    expected = sdxl.generate(str(photo), steps=2, seed=3, original_size=(32, 48),
+                             crops_coords_top_left=(0, 8)).images[0]
+    plain = sdxl.generate(str(photo), steps=2, seed=3).images[0]
+    assert not np.array_equal(np.asarray(plain), np.asarray(expected))  # SDXL's time ids changed the picture
+    picture = Image.open(path).convert("RGB")
+    assert picture.size == (native, native)
+    assert np.array_equal(np.asarray(picture), np.asarray(expected))
+
+
+@pytest.mark.parametrize(("flags", "says"), [
+    (["--model", "tiny-sdxl", "--original-size", "1024"],
+     "original_size takes two numbers, (height, width) in pixels, not 1: e.g. 1024, 1024; or leave it empty"),
+    (["--model", "tiny-sdxl", "--crops-coords-top-left", "0xtop"], "crops_coords_top_left must be comma-separated"),
+    (["--model", "tiny", "--target-size", "512x512"],
+     ("target_size is SDXL's micro-conditioning, and 'tiny' is not SDXL: leave it empty, or use the 'sdxl' or "
+      "'tiny-sdxl' preset.")),
+])
+def test_bad_micro_conditioning_flags_are_one_line_and_exit_2(photo, tmp_path, capsys, flags, says):
+    code = main(["generate", str(photo), "-o", str(tmp_path / "out"), "--steps", "1", *flags])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "imageprompt: error: " in err and says in err
+    assert not list(tmp_path.joinpath("out").glob("*.png"))
+
+
+def test_help_names_the_micro_conditioning_flags():
+    help_text = _generate_help()
+    assert help_text["original_size"].startswith("SDXL: the size (height, width) SDXL is told the picture had")
+    assert {"crops_coords_top_left", "target_size"} <= set(help_text)

@@ -197,7 +197,7 @@ def test_structure_keeps_each_sdxl_methods_conditioning(sdxl, image):
     """The method's prompt and pooled slot are what the ControlNet run is handed (revision: the image's bigG
     embedding in the pooled slot), the same as without structure."""
     square = shape_image("square")
-    for mode in ("repeat", "revision"):
+    for mode in ("repeat", "single", "revision"):  # single: a padded prompt, masked in the ControlNet too
         plain = sdxl.generate(image, steps=1, seed=0, mode=mode)
         edged = sdxl.generate(image, steps=1, seed=0, mode=mode, structure="edges", structure_image=square)
         assert torch.equal(plain.trace.prompt_embeds, edged.trace.prompt_embeds), mode

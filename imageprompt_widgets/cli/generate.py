@@ -89,7 +89,7 @@ def add_parser(commands: Any) -> None:
     gen.add_argument(
         "--memory", default=None, choices=MEMORY_LEVELS,
         help="for small GPUs: balanced = attention slicing and VAE tiling, low = CPU offload of whole models, "
-        "lowest = sequential offload (slowest); default: default",
+        "lowest = sequential offload (slowest); default: default, but low for SDXL on a CUDA GPU under 20 GB",
     )
     gen.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
     gen.add_argument("--no-safety-checker", action="store_true", help="switch the model's safety checker off")
