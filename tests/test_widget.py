@@ -679,7 +679,7 @@ def test_apply_refuses_unknown_choices_and_out_of_range_values_and_changes_nothi
     height = panel.controls["height"]
     options = height.options
     before = panel.controls.values()
-    with pytest.raises(SettingsError, match=r"^height=72 is not one of the panel's choices \(native, 64, 128"):
+    with pytest.raises(SettingsError, match=r"^height=72 is not one of the panel's choices \(native \(64\), 64, 128"):
         panel.controls.apply({"seed": 5, "height": 72})  # a valid setting no size choice can show
     with pytest.raises(SettingsError, match="outside its range"):
         panel.controls.apply({"seed": 5, "steps": 500})
@@ -705,6 +705,60 @@ def test_the_model_picker_lists_every_preset_with_its_size_and_state():
     assert labels["tiny"] == "tiny · random weights — noise, for tests · offline · built"  # tiny_pipe built it
     assert labels["sd14"].startswith("sd14 · about 7.2 GB · ")  # 5.5 GB + 1.7 GB
     assert labels["ip-adapter"].startswith("ip-adapter · about 8.0 GB · ")
+    widget.close()
+
+
+def test_the_panel_switches_between_sd1_and_sdxl_without_a_restart(image):
+    """tiny → tiny-sdxl (revision, its own sliders and defaults) → tiny again, in one panel: each run is its model's,
+    the status line says what changed, and the last run is the first one's pixels (nothing of SDXL stays behind)."""
+    specs = {spec.name: spec for spec in setting_specs()}
+    widget = ImagePromptWidget(model="tiny", runner=InlineRunner(), preview_interval=0, **FAST)
+    widget.set_images(image)
+    labels = {value: label for label, value in widget.model_picker.options}
+    assert labels["sdxl"].startswith("sdxl · about 25.7 GB · ")  # 14 GB + 1.7 GB + 10 GB
+    assert labels["sdxl-live"].startswith("sdxl-live · about 26.1 GB · ")
+    assert labels["tiny-sdxl"].startswith("tiny-sdxl · random weights — noise, for tests · offline")
+    mode = widget.controls["mode"]
+    assert {value: label for label, value in mode.options}["revision"] == (
+        "image in SDXL's pooled slot (revision) → model tiny-sdxl")  # offered on SD 1.x only as a switch to SDXL
+
+    first = widget.generate().result(WAIT)
+    assert first.recipe["model"]["preset"] == "tiny" and first.trace.pooled_prompt_embeds is None
+    assert widget.status.startswith("Done: 1 image")
+    assert widget.controls["height"].options[0] == ("native (64)", 0)  # the loaded model's own side
+
+    choose(widget.model_picker, "tiny-sdxl")
+    assert widget.status == "Model 'tiny-sdxl' chosen (offline, built)."
+    assert {value: label for label, value in mode.options}["revision"] == "image in SDXL's pooled slot (revision)"
+    choose(mode, "revision")
+    assert widget.model == "tiny-sdxl"
+    for name, label in (("revision_strength", "image in pooled slot"), ("noise_augmentation", "noise on image")):
+        slider = labelled(widget, label, ipywidgets.FloatSlider)
+        assert slider is widget.controls[name] and slider.layout.display != "none"
+        assert (slider.min, slider.max, slider.step, slider.value) == (
+            specs[name].min, specs[name].max, specs[name].step, specs[name].default)
+    widget.controls["revision_strength"].value = 0.8
+    second = widget.generate().result(WAIT)
+    assert second.recipe["model"]["preset"] == "tiny-sdxl" and widget.status.startswith("Done: 1 image")
+    assert (second.settings.mode, second.settings.revision_strength) == ("revision", 0.8)
+    assert (second.settings.scheduler, second.settings.guidance_scale) == ("euler", 5.0)  # the preset's own
+    sdxl = widget.pipeline
+    assert second.trace.pooled_prompt_embeds.shape == (1, sdxl.sd.text_encoder_2.config.projection_dim)
+    assert second.images[0].size == (sdxl.native_size, sdxl.native_size)
+    assert widget.controls["height"].options[0] == (f"native ({sdxl.native_size})", 0)
+    assert_same_pixels(second.images, sdxl.generate(image, second.settings).images)
+
+    choose(widget.model_picker, "tiny")
+    assert widget.status == ("Model 'tiny' chosen (offline, built). revision does not run on 'tiny': the method is "
+                             "now repeat.")
+    assert widget.controls["revision_strength"].layout.display == "none"
+    third = widget.generate().result(WAIT)
+    assert third.recipe["model"]["preset"] == "tiny"
+    # the user's revision slider keeps its 0.8 (repeat does not read it); everything else is the first run's
+    assert third.settings.revision_strength == 0.8
+    assert GenerationSettings.from_kwargs(**{**third.settings.to_dict(), "revision_strength": 1.0}) == first.settings
+    assert_same_pixels(third.images, first.images)
+    assert [item.recipe["model"]["preset"] for item in widget.history.items] == ["tiny", "tiny-sdxl", "tiny"][::-1]
     widget.close()
 
 

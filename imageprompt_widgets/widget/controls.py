@@ -251,6 +251,18 @@ class SettingsControls(widgets.VBox):
         """The settings a run with the chosen method and structure reads (the registry's answer)."""
         return settings_read(self.controls["mode"].value, self.controls["structure"].value, self._capabilities)
 
+    def set_native_size(self, pixels: int | None) -> None:
+        """Say in each size control what "native" is for the chosen model (``"native (1024)"`` on SDXL, ``(512)`` on
+        SD 1.x); ``None`` where it is not known before the model loads. The chosen value stays."""
+        label = f"{NATIVE_SIZE} ({pixels})" if pixels else NATIVE_SIZE
+        for name, spec in self.specs.items():
+            control = self.controls.get(name)
+            if spec.kind != "size" or control is None or control.options[0][0] == label:
+                continue
+            value = control.value
+            control.options = [(label, NATIVE), *control.options[1:]]
+            control.value = value
+
     def set_capabilities(self, capabilities: Iterable[str] | None) -> None:
         """What the chosen model can do (``preset_capabilities``): a setting it cannot read is hidden, e.g. the
         negative prompt for a model without SD's text encoder."""

@@ -45,7 +45,7 @@ from ..methods import (
     preset_capabilities,
     presets_providing,
 )
-from ..presets import DEFAULT_PRESET, Preset
+from ..presets import DEFAULT_PRESET, PRESETS, Preset, runs_toy_weights
 from ..settings import MODES, GenerationSettings, SettingsError, choice_label
 from . import units as _units  # noqa: F401 - registers the control of the control_units setting
 from .adapters import AdapterSlots
@@ -149,6 +149,7 @@ class ImagePromptWidget(widgets.VBox):
         super().__init__(children=[self.banner, self._lay_out()])
         self._unsubscribe = self.controller.subscribe(self._on_event)
         self.controls.set_capabilities(preset_capabilities(preset) if preset is not None else None)
+        self._show_native_size()
         self.structure.built()
 
 
@@ -509,22 +510,38 @@ class ImagePromptWidget(widgets.VBox):
         self.cancel_button.disabled = not running
         self.structure.forget_maps()  # another model, maybe another depth estimator
         self.adapter_slots.set_adapters(preset.ip_adapters)
+        mode = self.controls["mode"].value
         with self._quietly(), self.structure.held():
             if self.model_picker.value != preset.name:
                 self.model_picker.value = preset.name
             self._apply_preset_defaults(old.preset, preset)
             self.structure.refresh()  # another model's size and depth estimator
+        # A method only the old model ran (revision is SDXL's) became the new one's first: say so, not silently.
+        moved = (f" {mode} does not run on {preset.name!r}: the method is now {self.controls['mode'].value}."
+                 if mode not in methods_for(preset) and self.controls["mode"].value != mode else "")
         self._relabel_modes()
         self._follow_adapters()
         self._show_banner(preset)
         self.controls.set_capabilities(preset_capabilities(preset))
+        self._show_native_size()
         self._show_loras()
         found = preset_availability(preset)
         where = ", ".join(part for part in ("offline" if preset.offline_builder else found.download, found.status) if part)
         cost = " The next Generate downloads it, with progress here." if not found.ready else ""
         stopped = " The running generation was cancelled; its previews stay, marked." if running else ""
         chosen = f"switched to model {preset.name!r}" if why else f"Model {preset.name!r} chosen"
-        self._say(f"{why}{chosen} ({where}).{cost}{stopped}")
+        self._say(f"{why}{chosen} ({where}).{moved}{cost}{stopped}")
+
+    def _show_native_size(self) -> None:
+        """The size controls' "native" option names the chosen model's side: the loaded model's own, else the
+        known one of a real preset (1024 for SDXL, 512 for SD 1.x); a twin's or a folder's is known once loaded."""
+        preset, pipeline = self.controller.preset, self.controller.pipeline
+        native = getattr(pipeline, "native_size", None) if pipeline is not None else None
+        if native is None and preset is not None and preset.name in PRESETS and not preset.offline_builder \
+                and not runs_toy_weights(preset):
+            native = 1024 if preset.is_sdxl else 512
+        with self._quietly():
+            self.controls.set_native_size(native)
 
     def _show_banner(self, preset: Preset | None) -> None:
         """Above the panel, for a model whose pictures are not real Stable Diffusion's: what they are."""
@@ -803,6 +820,7 @@ class ImagePromptWidget(widgets.VBox):
         self.history.add_run(result.images, result.recipe, job.images, list(job.settings.weights), job.negatives,
                              result.trace)
         self.result = result
+        self._show_native_size()  # the model has loaded: its own native size is known now
         speed = f"{job.steps_per_second:.1f} UNet steps per second (it/s)" if job.step else ""
         hover = "; ".join(part for part in (speed, result.describe_timings()) if part)
         done = f"Done: {count(len(result.images), 'image')} in {result.seconds:.1f} s, seed {result.settings.seed}."
