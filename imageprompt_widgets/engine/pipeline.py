@@ -974,7 +974,6 @@ class ImagePromptPipeline:
                     f"{self.preset.name!r} is not SDXL: leave {'it' if len(chosen) == 1 else 'them'} empty, or use "
                     "the 'sdxl' or 'tiny-sdxl' preset."
                 )
-            return
 
     def _adapter_images(self, adapter_images: Any, settings: GenerationSettings) -> list[list[Any]]:
         """``adapter_images`` decoded: one list of pictures per loaded IP-Adapter."""
