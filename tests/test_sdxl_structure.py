@@ -146,6 +146,24 @@ def test_depth_on_sdxl_equals_bare_sdxl_controlnet_pipeline(sdxl, image):
     assert_close_pixels(result.images, expected)
 
 
+def test_two_units_on_sdxl_equal_bare_multi_controlnet(sdxl, image):
+    """edges and depth at once (diffusers' MultiControlNetModel over both SDXL twins), each its picture and scale."""
+    from diffusers import StableDiffusionXLControlNetPipeline
+
+    square, circle = shape_image("square"), shape_image("circle")
+    result = sdxl.generate(image, steps=2, seed=6, mode="revision", structure="edges", control_scale=0.9,
+                           structure_image=[square, circle], control_units=[{"kind": "depth", "scale": 0.5,
+                                                                             "end": 0.5}])
+    assert result.recipe["model"]["controlnet"] == ["tiny-sdxl-canny", "tiny-sdxl-depth"]
+    nets = [sdxl.load_controlnet(), sdxl.load_controlnet(kind="depth")]
+    bare = StableDiffusionXLControlNetPipeline(**sdxl.sd.components, controlnet=nets)
+    bare.set_progress_bar_config(disable=True)
+    expected = bare(image=[traced_map(result), traced_map(result, "control_image_1")],
+                    controlnet_conditioning_scale=[0.9, 0.5], control_guidance_start=[0.0, 0.0],
+                    control_guidance_end=[1.0, 0.5], **trace_kwargs(result)).images
+    assert_close_pixels(result.images, expected)
+
+
 def test_img2img_on_sdxl_equals_bare_sdxl_img2img_pipeline(sdxl, image):
     from diffusers import StableDiffusionXLImg2ImgPipeline
 
