@@ -195,6 +195,7 @@ def test_sdxl_memory_benchmark_builds_every_model_in_float16_and_estimates_a_gpu
     assert rows["vae"]["gpu_weights_bytes"] == 2 * rows["vae"]["bytes"]  # decoded in float32
     peak = max(rows.values(), key=lambda row: row["gpu_peak_bytes"])
     assert payload["offload_gpu_peak_bytes"] == peak["gpu_peak_bytes"] < payload["everything_on_gpu_bytes"]
+    assert payload["calibration"]["counted_bytes"] > 0 and payload["calibration"]["measured_bytes"] >= 0
     assert _result(tmp_path, "sdxl_memory")["quick"] is True
 
 

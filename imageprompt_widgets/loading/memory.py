@@ -20,7 +20,7 @@ tile size its pixels differ slightly from a whole decode (by design: that is wha
 When the caller names no level, :func:`automatic_level` chooses: ``default`` everywhere, except an SDXL model on a
 CUDA device with less than :data:`SDXL_OFFLOAD_BELOW_BYTES` of memory, which gets ``low`` (float16, the CUDA
 default dtype, plus model CPU offload). SDXL's models are about 10 GiB in float16 with its vision towers, the UNet
-alone 4.8 GiB; with offload a 1,024 px run needs about 5.3 GiB on the GPU and the models wait in host RAM
+alone 4.8 GiB; with offload a 1,024 px run needs about 5.4 GiB on the GPU and the models wait in host RAM
 (``python -m benchmarks.sdxl_memory``; docs/benchmarks.md, "SDXL's memory plan"). That is how ``sdxl`` fits a
 16 GB Colab T4.
 """
