@@ -245,6 +245,8 @@ class StructurePlan:
         if self.structure_image is None:
             return []
         managers: list[Any] = [recording_start_latents(self.runner, extras)]
+        if is_sdxl(self.runner):
+            managers.append(without_empty_upcast_warning())
         controlnet = getattr(self.runner, "controlnet", None)
         if mask is not None and controlnet is not None:
             managers.append(masked_cross_attention(controlnet, mask))
@@ -476,6 +478,30 @@ def recording_start_latents(runner: Any, extras: dict[str, torch.Tensor]) -> Ite
         yield
     finally:
         del runner.prepare_latents
+
+
+#: diffusers' ModelMixin.to warns on every dtype cast that lists the modules to keep in float32, also when there are
+#: none; SDXL's img2img pipeline casts its VAE to float32 and back on every run (``force_upcast``), so each run would
+#: print it.
+EMPTY_UPCAST_WARNING = "should be kept in float32: []."
+
+
+@contextlib.contextmanager
+def without_empty_upcast_warning() -> Iterator[None]:
+    """Drop diffusers' float32 warning where it names no module (SDXL img2img's own upcast of its VAE), for one run;
+    every other message passes."""
+    import logging
+
+    logger = logging.getLogger("diffusers.models.modeling_utils")
+
+    def keep(record: logging.LogRecord) -> bool:
+        return EMPTY_UPCAST_WARNING not in record.getMessage()
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 @contextlib.contextmanager
