@@ -275,3 +275,20 @@ def test_an_sdxl_model_without_controlnet_names_the_sdxl_one():
     with pytest.raises(SettingsError, match=r"\(sdxl, tiny-sdxl\) or call "
                                             r"pipe\.load_controlnet\('diffusers/controlnet-depth-sdxl-1\.0'\)"):
         runners.controlnet(kind="depth")
+
+
+def test_ip_adapter_with_edges_on_sdxl_equals_bare_controlnet_pipeline(image):
+    """The SDXL IP-Adapter presets have SDXL ControlNets too: the adapter's image tokens, the prompt's tokens and
+    pooled slot and the edge map reach diffusers' SDXL ControlNet pipeline as a hand-written call gives them."""
+    from diffusers import StableDiffusionXLControlNetPipeline
+
+    assert PRESETS["sdxl-ip-adapter"].controlnet == "sdxl" and PRESETS["tiny-sdxl-ip-adapter"].controlnet == "tiny-sdxl"
+    pipe = ImagePromptPipeline.from_preset("tiny-sdxl-ip-adapter")
+    result = pipe.generate(image, prompt="a cat", steps=2, seed=1, structure="edges",
+                           structure_image=shape_image("square"))
+    assert result.settings.mode == "ip_adapter" and result.recipe["model"]["controlnet"] == "tiny-sdxl-canny"
+    bare = StableDiffusionXLControlNetPipeline(**pipe.sd.components, controlnet=pipe.load_controlnet())
+    bare.set_progress_bar_config(disable=True)
+    expected = bare(image=traced_map(result), ip_adapter_image_embeds=[result.trace.extras["ip_adapter_image_embeds"]],
+                    **trace_kwargs(result)).images
+    assert_close_pixels(result.images, expected)
