@@ -181,6 +181,7 @@ def test_overhead_benchmark_runs_and_ours_equals_bare_diffusers(tmp_path):
     assert _result(tmp_path, "overhead")["rows"][0]["steps"] == 2
 
 
+@pytest.mark.slow  # about 17 s: six models built and run on the meta device, and a calibration subprocess
 def test_sdxl_memory_benchmark_builds_every_model_in_float16_and_estimates_a_gpu_peak(tmp_path):
     from benchmarks import sdxl_memory
 
