@@ -1337,3 +1337,15 @@ def test_the_inspector_shows_each_adapters_tokens_for_ip_adapter_runs(image, oth
     plain.generate().result(WAIT)
     assert "Adapter tokens" not in plain.inspector.shown_sections and not plain.inspector.adapter_images  # hidden
     plain.close()
+
+
+def test_a_method_an_sdxl_model_lacks_moves_to_an_sdxl_preset():
+    """From SDXL, ip_adapter moves to SDXL's adapter (its twin offline), not to the SD 1.x toy world's."""
+    widget = ImagePromptWidget(model="tiny-sdxl", runner=InlineRunner(), **FAST)
+    labels = {value: label for label, value in widget.controls["mode"].options}
+    assert labels["ip_adapter"] == "image beside words (ip_adapter) → model tiny-sdxl-ip-adapter"
+    assert labels["caption"].endswith("→ model toy")  # no SDXL preset captions: the nearest one that does
+    choose(widget.model_picker, "sdxl")
+    labels = {value: label for label, value in widget.controls["mode"].options}
+    assert labels["ip_adapter"] == "image beside words (ip_adapter) → asks to download sdxl-ip-adapter"
+    widget.close()

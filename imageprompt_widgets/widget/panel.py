@@ -626,9 +626,10 @@ class ImagePromptWidget(widgets.VBox):
         self._say(f"Stayed on model {model!r} with {mode}; nothing is downloaded.")
 
     def _preset_for(self, mode: str, current: Preset) -> str | None:
-        """The preset to move to for ``mode``. From a real model: a real preset, one already on this machine
-        first, then one with the same Stable Diffusion, the default. From the toy world or a random-weight
-        model: one that needs no download, the toy world's (trained) before the random twins."""
+        """The preset to move to for ``mode``: one of the same family (SD 1.x or SDXL) where there is one. From a
+        real model: a real preset, one already on this machine first, then one with the same Stable Diffusion, the
+        default. From the toy world or a random-weight model: one that needs no download, the toy world's (trained)
+        before the random twins."""
         presets = self.model_picker.presets
         found = {name: preset_availability(preset) for name, preset in presets.items()}
 
@@ -640,10 +641,15 @@ class ImagePromptWidget(widgets.VBox):
                       if name in presets and (not presets[name].offline_builder and not toy(name)) == real]
         if not candidates:
             return METHODS[mode].twin
+
+        def other_family(name: str) -> bool:  # from SDXL an SDXL preset (its adapter twin), from SD 1.x an SD 1.x one
+            return presets[name].family != current.family
+
         if real:
-            return min(candidates, key=lambda name: (not found[name].ready, presets[name].sd_model != current.sd_model,
-                                                     name != DEFAULT_PRESET))
-        return min(candidates, key=lambda name: (not found[name].ready, not toy(name), name != METHODS[mode].twin))
+            return min(candidates, key=lambda name: (other_family(name), not found[name].ready,
+                                                     presets[name].sd_model != current.sd_model, name != DEFAULT_PRESET))
+        return min(candidates, key=lambda name: (other_family(name), not found[name].ready, not toy(name),
+                                                 name != METHODS[mode].twin))
 
     def _relabel_modes(self) -> None:
         """Every method in the mode dropdown, in plain words; one this model cannot run names the model it moves
