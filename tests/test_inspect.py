@@ -538,3 +538,78 @@ def test_image_grid_captions_every_picture_and_marks_gaps(inputs):
     assert view.describe() == "input; caption (needs another preset); b"
     with pytest.raises(views.InspectError, match="2 images but 1 captions"):
         views.image_grid(inputs, ["one"])
+
+
+# ---------------------------------------------------------------------------------------------
+# SDXL's pooled slot
+
+
+@pytest.fixture(scope="module")
+def sdxl_pipe():
+    from imageprompt_widgets import ImagePromptPipeline
+
+    return ImagePromptPipeline.from_preset("tiny-sdxl")
+
+
+def _pooled_text(pipe, prompt: str) -> torch.Tensor:
+    """bigG's projected text embedding, straight from diffusers' second tokenizer and text encoder."""
+    sd = pipe.sd
+    ids = sd.tokenizer_2(prompt, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return sd.text_encoder_2(ids)[0][0].float()
+
+
+def _bigg_image(pipe, image) -> torch.Tensor:
+    """bigG's image embedding, straight from the second image encoder and its processor (center crop)."""
+    with torch.no_grad():
+        return pipe.image_encoder_2(**pipe.image_processor_2(images=[image], return_tensors="pt")).image_embeds[0]
+
+
+@pytest.mark.parametrize("strength", [0.0, 1.0])
+def test_pooled_slot_norms_and_cosines_equal_an_independent_computation(sdxl_pipe, inputs, strength):
+    prompt = "a red boat"
+    result = sdxl_pipe.generate(inputs[0], mode="revision", prompt=prompt, revision_strength=strength,
+                                noise_augmentation=0.0, steps=2, seed=4)
+    view = views.pooled_slot(result, sdxl_pipe, [inputs[0]])
+    text, image = _pooled_text(sdxl_pipe, prompt), _bigg_image(sdxl_pipe, inputs[0])
+    fed = result.trace.pooled_prompt_embeds[0]
+    assert view.labels == ["fed to the UNet", "negative fed to the UNet", f"text {prompt!r}", "image (bigG)"]
+    expected = torch.stack([fed, result.trace.negative_pooled_prompt_embeds[0], text, image])
+    torch.testing.assert_close(view.norms, expected.norm(dim=-1), rtol=1e-5, atol=1e-5)
+    assert view.norms[1] == 0 and view.cosines[1].isnan().all()  # SDXL base: zeros for the empty negative
+    assert view.cosine(f"text {prompt!r}", "image (bigG)") == pytest.approx(
+        float(F.cosine_similarity(text, image, dim=0)), abs=1e-5)
+    # Strength 0 is the text's own pooled embedding, strength 1 the image's bigG embedding (no noise).
+    same, other = (text, image) if strength == 0 else (image, text)
+    torch.testing.assert_close(fed, same, rtol=1e-5, atol=1e-5)
+    toward = "image (bigG)" if strength else f"text {prompt!r}"
+    away = f"text {prompt!r}" if strength else "image (bigG)"
+    assert view.cosine("fed to the UNet", toward) == pytest.approx(1.0, abs=1e-5)
+    assert view.cosine("fed to the UNet", away) == pytest.approx(float(F.cosine_similarity(same, other, dim=0)),
+                                                                 abs=1e-5)
+    assert view.describe().startswith(f"revision at strength {strength:g}: the pooled slot fed to the UNet has")
+    assert "the negative pooled slot is all zeros" in view.describe()
+
+
+def test_pooled_slot_figure_labels_every_axis_and_without_images_it_says_how(sdxl_pipe, inputs):
+    result = sdxl_pipe.generate(inputs[0], mode="revision", revision_strength=0.8, noise_augmentation=0.3,
+                                steps=2, seed=4)
+    view = views.pooled_slot(result, sdxl_pipe)  # no prompt typed: the default prompts are the text references
+    assert view.labels[2:5] == [f"text {prompt!r}" for prompt in views.DEFAULT_PROMPTS]
+    assert view.labels[-1] == "revision's image (blended in)" and "Pass the run's input images" in view.note
+    torch.testing.assert_close(view.vectors[-1], result.trace.extras["revision_image_pooled"][0])
+    figure = view.figure()
+    bars, heat = figure.axes[:2]
+    assert bars.get_xlabel() == "L2 norm (length of the vector)"
+    assert heat.get_ylabel() == "vector" and heat.get_xlabel() == "vector (–: all zeros)"
+    assert figure.axes[2].get_ylabel() == "cosine similarity"  # the colour bar
+    assert bars.get_yticklabels()[0].get_text() == "1. fed to the UNet"
+    assert _decoded(view.to_png()).size[0] > 500
+
+
+def test_pooled_slot_and_direction_gap_say_which_family_they_are_for(tiny_pipe, run, sdxl_pipe, inputs):
+    with pytest.raises(views.InspectError, match="^SD 1.x has no pooled slot; its UNet reads only the 77 prompt tokens"):
+        views.pooled_slot(run, tiny_pipe)
+    sdxl_run = sdxl_pipe.generate(inputs[0], mode="repeat", steps=2, seed=4)
+    with pytest.raises(views.InspectError, match=r"on SDXL the image has a slot in its own space.*views\.pooled_slot"):
+        views.direction_gap(sdxl_run.trace, sdxl_pipe)

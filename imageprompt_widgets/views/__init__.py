@@ -13,7 +13,7 @@ exact VAE decode, x0 replays, interpolation runs, the attention maps) is the pip
 ``generate(..., trace_attention=True)``); views turn the numbers into pictures.
 
 One module per concept: :mod:`.tensors` (one-line summaries), :mod:`.clip` (what CLIP saw, similarity),
-:mod:`.norms` (the scale gap and the direction gap), :mod:`.tokens` (the prompt token by token),
+:mod:`.norms` (the scale gap and the direction gap), :mod:`.pooled` (SDXL's pooled slot), :mod:`.tokens` (the prompt token by token),
 :mod:`.denoising` (the filmstrip), :mod:`.interpolation`, :mod:`.attention` (where each token acts),
 :mod:`.gallery` (captioned pictures side by side), :mod:`.dataset` (a dataset's embeddings on a 2-D map).
 
@@ -24,6 +24,7 @@ result = pipe.generate(images, trace_latents=True, trace_attention=True)
 print(result.trace.summary())                      # one line per tensor
 views.scale_gap(result.trace, pipe)                # a plot, shown inline; .image_norms etc. hold the numbers
 views.direction_gap(result.trace, pipe)            # cosines: norm matching fixes length, not direction
+views.pooled_slot(result, pipe, images)            # SDXL: the pooled slot against the prompt's and the image's
 views.similarity(result.trace.image_embeds, pipe, ["a cat", "a dog"]).matrix
 views.filmstrip(result, pipe, x0=True)
 views.attention_view(result, pipe)                 # where each token group acts, over the output
@@ -70,6 +71,7 @@ from .norms import (
     text_prompt_embeds,
     token_norms,
 )
+from .pooled import NO_POOLED_SLOT, PooledSlotView, pooled_slot
 from .tokens import TokenView, patch_norms, token_view
 from .words import WordsView, words_view
 
@@ -77,6 +79,7 @@ __all__ = [
     "DEFAULT_PROMPTS",
     "LATENT_STAT_NAMES",
     "MAX_FILMSTRIP_FRAMES",
+    "NO_POOLED_SLOT",
     "PLOT_MISSING",
     "AttentionView",
     "ClipInputView",
@@ -89,6 +92,7 @@ __all__ = [
     "InspectError",
     "InterpolationView",
     "PlotUnavailableError",
+    "PooledSlotView",
     "ScaleGapView",
     "SimilarityView",
     "Summary",
@@ -110,6 +114,7 @@ __all__ = [
     "latent_statistics",
     "patch_norms",
     "plot_available",
+    "pooled_slot",
     "scale_gap",
     "similarity",
     "source_label",

@@ -167,6 +167,13 @@ def scale_gap(
 # ---------------------------------------------------------------------------------------------
 # The direction gap
 
+#: Why the direction gap refuses an SDXL run, and where to look instead.
+SDXL_DIRECTION_GAP = (
+    "The direction gap is SD 1.x's question (a CLIP image embedding forced into SD's token space); on SDXL the image "
+    "has a slot in its own space, the pooled slot: see views.pooled_slot (the Inspector's Pooled slot section) for "
+    "where it points against the prompt's pooled embedding and the image's bigG embedding."
+)
+
 
 @dataclass
 class DirectionGapView(FigureView):
@@ -256,6 +263,8 @@ def direction_gap(trace: Any, pipeline: Any, prompts: Sequence[str] = DEFAULT_PR
     live with SD's text encoder) and, where the preset has it, CLIP's projected text embedding of them."""
     from .. import conditioning
 
+    if getattr(trace, "pooled_prompt_embeds", None) is not None:
+        raise InspectError(SDXL_DIRECTION_GAP)
     if len(prompts) < 2:
         raise InspectError(f"The direction gap compares prompts with each other: give at least 2, not {len(prompts)}.")
     image = trace.image_embeds[index].detach().float().cpu()
