@@ -371,3 +371,30 @@ def test_the_panel_draws_its_inspector_only_while_its_tab_is_in_front(tiny_pipe,
         assert figures.count == 0 and widget.inspector.draw_button.layout.display is None
     finally:
         widget.close()
+
+
+def test_the_pooled_slot_section_shows_on_sdxl_only_and_draws_when_opened(tiny_pipe, run, inputs, monkeypatch):
+    from imageprompt_widgets import ImagePromptPipeline
+
+    sdxl = ImagePromptPipeline.from_preset("tiny-sdxl")
+    revision = sdxl.generate(inputs[0], mode="revision", prompt="a red boat", revision_strength=0.8, steps=2, seed=2)
+    figures = FigureCounter(monkeypatch)
+    tab = InspectorTab()
+    tab.show(run, tiny_pipe, inputs)  # SD 1.x: no pooled slot, no section
+    assert "Pooled slot" not in tab.shown_sections and "Direction gap" in tab.shown_sections
+    tab.show(revision, sdxl, inputs[:1])
+    # On SDXL the pooled slot takes the Direction gap's place (SD 1.x's question; views.direction_gap says so).
+    assert "Pooled slot" in tab.shown_sections and "Direction gap" not in tab.shown_sections
+    assert figures.count == 0 and "Pooled slot" not in tab.views  # Tensors is open: nothing drawn
+    open_section(tab, "Pooled slot")
+    assert figures.count == 1 and tab.errors == {}
+    view = tab.views["Pooled slot"]
+    assert view.labels == ["fed to the UNet", "negative fed to the UNet", "text 'a red boat'", "image (bigG)"]
+    torch.testing.assert_close(view.vectors[0], revision.trace.pooled_prompt_embeds[0])
+    assert html.escape(view.describe()) in tab.pooled_text.value
+    assert _png_size(tab.pooled_image.value)[0] > 500
+    open_section(tab, "Tensors")
+    open_section(tab, "Pooled slot")  # drawn once per run
+    assert figures.count == 1
+    tab.clear()
+    assert bytes(tab.pooled_image.value) == b"" and tab.pooled_text.value == ""

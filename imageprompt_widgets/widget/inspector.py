@@ -31,7 +31,7 @@ EMPTY_TEXT = "Generate something to inspect its tensors here."
 #: What the Denoising tab says about a run that kept no latents (the panel's checkbox keeps them).
 NO_LATENTS_TEXT = ("This run kept no latents, so there is no filmstrip: tick “keep latents (Denoising view)” "
                    "under Generation and press Generate again.")
-SECTION_TITLES = ("Tensors", "What CLIP saw", "Scale gap", "Direction gap", "Similarity", "Tokens", "Attention",
+SECTION_TITLES = ("Tensors", "What CLIP saw", "Scale gap", "Direction gap", "Pooled slot", "Similarity", "Tokens", "Attention",
                   "Denoising", "Interpolation", "Adapter tokens", WORDS_TITLE)
 #: What the Attention section says about a run that recorded no attention (the panel's checkbox records it).
 NO_ATTENTION_TEXT = ("This run recorded no attention maps: tick “trace attention (Attention view)” under "
@@ -44,6 +44,9 @@ DIRECTION_GAP_TEXT = ("Where the image embedding points against SD's own text to
 DRAW_ON_OPEN_TEXT = "Each section is drawn when it is opened."
 #: The button that draws the open section of a live run (drawn on request, not on the run's thread).
 DRAW_LABEL = "Draw this run"
+#: What the Pooled slot section says above its picture.
+POOLED_SLOT_TEXT = ("SDXL's pooled slot (one vector beside the tokens, in OpenCLIP bigG's space): what the UNet got, "
+                    "beside the prompt's pooled embedding and the input image's bigG embedding, computed now.")
 #: What the Adapter tokens section says about a run that fed no IP-Adapter.
 NO_ADAPTER_TEXT = "This run fed no IP-Adapter: its tokens show here after an ip_adapter run."
 
@@ -61,12 +64,14 @@ def _toy_row(result: Any, pipeline: Any, inputs: Sequence[Any] | None) -> str:
 
 def applicable_sections(result: Any, pipeline: Any) -> tuple[str, ...]:
     """The sections that mean something for this run: none about the image for a words-only run (no image was
-    encoded); Adapter tokens only where an IP-Adapter read the image."""
+    encoded); Adapter tokens only where an IP-Adapter read the image; Pooled slot only on SDXL (SD 1.x has none),
+    where the Direction gap (SD 1.x's question) gives way to it."""
     has_image = result.trace.image_embeds.shape[0] > 0
     adapter = result.settings.mode == "ip_adapter" and bool(getattr(pipeline, "ip_adapters", ()))
+    pooled = result.trace.pooled_prompt_embeds is not None
+    only_some = {"Adapter tokens": adapter, "Pooled slot": pooled, "Direction gap": has_image and not pooled}
     return tuple(title for title in SECTION_TITLES
-                 if title in ("Tensors", "Attention", "Denoising")
-                 or (has_image and title != "Adapter tokens") or (title == "Adapter tokens" and adapter))
+                 if title in ("Tensors", "Attention", "Denoising") or only_some.get(title, has_image))
 
 
 def _pre(text: str) -> str:
@@ -146,6 +151,8 @@ class InspectorTab(widgets.VBox):
         self.direction_button = widgets.Button(description="Compare", disabled=True)
         self.direction_image = picture(format="png", layout=widgets.Layout(max_width="100%"))
         self.direction_note = widgets.HTML()
+        self.pooled_image = picture(format="png", layout=widgets.Layout(max_width="100%"))
+        self.pooled_text = widgets.HTML()
         self.adapter_images: list[widgets.Image] = []  # one per IP-Adapter of the run
         self.adapter_box = widgets.VBox()
 
@@ -164,6 +171,7 @@ class InspectorTab(widgets.VBox):
                 widgets.VBox([widgets.HBox([self.direction_texts, self.direction_button],
                                            layout=widgets.Layout(flex_flow="row wrap")),
                               self.direction_note, self.direction_image]),
+                widgets.VBox([self.pooled_text, self.pooled_image]),
                 widgets.VBox([widgets.HBox([self.similarity_texts, self.similarity_button],
                                            layout=widgets.Layout(flex_flow="row wrap")),
                               self.similarity_note, self.similarity_image]),
@@ -278,6 +286,8 @@ class InspectorTab(widgets.VBox):
                 )
         elif title == "Scale gap":
             self._fill(title, self._show_scale_gap, self.scale_gap_text)
+        elif title == "Pooled slot":
+            self._fill(title, self._show_pooled_slot, self.pooled_text)
         elif title == "Similarity":
             self._fill(title, self.update_similarity, self.similarity_note)
         elif title == "Tokens":
@@ -310,11 +320,12 @@ class InspectorTab(widgets.VBox):
         self._inputs = self._adapter_images = None
         self.placeholder.value = EMPTY_TEXT
         for image in (self.clip_image, self.scale_gap_image, self.similarity_image, self.token_image,
-                      self.filmstrip_image, self.interpolation_image, self.attention_image, self.direction_image):
+                      self.filmstrip_image, self.interpolation_image, self.attention_image, self.direction_image,
+                      self.pooled_image):
             image.value = b""
         for text in (self.summary, self.clip_text, self.scale_gap_text, self.similarity_note, self.token_text,
                      self.filmstrip_table, self.interpolation_note, self.adapter_text, self.attention_text,
-                     self.direction_note):
+                     self.direction_note, self.pooled_text):
             text.value = ""
         self._set_adapter_images(0)
         self.words.clear()
@@ -415,6 +426,12 @@ class InspectorTab(widgets.VBox):
         view = views.scale_gap(self.result.trace, self.pipeline, scale=self.result.settings.scale)
         self._set_image(self.scale_gap_image, "Scale gap", view)
         self.scale_gap_text.value = html.escape(view.describe())
+
+    def _show_pooled_slot(self) -> None:
+        inputs = self._inputs if self._inputs and self.result.trace.image_embeds.shape[0] == len(self._inputs) else None
+        view = views.pooled_slot(self.result, self.pipeline, inputs)
+        self._set_image(self.pooled_image, "Pooled slot", view)
+        self.pooled_text.value = html.escape(f"{POOLED_SLOT_TEXT} {view.describe()}")
 
     def _show_tokens(self) -> None:
         view = views.token_view(self.result.trace, 0, self.pipeline.image_processor)
