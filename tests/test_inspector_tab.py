@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import io
+import re
 
 import numpy as np
 import pytest
@@ -81,6 +82,38 @@ def test_every_section_fills_after_a_run(tiny_pipe, run, inputs):
     assert "beside the original" in tab.clip_text.value
     assert not tab.interpolation_button.disabled
 
+
+
+def test_on_the_toy_world_the_tensors_section_says_what_the_judge_read(tiny_pipe, run, inputs, tmp_path):
+    """Issue 24, item 6: on a toy preset the Tensors section adds the run's scoreboard row (the input as the user gave
+    it, here a file path); on any other model it does not."""
+    from imageprompt_widgets import ImagePromptPipeline
+    from imageprompt_widgets.toy import world
+    from imageprompt_widgets.toy.judge import judge
+
+    toy = ImagePromptPipeline.from_preset("toy")
+    path = tmp_path / "red_circle.png"
+    world.Scene("circle", "red", "blue", 10, 12, 30).draw().save(path)
+    result = toy.generate(str(path), mode="caption", steps=3, seed=5)
+    tab = InspectorTab()
+    tab.show(result, toy, [str(path)])
+    open_section(tab, "Tensors")
+    assert tab.errors == {}
+    text = html.unescape(re.sub("<[^>]+>", "", tab.summary.value))
+    seen = judge(result.images[0])
+    output = f"{seen.colour} {seen.shape} on {seen.background}" if seen.colour else f"nothing on {seen.background}"
+    assert (f"The toy world's judge read the input as red circle on blue and the output as {output}: "
+            in text)
+    kept = [name for name, value in (("colour", "red"), ("shape", "circle"), ("background", "blue"))
+            if getattr(seen, name) == value]
+    assert text.rstrip().endswith(f"kept {', '.join(kept)}." if kept else "kept none of colour, shape and background.")
+    assert text.startswith(result.trace.summary())
+
+    tiny = InspectorTab()
+    tiny.show(run, tiny_pipe, inputs)  # random twins: no world, no judge
+    open_section(tiny, "Tensors")
+    assert tiny.errors == {} and "Tensors" not in tiny.pending
+    assert html.escape(run.trace.summary().splitlines()[0]) in tiny.summary.value and "judge" not in tiny.summary.value
 
 @pytest.mark.slow
 def test_compare_button_adds_the_typed_texts(tiny_pipe, run):

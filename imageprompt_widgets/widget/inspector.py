@@ -57,9 +57,10 @@ def _toy_row(result: Any, pipeline: Any, inputs: Sequence[Any] | None) -> str:
     preset = getattr(pipeline, "preset", None)
     if preset is None or not runs_toy_weights(preset) or not inputs or not result.images:
         return ""
+    from ..images import load_image
     from ..toy.judge import run_row
 
-    return "\n\n" + run_row(inputs[0], result.images[0])
+    return "\n\n" + run_row(load_image(inputs[0]), result.images[0])  # inputs as given: a path, bytes, a PIL image
 
 
 def applicable_sections(result: Any, pipeline: Any) -> tuple[str, ...]:
