@@ -133,6 +133,19 @@ def test_the_trained_routes_keep_the_inputs_colour(route, colour, shape):
     assert run.tally.shape >= round(shape * 24) - 2, measure.markdown_table([run])
 
 
+
+def test_the_published_scoreboard_is_the_docs_table_and_names_every_route():
+    """The stored 48-picture scoreboard (what ``--routes --save`` wrote) is the table docs/toy_world.md shows and the
+    notebook reads, with one row per route in the scoreboard's order."""
+    from pathlib import Path
+
+    table = measure.published_scoreboard()
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "toy_world.md").read_text(encoding="utf-8")
+    assert table in docs
+    rows = [line.split("|")[1:4] for line in table.splitlines()[2:]]
+    assert [(label.strip(), preset.strip(), n.strip()) for label, preset, n in rows] == [
+        (label, route.preset, "48") for label, route in measure.ROUTES.items()]
+
 # ---------------------------------------------------------------------------------------------
 # Do the maps show where? (the measure itself, against hand-made masks)
 
@@ -154,6 +167,66 @@ def test_word_masks_and_their_iou_on_a_hand_made_map():
     assert abs(disc.sum() - np.pi * localise.DISC_RADIUS**2) < 0.06 * disc.sum()
     assert localise.iou(disc, truth) == pytest.approx(disc.sum() / truth.sum(), abs=0.05)  # the disc lies (almost) inside
 
+
+
+class _RecordedRun:
+    """What ``adapter_map_localisation`` reads from a pipeline: ``generate(...)`` giving one picture and its trace's
+    IP-Adapter maps (hand-made here)."""
+
+    def __init__(self, outputs, maps):
+        self.outputs, self.maps, self.calls = list(outputs), maps, []
+
+    def generate(self, picture, **settings):
+        from types import SimpleNamespace
+
+        self.calls.append(settings)
+        extras = {} if self.maps is None else {"adapter_attention_maps": self.maps}
+        return SimpleNamespace(images=[self.outputs.pop(0)], trace=SimpleNamespace(extras=extras))
+
+
+def test_the_adapter_maps_miou_on_a_hand_made_map_and_mask():
+    """Issue 24, item 7: the IP-Adapter's image-token maps against the judge's mask, computed by hand. Every token's
+    map is a band over latent columns 2..5 (all rows) of the 8 × 8 grid; bilinear upsampling by 8 (half-pixel
+    centres) puts output column i at latent x = (i + 0.5) / 8 - 0.5, and the ramp x - 1 (left) or 6 - x (right)
+    reaches τ = 0.4 from i = 15 to i = 48: a 64 × 34 px band. The output's shape is a red 32 × 32 px square at
+    16..47 on blue, inside the band: IoU = 1024 / 2176. The disc is compared with the same square."""
+    from PIL import Image
+
+    from imageprompt_widgets.toy import localise
+
+    maps = torch.zeros(1, 4, 8, 8)
+    maps[:, :, :, 2:6] = torch.tensor([0.7, 0.1, 0.1, 0.1])[:, None, None]  # their own softmax: shares sum to 1
+    square = np.zeros((64, 64, 3), dtype=np.uint8)
+    square[:, :] = world.PALETTE["blue"]
+    square[16:48, 16:48] = world.PALETTE["red"]
+    blank = np.full((64, 64, 3), world.PALETTE["blue"], dtype=np.uint8)  # nothing drawn: no truth, left out
+    pipe = _RecordedRun([Image.fromarray(square), Image.fromarray(blank)], maps)
+    found = localise.adapter_map_localisation(pipe, world.held_out_scenes(2), guidance_scale=2.0)
+    assert found.words == [pytest.approx(1024 / 2176)] and found.skipped == 1
+    truth = np.zeros((64, 64), dtype=bool)
+    truth[16:48, 16:48] = True
+    disc = localise.centred_disc()
+    assert found.disc == [pytest.approx((disc & truth).sum() / (disc | truth).sum())]
+    assert [call["seed"] for call in pipe.calls] == [0, 1] and all(call["trace_attention"] for call in pipe.calls)
+    assert found.line().startswith(f"IP-Adapter image-token maps mIoU {1024 / 2176:.2f} vs centred disc")
+    one = localise.adapter_map_localisation(_RecordedRun([Image.fromarray(square)], maps), world.held_out_scenes(1),
+                                            tokens=(1,))
+    assert one.words == [pytest.approx(1024 / 2176)]  # one token alone: its own maximum, the same band
+    with pytest.raises(ValueError, match="no IP-Adapter attention"):
+        localise.adapter_map_localisation(_RecordedRun([Image.fromarray(square)], None), world.held_out_scenes(1))
+
+
+def test_the_localisation_command_prints_the_word_and_adapter_rows(capsys):
+    from imageprompt_widgets.toy import localise
+
+    assert localise.main(["--scenes", "1", "--steps", "2"]) == 0
+    printed = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line for line in printed.splitlines() if line.startswith("| ")}
+    assert set(rows) >= {"word maps", "IP-Adapter image-token maps"}
+    for label in ("word maps", "IP-Adapter image-token maps"):
+        cells = [cell.strip() for cell in rows[label].strip("|").split("|")]
+        assert cells[1] in ("0", "1") and 0.0 <= float(cells[2]) <= 1.0 and 0.0 <= float(cells[3]) <= 1.0
+        assert float(cells[4]) == pytest.approx(float(cells[2]) - float(cells[3]), abs=0.011)
 
 def test_the_judges_colour_mask_is_the_drawn_shape():
     from imageprompt_widgets.toy import localise
@@ -179,3 +252,12 @@ def test_the_attention_view_says_how_well_maps_localise_in_the_toy_world(toy_pip
     res = toy_pipe.generate(picture, mode="blend", prompt=world.held_out_scenes()[0].caption, image_weight=0.0,
                             trace_attention=True, **FAST)
     assert TOY_LOCALISATION_NOTE in attention_view(res, toy_pipe).describe()
+
+
+def test_the_attention_view_of_a_toy_adapter_run_says_how_well_its_image_token_maps_localise(adapter_pipe, picture):
+    from imageprompt_widgets.views.attention import TOY_LOCALISATION_NOTE, attention_view
+
+    res = adapter_pipe.generate(picture, trace_attention=True, **FAST)
+    view = attention_view(res, adapter_pipe)
+    assert view.adapter_maps is not None and view.adapter_maps.shape[0] == 4  # the adapter's 4 image tokens
+    assert TOY_LOCALISATION_NOTE in view.describe() and "image-token maps overlap it with mIoU 0.21" in view.describe()

@@ -1,4 +1,5 @@
-"""Do the attention maps show *where*? Word maps against the drawn shape's true mask, as DAAM measures it.
+"""Do the attention maps show *where*? Word maps and IP-Adapter image-token maps against the drawn shape's true
+mask, as DAAM measures it.
 
 For each held-out caption, text-to-image runs with ``trace_attention=True``; the maps of the colour word and
 the shape word (one token each in the toy tokenizer) are summed, upsampled to the picture's 64 px (bilinear,
@@ -7,6 +8,12 @@ thresholded at τ = 0.4 (DAAM's). The truth is the judge's colour mask of the ge
 whose nearest palette colour is the shape's colour the judge read. The score is the intersection over union,
 averaged (mIoU), beside a position-blind baseline on the same pictures: a centred disc of the world's mean
 shape area. A map that localises must beat the disc.
+
+The IP-Adapter's image tokens are measured the same way (:func:`adapter_map_localisation`): each held-out picture
+as the prompt on ``toy-ip-adapter`` (its defaults), the adapter tokens' maps (``trace.extras
+["adapter_attention_maps"]``: their own softmax, weighted by the adapter's scale) aggregated and thresholded as
+the words' are, against the judge's colour mask of the output, beside the disc on the same outputs.
+``python -m imageprompt_widgets.toy.localise`` prints both rows.
 
 The recorder (engine/attention.py) sums every layer at the latent grid (8 × 8 in the toy world) before this
 upsampling; DAAM upsamples each layer to the image first. For bilinear resizes of 4 × 4 and 8 × 8 layers the
@@ -76,6 +83,7 @@ class Localisation:
     disc: list[float] = field(default_factory=list)
     disc_on_world: list[float] = field(default_factory=list)
     skipped: int = 0  # outputs where the judge saw no shape (no truth to compare with)
+    label: str = "word maps"
 
     @property
     def miou(self) -> float:
@@ -86,7 +94,7 @@ class Localisation:
         return float(np.mean(self.disc)) if self.disc else 0.0
 
     def line(self) -> str:
-        return (f"word maps mIoU {self.miou:.2f} vs centred disc {self.disc_miou:.2f} on the same "
+        return (f"{self.label} mIoU {self.miou:.2f} vs centred disc {self.disc_miou:.2f} on the same "
                 f"{len(self.words)} generated pictures (disc on the world's own: "
                 f"{float(np.mean(self.disc_on_world)) if self.disc_on_world else 0.0:.2f}; τ = {TAU})")
 
@@ -112,3 +120,69 @@ def word_map_localisation(pipe: Any, scenes: Sequence[Scene] | None = None, tau:
         found.words.append(iou(mask, truth))
         found.disc.append(iou(disc, truth))
     return found
+
+
+def adapter_map_localisation(pipe: Any, scenes: Sequence[Scene] | None = None, tau: float = TAU,
+                             tokens: Sequence[int] | None = None, **settings: Any) -> Localisation:
+    """Each held-out picture as the prompt through the loaded IP-Adapter (the pipeline's defaults, seed = the
+    scene's index) with the attention recorded; the adapter's image-token maps (all of them, or ``tokens``)
+    against the judge's colour mask of the output, beside the centred disc on the same outputs."""
+    scenes = list(held_out_scenes(24) if scenes is None else scenes)
+    disc = centred_disc()
+    found = Localisation(label="IP-Adapter image-token maps")
+    for index, scene in enumerate(scenes):
+        picture = scene.draw()
+        drawn = (np.asarray(picture) == np.array(PALETTE[scene.colour], dtype=np.uint8)).all(-1)
+        found.disc_on_world.append(iou(disc, drawn))
+        result = pipe.generate(picture, seed=index, trace_attention=True, **settings)
+        maps = result.trace.extras.get("adapter_attention_maps")
+        if maps is None:
+            raise ValueError("This run recorded no IP-Adapter attention: measure a pipeline with an IP-Adapter "
+                             "loaded (the toy-ip-adapter preset) in mode 'ip_adapter'.")
+        truth = colour_mask(result.images[0])
+        if truth is None:
+            found.skipped += 1
+            continue
+        chosen = range(maps.shape[1]) if tokens is None else tokens
+        found.words.append(iou(word_mask(maps[0], chosen, tau=tau), truth))
+        found.disc.append(iou(disc, truth))
+    return found
+
+
+def localisation_table(rows: Sequence[Localisation]) -> str:
+    """Measured maps and the centred disc on the same generated pictures, as Markdown (one row per map kind)."""
+    lines = [f"| maps (τ = {TAU}) | pictures | mIoU | centred disc, same pictures | above the disc |",
+             "|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row.label} | {len(row.words)} | {row.miou:.2f} | {row.disc_miou:.2f} | "
+                     f"{row.miou - row.disc_miou:+.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m imageprompt_widgets.toy.localise``: the word maps (``toy``, text-to-image) and the IP-Adapter's
+    image-token maps (``toy-ip-adapter``) against the judge's mask, beside the centred disc, as Markdown."""
+    import argparse
+    import time
+
+    parser = argparse.ArgumentParser(description="Do the toy world's attention maps show where? (DAAM's mIoU)")
+    parser.add_argument("--scenes", type=int, default=24, help="how many held-out scenes (24: each combination once)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the presets')")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    from ..engine.pipeline import ImagePromptPipeline
+
+    extra = {} if args.steps is None else {"steps": args.steps}
+    scenes = held_out_scenes(args.scenes)
+    start = time.perf_counter()
+    words = word_map_localisation(ImagePromptPipeline.from_preset("toy"), scenes, **extra)
+    adapter = adapter_map_localisation(ImagePromptPipeline.from_preset("toy-ip-adapter"), scenes, **extra)
+    print(localisation_table([words, adapter]))
+    skipped = words.skipped + adapter.skipped
+    print(f"\n({2 * len(scenes)} pictures in {time.perf_counter() - start:.0f} s; {skipped} with no shape to compare "
+          "left out)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
