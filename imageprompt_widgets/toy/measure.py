@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -277,6 +278,17 @@ def scoreboard_table(runs: Sequence[Run]) -> str:
     return "\n".join(lines)
 
 
+#: The full scoreboard (48 held-out pictures, the presets' defaults) as last measured with ``--routes --save``, shipped
+#: beside the weights it measures: docs/toy_world.md and examples/toy_scoreboard.ipynb show this very text.
+SCOREBOARD_FILE = Path(__file__).resolve().parent / "weights" / "scoreboard.md"
+
+
+def published_scoreboard() -> str:
+    """The stored full scoreboard (:data:`SCOREBOARD_FILE`) as Markdown: recomputing it takes minutes, reading it
+    none."""
+    return SCOREBOARD_FILE.read_text(encoding="utf-8").strip()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m imageprompt_widgets.toy.measure``: text-to-image accuracy and the method table, as Markdown."""
     import argparse
@@ -289,7 +301,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-methods", action="store_true", help="text-to-image only")
     parser.add_argument("--routes", action="store_true",
                         help="the route scoreboard (every route on its toy preset) instead of the method table")
-    parser.add_argument("--grid", default=None, metavar="PNG", help="with --routes: save input + outputs as a grid")
+    parser.add_argument("--grid", default=None, metavar="PNG",
+                        help="with --routes: save the first six inputs, each beside every route's output, as a grid")
+    parser.add_argument("--save", default=None, metavar="MD",
+                        help=f"with --routes: write the table there too (the shipped one: {SCOREBOARD_FILE.name} in "
+                             "the weights folder)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     from ..engine.pipeline import ImagePromptPipeline
@@ -304,9 +320,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                        flush=True))
         print(f"\n{scoreboard_table(runs)}\n\n({len(runs) * len(scenes)} pictures in "
               f"{time.perf_counter() - start:.0f} s)")
+        if args.save:
+            Path(args.save).write_text(scoreboard_table(runs) + "\n", encoding="utf-8")
         if args.grid:
-            rows = [[scene.draw() for scene in scenes[:8]]] + [run.outputs[:8] for run in runs]
-            grid(rows, scale=1).save(args.grid)
+            # docs/toy_routes.png: one row per picture (the first six), the input then each route's output
+            rows = [[scene.draw(), *(run.outputs[i] for run in runs)] for i, scene in enumerate(scenes[:6])]
+            # a 256-colour palette, as the docs' pictures are stored (a third of the bytes, the same tiles)
+            grid(rows, scale=1).quantize(256, method=Image.Quantize.MEDIANCUT).save(args.grid, optimize=True)
         return 0
     start = time.perf_counter()
     run = text_to_image(pipe, scenes)
