@@ -142,6 +142,8 @@ def test_the_published_scoreboard_is_the_docs_table_and_names_every_route():
     table = measure.published_scoreboard()
     docs = (Path(__file__).resolve().parents[1] / "docs" / "toy_world.md").read_text(encoding="utf-8")
     assert table in docs
+    with pytest.raises(SystemExit):  # a table or picture only the scoreboard makes: refused before any model loads
+        measure.main(["--save", "table.md"])
     rows = [line.split("|")[1:4] for line in table.splitlines()[2:]]
     assert [(label.strip(), preset.strip(), n.strip()) for label, preset, n in rows] == [
         (label, route.preset, "48") for label, route in measure.ROUTES.items()]
@@ -212,7 +214,7 @@ def test_the_adapter_maps_miou_on_a_hand_made_map_and_mask():
     one = localise.adapter_map_localisation(_RecordedRun([Image.fromarray(square)], maps), world.held_out_scenes(1),
                                             tokens=(1,))
     assert one.words == [pytest.approx(1024 / 2176)]  # one token alone: its own maximum, the same band
-    with pytest.raises(ValueError, match="no IP-Adapter attention"):
+    with pytest.raises(localise.NoAdapterAttentionError, match="no IP-Adapter attention"):
         localise.adapter_map_localisation(_RecordedRun([Image.fromarray(square)], None), world.held_out_scenes(1))
 
 

@@ -122,6 +122,10 @@ def word_map_localisation(pipe: Any, scenes: Sequence[Scene] | None = None, tau:
     return found
 
 
+class NoAdapterAttentionError(ValueError):
+    """A run measured for its IP-Adapter maps recorded none (no adapter loaded, or another mode)."""
+
+
 def adapter_map_localisation(pipe: Any, scenes: Sequence[Scene] | None = None, tau: float = TAU,
                              tokens: Sequence[int] | None = None, **settings: Any) -> Localisation:
     """Each held-out picture as the prompt through the loaded IP-Adapter (the pipeline's defaults, seed = the
@@ -137,7 +141,7 @@ def adapter_map_localisation(pipe: Any, scenes: Sequence[Scene] | None = None, t
         result = pipe.generate(picture, seed=index, trace_attention=True, **settings)
         maps = result.trace.extras.get("adapter_attention_maps")
         if maps is None:
-            raise ValueError("This run recorded no IP-Adapter attention: measure a pipeline with an IP-Adapter "
+            raise NoAdapterAttentionError("This run recorded no IP-Adapter attention: measure a pipeline with an IP-Adapter "
                              "loaded (the toy-ip-adapter preset) in mode 'ip_adapter'.")
         truth = colour_mask(result.images[0])
         if truth is None:

@@ -307,6 +307,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"with --routes: write the table there too (the shipped one: {SCOREBOARD_FILE.name} in "
                              "the weights folder)")
     args = parser.parse_args(argv)
+    if (args.save or args.grid) and not args.routes:
+        parser.error("--save and --grid belong to the route scoreboard: add --routes")
     torch.set_num_threads(1)
     from ..engine.pipeline import ImagePromptPipeline
 
