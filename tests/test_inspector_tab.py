@@ -18,6 +18,8 @@ from imageprompt_widgets.widget.inspector import (
     EMPTY_TEXT,
     NO_ATTENTION_TEXT,
     NO_LATENTS_TEXT,
+    POOLED_PROMPT,
+    POOLED_REFERENCES,
     SECTION_TITLES,
     InspectorTab,
 )
@@ -425,9 +427,29 @@ def test_the_pooled_slot_section_shows_on_sdxl_only_and_draws_when_opened(tiny_p
     assert view.labels == ["fed to the UNet", "negative fed to the UNet", "text 'a red boat'", "image (bigG)"]
     torch.testing.assert_close(view.vectors[0], revision.trace.pooled_prompt_embeds[0])
     assert html.escape(view.describe()) in tab.pooled_text.value
+    assert html.escape(POOLED_PROMPT) in tab.pooled_text.value
+    assert html.escape(POOLED_REFERENCES) not in tab.pooled_text.value
     assert _png_size(tab.pooled_image.value)[0] > 500
     open_section(tab, "Tensors")
     open_section(tab, "Pooled slot")  # drawn once per run
     assert figures.count == 1
     tab.clear()
     assert bytes(tab.pooled_image.value) == b"" and tab.pooled_text.value == ""
+
+
+def test_the_pooled_slot_text_names_reference_texts_when_the_run_had_no_prompt(inputs, monkeypatch):
+    """Revision without a prompt (the picture speaks through the pooled slot alone): the view compares with its
+    reference texts, and the section says so rather than calling them the prompt's pooled embedding."""
+    from imageprompt_widgets import ImagePromptPipeline
+    from imageprompt_widgets.views.norms import DEFAULT_PROMPTS
+
+    sdxl = ImagePromptPipeline.from_preset("tiny-sdxl")
+    revision = sdxl.generate(inputs[0], mode="revision", steps=2, seed=2)
+    FigureCounter(monkeypatch)
+    tab = InspectorTab()
+    tab.show(revision, sdxl, inputs[:1])
+    open_section(tab, "Pooled slot")
+    assert tab.errors == {}
+    assert tab.views["Pooled slot"].labels[2:-1] == [f"text {prompt!r}" for prompt in DEFAULT_PROMPTS]
+    assert html.escape(POOLED_REFERENCES) in tab.pooled_text.value
+    assert html.escape(POOLED_PROMPT) not in tab.pooled_text.value

@@ -44,9 +44,12 @@ DIRECTION_GAP_TEXT = ("Where the image embedding points against SD's own text to
 DRAW_ON_OPEN_TEXT = "Each section is drawn when it is opened."
 #: The button that draws the open section of a live run (drawn on request, not on the run's thread).
 DRAW_LABEL = "Draw this run"
-#: What the Pooled slot section says above its picture.
+#: What the Pooled slot section says above its picture ({texts}: what the text references are, see below).
 POOLED_SLOT_TEXT = ("SDXL's pooled slot (one vector beside the tokens, in OpenCLIP bigG's space): what the UNet got, "
-                    "beside the prompt's pooled embedding and the input image's bigG embedding, computed now.")
+                    "beside {texts} and the input image's bigG embedding, computed now.")
+#: The text references of the Pooled slot section: the run's prompt, or (none typed) the view's reference texts.
+POOLED_PROMPT = "the prompt's pooled embedding"
+POOLED_REFERENCES = "the pooled embeddings of a few reference texts (this run had no prompt)"
 #: What the Adapter tokens section says about a run that fed no IP-Adapter.
 NO_ADAPTER_TEXT = "This run fed no IP-Adapter: its tokens show here after an ip_adapter run."
 
@@ -432,7 +435,8 @@ class InspectorTab(widgets.VBox):
         inputs = self._inputs if self._inputs and self.result.trace.image_embeds.shape[0] == len(self._inputs) else None
         view = views.pooled_slot(self.result, self.pipeline, inputs)
         self._set_image(self.pooled_image, "Pooled slot", view)
-        self.pooled_text.value = html.escape(f"{POOLED_SLOT_TEXT} {view.describe()}")
+        texts = POOLED_PROMPT if self.result.settings.prompt.strip() else POOLED_REFERENCES
+        self.pooled_text.value = html.escape(f"{POOLED_SLOT_TEXT.format(texts=texts)} {view.describe()}")
 
     def _show_tokens(self) -> None:
         view = views.token_view(self.result.trace, 0, self.pipeline.image_processor)
