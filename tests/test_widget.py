@@ -32,6 +32,7 @@ from imageprompt_widgets.methods import methods_for, preset_capabilities, settin
 from imageprompt_widgets.presets import PRESETS
 from imageprompt_widgets.settings import (
     MAX_CONTROL_UNITS,
+    MICRO_CONDITIONING,
     MODES,
     STRUCTURES,
     UNIT_SETTINGS,
@@ -759,6 +760,27 @@ def test_the_panel_switches_between_sd1_and_sdxl_without_a_restart(image):
     assert GenerationSettings.from_kwargs(**{**third.settings.to_dict(), "revision_strength": 1.0}) == first.settings
     assert_same_pixels(third.images, first.images)
     assert [item.recipe["model"]["preset"] for item in widget.history.items] == ["tiny", "tiny-sdxl", "tiny"][::-1]
+    widget.close()
+
+
+def test_sdxl_micro_conditioning_boxes_say_they_take_pixel_pairs(image):
+    """On SDXL the three micro-conditioning boxes say, while empty, which pair of whole pixels they take and what
+    empty means (not a scale list's "e.g. 1, 0.5"); what is typed there reaches the run."""
+    assert set(controls.PIXEL_PAIR_PLACEHOLDERS) == set(MICRO_CONDITIONING)
+    widget = ImagePromptWidget(model="tiny-sdxl", runner=InlineRunner(), preview_interval=0, **FAST)
+    widget.set_images(image)
+    for name, pair in (("original_size", "height, width"), ("crops_coords_top_left", "top, left"),
+                       ("target_size", "height, width")):
+        box = widget.controls[name]
+        assert box.layout.display != "none" and box.value == ""
+        assert box.placeholder.startswith(f"{pair} in px (empty: "), box.placeholder
+    assert widget.controls["adapter_scales"].placeholder == "e.g. 1, 0.5"  # a list of scales keeps its example
+    widget.controls["original_size"].value = "32, 48"
+    widget.controls["crops_coords_top_left"].value = "0, 8"
+    result = widget.generate().result(WAIT)
+    assert widget.status.startswith("Done: 1 image")
+    assert (result.settings.original_size, result.settings.crops_coords_top_left, result.settings.target_size) == (
+        (32, 48), (0, 8), ())
     widget.close()
 
 

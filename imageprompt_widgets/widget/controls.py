@@ -110,9 +110,22 @@ def _text(spec: SettingSpec) -> widgets.Widget:
     return widgets.Text(value=spec.default, continuous_update=False)
 
 
+#: What SDXL's micro-conditioning boxes show while empty: the pair they take, in pixels, and what empty means
+#: (a scale list's "e.g. 1, 0.5" would suggest fractions where SDXL wants whole pixels).
+PIXEL_PAIR_PLACEHOLDERS = {
+    "original_size": "height, width in px (empty: the output size)",
+    "crops_coords_top_left": "top, left in px (empty: 0, 0)",
+    "target_size": "height, width in px (empty: the output size)",
+}
+
+
 @control_factory("floats")
 def _floats(spec: SettingSpec) -> widgets.Widget:  # comma-separated; the settings parse and validate the text
-    return widgets.Text(value=floats_text(spec.default), placeholder="e.g. 1, 0.5", continuous_update=False)
+    placeholder = PIXEL_PAIR_PLACEHOLDERS.get(spec.name, "e.g. 1, 0.5")
+    control = widgets.Text(value=floats_text(spec.default), placeholder=placeholder, continuous_update=False)
+    if spec.name in PIXEL_PAIR_PLACEHOLDERS:
+        control.layout.width = "96%"  # room for the placeholder, as the dropdowns have
+    return control
 
 
 @control_factory("size")
