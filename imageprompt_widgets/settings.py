@@ -292,7 +292,7 @@ class GenerationSettings:
         "this", min=0.0, max=0.5, step=0.01, advanced=True,
     )
     revision_strength: float = _spec(
-        "float", 1.0, "image in pooled slot", "revision: how much of SDXL's pooled slot is the image's bigG embedding "
+        "float", 1.0, "pooled image", "revision: how much of SDXL's pooled slot is the image's bigG embedding "
         "(0 = the prompt's own, exactly text-to-image; 1 = the image's alone)", min=0.0, max=1.0, step=0.05,
     )
     noise_augmentation: float = _spec(

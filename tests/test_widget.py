@@ -135,6 +135,18 @@ def test_panel_builds_fast_with_plain_labels_and_loads_no_model(monkeypatch):
     widget.close()
 
 
+def test_labels_of_the_method_and_generation_controls_fit_their_label_column():
+    """A label longer than the 100 px label column is cut in the browser ("image in poo…" for revision's strength
+    in JupyterLab): in the always-open groups, labels beside a control keep to 14 characters (what fits there:
+    "image strength", "several images" are shown whole); two settings never share one label."""
+    specs = setting_specs()
+    beside = [spec for spec in specs if group_of(spec) in ("method", "generation") and spec.kind != "bool"]
+    assert {spec.name for spec in beside} >= {"revision_strength", "noise_augmentation", "scale", "steps"}
+    assert [spec.label for spec in beside if len(spec.label) > 14] == []
+    labels = [spec.label for spec in specs]
+    assert len(labels) == len(set(labels))
+
+
 def test_controls_are_generated_from_the_settings_specs():
     widget = ImagePromptWidget(model="tiny")
     for spec in setting_specs():
@@ -733,7 +745,7 @@ def test_the_panel_switches_between_sd1_and_sdxl_without_a_restart(image):
     assert {value: label for label, value in mode.options}["revision"] == "image in SDXL's pooled slot (revision)"
     choose(mode, "revision")
     assert widget.model == "tiny-sdxl"
-    for name, label in (("revision_strength", "image in pooled slot"), ("noise_augmentation", "noise on image")):
+    for name, label in (("revision_strength", "pooled image"), ("noise_augmentation", "noise on image")):
         slider = labelled(widget, label, ipywidgets.FloatSlider)
         assert slider is widget.controls[name] and slider.layout.display != "none"
         assert (slider.min, slider.max, slider.step, slider.value) == (
