@@ -603,6 +603,9 @@ def test_pooled_slot_figure_labels_every_axis_and_without_images_it_says_how(sdx
     assert bars.get_xlabel() == "L2 norm (length of the vector)"
     assert heat.get_ylabel() == "vector" and heat.get_xlabel() == "vector (–: all zeros)"
     assert figure.axes[2].get_ylabel() == "cosine similarity"  # the colour bar
+    # no prompt was typed: the title does not call the reference texts "the prompt's"
+    assert figure._suptitle.get_text() == ("SDXL's pooled slot: what the UNet got, beside text and image embeddings "
+                                           "(revision)")
     assert bars.get_yticklabels()[0].get_text() == "1. fed to the UNet"
     assert _decoded(view.to_png()).size[0] > 500
 

@@ -115,7 +115,8 @@ class PooledSlotView(FigureView):
         cos_ax.set_ylabel("vector")
         cos_ax.set_title("Cosine similarity (direction)", fontsize=10)
         figure.colorbar(image, ax=cos_ax, label="cosine similarity", shrink=0.9, pad=0.08)
-        title = "SDXL's pooled slot: what the UNet got, beside the prompt's and the image's embeddings"
+        # The text references are the run's prompt or, with none typed, reference texts: the title claims neither.
+        title = "SDXL's pooled slot: what the UNet got, beside text and image embeddings"
         figure.suptitle(f"{title} ({self.mode})" if self.mode else title, fontsize=10)
         return figure
 
