@@ -19,7 +19,7 @@ from ..loading.cache import translate_load_errors
 from ..loading.quiet import quiet_loaders
 from ..presets import Preset
 from ..settings import SettingsError
-from .inputs import ConditioningInputs, negative_text, text_pooled
+from .inputs import ConditioningInputs, negative_text, refuse_image_settings, text_pooled
 
 #: The longest caption BLIP may write, in tokens.
 MAX_CAPTION_TOKENS = 30
@@ -146,10 +146,7 @@ def load_captioner(
 def build(inputs: ConditioningInputs) -> Conditioning:
     """``caption``: SD's text encoder on ``settings.prompt`` (the edited caption) or, when empty, BLIP's caption."""
     settings = inputs.settings
-    if settings.negative == "image":
-        raise SettingsError("mode='caption' draws from text only: use negative='empty_prompt' or 'zeros'.")
-    if settings.norm_match:
-        raise SettingsError("norm_match rescales image tokens, and mode='caption' has none: switch norm_match off.")
+    refuse_image_settings(inputs)
     text = settings.prompt.strip()
     if not text:
         captioner = inputs.parts.get("captioner")

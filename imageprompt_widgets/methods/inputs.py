@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..encoding import ImageEmbedding
-from ..settings import GenerationSettings
+from ..settings import GenerationSettings, SettingsError
 
 
 @dataclass(frozen=True)
@@ -94,3 +94,14 @@ def text_pooled(inputs: ConditioningInputs, prompt: str) -> tuple[torch.Tensor |
     if inputs.settings.negative != "empty_prompt":
         return pooled, lambda: torch.zeros_like(pooled)
     return pooled, negative_pooled_text(inputs)
+
+
+def refuse_image_settings(inputs: ConditioningInputs) -> None:
+    """The methods that draw from words alone (``caption``, ``words``) have no image tokens to norm-match and no
+    place for negative images: either setting is refused with a sentence rather than ignored."""
+    settings = inputs.settings
+    if settings.negative == "image":
+        raise SettingsError(f"mode={settings.mode!r} draws from text only: use negative='empty_prompt' or 'zeros'.")
+    if settings.norm_match:
+        raise SettingsError(f"norm_match rescales image tokens, and mode={settings.mode!r} has none: switch "
+                            "norm_match off.")

@@ -34,7 +34,7 @@ from ..conditioning import Conditioning
 from ..faults import TextTowerUnavailable
 from ..presets import TOY_CLIP_FOLDER
 from ..settings import SettingsError
-from .inputs import ConditioningInputs, negative_text, text_pooled
+from .inputs import ConditioningInputs, negative_text, refuse_image_settings, text_pooled
 
 #: The shipped phrase tables (``scripts/write_phrase_tables.py`` writes them).
 TABLE_FOLDER = Path(__file__).resolve().parent / "phrases"
@@ -354,10 +354,7 @@ def word_space(tower: Any, table_name: str) -> WordSpace:
 def build(inputs: ConditioningInputs) -> Conditioning:
     """``words``: the chain's or the search's words, through SD's own text encoder."""
     settings = inputs.settings
-    if settings.negative == "image":
-        raise SettingsError("mode='words' draws from text only: use negative='empty_prompt' or 'zeros'.")
-    if settings.norm_match:
-        raise SettingsError("norm_match rescales image tokens, and mode='words' has none: switch norm_match off.")
+    refuse_image_settings(inputs)
     if inputs.words is None:
         raise TextTowerUnavailable(
             f"The {inputs.preset_name!r} model offers no CLIP text tower here, so the picture cannot be put in words."
