@@ -277,11 +277,14 @@ def activation_peak(component: Component, attention_slicing: bool = True) -> tup
     import torch
     from diffusers.utils import logging as diffusers_logging
 
+    verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # the cast to float16 below warns about modules kept in float32: none
-
-    with torch.device("meta"):
-        model = component.build()
-    model = model.to(getattr(torch, component.compute_dtype)).eval()
+    try:
+        with torch.device("meta"):
+            model = component.build()
+        model = model.to(getattr(torch, component.compute_dtype)).eval()
+    finally:
+        diffusers_logging.set_verbosity(verbosity)  # the caller's (a test process's) logging stays as it was
     if attention_slicing and hasattr(model, "set_attention_slice"):
         model.set_attention_slice("auto")  # what memory="low" switches on
     counter = LiveBytes()

@@ -202,3 +202,25 @@ def test_the_environment_can_say_float32_only_for_every_process_it_starts():
     said = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120,
                           env={**os.environ, "IMAGEPROMPT_CPU_BFLOAT16": "0"})
     assert said.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-sdxl"])
+def test_a_cut_prompt_is_noted_whatever_the_libraries_log_verbosity(preset, image):
+    """The note came from diffusers' warning: a process that had turned diffusers' logging down to errors (CI's
+    memory benchmark did) lost it; SDXL's pipeline warned from a logger the note did not listen to."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    pipe = ImagePromptPipeline.from_preset(preset)
+    long_prompt = " ".join(["blue"] * 120)
+    libraries = [(library, library.get_verbosity()) for library in (diffusers_logging, transformers_logging)]
+    for library, _ in libraries:
+        library.set_verbosity_error()  # (transformers also warns only once per tokenizer)
+    try:
+        notes = [pipe.generate(image, mode="text", prompt=long_prompt, **FAST).recipe.get("prompt_truncated")
+                 for _ in range(2)]
+    finally:
+        for library, verbosity in libraries:
+            library.set_verbosity(verbosity)
+    assert notes[0] and notes[1] == notes[0]
+    assert not pipe.generate(image, mode="text", prompt="a blue square", **FAST).recipe.get("prompt_truncated")

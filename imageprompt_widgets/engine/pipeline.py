@@ -348,10 +348,18 @@ class ImagePromptPipeline:
                 else:
                     (embeds, _), pooled = self.sd.encode_prompt(prompt, self.device, 1, False), None
             self._text_seconds += time.perf_counter() - started
-        self._texts[prompt] = (embeds, pooled, len(cut) > before)
+            was_cut = len(cut) > before or self._longer_than_tokenizer(prompt)
+            if was_cut and len(cut) == before:  # the libraries said nothing (their logging turned down): note it
+                cut.append(prompt)
+        self._texts[prompt] = (embeds, pooled, was_cut)
         while len(self._texts) > TEXT_CACHE_SIZE:
             self._texts.popitem(last=False)
         return embeds.clone(), None if pooled is None else pooled.clone()
+
+    def _longer_than_tokenizer(self, prompt: str) -> bool:
+        """Whether SD's tokenizer cuts ``prompt`` (the note must not depend on the libraries' log verbosity)."""
+        tokenizer = self.sd.tokenizer
+        return len(tokenizer(prompt, truncation=False)["input_ids"]) > tokenizer.model_max_length
 
     def text_token_norm(self) -> float:
         """The typical per-token norm of SD's text-encoder outputs, measured once per pipeline.

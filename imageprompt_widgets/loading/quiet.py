@@ -114,6 +114,7 @@ def import_library_classes() -> None:
 #: Where diffusers and transformers say that a prompt was cut (with the whole cut-off tail: 100 KB for a
 #: 100,000-character prompt), and how those messages start.
 _TRUNCATION_LOGGERS = ("diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion",
+                       "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl",
                        "transformers.tokenization_utils_base")
 _TRUNCATION_MESSAGES = ("The following part of your input was truncated",
                         "Token indices sequence length is longer than the specified maximum")
