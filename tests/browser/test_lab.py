@@ -279,7 +279,9 @@ def test_panel_in_jupyterlab(lab_server: Any, page: Any, console: Any, tmp_path:
     prompt.wait_for(state="visible")
     choose_option(page, "model", "tiny")
     # "built" once the tiny models exist in this cache, "builds in seconds" on a fresh machine before the first run
-    wait_for_status(page, r"^Model 'tiny' chosen \(offline, (built|builds in seconds)\)\.$")
+    # … and says the method it moved to: tiny has no captioner
+    wait_for_status(page, r"^Model 'tiny' chosen \(offline, (built|builds in seconds)\)\. caption does not run on "
+                          r"'tiny': the method is now repeat\.$")
     prompt.wait_for(state="hidden")
 
     # Generate: previews (JPEG) first, then the final image (PNG) in the tile.
@@ -442,7 +444,7 @@ def test_words_only_and_a_mode_change_in_jupyterlab(lab_server: Any, page: Any, 
     sizes = page.evaluate("""() => Array.from(document.querySelectorAll('.widget-dropdown'))
         .filter((el) => /^(height|width)$/.test(el.querySelector('label')?.innerText.trim() || ''))
         .map((el) => { const s = el.querySelector('select'); return [s.selectedIndex, s.options[s.selectedIndex]?.text]; })""")
-    assert sizes == [[0, "native"], [0, "native"]], sizes
+    assert sizes == [[0, "native\xa0(64)"], [0, "native\xa0(64)"]], sizes  # the toy model's own side
     shoot(page, "advanced-open")
 
     # The big view: the picture as wide as the column.
