@@ -70,8 +70,33 @@ def assert_pixels_within(a: Any, b: Any, levels: int = 1) -> None:
     """Two pictures equal within ``levels`` of 255 everywhere: the project's bar for "the same computation by
     another path", where the two paths batch or order float operations differently (a CPU without AVX-512 rounds
     them apart by a level here and there)."""
-    difference = np.abs(pixels(a) - pixels(b))
-    assert difference.shape and difference.max() <= levels, f"largest pixel difference {difference.max()} > {levels}"
+    first, second = pixels(a), pixels(b)
+    assert first.shape == second.shape, f"pictures of shapes {first.shape} and {second.shape}"
+    difference = np.abs(first - second)
+    assert difference.max() <= levels, f"largest pixel difference {difference.max()} > {levels}"
+
+
+def bare_sdxl_images(pipe: Any, res: Any, *, steps: int, guidance: float = 5.0, seed: int = 0, scheduler: Any = None,
+                     vae: Any = None, **kwargs: Any) -> list[Image.Image]:
+    """Bare diffusers' ``StableDiffusionXLPipeline`` on ``pipe``'s components, fed ``res``'s traced tensors (tokens,
+    pooled slot and their negatives; ``kwargs`` adds e.g. ``ip_adapter_image_embeds``), with its own CPU generator:
+    what an SDXL route must equal."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    bare = StableDiffusionXLPipeline(**pipe.sd.components)
+    if scheduler is not None:
+        bare.scheduler = scheduler
+    if vae is not None:  # diffusers' way to decode with TAESD(XL): vae=AutoencoderTiny(...)
+        bare.vae = vae
+    bare.set_progress_bar_config(disable=True)
+    trace = res.trace
+    return bare(
+        prompt_embeds=trace.prompt_embeds, pooled_prompt_embeds=trace.pooled_prompt_embeds,
+        negative_prompt_embeds=trace.negative_prompt_embeds,
+        negative_pooled_prompt_embeds=trace.negative_pooled_prompt_embeds,
+        num_inference_steps=steps, guidance_scale=guidance, generator=torch.Generator().manual_seed(seed), **kwargs,
+    ).images
 
 
 def png_bytes(image: Image.Image) -> bytes:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from diffusers import LCMScheduler, StableDiffusionXLPipeline
 from diffusers.schedulers.scheduling_ddpm import betas_for_alpha_bar
-from helpers import one_sentence, pixels
+from helpers import assert_pixels_within, bare_sdxl_images, one_sentence, pixels
 
 from imageprompt_widgets import GenerationSettings, ImagePromptPipeline, SettingsError
 from imageprompt_widgets.conditioning import noise_augmented
@@ -31,27 +31,8 @@ def sdxl() -> ImagePromptPipeline:
     return ImagePromptPipeline.from_preset("tiny-sdxl")
 
 
-def bare_images(pipe: ImagePromptPipeline, res, *, steps: int = STEPS, guidance: float = 5.0, seed: int = 0,
-                scheduler=None, vae=None, **kwargs):
-    """Bare diffusers on the same components, fed the trace's tensors, with diffusers' own CPU generator."""
-    bare = StableDiffusionXLPipeline(**pipe.sd.components)
-    if scheduler is not None:
-        bare.scheduler = scheduler
-    if vae is not None:  # diffusers' way to decode with TAESD(XL): vae=AutoencoderTiny(...)
-        bare.vae = vae
-    bare.set_progress_bar_config(disable=True)
-    trace = res.trace
-    return bare(
-        prompt_embeds=trace.prompt_embeds, pooled_prompt_embeds=trace.pooled_prompt_embeds,
-        negative_prompt_embeds=trace.negative_prompt_embeds,
-        negative_pooled_prompt_embeds=trace.negative_pooled_prompt_embeds,
-        num_inference_steps=steps, guidance_scale=guidance, generator=torch.Generator().manual_seed(seed), **kwargs,
-    ).images
-
-
-def assert_close_pixels(ours, theirs) -> None:
-    assert len(ours) == len(theirs)
-    assert int(np.abs(pixels(ours) - pixels(theirs)).max()) <= 1
+def bare_images(pipe: ImagePromptPipeline, res, *, steps: int = STEPS, **kwargs):
+    return bare_sdxl_images(pipe, res, steps=steps, **kwargs)
 
 
 def towers(pipe: ImagePromptPipeline, images) -> tuple:
@@ -155,8 +136,8 @@ def test_text_route_equals_diffusers_encoding_its_own_prompt(sdxl):
     bare.set_progress_bar_config(disable=True)
     theirs = bare(prompt="a red house", num_inference_steps=STEPS, guidance_scale=5.0,
                   generator=torch.Generator().manual_seed(3)).images
-    assert_close_pixels(res.images, theirs)
-    assert_close_pixels(res.images, bare_images(sdxl, res, seed=3))
+    assert_pixels_within(res.images, theirs)
+    assert_pixels_within(res.images, bare_images(sdxl, res, seed=3))
 
 
 @pytest.mark.slow
@@ -166,14 +147,14 @@ def test_a_negative_prompt_is_diffusers_negative(sdxl):
                                                             negative_prompt="blurry")
     assert torch.equal(res.trace.negative_prompt_embeds, negative)
     assert torch.equal(res.trace.negative_pooled_prompt_embeds, negative_pooled)
-    assert_close_pixels(res.images, bare_images(sdxl, res))
+    assert_pixels_within(res.images, bare_images(sdxl, res))
 
 
 @pytest.mark.slow
 def test_without_guidance_nothing_negative_is_traced(sdxl):
     res = sdxl.generate(mode="text", prompt="a cat", guidance_scale=1.0, steps=STEPS)
     assert res.trace.negative_prompt_embeds is None and res.trace.negative_pooled_prompt_embeds is None
-    assert_close_pixels(res.images, bare_images(sdxl, res, guidance=1.0))
+    assert_pixels_within(res.images, bare_images(sdxl, res, guidance=1.0))
 
 
 # -- the image routes: 2,048-wide tokens (here 64), bigG in the pooled slot ------------------------------------
@@ -188,7 +169,7 @@ def test_repeat_fills_both_token_spaces_and_the_pooled_slot(sdxl, image):
     assert torch.equal(res.trace.pooled_prompt_embeds, second.image_embeds)
     assert torch.equal(res.trace.image_embeds, first.image_embeds)  # the trace's image_embeds: the first tower's
     assert not res.trace.negative_pooled_prompt_embeds.any()
-    assert_close_pixels(res.images, bare_images(sdxl, res))
+    assert_pixels_within(res.images, bare_images(sdxl, res))
 
 
 def test_tokens_concatenate_each_towers_projected_tokens(sdxl, image):
@@ -201,7 +182,7 @@ def test_tokens_concatenate_each_towers_projected_tokens(sdxl, image):
     assert res.trace.prompt_embeds.shape == (1, 65, 64)
     assert torch.allclose(res.trace.prompt_embeds, torch.cat([tokens_1, tokens_2], dim=-1), atol=1e-6)
     assert torch.equal(res.trace.pooled_prompt_embeds, second.image_embeds)
-    assert_close_pixels(res.images, bare_images(sdxl, res))
+    assert_pixels_within(res.images, bare_images(sdxl, res))
 
 
 @pytest.mark.slow
@@ -209,7 +190,7 @@ def test_single_with_zeros_negative_equals_bare(sdxl, image):
     res = sdxl.generate(image, mode="single", negative="zeros", scale=2.0, steps=STEPS)
     assert res.trace.prompt_embeds.shape == (1, 1, 64)
     assert not res.trace.negative_pooled_prompt_embeds.any()
-    assert_close_pixels(res.images, bare_images(sdxl, res))
+    assert_pixels_within(res.images, bare_images(sdxl, res))
 
 
 @pytest.mark.slow
@@ -230,7 +211,7 @@ def test_combines_act_on_tokens_and_pooled_slot(sdxl, image, other_image, combin
         theta = torch.arccos(a @ b / (a.norm() * b.norm()))
         by_hand = (torch.sin(0.3 * theta) * a + torch.sin(0.7 * theta) * b) / torch.sin(theta)
         assert torch.allclose(pooled[0].double(), by_hand, atol=1e-5)
-    assert_close_pixels(res.images, bare_images(sdxl, res))
+    assert_pixels_within(res.images, bare_images(sdxl, res))
 
 
 @pytest.mark.slow
@@ -243,7 +224,7 @@ def test_blend_mixes_tokens_and_pooled_slot_by_image_weight(sdxl, image):
     _, second = towers(sdxl, [image])
     expected = 0.75 * text.trace.pooled_prompt_embeds + 0.25 * second.image_embeds
     assert torch.allclose(half.trace.pooled_prompt_embeds, expected, atol=1e-6)
-    assert_close_pixels(half.images, bare_images(sdxl, half))
+    assert_pixels_within(half.images, bare_images(sdxl, half))
 
 
 def test_negative_images_fill_the_negative_pooled_slot(sdxl, image, other_image):
@@ -262,7 +243,7 @@ def test_two_images_two_outputs_give_one_pooled_row_each(sdxl, image):
     res = sdxl.generate(image, mode="repeat", num_images=2, steps=STEPS)
     assert res.trace.pooled_prompt_embeds.shape == (2, 32)
     assert res.trace.negative_pooled_prompt_embeds.shape == (2, 32)
-    assert_close_pixels(res.images, bare_images(sdxl, res))
+    assert_pixels_within(res.images, bare_images(sdxl, res))
 
 
 # -- micro-conditioning ------------------------------------------------------------------------------------------
@@ -295,7 +276,7 @@ def test_micro_conditioning_reaches_add_time_ids_and_equals_bare(sdxl):
     assert time_ids.tolist() == [[128, 96, 8, 16, 48, 40]] * 2
     assert res.recipe["settings"]["original_size"] == [128, 96]
     assert res.provenance.notes["micro_conditioning"]["crops_coords_top_left"] == [8, 16]
-    assert_close_pixels(res.images, bare_images(sdxl, res, steps=2, **chosen))
+    assert_pixels_within(res.images, bare_images(sdxl, res, steps=2, **chosen))
     plain = sdxl.generate(mode="text", prompt="a tree", steps=2)
     assert not np.array_equal(pixels(res), pixels(plain))
 
@@ -330,7 +311,7 @@ def test_words_route_fills_the_pooled_slot_with_its_words(sdxl, image):
     words = res.provenance.notes["words"]
     embeds, _, pooled, _ = sdxl.sd.encode_prompt(words, device=torch.device("cpu"))
     assert torch.equal(res.trace.prompt_embeds, embeds) and torch.equal(res.trace.pooled_prompt_embeds, pooled)
-    assert_close_pixels(res.images, bare_images(sdxl, res, steps=2))
+    assert_pixels_within(res.images, bare_images(sdxl, res, steps=2))
 
 
 # -- revision ---------------------------------------------------------------------------------------------------
@@ -350,11 +331,11 @@ def test_revision_puts_biggs_image_embedding_in_the_pooled_slot(sdxl, image):
     _, second = towers(sdxl, [image])
     assert torch.equal(res.trace.pooled_prompt_embeds, second.image_embeds)
     assert torch.equal(res.trace.prompt_embeds, sdxl.encode_text(""))  # no prompt: the empty prompt's tokens
-    assert_close_pixels(res.images, bare_images(sdxl, res))
+    assert_pixels_within(res.images, bare_images(sdxl, res))
     mixed = sdxl.generate(image, mode="revision", prompt="a dog", revision_strength=0.4, steps=STEPS)
     expected = 0.6 * sdxl.encode_pooled_text("a dog") + 0.4 * second.image_embeds
     assert torch.allclose(mixed.trace.pooled_prompt_embeds, expected, atol=1e-6)
-    assert_close_pixels(mixed.images, bare_images(sdxl, mixed))
+    assert_pixels_within(mixed.images, bare_images(sdxl, mixed))
 
 
 def test_noise_augmentation_follows_the_cosine_schedule(sdxl, image):
@@ -413,9 +394,9 @@ def test_tiny_sdxl_live_runs_four_lcm_steps_as_bare_diffusers(image):
     assert res.provenance.model["tiny_decoder"] == "tiny-taesd"
     theirs = bare_images(live, res, steps=4, guidance=1.0, vae=live.tiny_decoder(),
                          scheduler=LCMScheduler.from_config(live.sd.scheduler.config))
-    assert_close_pixels(res.images, theirs)
+    assert_pixels_within(res.images, theirs)
     full = live.generate(image, mode="repeat", decoder="full")
-    assert_close_pixels(full.images, bare_images(live, full, steps=4, guidance=1.0,
+    assert_pixels_within(full.images, bare_images(live, full, steps=4, guidance=1.0,
                                                  scheduler=LCMScheduler.from_config(live.sd.scheduler.config)))
     plain = ImagePromptPipeline.from_preset("tiny-sdxl").generate(image, mode="repeat", scheduler="lcm", steps=4,
                                                                   guidance_scale=1.0)

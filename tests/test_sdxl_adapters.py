@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-from diffusers import StableDiffusionXLPipeline
-from helpers import pixels
+from helpers import assert_pixels_within, bare_sdxl_images, pixels
 
 from imageprompt_widgets import ImagePromptPipeline
 from imageprompt_widgets.loading.adapter_fit import AdapterFitError
@@ -32,23 +30,10 @@ def plus_pipe() -> ImagePromptPipeline:
     return ImagePromptPipeline.from_preset("tiny-sdxl-ip-adapter-plus")
 
 
-def bare_images(pipe: ImagePromptPipeline, res, *, guidance: float = 5.0, seed: int = 0):
-    """Bare diffusers on the same components, fed the trace's text and adapter tensors, its own CPU generator."""
-    bare = StableDiffusionXLPipeline(**pipe.sd.components)
-    bare.set_progress_bar_config(disable=True)
-    trace = res.trace
-    return bare(
-        prompt_embeds=trace.prompt_embeds, pooled_prompt_embeds=trace.pooled_prompt_embeds,
-        negative_prompt_embeds=trace.negative_prompt_embeds,
-        negative_pooled_prompt_embeds=trace.negative_pooled_prompt_embeds,
-        ip_adapter_image_embeds=[trace.extras["ip_adapter_image_embeds"]],
-        num_inference_steps=STEPS, guidance_scale=guidance, generator=torch.Generator().manual_seed(seed),
-    ).images
-
-
-def assert_close_pixels(ours, theirs) -> None:
-    assert len(ours) == len(theirs)
-    assert int(np.abs(pixels(ours) - pixels(theirs)).max()) <= 1
+def bare_images(pipe: ImagePromptPipeline, res, **kwargs):
+    """Bare SDXL fed the trace's text and adapter tensors."""
+    return bare_sdxl_images(pipe, res, steps=STEPS, ip_adapter_image_embeds=[res.trace.extras["ip_adapter_image_embeds"]],
+                            **kwargs)
 
 
 def encoder_widths(pipe: ImagePromptPipeline) -> tuple[int, int]:
@@ -91,7 +76,7 @@ def test_ip_adapter_on_sdxl_equals_bare_diffusers(which, plain_pipe, plus_pipe, 
     fed = res.trace.extras["ip_adapter_image_embeds"]
     assert fed.shape == ((2, 1, 32) if which == "plain" else (2, 1, 65, 32))  # [negative + positive, images, ...]
     assert res.trace.pooled_prompt_embeds is not None
-    assert_close_pixels(res.images, bare_images(pipe, res))
+    assert_pixels_within(res.images, bare_images(pipe, res))
     without = pipe.generate(image, scale=0.0, **RUN)
     assert np.abs(pixels(without.images) - pixels(res.images)).mean() > 1  # the adapter reaches the UNet
 
@@ -115,7 +100,7 @@ def test_style_blocks_on_sdxl_are_instantstyles_layer_and_equal_diffusers_scale_
         bare = bare_images(plain_pipe, res)
     finally:
         plain_pipe.sd.set_ip_adapter_scale(1.0)
-    assert_close_pixels(res.images, bare)
+    assert_pixels_within(res.images, bare)
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ import types
 import numpy as np
 import pytest
 import torch
-from helpers import optional_module, pixels
+from helpers import assert_pixels_within, optional_module, pixels
 from PIL import Image
 
 from imageprompt_widgets import ImagePromptPipeline, SettingsError
@@ -44,11 +44,6 @@ def trace_kwargs(result) -> dict:
         "guidance_scale": settings.guidance_scale,
         "generator": torch.Generator("cpu").manual_seed(settings.seed),
     }
-
-
-def assert_close_pixels(ours, theirs) -> None:
-    assert len(ours) == len(theirs)
-    assert int(np.abs(pixels(ours).astype(int) - pixels(theirs).astype(int)).max()) <= 1
 
 
 def result_size(result) -> tuple[int, int]:
@@ -112,7 +107,7 @@ def test_edges_on_sdxl_equals_bare_sdxl_controlnet_pipeline(sdxl, image):
     bare.set_progress_bar_config(disable=True)
     expected = bare(image=edges, controlnet_conditioning_scale=0.8, control_guidance_start=0.2,
                     control_guidance_end=0.9, **trace_kwargs(result)).images
-    assert_close_pixels(result.images, expected)
+    assert_pixels_within(result.images, expected)
     runner = sdxl.structure_pipeline("edges")
     assert isinstance(runner, StableDiffusionXLControlNetPipeline) and runner.unet is sdxl.sd.unet  # no second SD
 
@@ -124,7 +119,7 @@ def test_control_scale_zero_on_sdxl_equals_plain_sdxl(sdxl, image):
     off = sdxl.generate(image, steps=2, seed=3, structure="edges", structure_image=square, control_scale=0.0)
     plain = sdxl.generate(image, steps=2, seed=3, height=size, width=size)
     on = sdxl.generate(image, steps=2, seed=3, structure="edges", structure_image=square)
-    assert_close_pixels(off.images, plain.images)
+    assert_pixels_within(off.images, plain.images)
     assert float(np.abs(pixels(on).astype(float) - pixels(plain).astype(float)).mean()) > 1.0
 
 
@@ -143,7 +138,7 @@ def test_depth_on_sdxl_equals_bare_sdxl_controlnet_pipeline(sdxl, image):
     bare.set_progress_bar_config(disable=True)
     expected = bare(image=depth.convert("RGB"), controlnet_conditioning_scale=0.7, control_guidance_start=0.1,
                     **trace_kwargs(result)).images
-    assert_close_pixels(result.images, expected)
+    assert_pixels_within(result.images, expected)
 
 
 def test_two_units_on_sdxl_equal_bare_multi_controlnet(sdxl, image):
@@ -161,7 +156,7 @@ def test_two_units_on_sdxl_equal_bare_multi_controlnet(sdxl, image):
     expected = bare(image=[traced_map(result), traced_map(result, "control_image_1")],
                     controlnet_conditioning_scale=[0.9, 0.5], control_guidance_start=[0.0, 0.0],
                     control_guidance_end=[1.0, 0.5], **trace_kwargs(result)).images
-    assert_close_pixels(result.images, expected)
+    assert_pixels_within(result.images, expected)
 
 
 def test_img2img_on_sdxl_equals_bare_sdxl_img2img_pipeline(sdxl, image):
@@ -174,7 +169,7 @@ def test_img2img_on_sdxl_equals_bare_sdxl_img2img_pipeline(sdxl, image):
     bare = StableDiffusionXLImg2ImgPipeline(**sdxl.sd.components)
     bare.set_progress_bar_config(disable=True)
     expected = bare(image=init, strength=0.5, **trace_kwargs(result)).images
-    assert_close_pixels(result.images, expected)
+    assert_pixels_within(result.images, expected)
     assert len(result.trace.timesteps) == 3  # int(6 * 0.5): the second half of the schedule
     assert isinstance(sdxl.structure_pipeline("img2img"), StableDiffusionXLImg2ImgPipeline)
 
@@ -223,7 +218,7 @@ def test_micro_conditioning_reaches_the_structure_pipelines(sdxl, image):
     bare.set_progress_bar_config(disable=True)
     expected = bare(image=structure.resized(square, (sdxl.native_size,) * 2), strength=0.75, **told,
                     **trace_kwargs(result)).images
-    assert_close_pixels(result.images, expected)
+    assert_pixels_within(result.images, expected)
     size = sdxl.native_size
     assert result.recipe["micro_conditioning"] == {
         "original_size": [32, 48], "crops_coords_top_left": [8, 0], "target_size": [size, size]}
@@ -233,12 +228,12 @@ def test_micro_conditioning_reaches_the_structure_pipelines(sdxl, image):
     assert result_size(wide_run) == (64, 32)
     assert wide_run.recipe["micro_conditioning"]["original_size"] == [32, 64]  # (height, width), as diffusers
     expected = bare(image=structure.resized(wide, (64, 32)), strength=0.75, **trace_kwargs(wide_run)).images
-    assert_close_pixels(wide_run.images, expected)
+    assert_pixels_within(wide_run.images, expected)
 
     edges = sdxl.generate(image, steps=2, seed=1, structure="edges", structure_image=square, **told)
     bare_cn = sdxl.structure_pipeline("edges")
     expected = bare_cn(image=traced_map(edges), **told, **trace_kwargs(edges)).images
-    assert_close_pixels(edges.images, expected)
+    assert_pixels_within(edges.images, expected)
 
 
 def test_structure_keeps_each_sdxl_methods_conditioning(sdxl, image):
@@ -291,4 +286,4 @@ def test_ip_adapter_with_edges_on_sdxl_equals_bare_controlnet_pipeline(image):
     bare.set_progress_bar_config(disable=True)
     expected = bare(image=traced_map(result), ip_adapter_image_embeds=[result.trace.extras["ip_adapter_image_embeds"]],
                     **trace_kwargs(result)).images
-    assert_close_pixels(result.images, expected)
+    assert_pixels_within(result.images, expected)
