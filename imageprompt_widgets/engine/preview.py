@@ -85,20 +85,20 @@ def sd1_linear_decoder() -> LinearLatentDecoder:
 
 def is_sd1_vae(vae: Any) -> bool:
     """SD 1.x's VAE: four latent channels, scaling 0.18215, four blocks of (128, 256, 512, 512) channels."""
-    config = vae.config
-    return (
-        config.get("latent_channels") == 4
-        and abs(float(config.get("scaling_factor", 0)) - SD1_SCALING_FACTOR) < 1e-6
-        and list(config.get("block_out_channels", [])) == [128, 256, 512, 512]
-    )
+    return _full_size_vae_scaled(vae, SD1_SCALING_FACTOR)
 
 
 def is_sdxl_vae(vae: Any) -> bool:
     """SDXL's VAE: SD 1.x's layout (four latent channels, blocks of 128, 256, 512, 512) with scaling 0.13025."""
+    return _full_size_vae_scaled(vae, SDXL_SCALING_FACTOR)
+
+
+def _full_size_vae_scaled(vae: Any, scaling_factor: float) -> bool:
+    """The real SD VAE's layout (the two families share it) with the given latent scaling: what tells them apart."""
     config = vae.config
     return (
         config.get("latent_channels") == 4
-        and abs(float(config.get("scaling_factor", 0)) - SDXL_SCALING_FACTOR) < 1e-6
+        and abs(float(config.get("scaling_factor", 0)) - scaling_factor) < 1e-6
         and list(config.get("block_out_channels", [])) == [128, 256, 512, 512]
     )
 
