@@ -157,7 +157,7 @@ def test_word_masks_and_their_iou_on_a_hand_made_map():
 
     maps = torch.zeros(9, 8, 8)
     maps[localise.COLOUR_TOKEN, 2:6, 2:6] = 1.0  # the colour word attends to the centre 4 × 4 latent cells
-    maps[localise.SHAPE_TOKEN, 2:6, 2:6] = 0.25  # per-token normalisation: a weak map counts as much
+    maps[localise.SHAPE_TOKEN, 2:6, 2:6] = 0.25  # DAAM merges a word's tokens by their mean
     maps[0] = 1.0  # other tokens do not count
     truth = np.zeros((64, 64), dtype=bool)
     truth[16:48, 16:48] = True  # those cells at 8 px per cell
@@ -168,6 +168,82 @@ def test_word_masks_and_their_iou_on_a_hand_made_map():
     disc = localise.centred_disc()
     assert abs(disc.sum() - np.pi * localise.DISC_RADIUS**2) < 0.06 * disc.sum()
     assert localise.iou(disc, truth) == pytest.approx(disc.sum() / truth.sum(), abs=0.05)  # the disc lies (almost) inside
+
+
+
+def test_word_masks_rescale_by_minimum_and_maximum_as_daam_does():
+    """A map that varies little over a large floor (the toy UNet's maps vary by about a tenth of their maximum)
+    still marks where it is highest: DAAM rescales by minimum and maximum, where dividing by the maximum alone
+    would keep every pixel above τ."""
+    from imageprompt_widgets.toy import localise
+
+    maps = torch.full((9, 8, 8), 0.9)
+    maps[localise.COLOUR_TOKEN, 2:6, 2:6] = 1.0
+    maps[localise.SHAPE_TOKEN, 2:6, 2:6] = 1.0
+    truth = np.zeros((64, 64), dtype=bool)
+    truth[16:48, 16:48] = True
+    mask = localise.word_mask(maps, (localise.COLOUR_TOKEN, localise.SHAPE_TOKEN))
+    assert localise.iou(mask, truth) > 0.8 and mask.mean() < 0.35
+    assert localise.map_contrast(maps, (localise.COLOUR_TOKEN, localise.SHAPE_TOKEN)) == pytest.approx(0.1)
+    rescaled = localise.normalised_map(maps, (localise.COLOUR_TOKEN,))
+    assert float(rescaled.min()) == pytest.approx(0.0) and float(rescaled.max()) == pytest.approx(1.0, abs=1e-6)
+
+
+def _bicubic_profile(samples: np.ndarray, scale: int = 8) -> np.ndarray:
+    """Keys' cubic convolution (a = -0.75, torch's bicubic), half-pixel centres, clamped border: one axis, by hand."""
+
+    def kernel(x):
+        x = abs(x)
+        return 1.25 * x**3 - 2.25 * x**2 + 1 if x <= 1 else (-0.75 * x**3 + 3.75 * x**2 - 6 * x + 3 if x < 2 else 0.0)
+
+    out = []
+    for i in range(len(samples) * scale):
+        x = (i + 0.5) / scale - 0.5
+        base = int(np.floor(x))
+        out.append(sum(samples[min(max(k, 0), len(samples) - 1)] * kernel(x - k) for k in range(base - 1, base + 3)))
+    return np.array(out)
+
+
+def test_the_latent_grids_ceiling_on_hand_made_masks():
+    """A square on whole 8 px cells is exactly representable on the 8 × 8 grid (the averaged cells are 1 inside, 0
+    outside); the ceiling is what its bicubic upsampling, rescaled and thresholded, keeps of it, computed here by
+    hand (the 2-D upsampling of a block is the product of two 1-D profiles). A 2 px dot is below what any 8 × 8
+    map can draw."""
+    from imageprompt_widgets.toy import localise
+
+    square = np.zeros((64, 64), dtype=bool)
+    square[16:48, 16:48] = True
+    profile = _bicubic_profile(np.array([0, 0, 1, 1, 1, 1, 0, 0], dtype=float))
+    upsampled = np.outer(profile, profile)
+    expected = localise.iou((upsampled - upsampled.min()) / (upsampled.max() - upsampled.min()) > localise.TAU, square)
+    assert localise.grid_ceiling(square, (8, 8)) == pytest.approx(expected, abs=1e-6)
+    assert 0.85 < expected < 0.95  # the bicubic edge rounds the corners off
+    dot = np.zeros((64, 64), dtype=bool)
+    dot[30:32, 30:32] = True
+    assert localise.grid_ceiling(dot, (8, 8)) < 0.1
+
+
+def test_adapter_tokens_are_scored_one_by_one():
+    """The adapter's tokens share one softmax (at every position their maps sum to 1), so their merged map is flat;
+    each token is scored alone, as DAAM scores each word, and the picture's score is their mean."""
+    from PIL import Image
+
+    from imageprompt_widgets.toy import localise
+
+    maps = torch.zeros(1, 2, 8, 8)
+    maps[0, 0, 2:6, 2:6] = 1.0  # token 0 takes the centre, token 1 everything else
+    maps[0, 1] = 1.0 - maps[0, 0]
+    square = np.zeros((64, 64, 3), dtype=np.uint8)
+    square[:, :] = world.PALETTE["blue"]
+    square[16:48, 16:48] = world.PALETTE["red"]
+    found = localise.adapter_map_localisation(_RecordedRun([Image.fromarray(square)], maps), world.held_out_scenes(1))
+    truth = square[..., 0] == world.PALETTE["red"][0]
+    first = localise.iou(localise.word_mask(maps[0], (0,)), truth)
+    second = localise.iou(localise.word_mask(maps[0], (1,)), truth)
+    assert first > 0.8 and second < 0.1
+    assert found.words == [pytest.approx((first + second) / 2)]
+    assert found.contrast == [pytest.approx(1.0)]
+    assert found.ceiling == [pytest.approx(localise.grid_ceiling(truth, (8, 8)))]
 
 
 

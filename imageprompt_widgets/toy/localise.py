@@ -2,12 +2,16 @@
 mask, as DAAM measures it.
 
 For each held-out caption, text-to-image runs with ``trace_attention=True``; the maps of the colour word and
-the shape word (one token each in the toy tokenizer) are summed, upsampled to the picture's 64 px (bilinear,
-DAAM's aggregation: maps brought to image resolution, then normalised per token by their maximum) and
-thresholded at τ = 0.4 (DAAM's). The truth is the judge's colour mask of the generated picture: the pixels
-whose nearest palette colour is the shape's colour the judge read. The score is the intersection over union,
-averaged (mIoU), beside a position-blind baseline on the same pictures: a centred disc of the world's mean
-shape area. A map that localises must beat the disc.
+the shape word (one token each in the toy tokenizer) are merged and brought to the picture's 64 px as DAAM does
+(averaged, upsampled bicubically, rescaled to [0, 1] by their minimum and maximum) and thresholded at DAAM's
+τ = 0.4. The truth is the judge's colour mask of the generated picture: the pixels whose nearest palette colour
+is the shape's colour the judge read. The score is the intersection over union, averaged (mIoU), beside a
+position-blind baseline on the same pictures: a centred disc of the world's mean shape area. A map that
+localises must beat the disc.
+
+Two more numbers say *why* a score is what it is: the grid's ceiling (:func:`grid_ceiling`: the true mask itself
+averaged over the latent cells and aggregated the same way, the best any map on that grid could score) and the
+maps' contrast (:func:`map_contrast`: how much a map varies across the picture before the rescaling).
 
 The IP-Adapter's image tokens are measured the same way (:func:`adapter_map_localisation`): each held-out picture
 as the prompt on ``toy-ip-adapter`` (its defaults), the adapter tokens' maps (``trace.extras
@@ -15,9 +19,9 @@ as the prompt on ``toy-ip-adapter`` (its defaults), the adapter tokens' maps (``
 the words' are, against the judge's colour mask of the output, beside the disc on the same outputs.
 ``python -m imageprompt_widgets.toy.localise`` prints both rows.
 
-The recorder (engine/attention.py) sums every layer at the latent grid (8 × 8 in the toy world) before this
-upsampling; DAAM upsamples each layer to the image first. For bilinear resizes of 4 × 4 and 8 × 8 layers the
-two differ only in how the 4 × 4 layer is interpolated; the numbers in docs/toy_world.md are this module's.
+The recorder (engine/attention.py) sums every layer at the latent grid (8 × 8 in the toy world; the 4 × 4 layers
+upsampled bilinearly) before this upsampling; DAAM brings each layer to a common grid (bicubic) first. The two
+differ only in how the 4 × 4 layers are interpolated; the numbers in docs/toy_world.md are this module's.
 """
 
 from __future__ import annotations
@@ -44,14 +48,32 @@ COLOUR_TOKEN, SHAPE_TOKEN = 2, 3
 
 
 def word_mask(maps: torch.Tensor, tokens: Sequence[int], size: int = IMAGE_SIZE, tau: float = TAU) -> np.ndarray:
-    """``maps`` ``[L, h, w]`` → the boolean ``[size, size]`` mask of the tokens' summed map: each token's map
-    upsampled (bilinear) and divided by its maximum, summed, divided by the sum's maximum, thresholded at ``tau``."""
-    chosen = maps[list(tokens)].float()[None]  # [1, k, h, w]
-    upsampled = F.interpolate(chosen, size=(size, size), mode="bilinear", align_corners=False)[0]
-    upsampled = upsampled / upsampled.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
-    total = upsampled.sum(0)
-    total = total / total.max().clamp_min(1e-12)
-    return (total >= tau).numpy()
+    """``maps`` ``[L, h, w]`` → the boolean ``[size, size]`` mask of the tokens' map, as DAAM computes it
+    (``GlobalHeatMap.compute_word_heat_map`` then ``WordHeatMap.expand_as``): the tokens' maps averaged, upsampled
+    (bicubic), rescaled to [0, 1] by their minimum and maximum, thresholded at ``tau`` (strictly above)."""
+    return normalised_map(maps, tokens, size).numpy() > tau
+
+
+def normalised_map(maps: torch.Tensor, tokens: Sequence[int], size: int = IMAGE_SIZE) -> torch.Tensor:
+    """The tokens' averaged map at ``size`` px, min-max rescaled to [0, 1] (DAAM's ``expand_as``)."""
+    merged = maps[list(tokens)].float().mean(0)[None, None]  # [1, 1, h, w]
+    upsampled = F.interpolate(merged, size=(size, size), mode="bicubic", align_corners=False)[0, 0]
+    low, high = upsampled.min(), upsampled.max()
+    return (upsampled - low) / (high - low + 1e-8)
+
+
+def map_contrast(maps: torch.Tensor, tokens: Sequence[int]) -> float:
+    """How much the tokens' averaged map varies across the picture, as a share of its maximum (0: flat): min-max
+    rescaling shows any map as 0 to 1, so this says how much there was to rescale."""
+    merged = maps[list(tokens)].float().mean(0)
+    return float((merged.max() - merged.min()) / merged.max().clamp_min(1e-12))
+
+
+def grid_ceiling(truth: np.ndarray, grid: tuple[int, int], tau: float = TAU) -> float:
+    """The best a map on a ``grid`` of latent cells could score: the true mask itself, averaged over each cell,
+    aggregated and thresholded as the measured maps are, against the true mask."""
+    cells = F.adaptive_avg_pool2d(torch.from_numpy(truth.astype(np.float32))[None, None], grid)[0]
+    return iou(word_mask(cells, (0,), size=truth.shape[0], tau=tau), truth)
 
 
 def iou(first: np.ndarray, second: np.ndarray) -> float:
@@ -77,11 +99,14 @@ def centred_disc(size: int = IMAGE_SIZE, radius: int = DISC_RADIUS) -> np.ndarra
 
 @dataclass
 class Localisation:
-    """Per picture: the word maps' IoU and the disc's, on the generated pictures (and the disc on the world's own)."""
+    """Per picture: the maps' IoU and the disc's, on the generated pictures (and the disc on the world's own), the
+    latent grid's ceiling on the same truths, and how much the maps varied before rescaling."""
 
     words: list[float] = field(default_factory=list)
     disc: list[float] = field(default_factory=list)
     disc_on_world: list[float] = field(default_factory=list)
+    ceiling: list[float] = field(default_factory=list)
+    contrast: list[float] = field(default_factory=list)
     skipped: int = 0  # outputs where the judge saw no shape (no truth to compare with)
     label: str = "word maps"
 
@@ -93,10 +118,30 @@ class Localisation:
     def disc_miou(self) -> float:
         return float(np.mean(self.disc)) if self.disc else 0.0
 
+    @property
+    def ceiling_miou(self) -> float:
+        return float(np.mean(self.ceiling)) if self.ceiling else 0.0
+
+    @property
+    def mean_contrast(self) -> float:
+        return float(np.mean(self.contrast)) if self.contrast else 0.0
+
+    def add(self, maps: torch.Tensor, words: Sequence[Sequence[int]], truth: np.ndarray, disc: np.ndarray,
+            tau: float = TAU) -> None:
+        """One picture: ``maps`` ``[L, h, w]`` on the latent grid, the ``words`` measured (each a group of tokens
+        merged into one map, as DAAM merges a word's tokens; the picture's score is their mean), the true mask."""
+        self.words.append(float(np.mean([iou(word_mask(maps, word, size=truth.shape[0], tau=tau), truth)
+                                         for word in words])))
+        self.disc.append(iou(disc, truth))
+        self.ceiling.append(grid_ceiling(truth, tuple(maps.shape[-2:]), tau))
+        self.contrast.append(float(np.mean([map_contrast(maps, word) for word in words])))
+
     def line(self) -> str:
         return (f"{self.label} mIoU {self.miou:.2f} vs centred disc {self.disc_miou:.2f} on the same "
                 f"{len(self.words)} generated pictures (disc on the world's own: "
-                f"{float(np.mean(self.disc_on_world)) if self.disc_on_world else 0.0:.2f}; τ = {TAU})")
+                f"{float(np.mean(self.disc_on_world)) if self.disc_on_world else 0.0:.2f}; the latent grid's ceiling "
+                f"{self.ceiling_miou:.2f}; the maps vary by {100 * self.mean_contrast:.0f} % of their maximum; "
+                f"τ = {TAU})")
 
 
 def word_map_localisation(pipe: Any, scenes: Sequence[Scene] | None = None, tau: float = TAU,
@@ -116,9 +161,7 @@ def word_map_localisation(pipe: Any, scenes: Sequence[Scene] | None = None, tau:
         if truth is None:
             found.skipped += 1
             continue
-        mask = word_mask(result.trace.attention_maps[0], (COLOUR_TOKEN, SHAPE_TOKEN), tau=tau)
-        found.words.append(iou(mask, truth))
-        found.disc.append(iou(disc, truth))
+        found.add(result.trace.attention_maps[0], [(COLOUR_TOKEN, SHAPE_TOKEN)], truth, disc, tau)
     return found
 
 
@@ -129,8 +172,10 @@ class NoAdapterAttentionError(ValueError):
 def adapter_map_localisation(pipe: Any, scenes: Sequence[Scene] | None = None, tau: float = TAU,
                              tokens: Sequence[int] | None = None, **settings: Any) -> Localisation:
     """Each held-out picture as the prompt through the loaded IP-Adapter (the pipeline's defaults, seed = the
-    scene's index) with the attention recorded; the adapter's image-token maps (all of them, or ``tokens``)
-    against the judge's colour mask of the output, beside the centred disc on the same outputs."""
+    scene's index) with the attention recorded; each of the adapter's image-token maps (all of them, or ``tokens``)
+    against the judge's colour mask of the output, as DAAM scores each word alone (averaged over the tokens: the
+    tokens' own softmax sums to 1 at every position, so their merged map would be flat), beside the centred disc
+    on the same outputs."""
     scenes = list(held_out_scenes(24) if scenes is None else scenes)
     disc = centred_disc()
     found = Localisation(label="IP-Adapter image-token maps")
@@ -147,19 +192,19 @@ def adapter_map_localisation(pipe: Any, scenes: Sequence[Scene] | None = None, t
         if truth is None:
             found.skipped += 1
             continue
-        chosen = range(maps.shape[1]) if tokens is None else tokens
-        found.words.append(iou(word_mask(maps[0], chosen, tau=tau), truth))
-        found.disc.append(iou(disc, truth))
+        found.add(maps[0], [(token,) for token in (range(maps.shape[1]) if tokens is None else tokens)], truth,
+                  disc, tau)
     return found
 
 
 def localisation_table(rows: Sequence[Localisation]) -> str:
     """Measured maps and the centred disc on the same generated pictures, as Markdown (one row per map kind)."""
-    lines = [f"| maps (τ = {TAU}) | pictures | mIoU | centred disc, same pictures | above the disc |",
-             "|---|---|---|---|---|"]
+    lines = [(f"| maps (τ = {TAU}) | pictures | mIoU | centred disc, same pictures | above the disc | "
+              "the latent grid's ceiling | the maps vary by |"),
+             "|---|---|---|---|---|---|---|"]
     for row in rows:
         lines.append(f"| {row.label} | {len(row.words)} | {row.miou:.2f} | {row.disc_miou:.2f} | "
-                     f"{row.miou - row.disc_miou:+.2f} |")
+                     f"{row.miou - row.disc_miou:+.2f} | {row.ceiling_miou:.2f} | {100 * row.mean_contrast:.0f} % |")
     return "\n".join(lines)
 
 
