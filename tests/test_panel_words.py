@@ -164,7 +164,7 @@ def test_the_picker_groups_real_toy_and_random_presets_and_random_ones_say_noise
     assert names.index("toy") < min(names.index(name) for name in random)
     labels = {value: label for label, value in options}
     for name in random:
-        assert "random weights — noise, for tests" in labels[name], labels[name]
+        assert "random weights, noise" in labels[name], labels[name]
     assert "random" not in labels["toy"] and "noise" not in labels["toy"] and "toy world" in labels["toy"]
     panel.close()
 

@@ -715,7 +715,8 @@ def test_the_model_picker_lists_every_preset_with_its_size_and_state():
     assert picker is widget.model_picker and picker.value == "tiny"
     assert sorted(option_values(picker)) == sorted(PRESETS)  # grouped: real, toy world, random weights
     labels = {value: label for label, value in picker.options}
-    assert labels["tiny"] == "tiny · random weights — noise, for tests · offline · built"  # tiny_pipe built it
+    assert labels["tiny"] == "tiny · random weights, noise · built"  # tiny_pipe built it
+    assert labels["toy-ip-adapter"] == "toy-ip-adapter · toy world · shipped"  # fits the closed dropdown
     assert labels["sd14"].startswith("sd14 · about 7.2 GB · ")  # 5.5 GB + 1.7 GB
     assert labels["ip-adapter"].startswith("ip-adapter · about 8.0 GB · ")
     widget.close()
@@ -730,7 +731,7 @@ def test_the_panel_switches_between_sd1_and_sdxl_without_a_restart(image):
     labels = {value: label for label, value in widget.model_picker.options}
     assert labels["sdxl"].startswith("sdxl · about 25.7 GB · ")  # 14 GB + 1.7 GB + 10 GB
     assert labels["sdxl-live"].startswith("sdxl-live · about 26.1 GB · ")
-    assert labels["tiny-sdxl"].startswith("tiny-sdxl · random weights — noise, for tests · offline")
+    assert labels["tiny-sdxl"].startswith("tiny-sdxl · random weights, noise · ")
     mode = widget.controls["mode"]
     assert {value: label for label, value in mode.options}["revision"] == (
         "image in SDXL's pooled slot (revision) → model tiny-sdxl")  # offered on SD 1.x only as a switch to SDXL
@@ -740,8 +741,11 @@ def test_the_panel_switches_between_sd1_and_sdxl_without_a_restart(image):
     assert widget.status.startswith("Done: 1 image")
     assert widget.controls["height"].options[0] == ("native (64)", 0)  # the loaded model's own side
 
+    from imageprompt_widgets.loading.availability import availability
+
+    state = availability(PRESETS["tiny-sdxl"]).status  # "built" after another test built it, else "builds in seconds"
     choose(widget.model_picker, "tiny-sdxl")
-    assert widget.status == "Model 'tiny-sdxl' chosen (offline, built)."
+    assert widget.status == f"Model 'tiny-sdxl' chosen (offline, {state})."
     assert {value: label for label, value in mode.options}["revision"] == "image in SDXL's pooled slot (revision)"
     choose(mode, "revision")
     assert widget.model == "tiny-sdxl"

@@ -16,7 +16,8 @@ from .controls import set_help
 class ModelPicker(widgets.Dropdown):
     """A ``Dropdown`` whose values are preset names (``tiny``, ``sd14``, …) and whose labels say what
     choosing one costs and what its pictures are: real models first (``"sd14 · about 7.2 GB · not downloaded"``),
-    then the toy world's, then random weights (``"tiny · random weights — noise, for tests · offline · built"``).
+    then the toy world's (``"toy · toy world · shipped"``), then random weights (``"tiny · random weights,
+    noise · built"``). Short enough for the closed dropdown in the panel's column: the tooltip says the rest.
 
     A model that is no preset (a local folder, a ``Preset`` of one's own) is listed too, under its name.
     ``relabelling`` is true while :meth:`refresh` rewrites the labels (observers ignore those changes).
@@ -66,8 +67,8 @@ class ModelPicker(widgets.Dropdown):
 #: The picker's three groups: real Stable Diffusion (downloads), the toy world (trained on coloured shapes,
 #: shipped), random weights (built here: noise, for tests and CI).
 GROUP_ORDER = ("real", "toy", "random")
-RANDOM_WORDS = "random weights — noise, for tests"
-TOY_WORDS = "toy world, trained"
+RANDOM_WORDS = "random weights, noise"
+TOY_WORDS = "toy world"
 
 
 def group_of(preset: Preset) -> str:
@@ -79,10 +80,12 @@ def group_of(preset: Preset) -> str:
 
 
 def picker_label(preset: Preset) -> str:
-    """``"sd14 · about 7.2 GB · not downloaded"``, ``"toy · toy world, trained · offline · shipped with the
-    package"``, ``"tiny · random weights — noise, for tests · offline · built"``."""
+    """``"sd14 · about 7.2 GB · not downloaded"``, ``"toy · toy world · shipped"``, ``"tiny · random weights,
+    noise · built"``."""
     found = preset_availability(preset)
     group = group_of(preset)
-    words = {"random": RANDOM_WORDS, "toy": TOY_WORDS}.get(group, "")
-    size = "offline" if group != "real" else found.download
-    return " · ".join(part for part in (preset.name, words, size, found.status) if part)
+    if group == "real":
+        return " · ".join(part for part in (preset.name, found.download, found.status) if part)
+    words = RANDOM_WORDS if group == "random" else TOY_WORDS
+    state = "shipped" if found.state == "shipped" else found.status  # "built", "builds in seconds"
+    return f"{preset.name} · {words} · {state}"
