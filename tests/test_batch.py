@@ -526,3 +526,42 @@ def test_two_processes_write_the_same_embeddings_file(folder, tmp_path):
     assert done.returncode != 0 and "3 embeddings, 1 failed on 2 processes" in done.stderr, done.stderr
     assert alone.read_bytes() == together.read_bytes()
     assert sorted(path.name for path in tmp_path.iterdir() if "part" in path.name) == []
+
+
+def test_a_command_leaves_its_process_group_before_the_interpreter_exits(tmp_path, monkeypatch):
+    """A many-item command destroys the launcher's process group in every process, on success and on a bad
+    input alike: left to the interpreter's exit, gloo's threads can abort a process that finished its work
+    (CI saw "terminate called without an active exception" from the idle rank of a 2-process batch)."""
+    import torch.distributed as dist
+
+    from imageprompt_widgets.batch.sharding import leave_process_group
+    from imageprompt_widgets.cli.common import run_many
+
+    leave_process_group()  # no group: nothing to do
+    assert not dist.is_initialized()
+
+    stores = iter(tmp_path / f"store-{n}" for n in range(2))  # a fresh rendezvous file for each group
+
+    def join() -> None:
+        dist.init_process_group("gloo", init_method=f"file://{next(stores)}", rank=0, world_size=1)
+        assert dist.is_initialized()
+
+    class Report:
+        ok = True
+
+        def summary(self) -> str:
+            return "1 generated"
+
+    def work(loading):
+        join()
+        return Report()
+
+    assert run_many(work, stopped="", written=lambda report: "manifest.jsonl") == 0
+    assert not dist.is_initialized()
+
+    def failing(loading):
+        join()
+        raise ValueError("The disk is full.")
+
+    assert run_many(failing, stopped="", written=lambda report: "") == 2
+    assert not dist.is_initialized()

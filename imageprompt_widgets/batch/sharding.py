@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -84,3 +85,18 @@ def current_processes(device: str | None = None) -> Processes:
     state = PartialState(cpu=cpu)
     chosen = device if device is not None or cpu else str(state.device)
     return Processes(index=state.process_index, count=state.num_processes, device=chosen, _state=state)
+
+
+def leave_process_group() -> None:
+    """End this process's part in its launcher's process group, once a command's collective work is done (a no-op
+    when it never joined one, torch not even imported).
+
+    Every process must: left to the interpreter's exit, gloo's worker threads can still hold work while Python
+    tears down, and a process that finished its items aborts ("terminate called without an active exception",
+    SIGABRT), which fails the whole launch (pytorch/pytorch#190489; seen once in CI on the 2-process batch)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return
+    distributed = torch.distributed
+    if distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()

@@ -208,6 +208,9 @@ def run_many(work: Any, *, stopped: str, written: Any) -> int:
     finally:
         if loading is not None:
             loading.close()
+        from ..batch.sharding import leave_process_group
+
+        leave_process_group()  # every process, before the interpreter's exit (gloo aborts at exit otherwise)
     if is_main_process():
         print(f"imageprompt: {report.summary()}", file=sys.stderr)
         print(written(report))
