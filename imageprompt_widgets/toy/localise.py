@@ -97,6 +97,11 @@ def centred_disc(size: int = IMAGE_SIZE, radius: int = DISC_RADIUS) -> np.ndarra
     return np.asarray(canvas, dtype=bool)
 
 
+def _mean(values: Sequence[float]) -> float:
+    """The average of per-picture scores (0.0 for none: nothing was measured)."""
+    return float(np.mean(values)) if values else 0.0
+
+
 @dataclass
 class Localisation:
     """Per picture: the maps' IoU and the disc's, on the generated pictures (and the disc on the world's own), the
@@ -112,19 +117,19 @@ class Localisation:
 
     @property
     def miou(self) -> float:
-        return float(np.mean(self.words)) if self.words else 0.0
+        return _mean(self.words)
 
     @property
     def disc_miou(self) -> float:
-        return float(np.mean(self.disc)) if self.disc else 0.0
+        return _mean(self.disc)
 
     @property
     def ceiling_miou(self) -> float:
-        return float(np.mean(self.ceiling)) if self.ceiling else 0.0
+        return _mean(self.ceiling)
 
     @property
     def mean_contrast(self) -> float:
-        return float(np.mean(self.contrast)) if self.contrast else 0.0
+        return _mean(self.contrast)
 
     def add(self, maps: torch.Tensor, words: Sequence[Sequence[int]], truth: np.ndarray, disc: np.ndarray,
             tau: float = TAU) -> None:
@@ -139,7 +144,7 @@ class Localisation:
     def line(self) -> str:
         return (f"{self.label} mIoU {self.miou:.2f} vs centred disc {self.disc_miou:.2f} on the same "
                 f"{len(self.words)} generated pictures (disc on the world's own: "
-                f"{float(np.mean(self.disc_on_world)) if self.disc_on_world else 0.0:.2f}; the latent grid's ceiling "
+                f"{_mean(self.disc_on_world):.2f}; the latent grid's ceiling "
                 f"{self.ceiling_miou:.2f}; the maps vary by {100 * self.mean_contrast:.0f} % of their maximum; "
                 f"τ = {TAU})")
 
