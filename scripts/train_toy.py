@@ -4,6 +4,9 @@
     python scripts/train_toy.py --out /tmp/toy --smoke  # a few steps of every stage: checks the code runs
     nice python scripts/train_toy.py --stages ip_adapter,ip_adapter_plus,variations,projector
                                                       # only the image-prompt stages, on the shipped base
+    nice python scripts/train_toy.py --stages vae,unet,ip_adapter,ip_adapter_plus,variations,projector
+                                                      # all but the CLIP (it trains first and alone; each stage
+                                                      # seeds itself, so this writes what the full run writes)
 
 Seeded and single-threaded (``torch.set_num_threads(1)``): with the same torch on the same kind of
 CPU it writes the same bytes. The training code itself is ``imageprompt_widgets/toy/train.py``.
@@ -29,8 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="a few steps of every stage, to check the code runs")
     parser.add_argument("--stages", default=None,
-                        help="train only these image-prompt stages (comma-separated: ip_adapter, ip_adapter_plus, "
-                             "variations, projector) on the base models already in --out; keeps their records")
+                        help="train only these stages (comma-separated: vae, unet, ip_adapter, ip_adapter_plus, "
+                             "variations, projector) on the models already in --out; keeps the others' records")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="change one field of the training budget (experiments; the shipped weights use none)")
     args = parser.parse_args(argv)
@@ -47,10 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     stages = None
     if args.stages:
         stages = tuple(stage.strip() for stage in args.stages.split(",") if stage.strip())
-        unknown = sorted(set(stages) - set(train.IMAGE_PROMPT_STAGES))
+        trainable = train.STAGES[1:]
+        unknown = sorted(set(stages) - set(trainable))
         if unknown:
-            parser.error(f"unknown stages {unknown}: choose from {', '.join(train.IMAGE_PROMPT_STAGES)}")
-        stale_paths = [train.STAGE_OUTPUTS[stage] for stage in stages]
+            parser.error(f"unknown stages {unknown}: choose from {', '.join(trainable)}")
+        stale_paths = [train.STAGE_OUTPUTS[stage] for stage in stages if stage in train.STAGE_OUTPUTS]
+        left = [stage for stage in train.IMAGE_PROMPT_STAGES if stage not in stages]
+        if {"vae", "unet"} & set(stages) and left:
+            print(f"note: {', '.join(left)} stay trained on the previous base; train them again with it")
     else:
         stale_paths = ["clip", "sd", train.ADAPTER_SUBFOLDER, train.VARIATIONS_SUBFOLDER, train.PROJECTOR_SUBFOLDER,
                        "training.json"]

@@ -3,9 +3,11 @@ measured behaviour of text-to-image and of every image-prompt method, with floor
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +15,8 @@ import torch
 from PIL import Image, ImageFilter
 
 from imageprompt_widgets.toy import CLIP_FOLDER, SD_FOLDER, WEIGHTS, judge, measure, train, world
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------------------------------------
 # The world
@@ -226,6 +230,62 @@ def test_every_training_stage_runs_and_repeats_itself(tmp_path):
     first = train.train_clip(tokenizer, train.Budget.smoke(), seed=0, log=lambda _: None).state_dict()
     again = train.train_clip(tokenizer, train.Budget.smoke(), seed=0, log=lambda _: None).state_dict()
     assert all(torch.equal(first[name], again[name]) for name in first)
+
+
+def test_the_base_trained_again_alone_writes_the_full_runs_bytes(tmp_path):
+    """``scripts/train_toy.py --stages vae,unet,...`` is how the world is retrained without its CLIP: each stage
+    seeds itself, so it must write the bytes a full run writes."""
+    budget = dataclasses.replace(train.Budget.smoke(), adapter_steps=0, plus_steps=0, variations_steps=0,
+                                 projector_steps=0)
+    train.train_all(tmp_path, budget, log=lambda _: None)
+    parts = ["vae/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.safetensors"]
+    full = {part: (tmp_path / "sd" / part).read_bytes() for part in parts}
+    train.train_all(tmp_path, budget, log=lambda _: None, stages=("vae", "unet"))
+    assert {part: (tmp_path / "sd" / part).read_bytes() for part in parts} == full
+    record = json.loads((tmp_path / "training.json").read_text())
+    assert [stage["name"] for stage in record["stages"]] == ["clip", "vae", "unet"]
+
+
+@pytest.mark.parametrize("factor", train.LATENT_FACTORS)
+def test_the_latent_factor_sets_the_toy_latents_side(factor):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    side = world.IMAGE_SIZE // factor
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**train.vae_config(factor))
+    latents = vae.encode(torch.zeros(1, 3, world.IMAGE_SIZE, world.IMAGE_SIZE)).latent_dist.mean
+    assert latents.shape == (1, 4, side, side)
+    unet = UNet2DConditionModel(**train.unet_config(factor))
+    assert unet.config.sample_size == side
+    noise = unet(latents, 10, encoder_hidden_states=torch.zeros(1, 77, train.WIDTH)).sample
+    assert noise.shape == latents.shape
+
+
+def test_the_finer_latent_experiments_unets_attend_where_they_say():
+    """scripts/finer_latent.py's ``--unet`` variants: which levels have cross-attention decides the maps' grid."""
+    import importlib.util
+
+    from diffusers import UNet2DConditionModel
+
+    spec = importlib.util.spec_from_file_location("finer_latent", ROOT / "scripts" / "finer_latent.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    def attended_sides(config):
+        unet = UNet2DConditionModel(**config)
+        return sorted({config["sample_size"] // 2 ** index for index, block in enumerate(unet.down_blocks)
+                       if hasattr(block, "attentions")})
+
+    assert script.unet_variant("default", 4) is None
+    assert attended_sides(train.unet_config(4)) == [4, 8]
+    assert attended_sides(script.unet_variant("attention", 4)) == [4, 8, 16]
+    assert attended_sides(script.unet_variant("two-level", 4)) == [8, 16]
+    assert attended_sides(train.unet_config(8)) == [4, 8]
+
+
+def test_a_latent_factor_the_toy_vae_cannot_make_is_refused():
+    with pytest.raises(ValueError, match="downsamples by 4 or 8, not 2"):
+        train.vae_config(2)
 
 
 def test_the_training_noise_schedule_is_the_schedulers():

@@ -42,25 +42,60 @@ VISION_CONFIG: dict[str, Any] = {
     "hidden_size": WIDTH, "intermediate_size": 4 * WIDTH, "num_attention_heads": 4, "num_hidden_layers": 4,
     "image_size": world.IMAGE_SIZE, "patch_size": 8, "projection_dim": WIDTH,
 }
-VAE_CONFIG: dict[str, Any] = {
-    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 1, "norm_num_groups": 8,
-    "block_out_channels": (16, 16, 32, 32), "sample_size": world.IMAGE_SIZE,
-    "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
-}
-UNET_CONFIG: dict[str, Any] = {
-    "sample_size": world.IMAGE_SIZE // 8, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
-    "block_out_channels": (32, 64), "norm_num_groups": 8, "attention_head_dim": 8, "cross_attention_dim": WIDTH,
-    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-}
+#: The VAE's downsampling of the 64 px pictures: 8 is SD's own factor and the shipped world's 8 × 8 latent (its
+#: UNet's attention maps are flat); 4 gives a 16 × 16 latent, whose UNet's maps show where the shape is but which
+#: draws the named shape less often (docs/toy_world.md, "Do the attention maps show where?").
+LATENT_FACTORS = (4, 8)
+
+
+def vae_config(latent_factor: int) -> dict[str, Any]:
+    """The toy ``AutoencoderKL``: one encoder block per halving (SD's has four, for its factor 8)."""
+    blocks = {8: (16, 16, 32, 32), 4: (16, 32, 32)}[_checked(latent_factor)]
+    return {
+        "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 1, "norm_num_groups": 8,
+        "block_out_channels": blocks, "sample_size": world.IMAGE_SIZE,
+        "down_block_types": ("DownEncoderBlock2D",) * len(blocks), "up_block_types": ("UpDecoderBlock2D",) * len(blocks),
+    }
+
+
+def unet_config(latent_factor: int) -> dict[str, Any]:
+    """The toy ``UNet2DConditionModel`` on that latent.
+
+    On the 16 × 16 latent a third, narrow level in front keeps the 8 × 8 and 4 × 4 levels of the 8 × 8 world and
+    costs 13 % more per training step: its blocks have no attention (attention at 16 × 16 and 16 channels makes a
+    step 2× as long with 2 heads, 3.5× with 8), so the cross-attention maps stay at 8 × 8 and 4 × 4.
+    """
+    config: dict[str, Any] = {
+        "sample_size": world.IMAGE_SIZE // _checked(latent_factor), "in_channels": 4, "out_channels": 4,
+        "layers_per_block": 1, "norm_num_groups": 8, "attention_head_dim": 8, "cross_attention_dim": WIDTH,
+        "block_out_channels": (32, 64),
+        "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    }
+    if latent_factor == 4:
+        config.update(block_out_channels=(16, 32, 64),
+                      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                      up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
+    return config
+
+
+def _checked(latent_factor: int) -> int:
+    if latent_factor not in LATENT_FACTORS:
+        raise ValueError(f"the toy VAE downsamples by {' or '.join(map(str, LATENT_FACTORS))}, not {latent_factor}")
+    return latent_factor
+
+
 #: SD 1.x's noise schedule (the PNDM config saved with the pipeline uses the same betas).
 TRAIN_TIMESTEPS, BETA_START, BETA_END = 1000, 0.00085, 0.012
 
 
 @dataclass(frozen=True)
 class Budget:
-    """Steps, batch sizes and learning rates of every stage (``Budget()``: what made the shipped weights)."""
+    """Steps, batch sizes and learning rates of every stage, and the latent's size (``Budget()``: what made the
+    shipped weights)."""
 
+    #: The VAE's downsampling (:data:`LATENT_FACTORS`): the shipped world's 8 × 8 latent.
+    latent_factor: int = 8
     clip_steps: int = 1000
     clip_batch: int = 128
     clip_lr: float = 2e-3
@@ -68,12 +103,16 @@ class Budget:
     vae_batch: int = 16
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-6
-    #: Pictures whose latents set the VAE's scaling factor (SD's: latents of unit standard deviation).
+    #: Pictures whose latents set the VAE's scaling factor, and the standard deviation it gives the latents (SD's:
+    #: 1). Below 1 every noise level's signal-to-noise ratio is that much lower for the same noise schedule.
     scaling_pictures: int = 256
+    latent_std: float = 1.0
     latent_pool: int = 12288
     unet_steps: int = 3000
     unet_batch: int = 64
     unet_lr: float = 1e-3
+    #: The base UNet's timesteps drawn with density ∝ t^(bias-1) (diffusion_loss); 1 is uniform.
+    unet_noisy_bias: float = 1.0
     caption_dropout: float = 0.1
     ema_decay: float = 0.995
     adapter_steps: int = 2200
@@ -252,11 +291,11 @@ def clip_caption_accuracy(clip: Any, tokenizer: Any, scenes: list[world.Scene]) 
 
 
 def train_vae(budget: Budget, seed: int, log: Log) -> Any:
-    """An ``AutoencoderKL`` with SD's factor of 8 (64 px → 8×8×4), L1 + MSE reconstruction and a tiny KL."""
+    """An ``AutoencoderKL`` (64 px → 16 × 16 × 4 at the shipped factor 4), L1 + MSE reconstruction and a tiny KL."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    vae = AutoencoderKL(**VAE_CONFIG)
+    vae = AutoencoderKL(**vae_config(budget.latent_factor))
     stream = world.iter_scenes(seed + 1, "train")
     optimizer = torch.optim.AdamW(vae.parameters(), lr=budget.vae_lr, weight_decay=0.0)
     schedule = _warmup_cosine(optimizer, budget.vae_steps)
@@ -278,7 +317,7 @@ def train_vae(budget: Budget, seed: int, log: Log) -> Any:
     with torch.no_grad():  # SD's scaling factor: latents with unit standard deviation for the UNet
         _, images = draw_batch(world.iter_scenes(seed + 2, "train"), budget.scaling_pictures)
         std = float(vae.encode(vae_pixels(images)).latent_dist.sample().std())
-    vae.register_to_config(scaling_factor=round(1.0 / std, 5))
+    vae.register_to_config(scaling_factor=round(budget.latent_std / std, 5))
     log(f"vae scaling factor {vae.config.scaling_factor}")
     return vae
 
@@ -388,11 +427,12 @@ class EMA:
             parameter.copy_(average)
 
 
-def train_unet(text_encoder: Any, tokenizer: Any, vae: Any, budget: Budget, seed: int, log: Log) -> Any:
+def train_unet(text_encoder: Any, tokenizer: Any, vae: Any, budget: Budget, seed: int, log: Log,
+               config: dict[str, Any] | None = None) -> Any:
     """Text-to-image on the captions through the frozen text tower, with caption dropout and EMA weights.
 
     Dropped captions become ``""``, whose hidden states are exactly the unconditional embeddings the
-    pipeline uses for classifier-free guidance.
+    pipeline uses for classifier-free guidance. ``config`` replaces :func:`unet_config` (experiments).
     """
     from diffusers import UNet2DConditionModel
 
@@ -404,7 +444,7 @@ def train_unet(text_encoder: Any, tokenizer: Any, vae: Any, budget: Budget, seed
     alphas = noise_schedule()
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**UNET_CONFIG)
+    unet = UNet2DConditionModel(**(config or unet_config(budget.latent_factor)))
     ema = EMA(list(unet.parameters()), budget.ema_decay)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=budget.unet_lr, weight_decay=0.01)
     schedule = _warmup_cosine(optimizer, budget.unet_steps)
@@ -415,7 +455,8 @@ def train_unet(text_encoder: Any, tokenizer: Any, vae: Any, budget: Budget, seed
         dropped = torch.rand(budget.unet_batch, generator=generator) < budget.caption_dropout
         condition = conditions[torch.where(dropped, len(captions), labels[rows])]
         latents = pool.sample(rows, generator, vae.config.scaling_factor)
-        loss = diffusion_loss(unet, latents, generator, alphas, encoder_hidden_states=condition)
+        loss = diffusion_loss(unet, latents, generator, alphas, budget.unet_noisy_bias,
+                              encoder_hidden_states=condition)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -758,6 +799,8 @@ def save_sd(folder: Path, vae: Any, text_encoder: Any, tokenizer: Any, unet: Any
 
 #: The image-prompt stages, in the order they train (``scripts/train_toy.py --stages``).
 IMAGE_PROMPT_STAGES = ("ip_adapter", "ip_adapter_plus", "variations", "projector")
+#: Every stage, in order; all but ``clip`` can be trained again alone (``train_all(stages=...)``).
+STAGES = ("clip", "vae", "unet", *IMAGE_PROMPT_STAGES)
 PLUS_WEIGHT_NAME = "ip-adapter-plus_toy.safetensors"
 VARIATIONS_SUBFOLDER, PROJECTOR_SUBFOLDER = "variations", "projector"
 #: What each image-prompt stage writes under the weights folder (removed before it trains again).
@@ -810,6 +853,21 @@ def load_base(weights: str | Path) -> tuple[Any, Any, Any, Any, Any]:
     return clip, text_encoder, tokenizer, vae, unet
 
 
+def load_clip(weights: str | Path) -> tuple[Any, Any]:
+    """The toy CLIP and its tokenizer from a weights folder."""
+    from transformers import CLIPModel, CLIPTokenizer
+
+    folder = str(Path(weights) / "clip")
+    return CLIPModel.from_pretrained(folder).eval(), CLIPTokenizer.from_pretrained(folder)
+
+
+def _load_sd_part(weights: Path, part: str) -> Any:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    kind = AutoencoderKL if part == "vae" else UNet2DConditionModel
+    return kind.from_pretrained(str(weights / "sd"), subfolder=part).eval()
+
+
 def train_image_prompts(out: Path, models: tuple[Any, Any, Any, Any, Any], budget: Budget, seed: int, log: Log,
                         reports: list[StageReport], stages: tuple[str, ...] = IMAGE_PROMPT_STAGES) -> None:
     """The image-prompt stages with a step budget, on the base ``models``, each written where its preset loads it."""
@@ -843,8 +901,10 @@ def train_all(out: str | Path, budget: Budget | None = None, seed: int = 0, log:
     ``variations``, ``projector``); returns the stages' wall times and peak memory (also written to
     ``out/training.json``).
 
-    ``stages`` (a subset of :data:`IMAGE_PROMPT_STAGES`) trains only those, on the base models already in ``out``;
-    the records of the other stages in ``training.json`` are kept."""
+    ``stages`` (a subset of :data:`STAGES` without ``clip``) trains only those, on the models already in ``out``
+    (the CLIP, and the VAE and UNet unless they are among ``stages``); the records of the other stages in
+    ``training.json`` are kept. Every stage seeds itself, so a stage trained alone writes what the full run writes.
+    """
     from ..loading.quiet import quiet_loaders
 
     budget = budget or Budget()
@@ -857,14 +917,22 @@ def train_all(out: str | Path, budget: Budget | None = None, seed: int = 0, log:
             reports[-1].notes["held_out_caption_accuracy"] = clip_caption_accuracy(clip, tokenizer,
                                                                                     world.held_out_scenes())
             save_clip(out / "clip", clip, tokenizer)
-            vae = timed("vae", reports, log)(lambda: train_vae(budget, seed, log))
-            text_encoder = text_encoder_of(clip)
-            unet = timed("unet", reports, log)(lambda: train_unet(text_encoder, tokenizer, vae, budget, seed, log))
-            save_sd(out / "sd", vae, text_encoder, tokenizer, unet)
-            models = (clip, text_encoder, tokenizer, vae, unet)
-            train_image_prompts(out, models, budget, seed, log, reports)
         else:
-            train_image_prompts(out, load_base(out), budget, seed, log, reports, stages)
+            clip, tokenizer = load_clip(out)
+        text_encoder = text_encoder_of(clip)
+        retrain = stages is None or "vae" in stages or "unet" in stages
+        if stages is None or "vae" in stages:
+            vae = timed("vae", reports, log)(lambda: train_vae(budget, seed, log))
+        else:
+            vae = _load_sd_part(out, "vae")
+        if stages is None or "unet" in stages:
+            unet = timed("unet", reports, log)(lambda: train_unet(text_encoder, tokenizer, vae, budget, seed, log))
+        else:
+            unet = _load_sd_part(out, "unet")
+        if retrain:
+            save_sd(out / "sd", vae, text_encoder, tokenizer, unet)
+        chosen = IMAGE_PROMPT_STAGES if stages is None else tuple(s for s in IMAGE_PROMPT_STAGES if s in stages)
+        train_image_prompts(out, (clip, text_encoder, tokenizer, vae, unet), budget, seed, log, reports, chosen)
     record = {"seed": seed, "budget": asdict(budget), "torch_threads": torch.get_num_threads(),
               "torch": torch.__version__, "stages": [asdict(report) for report in reports]}
     previous = out / "training.json"
