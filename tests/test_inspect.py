@@ -469,6 +469,18 @@ def test_attention_view_of_blend_separates_text_and_image_tokens(tiny_pipe, inpu
     assert view.token_labels[0] == "<start>" and view.token_labels[77] == "image token 1"
 
 
+def test_attention_view_of_a_words_only_run_names_its_words(tiny_pipe):
+    """``mode="text"`` (no image): the groups are the start token, the words and the padding, and the most
+    attended words are labelled by what they say, as in blend (not "tokens 1 to 76")."""
+    result = tiny_pipe.generate(mode="text", prompt="a red circle", steps=1, seed=0, trace_attention=True)
+    view = views.attention_view(result, tiny_pipe)
+    words = tiny_pipe.sd.tokenizer.convert_ids_to_tokens(tiny_pipe.sd.tokenizer("a red circle").input_ids[1:-1])
+    assert list(view.groups)[:3] == ["start token", f"the {len(words)} word tokens", "end + padding"]
+    assert view.token_labels[1 : 1 + len(words)] == [repr(word.replace("</w>", "")) for word in words]
+    assert all(label.startswith("token ") and label.split(": ")[1] in view.token_labels[1 : 1 + len(words)]
+               for label in list(view.groups)[3:])
+
+
 def test_attention_view_of_repeat_says_every_token_has_the_same_share(tiny_pipe, inputs):
     result = tiny_pipe.generate(inputs[0], steps=1, seed=0, trace_attention=True)
     view = views.attention_view(result)

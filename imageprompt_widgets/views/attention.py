@@ -171,7 +171,7 @@ def _prompt_words(result: Any, pipeline: Any) -> list[str] | None:
     """The text's tokens as SD's tokenizer splits them (without start and end), where the run had a text."""
     settings = result.settings
     tokenizer = getattr(getattr(pipeline, "sd", None), "tokenizer", None)
-    if tokenizer is None or settings.mode not in ("blend", "ip_adapter", "caption"):
+    if tokenizer is None or settings.mode not in ("text", "blend", "ip_adapter", "caption"):
         return None
     text = settings.prompt
     if settings.mode == "caption":
