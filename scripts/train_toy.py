@@ -7,6 +7,7 @@
     nice python scripts/train_toy.py --stages vae,unet,ip_adapter,ip_adapter_plus,variations,projector
                                                       # all but the CLIP (it trains first and alone; each stage
                                                       # seeds itself, so this writes what the full run writes)
+    nice python scripts/train_toy.py --stages fine    # only the 16 x 16 base (fine/), beside the shipped one
 
 Seeded and single-threaded (``torch.set_num_threads(1)``): with the same torch on the same kind of
 CPU it writes the same bytes. The training code itself is ``imageprompt_widgets/toy/train.py``.
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="a few steps of every stage, to check the code runs")
     parser.add_argument("--stages", default=None,
                         help="train only these stages (comma-separated: vae, unet, ip_adapter, ip_adapter_plus, "
-                             "variations, projector) on the models already in --out; keeps the others' records")
+                             "variations, projector, fine) on the models already in --out; keeps the others' records")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="change one field of the training budget (experiments; the shipped weights use none)")
     args = parser.parse_args(argv)
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"note: {', '.join(left)} stay trained on the previous base; train them again with it")
     else:
         stale_paths = ["clip", "sd", train.ADAPTER_SUBFOLDER, train.VARIATIONS_SUBFOLDER, train.PROJECTOR_SUBFOLDER,
-                       "training.json"]
+                       train.FINE_SUBFOLDER, "training.json"]
     for stale in stale_paths:
         path = args.out / stale
         if path.is_dir():

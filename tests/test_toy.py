@@ -121,9 +121,11 @@ def test_the_shipped_weights_are_what_the_training_script_writes():
     assert record["budget"] == asdict(train.Budget()) and record["seed"] == 0
     assert record["torch_threads"] == 1
     assert [stage["name"] for stage in record["stages"]] == ["clip", "vae", "unet", "image_pool",
-                                                             *train.IMAGE_PROMPT_STAGES]
+                                                             *train.IMAGE_PROMPT_STAGES, "fine_vae", "fine_unet"]
     names = sorted(str(p.relative_to(WEIGHTS)) for p in WEIGHTS.rglob("*.safetensors"))
-    assert names == ["clip/model.safetensors", "ip_adapter/ip-adapter-plus_toy.safetensors",
+    assert names == ["clip/model.safetensors", "fine/text_encoder/model.safetensors",
+                     "fine/unet/diffusion_pytorch_model.safetensors", "fine/vae/diffusion_pytorch_model.safetensors",
+                     "ip_adapter/ip-adapter-plus_toy.safetensors",
                      "ip_adapter/ip-adapter_toy.safetensors", "projector/projector.safetensors",
                      "sd/text_encoder/model.safetensors", "sd/unet/diffusion_pytorch_model.safetensors",
                      "sd/vae/diffusion_pytorch_model.safetensors", "variations/image_encoder/model.safetensors",
@@ -217,7 +219,8 @@ def test_a_small_method_table_recomputes(toy_pipe):
 def test_every_training_stage_runs_and_repeats_itself(tmp_path):
     train.train_all(tmp_path / "a", train.Budget.smoke(), log=lambda _: None)
     record = json.loads((tmp_path / "a" / "training.json").read_text())
-    stages = ["clip", "vae", "unet", "image_pool", "ip_adapter", "ip_adapter_plus", "variations", "projector"]
+    stages = ["clip", "vae", "unet", "image_pool", "ip_adapter", "ip_adapter_plus", "variations", "projector",
+              "fine_vae", "fine_unet"]
     assert [stage["name"] for stage in record["stages"]] == stages
     for output in train.STAGE_OUTPUTS.values():
         assert (tmp_path / "a" / output).exists(), output
@@ -240,10 +243,36 @@ def test_the_base_trained_again_alone_writes_the_full_runs_bytes(tmp_path):
     train.train_all(tmp_path, budget, log=lambda _: None)
     parts = ["vae/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.safetensors"]
     full = {part: (tmp_path / "sd" / part).read_bytes() for part in parts}
+    fine = {part: (tmp_path / "fine" / part).read_bytes() for part in parts}
     train.train_all(tmp_path, budget, log=lambda _: None, stages=("vae", "unet"))
     assert {part: (tmp_path / "sd" / part).read_bytes() for part in parts} == full
     record = json.loads((tmp_path / "training.json").read_text())
-    assert [stage["name"] for stage in record["stages"]] == ["clip", "vae", "unet"]
+    assert [stage["name"] for stage in record["stages"]] == ["clip", "vae", "unet", "fine_vae", "fine_unet"]
+    (tmp_path / "fine" / parts[1]).unlink()
+    train.train_all(tmp_path, budget, log=lambda _: None, stages=("fine",))
+    assert {part: (tmp_path / "fine" / part).read_bytes() for part in parts} == fine
+
+
+def test_the_fine_base_is_a_16_by_16_world_stored_in_half_precision_with_the_bases_text_tower(tmp_path):
+    """``fine/``: the same CLIP text tower byte for byte, its own VAE (factor 4) and UNet in float16 (all the toy
+    weights stay under 20 MB), loaded back as float32 by diffusers; the budget's fine fields are what it trains."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    budget = dataclasses.replace(train.Budget.smoke(), adapter_steps=0, plus_steps=0, variations_steps=0,
+                                 projector_steps=0)
+    assert budget.fine().latent_factor == 4 and budget.fine().latent_std == budget.fine_latent_std
+    assert budget.fine().unet_steps == budget.unet_steps and budget.fine().unet_noisy_bias == 2.0
+    train.train_all(tmp_path, budget, log=lambda _: None)
+    text = "text_encoder/model.safetensors"
+    assert (tmp_path / "fine" / text).read_bytes() == (tmp_path / "sd" / text).read_bytes()
+    for part, kind in (("vae", AutoencoderKL), ("unet", UNet2DConditionModel)):
+        stored = load_file(str(tmp_path / "fine" / part / "diffusion_pytorch_model.safetensors"))
+        assert {tensor.dtype for tensor in stored.values()} == {torch.float16}
+        assert kind.from_pretrained(str(tmp_path / "fine"), subfolder=part).dtype == torch.float32
+    assert train._load_sd_part(tmp_path, "unet").config.sample_size == world.IMAGE_SIZE // 8
+    assert UNet2DConditionModel.from_pretrained(str(tmp_path / "fine"), subfolder="unet").config.sample_size == (
+        world.IMAGE_SIZE // 4)
 
 
 @pytest.mark.parametrize("factor", train.LATENT_FACTORS)

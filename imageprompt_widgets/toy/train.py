@@ -16,7 +16,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +143,17 @@ class Budget:
     projector_batch: int = 16
     projector_lr: float = 1e-3
     projector_hidden: int = 256
+    #: The ``fine`` stage: a second text-to-image base (VAE and UNet) on a 16 × 16 latent, whose word maps show
+    #: where (docs/toy_world.md, "Do the attention maps show where?"); latents at half SD's spread and timesteps
+    #: leaning noisy (bias 2), the two changes that kept most of the named shapes at that size.
+    fine_latent_factor: int = 4
+    fine_latent_std: float = 0.5
+    fine_unet_noisy_bias: float = 2.0
+
+    def fine(self) -> Budget:
+        """This budget for the ``fine`` stage's base: the same steps, on the finer latent."""
+        return replace(self, latent_factor=self.fine_latent_factor, latent_std=self.fine_latent_std,
+                       unet_noisy_bias=self.fine_unet_noisy_bias)
 
     @classmethod
     def smoke(cls) -> Budget:
@@ -797,19 +808,32 @@ def save_sd(folder: Path, vae: Any, text_encoder: Any, tokenizer: Any, unet: Any
     pipe.save_pretrained(str(folder), safe_serialization=True)
 
 
+def save_fine(folder: Path, vae: Any, text_encoder: Any, tokenizer: Any, unet: Any) -> None:
+    """The ``fine`` base as an SD folder, its VAE and UNet stored in float16 (half the bytes, so all the toy weights
+    stay under 20 MB; diffusers loads them as float32, and every measurement of it is on these rounded weights).
+    The text encoder is the base's, in float32, byte for byte."""
+    import copy
+
+    save_sd(folder, copy.deepcopy(vae).half(), text_encoder, tokenizer, copy.deepcopy(unet).half())
+
+
 #: The image-prompt stages, in the order they train (``scripts/train_toy.py --stages``).
 IMAGE_PROMPT_STAGES = ("ip_adapter", "ip_adapter_plus", "variations", "projector")
-#: Every stage, in order; all but ``clip`` can be trained again alone (``train_all(stages=...)``).
-STAGES = ("clip", "vae", "unet", *IMAGE_PROMPT_STAGES)
+#: Every stage, in order; all but ``clip`` can be trained again alone (``train_all(stages=...)``). ``fine`` is
+#: the second base on the 16 × 16 latent (its own VAE and UNet, the same CLIP), written to ``fine/``.
+STAGES = ("clip", "vae", "unet", *IMAGE_PROMPT_STAGES, "fine")
 PLUS_WEIGHT_NAME = "ip-adapter-plus_toy.safetensors"
-VARIATIONS_SUBFOLDER, PROJECTOR_SUBFOLDER = "variations", "projector"
-#: What each image-prompt stage writes under the weights folder (removed before it trains again).
+VARIATIONS_SUBFOLDER, PROJECTOR_SUBFOLDER, FINE_SUBFOLDER = "variations", "projector", "fine"
+#: What each stage after the base writes under the weights folder (removed before it trains again).
 STAGE_OUTPUTS = {
     "ip_adapter": f"{ADAPTER_SUBFOLDER}/{ADAPTER_WEIGHT_NAME}",
     "ip_adapter_plus": f"{ADAPTER_SUBFOLDER}/{PLUS_WEIGHT_NAME}",
     "variations": VARIATIONS_SUBFOLDER,
     "projector": PROJECTOR_SUBFOLDER,
+    "fine": FINE_SUBFOLDER,
 }
+#: The stage records of training.json, in the order they train.
+_RECORD_ORDER = ("clip", "vae", "unet", "image_pool", *IMAGE_PROMPT_STAGES, "fine_vae", "fine_unet")
 _STAGE_STEPS = {"ip_adapter": "adapter_steps", "ip_adapter_plus": "plus_steps", "variations": "variations_steps",
                 "projector": "projector_steps"}
 
@@ -897,9 +921,9 @@ def train_image_prompts(out: Path, models: tuple[Any, Any, Any, Any, Any], budge
 
 def train_all(out: str | Path, budget: Budget | None = None, seed: int = 0, log: Log = print,
               stages: tuple[str, ...] | None = None) -> list[StageReport]:
-    """Every stage in order, written to ``out/clip``, ``out/sd`` and the image-prompt folders (``ip_adapter``,
-    ``variations``, ``projector``); returns the stages' wall times and peak memory (also written to
-    ``out/training.json``).
+    """Every stage in order, written to ``out/clip``, ``out/sd``, the image-prompt folders (``ip_adapter``,
+    ``variations``, ``projector``) and ``out/fine`` (the 16 × 16 base); returns the stages' wall times and peak
+    memory (also written to ``out/training.json``).
 
     ``stages`` (a subset of :data:`STAGES` without ``clip``) trains only those, on the models already in ``out``
     (the CLIP, and the VAE and UNet unless they are among ``stages``); the records of the other stages in
@@ -933,16 +957,21 @@ def train_all(out: str | Path, budget: Budget | None = None, seed: int = 0, log:
             save_sd(out / "sd", vae, text_encoder, tokenizer, unet)
         chosen = IMAGE_PROMPT_STAGES if stages is None else tuple(s for s in IMAGE_PROMPT_STAGES if s in stages)
         train_image_prompts(out, (clip, text_encoder, tokenizer, vae, unet), budget, seed, log, reports, chosen)
+        if stages is None or "fine" in stages:
+            fine = budget.fine()
+            fine_vae = timed("fine_vae", reports, log)(lambda: train_vae(fine, seed, log))
+            fine_unet = timed("fine_unet", reports, log)(
+                lambda: train_unet(text_encoder, tokenizer, fine_vae, fine, seed, log))
+            save_fine(out / FINE_SUBFOLDER, fine_vae, text_encoder, tokenizer, fine_unet)
     record = {"seed": seed, "budget": asdict(budget), "torch_threads": torch.get_num_threads(),
               "torch": torch.__version__, "stages": [asdict(report) for report in reports]}
     previous = out / "training.json"
     if stages is not None and previous.is_file():
         kept = json.loads(previous.read_text(encoding="utf-8")).get("stages", [])
         trained = {report.name for report in reports}
-        order = ["clip", "vae", "unet", "image_pool", *IMAGE_PROMPT_STAGES]
         merged = [stage for stage in kept if stage["name"] not in trained] + record["stages"]
-        record["stages"] = sorted(merged, key=lambda stage: order.index(stage["name"]) if stage["name"] in order
-                                  else len(order))
+        record["stages"] = sorted(merged, key=lambda stage: _RECORD_ORDER.index(stage["name"])
+                                  if stage["name"] in _RECORD_ORDER else len(_RECORD_ORDER))
     record["total_seconds"] = round(sum(stage["seconds"] for stage in record["stages"]), 1)
     record["peak_memory_mib"] = max(stage["peak_mib"] for stage in record["stages"])
     previous.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
