@@ -27,6 +27,9 @@ TOY_IP_ADAPTER = f"{TOY_ADAPTER_FOLDER}::ip-adapter_toy.safetensors"
 TOY_IP_ADAPTER_PLUS = f"{TOY_ADAPTER_FOLDER}::ip-adapter-plus_toy.safetensors"
 TOY_VARIATIONS_FOLDER = TOY_WEIGHTS / "variations"
 TOY_PROJECTOR_FOLDER = TOY_WEIGHTS / "projector"
+#: The toy world's second text-to-image base, on a 16 × 16 latent (toy/train.py's ``fine`` stage): the one whose
+#: cross-attention maps show where (the 8 × 8 base's do not).
+TOY_FINE_FOLDER = TOY_WEIGHTS / "fine"
 DEFAULT_PRESET = "sd14"
 
 
@@ -170,6 +173,16 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
             defaults=(*_TOY_DEFAULTS, ("words_min_gain", 0.1)),
             captioner=str(TOY_CLIP_FOLDER),
             projector=str(TOY_PROJECTOR_FOLDER),
+        ),
+        "toy-fine": Preset(
+            name="toy-fine",
+            sd_model=str(TOY_FINE_FOLDER),
+            clip_model=str(TOY_CLIP_FOLDER),
+            note="the toy world on a 16 × 16 latent (its own VAE and UNet, the same CLIP): the base whose attention "
+                 "maps show where the named shape is drawn; it draws the named shape less often than toy",
+            download_size="nothing (shipped inside the package)",
+            defaults=(*_TOY_DEFAULTS, ("words_min_gain", 0.1)),
+            captioner=str(TOY_CLIP_FOLDER),
         ),
         "toy-ip-adapter": Preset(
             name="toy-ip-adapter",
@@ -540,7 +553,7 @@ def shown_source(source: str) -> str:
 
 def runs_toy_weights(preset: Preset) -> bool:
     """Whether a preset runs the toy world's shipped weights (its SD folder lies under the toy weights: ``toy``,
-    ``toy-ip-adapter``, ``toy-ip-adapter-plus``, ``toy-variations``)."""
+    ``toy-fine``, ``toy-ip-adapter``, ``toy-ip-adapter-plus``, ``toy-variations``)."""
     return bool(preset.sd_model) and Path(preset.sd_model).resolve().is_relative_to(TOY_WEIGHTS.resolve())
 
 

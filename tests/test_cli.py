@@ -192,10 +192,10 @@ def _generate_help() -> dict[str, str]:
 @pytest.mark.parametrize(
     ("name", "expected"),
     [
-        ("steps", ("denoising steps; 1 to 150 (default: 30; 20 on toy, toy-ip-adapter, toy-ip-adapter-plus, toy-variations; 4 on sd15-live, "
+        ("steps", ("denoising steps; 1 to 150 (default: 30; 20 on toy, toy-fine, toy-ip-adapter, toy-ip-adapter-plus, toy-variations; 4 on sd15-live, "
                    "tiny-live, sdxl-live, tiny-sdxl-live; 8 on sd15-hyper, tiny-hyper)")),
         ("guidance_scale", ("classifier-free guidance: how hard each step pulls towards the prompt and away from the "
-                           "negative; 1 or less turns it off; 0 to 20 (default: 7.5; 2.0 on toy, toy-ip-adapter, toy-ip-adapter-plus, toy-variations; 1.0 on sd15-live, "
+                           "negative; 1 or less turns it off; 0 to 20 (default: 7.5; 2.0 on toy, toy-fine, toy-ip-adapter, toy-ip-adapter-plus, toy-variations; 1.0 on sd15-live, "
                            "tiny-live, sdxl-live, tiny-sdxl-live; 5.0 on sd15-hyper, tiny-hyper, sdxl, tiny-sdxl, sdxl-ip-adapter, "
                            "sdxl-ip-adapter-plus, tiny-sdxl-ip-adapter, tiny-sdxl-ip-adapter-plus)")),
         ("seed", "same seed, same picture; 0 to 4294967295 (default: 0)"),
@@ -226,7 +226,7 @@ def test_help_on_the_terminal_shows_the_ranges() -> None:
         [sys.executable, "-m", "imageprompt_widgets.cli", "generate", "--help"],
         capture_output=True, text=True, check=True, timeout=120, env={**os.environ, "COLUMNS": "250"},
     ).stdout
-    assert ("--steps STEPS         denoising steps; 1 to 150 (default: 30; 20 on toy, toy-ip-adapter, toy-ip-adapter-plus, toy-variations; 4 on "
+    assert ("--steps STEPS         denoising steps; 1 to 150 (default: 30; 20 on toy, toy-fine, toy-ip-adapter, toy-ip-adapter-plus, toy-variations; 4 on "
             "sd15-live, tiny-live, sdxl-live, tiny-sdxl-live; 8 on sd15-hyper, tiny-hyper)\n") in help_text  # each preset's own starting value, where it has one
     assert "0 to 4294967295" in help_text
 

@@ -42,6 +42,11 @@ def variations_pipe():
     return _load("toy-variations")
 
 
+@pytest.fixture(scope="module")
+def fine_pipe():
+    return _load("toy-fine")
+
+
 @pytest.fixture
 def picture():
     return world.held_out_scenes()[0].draw()
@@ -293,16 +298,21 @@ def test_the_adapter_maps_miou_on_a_hand_made_map_and_mask():
         localise.adapter_map_localisation(_RecordedRun([Image.fromarray(square)], None), world.held_out_scenes(1))
 
 
-def test_the_localisation_command_prints_the_word_and_adapter_rows(capsys):
+def test_the_localisation_command_prints_the_word_and_adapter_rows_and_draws_the_grid(capsys, tmp_path):
+    from PIL import Image
+
     from imageprompt_widgets.toy import localise
 
-    assert localise.main(["--scenes", "1", "--steps", "2"]) == 0
+    assert localise.main(["--scenes", "2", "--steps", "2", "--grid", str(tmp_path / "maps.png")]) == 0
     printed = capsys.readouterr().out
     rows = {line.split("|")[1].strip(): line for line in printed.splitlines() if line.startswith("| ")}
-    assert set(rows) >= {"word maps", "IP-Adapter image-token maps"}
-    for label in ("word maps", "IP-Adapter image-token maps"):
+    labels = ("word maps", "IP-Adapter image-token maps", localise.FINE_LABEL)
+    assert set(rows) >= set(labels)
+    with Image.open(tmp_path / "maps.png") as drawn:  # per caption both bases had a shape for: 4 tiles of 128 px
+        assert drawn.width == 4 * 130 + 2 and (drawn.height - 2) % 130 == 0
+    for label in labels:
         cells = [cell.strip() for cell in rows[label].strip("|").split("|")]
-        assert cells[1] in ("0", "1") and 0.0 <= float(cells[2]) <= 1.0 and 0.0 <= float(cells[3]) <= 1.0
+        assert cells[1] in ("0", "1", "2") and 0.0 <= float(cells[2]) <= 1.0 and 0.0 <= float(cells[3]) <= 1.0
         assert float(cells[4]) == pytest.approx(float(cells[2]) - float(cells[3]), abs=0.011)
 
 def test_the_judges_colour_mask_is_the_drawn_shape():
@@ -321,6 +331,58 @@ def test_the_inspectors_row_says_what_the_judge_read_and_what_was_kept():
     assert run_row(picture, output) == ("The toy world's judge read the input as red circle on blue and the output "
                                         "as red square on green: kept colour.")
     assert run_row(picture, picture).endswith("kept colour, shape, background.")
+
+
+def test_the_fine_toy_base_runs_a_16_by_16_latent_in_float32_and_is_bare_diffusers(fine_pipe, toy_pipe):
+    """``toy-fine``: the toy CLIP's text tower as in ``toy``, a VAE that downsamples 4× and a UNet on its 16 × 16
+    latent, stored in float16 and run in float32; text-to-image equals bare diffusers on the caption."""
+    from PIL import Image
+
+    assert fine_pipe.sd.vae_scale_factor == 4 and fine_pipe.sd.unet.config.sample_size == 16
+    assert {fine_pipe.sd.unet.dtype, fine_pipe.sd.vae.dtype, fine_pipe.sd.text_encoder.dtype} == {torch.float32}
+    mine, base = fine_pipe.sd.text_encoder.state_dict(), toy_pipe.sd.text_encoder.state_dict()
+    assert all(torch.equal(mine[name], base[name]) for name in base)
+    caption = world.held_out_scenes()[0].caption
+    ours = fine_pipe.generate(Image.new("RGB", (64, 64), measure.GREY), mode="blend", prompt=caption, image_weight=0,
+                              trace_attention=True, **FAST)
+    bare = fine_pipe.sd(prompt=caption, num_inference_steps=3, guidance_scale=ours.settings.guidance_scale,
+                        generator=torch.Generator("cpu").manual_seed(5)).images[0]
+    assert ours.images[0].size == (64, 64) and np.array_equal(np.asarray(ours.images[0]), np.asarray(bare))
+    assert tuple(ours.trace.attention_maps.shape[-2:]) == (16, 16)
+
+
+def test_the_attention_view_on_toy_fine_says_its_maps_show_where(fine_pipe, toy_pipe, picture):
+    from imageprompt_widgets.views.attention import (
+        TOY_FINE_LOCALISATION_NOTE,
+        TOY_LOCALISATION_NOTE,
+        attention_view,
+    )
+
+    caption = world.held_out_scenes()[0].caption
+    for pipe, said, not_said in ((fine_pipe, TOY_FINE_LOCALISATION_NOTE, TOY_LOCALISATION_NOTE),
+                                 (toy_pipe, TOY_LOCALISATION_NOTE, TOY_FINE_LOCALISATION_NOTE)):
+        res = pipe.generate(picture, mode="blend", prompt=caption, image_weight=0.0, trace_attention=True, **FAST)
+        described = attention_view(res, pipe).describe()
+        assert said in described and not_said not in described
+    assert "toy-fine" in TOY_LOCALISATION_NOTE  # the 8 × 8 presets point to the base whose maps localise
+
+
+@pytest.mark.slow
+def test_the_fine_bases_word_maps_meet_the_target_and_the_notes_quote_the_measure(fine_pipe):
+    """The issue's target on the shipped ``toy-fine`` (24 held-out captions, its defaults): mIoU ≥ 0.55 and at
+    least 0.1 above the centred disc on the same pictures; both notes quote these numbers, and the shape rate."""
+    from imageprompt_widgets.toy import localise
+    from imageprompt_widgets.views.attention import TOY_FINE_LOCALISATION_NOTE, TOY_LOCALISATION_NOTE
+
+    words = localise.word_map_localisation(fine_pipe, label=localise.FINE_LABEL)
+    assert words.miou >= 0.55 and words.miou - words.disc_miou >= 0.1, localise.localisation_table([words])
+    assert (f"overlap the drawn shape with mIoU {words.miou:.2f} on {len(words.words)} held-out captions, "
+            f"{words.miou - words.disc_miou:.2f} above a fixed centred disc's {words.disc_miou:.2f}") in (
+        TOY_FINE_LOCALISATION_NOTE)
+    assert f"could score {words.ceiling_miou:.2f}" in TOY_FINE_LOCALISATION_NOTE
+    assert f"score {words.miou:.2f} against the disc's {words.disc_miou:.2f}" in TOY_LOCALISATION_NOTE
+    shape = measure.text_to_image(fine_pipe).tally.rate("shape")
+    assert f"draws the named shape for {100 * shape:.0f} % of the 48 held-out captions" in TOY_FINE_LOCALISATION_NOTE
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from ..presets import TOY_ADAPTER_FOLDER as ADAPTER_FOLDER
 from ..presets import TOY_CLIP_FOLDER as CLIP_FOLDER
+from ..presets import TOY_FINE_FOLDER as FINE_FOLDER
 from ..presets import TOY_PROJECTOR_FOLDER as PROJECTOR_FOLDER
 from ..presets import TOY_SD_FOLDER as SD_FOLDER
 from ..presets import TOY_VARIATIONS_FOLDER as VARIATIONS_FOLDER
@@ -21,6 +22,6 @@ from ..presets import TOY_WEIGHTS as WEIGHTS
 #: The shipped weights: ``sd`` (a StableDiffusionPipeline folder), ``clip`` (a CLIPModel folder, with the world's
 #: captions for the zero-shot caption route), the image-prompt stages' ``ip_adapter`` (the plain and Plus
 #: adapters in h94's layout), ``variations`` (a StableDiffusionImageVariationPipeline folder) and ``projector``,
-#: and ``training.json`` (how they were made).
+#: ``fine`` (the 16 × 16 base of the ``toy-fine`` preset), and ``training.json`` (how they were made).
 
-__all__ = ["ADAPTER_FOLDER", "CLIP_FOLDER", "PROJECTOR_FOLDER", "SD_FOLDER", "VARIATIONS_FOLDER", "WEIGHTS"]
+__all__ = ["ADAPTER_FOLDER", "CLIP_FOLDER", "FINE_FOLDER", "PROJECTOR_FOLDER", "SD_FOLDER", "VARIATIONS_FOLDER", "WEIGHTS"]

@@ -17,11 +17,12 @@ The IP-Adapter's image tokens are measured the same way (:func:`adapter_map_loca
 as the prompt on ``toy-ip-adapter`` (its defaults), the adapter tokens' maps (``trace.extras
 ["adapter_attention_maps"]``: their own softmax, weighted by the adapter's scale) aggregated and thresholded as
 the words' are, against the judge's colour mask of the output, beside the disc on the same outputs.
-``python -m imageprompt_widgets.toy.localise`` prints both rows.
+``python -m imageprompt_widgets.toy.localise`` prints both rows, and a third: the word maps of ``toy-fine``, the
+same world's base on a 16 × 16 latent (the one whose maps show where).
 
-The recorder (engine/attention.py) sums every layer at the latent grid (8 × 8 in the toy world; the 4 × 4 layers
-upsampled bilinearly) before this upsampling; DAAM brings each layer to a common grid (bicubic) first. The two
-differ only in how the 4 × 4 layers are interpolated; the numbers in docs/toy_world.md are this module's.
+The recorder (engine/attention.py) sums every layer at the latent grid (8 × 8 in the toy world, 16 × 16 on
+``toy-fine``; coarser layers upsampled bilinearly) before this upsampling; DAAM brings each layer to a common grid (bicubic) first. The two
+differ only in how the coarser layers are interpolated; the numbers in docs/toy_world.md are this module's.
 """
 
 from __future__ import annotations
@@ -114,6 +115,9 @@ class Localisation:
     contrast: list[float] = field(default_factory=list)
     skipped: int = 0  # outputs where the judge saw no shape (no truth to compare with)
     label: str = "word maps"
+    #: Per picture (measured or not): its scene's index, the output and where its maps are above τ (:func:`lit`,
+    #: the docs' grid).
+    shown: list[tuple[int, Any, np.ndarray]] = field(default_factory=list, repr=False)
 
     @property
     def miou(self) -> float:
@@ -149,25 +153,40 @@ class Localisation:
                 f"τ = {TAU})")
 
 
+#: The row of the ``toy-fine`` preset's word maps (its 16 × 16 latent) in the table.
+FINE_LABEL = "word maps, toy-fine (16 × 16 latent)"
+
+
 def word_map_localisation(pipe: Any, scenes: Sequence[Scene] | None = None, tau: float = TAU,
-                          **settings: Any) -> Localisation:
+                          label: str = "word maps", **settings: Any) -> Localisation:
     """Text-to-image on each held-out caption with the attention recorded; the colour and shape words' maps
     against the judge's colour mask of the output (seed = the scene's index)."""
     scenes = list(held_out_scenes(24) if scenes is None else scenes)
     grey = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (128, 128, 128))
     disc = centred_disc()
-    found = Localisation()
+    found = Localisation(label=label)
     for index, scene in enumerate(scenes):
         drawn = (np.asarray(scene.draw()) == np.array(PALETTE[scene.colour], dtype=np.uint8)).all(-1)
         found.disc_on_world.append(iou(disc, drawn))
         result = pipe.generate(grey, mode="blend", prompt=scene.caption, image_weight=0.0, seed=index,
                                trace_attention=True, **settings)
+        maps = result.trace.attention_maps[0]
+        found.shown.append((index, result.images[0], word_mask(maps, (COLOUR_TOKEN, SHAPE_TOKEN), tau=tau)))
         truth = colour_mask(result.images[0])
         if truth is None:
             found.skipped += 1
             continue
-        found.add(result.trace.attention_maps[0], [(COLOUR_TOKEN, SHAPE_TOKEN)], truth, disc, tau)
+        found.add(maps, [(COLOUR_TOKEN, SHAPE_TOKEN)], truth, disc, tau)
     return found
+
+
+def lit(picture: Any, mask: np.ndarray, kept: float = 0.25) -> Image.Image:
+    """The picture washed out to grey outside ``mask`` (``kept`` of each pixel left): where a map says the words
+    act, in the picture's own pixels (the shape should be what keeps its colour; grey, not dark, so that a black
+    background shows the difference too)."""
+    pixels = np.asarray(picture.convert("RGB"), dtype=np.float32)
+    washed = kept * pixels + (1 - kept) * 128.0
+    return Image.fromarray(np.where(mask[..., None], pixels, washed).round().astype(np.uint8))
 
 
 class NoAdapterAttentionError(ValueError):
@@ -202,6 +221,15 @@ def adapter_map_localisation(pipe: Any, scenes: Sequence[Scene] | None = None, t
     return found
 
 
+def lit_rows(measured: Sequence[Localisation], count: int = 6) -> list[list[Image.Image]]:
+    """The first ``count`` captions of the measurements, one row each: per measurement the output, then the output
+    :func:`lit` where its word maps are above τ."""
+    kept = [{index: (output, mask) for index, output, mask in found.shown} for found in measured]
+    common = sorted(set.intersection(*(set(pictures) for pictures in kept)))[:count]
+    return [[picture for pictures in kept for picture in (pictures[index][0], lit(*pictures[index]))]
+            for index in common]
+
+
 def localisation_table(rows: Sequence[Localisation]) -> str:
     """Measured maps and the centred disc on the same generated pictures, as Markdown (one row per map kind)."""
     lines = [(f"| maps (τ = {TAU}) | pictures | mIoU | centred disc, same pictures | above the disc | "
@@ -214,14 +242,18 @@ def localisation_table(rows: Sequence[Localisation]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m imageprompt_widgets.toy.localise``: the word maps (``toy``, text-to-image) and the IP-Adapter's
-    image-token maps (``toy-ip-adapter``) against the judge's mask, beside the centred disc, as Markdown."""
+    """``python -m imageprompt_widgets.toy.localise``: the word maps (``toy`` and ``toy-fine``, text-to-image) and the
+    IP-Adapter's image-token maps (``toy-ip-adapter``) against the judge's mask, beside the centred disc, as
+    Markdown."""
     import argparse
     import time
 
     parser = argparse.ArgumentParser(description="Do the toy world's attention maps show where? (DAAM's mIoU)")
     parser.add_argument("--scenes", type=int, default=24, help="how many held-out scenes (24: each combination once)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the presets')")
+    parser.add_argument("--grid", default=None, metavar="PNG",
+                        help="save the first six captions' pictures as a grid: on toy, then on toy-fine, each output "
+                             "beside itself lit where the word maps are above τ")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     from ..engine.pipeline import ImagePromptPipeline
@@ -231,10 +263,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     words = word_map_localisation(ImagePromptPipeline.from_preset("toy"), scenes, **extra)
     adapter = adapter_map_localisation(ImagePromptPipeline.from_preset("toy-ip-adapter"), scenes, **extra)
-    print(localisation_table([words, adapter]))
-    skipped = words.skipped + adapter.skipped
-    print(f"\n({2 * len(scenes)} pictures in {time.perf_counter() - start:.0f} s; {skipped} with no shape to compare "
+    fine = word_map_localisation(ImagePromptPipeline.from_preset("toy-fine"), scenes, label=FINE_LABEL, **extra)
+    print(localisation_table([words, adapter, fine]))
+    skipped = words.skipped + adapter.skipped + fine.skipped
+    print(f"\n({3 * len(scenes)} pictures in {time.perf_counter() - start:.0f} s; {skipped} with no shape to compare "
           "left out)")
+    if args.grid:
+        from .measure import grid
+
+        rows = lit_rows([words, fine])
+        grid(rows, scale=2).quantize(256, method=Image.Quantize.MEDIANCUT).save(args.grid, optimize=True)
     return 0
 
 

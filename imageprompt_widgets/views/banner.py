@@ -49,8 +49,9 @@ class Banner:
 
 
 def is_toy_world(preset: str | Preset) -> bool:
-    """Whether a preset runs the toy world's shipped weights (trained on coloured shapes, not photographs): ``toy``
-    and its image-prompt presets (``toy-ip-adapter``, ``toy-ip-adapter-plus``, ``toy-variations``)."""
+    """Whether a preset runs the toy world's shipped weights (trained on coloured shapes, not photographs): ``toy``,
+    its 16 × 16 base ``toy-fine``, and its image-prompt presets (``toy-ip-adapter``, ``toy-ip-adapter-plus``,
+    ``toy-variations``)."""
     return runs_toy_weights(resolve_preset(preset))
 
 
