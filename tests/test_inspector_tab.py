@@ -304,6 +304,23 @@ def test_the_attention_section_lays_the_runs_maps_over_its_output(tiny_pipe, inp
     assert width > 200 and height > 100
 
 
+def test_on_the_toy_world_the_attention_section_says_how_well_its_maps_localise():
+    """The view's notes reach the panel: on toy-fine that its word maps show where (with the measured mIoU), on toy
+    that they do not and which base does."""
+    from imageprompt_widgets import ImagePromptPipeline
+    from imageprompt_widgets.toy import world
+    from imageprompt_widgets.views.attention import TOY_FINE_LOCALISATION_NOTE, TOY_LOCALISATION_NOTE
+
+    caption = world.held_out_scenes()[0].caption
+    for preset, said in (("toy-fine", TOY_FINE_LOCALISATION_NOTE), ("toy", TOY_LOCALISATION_NOTE)):
+        pipe = ImagePromptPipeline.from_preset(preset)
+        result = pipe.generate(mode="text", prompt=caption, steps=2, seed=0, trace_attention=True)
+        tab = InspectorTab()
+        tab.show(result, pipe)
+        open_section(tab, "Attention")
+        assert "Attention" not in tab.errors and html.escape(said) in tab.attention_text.value
+
+
 def test_without_traced_attention_the_section_says_how_to_get_it(tiny_pipe, run):
     tab = InspectorTab()
     tab.show(run, tiny_pipe)

@@ -55,6 +55,9 @@ def toy_localisation_note(preset: Any) -> str | None:
 
 #: Individual tokens shown besides the groups (the ones with the largest share).
 TOP_TOKENS = 3
+#: A text of at most this many words gets a panel per word, in order (a caption's colour and shape words are
+#: rarely among the most attended: "on", "a" and padding are); a longer one its :data:`TOP_TOKENS`.
+EVERY_WORD_UP_TO = 8
 #: Panels per row of the figure (three keep its titles readable in the panel's column).
 COLUMNS = 3
 
@@ -242,8 +245,10 @@ def _default_groups(maps: torch.Tensor, settings: Any, words: list[str] | None, 
         notes.append(f"interpolate: every token is (1 - {settings.image_weight}) x text + {settings.image_weight} x "
                      "image, so the groups are the text's positions, each a mix.")
     if words:
-        top = sorted(range(1, 1 + len(words)), key=lambda i: -float(shares[i]))[:TOP_TOKENS]
-        text_groups.update({f"token {i}: {labels[i]}": [i] for i in top})  # the same word may come twice
+        positions = range(1, 1 + min(len(words), count - 1))
+        shown = (list(positions) if len(words) <= EVERY_WORD_UP_TO
+                 else sorted(positions, key=lambda i: -float(shares[i]))[:TOP_TOKENS])
+        text_groups.update({f"token {i}: {labels[i]}": [i] for i in shown})  # the same word may come twice
     return text_groups
 
 

@@ -456,6 +456,9 @@ class InspectorTab(widgets.VBox):
             html.escape("Where each group of prompt tokens acts in the first output: its share of the "
                         "cross-attention at each latent position (mean over heads, layers and steps).")
             + _pre(views.attention_summary(view))
+            # what the view knows about these maps: identical tokens in repeat, the adapter's own softmax, and on
+            # the toy world how well its maps localise (measured), so a class reads them as they deserve
+            + "".join(f"<p style='margin: 6px 0 0'>{html.escape(note)}</p>" for note in view.notes)
         )
 
     def run_direction_gap(self) -> Job | None:
