@@ -21,8 +21,9 @@ the words' are, against the judge's colour mask of the output, beside the disc o
 same world's base on a 16 × 16 latent (the one whose maps show where).
 
 The recorder (engine/attention.py) sums every layer at the latent grid (8 × 8 in the toy world, 16 × 16 on
-``toy-fine``; coarser layers upsampled bilinearly) before this upsampling; DAAM brings each layer to a common grid (bicubic) first. The two
-differ only in how the coarser layers are interpolated; the numbers in docs/toy_world.md are this module's.
+``toy-fine``; coarser layers upsampled bilinearly) before this upsampling; DAAM brings each layer to a common grid
+(bicubic) first. The two differ only in how the coarser layers are interpolated; the numbers in
+docs/toy_world.md are this module's.
 """
 
 from __future__ import annotations
