@@ -229,6 +229,10 @@ def test_every_training_stage_runs_and_repeats_itself(tmp_path):
     again = json.loads((tmp_path / "a" / "training.json").read_text())
     assert sorted(stage["name"] for stage in again["stages"]) == sorted(stages)
     assert again["stages"][:3] == record["stages"][:3]
+    # A stage trained alone loads the base from the folder; the configs it writes do not name that folder.
+    train.train_all(tmp_path / "a", train.Budget.smoke(), log=lambda _: None, stages=("variations",))
+    for part in ("unet", "vae"):
+        assert "_name_or_path" not in json.loads((tmp_path / "a" / "variations" / part / "config.json").read_text())
     tokenizer = train.write_tokenizer(tmp_path / "tokenizer")
     first = train.train_clip(tokenizer, train.Budget.smoke(), seed=0, log=lambda _: None).state_dict()
     again = train.train_clip(tokenizer, train.Budget.smoke(), seed=0, log=lambda _: None).state_dict()

@@ -856,11 +856,22 @@ def save_variations(folder: Path, vae: Any, clip: Any, unet: Any) -> None:
 
     side = world.IMAGE_SIZE
     pipe = StableDiffusionImageVariationPipeline(
-        vae=vae, image_encoder=vision_model_of(clip), unet=unet, scheduler=scheduler(), safety_checker=None,
+        vae=_unsourced(vae), image_encoder=vision_model_of(clip), unet=_unsourced(unet), scheduler=scheduler(),
+        safety_checker=None,
         feature_extractor=CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side}),
         requires_safety_checker=False,
     )
     pipe.save_pretrained(str(folder), safe_serialization=True)
+
+
+def _unsourced(model: Any) -> Any:
+    """``model`` with no ``_name_or_path`` in its config: ``from_pretrained`` records the folder it read (a stage
+    trained alone loads the base), which would write the training machine's path into the shipped config."""
+    from diffusers.configuration_utils import FrozenDict
+
+    if "_name_or_path" in model.config:
+        model._internal_dict = FrozenDict({k: v for k, v in model.config.items() if k != "_name_or_path"})
+    return model
 
 
 def load_base(weights: str | Path) -> tuple[Any, Any, Any, Any, Any]:
