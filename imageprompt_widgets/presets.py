@@ -102,6 +102,10 @@ class Preset:
 _VARIATIONS_DEFAULTS = (("mode", "single"), ("negative", "zeros"))
 #: The toy world's sampling: 20 steps, guidance 2 (what its measurements use).
 _TOY_DEFAULTS = (("steps", 20), ("guidance_scale", 2.0))
+#: The toy world's text-to-image bases (``toy``, ``toy-fine``) add ``words_min_gain``: the toy CLIP scores any
+#: longer text a little higher (it saw captions only), so its words chain stops at the caption only when a phrase
+#: must raise the cosine clearly (docs/toy_world.md, Words).
+_TOY_TEXT_TO_IMAGE_DEFAULTS = (*_TOY_DEFAULTS, ("words_min_gain", 0.1))
 #: The live mode: LCM-LoRA's 4 steps with the LCM scheduler and no unconditional pass (guidance 1), decoded by the
 #: tiny decoder (TAESD: at 512 px the full VAE decoder is ~40 % of a 4-step run's work, TAESD's ~3 %).
 LIVE_DEFAULTS = (("scheduler", "lcm"), ("steps", 4), ("guidance_scale", 1.0), ("decoder", "tiny"))
@@ -168,9 +172,7 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
             note="the toy world: a miniature SD and CLIP trained on 64 px coloured shapes ('a red circle on a "
                  "blue background'), shipped with the package: real behaviour offline, not Stable Diffusion",
             download_size="nothing (shipped inside the package, about 8 MB of safetensors)",
-            # words_min_gain: the toy CLIP scores any longer text a little higher (it saw captions only), so its chain
-            # stops at the caption only when a phrase must raise the cosine clearly (docs/toy_world.md, Words).
-            defaults=(*_TOY_DEFAULTS, ("words_min_gain", 0.1)),
+            defaults=_TOY_TEXT_TO_IMAGE_DEFAULTS,
             captioner=str(TOY_CLIP_FOLDER),
             projector=str(TOY_PROJECTOR_FOLDER),
         ),
@@ -181,7 +183,7 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
             note="the toy world on a 16 × 16 latent (its own VAE and UNet, the same CLIP): the base whose attention "
                  "maps show where the named shape is drawn; it draws the named shape less often than toy",
             download_size="nothing (shipped inside the package)",
-            defaults=(*_TOY_DEFAULTS, ("words_min_gain", 0.1)),
+            defaults=_TOY_TEXT_TO_IMAGE_DEFAULTS,
             captioner=str(TOY_CLIP_FOLDER),
         ),
         "toy-ip-adapter": Preset(
