@@ -231,8 +231,11 @@ def test_every_training_stage_runs_and_repeats_itself(tmp_path):
     assert again["stages"][:3] == record["stages"][:3]
     # A stage trained alone loads the base from the folder; the configs it writes do not name that folder.
     train.train_all(tmp_path / "a", train.Budget.smoke(), log=lambda _: None, stages=("variations",))
-    for part in ("unet", "vae"):
-        assert "_name_or_path" not in json.loads((tmp_path / "a" / "variations" / part / "config.json").read_text())
+    train.train_all(tmp_path / "a", train.Budget.smoke(), log=lambda _: None, stages=("vae",))  # the UNet is loaded
+    for folder in ("variations", "sd"):
+        for part in ("unet", "vae"):
+            config = json.loads((tmp_path / "a" / folder / part / "config.json").read_text())
+            assert "_name_or_path" not in config, (folder, part)
     tokenizer = train.write_tokenizer(tmp_path / "tokenizer")
     first = train.train_clip(tokenizer, train.Budget.smoke(), seed=0, log=lambda _: None).state_dict()
     again = train.train_clip(tokenizer, train.Budget.smoke(), seed=0, log=lambda _: None).state_dict()

@@ -802,7 +802,8 @@ def save_sd(folder: Path, vae: Any, text_encoder: Any, tokenizer: Any, unet: Any
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler(),
+        vae=_unsourced(vae), text_encoder=text_encoder, tokenizer=tokenizer, unet=_unsourced(unet),
+        scheduler=scheduler(),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.save_pretrained(str(folder), safe_serialization=True)
